@@ -1,0 +1,40 @@
+{#- Normalise an identifier column by kind; returns NULL when it cannot be
+    normalised, so the row is counted as rejected rather than matched as garbage.
+    The spec is documented in docs/identifiers.md and mirrored by
+    dcr_pipelines/lib/identifiers.py, whose tests pin both. -#}
+{% macro dcr_normalise_identifier(column, kind, options) -%}
+    {{ return(adapter.dispatch('dcr_normalise_identifier', 'dcr')(column, kind, options)) }}
+{%- endmacro %}
+
+{% macro postgres__dcr_normalise_identifier(column, kind, options) -%}
+{%- if kind == 'email' -%}
+    {%- set e = "lower(btrim(" ~ column ~ ", ' ' || chr(9) || chr(10) || chr(13)))" -%}
+    {%- set local = "split_part(" ~ e ~ ", '@', 1)" -%}
+    {%- set domain = "split_part(" ~ e ~ ", '@', 2)" -%}
+    {%- if options.get('drop_plus_tag') -%}
+        {%- set local = "split_part(" ~ local ~ ", '+', 1)" -%}
+    {%- endif -%}
+    {%- if options.get('gmail_drop_dots') -%}
+        {%- set local = "case when " ~ domain ~ " in ('gmail.com', 'googlemail.com') then replace(" ~ local ~ ", '.', '') else " ~ local ~ " end" -%}
+    {%- endif -%}
+    case when {{ e }} ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$'
+        then {{ local }} || '@' || {{ domain }} end
+{%- elif kind == 'phone' -%}
+    {%- set raw = "btrim(" ~ column ~ ")" -%}
+    {%- set digits = "regexp_replace(" ~ raw ~ ", '[^0-9]', '', 'g')" -%}
+    {%- set cc = options.get('country_code', '1') -%}
+    {%- set e164 -%}
+        case
+            when {{ raw }} like '+%' then '+' || {{ digits }}
+            when {{ digits }} like '00%' then '+' || substr({{ digits }}, 3)
+            else '+{{ cc }}' || regexp_replace({{ digits }}, '^0', '')
+        end
+    {%- endset -%}
+    case when {{ raw }} ~ '^[+]?[0-9 ().-]+$' and ({{ e164 }}) ~ '^[+][1-9][0-9]{7,14}$'
+        then {{ e164 }} end
+{%- else -%}
+    {%- set trimmed = "btrim(" ~ column ~ ")" -%}
+    {%- set cased = "lower(" ~ trimmed ~ ")" if options.get('case') == 'lower' else ("upper(" ~ trimmed ~ ")" if options.get('case') == 'upper' else trimmed) -%}
+    case when {{ trimmed }} <> '' then {{ cased }} end
+{%- endif -%}
+{%- endmacro %}

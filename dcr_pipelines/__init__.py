@@ -1,0 +1,1 @@
+"""An open-source data clean room: policy-as-code, Dagster, dbt, PSI and differential privacy."""

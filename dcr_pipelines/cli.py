@@ -1,0 +1,435 @@
+"""The ``dcr`` command line. Every command that changes state runs through Dagster.
+
+Exit codes: 0 success; 1 a run or release failed or was refused; 2 bad
+usage or invalid input (policy, parameters, unknown names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _runtime() -> Any:
+    from .lib.runtime import activate
+
+    return activate()
+
+
+def _definitions(runtime: Any) -> Any:
+    from .definitions import build_definitions, secret_names
+    from .lib.runtime import ensure_development_secrets
+
+    if runtime.embedded or os.environ.get("DCR_DEV_SECRETS") == "1":
+        ensure_development_secrets(runtime.settings.home, secret_names(runtime.settings))
+    return build_definitions(runtime.settings)
+
+
+def _instance() -> Any:
+    import dagster as dg
+
+    return dg.DagsterInstance.get()
+
+
+def _collaboration(runtime: Any, name: str) -> Any:
+    from .lib.policy import PolicyError, load_collaboration
+
+    folder = runtime.settings.policies / name
+    try:
+        return load_collaboration(folder)
+    except PolicyError as exc:
+        first = exc.issues[0]
+        if not folder.is_dir():
+            fail(f"no collaboration {name!r} under {runtime.settings.policies}", 2)
+        fail(f"{first}" + (f" (and {len(exc.issues) - 1} more; run `dcr policy check`)" if len(exc.issues) > 1 else ""), 2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """An open-source data clean room.
+
+    \b
+    Examples:
+      dcr demo --rows 10000            set up and run the demo collaboration
+      dcr policy check                 lint every collaboration under policies/
+      dcr release demo campaign_reach --param since=2026-03-01
+      dcr budget demo
+    """
+
+
+# --- demo -------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--rows", default=10_000, show_default=True, help="Rows per party.")
+@click.option("--overlap", default=0.3, show_default=True, help="Fraction of the retailer's customers the ad network also has.")
+@click.option("--seed", default=7, show_default=True, help="Random seed of the generator.")
+@click.option("--collab", default="demo", show_default=True, help="Collaboration folder to run.")
+def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
+    """Generate both parties' uploads and run the demo collaboration end to end.
+
+    \b
+    Example:
+      dcr demo --rows 100000 --overlap 0.4 --seed 1
+    """
+    from .lib import demo_data
+
+    started = time.perf_counter()
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    try:
+        files = demo_data.generate(runtime.settings.landing / collab, rows=rows, overlap=overlap, seed=seed)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    out.print(
+        f"generated {rows:,} rows per party: {files.retailer_customers:,} retailer customers, "
+        f"{files.ad_network_users:,} ad network users, {files.shared_people:,} shared"
+    )
+    out.print(f"database: {runtime.warehouse.redacted()}")
+    defs = _definitions(runtime)
+    _run_collaboration(defs, loaded)
+    _print_releases(runtime, loaded)
+    out.print(f"done in {time.perf_counter() - started:.1f}s; open the asset graph with `make ui`")
+
+
+def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    from .runner import analysis_run_config, collaboration_keys, materialize
+
+    keys = collaboration_keys(defs, loaded.name)
+    with out.status(f"materializing {len(keys)} assets of {loaded.name} through Dagster..."):
+        outcome = materialize(defs, keys, instance=_instance(), run_config=analysis_run_config(loaded.name, params or {}))
+    if not outcome.success:
+        fail(f"run {outcome.run_id} failed: {outcome.failure}")
+    out.print(f"run {outcome.run_id}: {len(outcome.metadata)} assets materialized")
+    return outcome.metadata
+
+
+def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str | None = None) -> None:
+    from psycopg import sql
+
+    from .lib import naming
+    from .lib.database import connect
+    from .lib.privacy.ledger import budget_status
+    from .lib.privacy.release import consumer_budget
+
+    query = loaded.queries[query_name]
+    schema = naming.results_schema(loaded.name)
+    with connect(runtime.warehouse.url()) as conn:
+        row = conn.execute(
+            sql.SQL("select release_id, rows, epsilon, params, released_at from {} where query_name = %s "
+                    + ("and release_id = %s " if release_id else "")
+                    + "order by released_at desc limit 1").format(sql.Identifier(schema, "releases")),
+            (query_name, release_id) if release_id else (query_name,),
+        ).fetchone()
+        if row is None:
+            out.print(f"{query_name}: nothing released yet")
+            return
+        status = budget_status(conn, schema, consumer_budget(loaded, query.spec.consumer))
+    rid, rows, epsilon, params, released_at = row
+    dims = list(query.spec.dimensions)
+    metrics = list(query.spec.metrics)
+    table = Table(title=f"{loaded.name}/{query_name}  release {rid}  params {json.dumps(params)}", title_justify="left")
+    for d in dims:
+        table.add_column(d)
+    for m in metrics:
+        table.add_column(f"{m} (95% CI)", justify="right")
+    cells: dict[tuple[str, ...], dict[str, Any]] = {}
+    for r in rows:
+        cells.setdefault(tuple(r[d] for d in dims), {})[r["metric"]] = r
+    for key, by_metric in cells.items():
+        values = []
+        for m in metrics:
+            r = by_metric.get(m)
+            if r is None or r["value"] is None:
+                values.append("-")
+            elif r["ci_low"] is None:
+                values.append(f"{r['value']:,.1f}")
+            else:
+                values.append(f"{r['value']:,.0f}  [{r['ci_low']:,.0f}, {r['ci_high']:,.0f}]")
+        table.add_row(*key, *values)
+    out.print(table)
+    out.print(
+        f"epsilon of this release: {epsilon:.3g}; {query.spec.consumer} has spent {status.spent:.3g} "
+        f"and has {status.remaining:.3g} of {status.total:.3g} left"
+        + (f" (rolling {status.period_days}-day window)" if status.period_days else "")
+    )
+
+
+def _print_releases(runtime: Any, loaded: Any) -> None:
+    for query_name in loaded.queries:
+        _print_release(runtime, loaded, query_name)
+
+
+# --- policy ------------------------------------------------------------------------
+
+
+@main.group()
+def policy() -> None:
+    """Lint and inspect collaboration policy files."""
+
+
+@policy.command("check")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+def policy_check(path: Path | None) -> None:
+    """Check every collaboration under PATH (default: policies/); exit 2 on any mistake.
+
+    \b
+    Example:
+      dcr policy check policies/demo
+    """
+    from .lib.policy import check_policies
+    from .lib.settings import Settings
+
+    root = path or Settings.from_env().policies
+    loaded, issues = check_policies(root)
+    for issue in issues:
+        err.print(f"error: {issue}", markup=False, soft_wrap=True)
+    for collab in loaded:
+        out.print(f"ok: {collab.name} ({len(collab.collaboration.datasets)} datasets, {len(collab.queries)} queries)")
+    if issues:
+        sys.exit(2)
+
+
+@policy.command("hash")
+@click.argument("collab")
+def policy_hash(collab: str) -> None:
+    """Print the SHA-256 each data owner approves for every query of COLLAB."""
+    from .lib.policy import query_sha256
+    from .lib.policy.loader import _read_yaml
+    from .lib.settings import Settings
+
+    folder = Settings.from_env().policies / collab / "queries"
+    if not folder.is_dir():
+        fail(f"no queries folder {folder}", 2)
+    for spec_path in sorted(folder.glob("*.yaml")):
+        _, spec_text = _read_yaml(spec_path)
+        sql_path = spec_path.with_suffix(".sql")
+        sql_text = sql_path.read_text(encoding="utf-8") if sql_path.is_file() else ""
+        out.print(f"{spec_path.stem}  {query_sha256(sql_text, spec_text)}")
+
+
+# --- stages ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("collab")
+@click.argument("party")
+@click.argument("dataset")
+@click.argument("file", type=click.Path(path_type=Path))
+def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
+    """Upload FILE as the next version of PARTY's DATASET in COLLAB (through Dagster).
+
+    \b
+    Example:
+      dcr ingest demo retailer purchases ./purchases.csv
+    """
+    from .lib import naming
+    from .runner import ingest_run_config, materialize
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    ds = loaded.collaboration.datasets.get(dataset)
+    if ds is None:
+        fail(f"{collab} declares no dataset {dataset!r} (datasets: {', '.join(loaded.collaboration.datasets)})", 2)
+    if ds.owner != party:
+        fail(f"dataset {dataset} belongs to {ds.owner}, not {party!r}", 2)
+    if not file.is_file():
+        fail(f"{file}: no such file", 2)
+    defs = _definitions(runtime)
+    outcome = materialize(
+        defs, [naming.raw_key(collab, party, dataset)], instance=_instance(),
+        run_config=ingest_run_config(collab, party, dataset, str(file.resolve())),
+    )
+    if not outcome.success:
+        fail(outcome.failure or "ingest failed")
+    meta = outcome.metadata["/".join(naming.raw_key(collab, party, dataset))]
+    state = "unchanged (already loaded)" if meta["unchanged"] else "loaded"
+    out.print(f"{collab}/{party}/{dataset}: version {meta['version']} {state}, {meta['row_count']:,} rows")
+
+
+@main.command()
+@click.argument("collab")
+def run(collab: str) -> None:
+    """Materialize every asset of COLLAB: ingest, staging, matching, analyses, releases."""
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    _run_collaboration(_definitions(runtime), loaded)
+    _print_releases(runtime, loaded)
+
+
+@main.command()
+@click.argument("collab")
+@click.argument("query")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="A query parameter; repeatable.")
+@click.option("--dry-run", is_flag=True, help="Show the epsilon the release would cost and run nothing.")
+def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool) -> None:
+    """Run approved QUERY of COLLAB and release it with differential privacy.
+
+    \b
+    Examples:
+      dcr release demo campaign_reach --dry-run
+      dcr release demo campaign_reach --param since=2026-03-01
+    """
+    from .lib import naming
+    from .lib.params import ParameterError, validate_params
+    from .lib.privacy.mechanisms import plan_release, release_cost
+    from .runner import analysis_run_config, materialize
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    if query not in loaded.queries:
+        fail(f"{collab} has no approved query {query!r} (queries: {', '.join(loaded.queries) or 'none'})", 2)
+    approved = loaded.queries[query]
+    supplied = {}
+    for item in params:
+        if "=" not in item:
+            fail(f"--param {item!r}: expected NAME=VALUE", 2)
+        name, value = item.split("=", 1)
+        supplied[name.strip()] = value
+    try:
+        values = validate_params(approved, supplied)
+    except ParameterError as exc:
+        fail(str(exc), 2)
+    if dry_run:
+        plans = plan_release(approved.spec)
+        for p in plans:
+            out.print(f"{p.column}: sensitivity {p.sensitivity:g}, laplace scale {p.scale:.4g}, epsilon {p.epsilon:.4g}, 95% accuracy +/-{p.accuracy:.4g}")
+        out.print(f"release would cost epsilon {release_cost(plans):.4g} of {approved.spec.consumer}'s budget")
+        return
+    defs = _definitions(runtime)
+    outcome = materialize(
+        defs,
+        [naming.analysis_key(collab, query), naming.release_key(collab, query)],
+        instance=_instance(),
+        run_config=analysis_run_config(collab, {query: values}),
+    )
+    if not outcome.success:
+        fail(outcome.failure or "release failed")
+    meta = outcome.metadata["/".join(naming.release_key(collab, query))]
+    if meta["cached"]:
+        out.print("identical release found (same query, parameters and data): returning it, no budget charged")
+    _print_release(runtime, loaded, query, meta["release_id"])
+
+
+@main.group()
+def query() -> None:
+    """Ad-hoc SQL under the analysis rules."""
+
+
+@query.command("check")
+@click.argument("collab")
+@click.option("--as", "party", required=True, help="The member running the query.")
+@click.argument("sql_text", metavar="SQL")
+def query_check(collab: str, party: str, sql_text: str) -> None:
+    """Validate ad-hoc SQL against every rule of the datasets it reads."""
+    fail("ad-hoc queries are not yet supported; use an approved query with `dcr release`", 2)
+
+
+@query.command("run")
+@click.argument("collab")
+@click.option("--as", "party", required=True, help="The member running the query.")
+@click.argument("sql_text", metavar="SQL")
+def query_run(collab: str, party: str, sql_text: str) -> None:
+    """Validate, rewrite and run ad-hoc SQL; print the thresholded or noised result."""
+    fail("ad-hoc queries are not yet supported; use an approved query with `dcr release`", 2)
+
+
+@main.command()
+@click.argument("collab")
+@click.option("--consumer", help="Only this consumer's budget.")
+def budget(collab: str, consumer: str | None) -> None:
+    """Show each consumer's privacy budget: total, spent, remaining, refresh."""
+    from .lib import naming
+    from .lib.database import connect
+    from .lib.privacy import ledger
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    schema = naming.results_schema(collab)
+    table = Table(title=f"privacy budget of {collab}", title_justify="left")
+    for column in ("consumer", "epsilon total", "spent", "remaining", "period", "refreshes at"):
+        table.add_column(column)
+    budgets = [b for b in loaded.collaboration.budgets if consumer in (None, b.consumer)]
+    if consumer and not budgets:
+        fail(f"{collab} has no budget for {consumer!r}", 2)
+    with connect(runtime.warehouse.url()) as conn:
+        ledger.ensure_tables(conn, schema)
+        for b in budgets:
+            s = ledger.budget_status(conn, schema, b)
+            table.add_row(
+                b.consumer, f"{s.total:g}", f"{s.spent:.4g}", f"{s.remaining:.4g}",
+                f"{s.period_days} days" if s.period_days else "none",
+                f"{s.refreshes_at:%Y-%m-%d %H:%M}" if s.refreshes_at else "-",
+            )
+    out.print(table)
+
+
+@main.command()
+@click.argument("collab")
+@click.option("--limit", default=50, show_default=True)
+def audit(collab: str, limit: int) -> None:
+    """List the materializations of COLLAB's assets from Dagster's event log, newest first."""
+    runtime = _runtime()
+    _collaboration(runtime, collab)
+    instance = _instance()
+    table = Table(title=f"audit trail of {collab} (Dagster event log)", title_justify="left")
+    for column in ("time (UTC)", "asset", "run", "details"):
+        table.add_column(column)
+    entries = []
+    for key in instance.get_asset_keys(prefix=[collab]):
+        result = instance.fetch_materializations(key, limit=limit)
+        for record in result.records:
+            mat = record.asset_materialization
+            meta = {k: v.value for k, v in mat.metadata.items()} if mat else {}
+            keep = ("version", "row_count", "matched", "release_id", "epsilon_charged", "epsilon_remaining", "cached")
+            details = ", ".join(f"{k}={meta[k]}" for k in keep if k in meta)
+            entries.append((record.timestamp, key.to_user_string(), record.run_id[:8], details))
+    for ts, key, run_id, details in sorted(entries, reverse=True)[:limit]:
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)), key, run_id, details)
+    out.print(table)
+
+
+@main.group()
+def db() -> None:
+    """The database in use."""
+
+
+@db.command("url")
+def db_url() -> None:
+    """Print the connection URL of the clean-room database (password hidden)."""
+    out.print(_runtime().warehouse.redacted(), markup=False, soft_wrap=True)
+
+
+@main.command()
+@click.option("--port", default=3000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def ui(port: int, host: str) -> None:
+    """Start the Dagster UI (dg dev) on the same database."""
+    runtime = _runtime()
+    _definitions(runtime)  # prepares the manifest and development secrets before the code server starts
+    from .lib.settings import PROJECT_ROOT
+
+    dg_bin = Path(sys.executable).with_name("dg")
+    out.print(f"Dagster UI on http://{host}:{port} (Ctrl-C to stop); storage: {runtime.dagster_url.split('?')[0]}", markup=False)
+    os.chdir(PROJECT_ROOT)
+    os.execv(str(dg_bin), [str(dg_bin), "dev", "--host", host, "--port", str(port)])
+
+
+if __name__ == "__main__":
+    main()

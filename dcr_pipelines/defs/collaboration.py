@@ -1,0 +1,295 @@
+"""The asset-group factory: one collaboration folder in, one Dagster asset group out.
+
+Stages (keys are ``[collab, stage, name]``):
+
+    raw/<party>__<dataset>        upload -> new version, swapped in atomically
+    private/..., staging/...      dbt: normalise identifiers, keyed tokens, secure tables
+    matching/cross_reference      PSI between the parties -> random match_id per person
+    analysis/...                  dbt: matched views and bounded pre-noise aggregates
+    results/<query>               opendp noise, budget charged, result stored
+"""
+
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
+from psycopg import sql
+
+from ..lib import ingest as ingest_lib
+from ..lib import matching, naming
+from ..lib.keys import hmac_pads
+from ..lib.params import ParameterError, dbt_vars, validate_params
+from ..lib.policy import LoadedCollaboration
+from ..lib.privacy import ledger
+from ..lib.privacy.release import ReleaseRefused, release_query
+from .resources import SecretsResource, WarehouseResource
+
+UPLOAD_SUFFIXES = {"csv": (".csv",), "parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
+
+
+class UploadConfig(dg.Config):
+    """Which file to ingest; empty means the newest file in the dataset's landing folder."""
+
+    path: str = ""
+
+
+class AnalysisConfig(dg.Config):
+    """Parameters per approved query, as JSON: {"query": {"param": "value"}}; defaults fill the rest."""
+
+    params_json: str = "{}"
+
+
+class CollaborationTranslator(DagsterDbtTranslator):
+    """Keys, groups and owners of generated models come from their ``meta.dcr`` block."""
+
+    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: Any) -> dg.AssetSpec:
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        props = manifest.get("nodes", {}).get(unique_id) or manifest.get("sources", {}).get(unique_id) or {}
+        meta = props.get("meta", {}).get("dcr") or props.get("config", {}).get("meta", {}).get("dcr")
+        if not meta:
+            return spec
+        key = dg.AssetKey(meta["asset_key"])
+        collab = key.path[0]
+        tags = {"dcr/stage": meta.get("stage") or "source"}
+        if meta.get("owner"):
+            tags["dcr/party"] = meta["owner"]
+        return spec.replace_attributes(key=key, group_name=collab, tags={**spec.tags, **tags})
+
+
+def _landing_file(landing: Path, collab: str, party: str, dataset: str, fmt: str) -> Path:
+    folder = landing / collab / party / dataset
+    files = [p for p in folder.glob("*") if p.is_file() and p.suffix in UPLOAD_SUFFIXES[fmt]] if folder.is_dir() else []
+    if not files:
+        raise dg.Failure(f"no upload for {collab}/{party}/{dataset}: put a file in {folder} or run `dcr ingest`")
+    return max(files, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path) -> dg.AssetsDefinition:
+    c = loaded.name
+    ds = loaded.collaboration.datasets[dataset_name]
+    party = ds.owner
+
+    @dg.asset(
+        key=naming.raw_key(c, party, dataset_name),
+        group_name=c,
+        kinds={"postgres", ds.format.type},
+        tags={"dcr/stage": "raw", "dcr/party": party},
+        description=f"{party}'s upload of {dataset_name}, loaded as a new version into {naming.raw_schema(c, party)}.{dataset_name}. "
+        + (ds.description or ""),
+    )
+    def ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        path = Path(config.path) if config.path else _landing_file(landing, c, party, dataset_name, ds.format.type)
+        if ds.format.type != "csv":
+            raise dg.Failure(f"{path.name}: {ds.format.type} uploads are not supported yet; upload CSV")
+        with warehouse.connect() as conn:
+            try:
+                result = ingest_lib.ingest_csv(conn, c, party, dataset_name, ds, path, naming.raw_schema(c, party))
+            except ingest_lib.UploadRejected as exc:
+                raise dg.Failure(f"upload rejected, current data kept: {exc}") from None
+        context.log.info(
+            f"{dataset_name}: {'unchanged (same checksum as version %d)' % result.version if result.unchanged else 'version %d loaded' % result.version}"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "version": result.version,
+                "checksum_sha256": result.checksum,
+                "row_count": dg.MetadataValue.int(result.rows),
+                "unchanged": result.unchanged,
+                "file_name": path.name,
+                "policy_sha256": loaded.policy_sha256,
+            },
+            data_version=dg.DataVersion(result.checksum),
+        )
+
+    return ingest
+
+
+@contextmanager
+def _keys_installed(warehouse: WarehouseResource, secrets: SecretsResource, loaded: LoadedCollaboration) -> Iterator[None]:
+    """Put each party's padded HMAC key where the staging SQL reads it, and remove it afterwards."""
+    schema = naming.keys_schema(loaded.name)
+    table = sql.Identifier(schema, "hmac_keys")
+    with warehouse.connect() as conn:
+        with conn.transaction():
+            conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("create table if not exists {} (party text primary key, inner_pad bytea not null, outer_pad bytea not null)").format(table))
+            conn.execute(sql.SQL("delete from {}").format(table))
+            for party in loaded.parties():
+                pads = hmac_pads(secrets.hmac_key(loaded.name, party))
+                conn.execute(sql.SQL("insert into {} values (%s, %s, %s)").format(table), (party, pads.inner, pads.outer))
+    try:
+        yield
+    finally:
+        with warehouse.connect() as conn:
+            conn.execute(sql.SQL("delete from {}").format(table))
+
+
+def _dbt_stage(loaded: LoadedCollaboration, manifest: Path, stage: str) -> dg.AssetsDefinition:
+    c = loaded.name
+    translator = CollaborationTranslator()
+
+    if stage == "staging":
+
+        @dbt_assets(manifest=manifest, select=f"tag:dcr_{c},tag:dcr_staging", name=f"{c}__staging", dagster_dbt_translator=translator)
+        def staging(
+            context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
+        ) -> Iterator[Any]:
+            with _keys_installed(warehouse, secrets, loaded):
+                yield from dbt.cli(["build"], context=context).stream()
+
+        return staging
+
+    @dbt_assets(manifest=manifest, select=f"tag:dcr_{c},tag:dcr_analysis", name=f"{c}__analysis", dagster_dbt_translator=translator)
+    def analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtCliResource, warehouse: WarehouseResource) -> Iterator[Any]:
+        try:
+            supplied = json.loads(config.params_json or "{}")
+            params = {name: validate_params(q, supplied.get(name, {})) for name, q in loaded.queries.items()}
+        except (ParameterError, json.JSONDecodeError) as exc:
+            raise dg.Failure(f"query parameters refused, nothing ran: {exc}") from None
+        yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars(params))], context=context).stream()
+        with warehouse.connect() as conn:
+            versions = ingest_lib.current_versions(conn, c)
+            _record_analysis_inputs(conn, c, params, versions)
+
+    return analysis
+
+
+def _record_analysis_inputs(conn: Any, collab: str, params: dict[str, dict[str, str]], versions: dict[str, Any]) -> None:
+    """What each pre-noise table was built from; the release reads this, not its own config."""
+    table = sql.Identifier(naming.analysis_schema(collab), "built_from")
+    with conn.transaction():
+        conn.execute(sql.SQL("create table if not exists {} (query_name text primary key, params jsonb not null, input_versions jsonb not null, built_at timestamptz not null default now())").format(table))
+        for query_name, values in params.items():
+            conn.execute(
+                sql.SQL("insert into {} values (%s, %s, %s, now()) on conflict (query_name) do update set params = excluded.params, input_versions = excluded.input_versions, built_at = now()").format(table),
+                (query_name, json.dumps(values), json.dumps(versions)),
+            )
+
+
+def _cross_reference_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
+    c = loaded.name
+    parties = loaded.parties()
+    client = loaded.matching_client()
+
+    @dg.asset(
+        key=naming.cross_reference_key(c),
+        deps=[dg.AssetKey(naming.identities_key(c, p)) for p in parties],
+        group_name=c,
+        kinds={"postgres", "python"},
+        tags={"dcr/stage": "matching"},
+        description=f"Private set intersection (openmined-psi) of {', '.join(parties)}'s identifiers: "
+        f"one random match_id per shared person with each party's token. {client} acts as PSI client.",
+    )
+    def cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
+        inputs = []
+        with warehouse.connect() as conn:
+            for party in parties:
+                rows = conn.execute(
+                    sql.SQL("select token, identifier from {} order by token").format(sql.Identifier(naming.raw_schema(c, party), "identities"))
+                ).fetchall()
+                inputs.append(matching.PartyInput(party, [r[0] for r in rows], [r[1] for r in rows]))
+        result = matching.match(inputs, client, secrets.pairing_key(c), buckets=loaded.collaboration.matching.buckets)
+        with warehouse.connect() as conn:
+            _write_cross_reference(conn, c, result)
+        context.log.info(f"matched {result.matched} people across {len(parties)} parties")
+        return dg.MaterializeResult(
+            metadata={
+                **{f"input_rows_{p}": dg.MetadataValue.int(n) for p, n in result.input_counts.items()},
+                "matched": dg.MetadataValue.int(result.matched),
+                "psi_client": client,
+                "buckets": loaded.collaboration.matching.buckets,
+                "bytes_exchanged": dg.MetadataValue.int(result.bytes_exchanged),
+                "policy_sha256": loaded.policy_sha256,
+            }
+        )
+
+    return cross_reference
+
+
+def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult) -> None:
+    schema = naming.matching_schema(collab)
+    columns = ["match_id", *(naming.party_token_column(p) for p in result.parties)]
+    new = sql.Identifier(schema, "cross_reference__new")
+    with conn.transaction():
+        conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("drop table if exists {}").format(new))
+        conn.execute(sql.SQL("create table {} ({})").format(new, sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns)))
+        with conn.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(new, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
+            for row in result.rows:
+                copy.write_row(row)
+        conn.execute(sql.SQL("drop table if exists {} cascade").format(sql.Identifier(schema, "cross_reference")))
+        conn.execute(sql.SQL("alter table {} rename to cross_reference").format(new))
+        conn.execute(sql.SQL("alter table {} add primary key (match_id)").format(sql.Identifier(schema, "cross_reference")))
+
+
+def _release_asset(loaded: LoadedCollaboration, query_name: str) -> dg.AssetsDefinition:
+    c = loaded.name
+    query = loaded.queries[query_name]
+    spec = query.spec
+
+    @dg.asset(
+        key=naming.release_key(c, query_name),
+        deps=[dg.AssetKey(naming.analysis_key(c, query_name))],
+        group_name=c,
+        kinds={"postgres", "opendp"},
+        tags={"dcr/stage": "results", "dcr/consumer": spec.consumer},
+        description=f"Differentially private release of {query_name} (epsilon {spec.privacy.epsilon if spec.privacy else '-'}) "
+        f"for {', '.join(spec.receivers)}; charged to {spec.consumer}'s budget. {spec.description or ''}",
+    )
+    def release(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        with warehouse.connect() as conn:
+            built = conn.execute(
+                sql.SQL("select params, input_versions from {} where query_name = %s").format(sql.Identifier(naming.analysis_schema(c), "built_from")),
+                (query_name,),
+            ).fetchone()
+            if built is None:
+                raise dg.Failure(f"query {query_name} has no pre-noise table yet; materialize its analysis asset first")
+            params, versions = dict(built[0]), dict(built[1])
+            try:
+                stored = release_query(conn, loaded, query, params, versions)
+            except (ledger.BudgetExhausted, ReleaseRefused) as exc:
+                raise dg.Failure(f"release refused: {exc}") from None
+        status = stored.budget
+        context.log.info(
+            f"{query_name}: release {stored.release_id} {'(stored result, no charge)' if stored.cached else f'charged epsilon {stored.epsilon:.4g}'}; "
+            f"{spec.consumer} has {status.remaining:.4g} of {status.total:.4g} left"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "release_id": stored.release_id,
+                "cached": stored.cached,
+                "epsilon_charged": 0.0 if stored.cached else stored.epsilon,
+                "epsilon_of_release": stored.epsilon,
+                "epsilon_remaining": status.remaining,
+                "epsilon_budget": status.total,
+                "consumer": spec.consumer,
+                "receivers": ", ".join(spec.receivers),
+                "params": dg.MetadataValue.json(params),
+                "input_versions": dg.MetadataValue.json(versions),
+                "query_sha256": query.sha256,
+                "approvals": dg.MetadataValue.json(
+                    [{"member": a.member, "sha256": a.sha256} for a in loaded.collaboration.approvals.get(query_name, ())]
+                ),
+                "policy_sha256": loaded.policy_sha256,
+                "cells": dg.MetadataValue.int(len(stored.rows)),
+            }
+        )
+
+    return release
+
+
+def build_collaboration(loaded: LoadedCollaboration, manifest: Path, landing: Path) -> dg.Definitions:
+    """Every asset and the run-everything job of one collaboration."""
+    c = loaded.name
+    assets: list[dg.AssetsDefinition] = [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]
+    assets.append(_dbt_stage(loaded, manifest, "staging"))
+    assets.append(_cross_reference_asset(loaded))
+    assets.append(_dbt_stage(loaded, manifest, "analysis"))
+    assets.extend(_release_asset(loaded, q) for q in loaded.queries)
+    job = dg.define_asset_job(f"{c}__all", selection=dg.AssetSelection.groups(c), description=f"Materialize collaboration {c} end to end.")
+    return dg.Definitions(assets=assets, jobs=[job])

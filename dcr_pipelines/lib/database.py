@@ -1,0 +1,78 @@
+"""The PostgreSQL the clean room runs on: embedded (pgserver) unless DCR_DATABASE_URL is set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+import psycopg
+from psycopg import sql
+
+WAREHOUSE_DB = "dcr"
+DAGSTER_DB = "dagster"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """libpq connection parameters, as dbt's profile and Dagster's storage need them."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    dbname: str
+
+    @classmethod
+    def from_url(cls, url: str) -> Connection:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"not a PostgreSQL URL (postgresql://...): scheme {parsed.scheme!r}")
+        query = parse_qs(parsed.query)
+        host = query.get("host", [parsed.hostname or "localhost"])[0]
+        return cls(
+            host=host,
+            port=int(query.get("port", [parsed.port or 5432])[0]),
+            user=unquote(parsed.username or "postgres"),
+            password=unquote(parsed.password or ""),
+            dbname=(parsed.path or "/").lstrip("/") or "postgres",
+        )
+
+    def url(self, dbname: str | None = None) -> str:
+        """A URL both psycopg and SQLAlchemy (dagster-postgres) accept; sockets go in ``?host=``."""
+        auth = self.user + (f":{self.password}" if self.password else "")
+        name = dbname or self.dbname
+        if self.host.startswith("/"):
+            return f"postgresql://{auth}@/{name}?host={self.host}&port={self.port}"
+        return f"postgresql://{auth}@{self.host}:{self.port}/{name}"
+
+    def redacted(self) -> str:
+        return self.url().replace(f":{self.password}@", ":***@") if self.password else self.url()
+
+
+def start_embedded(home: Path) -> Connection:
+    """Start (or reuse) the embedded PostgreSQL 16 under ``home/pg``; it outlives this process."""
+    import pgserver  # imported late: only the embedded path needs it
+
+    server = pgserver.get_server(str(home / "pg"), cleanup_mode=None)
+    root = Connection.from_url(server.get_uri())
+    return root
+
+
+def ensure_database(admin: Connection, dbname: str) -> None:
+    """Create ``dbname`` if it does not exist (idempotent; safe under concurrent callers)."""
+    with psycopg.connect(admin.url("postgres"), autocommit=True) as conn:
+        exists = conn.execute("select 1 from pg_database where datname = %s", (dbname,)).fetchone()
+        if not exists:
+            try:
+                conn.execute(sql.SQL("create database {}").format(sql.Identifier(dbname)))
+            except psycopg.errors.DuplicateDatabase:
+                pass
+
+
+@contextmanager
+def connect(url: str, *, autocommit: bool = True) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(url, autocommit=autocommit) as conn:
+        yield conn

@@ -1,0 +1,384 @@
+"""Generate a collaboration's dbt models from its policy.
+
+Policy is the single source of truth: the normalised, staging, identity,
+matched-view and query models of every collaboration are rendered here into
+``dbt_project/models/collaborations/<collab>/`` (ignored by git) and parsed
+into one manifest. The SQL logic itself lives in hand-written macros under
+``dbt_project/macros``; generated files only wire policy values into them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import sqlglot
+from sqlglot import exp
+
+from . import naming as n
+from .policy import ApprovedQuery, LoadedCollaboration
+from .policy.models import ColumnType, Dataset, MetricKind, ParameterType, RowFilter
+
+GENERATED_DIR = Path("models") / "collaborations"
+_PARAM_SQL_TYPES = {
+    ParameterType.TEXT: "text",
+    ParameterType.INTEGER: "bigint",
+    ParameterType.NUMERIC: "numeric",
+    ParameterType.DATE: "date",
+    ParameterType.BOOLEAN: "boolean",
+}
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _config(**kwargs: Any) -> str:
+    parts = ", ".join(f"{k}={json.dumps(v)}" for k, v in kwargs.items())
+    return "{{ config(" + parts + ") }}"
+
+
+def _meta(collab: str, key: list[str], owner: str | None, stage: str) -> dict[str, Any]:
+    meta = {"collaboration": collab, "asset_key": key, "stage": stage}
+    if owner is not None:  # JSON null would be Jinja's Undefined
+        meta["owner"] = owner
+    return {"dcr": meta}
+
+
+def row_filter_sql(flt: RowFilter) -> str:
+    """A structured policy row filter as a SQL predicate (values quoted, never spliced)."""
+    column = f'"{flt.column}"'
+    if flt.op == "is_not_null":
+        return f"{column} is not null"
+    if flt.op in ("in", "not_in"):
+        values = flt.value if isinstance(flt.value, list) else [flt.value]
+        keyword = "in" if flt.op == "in" else "not in"
+        return f"{column} {keyword} ({', '.join(_literal(v) for v in values)})"
+    return f"{column} {flt.op} {_literal(flt.value)}"
+
+
+def _identifier_options(loaded: LoadedCollaboration, kind: str) -> dict[str, Any]:
+    identity = loaded.collaboration.identity
+    if kind == "email":
+        return {"gmail_drop_dots": identity.email.gmail_drop_dots, "drop_plus_tag": identity.email.drop_plus_tag}
+    if kind == "phone":
+        return {"country_code": COUNTRY_CALLING_CODES.get(identity.phone_default_country.upper(), "1")}
+    return {"case": identity.customer_id_case}
+
+
+COUNTRY_CALLING_CODES = {"US": "1", "CA": "1", "GB": "44", "DE": "49", "FR": "33", "NL": "31", "ES": "34", "IT": "39", "JP": "81", "AU": "61", "IN": "91", "BR": "55"}
+
+
+def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
+    c, p = loaded.name, ds.owner
+    id_cols = ds.identifier_columns
+    select_norm = [
+        f"        {{{{ dcr_normalise_identifier('\"{col}\"', '{spec.identifier.value}', {json.dumps(_identifier_options(loaded, spec.identifier.value))}) }}}} as \"{col}\""
+        for col, spec in id_cols.items()
+        if spec.identifier is not None
+    ]
+    shared = [f'        "{col}"' for col in ds.shared_columns]
+    where = " and ".join(row_filter_sql(f) for f in ds.row_filters) or "true"
+    tokens = [f"    {{{{ dcr_keyed_token('normalised.\"{col}\"', 'party_key') }}}} as \"{n.token_column(col)}\"" for col in id_cols]
+    outputs = [f'    normalised."{col}"' for col in id_cols] + tokens + [f'    normalised."{col}"' for col in ds.shared_columns]
+    return "\n".join(
+        [
+            _config(
+                schema=n.raw_schema(c, p),
+                alias=f"{dataset_name}__normalised",
+                tags=[f"dcr_{c}", "dcr_staging"],
+                meta=_meta(c, n.normalised_key(c, p, dataset_name), p, "staging"),
+            ),
+            "",
+            "with source as (",
+            f"    select * from {{{{ source('{n.raw_schema(c, p)}', '{dataset_name}') }}}}",
+            "),",
+            "",
+            "party_key as (",
+            f"    select inner_pad, outer_pad from {n.keys_schema(c)}.hmac_keys where party = '{p}'",
+            "),",
+            "",
+            "normalised as (",
+            "    select",
+            ",\n".join(select_norm + shared),
+            "    from source",
+            f"    where {where}",
+            ")",
+            "",
+            "select",
+            ",\n".join(outputs),
+            "from normalised",
+            "cross join party_key",
+            "",
+        ]
+    )
+
+
+def staging_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
+    c, p = loaded.name, ds.owner
+    match_col = _matching_column(loaded, ds)
+    columns = [f'    "{n.token_column(col)}"' for col in ds.identifier_columns] + [f'    "{col}"' for col in ds.shared_columns]
+    return "\n".join(
+        [
+            _config(
+                schema=n.staging_schema(c, p),
+                alias=dataset_name,
+                tags=[f"dcr_{c}", "dcr_staging"],
+                meta=_meta(c, n.staging_key(c, p, dataset_name), p, "staging"),
+            ),
+            "",
+            "select",
+            ",\n".join(columns),
+            f"from {{{{ ref('{n.normalised_model(c, p, dataset_name)}') }}}}",
+            f'where "{n.token_column(match_col)}" is not null',
+            "",
+        ]
+    )
+
+
+def _matching_column(loaded: LoadedCollaboration, ds: Dataset) -> str:
+    kind = loaded.collaboration.identity.kind
+    return next(col for col, spec in ds.columns.items() if spec.identifier == kind)
+
+
+def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
+    c = loaded.name
+    parts = []
+    for name, ds in loaded.collaboration.datasets.items():
+        if ds.owner != party:
+            continue
+        col = _matching_column(loaded, ds)
+        parts.append(
+            f'select distinct "{n.token_column(col)}" as token, "{col}" as identifier\n'
+            f"from {{{{ ref('{n.normalised_model(c, party, name)}') }}}}\n"
+            f'where "{n.token_column(col)}" is not null'
+        )
+    return "\n".join(
+        [
+            _config(
+                schema=n.raw_schema(c, party),
+                alias="identities",
+                tags=[f"dcr_{c}", "dcr_staging"],
+                meta=_meta(c, n.identities_key(c, party), party, "staging"),
+            ),
+            "",
+            "\nunion\n".join(parts),
+            "",
+        ]
+    )
+
+
+def matched_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
+    c, p = loaded.name, ds.owner
+    match_col = _matching_column(loaded, ds)
+    columns = ["    xref.match_id"] + [f'    staged."{col}"' for col in ds.shared_columns]
+    return "\n".join(
+        [
+            _config(
+                schema=n.analysis_schema(c),
+                alias=f"matched_{dataset_name}",
+                materialized="view",
+                tags=[f"dcr_{c}", "dcr_analysis"],
+                meta=_meta(c, n.matched_key(c, dataset_name), None, "analysis"),
+            ),
+            "",
+            "select",
+            ",\n".join(columns),
+            f"from {{{{ ref('{n.staging_model(c, p, dataset_name)}') }}}} as staged",
+            f"inner join {{{{ source('{n.matching_schema(c)}', 'cross_reference') }}}} as xref",
+            f'    on xref."{n.party_token_column(p)}" = staged."{n.token_column(match_col)}"',
+            "",
+        ]
+    )
+
+
+def rewrite_query(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
+    """The approved SQL with logical dataset names bound to matched views and ``:params`` to typed literals."""
+    tree = sqlglot.parse_one(query.sql, read="postgres")
+    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
+
+    def transform(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Table) and node.name not in ctes:
+            alias = node.alias or node.name
+            return exp.to_table(f"dcr_ref__{node.name}").as_(alias)
+        if isinstance(node, exp.Placeholder):
+            return exp.column(f"dcr_param__{node.name}")
+        return node
+
+    rendered = tree.transform(transform).sql(dialect="postgres", pretty=True)
+    rendered = re.sub(r"\bdcr_ref__(\w+)", lambda m: f"{{{{ ref('{n.matched_model(loaded.name, m.group(1))}') }}}}", rendered)
+
+    def param(match: re.Match[str]) -> str:
+        name = match.group(1)
+        sql_type = _PARAM_SQL_TYPES[query.spec.parameters[name].type]
+        return f"{{{{ dcr_param('{query.name}', '{name}', '{sql_type}') }}}}"
+
+    return re.sub(r"\bdcr_param__(\w+)", param, rendered)
+
+
+def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
+    """Pre-noise aggregates: domain filter, contribution bounds, clamping, then one row per group."""
+    c, spec = loaded.name, query.spec
+    dims = list(spec.dimensions)
+    domain_filters = [
+        f'"{d}" in ({", ".join(_literal(v) for v in dim.domain)})'
+        for d, dim in spec.dimensions.items()
+        if dim.domain is not None
+    ]
+    aggregates = []
+    for metric_name, metric in spec.metrics.items():
+        if metric.aggregate == MetricKind.COUNT_UNITS:
+            aggregates.append(f'    count(distinct match_id) as "{metric_name}"')
+        elif metric.aggregate == MetricKind.COUNT:
+            aggregates.append(f'    count(*) as "{metric_name}"')
+        else:
+            assert metric.column is not None and metric.bounds is not None
+            low, high = metric.bounds
+            clamped = f'least(greatest(cast("{metric.column}" as numeric), {low!r}), {high!r})'
+            aggregates.append(f'    coalesce(sum({clamped}), 0) as "{metric_name}__sum"')
+            if metric.aggregate == MetricKind.AVG:
+                aggregates.append(f'    count(*) as "{metric_name}__count"')
+    inner = "\n".join("    " + line for line in rewrite_query(loaded, query).splitlines())
+    dim_list = ", ".join(f'"{d}"' for d in dims)
+    return "\n".join(
+        [
+            _config(
+                schema=n.analysis_schema(c),
+                alias=f"query_{query.name}",
+                tags=[f"dcr_{c}", "dcr_analysis"],
+                meta=_meta(c, n.analysis_key(c, query.name), None, "analysis"),
+            ),
+            "",
+            "with unit_rows as (",
+            inner,
+            "),",
+            "",
+            "in_domain as (",
+            "    select * from unit_rows",
+            f"    where match_id is not null and {' and '.join(domain_filters) or 'true'}",
+            "),",
+            "",
+            "bounded as (",
+            f"    {{{{ dcr_bound_contributions('in_domain', 'match_id', {json.dumps(dims)}, {spec.contribution.max_rows_per_group}, {spec.contribution.max_groups_per_unit}) }}}}",
+            ")",
+            "",
+            "select",
+            f"    {dim_list},",
+            ",\n".join(aggregates),
+            "from bounded",
+            f"group by {dim_list}",
+            "",
+        ]
+    )
+
+
+def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
+    """Sources (uploads, cross-reference) and tests as asset checks on every generated model."""
+    c = loaded.name
+    collab = loaded.collaboration
+    sources: list[dict[str, Any]] = []
+    for party in loaded.parties():
+        tables = [
+            {"name": name, "meta": {"dcr": {"asset_key": n.raw_key(c, party, name)}}}
+            for name, ds in collab.datasets.items()
+            if ds.owner == party
+        ]
+        sources.append({"name": n.raw_schema(c, party), "schema": n.raw_schema(c, party), "tables": tables})
+    sources.append(
+        {
+            "name": n.matching_schema(c),
+            "schema": n.matching_schema(c),
+            "tables": [{"name": "cross_reference", "meta": {"dcr": {"asset_key": n.cross_reference_key(c)}}}],
+        }
+    )
+    models: list[dict[str, Any]] = []
+    for name, ds in collab.datasets.items():
+        match_col = _matching_column(loaded, ds)
+        token_tests: list[Any] = ["not_null"]
+        if ds.columns[match_col].unique:
+            token_tests.append("unique")
+        models.append(
+            {
+                "name": n.staging_model(c, ds.owner, name),
+                "description": f"Secure table of {ds.owner}'s {name}: shared columns and keyed tokens only.",
+                "columns": [{"name": n.token_column(match_col), "data_tests": token_tests}],
+            }
+        )
+        models.append(
+            {
+                "name": n.normalised_model(c, ds.owner, name),
+                "description": f"{ds.owner}'s {name} with identifiers normalised and tokenised (party-private).",
+            }
+        )
+        models.append(
+            {
+                "name": n.matched_model(c, name),
+                "description": f"{name} joined to the cross-reference: match_id and shared columns.",
+                "columns": [{"name": "match_id", "data_tests": ["not_null"]}],
+            }
+        )
+    for party in loaded.parties():
+        models.append(
+            {
+                "name": n.identities_model(c, party),
+                "description": f"{party}'s distinct (token, normalised identifier) pairs: the PSI input (party-private).",
+                "columns": [{"name": "token", "data_tests": ["not_null", "unique"]}],
+            }
+        )
+    for query in loaded.queries.values():
+        models.append(
+            {
+                "name": n.query_model(c, query.name),
+                "description": f"Pre-noise, contribution-bounded aggregates of query {query.name} (never released as is).",
+            }
+        )
+    return {"version": 2, "sources": sources, "models": models}
+
+
+def render(loaded: LoadedCollaboration) -> dict[Path, str]:
+    """Relative path -> file content for one collaboration."""
+    c = loaded.name
+    files: dict[Path, str] = {}
+    for name, ds in loaded.collaboration.datasets.items():
+        files[Path("staging") / f"{n.normalised_model(c, ds.owner, name)}.sql"] = normalised_sql(loaded, name, ds)
+        files[Path("staging") / f"{n.staging_model(c, ds.owner, name)}.sql"] = staging_sql(loaded, name, ds)
+        files[Path("analysis") / f"{n.matched_model(c, name)}.sql"] = matched_sql(loaded, name, ds)
+    for party in loaded.parties():
+        files[Path("staging") / f"{n.identities_model(c, party)}.sql"] = identities_sql(loaded, party)
+    for query in loaded.queries.values():
+        files[Path("analysis") / f"{n.query_model(c, query.name)}.sql"] = query_sql(loaded, query)
+    files[Path("_collaboration.yml")] = json.dumps(schema_yml(loaded), indent=2) + "\n"
+    return files
+
+
+def write_models(dbt_project: Path, collaborations: Iterable[LoadedCollaboration]) -> str:
+    """Regenerate every collaboration's models; return a hash of what was written."""
+    root = dbt_project / GENERATED_DIR
+    rendered = {c.name: render(c) for c in collaborations}
+    digest = hashlib.sha256()
+    for collab_name in sorted(rendered):
+        for rel, content in sorted(rendered[collab_name].items()):
+            digest.update(f"{collab_name}/{rel}\0{content}\0".encode())
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for collab_name, files in rendered.items():
+        for rel, content in files.items():
+            path = tmp / collab_name / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content, encoding="utf-8")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return digest.hexdigest()
+
+
+def column_sql_type(column_type: ColumnType) -> str:
+    return column_type.sql

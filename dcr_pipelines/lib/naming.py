@@ -1,0 +1,100 @@
+"""Names of schemas, dbt models and Dagster asset keys, derived from the policy.
+
+One collaboration owns these PostgreSQL schemas (``demo`` shown):
+
+- ``demo_raw_<party>``     uploads, normalised identifiers (party-private)
+- ``demo_staging_<party>`` secure tables: shared columns and keyed tokens only
+- ``demo_matching``        the cross-reference table (match_id <-> tokens)
+- ``demo_analysis``        matched views and pre-noise aggregates (never the analyst's)
+- ``demo_results``         released values, budget ledger, release cache
+- ``demo_keys``            padded HMAC keys, present only while staging builds
+"""
+
+from __future__ import annotations
+
+
+def raw_schema(collab: str, party: str) -> str:
+    return f"{collab}_raw_{party}"
+
+
+def staging_schema(collab: str, party: str) -> str:
+    return f"{collab}_staging_{party}"
+
+
+def matching_schema(collab: str) -> str:
+    return f"{collab}_matching"
+
+
+def analysis_schema(collab: str) -> str:
+    return f"{collab}_analysis"
+
+
+def results_schema(collab: str) -> str:
+    return f"{collab}_results"
+
+
+def keys_schema(collab: str) -> str:
+    return f"{collab}_keys"
+
+
+def normalised_model(collab: str, party: str, dataset: str) -> str:
+    return f"int_{collab}__{party}__{dataset}"
+
+
+def staging_model(collab: str, party: str, dataset: str) -> str:
+    return f"stg_{collab}__{party}__{dataset}"
+
+
+def identities_model(collab: str, party: str) -> str:
+    return f"idn_{collab}__{party}"
+
+
+def matched_model(collab: str, dataset: str) -> str:
+    return f"mv_{collab}__{dataset}"
+
+
+def query_model(collab: str, query: str) -> str:
+    return f"qry_{collab}__{query}"
+
+
+def token_column(column: str) -> str:
+    return f"{column}_token"
+
+
+def party_token_column(party: str) -> str:
+    return f"{party}_token"
+
+
+# Dagster asset keys: [collab, stage, name]
+
+
+def raw_key(collab: str, party: str, dataset: str) -> list[str]:
+    return [collab, "raw", f"{party}__{dataset}"]
+
+
+def staging_key(collab: str, party: str, dataset: str) -> list[str]:
+    return [collab, "staging", f"{party}__{dataset}"]
+
+
+def normalised_key(collab: str, party: str, dataset: str) -> list[str]:
+    return [collab, "private", f"{party}__{dataset}__normalised"]
+
+
+def identities_key(collab: str, party: str) -> list[str]:
+    return [collab, "private", f"{party}__identities"]
+
+
+def cross_reference_key(collab: str) -> list[str]:
+    return [collab, "matching", "cross_reference"]
+
+
+def matched_key(collab: str, dataset: str) -> list[str]:
+    return [collab, "analysis", f"matched_{dataset}"]
+
+
+def analysis_key(collab: str, query: str) -> list[str]:
+    return [collab, "analysis", query]
+
+
+def release_key(collab: str, query: str) -> list[str]:
+    return [collab, "results", query]

@@ -1,0 +1,398 @@
+"""Read a collaboration folder into typed models, reporting mistakes by file, line and field.
+
+YAML is read with ruamel.yaml's round-trip loader so that every key and item
+keeps its line and column; pydantic validates shape and types; the checks
+below validate the references between parts (a dataset's owner is a member,
+a query reads datasets that exist, every owner approved the query's hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlglot
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from .models import Ability, Collaboration, MetricKind, QuerySpec
+
+COLLABORATION_FILE = "collaboration.yaml"
+QUERIES_DIR = "queries"
+
+
+@dataclass(frozen=True)
+class PolicyIssue:
+    """One mistake in a policy file, located for a human."""
+
+    file: Path
+    line: int | None
+    column: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = str(self.file)
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class PolicyError(Exception):
+    """Raised when a collaboration folder does not describe a valid collaboration."""
+
+    def __init__(self, issues: Sequence[PolicyIssue]):
+        self.issues = tuple(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+@dataclass(frozen=True)
+class ApprovedQuery:
+    name: str
+    spec: QuerySpec
+    sql: str
+    spec_path: Path
+    sql_path: Path
+    sha256: str
+    datasets: tuple[str, ...]
+    placeholders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoadedCollaboration:
+    collaboration: Collaboration
+    folder: Path
+    queries: dict[str, ApprovedQuery] = field(default_factory=dict)
+    policy_sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.collaboration.name
+
+    def parties(self) -> tuple[str, ...]:
+        """Members that own at least one dataset, in declaration order."""
+        owners = {d.owner for d in self.collaboration.datasets.values()}
+        return tuple(m for m in self.collaboration.members if m in owners)
+
+    def matching_client(self) -> str:
+        return self.collaboration.matching.client or self.parties()[0]
+
+
+def query_sha256(sql_text: str, spec_text: str) -> str:
+    """The hash owners approve: SHA-256 over the query's SQL and its YAML spec, byte for byte."""
+    digest = hashlib.sha256()
+    for part in (sql_text, spec_text):
+        data = part.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+# --- YAML with positions -------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> tuple[Any, str]:
+    text = path.read_text(encoding="utf-8")
+    yaml = YAML(typ="rt")
+    try:
+        data = yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        column = mark.column + 1 if mark else None
+        raise PolicyError([PolicyIssue(path, line, column, "", f"invalid YAML: {exc.problem}")]) from None
+    return data, text
+
+
+def _plain(node: Any) -> Any:
+    """ruamel containers to plain dicts and lists (pydantic sees ordinary data)."""
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def locate(node: Any, path: Iterable[str | int]) -> tuple[int | None, int | None]:
+    """1-based (line, column) of the deepest part of ``path`` that exists in ``node``."""
+    line: int | None = None
+    column: int | None = None
+    if isinstance(node, (CommentedMap, CommentedSeq)):
+        line, column = node.lc.line + 1, node.lc.col + 1
+    for part in path:
+        if isinstance(node, CommentedMap) and part in node:
+            key_line, key_col = node.lc.key(part)
+            line, column = key_line + 1, key_col + 1
+            node = node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+            item_line, item_col = node.lc.item(part)
+            line, column = item_line + 1, item_col + 1
+            node = node[part]
+        else:
+            break
+    return line, column
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validation_issues(exc: ValidationError, path: Path, data: Any) -> list[PolicyIssue]:
+    issues = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        # pydantic appends the union/enum branch names; keep only the parts that exist in the file
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (not part of the policy format)"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        elif err["type"] == "enum":
+            expected = err.get("ctx", {}).get("expected", "")
+            message = f"{err['input']!r} is not one of {expected}"
+        line, column = locate(data, loc)
+        issues.append(PolicyIssue(path, line, column, _dotted(loc), message))
+    return issues
+
+
+# --- loading ---------------------------------------------------------------------
+
+
+def load_collaboration(folder: Path) -> LoadedCollaboration:
+    """Parse and cross-check ``folder``; raise ``PolicyError`` listing every mistake found."""
+    folder = Path(folder)
+    collab_path = folder / COLLABORATION_FILE
+    if not collab_path.is_file():
+        raise PolicyError([PolicyIssue(collab_path, None, None, "", "file not found")])
+    data, collab_text = _read_yaml(collab_path)
+    if not isinstance(data, CommentedMap):
+        raise PolicyError([PolicyIssue(collab_path, 1, 1, "", "expected a mapping at the top level")])
+    try:
+        collab = Collaboration.model_validate(_plain(data))
+    except ValidationError as exc:
+        raise PolicyError(_validation_issues(exc, collab_path, data)) from None
+
+    issues: list[PolicyIssue] = []
+
+    def issue(where: Sequence[str | int], message: str) -> None:
+        line, column = locate(data, where)
+        issues.append(PolicyIssue(collab_path, line, column, _dotted(where), message))
+
+    _check_collaboration(collab, folder, issue)
+
+    queries: dict[str, ApprovedQuery] = {}
+    query_texts: list[str] = []
+    queries_dir = folder / QUERIES_DIR
+    for spec_path in sorted(queries_dir.glob("*.yaml")) if queries_dir.is_dir() else []:
+        try:
+            loaded, spec_text = _load_query(spec_path, collab)
+        except PolicyError as exc:
+            issues.extend(exc.issues)
+            continue
+        queries[loaded.name] = loaded
+        query_texts.append(loaded.sha256)
+        del spec_text
+
+    for query_name in collab.approvals:
+        if query_name not in queries:
+            issue(("approvals", query_name), f"approval for unknown query {query_name!r}")
+    for loaded in queries.values():
+        issues.extend(_approval_issues(loaded, collab, data, collab_path))
+
+    if issues:
+        raise PolicyError(issues)
+    policy_sha = hashlib.sha256(
+        json.dumps([collab_text, sorted(query_texts)], sort_keys=True).encode()
+    ).hexdigest()
+    return LoadedCollaboration(collab, folder, queries, policy_sha)
+
+
+def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> None:
+    if collab.name != folder.name:
+        issue(("name",), f"collaboration name {collab.name!r} must equal its folder name {folder.name!r}")
+    members = collab.members
+    for ds_name, ds in collab.datasets.items():
+        where = ("datasets", ds_name)
+        if ds.owner not in members:
+            issue((*where, "owner"), f"unknown member {ds.owner!r} (members: {', '.join(members)})")
+        elif Ability.PROVIDE_DATA not in members[ds.owner].abilities:
+            issue((*where, "owner"), f"member {ds.owner!r} lacks the provide_data ability")
+        for i, col in enumerate(ds.shared or ()):
+            if col not in ds.columns:
+                issue((*where, "shared", i), f"column {col!r} does not exist in dataset {ds_name!r}")
+            elif ds.columns[col].identifier is not None:
+                issue((*where, "shared", i), f"identifier column {col!r} cannot be shared; it is tokenised")
+        for i, flt in enumerate(ds.row_filters):
+            if flt.column not in ds.columns:
+                issue((*where, "row_filters", i, "column"), f"column {flt.column!r} does not exist in dataset {ds_name!r}")
+        if not any(c.identifier == collab.identity.kind for c in ds.columns.values()):
+            issue((*where, "columns"), f"no column is an identifier of kind {collab.identity.kind.value!r}, so the dataset cannot be matched")
+    parties = {d.owner for d in collab.datasets.values()}
+    if len(parties) < 2:
+        issue(("datasets",), "a collaboration needs datasets from at least two members")
+    client = collab.matching.client
+    if client is not None and client not in parties:
+        issue(("matching", "client"), f"matching client {client!r} is not a member that provides a dataset")
+    for i, budget in enumerate(collab.budgets):
+        if budget.consumer not in members:
+            issue(("budgets", i, "consumer"), f"unknown member {budget.consumer!r}")
+        elif Ability.RUN_QUERIES not in members[budget.consumer].abilities:
+            issue(("budgets", i, "consumer"), f"member {budget.consumer!r} lacks the run_queries ability")
+    for query_name, approvals in collab.approvals.items():
+        for i, approval in enumerate(approvals):
+            if approval.member not in members:
+                issue(("approvals", query_name, i, "member"), f"unknown member {approval.member!r}")
+    for i, schedule in enumerate(collab.schedules):
+        if len(schedule.cron.split()) != 5:
+            issue(("schedules", i, "cron"), f"{schedule.cron!r} is not a five-field cron expression")
+
+
+def _load_query(spec_path: Path, collab: Collaboration) -> tuple[ApprovedQuery, str]:
+    data, spec_text = _read_yaml(spec_path)
+    if not isinstance(data, CommentedMap):
+        raise PolicyError([PolicyIssue(spec_path, 1, 1, "", "expected a mapping at the top level")])
+    try:
+        spec = QuerySpec.model_validate(_plain(data))
+    except ValidationError as exc:
+        raise PolicyError(_validation_issues(exc, spec_path, data)) from None
+    name = spec_path.stem
+    issues: list[PolicyIssue] = []
+
+    def issue(where: Sequence[str | int], message: str) -> None:
+        line, column = locate(data, where)
+        issues.append(PolicyIssue(spec_path, line, column, _dotted(where), message))
+
+    sql_path = spec_path.with_name(spec.sql or f"{name}.sql")
+    if not sql_path.is_file():
+        issue(("sql",), f"query SQL file {sql_path.name} not found")
+        raise PolicyError(issues)
+    sql_text = sql_path.read_text(encoding="utf-8")
+
+    members = collab.members
+    if spec.consumer not in members:
+        issue(("consumer",), f"unknown member {spec.consumer!r}")
+    elif Ability.RUN_QUERIES not in members[spec.consumer].abilities:
+        issue(("consumer",), f"member {spec.consumer!r} lacks the run_queries ability")
+    for i, receiver in enumerate(spec.receivers):
+        if receiver not in members:
+            issue(("receivers", i), f"unknown member {receiver!r}")
+        elif Ability.RECEIVE_RESULTS not in members[receiver].abilities:
+            issue(("receivers", i), f"member {receiver!r} lacks the receive_results ability")
+
+    datasets, placeholders, columns = _sql_references(sql_text, sql_path, issues)
+    for ds in datasets:
+        if ds not in collab.datasets:
+            line = _line_of(sql_text, ds)
+            issues.append(PolicyIssue(sql_path, line, None, "", f"query reads unknown dataset {ds!r} (datasets: {', '.join(collab.datasets)})"))
+    for placeholder in placeholders:
+        if placeholder not in spec.parameters:
+            issues.append(PolicyIssue(sql_path, _line_of(sql_text, ":" + placeholder), None, "", f"parameter :{placeholder} is not declared in {spec_path.name}"))
+    for param in spec.parameters:
+        if param not in placeholders:
+            issue(("parameters", param), f"parameter {param!r} is declared but not used in {sql_path.name}")
+    for metric_name, metric in spec.metrics.items():
+        if metric.column is not None and metric.column not in columns:
+            issue(("metrics", metric_name, "column"), f"column {metric.column!r} is not an output column of {sql_path.name}")
+    for dim in spec.dimensions:
+        if dim not in columns:
+            issue(("dimensions", dim), f"dimension {dim!r} is not an output column of {sql_path.name}")
+    if "match_id" not in columns:
+        issues.append(PolicyIssue(sql_path, None, None, "", "the query must output match_id (the privacy unit) once per row"))
+    if spec.rule == "dp" and any(d.key_selection_delta for d in spec.dimensions.values()):
+        pass  # key selection is accepted by the format; the release refuses it until implemented
+    if spec.rule == "dp" and spec.metrics and any(m.aggregate == MetricKind.AVG for m in spec.metrics.values()):
+        pass
+    if issues:
+        raise PolicyError(issues)
+    digest = query_sha256(sql_text, spec_text)
+    return (
+        ApprovedQuery(name, spec, sql_text, spec_path, sql_path, digest, tuple(datasets), tuple(placeholders)),
+        spec_text,
+    )
+
+
+def _line_of(text: str, needle: str) -> int | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            return number
+    return None
+
+
+def _sql_references(sql_text: str, sql_path: Path, issues: list[PolicyIssue]) -> tuple[list[str], list[str], list[str]]:
+    """Datasets read, ``:parameters`` used and output column names of an approved query."""
+    try:
+        statements = [s for s in sqlglot.parse(sql_text, read="postgres") if s is not None]
+    except sqlglot.errors.ParseError as exc:
+        err = exc.errors[0] if exc.errors else {}
+        issues.append(PolicyIssue(sql_path, err.get("line"), err.get("col"), "", f"SQL does not parse: {err.get('description', exc)}"))
+        return [], [], []
+    if len(statements) != 1 or not isinstance(statements[0], sqlglot.exp.Query):
+        issues.append(PolicyIssue(sql_path, 1, 1, "", "an approved query is exactly one SELECT statement"))
+        return [], [], []
+    tree = statements[0]
+    ctes = {cte.alias_or_name for cte in tree.find_all(sqlglot.exp.CTE)}
+    datasets: list[str] = []
+    for table in tree.find_all(sqlglot.exp.Table):
+        if table.name not in ctes and table.name not in datasets:
+            if table.db:
+                issues.append(PolicyIssue(sql_path, _line_of(sql_text, table.db + "."), None, "", f"refer to datasets by their logical name, not {table.sql()!r}"))
+            datasets.append(table.name)
+    placeholders: list[str] = []
+    for node in tree.find_all(sqlglot.exp.Placeholder):
+        if node.name and node.name not in placeholders:
+            placeholders.append(node.name)
+    columns = list(tree.named_selects)
+    return datasets, placeholders, columns
+
+
+def discover(root: Path) -> list[Path]:
+    """Every collaboration folder under ``root`` (a folder with a collaboration.yaml)."""
+    root = Path(root)
+    if (root / COLLABORATION_FILE).is_file():
+        return [root]
+    return sorted(p.parent for p in root.glob(f"*/{COLLABORATION_FILE}"))
+
+
+def check_policies(root: Path) -> tuple[list[LoadedCollaboration], list[PolicyIssue]]:
+    """Load every collaboration under ``root``; return the good ones and all issues found."""
+    loaded: list[LoadedCollaboration] = []
+    issues: list[PolicyIssue] = []
+    folders = discover(root)
+    if not folders:
+        issues.append(PolicyIssue(Path(root), None, None, "", f"no {COLLABORATION_FILE} found"))
+    for folder in folders:
+        try:
+            loaded.append(load_collaboration(folder))
+        except PolicyError as exc:
+            issues.extend(exc.issues)
+    return loaded, issues
+
+
+def _approval_issues(query: ApprovedQuery, collab: Collaboration, data: Any, collab_path: Path) -> list[PolicyIssue]:
+    """Every owner whose data the query reads must have approved exactly this hash."""
+    owners = []
+    for ds in query.datasets:
+        if ds in collab.datasets and collab.datasets[ds].owner not in owners:
+            owners.append(collab.datasets[ds].owner)
+    approved = {a.member: a.sha256 for a in collab.approvals.get(query.name, ())}
+    issues = []
+    for owner in owners:
+        if owner not in approved:
+            line, column = locate(data, ("approvals", query.name)) if query.name in collab.approvals else locate(data, ("approvals",))
+            issues.append(PolicyIssue(collab_path, line, column, f"approvals.{query.name}", f"query {query.name!r} reads {owner}'s data but {owner} has not approved it; approve sha256 {query.sha256}"))
+        elif approved[owner] != query.sha256:
+            index = [a.member for a in collab.approvals[query.name]].index(owner)
+            line, column = locate(data, ("approvals", query.name, index, "sha256"))
+            issues.append(PolicyIssue(collab_path, line, column, f"approvals.{query.name}[{index}].sha256", f"query {query.name!r} changed since {owner} approved sha256 {approved[owner][:12]}...; {owner} must re-approve sha256 {query.sha256}"))
+    return issues

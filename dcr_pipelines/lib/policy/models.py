@@ -1,0 +1,303 @@
+"""Typed models of a collaboration's policy files.
+
+A collaboration is the folder ``policies/<name>/``: ``collaboration.yaml``
+(members, datasets, rules, budgets, approvals) and ``queries/<q>.yaml`` +
+``queries/<q>.sql`` (approved analyses). These models validate shape and
+types; cross-references between them are checked in ``loader.py`` where the
+line numbers are known.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Ability(StrEnum):
+    PROVIDE_DATA = "provide_data"
+    RUN_QUERIES = "run_queries"
+    RECEIVE_RESULTS = "receive_results"
+
+
+class ColumnType(StrEnum):
+    TEXT = "text"
+    INTEGER = "integer"
+    NUMERIC = "numeric"
+    DATE = "date"
+    TIMESTAMP = "timestamp"
+    BOOLEAN = "boolean"
+
+    @property
+    def sql(self) -> str:
+        return {"timestamp": "timestamp", "numeric": "numeric", "integer": "bigint"}.get(
+            self.value, self.value
+        )
+
+
+class IdentifierKind(StrEnum):
+    EMAIL = "email"
+    PHONE = "phone"
+    CUSTOMER_ID = "customer_id"
+
+
+class AggregateFunction(StrEnum):
+    COUNT = "count"
+    COUNT_DISTINCT = "count_distinct"
+    SUM = "sum"
+    SUM_DISTINCT = "sum_distinct"
+    AVG = "avg"
+
+
+class Member(Strict):
+    display_name: str | None = None
+    abilities: tuple[Ability, ...] = (Ability.PROVIDE_DATA,)
+    contact: str | None = None
+
+
+class EmailRules(Strict):
+    """Normalisation of email identifiers: always trimmed and lowercased."""
+
+    gmail_drop_dots: bool = False
+    drop_plus_tag: bool = False
+
+
+class IdentitySpec(Strict):
+    """Which identifier kind links people across parties, and how it is normalised."""
+
+    kind: IdentifierKind = IdentifierKind.EMAIL
+    email: EmailRules = EmailRules()
+    phone_default_country: str = "US"
+    customer_id_case: Literal["preserve", "lower", "upper"] = "preserve"
+
+
+class MatchingSpec(Strict):
+    client: Name | None = None
+    buckets: int = Field(default=1, ge=1, le=1024)
+    padding: bool = False
+    overlap_release: Literal["withheld", "dp"] = "withheld"
+
+
+class FileFormat(Strict):
+    type: Literal["csv", "parquet", "jsonl"] = "csv"
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    quote: str = Field(default='"', min_length=1, max_length=1)
+    encoding: str = "utf-8"
+
+
+class Column(Strict):
+    type: ColumnType
+    identifier: IdentifierKind | None = None
+    nullable: bool = True
+    unique: bool = False
+    dimension: bool = False
+    aggregate: tuple[AggregateFunction, ...] = ()
+    join: bool = False
+    allowed_values: tuple[str, ...] | None = None
+    range: tuple[float, float] | None = None
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _roles_are_consistent(self) -> Column:
+        if self.identifier is not None and (self.dimension or self.aggregate):
+            raise ValueError("an identifier column cannot be a dimension or an aggregate")
+        if self.range is not None and self.range[0] > self.range[1]:
+            raise ValueError("range must be [low, high] with low <= high")
+        if self.aggregate and self.type not in (ColumnType.INTEGER, ColumnType.NUMERIC):
+            functions = set(self.aggregate) - {AggregateFunction.COUNT, AggregateFunction.COUNT_DISTINCT}
+            if functions:
+                raise ValueError(f"only numeric columns can be summed or averaged, not {self.type.value}")
+        return self
+
+
+class RowFilter(Strict):
+    column: Name
+    op: Literal["=", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_not_null"]
+    value: Any = None
+
+
+class AnalysisRule(Strict):
+    type: Literal["dp", "aggregation", "list", "custom"] = "dp"
+    min_distinct_units: int = Field(default=0, ge=0)
+    join_required: bool = True
+    scalar_functions: tuple[str, ...] = ()
+    join_operators: tuple[Literal["and", "or"], ...] = ("and",)
+
+
+class RowBounds(Strict):
+    min: int = Field(default=1, ge=0)
+    max: int | None = Field(default=None, ge=1)
+
+
+class Dataset(Strict):
+    owner: Name
+    description: str | None = None
+    format: FileFormat = FileFormat()
+    unknown_columns: Literal["reject", "ignore"] = "reject"
+    rows: RowBounds = RowBounds()
+    columns: dict[Name, Column]
+    shared: tuple[Name, ...] | None = None
+    row_filters: tuple[RowFilter, ...] = ()
+    analysis_rule: AnalysisRule = AnalysisRule()
+
+    @field_validator("columns")
+    @classmethod
+    def _not_empty(cls, value: dict[str, Column]) -> dict[str, Column]:
+        if not value:
+            raise ValueError("a dataset declares at least one column")
+        return value
+
+    @property
+    def identifier_columns(self) -> dict[str, Column]:
+        return {n: c for n, c in self.columns.items() if c.identifier is not None}
+
+    @property
+    def shared_columns(self) -> tuple[str, ...]:
+        """Non-identifier columns that leave the raw schema (default: all of them)."""
+        if self.shared is not None:
+            return self.shared
+        return tuple(n for n, c in self.columns.items() if c.identifier is None)
+
+
+class Budget(Strict):
+    consumer: Name
+    epsilon: float = Field(gt=0)
+    delta: float = Field(default=0.0, ge=0, lt=1)
+    period_days: int | None = Field(default=None, ge=1)
+
+    @field_validator("epsilon")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("epsilon must be finite")
+        return value
+
+
+class Approval(Strict):
+    member: Name
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Schedule(Strict):
+    name: Name
+    cron: str
+    target: Literal["matching", "queries", "all"] = "all"
+
+
+class Collaboration(Strict):
+    name: Name
+    description: str | None = None
+    members: dict[Name, Member]
+    identity: IdentitySpec = IdentitySpec()
+    matching: MatchingSpec = MatchingSpec()
+    datasets: dict[Name, Dataset]
+    budgets: tuple[Budget, ...] = ()
+    approvals: dict[Name, tuple[Approval, ...]] = {}
+    schedules: tuple[Schedule, ...] = ()
+
+
+# --- approved queries -------------------------------------------------------
+
+
+class ParameterType(StrEnum):
+    TEXT = "text"
+    INTEGER = "integer"
+    NUMERIC = "numeric"
+    DATE = "date"
+    BOOLEAN = "boolean"
+
+
+class Parameter(Strict):
+    type: ParameterType
+    default: Any = None
+    allowed: tuple[Any, ...] | None = None
+    min: Any = None
+    max: Any = None
+    description: str | None = None
+
+
+class Dimension(Strict):
+    """A released group key: a public domain, or DP key selection with a delta."""
+
+    domain: tuple[str, ...] | None = None
+    key_selection_delta: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Dimension:
+        if (self.domain is None) == (self.key_selection_delta is None):
+            raise ValueError("a dimension declares either a public 'domain' or a 'key_selection_delta'")
+        if self.domain is not None and len(set(self.domain)) != len(self.domain):
+            raise ValueError("domain values must be unique")
+        return self
+
+
+class MetricKind(StrEnum):
+    COUNT = "count"
+    COUNT_UNITS = "count_units"
+    SUM = "sum"
+    AVG = "avg"
+
+
+class Metric(Strict):
+    aggregate: MetricKind
+    column: Name | None = None
+    bounds: tuple[float, float] | None = None
+    epsilon_share: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Metric:
+        needs_column = self.aggregate in (MetricKind.SUM, MetricKind.AVG)
+        if needs_column and (self.column is None or self.bounds is None):
+            raise ValueError(f"{self.aggregate.value} needs a 'column' and clamping 'bounds'")
+        if not needs_column and self.column is not None:
+            raise ValueError(f"{self.aggregate.value} takes no column")
+        if self.bounds is not None:
+            low, high = self.bounds
+            if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+                raise ValueError("bounds must be finite with low <= high")
+        return self
+
+
+class Contribution(Strict):
+    max_groups_per_unit: int = Field(default=1, ge=1)
+    max_rows_per_group: int = Field(default=1, ge=1)
+
+
+class Privacy(Strict):
+    epsilon: float = Field(gt=0)
+    delta: float = Field(default=0.0, ge=0, lt=1)
+
+
+class QuerySpec(Strict):
+    description: str | None = None
+    rule: Literal["dp", "threshold"] = "dp"
+    sql: str | None = None
+    consumer: Name
+    receivers: tuple[Name, ...]
+    parameters: dict[Name, Parameter] = {}
+    dimensions: dict[Name, Dimension]
+    metrics: dict[Name, Metric]
+    contribution: Contribution = Contribution()
+    privacy: Privacy | None = None
+    min_distinct_units: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _rule_needs_settings(self) -> QuerySpec:
+        if self.rule == "dp" and self.privacy is None:
+            raise ValueError("a query under the dp rule declares 'privacy: {epsilon: ...}'")
+        if not self.metrics:
+            raise ValueError("a query declares at least one metric")
+        return self
+
+
+IDENT_RE = re.compile(NAME_PATTERN)

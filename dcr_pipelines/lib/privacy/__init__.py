@@ -1,0 +1,1 @@
+"""The privacy core: noise (mechanisms), budget (ledger) and the release that ties them."""

@@ -1,0 +1,128 @@
+"""A DP release of one approved query: complete the public domain, noise, charge, store."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .. import naming
+from ..policy import ApprovedQuery, LoadedCollaboration
+from ..policy.models import Budget, MetricKind
+from . import ledger
+from .mechanisms import NoisePlan, add_noise, plan_release, release_cost
+
+
+class ReleaseRefused(Exception):
+    """The release cannot run under the policy (no budget, unsupported settings)."""
+
+
+def consumer_budget(loaded: LoadedCollaboration, consumer: str) -> Budget:
+    for budget in loaded.collaboration.budgets:
+        if budget.consumer == consumer:
+            return budget
+    raise ReleaseRefused(f"{consumer} has no privacy budget in {loaded.name} (collaboration.yaml: budgets)")
+
+
+def _cells(conn: psycopg.Connection, loaded: LoadedCollaboration, query: ApprovedQuery, columns: list[str]) -> list[dict[str, Any]]:
+    """Every group of the public domain with its pre-noise values (0 where the group is empty)."""
+    spec = query.spec
+    dims = list(spec.dimensions)
+    domains = []
+    for name, dim in spec.dimensions.items():
+        if dim.domain is None:
+            raise ReleaseRefused(f"query {query.name}: dimension {name} has no public domain; DP key selection is not supported yet")
+        domains.append(dim.domain)
+    table = sql.Identifier(naming.analysis_schema(loaded.name), f"query_{query.name}")
+    select = sql.SQL(", ").join([sql.Identifier(d) for d in dims] + [sql.Identifier(c) for c in columns])
+    found = {
+        tuple(str(v) for v in row[: len(dims)]): row[len(dims) :]
+        for row in conn.execute(sql.SQL("select {} from {}").format(select, table)).fetchall()
+    }
+    cells = []
+    for key in itertools.product(*domains):
+        values = found.get(tuple(key), (0,) * len(columns))
+        cell: dict[str, Any] = dict(zip(dims, key))
+        cell.update({c: float(v or 0) for c, v in zip(columns, values)})
+        cells.append(cell)
+    return cells
+
+
+def _noised_rows(cells: list[dict[str, Any]], query: ApprovedQuery, plans: list[NoisePlan]) -> list[dict[str, Any]]:
+    dims = list(query.spec.dimensions)
+    noised = {p.column: add_noise(p, [c[p.column] for c in cells]) for p in plans}
+    accuracy = {p.column: p.accuracy for p in plans}
+    rows: list[dict[str, Any]] = []
+    for i, cell in enumerate(cells):
+        for metric_name, metric in query.spec.metrics.items():
+            row = {d: cell[d] for d in dims}
+            if metric.aggregate in (MetricKind.COUNT_UNITS, MetricKind.COUNT):
+                value, half = noised[metric_name][i], accuracy[metric_name]
+            elif metric.aggregate == MetricKind.SUM:
+                value, half = noised[f"{metric_name}__sum"][i], accuracy[f"{metric_name}__sum"]
+            else:
+                total, count = noised[f"{metric_name}__sum"][i], noised[f"{metric_name}__count"][i]
+                value, half = (total / count if count >= 1 else None), None
+            row.update(
+                metric=metric_name,
+                value=value,
+                ci_low=None if value is None or half is None else value - half,
+                ci_high=None if value is None or half is None else value + half,
+            )
+            rows.append(row)
+    return rows
+
+
+def _store(loaded: LoadedCollaboration, query: ApprovedQuery) -> Any:
+    schema = naming.results_schema(loaded.name)
+    dims = list(query.spec.dimensions)
+    table = sql.Identifier(schema, query.name)
+
+    def store(conn: psycopg.Connection, release_id: str, rows: list[dict[str, Any]]) -> None:
+        columns = sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(d)) for d in dims)
+        conn.execute(
+            sql.SQL(
+                "create table if not exists {} (release_id text not null, {}, metric text not null, "
+                "value double precision, ci_low double precision, ci_high double precision)"
+            ).format(table, columns)
+        )
+        names = ["release_id", *dims, "metric", "value", "ci_low", "ci_high"]
+        insert = sql.SQL("copy {} ({}) from stdin").format(table, sql.SQL(", ").join(map(sql.Identifier, names)))
+        with conn.cursor().copy(insert) as copy:
+            for row in rows:
+                copy.write_row([release_id, *(row[d] for d in dims), row["metric"], row["value"], row["ci_low"], row["ci_high"]])
+
+    return store
+
+
+def release_query(
+    conn: psycopg.Connection,
+    loaded: LoadedCollaboration,
+    query: ApprovedQuery,
+    params: dict[str, str],
+    input_versions: dict[str, Any],
+) -> ledger.StoredRelease:
+    """Release ``query`` with DP noise, charging its consumer's budget (or return the stored identical release)."""
+    if query.spec.rule != "dp":
+        raise ReleaseRefused(f"query {query.name} runs under the {query.spec.rule} rule, not dp")
+    plans = plan_release(query.spec)
+    budget = consumer_budget(loaded, query.spec.consumer)
+    schema = naming.results_schema(loaded.name)
+    ledger.ensure_tables(conn, schema)
+    conn.commit()
+    columns = sorted({p.column for p in plans})
+    return ledger.release(
+        conn,
+        schema,
+        collaboration=loaded.name,
+        query_name=query.name,
+        budget=budget,
+        key=ledger.cache_key(query.sha256, params, input_versions),
+        params=params,
+        input_versions=input_versions,
+        cost=release_cost(plans),
+        draw=lambda: _noised_rows(_cells(conn, loaded, query, columns), query, plans),
+        store_rows=_store(loaded, query),
+    )

@@ -1,0 +1,50 @@
+"""A small typed adapter over openmined-psi; nothing else imports the library.
+
+ECDH-based PSI: the server blinds its set with its secret key, the client
+blinds its own; the client learns which of *its* items are in the server's
+set and nothing else about the server's items. Messages cross as bytes.
+The RAW container is exact (no false positives); Bloom/GCS containers are
+smaller but admit a false-positive rate and are not used for matching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import private_set_intersection.python as _psi
+
+
+class PsiServer:
+    """The half that holds a set and answers requests; keeps its key private."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._impl = _psi.server.CreateFromKey(key, True) if key else _psi.server.CreateWithNewKey(True)
+
+    def setup_message(self, items: Sequence[str], client_size: int) -> bytes:
+        """The blinded set, for the client (exact RAW container, no false positives)."""
+        setup = self._impl.CreateSetupMessage(0.0, max(client_size, 1), list(items), _psi.DataStructure.RAW)
+        return bytes(setup.SerializeToString())
+
+    def answer(self, request: bytes) -> bytes:
+        """Blind the client's already-blinded items with this server's key."""
+        parsed = _psi.Request()
+        parsed.ParseFromString(request)
+        return bytes(self._impl.ProcessRequest(parsed).SerializeToString())
+
+
+class PsiClient:
+    """The half that learns which of its own items the server also holds."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._impl = _psi.client.CreateFromKey(key, True) if key else _psi.client.CreateWithNewKey(True)
+
+    def request(self, items: Sequence[str]) -> bytes:
+        return bytes(self._impl.CreateRequest(list(items)).SerializeToString())
+
+    def intersection(self, setup_message: bytes, response: bytes) -> list[int]:
+        """Indices (into the items passed to ``request``) of the items in the server's set."""
+        setup = _psi.ServerSetup()
+        setup.ParseFromString(setup_message)
+        parsed = _psi.Response()
+        parsed.ParseFromString(response)
+        return sorted(int(i) for i in self._impl.GetIntersection(setup, parsed))

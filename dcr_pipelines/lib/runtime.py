@@ -1,0 +1,103 @@
+"""Bring a deployment up: database, environment for dbt and Dagster, development secrets.
+
+Every entry point (the ``dcr`` command, ``definitions.py``, the tests) calls
+``activate()`` once; it is idempotent and cheap when already active.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .database import DAGSTER_DB, WAREHOUSE_DB, Connection, ensure_database, start_embedded
+from .settings import PROJECT_ROOT, Settings
+
+SECRET_PREFIX = "DCR_SECRET__"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    warehouse: Connection
+    dagster_url: str
+    embedded: bool
+
+
+def secret_env_name(*parts: str) -> str:
+    """Environment variable holding a secret, e.g. DCR_SECRET__HMAC__DEMO__RETAILER."""
+    return SECRET_PREFIX + "__".join(p.upper() for p in parts)
+
+
+def activate(settings: Settings | None = None) -> Runtime:
+    """Start or reach the database and export what dbt, Dagster and the resources read."""
+    settings = settings or Settings.from_env()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if settings.external_database_url:
+        warehouse = Connection.from_url(settings.external_database_url)
+        dagster_url = os.environ.get("DCR_DAGSTER_DATABASE_URL") or warehouse.url()
+        embedded = False
+    else:
+        admin = start_embedded(settings.home)
+        ensure_database(admin, WAREHOUSE_DB)
+        ensure_database(admin, DAGSTER_DB)
+        warehouse = replace(admin, dbname=WAREHOUSE_DB)
+        dagster_url = admin.url(DAGSTER_DB)
+        embedded = True
+
+    dagster_home = settings.home / "dagster_home"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    os.environ.update(
+        {
+            "DCR_HOME": str(settings.home),
+            "DCR_POLICIES": str(settings.policies),
+            "DCR_LANDING": str(settings.landing),
+            "DCR_WAREHOUSE_URL": warehouse.url(),
+            "DCR_PG_HOST": warehouse.host,
+            "DCR_PG_PORT": str(warehouse.port),
+            "DCR_PG_USER": warehouse.user,
+            "DCR_PG_DBNAME": warehouse.dbname,
+            "DBT_ENV_SECRET_PG_PASSWORD": warehouse.password,
+            # dagster-postgres is written for psycopg2; SQLAlchemy 2.1 would pick psycopg 3.
+            "DCR_DAGSTER_PG_URL": dagster_url.replace("postgresql://", "postgresql+psycopg2://", 1),
+            "DAGSTER_HOME": str(dagster_home),
+            "DBT_PROFILES_DIR": str(settings.dbt_project),
+            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        }
+    )
+    _load_development_secrets(settings.home / "secrets.env")
+    return Runtime(settings, warehouse, dagster_url, embedded)
+
+
+def ensure_development_secrets(home: Path, names: list[str]) -> None:
+    """Give every named secret a random value in ``home/secrets.env`` unless the environment has one.
+
+    Production deployments set the variables themselves (a secret manager);
+    this file exists so that ``make demo`` works on a fresh clone. It lives
+    under ``.dcr/``, which git ignores.
+    """
+    path = home / "secrets.env"
+    current = _read_env_file(path)
+    missing = [n for n in names if n not in current and n not in os.environ]
+    if missing:
+        current.update({n: secrets.token_hex(32) for n in missing})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("".join(f"{k}={v}\n" for k, v in sorted(current.items())))
+    _load_development_secrets(path)
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text(encoding="utf-8").splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _load_development_secrets(path: Path) -> None:
+    for key, value in _read_env_file(path).items():
+        os.environ.setdefault(key, value)

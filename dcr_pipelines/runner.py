@@ -1,0 +1,76 @@
+"""Run parts of a collaboration through Dagster, in-process, recorded in the deployment's instance.
+
+The ``dcr`` command and the tests go through here, so every state change is
+a Dagster run with lineage and metadata, visible in the UI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+from .lib import naming
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    success: bool
+    run_id: str
+    failure: str | None
+    metadata: dict[str, dict[str, Any]]
+
+
+def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE" and event.step_failure_data:
+            err = event.step_failure_data.user_failure_data
+            if err is not None and err.description:
+                return err.description
+            if event.step_failure_data.error is not None:
+                return event.step_failure_data.error.message.strip().splitlines()[-1]
+    return "the run failed (see the Dagster UI for the event log)"
+
+
+def op_name(key: Sequence[str]) -> str:
+    return "__".join(key)
+
+
+def materialize(
+    defs: dg.Definitions,
+    selection: Sequence[Sequence[str]],
+    *,
+    instance: dg.DagsterInstance | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> RunOutcome:
+    """Materialize the asset keys in ``selection`` (and their checks) in this process."""
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        run_config=dict(run_config or {}),
+        instance=instance,
+        tags=dict(tags or {}),
+        raise_on_error=False,
+        asset_selection=[dg.AssetKey(list(k)) for k in selection],
+    )
+    metadata: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.materialization
+        metadata[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+    return RunOutcome(result.success, result.run_id, None if result.success else _failure_message(result), metadata)
+
+
+def collaboration_keys(defs: dg.Definitions, collab: str) -> list[list[str]]:
+    graph = defs.resolve_asset_graph()
+    return [list(k.path) for k in graph.get_all_asset_keys() if k.path and k.path[0] == collab and graph.get(k).is_materializable]
+
+
+def analysis_run_config(collab: str, params_by_query: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    return {"ops": {f"{collab}__analysis": {"config": {"params_json": json.dumps(params_by_query)}}}}
+
+
+def ingest_run_config(collab: str, party: str, dataset: str, path: str) -> dict[str, Any]:
+    return {"ops": {op_name(naming.raw_key(collab, party, dataset)): {"config": {"path": path}}}}
