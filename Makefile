@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Only Python 3.11+ is needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ROWS   ?= 10000
+OVERLAP ?= 0.3
+SEED   ?= 7
+
+.PHONY: install demo test ui bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11 to 3.13 is required, found " + sys.version.split()[0]) if not ((3, 11) <= sys.version_info[:2] <= (3, 13)) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dcr demo --rows $(ROWS) --overlap $(OVERLAP) --seed $(SEED)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+ui: $(STAMP)
+	$(BIN)/dcr ui
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .dcr dbt_project/target dbt_project/models/collaborations

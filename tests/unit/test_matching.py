@@ -1,0 +1,80 @@
+"""PSI matching equals the plain intersection, for any bucket count, with random match ids."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+
+from dcr_pipelines.lib.matching import PartyInput, match
+
+KEY = b"pairing-key-for-tests"
+
+
+def _party(name: str, identifiers: list[str]) -> PartyInput:
+    distinct = sorted(set(identifiers))
+    tokens = [hashlib.sha256(f"{name}:{i}".encode()).hexdigest() for i in distinct]
+    return PartyInput(name, tokens, distinct)
+
+
+def _matched_identifiers(result, inputs: list[PartyInput]) -> set[str]:  # type: ignore[no-untyped-def]
+    by_token = {t: i for inp in inputs for t, i in zip(inp.tokens, inp.identifiers)}
+    matched = set()
+    for row in result.rows:
+        identifiers = {by_token[token] for token in row[1:]}
+        assert len(identifiers) == 1, "a row links tokens of different people"
+        matched |= identifiers
+    return matched
+
+
+def _planted(n: int, overlap: int, seed: int) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    shared = [f"shared{i}@example.com" for i in range(overlap)]
+    a = shared + [f"a{i}@example.com" for i in range(n - overlap)]
+    b = shared + [f"b{i}@example.org" for i in range(n - overlap)]
+    rng.shuffle(a)
+    rng.shuffle(b)
+    return a, b
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 7])
+def test_matches_equal_the_plain_intersection_for_any_bucket_count(buckets: int) -> None:
+    a, b = _planted(400, 130, seed=buckets)
+    inputs = [_party("retailer", a), _party("ad_network", b)]
+    result = match(inputs, "ad_network", KEY, buckets=buckets)
+    assert _matched_identifiers(result, inputs) == set(a) & set(b)
+    assert result.matched == 130
+    assert result.parties == ("ad_network", "retailer")
+
+
+def test_duplicates_non_ascii_and_a_single_element() -> None:
+    a = ["zoë@example.com", "zoë@example.com", "李@example.cn", "only-a@example.com"]
+    b = ["李@example.cn", "zoë@example.com", "only-b@example.com"]
+    inputs = [_party("a", a), _party("b", b)]
+    assert _matched_identifiers(match(inputs, "a", KEY), inputs) == {"zoë@example.com", "李@example.cn"}
+    single = [_party("a", ["x@example.com"]), _party("b", ["x@example.com"])]
+    assert match(single, "b", KEY).matched == 1
+
+
+def test_empty_inputs_match_nothing() -> None:
+    assert match([_party("a", []), _party("b", ["x@example.com"])], "a", KEY).matched == 0
+    assert match([_party("a", ["x@example.com"]), _party("b", [])], "a", KEY).matched == 0
+
+
+def test_three_parties_intersect_across_all() -> None:
+    a = ["p1", "p2", "p3", "p4"]
+    b = ["p2", "p3", "p4", "p5"]
+    c = ["p3", "p4", "p6"]
+    inputs = [_party("a", a), _party("b", b), _party("c", c)]
+    result = match(inputs, "b", KEY, buckets=2)
+    assert _matched_identifiers(result, inputs) == {"p3", "p4"}
+    assert len(result.rows[0]) == 4  # match_id + one token per party
+
+
+def test_match_ids_are_random_not_derived_from_identifiers() -> None:
+    inputs = [_party("a", ["p1", "p2"]), _party("b", ["p1", "p2"])]
+    first = {row[1]: row[0] for row in match(inputs, "a", KEY).rows}
+    second = {row[1]: row[0] for row in match(inputs, "a", KEY).rows}
+    assert first.keys() == second.keys()
+    assert all(first[t] != second[t] for t in first)

@@ -1,0 +1,134 @@
+"""Policy parsing: the demo is valid, and every kind of mistake is reported with file, line and field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcr_pipelines.lib.policy import PolicyError, load_collaboration, query_sha256
+from dcr_pipelines.lib.policy.models import IdentifierKind
+from dcr_pipelines.lib.settings import PROJECT_ROOT
+
+
+def test_the_demo_collaboration_is_valid() -> None:
+    loaded = load_collaboration(PROJECT_ROOT / "policies" / "demo")
+    assert loaded.parties() == ("retailer", "ad_network")
+    assert loaded.matching_client() == "ad_network"
+    assert set(loaded.queries) >= {"campaign_reach"}
+    purchases = loaded.collaboration.datasets["purchases"]
+    assert purchases.columns["customer_email"].identifier == IdentifierKind.EMAIL
+    assert "customer_email" not in purchases.shared_columns
+    assert loaded.queries["campaign_reach"].datasets == ("impressions", "purchases")
+
+
+def _edit(path: Path, old: str, new: str) -> int:
+    """Replace ``old`` once in ``path``; return the 1-based line where the change is."""
+    text = path.read_text()
+    assert text.count(old) >= 1, f"{old!r} not in {path}"
+    index = text.index(old)
+    path.write_text(text[:index] + new + text[index + len(old) :])
+    return text[:index].count("\n") + 1
+
+
+def _issues(folder: Path) -> list[str]:
+    with pytest.raises(PolicyError) as info:
+        load_collaboration(folder)
+    return [str(i) for i in info.value.issues]
+
+
+COLLAB = "collaboration.yaml"
+QUERY_YAML = "queries/campaign_reach.yaml"
+QUERY_SQL = "queries/campaign_reach.sql"
+
+MISTAKES = [
+    # (file, old text, new text, expected field, expected message part)
+    (COLLAB, "  padding: false", "  paddding: false", "matching.paddding", "unknown key"),
+    (COLLAB, "epsilon: 10.0", "epsilon: lots", "budgets[0].epsilon", "valid number"),
+    (COLLAB, "    owner: retailer", "    owner: retailr", "datasets.purchases.owner", "unknown member 'retailr'"),
+    (COLLAB, "shared: [purchase_value, purchase_date, store_region]", "shared: [purchase_value, purchase_day, store_region]", "datasets.purchases.shared[1]", "column 'purchase_day' does not exist"),
+    (COLLAB, "{column: purchase_value, op: \">=\"", "{column: purchase_amount, op: \">=\"", "datasets.purchases.row_filters[0].column", "purchase_amount"),
+    (COLLAB, "identifier: email, nullable: false, join: true}\n      purchase_value", "identifier: mail, nullable: false, join: true}\n      purchase_value", "datasets.purchases.columns.customer_email.identifier", "'mail' is not one of"),
+    (COLLAB, "name: demo", "name: demo2", "name", "must equal its folder name"),
+    (COLLAB, "  - consumer: ad_network", "  - consumer: retailer", "budgets[0].consumer", "lacks the run_queries ability"),
+    (COLLAB, "    abilities: [provide_data, receive_results]", "    abilities: [provide_data, recieve_results]", "members.retailer.abilities[1]", "is not one of"),
+    (QUERY_YAML, "consumer: ad_network", "consumer: someone", "consumer", "unknown member 'someone'"),
+    (QUERY_YAML, "spend: {aggregate: sum, column: spend, bounds: [0, 300], epsilon_share: 2}", "spend: {aggregate: sum, column: spend, epsilon_share: 2}", "metrics.spend", "needs a 'column' and clamping 'bounds'"),
+    (QUERY_YAML, "spend: {aggregate: sum, column: spend,", "spend: {aggregate: sum, column: spent,", "metrics.spend.column", "not an output column"),
+]
+
+
+@pytest.mark.parametrize(("file", "old", "new", "field", "message"), MISTAKES, ids=[m[3] for m in MISTAKES])
+def test_a_mistake_is_reported_with_file_line_and_field(policies_copy: Path, file: str, old: str, new: str, field: str, message: str) -> None:
+    folder = policies_copy / "demo"
+    line = _edit(folder / file, old, new)
+    issues = _issues(folder)
+    matching = [i for i in issues if f": {field}: " in i]
+    assert matching, issues
+    assert any(message in i for i in matching), matching
+    assert any(i.startswith(f"{folder / file}:{line}:") for i in matching), (line, matching)
+
+
+def test_a_query_reading_an_unknown_dataset_names_the_sql_line(policies_copy: Path) -> None:
+    folder = policies_copy / "demo"
+    line = _edit(folder / QUERY_SQL, "from purchases", "from purchase_log")
+    issues = _issues(folder)
+    assert any(i.startswith(f"{folder / QUERY_SQL}:{line}:") and "unknown dataset 'purchase_log'" in i for i in issues), issues
+
+
+def test_a_parameter_used_in_sql_but_not_declared_is_an_error(policies_copy: Path) -> None:
+    folder = policies_copy / "demo"
+    _edit(folder / QUERY_SQL, "purchase_date >= :since", "purchase_date >= :until")
+    issues = _issues(folder)
+    assert any("parameter :until is not declared" in i for i in issues), issues
+
+
+def test_invalid_yaml_names_the_line(policies_copy: Path) -> None:
+    folder = policies_copy / "demo"
+    line = _edit(folder / COLLAB, "  kind: email", "  kind: [email")
+    issues = _issues(folder)
+    assert len(issues) == 1 and "invalid YAML" in issues[0]
+    assert issues[0].startswith(f"{folder / COLLAB}:")
+    reported = int(issues[0].split(":")[1])
+    assert line <= reported <= line + 2
+
+
+def test_a_missing_required_key_is_reported(policies_copy: Path) -> None:
+    folder = policies_copy / "demo"
+    _edit(folder / QUERY_YAML, "receivers: [ad_network, retailer]\n", "")
+    issues = _issues(folder)
+    assert any(": receivers: required key is missing" in i for i in issues), issues
+
+
+def test_a_changed_query_is_refused_until_every_owner_reapproves(policies_copy: Path) -> None:
+    folder = policies_copy / "demo"
+    _edit(folder / QUERY_SQL, "sum(purchase_value) as spend", "sum(purchase_value) * 2 as spend")
+    sql_text = (folder / QUERY_SQL).read_text()
+    new_hash = query_sha256(sql_text, (folder / QUERY_YAML).read_text())
+    issues = _issues(folder)
+    for owner in ("retailer", "ad_network"):
+        assert any(f"{owner} must re-approve sha256 {new_hash}" in i for i in issues), issues
+    # Re-approving with the new hash makes it valid again.
+    text = (folder / COLLAB).read_text()
+    old_hash = load_hash_from(text)
+    (folder / COLLAB).write_text(text.replace(old_hash, new_hash))
+    assert load_collaboration(folder).queries["campaign_reach"].sha256 == new_hash
+
+
+def load_hash_from(text: str) -> str:
+    for line in text.splitlines():
+        if "sha256:" in line:
+            return line.split("sha256:")[1].strip().strip('"')
+    raise AssertionError("no approval hash in collaboration.yaml")
+
+
+def test_policy_check_command_exits_non_zero_on_any_error(policies_copy: Path) -> None:
+    ok = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "policy", "check", str(policies_copy)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: demo" in ok.stdout
+    _edit(policies_copy / "demo" / COLLAB, "  padding: false", "  padding: maybe")
+    bad = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "policy", "check", str(policies_copy)], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "error: " in bad.stderr and "collaboration.yaml:" in bad.stderr and "matching.padding" in bad.stderr
