@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,11 +55,13 @@ class Connection:
 
 def start_embedded(home: Path) -> Connection:
     """Start (or reuse) the embedded PostgreSQL 16 under ``home/pg``; it outlives this process."""
-    import pgserver  # imported late: only the embedded path needs it
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pgserver  # imported late: only the embedded path needs it
 
-    server = pgserver.get_server(str(home / "pg"), cleanup_mode=None)
-    root = Connection.from_url(server.get_uri())
-    return root
+        server = pgserver.get_server(str(home / "pg"), cleanup_mode=None)
+    return Connection.from_url(server.get_uri())
 
 
 def ensure_database(admin: Connection, dbname: str) -> None:

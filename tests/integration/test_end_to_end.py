@@ -1,0 +1,230 @@
+"""The demo collaboration end to end, in-process through Dagster, against a real PostgreSQL.
+
+A copy of the demo policy named ``e2e`` runs with contribution limits wide
+enough that nothing is capped, so the pre-noise aggregates can be compared
+exactly with the same question answered on the plain files with pandas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import psycopg
+import pytest
+
+from dcr_pipelines.definitions import build_definitions, secret_names
+from dcr_pipelines.lib import demo_data, naming
+from dcr_pipelines.lib.policy import load_collaboration, query_sha256
+from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
+from dcr_pipelines.lib.settings import PROJECT_ROOT
+from dcr_pipelines.runner import analysis_run_config, collaboration_keys, ingest_run_config, materialize
+
+pytestmark = pytest.mark.slow
+COLLAB = "e2e"
+ROWS, OVERLAP, SEED = 1_500, 0.4, 5
+
+
+def make_collaboration(root: Path, name: str, *, groups: int, budget: float = 10.0) -> Path:
+    """A copy of the demo named ``name`` with the query's group limit set and approvals re-signed."""
+    folder = root / name
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    collab = folder / "collaboration.yaml"
+    spec = folder / "queries" / "campaign_reach.yaml"
+    spec.write_text(spec.read_text().replace("max_groups_per_unit: 3", f"max_groups_per_unit: {groups}"))
+    old = load_collaboration(PROJECT_ROOT / "policies" / "demo").queries["campaign_reach"].sha256
+    new = query_sha256((folder / "queries" / "campaign_reach.sql").read_text(), spec.read_text())
+    text = collab.read_text().replace("name: demo", f"name: {name}").replace(old, new)
+    collab.write_text(text.replace("epsilon: 10.0", f"epsilon: {budget}"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def e2e(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("policies")
+    make_collaboration(root, COLLAB, groups=24)
+    settings = dataclasses.replace(runtime.settings, policies=root)
+    ensure_development_secrets(settings.home, secret_names(settings))
+    files = demo_data.generate(settings.landing / COLLAB, rows=ROWS, overlap=OVERLAP, seed=SEED)
+    defs = build_definitions(settings)
+    outcome = materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    assert outcome.success, outcome.failure
+    return {"defs": defs, "files": files, "outcome": outcome, "url": runtime.warehouse.url(), "settings": settings, "root": root}
+
+
+def _expected(files: demo_data.DemoFiles, since: str = "2026-01-01") -> pd.DataFrame:
+    """The campaign_reach question answered on the plain files (what the clean room must match)."""
+    p = pd.read_csv(files.purchases)
+    i = pd.read_csv(files.impressions)
+    p["email"] = p["customer_email"].str.strip().str.lower()
+    i["email"] = i["user_email"].str.strip().str.lower()
+    p = p[(p["purchase_value"] >= 0) & (p["purchase_date"] >= since)]
+    i = i[i["impression_time"] >= since]
+    exposed = i[["email", "campaign_id"]].drop_duplicates()
+    spend = p.groupby(["email", "store_region"], as_index=False)["purchase_value"].sum()
+    joined = exposed.merge(spend, on="email")
+    joined["clamped"] = joined["purchase_value"].clip(0, 300)
+    out = joined.groupby(["campaign_id", "store_region"]).agg(buyers=("email", "nunique"), spend=("clamped", "sum"))
+    return out.reset_index()
+
+
+def test_every_asset_materializes_and_is_recorded_in_dagster(e2e: dict[str, Any]) -> None:
+    instance = dg.DagsterInstance.get()
+    for key in collaboration_keys(e2e["defs"], COLLAB):
+        event = instance.get_latest_materialization_event(dg.AssetKey(key))
+        assert event is not None, key
+
+
+def test_the_cross_reference_holds_exactly_the_shared_people(e2e: dict[str, Any]) -> None:
+    with psycopg.connect(e2e["url"]) as conn:
+        count, distinct = conn.execute(
+            f"select count(*), count(distinct match_id) from {naming.matching_schema(COLLAB)}.cross_reference"
+        ).fetchone()
+    assert count == distinct == e2e["files"].shared_people
+    assert e2e["outcome"].metadata[f"{COLLAB}/matching/cross_reference"]["matched"] == e2e["files"].shared_people
+
+
+def test_pre_noise_aggregates_equal_the_plain_computation(e2e: dict[str, Any]) -> None:
+    expected = _expected(e2e["files"])
+    with psycopg.connect(e2e["url"]) as conn:
+        rows = conn.execute(
+            f"select campaign_id, store_region, buyers, spend__sum from {naming.analysis_schema(COLLAB)}.query_campaign_reach"
+        ).fetchall()
+    got = pd.DataFrame(rows, columns=["campaign_id", "store_region", "buyers", "spend"])
+    merged = expected.merge(got, on=["campaign_id", "store_region"], suffixes=("_want", "_got"), how="outer").fillna(0)
+    assert len(merged) == len(expected) > 0
+    assert (merged["buyers_want"] == merged["buyers_got"]).all()
+    assert ((merged["spend_want"] - merged["spend_got"].astype(float)).abs() < 1e-6).all()
+
+
+def test_staging_tokens_are_the_party_keyed_hmac_and_no_raw_identifier_leaves_raw(e2e: dict[str, Any]) -> None:
+    raw = pd.read_csv(e2e["files"].purchases)["customer_email"]
+    key = bytes.fromhex(os.environ[secret_env_name("HMAC", COLLAB, "retailer")])
+    email = raw.iloc[0].strip().lower()
+    token = hmac.new(key, email.encode(), hashlib.sha256).hexdigest()
+    identifiers = set(raw.str.strip()) | set(raw.str.strip().str.lower())
+    identifiers |= set(pd.read_csv(e2e["files"].impressions)["user_email"].str.strip().str.lower())
+    schemas = [naming.staging_schema(COLLAB, p) for p in ("retailer", "ad_network")]
+    schemas += [naming.matching_schema(COLLAB), naming.analysis_schema(COLLAB), naming.results_schema(COLLAB)]
+    with psycopg.connect(e2e["url"]) as conn:
+        found = conn.execute(
+            f'select count(*) from {naming.staging_schema(COLLAB, "retailer")}.purchases where customer_email_token = %s', (token,)
+        ).fetchone()[0]
+        assert found >= 1
+        other = conn.execute(
+            f'select count(*) from {naming.staging_schema(COLLAB, "ad_network")}.impressions where user_email_token = %s', (token,)
+        ).fetchone()[0]
+        assert other == 0, "tokens of the same person must differ between parties"
+        tables = conn.execute(
+            "select table_schema, table_name from information_schema.tables where table_schema = any(%s)", (schemas,)
+        ).fetchall()
+        assert len(tables) >= 6
+        for schema, table in tables:
+            for row in conn.execute(f'select * from "{schema}"."{table}"').fetchall():
+                for value in row:
+                    assert not (isinstance(value, str) and ("@" in value or value in identifiers)), (schema, table)
+
+
+def test_the_release_is_noised_complete_and_charged_once(e2e: dict[str, Any]) -> None:
+    meta = e2e["outcome"].metadata[f"{COLLAB}/results/campaign_reach"]
+    assert meta["cached"] is False
+    assert 0.95 <= meta["epsilon_charged"] <= 1.0
+    assert meta["epsilon_remaining"] == pytest.approx(10.0 - meta["epsilon_charged"])
+    with psycopg.connect(e2e["url"]) as conn:
+        rows = conn.execute(
+            f"select campaign_id, store_region, metric, value, ci_low, ci_high from {naming.results_schema(COLLAB)}.campaign_reach where release_id = %s",
+            (meta["release_id"],),
+        ).fetchall()
+        ledger = conn.execute(f"select count(*), sum(epsilon) from {naming.results_schema(COLLAB)}.budget_ledger").fetchone()
+    assert len(rows) == 6 * 4 * 2, "every cell of the public domain, empty ones too, for both metrics"
+    assert all(low < value < high for *_, value, low, high in rows)
+    expected = _expected(e2e["files"]).set_index(["campaign_id", "store_region"])["buyers"]
+    noisy = {(c, r): v for c, r, m, v, *_ in rows if m == "buyers"}
+    assert any(noisy[k] != expected.get(k, 0) for k in noisy), "released values carry noise"
+    assert ledger == (1, pytest.approx(meta["epsilon_charged"]))
+
+
+def test_asking_the_same_question_again_returns_the_stored_answer_for_free(e2e: dict[str, Any]) -> None:
+    defs = e2e["defs"]
+    first = e2e["outcome"].metadata[f"{COLLAB}/results/campaign_reach"]
+    again = materialize(
+        defs,
+        [naming.analysis_key(COLLAB, "campaign_reach"), naming.release_key(COLLAB, "campaign_reach")],
+        instance=dg.DagsterInstance.get(),
+        run_config=analysis_run_config(COLLAB, {}),
+    )
+    assert again.success, again.failure
+    meta = again.metadata[f"{COLLAB}/results/campaign_reach"]
+    assert meta["cached"] is True and meta["release_id"] == first["release_id"] and meta["epsilon_charged"] == 0.0
+    with psycopg.connect(e2e["url"]) as conn:
+        assert conn.execute(f"select count(*) from {naming.results_schema(COLLAB)}.budget_ledger").fetchone()[0] == 1
+
+
+def test_a_re_upload_of_the_same_file_loads_nothing(e2e: dict[str, Any]) -> None:
+    defs = e2e["defs"]
+    outcome = materialize(
+        defs, [naming.raw_key(COLLAB, "retailer", "purchases")], instance=dg.DagsterInstance.get(),
+        run_config=ingest_run_config(COLLAB, "retailer", "purchases", str(e2e["files"].purchases)),
+    )
+    assert outcome.success
+    meta = outcome.metadata[f"{COLLAB}/raw/retailer__purchases"]
+    assert meta["unchanged"] is True and meta["version"] == 1
+
+
+BAD_UPLOADS = [
+    ("missing_column.csv", "customer_email,purchase_value,purchase_date\na@example.com,1,2026-01-02\n", "missing column(s) store_region"),
+    ("unknown_column.csv", "customer_email,purchase_value,purchase_date,store_region,ssn\na@example.com,1,2026-01-02,north,1\n", "unknown column(s) ssn"),
+    ("wrong_type.csv", "customer_email,purchase_value,purchase_date,store_region\na@example.com,1,2026-01-02,north\nb@example.com,lots,2026-01-02,north\n", "row 2: column purchase_value is not a valid numeric"),
+    ("ragged.csv", "customer_email,purchase_value,purchase_date,store_region\na@example.com,1,2026-01-02\n", "line 2"),
+    ("empty.csv", "", "the file is empty"),
+    ("header_only.csv", "customer_email,purchase_value,purchase_date,store_region\n", "0 data rows, fewer than the minimum 1"),
+    ("blank_identifier.csv", "customer_email,purchase_value,purchase_date,store_region\n  ,1,2026-01-02,north\n", "column customer_email is null or blank in 1 row(s)"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), BAD_UPLOADS, ids=[b[0] for b in BAD_UPLOADS])
+def test_a_bad_upload_is_refused_by_name_and_the_current_data_stays(e2e: dict[str, Any], tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    schema = naming.raw_schema(COLLAB, "retailer")
+    with psycopg.connect(e2e["url"]) as conn:
+        before = conn.execute(f"select count(*), sum(purchase_value) from {schema}.purchases").fetchone()
+    outcome = materialize(
+        e2e["defs"], [naming.raw_key(COLLAB, "retailer", "purchases")], instance=dg.DagsterInstance.get(),
+        run_config=ingest_run_config(COLLAB, "retailer", "purchases", str(path)),
+    )
+    assert not outcome.success
+    assert message in (outcome.failure or ""), outcome.failure
+    assert "example.com" not in (outcome.failure or ""), "errors never repeat identifier values"
+    with psycopg.connect(e2e["url"]) as conn:
+        after = conn.execute(f"select count(*), sum(purchase_value) from {schema}.purchases").fetchone()
+        current = conn.execute(
+            "select version from dcr_meta.dataset_versions where collaboration = %s and dataset = 'purchases' and is_current", (COLLAB,)
+        ).fetchall()
+    assert after == before and current == [(1,)]
+
+
+def test_one_group_per_person_counts_each_shared_buyer_once(e2e: dict[str, Any]) -> None:
+    """With max_groups_per_unit 1, the cells' buyers add up to the number of people with any row."""
+    root = e2e["root"]
+    spec = root / COLLAB / "queries" / "campaign_reach.yaml"
+    spec.write_text(spec.read_text().replace("max_groups_per_unit: 24", "max_groups_per_unit: 1"))
+    collab = root / COLLAB / "collaboration.yaml"
+    old = collab.read_text().split("sha256: ")[1].split("\n")[0].strip('"')
+    new = query_sha256((root / COLLAB / "queries" / "campaign_reach.sql").read_text(), spec.read_text())
+    collab.write_text(collab.read_text().replace(old, new))
+    defs = build_definitions(e2e["settings"])
+    outcome = materialize(defs, [naming.analysis_key(COLLAB, "campaign_reach")], instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    assert outcome.success, outcome.failure
+    expected = _expected(e2e["files"])
+    with psycopg.connect(e2e["url"]) as conn:
+        total, cells = conn.execute(f"select sum(buyers), max(buyers) from {naming.analysis_schema(COLLAB)}.query_campaign_reach").fetchone()
+    people = len(set(pd.read_csv(e2e["files"].purchases)["customer_email"].str.strip().str.lower()) & set(pd.read_csv(e2e["files"].impressions)["user_email"].str.strip().str.lower()))
+    assert total == people < expected["buyers"].sum()
