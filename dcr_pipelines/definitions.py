@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import dagster as dg
@@ -22,7 +23,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     loaded, issues = check_policies(settings.policies)
     for issue in issues:
         log.error("policy skipped: %s", issue)
-    manifest = prepare_manifest(settings.dbt_project, loaded)
+    # Parsed here, not passed as a path: dagster-dbt caches manifests by path per process,
+    # which would keep a stale graph after the policies change (code-server reloads, tests).
+    manifest = json.loads(prepare_manifest(settings.dbt_project, loaded).read_text())
     parts = [build_collaboration(c, manifest, settings.landing) for c in loaded]
     resources = dg.Definitions(
         resources={

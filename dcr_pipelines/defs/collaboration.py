@@ -129,7 +129,7 @@ def _keys_installed(warehouse: WarehouseResource, secrets: SecretsResource, load
             conn.execute(sql.SQL("delete from {}").format(table))
 
 
-def _dbt_stage(loaded: LoadedCollaboration, manifest: Path, stage: str) -> dg.AssetsDefinition:
+def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: str) -> dg.AssetsDefinition:
     c = loaded.name
     translator = CollaborationTranslator()
 
@@ -283,7 +283,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str) -> dg.AssetsDef
     return release
 
 
-def build_collaboration(loaded: LoadedCollaboration, manifest: Path, landing: Path) -> dg.Definitions:
+def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path) -> dg.Definitions:
     """Every asset and the run-everything job of one collaboration."""
     c = loaded.name
     assets: list[dg.AssetsDefinition] = [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]

@@ -43,7 +43,7 @@ def prepare_manifest(dbt_project: Path, collaborations: Sequence[LoadedCollabora
     for name in ("DCR_PG_HOST", "DCR_PG_USER", "DCR_PG_DBNAME"):
         env.setdefault(name, "unused-at-parse")
     proc = subprocess.run(
-        [str(dbt), "parse", "--project-dir", str(dbt_project), "--profiles-dir", str(dbt_project), "--quiet"],
+        [str(dbt), "parse", "--no-partial-parse", "--project-dir", str(dbt_project), "--profiles-dir", str(dbt_project), "--quiet"],
         capture_output=True,
         text=True,
         env=env,

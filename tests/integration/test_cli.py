@@ -1,0 +1,52 @@
+"""The command-line contract: --help everywhere, exit codes, one-line errors that name the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+DCR = [sys.executable, "-m", "dcr_pipelines.cli"]
+COMMANDS = [
+    [], ["demo"], ["policy"], ["policy", "check"], ["policy", "hash"], ["ingest"], ["run"], ["release"],
+    ["query"], ["query", "check"], ["query", "run"], ["budget"], ["audit"], ["db"], ["db", "url"], ["ui"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) or "dcr" for c in COMMANDS])
+def test_every_command_has_help(command: list[str]) -> None:
+    proc = subprocess.run([*DCR, *command, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage:" in proc.stdout
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DCR, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_bad_parameter_is_refused_before_anything_runs(runtime) -> None:  # type: ignore[no-untyped-def]
+    proc = run("release", "demo", "campaign_reach", "--param", "since=2026-01-01'; drop table x; --")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: parameter since:") and "is not a valid date" in proc.stderr
+
+
+def test_unknown_names_are_refused_with_the_alternatives(runtime) -> None:  # type: ignore[no-untyped-def]
+    proc = run("release", "demo", "no_such_query")
+    assert proc.returncode == 2 and "queries: campaign_reach" in proc.stderr
+    proc = run("ingest", "demo", "ad_network", "purchases", "/dev/null")
+    assert proc.returncode == 2 and "belongs to retailer" in proc.stderr
+    proc = run("budget", "nope")
+    assert proc.returncode == 2 and "no collaboration 'nope'" in proc.stderr
+
+
+def test_dry_run_shows_the_epsilon_the_release_would_cost(runtime) -> None:  # type: ignore[no-untyped-def]
+    proc = run("release", "demo", "campaign_reach", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "release would cost epsilon 1 of ad_network's budget" in proc.stdout
+    assert "buyers: sensitivity 3" in proc.stdout and "spend__sum: sensitivity 900" in proc.stdout
+
+
+def test_ad_hoc_queries_say_they_are_not_yet_supported() -> None:
+    proc = run("query", "check", "demo", "--as", "ad_network", "select 1")
+    assert proc.returncode == 2 and "not yet supported" in proc.stderr
