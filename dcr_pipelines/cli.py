@@ -17,8 +17,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(file=sys.stdout, highlight=False)
+err = Console(file=sys.stderr, highlight=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -39,6 +39,12 @@ def _definitions(runtime: Any) -> Any:
     if runtime.embedded or os.environ.get("DCR_DEV_SECRETS") == "1":
         ensure_development_secrets(runtime.settings.home, secret_names(runtime.settings))
     return build_definitions(runtime.settings)
+
+
+def _run_log() -> Path:
+    from .lib.settings import Settings
+
+    return Settings.from_env().home / "logs" / "runs.log"
 
 
 def _instance() -> Any:
@@ -113,10 +119,15 @@ def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]]
 
     keys = collaboration_keys(defs, loaded.name)
     with out.status(f"materializing {len(keys)} assets of {loaded.name} through Dagster..."):
-        outcome = materialize(defs, keys, instance=_instance(), run_config=analysis_run_config(loaded.name, params or {}))
+        outcome = materialize(
+            defs, keys, instance=_instance(), run_config=analysis_run_config(loaded.name, params or {}), stdout_log=_run_log()
+        )
     if not outcome.success:
         fail(f"run {outcome.run_id} failed: {outcome.failure}")
-    out.print(f"run {outcome.run_id}: {len(outcome.metadata)} assets materialized")
+    out.print(f"run {outcome.run_id}: {len(outcome.metadata)} assets materialized (event log: `make ui` or `dcr audit {loaded.name}`)")
+    for key, meta in outcome.metadata.items():
+        if meta.get("cached"):
+            out.print(f"{key}: identical release found (same query, parameters and data versions): stored result returned, no budget charged")
     return outcome.metadata
 
 
@@ -144,7 +155,7 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
     rid, rows, epsilon, params, released_at = row
     dims = list(query.spec.dimensions)
     metrics = list(query.spec.metrics)
-    table = Table(title=f"{loaded.name}/{query_name}  release {rid}  params {json.dumps(params)}", title_justify="left")
+    table = Table(title=f"{loaded.name}/{query_name}, release {rid}, params {json.dumps(params)}", title_justify="left")
     for d in dims:
         table.add_column(d)
     for m in metrics:
@@ -167,7 +178,8 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
     out.print(
         f"epsilon of this release: {epsilon:.3g}; {query.spec.consumer} has spent {status.spent:.3g} "
         f"and has {status.remaining:.3g} of {status.total:.3g} left"
-        + (f" (rolling {status.period_days}-day window)" if status.period_days else "")
+        + (f" (rolling {status.period_days}-day window)" if status.period_days else ""),
+        soft_wrap=True,
     )
 
 
@@ -254,7 +266,7 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
     defs = _definitions(runtime)
     outcome = materialize(
         defs, [naming.raw_key(collab, party, dataset)], instance=_instance(),
-        run_config=ingest_run_config(collab, party, dataset, str(file.resolve())),
+        run_config=ingest_run_config(collab, party, dataset, str(file.resolve())), stdout_log=_run_log(),
     )
     if not outcome.success:
         fail(outcome.failure or "ingest failed")
@@ -318,6 +330,7 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool) -> 
         [naming.analysis_key(collab, query), naming.release_key(collab, query)],
         instance=_instance(),
         run_config=analysis_run_config(collab, {query: values}),
+        stdout_log=_run_log(),
     )
     if not outcome.success:
         fail(outcome.failure or "release failed")

@@ -6,9 +6,11 @@ a Dagster run with lineage and metadata, visible in the UI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -46,16 +48,27 @@ def materialize(
     instance: dg.DagsterInstance | None = None,
     run_config: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
+    log_level: str = "WARNING",
+    stdout_log: Path | None = None,
 ) -> RunOutcome:
-    """Materialize the asset keys in ``selection`` (and their checks) in this process."""
+    """Materialize the asset keys in ``selection`` (and their checks) in this process.
+
+    The console shows warnings and errors only; every event, at every level, is
+    still written to the instance's event log (the UI and ``dcr audit`` read it).
+    """
     job = defs.resolve_implicit_global_asset_job_def()
-    result = job.execute_in_process(
-        run_config=dict(run_config or {}),
-        instance=instance,
-        tags=dict(tags or {}),
-        raise_on_error=False,
-        asset_selection=[dg.AssetKey(list(k)) for k in selection],
-    )
+    config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **dict(run_config or {})}
+    with contextlib.ExitStack() as stack:
+        if stdout_log is not None:  # dbt's own output, kept for the curious, off the terminal
+            stdout_log.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(stdout_log.open("a", encoding="utf-8"))))
+        result = job.execute_in_process(
+            run_config=config,
+            instance=instance,
+            tags=dict(tags or {}),
+            raise_on_error=False,
+            asset_selection=[dg.AssetKey(list(k)) for k in selection],
+        )
     metadata: dict[str, dict[str, Any]] = {}
     for event in result.get_asset_materialization_events():
         mat = event.materialization
