@@ -429,6 +429,38 @@ def db_url() -> None:
     out.print(_runtime().warehouse.redacted(), markup=False, soft_wrap=True)
 
 
+@db.command("roles")
+@click.argument("collab")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def db_roles(collab: str, fmt: str) -> None:
+    """Print the role x schema privilege matrix of COLLAB, read back from the database.
+
+    \b
+    Cells: write (create/insert), read (select on every table), read N/M
+    (select on some tables), usage (schema only), - (nothing).
+    Example:
+      dcr db roles demo
+    """
+    from .lib import access
+    from .lib.database import connect
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    with connect(runtime.warehouse.url()) as conn:
+        grid = access.matrix(conn, loaded)
+    schemas = access.schemas(loaded)
+    if fmt == "json":
+        out.print_json(data={r: {s: grid[r][s].cell() for s in schemas} for r in grid})
+        return
+    table = Table(title=f"roles x schemas of {collab} (from the database)", title_justify="left")
+    table.add_column("role")
+    for schema in schemas:
+        table.add_column(schema.removeprefix(f"{collab}_"))
+    for role, row in grid.items():
+        table.add_row(role.removeprefix(f"dcr_{collab}_"), *(row[s].cell() for s in schemas))
+    out.print(table)
+
+
 @main.command()
 @click.option("--port", default=3000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)

@@ -12,9 +12,10 @@ Stages (keys are ``[collab, stage, name]``):
 
 import json
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
@@ -22,13 +23,15 @@ from psycopg import sql
 
 from ..lib import ingest as ingest_lib
 from ..lib import matching, naming
-from ..lib.keys import hmac_pads
+from ..lib import access
+from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, dbt_vars, validate_params
 from ..lib.policy import LoadedCollaboration
 from ..lib.privacy import ledger
 from ..lib.privacy.release import ReleaseRefused, release_query
 from .resources import SecretsResource, WarehouseResource
 
+T = TypeVar("T")
 UPLOAD_SUFFIXES = {"csv": (".csv",), "parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
 
 
@@ -76,6 +79,7 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
 
     @dg.asset(
         key=naming.raw_key(c, party, dataset_name),
+        deps=[dg.AssetKey(naming.grants_key(c))],
         group_name=c,
         kinds={"postgres", ds.format.type},
         tags={"dcr/stage": "raw", "dcr/party": party},
@@ -109,24 +113,43 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
     return ingest
 
 
-@contextmanager
-def _keys_installed(warehouse: WarehouseResource, secrets: SecretsResource, loaded: LoadedCollaboration) -> Iterator[None]:
-    """Put each party's padded HMAC key where the staging SQL reads it, and remove it afterwards."""
-    schema = naming.keys_schema(loaded.name)
-    table = sql.Identifier(schema, "hmac_keys")
-    with warehouse.connect() as conn:
-        with conn.transaction():
-            conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
-            conn.execute(sql.SQL("create table if not exists {} (party text primary key, inner_pad bytea not null, outer_pad bytea not null)").format(table))
-            conn.execute(sql.SQL("delete from {}").format(table))
-            for party in loaded.parties():
-                pads = hmac_pads(secrets.hmac_key(loaded.name, party))
-                conn.execute(sql.SQL("insert into {} values (%s, %s, %s)").format(table), (party, pads.inner, pads.outer))
+def _spawn_with_env(extra: Mapping[str, str], start: Callable[[], T]) -> T:
+    """Run ``start`` (which spawns a subprocess) with ``extra`` in the environment, then restore it.
+
+    The subprocess copies the environment when it starts; this process keeps
+    the values only for the instant of the spawn.
+    """
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
     try:
-        yield
+        return start()
     finally:
-        with warehouse.connect() as conn:
-            conn.execute(sql.SQL("delete from {}").format(table))
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> Iterator[dg.AssetObservation]:
+    """Per staged dataset: rows in, rows staged, and identifiers rejected per reason (counts only)."""
+    c = loaded.name
+    with warehouse.connect() as conn:
+        for name, ds in loaded.collaboration.datasets.items():
+            table = sql.Identifier(naming.raw_schema(c, ds.owner), f"{name}__normalised")
+            metadata: dict[str, Any] = {
+                "rows_in": dg.MetadataValue.int(conn.execute(sql.SQL("select count(*) from {}").format(table)).fetchone()[0]),
+                "rows_staged": dg.MetadataValue.int(
+                    conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(naming.staging_schema(c, ds.owner), name))).fetchone()[0]
+                ),
+            }
+            for col in ds.identifier_columns:
+                problem = sql.Identifier(f"{col}__problem")
+                for reason, count in conn.execute(
+                    sql.SQL("select {p}, count(*) from {t} where {p} is not null group by {p} order by 1").format(p=problem, t=table)
+                ).fetchall():
+                    metadata[f"rejected_{col}_{reason}"] = dg.MetadataValue.int(count)
+            yield dg.AssetObservation(asset_key=naming.staging_key(c, ds.owner, name), metadata=metadata)
 
 
 def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: str) -> dg.AssetsDefinition:
@@ -139,8 +162,11 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
         def staging(
             context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
         ) -> Iterator[Any]:
-            with _keys_installed(warehouse, secrets, loaded):
-                yield from dbt.cli(["build"], context=context).stream()
+            pads = {p: hmac_pads(secrets.hmac_key(c, p)) for p in loaded.parties()}
+            options = " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), pgoptions(pads)]))
+            invocation = _spawn_with_env({"PGOPTIONS": options}, lambda: dbt.cli(["build"], context=context))
+            yield from invocation.stream()
+            yield from _rejections(warehouse, loaded)
 
         return staging
 
@@ -187,8 +213,10 @@ def _cross_reference_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
     )
     def cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
         inputs = []
-        with warehouse.connect() as conn:
-            for party in parties:
+        for party in parties:
+            # Each party's half reads only its own identifiers, as its own role.
+            with warehouse.connect() as conn:
+                conn.execute(sql.SQL("set role {}").format(sql.Identifier(access.role_name(c, party, "staging_loader"))))
                 rows = conn.execute(
                     sql.SQL("select token, identifier from {} order by token").format(sql.Identifier(naming.raw_schema(c, party), "identities"))
                 ).fetchall()
@@ -283,10 +311,32 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str) -> dg.AssetsDef
     return release
 
 
+def _grants_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
+    c = loaded.name
+
+    @dg.asset(
+        key=naming.grants_key(c),
+        group_name=c,
+        kinds={"postgres"},
+        tags={"dcr/stage": "access"},
+        description=f"Schemas, least-privilege roles and grants of {c}, derived from the policy and applied idempotently "
+        "(per party: raw owner, staging loader, result reader; shared: matching, analysis builder, query runner, admin).",
+    )
+    def grants(warehouse: WarehouseResource) -> dg.MaterializeResult:
+        with warehouse.connect() as conn:
+            count = access.apply(conn, loaded)
+        return dg.MaterializeResult(
+            metadata={"roles": ", ".join(access.roles(loaded)), "grants": dg.MetadataValue.int(count), "policy_sha256": loaded.policy_sha256}
+        )
+
+    return grants
+
+
 def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path) -> dg.Definitions:
     """Every asset and the run-everything job of one collaboration."""
     c = loaded.name
-    assets: list[dg.AssetsDefinition] = [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]
+    assets: list[dg.AssetsDefinition] = [_grants_asset(loaded)]
+    assets += [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]
     assets.append(_dbt_stage(loaded, manifest, "staging"))
     assets.append(_cross_reference_asset(loaded))
     assets.append(_dbt_stage(loaded, manifest, "analysis"))

@@ -79,17 +79,27 @@ COUNTRY_CALLING_CODES = {"US": "1", "CA": "1", "GB": "44", "DE": "49", "FR": "33
 
 
 def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
+    """Party-private: each identifier normalised, why not (if not), and its keyed token; shared columns."""
     c, p = loaded.name, ds.owner
-    id_cols = ds.identifier_columns
-    select_norm = [
-        f"        {{{{ dcr_normalise_identifier('\"{col}\"', '{spec.identifier.value}', {json.dumps(_identifier_options(loaded, spec.identifier.value))}) }}}} as \"{col}\""
-        for col, spec in id_cols.items()
-        if spec.identifier is not None
-    ]
-    shared = [f'        "{col}"' for col in ds.shared_columns]
+    id_cols = {col: spec.identifier.value for col, spec in ds.identifier_columns.items() if spec.identifier is not None}
+    inner = []
+    for col, kind in id_cols.items():
+        options = json.dumps(_identifier_options(loaded, kind))
+        inner.append(f'        "{col}" as "{col}__raw"')
+        inner.append(f"        {{{{ dcr_normalise_identifier('\"{col}\"', '{kind}', {options}) }}}} as \"{col}\"")
+    inner += [f'        "{col}"' for col in ds.shared_columns]
+    outputs = []
+    for col, kind in id_cols.items():
+        outputs.append(f'    normalised."{col}"')
+        outputs.append(
+            f"    {{{{ dcr_identifier_problem('normalised.\"{col}__raw\"', '{kind}', 'normalised.\"{col}\"') }}}} as \"{col}__problem\""
+        )
+        outputs.append(
+            f'    case when normalised."{col}" is not null then '
+            f"{{{{ dcr_keyed_token('normalised.\"{col}\"', '{p}') }}}} end as \"{n.token_column(col)}\""
+        )
+    outputs += [f'    normalised."{col}"' for col in ds.shared_columns]
     where = " and ".join(row_filter_sql(f) for f in ds.row_filters) or "true"
-    tokens = [f"    {{{{ dcr_keyed_token('normalised.\"{col}\"', 'party_key') }}}} as \"{n.token_column(col)}\"" for col in id_cols]
-    outputs = [f'    normalised."{col}"' for col in id_cols] + tokens + [f'    normalised."{col}"' for col in ds.shared_columns]
     return "\n".join(
         [
             _config(
@@ -103,13 +113,9 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
             f"    select * from {{{{ source('{n.raw_schema(c, p)}', '{dataset_name}') }}}}",
             "),",
             "",
-            "party_key as (",
-            f"    select inner_pad, outer_pad from {n.keys_schema(c)}.hmac_keys where party = '{p}'",
-            "),",
-            "",
             "normalised as (",
             "    select",
-            ",\n".join(select_norm + shared),
+            ",\n".join(inner),
             "    from source",
             f"    where {where}",
             ")",
@@ -117,7 +123,6 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
             "select",
             ",\n".join(outputs),
             "from normalised",
-            "cross join party_key",
             "",
         ]
     )
@@ -306,10 +311,12 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
         token_tests: list[Any] = ["not_null"]
         if ds.columns[match_col].unique:
             token_tests.append("unique")
+        allowed = [n.token_column(col) for col in ds.identifier_columns] + list(ds.shared_columns)
         models.append(
             {
                 "name": n.staging_model(c, ds.owner, name),
                 "description": f"Secure table of {ds.owner}'s {name}: shared columns and keyed tokens only.",
+                "data_tests": [{"dcr_only_columns": {"allowed": allowed}}],
                 "columns": [{"name": n.token_column(match_col), "data_tests": token_tests}],
             }
         )

@@ -7,7 +7,6 @@ One collaboration owns these PostgreSQL schemas (``demo`` shown):
 - ``demo_matching``        the cross-reference table (match_id <-> tokens)
 - ``demo_analysis``        matched views and pre-noise aggregates (never the analyst's)
 - ``demo_results``         released values, budget ledger, release cache
-- ``demo_keys``            padded HMAC keys, present only while staging builds
 """
 
 from __future__ import annotations
@@ -31,10 +30,6 @@ def analysis_schema(collab: str) -> str:
 
 def results_schema(collab: str) -> str:
     return f"{collab}_results"
-
-
-def keys_schema(collab: str) -> str:
-    return f"{collab}_keys"
 
 
 def normalised_model(collab: str, party: str, dataset: str) -> str:
@@ -66,6 +61,10 @@ def party_token_column(party: str) -> str:
 
 
 # Dagster asset keys: [collab, stage, name]
+
+
+def grants_key(collab: str) -> list[str]:
+    return [collab, "access", "grants"]
 
 
 def raw_key(collab: str, party: str, dataset: str) -> list[str]:

@@ -27,52 +27,9 @@ from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_nam
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, ingest_run_config, materialize
 
+from .conftest import COLLAB, expected_campaign_reach as _expected
+
 pytestmark = pytest.mark.slow
-COLLAB = "e2e"
-ROWS, OVERLAP, SEED = 1_500, 0.4, 5
-
-
-def make_collaboration(root: Path, name: str, *, groups: int, budget: float = 10.0) -> Path:
-    """A copy of the demo named ``name`` with the query's group limit set and approvals re-signed."""
-    folder = root / name
-    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
-    collab = folder / "collaboration.yaml"
-    spec = folder / "queries" / "campaign_reach.yaml"
-    spec.write_text(spec.read_text().replace("max_groups_per_unit: 3", f"max_groups_per_unit: {groups}"))
-    old = load_collaboration(PROJECT_ROOT / "policies" / "demo").queries["campaign_reach"].sha256
-    new = query_sha256((folder / "queries" / "campaign_reach.sql").read_text(), spec.read_text())
-    text = collab.read_text().replace("name: demo", f"name: {name}").replace(old, new)
-    collab.write_text(text.replace("epsilon: 10.0", f"epsilon: {budget}"))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def e2e(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("policies")
-    make_collaboration(root, COLLAB, groups=24)
-    settings = dataclasses.replace(runtime.settings, policies=root)
-    ensure_development_secrets(settings.home, secret_names(settings))
-    files = demo_data.generate(settings.landing / COLLAB, rows=ROWS, overlap=OVERLAP, seed=SEED)
-    defs = build_definitions(settings)
-    outcome = materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
-    assert outcome.success, outcome.failure
-    return {"defs": defs, "files": files, "outcome": outcome, "url": runtime.warehouse.url(), "settings": settings, "root": root}
-
-
-def _expected(files: demo_data.DemoFiles, since: str = "2026-01-01") -> pd.DataFrame:
-    """The campaign_reach question answered on the plain files (what the clean room must match)."""
-    p = pd.read_csv(files.purchases)
-    i = pd.read_csv(files.impressions)
-    p["email"] = p["customer_email"].str.strip().str.lower()
-    i["email"] = i["user_email"].str.strip().str.lower()
-    p = p[(p["purchase_value"] >= 0) & (p["purchase_date"] >= since)]
-    i = i[i["impression_time"] >= since]
-    exposed = i[["email", "campaign_id"]].drop_duplicates()
-    spend = p.groupby(["email", "store_region"], as_index=False)["purchase_value"].sum()
-    joined = exposed.merge(spend, on="email")
-    joined["clamped"] = joined["purchase_value"].clip(0, 300)
-    out = joined.groupby(["campaign_id", "store_region"]).agg(buyers=("email", "nunique"), spend=("clamped", "sum"))
-    return out.reset_index()
 
 
 def test_every_asset_materializes_and_is_recorded_in_dagster(e2e: dict[str, Any]) -> None:

@@ -2,13 +2,17 @@
 
     Built from core sha256() (no pgcrypto on the embedded server):
     HMAC(K, m) = H((K' xor opad) || H((K' xor ipad) || m)). The two padded
-    keys are computed in Python from the secret resource and held in the
-    keys relation only while the staging models build; neither the key nor
-    the pads ever appear in SQL text. -#}
-{% macro dcr_keyed_token(expression, keys_alias) -%}
-    {{ return(adapter.dispatch('dcr_keyed_token', 'dcr')(expression, keys_alias)) }}
+    keys are computed in Python from the secret resource and reach this SQL
+    only as session settings of the dbt process (libpq PGOPTIONS), so no key
+    material is ever in SQL text, a table or a dbt artefact. A missing
+    setting fails the model instead of producing unkeyed tokens. -#}
+{% macro dcr_keyed_token(expression, party) -%}
+    {{ return(adapter.dispatch('dcr_keyed_token', 'dcr')(expression, party)) }}
 {%- endmacro %}
 
-{% macro postgres__dcr_keyed_token(expression, keys_alias) -%}
-    encode(sha256({{ keys_alias }}.outer_pad || sha256({{ keys_alias }}.inner_pad || convert_to({{ expression }}, 'UTF8'))), 'hex')
+{% macro postgres__dcr_keyed_token(expression, party) -%}
+    encode(sha256(
+        decode(current_setting('dcr.hmac_{{ party }}_outer'), 'hex')
+        || sha256(decode(current_setting('dcr.hmac_{{ party }}_inner'), 'hex') || convert_to({{ expression }}, 'UTF8'))
+    ), 'hex')
 {%- endmacro %}

@@ -239,6 +239,10 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
         if not any(c.identifier == collab.identity.kind for c in ds.columns.values()):
             issue((*where, "columns"), f"no column is an identifier of kind {collab.identity.kind.value!r}, so the dataset cannot be matched")
     parties = {d.owner for d in collab.datasets.values()}
+    for party in sorted(parties):
+        longest = f"dcr_{collab.name}_{party}_staging_loader"
+        if len(longest) > 63:
+            issue(("members", party), f"role name {longest!r} exceeds PostgreSQL's 63 characters; shorten the collaboration or member name")
     if len(parties) < 2:
         issue(("datasets",), "a collaboration needs datasets from at least two members")
     client = collab.matching.client

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .. import naming
+from .. import access, naming
 from ..policy import ApprovedQuery, LoadedCollaboration
 from ..policy.models import Budget, MetricKind
 from . import ledger
@@ -93,6 +93,7 @@ def _store(loaded: LoadedCollaboration, query: ApprovedQuery) -> Any:
         with conn.cursor().copy(insert) as copy:
             for row in rows:
                 copy.write_row([release_id, *(row[d] for d in dims), row["metric"], row["value"], row["ci_low"], row["ci_high"]])
+        access.grant_results(conn, loaded, query.name)
 
     return store
 

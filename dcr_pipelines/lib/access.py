@@ -1,0 +1,174 @@
+"""Least-privilege PostgreSQL roles and grants, derived from the policy.
+
+Per party ``p`` of collaboration ``c`` (all roles are NOLOGIN groups; a
+deployment grants them to its login users):
+
+- ``dcr_c_p_raw_owner``       owns the party's raw schema (uploads, normalised identifiers)
+- ``dcr_c_p_staging_loader``  reads the party's raw schema, writes its staging schema;
+                              the party's half of PSI reads its identifiers as this role
+- ``dcr_c_p_result_reader``   reads the released results of queries the party receives
+
+Shared: ``dcr_c_matching`` (reads staging tokens, writes the cross-reference),
+``dcr_c_analysis_builder`` (reads staging and matching, writes pre-noise
+aggregates), ``dcr_c_query_runner`` (reads released results only) and
+``dcr_c_admin`` (everything of this collaboration). PUBLIC gets nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import psycopg
+from psycopg import sql
+
+from . import naming
+from .policy import LoadedCollaboration
+
+Level = Literal["read", "write"]
+MAX_IDENTIFIER = 63
+
+
+@dataclass(frozen=True)
+class Grant:
+    role: str
+    schema: str
+    level: Level
+
+
+def role_name(collab: str, *parts: str) -> str:
+    return "_".join(["dcr", collab, *parts])
+
+
+def roles(loaded: LoadedCollaboration) -> list[str]:
+    c = loaded.name
+    out = [role_name(c, "admin")]
+    for p in loaded.parties():
+        out += [role_name(c, p, "raw_owner"), role_name(c, p, "staging_loader"), role_name(c, p, "result_reader")]
+    out += [role_name(c, "matching"), role_name(c, "analysis_builder"), role_name(c, "query_runner")]
+    return out
+
+
+def schemas(loaded: LoadedCollaboration) -> list[str]:
+    c = loaded.name
+    out = []
+    for p in loaded.parties():
+        out += [naming.raw_schema(c, p), naming.staging_schema(c, p)]
+    return out + [naming.matching_schema(c), naming.analysis_schema(c), naming.results_schema(c)]
+
+
+def plan(loaded: LoadedCollaboration) -> list[Grant]:
+    """Every (role, schema, level) the policy allows; anything not listed is denied."""
+    c = loaded.name
+    grants = [Grant(role_name(c, "admin"), s, "write") for s in schemas(loaded)]
+    for p in loaded.parties():
+        grants.append(Grant(role_name(c, p, "raw_owner"), naming.raw_schema(c, p), "write"))
+        grants.append(Grant(role_name(c, p, "staging_loader"), naming.raw_schema(c, p), "read"))
+        grants.append(Grant(role_name(c, p, "staging_loader"), naming.staging_schema(c, p), "write"))
+        grants.append(Grant(role_name(c, "matching"), naming.staging_schema(c, p), "read"))
+        grants.append(Grant(role_name(c, "analysis_builder"), naming.staging_schema(c, p), "read"))
+    grants.append(Grant(role_name(c, "matching"), naming.matching_schema(c), "write"))
+    grants.append(Grant(role_name(c, "analysis_builder"), naming.matching_schema(c), "read"))
+    grants.append(Grant(role_name(c, "analysis_builder"), naming.analysis_schema(c), "write"))
+    return grants
+
+
+def result_readers(loaded: LoadedCollaboration, query_name: str) -> list[str]:
+    """Roles that may read a query's released results: its receivers' readers and the query runner."""
+    spec = loaded.queries[query_name].spec
+    return [role_name(loaded.name, r, "result_reader") for r in spec.receivers] + [role_name(loaded.name, "query_runner")]
+
+
+def _create_role(conn: psycopg.Connection, role: str) -> None:
+    if conn.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone() is None:
+        try:
+            conn.execute(sql.SQL("create role {} nologin").format(sql.Identifier(role)))
+        except psycopg.errors.DuplicateObject:
+            pass
+
+
+def apply(conn: psycopg.Connection, loaded: LoadedCollaboration) -> int:
+    """Create the schemas and roles and (re)apply every grant; idempotent. Returns the grant count."""
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-grants:{loaded.name}",))
+        for schema in schemas(loaded):
+            conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("revoke all on schema {} from public").format(sql.Identifier(schema)))
+        for role in roles(loaded):
+            _create_role(conn, role)
+        grants = plan(loaded)
+        for g in grants:
+            schema, role = sql.Identifier(g.schema), sql.Identifier(g.role)
+            if g.level == "write":
+                conn.execute(sql.SQL("grant usage, create on schema {} to {}").format(schema, role))
+                conn.execute(sql.SQL("grant all on all tables in schema {} to {}").format(schema, role))
+                conn.execute(sql.SQL("alter default privileges in schema {} grant all on tables to {}").format(schema, role))
+            else:
+                conn.execute(sql.SQL("grant usage on schema {} to {}").format(schema, role))
+                conn.execute(sql.SQL("grant select on all tables in schema {} to {}").format(schema, role))
+                conn.execute(sql.SQL("alter default privileges in schema {} grant select on tables to {}").format(schema, role))
+        results = naming.results_schema(loaded.name)
+        for query_name in loaded.queries:
+            for reader in result_readers(loaded, query_name):
+                conn.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(results), sql.Identifier(reader)))
+            grant_results(conn, loaded, query_name)
+        # The operator's session must be able to act as each party's half of the protocol.
+        for role in roles(loaded):
+            conn.execute(sql.SQL("grant {} to current_user").format(sql.Identifier(role)))
+    return len(grants)
+
+
+def grant_results(conn: psycopg.Connection, loaded: LoadedCollaboration, query_name: str) -> None:
+    """Let exactly the receivers (and the query runner) read a query's released results table."""
+    table = sql.Identifier(naming.results_schema(loaded.name), query_name)
+    exists = conn.execute("select to_regclass(%s)", (f"{naming.results_schema(loaded.name)}.{query_name}",)).fetchone()[0]  # type: ignore[index]
+    if exists is None:
+        return
+    for reader in result_readers(loaded, query_name):
+        if conn.execute("select 1 from pg_roles where rolname = %s", (reader,)).fetchone() is not None:
+            conn.execute(sql.SQL("grant select on {} to {}").format(table, sql.Identifier(reader)))
+
+
+@dataclass(frozen=True)
+class Privileges:
+    usage: bool
+    create: bool
+    tables: int
+    readable: int
+    writable: int
+
+    def cell(self) -> str:
+        if not self.usage:
+            return "-"
+        if self.create or (self.tables and self.writable == self.tables):
+            return "write"
+        if self.tables and self.readable == self.tables:
+            return "read"
+        if self.readable:
+            return f"read {self.readable}/{self.tables}"
+        return "usage"
+
+
+def matrix(conn: psycopg.Connection, loaded: LoadedCollaboration) -> dict[str, dict[str, Privileges]]:
+    """What each role can actually do on each schema, read back from the database."""
+    out: dict[str, dict[str, Privileges]] = {}
+    for role in roles(loaded):
+        out[role] = {}
+        exists = conn.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone()
+        for schema in schemas(loaded):
+            present = conn.execute("select 1 from pg_namespace where nspname = %s", (schema,)).fetchone()
+            if not exists or not present:
+                out[role][schema] = Privileges(False, False, 0, 0, 0)
+                continue
+            usage, create = conn.execute(
+                "select has_schema_privilege(%s, %s, 'USAGE'), has_schema_privilege(%s, %s, 'CREATE')", (role, schema, role, schema)
+            ).fetchone()  # type: ignore[misc]
+            tables, readable, writable = conn.execute(
+                "select count(*), count(*) filter (where has_table_privilege(%s, c.oid, 'SELECT')), "
+                "count(*) filter (where has_table_privilege(%s, c.oid, 'INSERT')) "
+                "from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+                "where n.nspname = %s and c.relkind in ('r', 'v', 'm', 'p')",
+                (role, role, schema),
+            ).fetchone()  # type: ignore[misc]
+            out[role][schema] = Privileges(bool(usage), bool(create), int(tables), int(readable), int(writable))
+    return out

@@ -1,0 +1,83 @@
+"""The ``e2e`` collaboration: a copy of the demo, materialized once per test session through Dagster.
+
+Its query has contribution limits wide enough that nothing is capped, so
+pre-noise aggregates can be compared exactly with pandas on the plain
+files, and a single receiver (ad_network), so result access can be tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from dcr_pipelines.definitions import build_definitions, secret_names
+from dcr_pipelines.lib import demo_data
+from dcr_pipelines.lib.policy import load_collaboration, query_sha256
+from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
+from dcr_pipelines.lib.settings import PROJECT_ROOT
+from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
+
+COLLAB = "e2e"
+ROWS, OVERLAP, SEED = 1_500, 0.4, 5
+
+
+CANARY = {"retailer": "5ec7e7ca" * 8, "ad_network": "0ddba11c" * 8, "pairing": "feedface" * 8}
+
+
+def make_collaboration(root: Path, name: str, *, groups: int, budget: float = 10.0, receivers: str = "[ad_network, retailer]") -> Path:
+    """A copy of the demo named ``name`` with the query's group limit and receivers set, approvals re-signed."""
+    folder = root / name
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    collab = folder / "collaboration.yaml"
+    spec = folder / "queries" / "campaign_reach.yaml"
+    text = spec.read_text().replace("max_groups_per_unit: 3", f"max_groups_per_unit: {groups}")
+    spec.write_text(text.replace("receivers: [ad_network, retailer]", f"receivers: {receivers}"))
+    old = load_collaboration(PROJECT_ROOT / "policies" / "demo").queries["campaign_reach"].sha256
+    new = query_sha256((folder / "queries" / "campaign_reach.sql").read_text(), spec.read_text())
+    text = collab.read_text().replace("name: demo", f"name: {name}").replace(old, new)
+    collab.write_text(text.replace("epsilon: 10.0", f"epsilon: {budget}"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def e2e(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("policies")
+    make_collaboration(root, COLLAB, groups=24, receivers="[ad_network]")
+    settings = dataclasses.replace(runtime.settings, policies=root)
+    # Recognisable keys, so that a test can search every artefact for them.
+    os.environ[secret_env_name("HMAC", COLLAB, "retailer")] = CANARY["retailer"]
+    os.environ[secret_env_name("HMAC", COLLAB, "ad_network")] = CANARY["ad_network"]
+    os.environ[secret_env_name("PAIRING", COLLAB)] = CANARY["pairing"]
+    ensure_development_secrets(settings.home, secret_names(settings))
+    files = demo_data.generate(settings.landing / COLLAB, rows=ROWS, overlap=OVERLAP, seed=SEED)
+    with files.purchases.open("a") as handle:  # identifiers that cannot be normalised
+        handle.write("not-an-email,10.0,2026-02-01,north\nstill@bad,5.0,2026-02-02,east\n")
+    defs = build_definitions(settings)
+    outcome = materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    assert outcome.success, outcome.failure
+    return {"defs": defs, "files": files, "outcome": outcome, "url": runtime.warehouse.url(), "settings": settings, "root": root}
+
+
+def expected_campaign_reach(files: demo_data.DemoFiles, since: str = "2026-01-01") -> pd.DataFrame:
+    """The campaign_reach question answered on the plain files (what the clean room must match)."""
+    p = pd.read_csv(files.purchases)
+    i = pd.read_csv(files.impressions)
+    p["email"] = p["customer_email"].str.strip().str.lower()
+    i["email"] = i["user_email"].str.strip().str.lower()
+    p = p[(p["purchase_value"] >= 0) & (p["purchase_date"] >= since)]
+    i = i[i["impression_time"] >= since]
+    exposed = i[["email", "campaign_id"]].drop_duplicates()
+    spend = p.groupby(["email", "store_region"], as_index=False)["purchase_value"].sum()
+    joined = exposed.merge(spend, on="email")
+    joined["clamped"] = joined["purchase_value"].clip(0, 300)
+    out = joined.groupby(["campaign_id", "store_region"]).agg(buyers=("email", "nunique"), spend=("clamped", "sum"))
+    return out.reset_index()
+
+
