@@ -34,7 +34,7 @@ def test_row_filter_values_are_quoted_not_spliced() -> None:
 def test_no_secret_reaches_generated_sql() -> None:
     files = dbt_codegen.render(LOADED)
     text = "\n".join(files.values())
-    assert "current_setting('dcr.hmac_retailer_inner')" in text  # read from the session at run time...
+    assert """dcr_keyed_token('normalised."customer_email"', 'retailer')""" in text  # the macro reads session settings...
     pads = hmac_pads(b"k" * 32)
     assert pads.inner.hex() not in text and "kkkk" not in text  # ...never written into SQL
 
