@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-out = Console(file=sys.stdout, highlight=False)
+out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(file=sys.stderr, highlight=False)
 
 

@@ -175,17 +175,7 @@ def ingest_csv(conn: psycopg.Connection, collaboration: str, party: str, dataset
 
 
 def _create_typed(conn: psycopg.Connection, schema: str, table: str, load: str, ds: Dataset) -> None:
-    """Cast the text load into the declared types, naming the first bad row and column."""
-    for name, col in ds.columns.items():
-        if col.type.sql == "text":
-            continue
-        bad = conn.execute(
-            sql.SQL("select dcr_line from {} where {} is not null and pg_input_is_valid(btrim({}), {}) is false order by dcr_line limit 1").format(
-                sql.Identifier(schema, load), sql.Identifier(name), sql.Identifier(name), sql.Literal(col.type.sql)
-            )
-        ).fetchone() if _has_input_is_valid(conn) else None
-        if bad is not None:
-            raise UploadRejected(f"row {bad[0]}: column {name} is not a valid {col.type.value}")
+    """Cast the text load into the declared types; on failure, name the first bad row and column."""
     casts = sql.SQL(", ").join(
         sql.SQL("cast(nullif(btrim({c}), '') as {t}) as {c}").format(c=sql.Identifier(n), t=sql.SQL(col.type.sql))
         if col.type.sql != "text"
@@ -193,11 +183,39 @@ def _create_typed(conn: psycopg.Connection, schema: str, table: str, load: str, 
         for n, col in ds.columns.items()
     )
     conn.execute(sql.SQL("drop table if exists {}").format(sql.Identifier(schema, table)))
-    conn.execute(sql.SQL("create table {} as select {} from {} order by dcr_line").format(sql.Identifier(schema, table), casts, sql.Identifier(schema, load)))
+    try:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("create table {} as select {} from {} order by dcr_line").format(
+                    sql.Identifier(schema, table), casts, sql.Identifier(schema, load)
+                )
+            )
+    except psycopg.errors.DataError:
+        raise UploadRejected(_first_bad_value(conn, schema, load, ds)) from None
 
 
-def _has_input_is_valid(conn: psycopg.Connection) -> bool:
-    return conn.info.server_version >= 160000
+def _first_bad_value(conn: psycopg.Connection, schema: str, load: str, ds: Dataset) -> str:
+    """Which row and column broke the cast (never the value: it may be an identifier)."""
+    if conn.info.server_version >= 160000:
+        check = "pg_input_is_valid(btrim({c}), {t})"
+    else:  # PostgreSQL 15 and MPP dialects: a temporary PL/pgSQL probe (core language, no extension)
+        conn.execute(
+            "create or replace function pg_temp.dcr_input_is_valid(v text, t text) returns boolean language plpgsql as $$ "
+            "begin execute format('select cast(%L as %s)', v, t); return true; exception when others then return false; end $$"
+        )
+        check = "pg_temp.dcr_input_is_valid(btrim({c}), {t})"
+    for name, col in ds.columns.items():
+        if col.type.sql == "text":
+            continue
+        predicate = sql.SQL(check).format(c=sql.Identifier(name), t=sql.Literal(col.type.sql))
+        bad = conn.execute(
+            sql.SQL("select dcr_line from {} where nullif(btrim({}), '') is not null and not {} order by dcr_line limit 1").format(
+                sql.Identifier(schema, load), sql.Identifier(name), predicate
+            )
+        ).fetchone()
+        if bad is not None:
+            return f"row {bad[0]}: column {name} is not a valid {col.type.value}"
+    return "a value does not match its declared type"
 
 
 def _check_contract(conn: psycopg.Connection, schema: str, table: str, ds: Dataset, path: Path, rows: int) -> None:
