@@ -300,7 +300,7 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool) -> 
     """
     from .lib import naming
     from .lib.params import ParameterError, validate_params
-    from .lib.privacy.mechanisms import plan_release, release_cost
+    from .lib.privacy.mechanisms import plan_key_selection, plan_release, release_cost
     from .runner import analysis_run_config, materialize
 
     runtime = _runtime()
@@ -320,9 +320,16 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool) -> 
         fail(str(exc), 2)
     if dry_run:
         plans = plan_release(approved.spec)
+        selection = plan_key_selection(approved.spec)
         for p in plans:
             out.print(f"{p.column}: sensitivity {p.sensitivity:g}, laplace scale {p.scale:.4g}, epsilon {p.epsilon:.4g}, 95% accuracy +/-{p.accuracy:.4g}")
-        out.print(f"release would cost epsilon {release_cost(plans):.4g} of {approved.spec.consumer}'s budget")
+        if selection is not None:
+            out.print(
+                f"{selection.metric}: key selection, laplace scale {selection.scale:.4g}, threshold {selection.threshold}, "
+                f"epsilon {selection.epsilon:.4g}, delta {selection.delta:.3g}"
+            )
+        epsilon, delta = release_cost(plans, selection)
+        out.print(f"release would cost epsilon {epsilon:.4g}" + (f" and delta {delta:.3g}" if delta else "") + f" of {approved.spec.consumer}'s budget")
         return
     defs = _definitions(runtime)
     outcome = materialize(

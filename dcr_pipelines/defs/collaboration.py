@@ -255,7 +255,7 @@ def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult)
         conn.execute(sql.SQL("alter table {} add primary key (match_id)").format(sql.Identifier(schema, "cross_reference")))
 
 
-def _release_asset(loaded: LoadedCollaboration, query_name: str) -> dg.AssetsDefinition:
+def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path) -> dg.AssetsDefinition:
     c = loaded.name
     query = loaded.queries[query_name]
     spec = query.spec
@@ -279,9 +279,11 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str) -> dg.AssetsDef
                 raise dg.Failure(f"query {query_name} has no pre-noise table yet; materialize its analysis asset first")
             params, versions = dict(built[0]), dict(built[1])
             try:
-                stored = release_query(conn, loaded, query, params, versions)
+                stored = release_query(conn, loaded, query, params, versions, export_dir=exports)
             except (ledger.BudgetExhausted, ReleaseRefused) as exc:
                 raise dg.Failure(f"release refused: {exc}") from None
+            except ledger.ReleaseFailed as exc:
+                raise dg.Failure(str(exc)) from None
         status = stored.budget
         context.log.info(
             f"{query_name}: release {stored.release_id} {'(stored result, no charge)' if stored.cached else f'charged epsilon {stored.epsilon:.4g}'}; "
@@ -305,6 +307,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str) -> dg.AssetsDef
                 ),
                 "policy_sha256": loaded.policy_sha256,
                 "cells": dg.MetadataValue.int(len(stored.rows)),
+                "exports": ", ".join(f"{r}/{query_name}/{stored.release_id}.csv|parquet" for r in spec.receivers),
             }
         )
 
@@ -332,7 +335,7 @@ def _grants_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
     return grants
 
 
-def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path) -> dg.Definitions:
+def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path, exports: Path) -> dg.Definitions:
     """Every asset and the run-everything job of one collaboration."""
     c = loaded.name
     assets: list[dg.AssetsDefinition] = [_grants_asset(loaded)]
@@ -340,6 +343,6 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     assets.append(_dbt_stage(loaded, manifest, "staging"))
     assets.append(_cross_reference_asset(loaded))
     assets.append(_dbt_stage(loaded, manifest, "analysis"))
-    assets.extend(_release_asset(loaded, q) for q in loaded.queries)
+    assets.extend(_release_asset(loaded, q, exports) for q in loaded.queries)
     job = dg.define_asset_job(f"{c}__all", selection=dg.AssetSelection.groups(c), description=f"Materialize collaboration {c} end to end.")
     return dg.Definitions(assets=assets, jobs=[job])

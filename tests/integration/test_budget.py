@@ -77,16 +77,28 @@ def test_twenty_concurrent_releases_against_a_budget_for_five(runtime, schema: s
         assert conn.execute(f"select sum(epsilon) from {schema}.budget_ledger").fetchone()[0] == 5.0
 
 
-def test_a_failed_draw_leaves_neither_release_nor_charge(runtime, schema: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_failure_after_noise_is_drawn_stores_nothing_but_is_charged_with_a_generic_message(runtime, schema: str, caplog) -> None:  # type: ignore[no-untyped-def]
     budget = Budget(consumer="ad_network", epsilon=5.0)
     url = runtime.warehouse.url()
 
     def broken_store(conn, release_id, rows):  # type: ignore[no-untyped-def]
-        raise RuntimeError("disk full")
+        raise OverflowError("value 1e308 of cell (north, spring_sale) overflowed")
 
-    with psycopg.connect(url, autocommit=True) as conn, pytest.raises(RuntimeError):
+    with psycopg.connect(url, autocommit=True) as conn, pytest.raises(ledger.ReleaseFailed) as info:
         ledger.release(conn, schema, collaboration="budgettest", query_name="q", budget=budget, key="k", params={},
                        input_versions={}, cost=1.0, draw=lambda: [{"v": 1}], store_rows=broken_store)
+    message = str(info.value)
+    assert "charged epsilon 1" in message and "reference" in message
+    assert "north" not in message and "1e308" not in message, "details go to the operator's log only"
+    assert "overflowed" in caplog.text
     with psycopg.connect(url) as conn:
-        assert conn.execute(f"select count(*) from {schema}.budget_ledger").fetchone()[0] == 0
+        assert conn.execute(f"select count(*), sum(epsilon) from {schema}.budget_ledger").fetchone() == (1, 1.0)
         assert conn.execute(f"select count(*) from {schema}.releases").fetchone()[0] == 0
+
+
+def test_a_delta_cost_needs_a_delta_budget(runtime, schema: str) -> None:  # type: ignore[no-untyped-def]
+    url = runtime.warehouse.url()
+    with pytest.raises(ledger.BudgetExhausted, match="cost delta 1e-06, remaining delta 0"):
+        with psycopg.connect(url, autocommit=True) as conn:
+            ledger.release(conn, schema, collaboration="budgettest", query_name="q", budget=Budget(consumer="c", epsilon=5.0),
+                           key="d", params={}, input_versions={}, cost=1.0, delta=1e-6, draw=lambda: [], store_rows=lambda *_: None)

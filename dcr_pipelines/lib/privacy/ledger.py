@@ -11,6 +11,7 @@ its release.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import hashlib
 import json
 import secrets
@@ -24,8 +25,15 @@ from psycopg import sql
 from ..policy.models import Budget
 
 
+log = logging.getLogger(__name__)
+
+
 class BudgetExhausted(Exception):
     """The consumer's remaining budget cannot cover the release."""
+
+
+class ReleaseFailed(Exception):
+    """A release failed; the message is generic (for the analyst), the operator's log has the details."""
 
 
 @dataclass(frozen=True)
@@ -35,10 +43,16 @@ class BudgetStatus:
     spent: float
     period_days: int | None
     refreshes_at: dt.datetime | None
+    delta_total: float = 0.0
+    delta_spent: float = 0.0
 
     @property
     def remaining(self) -> float:
         return max(0.0, self.total - self.spent)
+
+    @property
+    def delta_remaining(self) -> float:
+        return max(0.0, self.delta_total - self.delta_spent)
 
 
 @dataclass(frozen=True)
@@ -89,20 +103,14 @@ def cache_key(query_sha256: str, params: dict[str, str], input_versions: dict[st
 def budget_status(conn: psycopg.Connection, schema: str, budget: Budget, now: dt.datetime | None = None) -> BudgetStatus:
     now = now or conn.execute("select now()").fetchone()[0]  # type: ignore[index]
     ledger = sql.Identifier(schema, "budget_ledger")
-    if budget.period_days is None:
-        row = conn.execute(
-            sql.SQL("select coalesce(sum(epsilon), 0), null from {} where consumer = %s").format(ledger),
-            (budget.consumer,),
-        ).fetchone()
-        return BudgetStatus(budget.consumer, budget.epsilon, float(row[0]), None, None)  # type: ignore[index]
-    start = now - dt.timedelta(days=budget.period_days)
+    start = now - dt.timedelta(days=budget.period_days) if budget.period_days else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     row = conn.execute(
-        sql.SQL("select coalesce(sum(epsilon), 0), min(charged_at) from {} where consumer = %s and charged_at > %s").format(ledger),
+        sql.SQL("select coalesce(sum(epsilon), 0), coalesce(sum(delta), 0), min(charged_at) from {} where consumer = %s and charged_at > %s").format(ledger),
         (budget.consumer, start),
     ).fetchone()
-    oldest = row[1]  # type: ignore[index]
-    refreshes = oldest + dt.timedelta(days=budget.period_days) if oldest is not None else None
-    return BudgetStatus(budget.consumer, budget.epsilon, float(row[0]), budget.period_days, refreshes)  # type: ignore[index]
+    spent, delta_spent, oldest = float(row[0]), float(row[1]), row[2]  # type: ignore[index]
+    refreshes = oldest + dt.timedelta(days=budget.period_days) if budget.period_days and oldest is not None else None
+    return BudgetStatus(budget.consumer, budget.epsilon, spent, budget.period_days, refreshes, budget.delta, delta_spent)
 
 
 def release(
@@ -118,8 +126,14 @@ def release(
     cost: float,
     draw: Callable[[], list[dict[str, Any]]],
     store_rows: Callable[[psycopg.Connection, str, list[dict[str, Any]]], None],
+    delta: float = 0.0,
 ) -> StoredRelease:
-    """Charge ``cost`` and store ``draw()``'s noised rows atomically, or return the identical earlier release."""
+    """Charge ``(cost, delta)`` and store ``draw()``'s noised rows atomically, or return the identical earlier release.
+
+    If anything fails once noise has been drawn, the release is rolled back
+    but the charge is still recorded (an error can depend on a noisy value),
+    and ``ReleaseFailed`` carries only a generic message and a reference.
+    """
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-budget:{collaboration}:{budget.consumer}",))
         stored = conn.execute(
@@ -130,27 +144,43 @@ def release(
             status = budget_status(conn, schema, budget)
             return StoredRelease(stored[0], True, float(stored[1]), list(stored[2]), status)
         status = budget_status(conn, schema, budget)
+        when = f"; it refreshes at {status.refreshes_at:%Y-%m-%d %H:%M} UTC" if status.refreshes_at else " and does not refresh"
         if cost > status.remaining + 1e-12:
-            when = f"; it refreshes at {status.refreshes_at:%Y-%m-%d %H:%M} UTC" if status.refreshes_at else " and does not refresh"
             raise BudgetExhausted(
                 f"privacy budget of {budget.consumer} in {collaboration} cannot cover query {query_name}: "
                 f"cost epsilon {cost:.4g}, remaining {status.remaining:.4g} of {status.total:.4g}{when}"
             )
+        if delta > status.delta_remaining + 1e-18:
+            raise BudgetExhausted(
+                f"privacy budget of {budget.consumer} in {collaboration} cannot cover query {query_name}: "
+                f"cost delta {delta:.3g}, remaining delta {status.delta_remaining:.3g} of {status.delta_total:.3g}{when}"
+            )
         release_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
-        rows = draw()
-        conn.execute(
-            sql.SQL(
-                "insert into {} (release_id, cache_key, query_name, consumer, params, input_versions, epsilon, rows) "
-                "values (%s, %s, %s, %s, %s, %s, %s, %s)"
-            ).format(sql.Identifier(schema, "releases")),
-            (release_id, key, query_name, budget.consumer, json.dumps(params), json.dumps(input_versions), cost, json.dumps(rows)),
+        charge = sql.SQL("insert into {} (consumer, query_name, release_id, epsilon, delta) values (%s, %s, %s, %s, %s)").format(
+            sql.Identifier(schema, "budget_ledger")
         )
-        conn.execute(
-            sql.SQL("insert into {} (consumer, query_name, release_id, epsilon) values (%s, %s, %s, %s)").format(
-                sql.Identifier(schema, "budget_ledger")
-            ),
-            (budget.consumer, query_name, release_id, cost),
-        )
-        store_rows(conn, release_id, rows)
+        try:
+            with conn.transaction():  # a savepoint: a failure undoes the release, not the lock
+                rows = draw()
+                conn.execute(
+                    sql.SQL(
+                        "insert into {} (release_id, cache_key, query_name, consumer, params, input_versions, epsilon, rows) "
+                        "values (%s, %s, %s, %s, %s, %s, %s, %s)"
+                    ).format(sql.Identifier(schema, "releases")),
+                    (release_id, key, query_name, budget.consumer, json.dumps(params), json.dumps(input_versions), cost, json.dumps(rows)),
+                )
+                conn.execute(charge, (budget.consumer, query_name, release_id, cost, delta))
+                store_rows(conn, release_id, rows)
+        except Exception:
+            log.exception("release %s of %s/%s failed after noise was drawn; charging epsilon %s", release_id, collaboration, query_name, cost)
+            conn.execute(charge, (budget.consumer, query_name, f"failed:{release_id}", cost, delta))
+            failed = True
+        else:
+            failed = False
         status = budget_status(conn, schema, budget)
+    if failed:
+        raise ReleaseFailed(
+            f"the release of {query_name} failed and was charged epsilon {cost:.4g}, because noise had been drawn; "
+            f"the operator's log has the details (reference {release_id})"
+        )
     return StoredRelease(release_id, False, cost, rows, status)

@@ -14,6 +14,12 @@ group cells by at most (L1):
 opendp finds the Laplace scale for each metric's share of epsilon and maps
 the sensitivity to the epsilon actually spent; counts use the discrete
 Laplace on integers, sums the Laplace on floats. Only opendp draws noise.
+
+Group keys come from the public domains the query declares. A dimension
+without a domain instead declares ``key_selection_delta``: the distinct-person
+count per group is then released with opendp's Laplace-threshold mechanism
+(keys whose noisy count falls below a threshold are dropped), which costs
+(epsilon, delta); the other metrics are noised for the surviving keys only.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import opendp.prelude as dp
 
@@ -73,16 +78,73 @@ def _plan_one(metric: str, column: str, integer: bool, sensitivity: float, epsil
     return NoisePlan(metric, column, integer, float(sensitivity), epsilon, scale, spent, accuracy)
 
 
+@dataclass(frozen=True)
+class KeySelectionPlan:
+    """Laplace-threshold release of a distinct-person count per group, for groups without a public domain."""
+
+    metric: str
+    scale: float
+    threshold: int
+    max_groups: int  # l0 sensitivity: groups one person may touch
+    epsilon: float
+    delta: float
+
+    def measurement(self) -> dp.Measurement:
+        return _threshold_measurement(self.scale, self.threshold)
+
+    def d_in(self) -> tuple[int, int, int]:
+        return (self.max_groups, self.max_groups, 1)
+
+
+def _threshold_measurement(scale: float, threshold: int) -> dp.Measurement:
+    domain = dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T=int))
+    metric = dp.l01inf_distance(dp.absolute_distance(T=int))
+    return dp.m.make_laplace_threshold(domain, metric, scale=scale, threshold=threshold)
+
+
+def needs_key_selection(spec: QuerySpec) -> bool:
+    return any(d.domain is None for d in spec.dimensions.values())
+
+
+def plan_key_selection(spec: QuerySpec) -> KeySelectionPlan | None:
+    """The threshold mechanism for a query with a dimension lacking a public domain, or None."""
+    if not needs_key_selection(spec):
+        return None
+    assert spec.privacy is not None
+    counts = [name for name, m in spec.metrics.items() if m.aggregate == MetricKind.COUNT_UNITS]
+    if not counts:
+        raise ValueError("DP key selection needs a count_units metric to threshold on")
+    delta = min(d.key_selection_delta for d in spec.dimensions.values() if d.key_selection_delta is not None)
+    metric = spec.metrics[counts[0]]
+    total_share = sum(m.epsilon_share for m in spec.metrics.values())
+    epsilon = spec.privacy.epsilon * metric.epsilon_share / total_share
+    g = spec.contribution.max_groups_per_unit
+    d_in = (g, g, 1)
+    # The threshold drives delta only, so: the smallest scale whose epsilon fits, then the
+    # smallest threshold whose delta fits at that scale (both maps computed by opendp).
+    scale = dp.binary_search(lambda s: _threshold_measurement(s, (1 << 31) - 1).map(d_in)[0] <= epsilon, bounds=(1e-6, 1e9), T=float)
+    threshold = dp.binary_search(lambda t: _threshold_measurement(scale, t).check(d_in, (epsilon, delta)), bounds=(1, (1 << 31) - 1), T=int)
+    spent_eps, spent_delta = _threshold_measurement(scale, threshold).map(d_in)
+    return KeySelectionPlan(counts[0], scale, threshold, g, spent_eps, spent_delta)
+
+
 def plan_release(spec: QuerySpec) -> list[NoisePlan]:
-    """The noise of every metric of ``spec``; their epsilons add up to at most the query's epsilon."""
+    """The noise of every metric of ``spec``; their epsilons add up to at most the query's epsilon.
+
+    With key selection, the count it thresholds on is planned by
+    ``plan_key_selection`` instead and is left out here.
+    """
     if spec.privacy is None:
         raise ValueError("a DP release needs the query's privacy settings")
     g = spec.contribution.max_groups_per_unit
     k = spec.contribution.max_rows_per_group
     total_share = sum(m.epsilon_share for m in spec.metrics.values())
+    selection = plan_key_selection(spec)
     plans: list[NoisePlan] = []
     for name, metric in spec.metrics.items():
         epsilon = spec.privacy.epsilon * metric.epsilon_share / total_share
+        if selection is not None and name == selection.metric:
+            continue
         if metric.aggregate == MetricKind.COUNT_UNITS:
             plans.append(_plan_one(name, name, True, g, epsilon))
         elif metric.aggregate == MetricKind.COUNT:
@@ -99,9 +161,20 @@ def plan_release(spec: QuerySpec) -> list[NoisePlan]:
     return plans
 
 
-def release_cost(plans: Sequence[NoisePlan]) -> float:
-    """Epsilon of releasing every planned vector once (sequential composition)."""
-    return sum(p.epsilon for p in plans)
+def release_cost(plans: Sequence[NoisePlan], selection: KeySelectionPlan | None = None) -> tuple[float, float]:
+    """(epsilon, delta) of releasing every planned vector once (sequential composition)."""
+    epsilon = sum(p.epsilon for p in plans) + (selection.epsilon if selection else 0.0)
+    return epsilon, (selection.delta if selection else 0.0)
+
+
+def dp_accuracy_of_threshold(selection: KeySelectionPlan) -> float:
+    """Half-width of the 95% interval of a count released by the threshold mechanism (Laplace noise)."""
+    return float(dp.laplacian_scale_to_accuracy(selection.scale, ALPHA))
+
+
+def select_keys(selection: KeySelectionPlan, counts: dict[str, int]) -> dict[str, float]:
+    """The groups (joined keys) whose noisy distinct-person count clears the threshold, with that count."""
+    return {k: float(v) for k, v in selection.measurement()(counts).items()}
 
 
 def add_noise(plan: NoisePlan, values: Sequence[float]) -> list[float]:
@@ -111,5 +184,3 @@ def add_noise(plan: NoisePlan, values: Sequence[float]) -> list[float]:
         return [float(v) for v in measurement([int(round(v)) for v in values])]
     return [float(v) for v in measurement([float(v) for v in values])]
 
-
-Kind = Literal["count", "sum"]

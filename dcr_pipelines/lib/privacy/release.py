@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 import psycopg
 from psycopg import sql
@@ -12,7 +15,17 @@ from .. import access, naming
 from ..policy import ApprovedQuery, LoadedCollaboration
 from ..policy.models import Budget, MetricKind
 from . import ledger
-from .mechanisms import NoisePlan, add_noise, plan_release, release_cost
+from .mechanisms import (
+    KeySelectionPlan,
+    NoisePlan,
+    add_noise,
+    dp_accuracy_of_threshold,
+    needs_key_selection,
+    plan_key_selection,
+    plan_release,
+    release_cost,
+    select_keys,
+)
 
 
 class ReleaseRefused(Exception):
@@ -26,23 +39,24 @@ def consumer_budget(loaded: LoadedCollaboration, consumer: str) -> Budget:
     raise ReleaseRefused(f"{consumer} has no privacy budget in {loaded.name} (collaboration.yaml: budgets)")
 
 
+KEY_SEPARATOR = "\x1f"
+
+
 def _cells(conn: psycopg.Connection, loaded: LoadedCollaboration, query: ApprovedQuery, columns: list[str]) -> list[dict[str, Any]]:
-    """Every group of the public domain with its pre-noise values (0 where the group is empty)."""
+    """Pre-noise values per group: every group of the public domains (0 where empty), or, with key
+    selection, the groups present in the data (the threshold mechanism decides which are released)."""
     spec = query.spec
     dims = list(spec.dimensions)
-    domains = []
-    for name, dim in spec.dimensions.items():
-        if dim.domain is None:
-            raise ReleaseRefused(f"query {query.name}: dimension {name} has no public domain; DP key selection is not supported yet")
-        domains.append(dim.domain)
     table = sql.Identifier(naming.analysis_schema(loaded.name), f"query_{query.name}")
     select = sql.SQL(", ").join([sql.Identifier(d) for d in dims] + [sql.Identifier(c) for c in columns])
     found = {
         tuple(str(v) for v in row[: len(dims)]): row[len(dims) :]
         for row in conn.execute(sql.SQL("select {} from {}").format(select, table)).fetchall()
     }
+    if needs_key_selection(spec):
+        return [dict(zip(dims, key)) | {c: float(v or 0) for c, v in zip(columns, values)} for key, values in found.items()]
     cells = []
-    for key in itertools.product(*domains):
+    for key in itertools.product(*(d.domain or () for d in spec.dimensions.values())):
         values = found.get(tuple(key), (0,) * len(columns))
         cell: dict[str, Any] = dict(zip(dims, key))
         cell.update({c: float(v or 0) for c, v in zip(columns, values)})
@@ -50,10 +64,20 @@ def _cells(conn: psycopg.Connection, loaded: LoadedCollaboration, query: Approve
     return cells
 
 
-def _noised_rows(cells: list[dict[str, Any]], query: ApprovedQuery, plans: list[NoisePlan]) -> list[dict[str, Any]]:
+def _noised_rows(
+    cells: list[dict[str, Any]], query: ApprovedQuery, plans: list[NoisePlan], selection: KeySelectionPlan | None
+) -> list[dict[str, Any]]:
     dims = list(query.spec.dimensions)
+    accuracy: dict[str, float | None] = {p.column: p.accuracy for p in plans}
+    selected: dict[str, float] = {}
+    if selection is not None:
+        counts = {KEY_SEPARATOR.join(str(c[d]) for d in dims): int(c[selection.metric]) for c in cells}
+        selected = select_keys(selection, counts)
+        cells = [c for c in cells if KEY_SEPARATOR.join(str(c[d]) for d in dims) in selected]
+        accuracy[selection.metric] = dp_accuracy_of_threshold(selection)
     noised = {p.column: add_noise(p, [c[p.column] for c in cells]) for p in plans}
-    accuracy = {p.column: p.accuracy for p in plans}
+    if selection is not None:
+        noised[selection.metric] = [selected[KEY_SEPARATOR.join(str(c[d]) for d in dims)] for c in cells]
     rows: list[dict[str, Any]] = []
     for i, cell in enumerate(cells):
         for metric_name, metric in query.spec.metrics.items():
@@ -104,17 +128,21 @@ def release_query(
     query: ApprovedQuery,
     params: dict[str, str],
     input_versions: dict[str, Any],
+    export_dir: Path | None = None,
 ) -> ledger.StoredRelease:
     """Release ``query`` with DP noise, charging its consumer's budget (or return the stored identical release)."""
     if query.spec.rule != "dp":
         raise ReleaseRefused(f"query {query.name} runs under the {query.spec.rule} rule, not dp")
     plans = plan_release(query.spec)
+    selection = plan_key_selection(query.spec)
     budget = consumer_budget(loaded, query.spec.consumer)
     schema = naming.results_schema(loaded.name)
     ledger.ensure_tables(conn, schema)
-    conn.commit()
-    columns = sorted({p.column for p in plans})
-    return ledger.release(
+    columns = sorted({p.column for p in plans} | ({selection.metric} if selection else set()))
+    # Pre-noise values are read before the ledger transaction: a failure here has drawn no noise.
+    cells = _cells(conn, loaded, query, columns)
+    epsilon, delta = release_cost(plans, selection)
+    stored = ledger.release(
         conn,
         schema,
         collaboration=loaded.name,
@@ -123,7 +151,29 @@ def release_query(
         key=ledger.cache_key(query.sha256, params, input_versions),
         params=params,
         input_versions=input_versions,
-        cost=release_cost(plans),
-        draw=lambda: _noised_rows(_cells(conn, loaded, query, columns), query, plans),
+        cost=epsilon,
+        delta=delta,
+        draw=lambda: _noised_rows(cells, query, plans, selection),
         store_rows=_store(loaded, query),
     )
+    if export_dir is not None:
+        export(stored, loaded, query, export_dir)
+    return stored
+
+
+def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: ApprovedQuery, export_dir: Path) -> list[Path]:
+    """Write the release as CSV and Parquet into each receiver's folder (idempotent)."""
+    frame = pd.DataFrame(stored.rows)
+    frame.insert(0, "release_id", stored.release_id)
+    written = []
+    for receiver in query.spec.receivers:
+        folder = export_dir / loaded.name / receiver / query.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for suffix in ("csv", "parquet"):
+            path = folder / f"{stored.release_id}.{suffix}"
+            if not path.exists():
+                tmp = path.with_name(path.name + ".tmp")
+                frame.to_csv(tmp, index=False) if suffix == "csv" else frame.to_parquet(tmp, index=False)
+                tmp.replace(path)
+            written.append(path)
+    return written
