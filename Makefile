@@ -28,7 +28,7 @@ ui: $(STAMP)
 	$(BIN)/dcr ui
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/dp_accuracy.py
 
 clean:
 	rm -rf $(VENV) .dcr dbt_project/target dbt_project/models/collaborations

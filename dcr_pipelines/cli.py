@@ -373,31 +373,70 @@ def query_run(collab: str, party: str, sql_text: str) -> None:
 @main.command()
 @click.argument("collab")
 @click.option("--consumer", help="Only this consumer's budget.")
-def budget(collab: str, consumer: str | None) -> None:
-    """Show each consumer's privacy budget: total, spent, remaining, refresh."""
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def budget(collab: str, consumer: str | None, fmt: str) -> None:
+    """Show each consumer's privacy budget, how many more releases fit, and who spends on each owner's data.
+
+    \b
+    Example:
+      dcr budget demo --consumer ad_network
+    """
+    from psycopg import sql
+
     from .lib import naming
     from .lib.database import connect
     from .lib.privacy import ledger
+    from .lib.privacy.mechanisms import plan_key_selection, plan_release, release_cost
 
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
     schema = naming.results_schema(collab)
-    table = Table(title=f"privacy budget of {collab}", title_justify="left")
-    for column in ("consumer", "epsilon total", "spent", "remaining", "period", "refreshes at"):
-        table.add_column(column)
     budgets = [b for b in loaded.collaboration.budgets if consumer in (None, b.consumer)]
     if consumer and not budgets:
         fail(f"{collab} has no budget for {consumer!r}", 2)
+    costs = {q.name: release_cost(plan_release(q.spec), plan_key_selection(q.spec)) for q in loaded.queries.values() if q.spec.rule == "dp"}
+    report: dict[str, Any] = {"consumers": [], "owners": {}}
     with connect(runtime.warehouse.url()) as conn:
         ledger.ensure_tables(conn, schema)
         for b in budgets:
             s = ledger.budget_status(conn, schema, b)
-            table.add_row(
-                b.consumer, f"{s.total:g}", f"{s.spent:.4g}", f"{s.remaining:.4g}",
-                f"{s.period_days} days" if s.period_days else "none",
-                f"{s.refreshes_at:%Y-%m-%d %H:%M}" if s.refreshes_at else "-",
-            )
+            fits = {
+                q: int((s.remaining + 1e-12) // eps) if eps else None
+                for q, (eps, delta) in costs.items()
+                if loaded.queries[q].spec.consumer == b.consumer and (delta == 0 or delta <= s.delta_remaining)
+            }
+            report["consumers"].append({
+                "consumer": b.consumer, "epsilon": s.total, "spent": s.spent, "remaining": s.remaining,
+                "delta": s.delta_total, "delta_spent": s.delta_spent, "period_days": s.period_days,
+                "refreshes_at": s.refreshes_at.isoformat() if s.refreshes_at else None, "releases_that_fit": fits,
+            })
+        spent_rows = conn.execute(
+            sql.SQL("select consumer, query_name, count(*), sum(epsilon) from {} group by 1, 2 order by 1, 2").format(sql.Identifier(schema, "budget_ledger"))
+        ).fetchall()
+    owners_of = {q.name: sorted({loaded.collaboration.datasets[d].owner for d in q.datasets}) for q in loaded.queries.values()}
+    for who, query_name, count, total in spent_rows:
+        for owner in owners_of.get(query_name, []):
+            report["owners"].setdefault(owner, []).append({"consumer": who, "query": query_name, "releases": count, "epsilon": total})
+    if fmt == "json":
+        out.print_json(data=report)
+        return
+    table = Table(title=f"privacy budget of {collab}", title_justify="left")
+    for column in ("consumer", "epsilon", "spent", "remaining", "delta left", "period", "refreshes at", "releases that still fit"):
+        table.add_column(column)
+    for c in report["consumers"]:
+        fits = ", ".join(f"{q}: {n}" for q, n in c["releases_that_fit"].items()) or "-"
+        table.add_row(
+            c["consumer"], f"{c['epsilon']:g}", f"{c['spent']:.4g}", f"{c['remaining']:.4g}", f"{c['delta'] - c['delta_spent']:.3g}",
+            f"{c['period_days']} days" if c["period_days"] else "none", (c["refreshes_at"] or "-")[:16], fits,
+        )
     out.print(table)
+    owners = Table(title="spending on each owner's data (owners see who spends)", title_justify="left")
+    for column in ("data owner", "consumer", "query", "releases", "epsilon"):
+        owners.add_column(column)
+    for owner, entries in sorted(report["owners"].items()):
+        for e in entries:
+            owners.add_row(owner, e["consumer"], e["query"], str(e["releases"]), f"{e['epsilon']:.4g}")
+    out.print(owners)
 
 
 @main.command()

@@ -50,3 +50,14 @@ def test_dry_run_shows_the_epsilon_the_release_would_cost(runtime) -> None:  # t
 def test_ad_hoc_queries_say_they_are_not_yet_supported() -> None:
     proc = run("query", "check", "demo", "--as", "ad_network", "select 1")
     assert proc.returncode == 2 and "not yet supported" in proc.stderr
+
+
+def test_budget_reports_remaining_and_how_many_releases_fit(runtime) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    proc = run("budget", "demo", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    consumer = report["consumers"][0]
+    assert consumer["consumer"] == "ad_network" and consumer["epsilon"] == 10.0
+    assert consumer["releases_that_fit"] == {"campaign_reach": int(consumer["remaining"] // 1.0)}
