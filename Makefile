@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed
 ROWS   ?= 10000
 OVERLAP ?= 0.3
 SEED   ?= 7
+BENCH_ROWS ?= 10000000
 
 .PHONY: install demo test ui bench clean
 
@@ -29,6 +30,7 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/dp_accuracy.py
+	$(BIN)/python benchmarks/ingest.py --rows $(BENCH_ROWS)
 
 clean:
 	rm -rf $(VENV) .dcr dbt_project/target dbt_project/models/collaborations

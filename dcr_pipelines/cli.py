@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -263,11 +264,22 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
         fail(f"dataset {dataset} belongs to {ds.owner}, not {party!r}", 2)
     if not file.is_file():
         fail(f"{file}: no such file", 2)
+    from .defs.collaboration import UPLOAD_SUFFIXES, landing_folder
+
+    if file.suffix not in UPLOAD_SUFFIXES[ds.format.type]:
+        fail(f"{file.name}: dataset {dataset} takes {ds.format.type} files ({', '.join(UPLOAD_SUFFIXES[ds.format.type])})", 2)
+    # The upload lands like any other: a copy in the dataset's landing folder (the original is left alone).
+    folder = landing_folder(runtime.settings.landing, collab, party, dataset)
+    folder.mkdir(parents=True, exist_ok=True)
+    landed = folder / f"{time.strftime('%Y%m%dT%H%M%S')}__{file.name}"
+    shutil.copyfile(file, landed.with_name("." + landed.name))
+    landed.with_name("." + landed.name).replace(landed)
     defs = _definitions(runtime)
-    outcome = materialize(
-        defs, [naming.raw_key(collab, party, dataset)], instance=_instance(),
-        run_config=ingest_run_config(collab, party, dataset, str(file.resolve())), stdout_log=_run_log(),
-    )
+    with out.status(f"validating and loading {file.name}..."):
+        outcome = materialize(
+            defs, [naming.raw_key(collab, party, dataset)], instance=_instance(),
+            run_config=ingest_run_config(collab, party, dataset, str(landed)), stdout_log=_run_log(),
+        )
     if not outcome.success:
         fail(outcome.failure or "ingest failed")
     meta = outcome.metadata["/".join(naming.raw_key(collab, party, dataset))]

@@ -64,53 +64,133 @@ class CollaborationTranslator(DagsterDbtTranslator):
         return spec.replace_attributes(key=key, group_name=collab, tags={**spec.tags, **tags})
 
 
-def _landing_file(landing: Path, collab: str, party: str, dataset: str, fmt: str) -> Path:
-    folder = landing / collab / party / dataset
-    files = [p for p in folder.glob("*") if p.is_file() and p.suffix in UPLOAD_SUFFIXES[fmt]] if folder.is_dir() else []
-    if not files:
-        raise dg.Failure(f"no upload for {collab}/{party}/{dataset}: put a file in {folder} or run `dcr ingest`")
-    return max(files, key=lambda p: (p.stat().st_mtime, p.name))
+UPLOAD_CHECK = "upload_contract"
+IGNORED_PREFIXES = (".", "_")
+IGNORED_SUFFIXES = (".tmp", ".part", ".report.json")
+
+
+def landing_folder(landing: Path, collab: str, party: str, dataset: str) -> Path:
+    return landing / collab / party / dataset
+
+
+def landing_files(landing: Path, collab: str, party: str, dataset: str, fmt: str) -> list[Path]:
+    """Complete upload files waiting in a dataset's landing folder, oldest first."""
+    folder = landing_folder(landing, collab, party, dataset)
+    if not folder.is_dir():
+        return []
+    files = [
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix in UPLOAD_SUFFIXES[fmt] and not p.name.startswith(IGNORED_PREFIXES) and not p.name.endswith(IGNORED_SUFFIXES)
+    ]
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
 def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path) -> dg.AssetsDefinition:
     c = loaded.name
     ds = loaded.collaboration.datasets[dataset_name]
     party = ds.owner
+    key = dg.AssetKey(naming.raw_key(c, party, dataset_name))
+    folder = landing_folder(landing, c, party, dataset_name)
 
     @dg.asset(
-        key=naming.raw_key(c, party, dataset_name),
+        key=key,
         deps=[dg.AssetKey(naming.grants_key(c))],
         group_name=c,
         kinds={"postgres", ds.format.type},
         tags={"dcr/stage": "raw", "dcr/party": party},
-        description=f"{party}'s upload of {dataset_name}, loaded as a new version into {naming.raw_schema(c, party)}.{dataset_name}. "
-        + (ds.description or ""),
+        check_specs=[dg.AssetCheckSpec(UPLOAD_CHECK, asset=key, blocking=True, description="The upload meets the dataset's contract (great-expectations).")],
+        description=f"{party}'s upload of {dataset_name}: validated against its contract with great-expectations and swapped in "
+        f"atomically as a new version of {naming.raw_schema(c, party)}.{dataset_name}. Landing folder: {folder}. " + (ds.description or ""),
     )
-    def ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> dg.MaterializeResult:
-        path = Path(config.path) if config.path else _landing_file(landing, c, party, dataset_name, ds.format.type)
-        if ds.format.type != "csv":
-            raise dg.Failure(f"{path.name}: {ds.format.type} uploads are not supported yet; upload CSV")
+    def ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> Iterator[Any]:
+        if config.path:
+            path = Path(config.path)
+        else:
+            waiting = landing_files(landing, c, party, dataset_name, ds.format.type)
+            path = waiting[-1] if waiting else None  # type: ignore[assignment]
         with warehouse.connect() as conn:
+            if path is None:
+                current = ingest_lib.current_versions(conn, c).get(f"{party}.{dataset_name}")
+                if current is None:
+                    raise dg.Failure(f"no upload for {c}/{party}/{dataset_name}: put a file in {folder} or run `dcr ingest`")
+                context.log.info(f"{dataset_name}: no new upload; version {current['version']} stays current")
+                yield dg.MaterializeResult(metadata={"version": current["version"], "unchanged": True, "checksum_sha256": str(current["checksum"])},
+                                           check_results=[dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=True, metadata={"note": "no new upload"})],
+                                           data_version=dg.DataVersion(str(current["checksum"])))
+                return
+            if not ingest_lib.inside(path, folder):
+                raise dg.Failure(f"upload refused: {path} is outside the landing folder {folder} (symlinks resolved)")
             try:
-                result = ingest_lib.ingest_csv(conn, c, party, dataset_name, ds, path, naming.raw_schema(c, party))
+                result = ingest_lib.ingest_file(conn, c, party, dataset_name, ds, path, naming.raw_schema(c, party), database_url=warehouse.url)
             except ingest_lib.UploadRejected as exc:
-                raise dg.Failure(f"upload rejected, current data kept: {exc}") from None
+                report = {"file": path.name, "collaboration": c, "party": party, "dataset": dataset_name, "error": str(exc),
+                          **(exc.report.to_json() if exc.report else {})}
+                moved = ingest_lib.quarantine(path, landing / "_quarantine" / c / party / dataset_name, report, move=True)
+                yield dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=False, metadata={"report": dg.MetadataValue.json(report), "quarantined_as": moved.name})
+                raise dg.Failure(f"upload rejected, current data kept: {exc} (quarantined with a report as {moved.name})", metadata={"report": dg.MetadataValue.json(report)}) from None
+        archived = landing / "_accepted" / c / party / dataset_name / path.name
+        archived.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(archived)
         context.log.info(
             f"{dataset_name}: {'unchanged (same checksum as version %d)' % result.version if result.unchanged else 'version %d loaded' % result.version}"
         )
-        return dg.MaterializeResult(
+        rules = result.report.to_json()["rules"] if result.report else []
+        yield dg.MaterializeResult(
             metadata={
                 "version": result.version,
                 "checksum_sha256": result.checksum,
                 "row_count": dg.MetadataValue.int(result.rows),
                 "unchanged": result.unchanged,
                 "file_name": path.name,
+                "null_fractions": dg.MetadataValue.json(result.null_fractions),
+                "duplicate_rows": dg.MetadataValue.int(result.duplicate_rows),
                 "policy_sha256": loaded.policy_sha256,
             },
+            check_results=[dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=True, metadata={"rules": dg.MetadataValue.json(rules)})],
             data_version=dg.DataVersion(result.checksum),
         )
 
     return ingest
+
+
+def _landing_sensor(loaded: LoadedCollaboration, landing: Path) -> dg.SensorDefinition:
+    """New files in a dataset's landing folder launch that dataset's ingest (one run per file)."""
+    c = loaded.name
+    raw_keys = [dg.AssetKey(naming.raw_key(c, ds.owner, name)) for name, ds in loaded.collaboration.datasets.items()]
+
+    @dg.sensor(
+        name=f"{c}__landing_files",
+        asset_selection=raw_keys,
+        minimum_interval_seconds=30,
+        description=f"Launches the ingest of each new file under {landing / c}/<party>/<dataset>/.",
+    )
+    def landing_sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
+        seen = set(json.loads(context.cursor)) if context.cursor else set()
+        declared = {(ds.owner, name) for name, ds in loaded.collaboration.datasets.items()}
+        for party_dir in sorted(p for p in (landing / c).glob("*") if p.is_dir() and not p.name.startswith(IGNORED_PREFIXES)):
+            for dataset_dir in sorted(p for p in party_dir.glob("*") if p.is_dir()):
+                if (party_dir.name, dataset_dir.name) not in declared:
+                    context.log.warning(f"{dataset_dir}: {c} declares no dataset {dataset_dir.name!r} of {party_dir.name!r}; files there are ignored")
+        requests = 0
+        for name, ds in loaded.collaboration.datasets.items():
+            for path in landing_files(landing, c, ds.owner, name, ds.format.type):
+                stat = path.stat()
+                run_key = f"{path.relative_to(landing)}:{stat.st_mtime_ns}:{stat.st_size}"
+                if run_key in seen:
+                    continue
+                seen.add(run_key)
+                requests += 1
+                yield dg.RunRequest(
+                    run_key=run_key,
+                    asset_selection=[dg.AssetKey(naming.raw_key(c, ds.owner, name))],
+                    run_config={"ops": {"__".join(naming.raw_key(c, ds.owner, name)): {"config": {"path": str(path)}}}},
+                    tags={"dcr/upload": path.name},
+                )
+        context.update_cursor(json.dumps(sorted(seen)[-1000:]))
+        if not requests:
+            yield dg.SkipReason("no new upload files")
+
+    return landing_sensor
 
 
 def _spawn_with_env(extra: Mapping[str, str], start: Callable[[], T]) -> T:
@@ -345,4 +425,4 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     assets.append(_dbt_stage(loaded, manifest, "analysis"))
     assets.extend(_release_asset(loaded, q, exports) for q in loaded.queries)
     job = dg.define_asset_job(f"{c}__all", selection=dg.AssetSelection.groups(c), description=f"Materialize collaboration {c} end to end.")
-    return dg.Definitions(assets=assets, jobs=[job])
+    return dg.Definitions(assets=assets, jobs=[job], sensors=[_landing_sensor(loaded, landing)])

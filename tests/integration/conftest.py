@@ -56,13 +56,22 @@ def e2e(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     os.environ[secret_env_name("HMAC", COLLAB, "ad_network")] = CANARY["ad_network"]
     os.environ[secret_env_name("PAIRING", COLLAB)] = CANARY["pairing"]
     ensure_development_secrets(settings.home, secret_names(settings))
-    files = demo_data.generate(settings.landing / COLLAB, rows=ROWS, overlap=OVERLAP, seed=SEED)
-    with files.purchases.open("a") as handle:  # identifiers that cannot be normalised
+    files = demo_data.generate(settings.home / "generated" / COLLAB, rows=ROWS, overlap=OVERLAP, seed=SEED)
+    with files.purchases.open("a") as handle:  # identifiers that cannot be normalised (1% are tolerated)
         handle.write("not-an-email,10.0,2026-02-01,north\nstill@bad,5.0,2026-02-02,east\n")
+    land(files, settings.landing, COLLAB)
     defs = build_definitions(settings)
     outcome = materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert outcome.success, outcome.failure
     return {"defs": defs, "files": files, "outcome": outcome, "url": runtime.warehouse.url(), "settings": settings, "root": root}
+
+
+def land(files: demo_data.DemoFiles, landing: Path, collab: str) -> None:
+    """Copy generated uploads into the landing folders (ingest archives what it accepts)."""
+    for path in (files.purchases, files.impressions):
+        target = landing / collab / path.parent.parent.name / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
 
 
 def expected_campaign_reach(files: demo_data.DemoFiles, since: str = "2026-01-01") -> pd.DataFrame:

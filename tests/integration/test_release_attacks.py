@@ -18,7 +18,7 @@ from dcr_pipelines.lib.privacy.release import release_query
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
 
-from .conftest import COLLAB, make_collaboration
+from .conftest import COLLAB, land, make_collaboration
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +51,21 @@ def test_asking_a_thousand_times_never_narrows_the_answer(e2e: dict[str, Any]) -
 HEAVY = "Heavy.Hitter@Example.com"
 
 
+def day(offset: int) -> str:
+    import datetime as dt
+
+    return (dt.date(2026, 1, 1) + dt.timedelta(days=offset)).isoformat()
+
+
 def _append_heavy_person(files: demo_data.DemoFiles, rows: int = 10_000) -> None:
     regions = ["north", "south", "east", "west"]
     campaigns = ["spring_sale", "summer_launch", "back_to_school", "black_friday", "holiday_gifts", "new_year"]
+    # Distinct, plausible rows (the upload contract rejects duplicates and an implausible mean),
+    # each region's spend far above the query's clamp.
     with files.purchases.open("a") as handle:
-        handle.writelines(f"{HEAVY},99999.0,2026-03-01,{regions[i % 4]}\n" for i in range(rows))
+        handle.writelines(f"{HEAVY},{1000 + (i % 97) / 100:.2f},{day(i % 180)},{regions[i % 4]}\n" for i in range(rows))
     with files.impressions.open("a") as handle:
-        handle.writelines(f"{HEAVY},{campaigns[i % 6]},2026-03-01T10:00:00\n" for i in range(rows))
+        handle.writelines(f"{HEAVY},{campaigns[i % 6]},2026-03-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}\n" for i in range(rows))
 
 
 def _most_groups_of_anyone(files: demo_data.DemoFiles) -> int:
@@ -87,7 +95,8 @@ def test_one_person_with_ten_thousand_rows_moves_aggregates_by_at_most_the_bound
     make_collaboration(tmp_path, collab, groups=12)
     settings = dataclasses.replace(runtime.settings, policies=tmp_path)
     ensure_development_secrets(settings.home, secret_names(settings))
-    files = demo_data.generate(settings.landing / collab, rows=600, overlap=0.5, seed=9)
+    files = demo_data.generate(tmp_path / "generated", rows=600, overlap=0.5, seed=9)
+    land(files, settings.landing, collab)
     defs = build_definitions(settings)
     keys = collaboration_keys(defs, collab)
     instance = dg.DagsterInstance.get()
@@ -96,6 +105,7 @@ def test_one_person_with_ten_thousand_rows_moves_aggregates_by_at_most_the_bound
     assert _most_groups_of_anyone(files) <= 12 < 24  # the heavy person reaches all 24 groups
 
     _append_heavy_person(files)
+    land(files, settings.landing, collab)
     outcome = materialize(defs, keys, instance=instance, run_config=analysis_run_config(collab, {}))
     assert outcome.success, outcome.failure
     assert outcome.metadata[f"{collab}/matching/cross_reference"]["matched"] == files.shared_people + 1

@@ -236,6 +236,10 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
         for i, flt in enumerate(ds.row_filters):
             if flt.column not in ds.columns:
                 issue((*where, "row_filters", i, "column"), f"column {flt.column!r} does not exist in dataset {ds_name!r}")
+        for i, extra in enumerate(ds.expectations):
+            problem = _expectation_problem(extra.type, extra.kwargs, ds.columns)
+            if problem:
+                issue((*where, "expectations", i), problem)
         if not any(c.identifier == collab.identity.kind for c in ds.columns.values()):
             issue((*where, "columns"), f"no column is an identifier of kind {collab.identity.kind.value!r}, so the dataset cannot be matched")
     parties = {d.owner for d in collab.datasets.values()}
@@ -260,6 +264,21 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
     for i, schedule in enumerate(collab.schedules):
         if len(schedule.cron.split()) != 5:
             issue(("schedules", i, "cron"), f"{schedule.cron!r} is not a five-field cron expression")
+
+
+def _expectation_problem(name: str, kwargs: dict[str, Any], columns: dict[str, Any]) -> str | None:
+    from ..validation import expectation_class
+
+    column = kwargs.get("column")
+    if column is not None and column not in columns:
+        return f"column {column!r} does not exist"
+    try:
+        expectation_class(name)(**kwargs)
+    except KeyError:
+        return f"{name!r} is not a great-expectations expectation"
+    except Exception as exc:  # great-expectations validates its own arguments
+        return f"invalid arguments for {name}: {str(exc).splitlines()[0]}"
+    return None
 
 
 def _load_query(spec_path: Path, collab: Collaboration) -> tuple[ApprovedQuery, str]:

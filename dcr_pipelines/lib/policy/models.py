@@ -105,6 +105,8 @@ class Column(Strict):
     join: bool = False
     allowed_values: tuple[str, ...] | None = None
     range: tuple[float, float] | None = None
+    max_null_fraction: float | None = Field(default=None, ge=0, le=1)
+    max_invalid_fraction: float = Field(default=0.0, ge=0, le=1)
     description: str | None = None
 
     @model_validator(mode="after")
@@ -139,12 +141,21 @@ class RowBounds(Strict):
     max: int | None = Field(default=None, ge=1)
 
 
+class ExtraExpectation(Strict):
+    """A great-expectations expectation a data owner adds to the contract, e.g. expect_column_mean_to_be_between."""
+
+    type: Annotated[str, Field(pattern=r"^expect_[a-z0-9_]+$")]
+    kwargs: dict[str, Any] = {}
+
+
 class Dataset(Strict):
     owner: Name
     description: str | None = None
     format: FileFormat = FileFormat()
     unknown_columns: Literal["reject", "ignore"] = "reject"
     rows: RowBounds = RowBounds()
+    max_duplicate_fraction: float | None = Field(default=None, ge=0, le=1)
+    expectations: tuple[ExtraExpectation, ...] = ()
     columns: dict[Name, Column]
     shared: tuple[Name, ...] | None = None
     row_filters: tuple[RowFilter, ...] = ()
