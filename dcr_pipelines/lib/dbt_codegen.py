@@ -22,7 +22,7 @@ from sqlglot import exp
 
 from . import naming as n
 from .policy import ApprovedQuery, LoadedCollaboration
-from .policy.models import ColumnType, Dataset, MetricKind, ParameterType, RowFilter
+from .policy.models import Dataset, MetricKind, ParameterType, RowFilter
 
 GENERATED_DIR = Path("models") / "collaborations"
 _PARAM_SQL_TYPES = {
@@ -386,6 +386,3 @@ def write_models(dbt_project: Path, collaborations: Iterable[LoadedCollaboration
     tmp.rename(root)
     return digest.hexdigest()
 
-
-def column_sql_type(column_type: ColumnType) -> str:
-    return column_type.sql

@@ -192,17 +192,14 @@ def load_collaboration(folder: Path) -> LoadedCollaboration:
     _check_collaboration(collab, folder, issue)
 
     queries: dict[str, ApprovedQuery] = {}
-    query_texts: list[str] = []
     queries_dir = folder / QUERIES_DIR
     for spec_path in sorted(queries_dir.glob("*.yaml")) if queries_dir.is_dir() else []:
         try:
-            loaded, spec_text = _load_query(spec_path, collab)
+            loaded = _load_query(spec_path, collab)
         except PolicyError as exc:
             issues.extend(exc.issues)
             continue
         queries[loaded.name] = loaded
-        query_texts.append(loaded.sha256)
-        del spec_text
 
     for query_name in collab.approvals:
         if query_name not in queries:
@@ -212,9 +209,7 @@ def load_collaboration(folder: Path) -> LoadedCollaboration:
 
     if issues:
         raise PolicyError(issues)
-    policy_sha = hashlib.sha256(
-        json.dumps([collab_text, sorted(query_texts)], sort_keys=True).encode()
-    ).hexdigest()
+    policy_sha = hashlib.sha256(json.dumps([collab_text, sorted(q.sha256 for q in queries.values())]).encode()).hexdigest()
     return LoadedCollaboration(collab, folder, queries, policy_sha)
 
 
@@ -281,7 +276,7 @@ def _expectation_problem(name: str, kwargs: dict[str, Any], columns: dict[str, A
     return None
 
 
-def _load_query(spec_path: Path, collab: Collaboration) -> tuple[ApprovedQuery, str]:
+def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
     data, spec_text = _read_yaml(spec_path)
     if not isinstance(data, CommentedMap):
         raise PolicyError([PolicyIssue(spec_path, 1, 1, "", "expected a mapping at the top level")])
@@ -332,17 +327,14 @@ def _load_query(spec_path: Path, collab: Collaboration) -> tuple[ApprovedQuery, 
             issue(("dimensions", dim), f"dimension {dim!r} is not an output column of {sql_path.name}")
     if "match_id" not in columns:
         issues.append(PolicyIssue(sql_path, None, None, "", "the query must output match_id (the privacy unit) once per row"))
-    if spec.rule == "dp" and any(d.key_selection_delta for d in spec.dimensions.values()):
-        pass  # key selection is accepted by the format; the release refuses it until implemented
-    if spec.rule == "dp" and spec.metrics and any(m.aggregate == MetricKind.AVG for m in spec.metrics.values()):
-        pass
+    if any(d.key_selection_delta for d in spec.dimensions.values()) and not any(
+        m.aggregate == MetricKind.COUNT_UNITS for m in spec.metrics.values()
+    ):
+        issue(("dimensions",), "DP key selection needs a count_units metric to threshold on")
     if issues:
         raise PolicyError(issues)
     digest = query_sha256(sql_text, spec_text)
-    return (
-        ApprovedQuery(name, spec, sql_text, spec_path, sql_path, digest, tuple(datasets), tuple(placeholders)),
-        spec_text,
-    )
+    return ApprovedQuery(name, spec, sql_text, spec_path, sql_path, digest, tuple(datasets), tuple(placeholders))
 
 
 def _line_of(text: str, needle: str) -> int | None:
