@@ -33,4 +33,5 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py --rows $(BENCH_ROWS)
 
 clean:
+	-[ -x $(BIN)/dcr ] && $(BIN)/dcr db stop
 	rm -rf $(VENV) .dcr dbt_project/target dbt_project/models/collaborations

@@ -28,9 +28,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _runtime() -> Any:
+    from .lib.database import EmbeddedServerError
     from .lib.runtime import activate
 
-    return activate()
+    try:
+        return activate()
+    except EmbeddedServerError as exc:
+        fail(str(exc))
 
 
 def _definitions(runtime: Any) -> Any:
@@ -485,6 +489,16 @@ def db() -> None:
 def db_url() -> None:
     """Print the connection URL of the clean-room database (password hidden)."""
     out.print(_runtime().warehouse.redacted(), markup=False, soft_wrap=True)
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL of this deployment (DCR_HOME); no effect on an external database."""
+    from .lib.database import stop_embedded
+    from .lib.settings import Settings
+
+    home = Settings.from_env().home
+    out.print("embedded PostgreSQL stopped" if stop_embedded(home) else f"no embedded PostgreSQL running under {home}")
 
 
 @db.command("roles")

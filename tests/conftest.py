@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dcr_pipelines.lib.database import stop_embedded
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
 EXTERNAL_HOST, EXTERNAL_PORT = "127.0.0.1", 5432
@@ -25,20 +24,6 @@ def external_pg_available() -> bool:
         return False
 
 
-def _stop_embedded(home: Path) -> None:
-    pid_file = home / "pg" / "postmaster.pid"
-    if pid_file.is_file():
-        pid = int(pid_file.read_text().splitlines()[0])
-        try:
-            os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
-        except ProcessLookupError:
-            return
-        for _ in range(100):
-            if not pid_file.exists():
-                break
-            time.sleep(0.05)
-
-
 @pytest.fixture(scope="session")
 def dcr_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A deployment home for the whole test session; its embedded server is stopped afterwards."""
@@ -48,7 +33,7 @@ def dcr_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ["DCR_LANDING"] = str(home / "landing")
     os.environ["DCR_POLICIES"] = str(PROJECT_ROOT / "policies")
     yield home
-    _stop_embedded(home)
+    stop_embedded(home)
     os.environ.clear()
     os.environ.update(saved)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,15 +56,50 @@ class Connection:
         return self.url().replace(f":{self.password}@", ":***@") if self.password else self.url()
 
 
-def start_embedded(home: Path) -> Connection:
-    """Start (or reuse) the embedded PostgreSQL 16 under ``home/pg``; it outlives this process."""
+class EmbeddedServerError(RuntimeError):
+    """The embedded PostgreSQL could not be started."""
+
+
+def start_embedded(home: Path, wait_seconds: float = 15.0) -> Connection:
+    """Start (or reuse) the embedded PostgreSQL 16 under ``home/pg``; it outlives this process.
+
+    If the data folder was removed while a server still ran, that orphan
+    keeps its lock until it notices; wait for it rather than fail at once.
+    """
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes.
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         import pgserver  # imported late: only the embedded path needs it
 
-        server = pgserver.get_server(str(home / "pg"), cleanup_mode=None)
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                server = pgserver.get_server(str(home / "pg"), cleanup_mode=None)
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise EmbeddedServerError(
+                        f"the embedded PostgreSQL under {home / 'pg'} did not start: an earlier server is still running "
+                        "(was .dcr/ removed while it ran?). Stop it with `dcr db stop`, or wait a minute and retry."
+                    ) from None
+                time.sleep(1)
     return Connection.from_url(server.get_uri())
+
+
+def stop_embedded(home: Path, timeout: float = 10.0) -> bool:
+    """Fast-shutdown the embedded server of ``home`` if it runs; True if one was stopped."""
+    pid_file = home / "pg" / "postmaster.pid"
+    if not pid_file.is_file():
+        return False
+    pid = int(pid_file.read_text().splitlines()[0])
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True
 
 
 def ensure_database(admin: Connection, dbname: str) -> None:
