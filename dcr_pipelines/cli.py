@@ -457,26 +457,57 @@ def budget(collab: str, consumer: str | None, fmt: str) -> None:
 
 @main.command()
 @click.argument("collab")
-@click.option("--limit", default=50, show_default=True)
-def audit(collab: str, limit: int) -> None:
-    """List the materializations of COLLAB's assets from Dagster's event log, newest first."""
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), help="Only entries at or after this date (UTC).")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
+@click.option("--party", help="Only entries that touch this member's data (what a party may export).")
+@click.option("--verify", is_flag=True, help="Check the hash chain of releases against the event log; exit 1 on any problem.")
+def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool) -> None:
+    """Export COLLAB's audit trail from Dagster's event log, or verify that it was not tampered with.
+
+    \b
+    Examples:
+      dcr audit demo --since 2026-11-01 --format jsonl > audit.jsonl
+      dcr audit demo --party retailer --format csv
+      dcr audit demo --verify
+    """
+    import csv
+    import datetime as dt
+
+    from .defs import audit as trail
+    from .lib.database import connect
+
     runtime = _runtime()
-    _collaboration(runtime, collab)
+    loaded = _collaboration(runtime, collab)
+    if party is not None and party not in loaded.collaboration.members:
+        fail(f"{collab} has no member {party!r} (members: {', '.join(loaded.collaboration.members)})", 2)
     instance = _instance()
-    table = Table(title=f"audit trail of {collab} (Dagster event log)", title_justify="left")
-    for column in ("time (UTC)", "asset", "run", "details"):
+    if verify:
+        with connect(runtime.warehouse.url()) as conn:
+            problems = trail.verify(instance, conn, loaded)
+        for problem in problems:
+            err.print(f"error: {problem}", markup=False, soft_wrap=True)
+        if problems:
+            sys.exit(1)
+        out.print(f"ok: the release chain of {collab} is intact and matches the Dagster event log")
+        return
+    entries = trail.entries(instance, loaded, since=since.replace(tzinfo=dt.UTC) if since else None, party=party)
+    if fmt == "jsonl":
+        for entry in entries:
+            sys.stdout.write(json.dumps(entry, default=str) + "\n")
+        return
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["time", "kind", "asset", "run_id", "user", "metadata"])
+        for e in entries:
+            writer.writerow([e["time"], e["kind"], e["asset"], e["run_id"], e["user"], json.dumps(e["metadata"], default=str, sort_keys=True)])
+        return
+    table = Table(title=f"audit trail of {collab}" + (f" touching {party}" if party else "") + " (Dagster event log)", title_justify="left")
+    for column in ("time (UTC)", "kind", "asset", "run", "user", "details"):
         table.add_column(column)
-    entries = []
-    for key in instance.get_asset_keys(prefix=[collab]):
-        result = instance.fetch_materializations(key, limit=limit)
-        for record in result.records:
-            mat = record.asset_materialization
-            meta = {k: v.value for k, v in mat.metadata.items()} if mat else {}
-            keep = ("version", "row_count", "matched", "release_id", "epsilon_charged", "epsilon_remaining", "cached")
-            details = ", ".join(f"{k}={meta[k]}" for k in keep if k in meta)
-            entries.append((record.timestamp, key.to_user_string(), record.run_id[:8], details))
-    for ts, key, run_id, details in sorted(entries, reverse=True)[:limit]:
-        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)), key, run_id, details)
+    keep = ("version", "row_count", "rows_staged", "matched", "release_id", "epsilon_charged", "epsilon_remaining", "cached", "receivers", "message")
+    for e in entries:
+        details = ", ".join(f"{k}={e['metadata'][k]}" for k in keep if k in e["metadata"])
+        table.add_row(e["time"][:19], e["kind"], e["asset"], e["run_id"][:8], e["user"], details)
     out.print(table)
 
 

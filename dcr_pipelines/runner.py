@@ -7,6 +7,8 @@ a Dagster run with lineage and metadata, visible in the UI.
 from __future__ import annotations
 
 import contextlib
+import getpass
+import os
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +59,8 @@ def materialize(
     still written to the instance's event log (the UI and ``dcr audit`` read it).
     """
     job = defs.resolve_implicit_global_asset_job_def()
+    collabs = sorted({k[0] for k in selection})
+    tags = {"dcr/user": os.environ.get("DCR_USER") or getpass.getuser(), **({"dcr/collaboration": collabs[0]} if len(collabs) == 1 else {}), **dict(tags or {})}
     config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **dict(run_config or {})}
     with contextlib.ExitStack() as stack:
         if stdout_log is not None:  # dbt's own output, kept for the curious, off the terminal
@@ -65,7 +69,7 @@ def materialize(
         result = job.execute_in_process(
             run_config=config,
             instance=instance,
-            tags=dict(tags or {}),
+            tags=tags,
             raise_on_error=False,
             asset_selection=[dg.AssetKey(list(k)) for k in selection],
         )

@@ -184,7 +184,7 @@ def _landing_sensor(loaded: LoadedCollaboration, landing: Path) -> dg.SensorDefi
                     run_key=run_key,
                     asset_selection=[dg.AssetKey(naming.raw_key(c, ds.owner, name))],
                     run_config={"ops": {"__".join(naming.raw_key(c, ds.owner, name)): {"config": {"path": str(path)}}}},
-                    tags={"dcr/upload": path.name},
+                    tags={"dcr/upload": path.name, "dcr/collaboration": c},
                 )
         context.update_cursor(json.dumps(sorted(seen)[-1000:]))
         if not requests:
@@ -387,6 +387,9 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path) 
                 ),
                 "policy_sha256": loaded.policy_sha256,
                 "cells": dg.MetadataValue.int(len(stored.rows)),
+                "audit_entry": dg.MetadataValue.json({k: v for k, v in stored.audit.items() if not k.endswith("sha256") or k in ("query_sha256", "rows_sha256")}),
+                "audit_entry_sha256": stored.audit.get("entry_sha256", ""),
+                "audit_chain_sha256": stored.audit.get("chain_sha256", ""),
                 "exports": ", ".join(f"{r}/{query_name}/{stored.release_id}.csv|parquet" for r in spec.receivers),
             }
         )

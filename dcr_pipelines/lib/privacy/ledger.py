@@ -15,13 +15,14 @@ import logging
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from .. import audit
 from ..policy.models import Budget
 
 
@@ -62,6 +63,27 @@ class StoredRelease:
     epsilon: float
     rows: list[dict[str, Any]]
     budget: BudgetStatus
+    audit: dict[str, Any] = field(default_factory=dict)
+
+
+AUDIT_COLUMNS = (
+    "release_id, query_name, consumer, receivers, query_sha256, params, input_versions, epsilon, delta, "
+    "rows_sha256, released_at, entry_sha256, prev_sha256, chain_sha256"
+)
+
+
+def _audit_entry(row: Sequence[Any]) -> dict[str, Any]:
+    names = [c.strip() for c in AUDIT_COLUMNS.split(",")]
+    entry = dict(zip(names, row))
+    entry["released_at"] = audit.timestamp(entry["released_at"])
+    entry["receivers"] = list(entry["receivers"] or [])
+    return entry
+
+
+def audit_rows(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:
+    """Every release's audit entry with its chain links, in chain order."""
+    rows = conn.execute(sql.SQL("select " + AUDIT_COLUMNS + " from {} order by seq").format(sql.Identifier(schema, "releases"))).fetchall()
+    return [_audit_entry(r) for r in rows]
 
 
 def ensure_tables(conn: psycopg.Connection, schema: str) -> None:
@@ -88,7 +110,15 @@ def ensure_tables(conn: psycopg.Connection, schema: str) -> None:
                 epsilon double precision not null,
                 rows jsonb not null,
                 released_at timestamptz not null default now()
-            )
+            );
+            alter table {releases} add column if not exists seq bigserial;
+            alter table {releases} add column if not exists delta double precision not null default 0;
+            alter table {releases} add column if not exists receivers jsonb not null default '[]';
+            alter table {releases} add column if not exists query_sha256 text not null default '';
+            alter table {releases} add column if not exists rows_sha256 text;
+            alter table {releases} add column if not exists entry_sha256 text;
+            alter table {releases} add column if not exists prev_sha256 text;
+            alter table {releases} add column if not exists chain_sha256 text
             """
         ).format(ledger=sql.Identifier(schema, "budget_ledger"), releases=sql.Identifier(schema, "releases"))
     )
@@ -127,6 +157,8 @@ def release(
     draw: Callable[[], list[dict[str, Any]]],
     store_rows: Callable[[psycopg.Connection, str, list[dict[str, Any]]], None],
     delta: float = 0.0,
+    receivers: Sequence[str] = (),
+    query_sha256: str = "",
 ) -> StoredRelease:
     """Charge ``(cost, delta)`` and store ``draw()``'s noised rows atomically, or return the identical earlier release.
 
@@ -137,12 +169,13 @@ def release(
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-budget:{collaboration}:{budget.consumer}",))
         stored = conn.execute(
-            sql.SQL("select release_id, epsilon, rows from {} where cache_key = %s").format(sql.Identifier(schema, "releases")),
+            sql.SQL("select rows, " + AUDIT_COLUMNS + " from {} where cache_key = %s").format(sql.Identifier(schema, "releases")),
             (key,),
         ).fetchone()
         if stored is not None:
             status = budget_status(conn, schema, budget)
-            return StoredRelease(stored[0], True, float(stored[1]), list(stored[2]), status)
+            entry = _audit_entry(stored[1:])
+            return StoredRelease(entry["release_id"], True, float(entry["epsilon"]), list(stored[0]), status, entry)
         status = budget_status(conn, schema, budget)
         when = f"; it refreshes at {status.refreshes_at:%Y-%m-%d %H:%M} UTC" if status.refreshes_at else " and does not refresh"
         if cost > status.remaining + 1e-12:
@@ -162,12 +195,28 @@ def release(
         try:
             with conn.transaction():  # a savepoint: a failure undoes the release, not the lock
                 rows = draw()
+                # The audit chain: one collaboration-wide order of releases, linked by hashes.
+                conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-audit:{collaboration}",))
+                last = conn.execute(
+                    sql.SQL("select chain_sha256 from {} where chain_sha256 is not null order by seq desc limit 1").format(sql.Identifier(schema, "releases"))
+                ).fetchone()
+                entry = {
+                    "release_id": release_id, "query_name": query_name, "consumer": budget.consumer, "receivers": list(receivers),
+                    "query_sha256": query_sha256, "params": params, "input_versions": input_versions, "epsilon": cost, "delta": delta,
+                    "rows_sha256": audit.rows_digest(rows), "released_at": audit.timestamp(dt.datetime.now(dt.UTC)),
+                }
+                entry["entry_sha256"] = audit.entry_digest(entry)
+                entry["prev_sha256"] = last[0] if last else audit.GENESIS
+                entry["chain_sha256"] = audit.link(entry["prev_sha256"], entry["entry_sha256"])
                 conn.execute(
                     sql.SQL(
-                        "insert into {} (release_id, cache_key, query_name, consumer, params, input_versions, epsilon, rows) "
-                        "values (%s, %s, %s, %s, %s, %s, %s, %s)"
+                        "insert into {} (release_id, cache_key, query_name, consumer, params, input_versions, epsilon, rows, delta, receivers, "
+                        "query_sha256, rows_sha256, released_at, entry_sha256, prev_sha256, chain_sha256) "
+                        "values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                     ).format(sql.Identifier(schema, "releases")),
-                    (release_id, key, query_name, budget.consumer, json.dumps(params), json.dumps(input_versions), cost, json.dumps(rows)),
+                    (release_id, key, query_name, budget.consumer, json.dumps(params), json.dumps(input_versions), cost, json.dumps(rows),
+                     delta, json.dumps(list(receivers)), query_sha256, entry["rows_sha256"], entry["released_at"],
+                     entry["entry_sha256"], entry["prev_sha256"], entry["chain_sha256"]),
                 )
                 conn.execute(charge, (budget.consumer, query_name, release_id, cost, delta))
                 store_rows(conn, release_id, rows)
@@ -183,4 +232,4 @@ def release(
             f"the release of {query_name} failed and was charged epsilon {cost:.4g}, because noise had been drawn; "
             f"the operator's log has the details (reference {release_id})"
         )
-    return StoredRelease(release_id, False, cost, rows, status)
+    return StoredRelease(release_id, False, cost, rows, status, entry)

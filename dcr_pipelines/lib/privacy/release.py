@@ -155,6 +155,8 @@ def release_query(
         delta=delta,
         draw=lambda: _noised_rows(cells, query, plans, selection),
         store_rows=_store(loaded, query),
+        receivers=query.spec.receivers,
+        query_sha256=query.sha256,
     )
     if export_dir is not None:
         export(stored, loaded, query, export_dir)

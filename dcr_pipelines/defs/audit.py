@@ -1,0 +1,110 @@
+"""The audit trail, read from Dagster's event log (no second bookkeeping system).
+
+Entries are the materializations, observations and step failures of a
+collaboration's assets, with their metadata and the run's tags (who ran it).
+Release entries are also chained by hash (lib/audit.py); ``verify`` checks
+the chain against the releases table.
+"""
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import dagster as dg
+import psycopg
+
+from ..lib import audit, naming
+from ..lib.policy import LoadedCollaboration
+from ..lib.privacy import ledger
+
+USER_TAG = "dcr/user"
+
+
+def _plain(metadata: Any) -> dict[str, Any]:
+    return {k: getattr(v, "value", v) for k, v in (metadata or {}).items()}
+
+
+def touches(loaded: LoadedCollaboration, asset: str, party: str) -> bool:
+    """Whether an entry about ``asset`` concerns ``party``'s data (what a party may export)."""
+    _, stage, name = (asset.split("/") + ["", ""])[:3]
+    if stage in ("raw", "staging", "private"):
+        return name.startswith(f"{party}__")
+    if stage in ("analysis", "results"):
+        query = loaded.queries.get(name)
+        datasets = query.datasets if query else ([name.removeprefix("matched_")] if name.startswith("matched_") else [])
+        return any(loaded.collaboration.datasets[d].owner == party for d in datasets if d in loaded.collaboration.datasets) or (
+            query is not None and party in query.spec.receivers
+        )
+    return True  # grants, matching: every party's data
+
+
+def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt.datetime | None = None, party: str | None = None) -> list[dict[str, Any]]:
+    """Audit entries of a collaboration, oldest first."""
+    c = loaded.name
+    out: list[dict[str, Any]] = []
+    runs: dict[str, dg.DagsterRun | None] = {}
+
+    def who(run_id: str) -> str:
+        if run_id not in runs:
+            runs[run_id] = instance.get_run_by_id(run_id)
+        run = runs[run_id]
+        return run.tags.get(USER_TAG, "") if run else ""
+
+    for key in instance.get_asset_keys(prefix=[c]):
+        for kind, fetch in (("materialization", instance.fetch_materializations), ("observation", instance.fetch_observations)):
+            cursor = None
+            while True:
+                result = fetch(key, limit=500, cursor=cursor, ascending=True)
+                for record in result.records:
+                    event = record.event_log_entry.dagster_event
+                    data = event.event_specific_data if event else None
+                    payload = getattr(data, "materialization", None) or getattr(data, "asset_observation", None)
+                    out.append({
+                        "time": dt.datetime.fromtimestamp(record.timestamp, dt.UTC).isoformat(),
+                        "kind": kind, "asset": key.to_user_string(), "run_id": record.run_id, "user": who(record.run_id),
+                        "metadata": _plain(payload.metadata if payload else {}),
+                    })
+                if not result.has_more:
+                    break
+                cursor = result.cursor
+    for record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=2000):
+        for log in instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+            step = log.step_key or ""
+            if not step.startswith(f"{c}__"):
+                continue
+            failure = log.dagster_event.step_failure_data if log.dagster_event else None
+            message = (failure.user_failure_data.description if failure and failure.user_failure_data else None) or (
+                failure.error.message.strip().splitlines()[-1] if failure and failure.error else "failed"
+            )
+            out.append({
+                "time": dt.datetime.fromtimestamp(log.timestamp, dt.UTC).isoformat(), "kind": "refused or failed",
+                "asset": step.replace("__", "/", 2), "run_id": log.run_id, "user": record.dagster_run.tags.get(USER_TAG, ""),
+                "metadata": {"message": message},
+            })
+    if since is not None:
+        out = [e for e in out if dt.datetime.fromisoformat(e["time"]) >= since]
+    if party is not None:
+        out = [e for e in out if touches(loaded, e["asset"], party)]
+    return sorted(out, key=lambda e: e["time"])
+
+
+def release_events(instance: dg.DagsterInstance, loaded: LoadedCollaboration) -> Iterator[dict[str, Any]]:
+    """The audit entry of every release materialization, as recorded in the event log."""
+    for name in loaded.queries:
+        key = dg.AssetKey(naming.release_key(loaded.name, name))
+        cursor = None
+        while True:
+            result = instance.fetch_materializations(key, limit=500, cursor=cursor, ascending=True)
+            for record in result.records:
+                meta = _plain(record.asset_materialization.metadata if record.asset_materialization else {})
+                if "audit_entry" in meta:
+                    yield {**dict(meta["audit_entry"]), "audit_entry_sha256": meta.get("audit_entry_sha256"), "audit_chain_sha256": meta.get("audit_chain_sha256")}
+            if not result.has_more:
+                break
+            cursor = result.cursor
+
+
+def verify(instance: dg.DagsterInstance, conn: psycopg.Connection, loaded: LoadedCollaboration) -> list[audit.Problem]:
+    schema = naming.results_schema(loaded.name)
+    ledger.ensure_tables(conn, schema)
+    return audit.verify(ledger.audit_rows(conn, schema), release_events(instance, loaded))
