@@ -8,7 +8,7 @@ OVERLAP ?= 0.3
 SEED   ?= 7
 BENCH_ROWS ?= 10000000
 
-.PHONY: install demo test ui bench clean
+.PHONY: install demo test ui bench browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11 to 3.13 is required, found " + sys.version.split()[0]) if not ((3, 11) <= sys.version_info[:2] <= (3, 13)) else None'
@@ -31,6 +31,10 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/dp_accuracy.py
 	$(BIN)/python benchmarks/ingest.py --rows $(BENCH_ROWS)
+
+# Debian's Chromium for the browser test (skipped, with the reason, when it is absent). Needs root.
+browser:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 clean:
 	-[ -x $(BIN)/dcr ] && $(BIN)/dcr db stop

@@ -188,6 +188,19 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
     )
 
 
+def _release_rows(runtime: Any, loaded: Any, query_name: str, release_id: str) -> list[dict[str, Any]]:
+    from psycopg import sql
+
+    from .lib import naming
+    from .lib.database import connect
+
+    with connect(runtime.warehouse.url()) as conn:
+        row = conn.execute(
+            sql.SQL("select rows from {} where release_id = %s").format(sql.Identifier(naming.results_schema(loaded.name), "releases")), (release_id,)
+        ).fetchone()
+    return list(row[0]) if row else []
+
+
 def _print_releases(runtime: Any, loaded: Any) -> None:
     for query_name in loaded.queries:
         _print_release(runtime, loaded, query_name)
@@ -306,7 +319,9 @@ def run(collab: str) -> None:
 @click.argument("query")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="A query parameter; repeatable.")
 @click.option("--dry-run", is_flag=True, help="Show the epsilon the release would cost and run nothing.")
-def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool) -> None:
+@click.option("--chart", type=click.Path(path_type=Path), help="Also write a PNG chart of the released values with their intervals.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, chart: Path | None, fmt: str) -> None:
     """Run approved QUERY of COLLAB and release it with differential privacy.
 
     \b
@@ -358,9 +373,21 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool) -> 
     if not outcome.success:
         fail(outcome.failure or "release failed")
     meta = outcome.metadata["/".join(naming.release_key(collab, query))]
-    if meta["cached"]:
-        out.print("identical release found (same query, parameters and data): returning it, no budget charged")
-    _print_release(runtime, loaded, query, meta["release_id"])
+    if fmt == "json":
+        rows = _release_rows(runtime, loaded, query, meta["release_id"])
+        out.print_json(data={"release_id": meta["release_id"], "cached": meta["cached"], "epsilon_charged": meta["epsilon_charged"],
+                             "epsilon_remaining": meta["epsilon_remaining"], "params": meta["params"], "rows": rows})
+    else:
+        if meta["cached"]:
+            out.print("identical release found (same query, parameters and data): returning it, no budget charged")
+        _print_release(runtime, loaded, query, meta["release_id"])
+    if chart is not None:
+        from .lib.chart import release_chart
+
+        spec = approved.spec
+        release_chart(_release_rows(runtime, loaded, query, meta["release_id"]), list(spec.dimensions), list(spec.metrics),
+                      f"{collab}/{query} release {meta['release_id']}", chart)
+        err.print(f"chart written to {chart}")
 
 
 @main.group()

@@ -26,7 +26,7 @@ from ..lib import matching, naming
 from ..lib import access
 from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, dbt_vars, validate_params
-from ..lib.policy import LoadedCollaboration
+from ..lib.policy import LoadedCollaboration, PolicyError, load_collaboration
 from ..lib.privacy import ledger
 from ..lib.privacy.release import ReleaseRefused, release_query
 from .resources import SecretsResource, WarehouseResource
@@ -61,7 +61,8 @@ class CollaborationTranslator(DagsterDbtTranslator):
         tags = {"dcr/stage": meta.get("stage") or "source"}
         if meta.get("owner"):
             tags["dcr/party"] = meta["owner"]
-        return spec.replace_attributes(key=key, group_name=collab, tags={**spec.tags, **tags})
+        owners = [f"team:{meta['owner']}"] if meta.get("owner") else ["team:operator"]
+        return spec.replace_attributes(key=key, group_name=collab, tags={**spec.tags, **tags}, owners=owners)
 
 
 UPLOAD_CHECK = "upload_contract"
@@ -98,6 +99,7 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
         group_name=c,
         kinds={"postgres", ds.format.type},
         tags={"dcr/stage": "raw", "dcr/party": party},
+        owners=[f"team:{party}"],
         check_specs=[dg.AssetCheckSpec(UPLOAD_CHECK, asset=key, blocking=True, description="The upload meets the dataset's contract (great-expectations).")],
         description=f"{party}'s upload of {dataset_name}: validated against its contract with great-expectations and swapped in "
         f"atomically as a new version of {naming.raw_schema(c, party)}.{dataset_name}. Landing folder: {folder}. " + (ds.description or ""),
@@ -288,6 +290,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         group_name=c,
         kinds={"postgres", "python"},
         tags={"dcr/stage": "matching"},
+        owners=["team:operator"],
         description=f"Private set intersection (openmined-psi) of {', '.join(parties)}'s identifiers: "
         f"one random match_id per shared person with each party's token. {client} acts as PSI client.",
     )
@@ -346,6 +349,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path) 
         group_name=c,
         kinds={"postgres", "opendp"},
         tags={"dcr/stage": "results", "dcr/consumer": spec.consumer},
+        owners=[f"team:{spec.consumer}"],
         description=f"Differentially private release of {query_name} (epsilon {spec.privacy.epsilon if spec.privacy else '-'}) "
         f"for {', '.join(spec.receivers)}; charged to {spec.consumer}'s budget. {spec.description or ''}",
     )
@@ -405,6 +409,7 @@ def _grants_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         group_name=c,
         kinds={"postgres"},
         tags={"dcr/stage": "access"},
+        owners=["team:operator"],
         description=f"Schemas, least-privilege roles and grants of {c}, derived from the policy and applied idempotently "
         "(per party: raw owner, staging loader, result reader; shared: matching, analysis builder, query runner, admin).",
     )
@@ -418,6 +423,58 @@ def _grants_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
     return grants
 
 
+def _schedules(loaded: LoadedCollaboration) -> list[dg.ScheduleDefinition]:
+    """The schedules the policy declares (created stopped; turn them on in the UI)."""
+    c = loaded.name
+    stages = {"matching": ("private", "staging", "matching"), "queries": ("analysis", "results")}
+    out = []
+    for schedule in loaded.collaboration.schedules:
+        selection = dg.AssetSelection.groups(c)
+        if schedule.target != "all":
+            selection = dg.AssetSelection.groups(c) & dg.AssetSelection.tag("dcr/stage", stages[schedule.target][0])
+            for stage in stages[schedule.target][1:]:
+                selection = selection | (dg.AssetSelection.groups(c) & dg.AssetSelection.tag("dcr/stage", stage))
+        out.append(
+            dg.ScheduleDefinition(
+                name=f"{c}__{schedule.name}",
+                cron_schedule=schedule.cron,
+                target=selection,
+                description=f"Declared in policies/{c}/collaboration.yaml: {schedule.target} at '{schedule.cron}'.",
+            )
+        )
+    return out
+
+
+def _policy_sensor(loaded: LoadedCollaboration) -> dg.SensorDefinition:
+    """Watches the collaboration's policy folder: reports a change or a mistake, re-applies grants after a reload."""
+    c = loaded.name
+    folder = loaded.folder
+
+    @dg.sensor(
+        name=f"{c}__policy_changes",
+        asset_selection=[dg.AssetKey(naming.grants_key(c))],
+        minimum_interval_seconds=60,
+        description=f"Watches {folder}: a changed policy is reported until the code location is reloaded; "
+        "after a reload, grants are re-applied from the new policy; a broken policy is reported with file and line.",
+    )
+    def policy_sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
+        try:
+            on_disk = load_collaboration(folder).policy_sha256
+        except PolicyError as exc:
+            yield dg.SkipReason(f"policy of {c} on disk has {len(exc.issues)} mistake(s); running with the last good one: " + "; ".join(map(str, exc.issues[:5])))
+            return
+        if on_disk != loaded.policy_sha256:
+            yield dg.SkipReason(f"policy of {c} changed on disk ({on_disk[:12]}); reload the code location to use it")
+            return
+        if context.cursor == loaded.policy_sha256:
+            yield dg.SkipReason("policy unchanged")
+            return
+        context.update_cursor(loaded.policy_sha256)
+        yield dg.RunRequest(run_key=f"policy:{loaded.policy_sha256}", tags={"dcr/collaboration": c, "dcr/policy": loaded.policy_sha256[:12]})
+
+    return policy_sensor
+
+
 def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path, exports: Path) -> dg.Definitions:
     """Every asset and the run-everything job of one collaboration."""
     c = loaded.name
@@ -428,4 +485,6 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     assets.append(_dbt_stage(loaded, manifest, "analysis"))
     assets.extend(_release_asset(loaded, q, exports) for q in loaded.queries)
     job = dg.define_asset_job(f"{c}__all", selection=dg.AssetSelection.groups(c), description=f"Materialize collaboration {c} end to end.")
-    return dg.Definitions(assets=assets, jobs=[job], sensors=[_landing_sensor(loaded, landing)])
+    return dg.Definitions(
+        assets=assets, jobs=[job], sensors=[_landing_sensor(loaded, landing), _policy_sensor(loaded)], schedules=_schedules(loaded)
+    )

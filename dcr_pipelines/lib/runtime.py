@@ -50,6 +50,9 @@ def activate(settings: Settings | None = None) -> Runtime:
     dagster_home = settings.home / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(PROJECT_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    # Dagster's first-visit newsletter dialog would cover the asset graph; record it as seen.
+    (dagster_home / ".nux").mkdir(exist_ok=True)
+    (dagster_home / ".nux" / "nux.yaml").write_text("seen: 1\n")
     os.environ.update(
         {
             "DCR_HOME": str(settings.home),
