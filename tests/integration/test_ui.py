@@ -37,7 +37,7 @@ def test_every_asset_has_owners_kinds_and_a_description(runtime) -> None:  # typ
 
 def test_schedules_come_from_the_policy(runtime) -> None:  # type: ignore[no-untyped-def]
     defs = build_definitions(runtime.settings)
-    schedule = defs.get_schedule_def("demo__nightly_refresh")
+    schedule = defs.resolve_schedule_def("demo__nightly_refresh")
     assert schedule.cron_schedule == "0 3 * * *"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
 
@@ -47,7 +47,7 @@ def test_the_policy_sensor_reports_changes_and_mistakes_and_reapplies_grants(run
 
     settings = dataclasses.replace(runtime.settings, policies=policies_copy)
     defs = build_definitions(settings)
-    sensor = defs.get_sensor_def("demo__policy_changes")
+    sensor = defs.resolve_sensor_def("demo__policy_changes")
     instance = dg.DagsterInstance.get()
     with dg.build_sensor_context(instance=instance, definitions=defs) as context:
         first = list(sensor(context))

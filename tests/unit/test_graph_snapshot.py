@@ -1,4 +1,4 @@
-"""A snapshot of every asset key, check and job of the demo collaboration: graph changes show up in review.
+"""A snapshot of every asset key, check, job, schedule and sensor of the demo collaboration: graph changes show up in review.
 
 Regenerate after an intended change with: DCR_UPDATE_SNAPSHOTS=1 make test
 """
@@ -32,6 +32,8 @@ def _graph() -> dict[str, object]:
         },
         "checks": sorted(f"{c.asset_key.to_user_string()}:{c.name}" for c in graph.asset_check_keys),
         "jobs": sorted(j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__")),
+        "schedules": sorted(s.name for s in defs.schedules or []),
+        "sensors": sorted(s.name for s in defs.sensors or []),
         "groups": sorted({graph.get(k).group_name for k in graph.get_all_asset_keys()}),
     }
 
