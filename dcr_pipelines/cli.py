@@ -239,7 +239,12 @@ def policy_check(path: Path | None) -> None:
 @policy.command("hash")
 @click.argument("collab")
 def policy_hash(collab: str) -> None:
-    """Print the SHA-256 each data owner approves for every query of COLLAB."""
+    """Print the SHA-256 each data owner approves for every query of COLLAB.
+
+    \b
+    Example:
+      dcr policy hash demo
+    """
     from .lib.policy import query_sha256
     from .lib.policy.loader import _read_yaml
     from .lib.settings import Settings
@@ -307,7 +312,12 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
 @main.command()
 @click.argument("collab")
 def run(collab: str) -> None:
-    """Materialize every asset of COLLAB: ingest, staging, matching, analyses, releases."""
+    """Materialize every asset of COLLAB: ingest, staging, matching, analyses, releases.
+
+    \b
+    Example:
+      dcr run demo
+    """
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
     _run_collaboration(_definitions(runtime), loaded)
@@ -363,13 +373,14 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
         out.print(f"release would cost epsilon {epsilon:.4g}" + (f" and delta {delta:.3g}" if delta else "") + f" of {approved.spec.consumer}'s budget")
         return
     defs = _definitions(runtime)
-    outcome = materialize(
-        defs,
-        [naming.analysis_key(collab, query), naming.release_key(collab, query)],
-        instance=_instance(),
-        run_config=analysis_run_config(collab, {query: values}),
-        stdout_log=_run_log(),
-    )
+    with err.status(f"running {query} and releasing it through Dagster..."):
+        outcome = materialize(
+            defs,
+            [naming.analysis_key(collab, query), naming.release_key(collab, query)],
+            instance=_instance(),
+            run_config=analysis_run_config(collab, {query: values}),
+            stdout_log=_run_log(),
+        )
     if not outcome.success:
         fail(outcome.failure or "release failed")
     meta = outcome.metadata["/".join(naming.release_key(collab, query))]
@@ -400,7 +411,12 @@ def query() -> None:
 @click.option("--as", "party", required=True, help="The member running the query.")
 @click.argument("sql_text", metavar="SQL")
 def query_check(collab: str, party: str, sql_text: str) -> None:
-    """Validate ad-hoc SQL against every rule of the datasets it reads."""
+    """Validate ad-hoc SQL against every rule of the datasets it reads (not yet supported).
+
+    \b
+    Example:
+      dcr query check demo --as ad_network "select campaign_id, count(*) from impressions group by 1"
+    """
     fail("ad-hoc queries are not yet supported; use an approved query with `dcr release`", 2)
 
 
@@ -409,7 +425,12 @@ def query_check(collab: str, party: str, sql_text: str) -> None:
 @click.option("--as", "party", required=True, help="The member running the query.")
 @click.argument("sql_text", metavar="SQL")
 def query_run(collab: str, party: str, sql_text: str) -> None:
-    """Validate, rewrite and run ad-hoc SQL; print the thresholded or noised result."""
+    """Validate, rewrite and run ad-hoc SQL; print the thresholded or noised result (not yet supported).
+
+    \b
+    Example:
+      dcr query run demo --as ad_network "select campaign_id, count(*) from impressions group by 1"
+    """
     fail("ad-hoc queries are not yet supported; use an approved query with `dcr release`", 2)
 
 
@@ -545,13 +566,23 @@ def db() -> None:
 
 @db.command("url")
 def db_url() -> None:
-    """Print the connection URL of the clean-room database (password hidden)."""
+    """Print the connection URL of the clean-room database (password hidden).
+
+    \b
+    Example:
+      DCR_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/cleanroom dcr db url
+    """
     out.print(_runtime().warehouse.redacted(), markup=False, soft_wrap=True)
 
 
 @db.command("stop")
 def db_stop() -> None:
-    """Stop the embedded PostgreSQL of this deployment (DCR_HOME); no effect on an external database."""
+    """Stop the embedded PostgreSQL of this deployment (DCR_HOME); no effect on an external database.
+
+    \b
+    Example:
+      dcr db stop && rm -rf .dcr
+    """
     from .lib.database import stop_embedded
     from .lib.settings import Settings
 
@@ -595,7 +626,12 @@ def db_roles(collab: str, fmt: str) -> None:
 @click.option("--port", default=3000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 def ui(port: int, host: str) -> None:
-    """Start the Dagster UI (dg dev) on the same database."""
+    """Start the Dagster UI (dg dev) on the same database.
+
+    \b
+    Example:
+      dcr ui --port 3000
+    """
     runtime = _runtime()
     _definitions(runtime)  # prepares the manifest and development secrets before the code server starts
     from .lib.settings import PROJECT_ROOT
