@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import os
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -11,9 +11,8 @@ Stages (keys are ``[collab, stage, name]``):
 
 
 import json
-from collections.abc import Iterator, Mapping
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,9 +20,8 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 from psycopg import sql
 
+from ..lib import access, matching, naming
 from ..lib import ingest as ingest_lib
-from ..lib import matching, naming
-from ..lib import access
 from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, dbt_vars, validate_params
 from ..lib.policy import LoadedCollaboration, PolicyError, load_collaboration

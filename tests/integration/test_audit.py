@@ -7,15 +7,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import psycopg
 import pytest
 
-from dcr_pipelines.defs import audit as trail
 from dcr_pipelines.definitions import build_definitions, secret_names
+from dcr_pipelines.defs import audit as trail
 from dcr_pipelines.lib import demo_data, naming
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.runtime import ensure_development_secrets

@@ -7,12 +7,10 @@ exactly with the same question answered on the plain files with pandas.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -20,14 +18,14 @@ import pandas as pd
 import psycopg
 import pytest
 
-from dcr_pipelines.definitions import build_definitions, secret_names
-from dcr_pipelines.lib import demo_data, naming
-from dcr_pipelines.lib.policy import load_collaboration, query_sha256
-from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
-from dcr_pipelines.lib.settings import PROJECT_ROOT
+from dcr_pipelines.definitions import build_definitions
+from dcr_pipelines.lib import naming
+from dcr_pipelines.lib.policy import query_sha256
+from dcr_pipelines.lib.runtime import secret_env_name
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, ingest_run_config, materialize
 
-from .conftest import COLLAB, expected_campaign_reach as _expected
+from .conftest import COLLAB
+from .conftest import expected_campaign_reach as _expected
 
 pytestmark = pytest.mark.slow
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import pandas as pd
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq

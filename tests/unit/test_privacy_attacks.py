@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 
 import numpy as np
+import opendp.mod
 import pytest
 
-import opendp.mod
 from dcr_pipelines.lib.policy.models import QuerySpec
 from dcr_pipelines.lib.privacy.mechanisms import NoisePlan, add_noise, plan_key_selection, plan_release, select_keys
 from dcr_pipelines.lib.settings import PROJECT_ROOT

@@ -11,9 +11,9 @@ its release.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +24,6 @@ from psycopg import sql
 
 from .. import audit
 from ..policy.models import Budget
-
 
 log = logging.getLogger(__name__)
 
