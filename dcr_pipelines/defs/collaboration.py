@@ -302,25 +302,53 @@ def _cross_reference_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
                     sql.SQL("select token, identifier from {} order by token").format(sql.Identifier(naming.raw_schema(c, party), "identities"))
                 ).fetchall()
                 inputs.append(matching.PartyInput(party, [r[0] for r in rows], [r[1] for r in rows]))
-        result = matching.match(inputs, client, secrets.pairing_key(c), buckets=loaded.collaboration.matching.buckets)
+        buckets = loaded.collaboration.matching.buckets
+        digest = matching.input_digest(inputs, client, buckets)
         with warehouse.connect() as conn:
-            _write_cross_reference(conn, c, result)
+            previous = _previous_match(conn, c)
+        if previous is not None and previous[0] == digest:
+            context.log.info("identities unchanged since the last match: no PSI work, cross-reference and match_ids kept")
+            return dg.MaterializeResult(
+                metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1]), "input_digest": digest,
+                          **{f"input_rows_{inp.party}": dg.MetadataValue.int(len(inp.tokens)) for inp in inputs},
+                          "policy_sha256": loaded.policy_sha256},
+                data_version=dg.DataVersion(digest),
+            )
+        result = matching.match(inputs, client, secrets.pairing_key(c), buckets=buckets)
+        with warehouse.connect() as conn:
+            _write_cross_reference(conn, c, result, digest)
         context.log.info(f"matched {result.matched} people across {len(parties)} parties")
         return dg.MaterializeResult(
             metadata={
                 **{f"input_rows_{p}": dg.MetadataValue.int(n) for p, n in result.input_counts.items()},
                 "matched": dg.MetadataValue.int(result.matched),
+                "recomputed": True,
+                "input_digest": digest,
                 "psi_client": client,
-                "buckets": loaded.collaboration.matching.buckets,
+                "buckets": buckets,
                 "bytes_exchanged": dg.MetadataValue.int(result.bytes_exchanged),
                 "policy_sha256": loaded.policy_sha256,
-            }
+            },
+            data_version=dg.DataVersion(digest),
         )
 
     return cross_reference
 
 
-def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult) -> None:
+def _previous_match(conn: Any, collab: str) -> tuple[str, int] | None:
+    """(input digest, matched count) of the current cross-reference, if one exists."""
+    table = f"{naming.matching_schema(collab)}.cross_reference_builds"
+    if conn.execute("select to_regclass(%s)", (table,)).fetchone()[0] is None:
+        return None
+    row = conn.execute(
+        sql.SQL("select input_digest, matched from {} order by built_at desc limit 1").format(
+            sql.Identifier(naming.matching_schema(collab), "cross_reference_builds")
+        )
+    ).fetchone()
+    return (row[0], int(row[1])) if row else None
+
+
+def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult, digest: str) -> None:
     schema = naming.matching_schema(collab)
     columns = ["match_id", *(naming.party_token_column(p) for p in result.parties)]
     new = sql.Identifier(schema, "cross_reference__new")
@@ -334,6 +362,9 @@ def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult)
         conn.execute(sql.SQL("drop table if exists {} cascade").format(sql.Identifier(schema, "cross_reference")))
         conn.execute(sql.SQL("alter table {} rename to cross_reference").format(new))
         conn.execute(sql.SQL("alter table {} add primary key (match_id)").format(sql.Identifier(schema, "cross_reference")))
+        builds = sql.Identifier(schema, "cross_reference_builds")
+        conn.execute(sql.SQL("create table if not exists {} (input_digest text not null, matched bigint not null, built_at timestamptz not null default now())").format(builds))
+        conn.execute(sql.SQL("insert into {} (input_digest, matched) values (%s, %s)").format(builds), (digest, result.matched))
 
 
 def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path) -> dg.AssetsDefinition:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import multiprocessing
+import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from .psi import PsiClient, PsiServer
@@ -40,6 +43,20 @@ class MatchResult:
         return len(self.rows)
 
 
+def input_digest(inputs: Iterable[PartyInput], client: str, buckets: int) -> str:
+    """What the cross-reference depends on: every party's (token, identifier) pairs and the protocol settings.
+
+    Equal digests mean the previous cross-reference is still right, so no
+    elliptic-curve work is redone and the match_ids stay as they were.
+    """
+    digest = hashlib.sha256(f"client={client};buckets={buckets};v1".encode())
+    for inp in sorted(inputs, key=lambda i: i.party):
+        digest.update(f"\0party={inp.party}\0".encode())
+        for token, identifier in sorted(zip(inp.tokens, inp.identifiers)):
+            digest.update(f"{token}\t{identifier}\n".encode())
+    return digest.hexdigest()
+
+
 def bucket_of(identifier: str, buckets: int) -> int:
     """A stable bucket for an identifier; each party computes it on its own side."""
     if buckets == 1:
@@ -59,8 +76,36 @@ def _split(inp: PartyInput, buckets: int) -> list[list[int]]:
     return out
 
 
-def match(inputs: Sequence[PartyInput], client: str, pairing_key: bytes, buckets: int = 1) -> MatchResult:
-    """Intersect every party's identifiers with PSI and pair the matches under random match_ids."""
+def _bucket_intersection(client_items: list[str], server_sets: list[list[str]]) -> tuple[list[int], int]:
+    """Indices of ``client_items`` found in every server set, and the protocol bytes exchanged.
+
+    The two halves are separate objects with their own fresh keys and see
+    only each other's serialized messages. Runs in a worker process.
+    """
+    still = set(range(len(client_items)))
+    exchanged = 0
+    for server_items in server_sets:
+        if not still:
+            break
+        client_half = PsiClient()
+        server_half = PsiServer()
+        setup = server_half.setup_message(server_items, len(client_items))
+        request = client_half.request(client_items)
+        response = server_half.answer(request)
+        exchanged += len(setup) + len(request) + len(response)
+        still &= set(client_half.intersection(setup, response))
+    return sorted(still), exchanged
+
+
+def match(
+    inputs: Sequence[PartyInput], client: str, pairing_key: bytes, buckets: int = 1, workers: int | None = None
+) -> MatchResult:
+    """Intersect every party's identifiers with PSI and pair the matches under random match_ids.
+
+    Buckets run in parallel on ``workers`` processes (default: one per core;
+    1 runs them in this process). The elliptic-curve work in the library's
+    C++ core dominates, so processes scale with cores.
+    """
     by_party = {inp.party: inp for inp in inputs}
     if client not in by_party:
         raise ValueError(f"matching client {client!r} has no input")
@@ -70,24 +115,20 @@ def match(inputs: Sequence[PartyInput], client: str, pairing_key: bytes, buckets
     servers = [inp for inp in inputs if inp.party != client]
     client_buckets = _split(client_input, buckets)
     server_buckets = {s.party: _split(s, buckets) for s in servers}
-    exchanged = 0
-    matched_client: list[int] = []
+    jobs = []
     for b in range(buckets):
-        indices = client_buckets[b]
-        if not indices:
-            continue
-        items = [client_input.identifiers[i] for i in indices]
-        still = set(range(len(items)))
-        for server_input in servers:
-            server_items = [server_input.identifiers[i] for i in server_buckets[server_input.party][b]]
-            client_half = PsiClient()
-            server_half = PsiServer()
-            setup = server_half.setup_message(server_items, len(items))
-            request = client_half.request(items)
-            response = server_half.answer(request)
-            exchanged += len(setup) + len(request) + len(response)
-            still &= set(client_half.intersection(setup, response))
-        matched_client.extend(indices[i] for i in sorted(still))
+        if client_buckets[b]:
+            items = [client_input.identifiers[i] for i in client_buckets[b]]
+            sets = [[s.identifiers[i] for i in server_buckets[s.party][b]] for s in servers]
+            jobs.append((b, items, sets))
+    workers = min(workers or os.cpu_count() or 1, len(jobs)) or 1
+    if workers == 1:
+        results = [_bucket_intersection(items, sets) for _, items, sets in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_bucket_intersection, [j[1] for j in jobs], [j[2] for j in jobs]))
+    exchanged = sum(r[1] for r in results)
+    matched_client = [client_buckets[b][i] for (b, _, _), (found, _) in zip(jobs, results) for i in found]
 
     client_tags = {pairing_tag(pairing_key, client_input.identifiers[i]): client_input.tokens[i] for i in matched_client}
     server_tags: dict[str, Mapping[bytes, str]] = {}

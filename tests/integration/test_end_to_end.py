@@ -46,6 +46,19 @@ def test_the_cross_reference_holds_exactly_the_shared_people(e2e: dict[str, Any]
     assert e2e["outcome"].metadata[f"{COLLAB}/matching/cross_reference"]["matched"] == e2e["files"].shared_people
 
 
+def test_matching_again_with_unchanged_identities_does_no_psi_work_and_keeps_the_match_ids(e2e: dict[str, Any]) -> None:
+    table = f"{naming.matching_schema(COLLAB)}.cross_reference"
+    with psycopg.connect(e2e["url"]) as conn:
+        before = set(conn.execute(f"select match_id, retailer_token, ad_network_token from {table}").fetchall())
+    outcome = materialize(e2e["defs"], [naming.cross_reference_key(COLLAB)], instance=dg.DagsterInstance.get())
+    assert outcome.success
+    meta = outcome.metadata[f"{COLLAB}/matching/cross_reference"]
+    assert meta["recomputed"] is False and meta["matched"] == e2e["files"].shared_people
+    with psycopg.connect(e2e["url"]) as conn:
+        assert set(conn.execute(f"select match_id, retailer_token, ad_network_token from {table}").fetchall()) == before
+    assert e2e["outcome"].metadata[f"{COLLAB}/matching/cross_reference"]["recomputed"] is True
+
+
 def test_pre_noise_aggregates_equal_the_plain_computation(e2e: dict[str, Any]) -> None:
     expected = _expected(e2e["files"])
     with psycopg.connect(e2e["url"]) as conn:

@@ -78,3 +78,22 @@ def test_match_ids_are_random_not_derived_from_identifiers() -> None:
     second = {row[1]: row[0] for row in match(inputs, "a", KEY).rows}
     assert first.keys() == second.keys()
     assert all(first[t] != second[t] for t in first)
+
+
+def test_parallel_workers_give_the_same_matches_as_one_process() -> None:
+    a, b = _planted(300, 90, seed=11)
+    inputs = [_party("retailer", a), _party("ad_network", b)]
+    one = {row[1:] for row in match(inputs, "retailer", KEY, buckets=4, workers=1).rows}
+    two = {row[1:] for row in match(inputs, "retailer", KEY, buckets=4, workers=2).rows}
+    assert one == two and len(one) == 90
+
+
+def test_the_input_digest_changes_with_the_inputs_and_not_with_their_order() -> None:
+    from dcr_pipelines.lib.matching import input_digest
+
+    a, b = _party("a", ["x@e.com", "y@e.com"]), _party("b", ["y@e.com"])
+    reordered = PartyInput("a", list(reversed(a.tokens)), list(reversed(a.identifiers)))
+    assert input_digest([a, b], "a", 2) == input_digest([b, reordered], "a", 2)
+    assert input_digest([a, b], "a", 2) != input_digest([a, _party("b", ["z@e.com"])], "a", 2)
+    assert input_digest([a, b], "a", 2) != input_digest([a, b], "a", 3)
+    assert input_digest([a, b], "a", 2) != input_digest([a, b], "b", 2)
