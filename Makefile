@@ -31,6 +31,7 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/dp_accuracy.py
 	$(BIN)/python benchmarks/ingest.py --rows $(BENCH_ROWS)
+	$(BIN)/python benchmarks/psi.py --size 100000
 
 # Debian's Chromium for the browser test (skipped, with the reason, when it is absent). Needs root.
 browser:

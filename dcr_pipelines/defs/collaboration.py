@@ -314,7 +314,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
                           "policy_sha256": loaded.policy_sha256},
                 data_version=dg.DataVersion(digest),
             )
-        result = matching.match(inputs, client, secrets.pairing_key(c), buckets=buckets)
+        result = matching.match(inputs, client, secrets.pairing_key(c), buckets=buckets, padding=loaded.collaboration.matching.padding)
         with warehouse.connect() as conn:
             _write_cross_reference(conn, c, result, digest)
         context.log.info(f"matched {result.matched} people across {len(parties)} parties")
@@ -322,6 +322,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
             metadata={
                 **{f"input_rows_{p}": dg.MetadataValue.int(n) for p, n in result.input_counts.items()},
                 "matched": dg.MetadataValue.int(result.matched),
+                "cross_reference_rows": dg.MetadataValue.int(len(result.rows)),
                 "recomputed": True,
                 "input_digest": digest,
                 "psi_client": client,

@@ -201,9 +201,28 @@ def matched_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> 
             f"from {{{{ ref('{n.staging_model(c, p, dataset_name)}') }}}} as staged",
             f"inner join {{{{ source('{n.matching_schema(c)}', 'cross_reference') }}}} as xref",
             f'    on xref."{n.party_token_column(p)}" = staged."{n.token_column(match_col)}"',
+            *_real_matches_only(loaded, p),
             "",
         ]
     )
+
+
+def _real_matches_only(loaded: LoadedCollaboration, party: str) -> list[str]:
+    """With padding, keep the rows whose every other token exists in that party's staging data (fake rows never do)."""
+    if not loaded.collaboration.matching.padding:
+        return []
+    c = loaded.name
+    conditions = []
+    for other in loaded.parties():
+        if other == party:
+            continue
+        exists = []
+        for name, ds in loaded.collaboration.datasets.items():
+            if ds.owner == other:
+                col = n.token_column(_matching_column(loaded, ds))
+                exists.append(f"select 1 from {{{{ ref('{n.staging_model(c, other, name)}') }}}} as o where o.\"{col}\" = xref.\"{n.party_token_column(other)}\"")
+        conditions.append("exists (" + " union all ".join(exists) + ")")
+    return ["where " + "\n    and ".join(conditions)]
 
 
 def rewrite_query(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import multiprocessing
 import os
+import random
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -37,10 +38,7 @@ class MatchResult:
     rows: list[tuple[str, ...]]  # (match_id, token of parties[0], token of parties[1], ...)
     input_counts: dict[str, int]
     bytes_exchanged: int
-
-    @property
-    def matched(self) -> int:
-        return len(self.rows)
+    matched: int
 
 
 def input_digest(inputs: Iterable[PartyInput], client: str, buckets: int) -> str:
@@ -98,7 +96,7 @@ def _bucket_intersection(client_items: list[str], server_sets: list[list[str]]) 
 
 
 def match(
-    inputs: Sequence[PartyInput], client: str, pairing_key: bytes, buckets: int = 1, workers: int | None = None
+    inputs: Sequence[PartyInput], client: str, pairing_key: bytes, buckets: int = 1, workers: int | None = None, padding: bool = False
 ) -> MatchResult:
     """Intersect every party's identifiers with PSI and pair the matches under random match_ids.
 
@@ -145,5 +143,27 @@ def match(
         others = [server_tags[s.party].get(tag) for s in servers]
         if all(t is not None for t in others):
             rows.append((secrets.token_hex(16), client_token, *others))  # type: ignore[arg-type]
+    matched = len(rows)
+    if padding:
+        rows.extend(_padding_rows(parties, [client_input, *servers], {tok for row in rows for tok in row[1:]}))
+        random.SystemRandom().shuffle(rows)
     counts = {inp.party: len(inp.identifiers) for inp in inputs}
-    return MatchResult(parties, rows, counts, exchanged)
+    return MatchResult(parties, rows, counts, exchanged, matched)
+
+
+def _padding_rows(parties: Sequence[str], inputs: Sequence[PartyInput], matched_tokens: set[str]) -> list[tuple[str, ...]]:
+    """One fake row per unmatched identity: its party's real token, forged tokens for the others.
+
+    Forged tokens are random 256-bit values in the same hex form as real
+    tokens, so a reader of the table cannot tell fake rows from real ones;
+    they exist in no party's staging data, so they can never join to it.
+    """
+    out = []
+    for position, inp in enumerate(inputs):
+        for token in inp.tokens:
+            if token in matched_tokens:
+                continue
+            row = [secrets.token_hex(32) for _ in parties]
+            row[position] = token
+            out.append((secrets.token_hex(16), *row))
+    return out

@@ -7,10 +7,12 @@ exactly with the same question answered on the plain files with pandas.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -18,10 +20,10 @@ import pandas as pd
 import psycopg
 import pytest
 
-from dcr_pipelines.definitions import build_definitions
-from dcr_pipelines.lib import naming
+from dcr_pipelines.definitions import build_definitions, secret_names
+from dcr_pipelines.lib import demo_data, naming
 from dcr_pipelines.lib.policy import query_sha256
-from dcr_pipelines.lib.runtime import secret_env_name
+from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, ingest_run_config, materialize
 
 from .conftest import COLLAB
@@ -166,3 +168,28 @@ def test_one_group_per_person_counts_each_shared_buyer_once(e2e: dict[str, Any])
         total, cells = conn.execute(f"select sum(buyers), max(buyers) from {naming.analysis_schema(COLLAB)}.query_campaign_reach").fetchone()
     people = len(set(pd.read_csv(e2e["files"].purchases)["customer_email"].str.strip().str.lower()) & set(pd.read_csv(e2e["files"].impressions)["user_email"].str.strip().str.lower()))
     assert total == people < expected["buyers"].sum()
+
+
+def test_a_padded_cross_reference_changes_no_result(runtime, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from .conftest import land, make_collaboration
+
+    collab = "padded"
+    folder = make_collaboration(tmp_path, collab, groups=24)
+    policy = folder / "collaboration.yaml"
+    policy.write_text(policy.read_text().replace("padding: false", "padding: true"))
+    settings = dataclasses.replace(runtime.settings, policies=tmp_path)
+    ensure_development_secrets(settings.home, secret_names(settings))
+    files = demo_data.generate(tmp_path / "generated", rows=800, overlap=0.4, seed=13)
+    land(files, settings.landing, collab)
+    defs = build_definitions(settings)
+    outcome = materialize(defs, collaboration_keys(defs, collab), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(collab, {}))
+    assert outcome.success, outcome.failure
+    meta = outcome.metadata[f"{collab}/matching/cross_reference"]
+    assert meta["matched"] == files.shared_people
+    assert meta["cross_reference_rows"] == files.retailer_customers + files.ad_network_users - files.shared_people
+    expected = _expected(files).set_index(["campaign_id", "store_region"])
+    with psycopg.connect(runtime.warehouse.url()) as conn:
+        got = conn.execute(f"select campaign_id, store_region, buyers from {naming.analysis_schema(collab)}.query_campaign_reach").fetchall()
+        matched_rows = conn.execute(f"select count(distinct match_id) from {naming.analysis_schema(collab)}.matched_purchases").fetchone()[0]
+    assert {(c, r): int(b) for c, r, b in got} == expected["buyers"].to_dict()
+    assert matched_rows == files.shared_people, "fake rows never join to real data"

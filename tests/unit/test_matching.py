@@ -97,3 +97,18 @@ def test_the_input_digest_changes_with_the_inputs_and_not_with_their_order() -> 
     assert input_digest([a, b], "a", 2) != input_digest([a, _party("b", ["z@e.com"])], "a", 2)
     assert input_digest([a, b], "a", 2) != input_digest([a, b], "a", 3)
     assert input_digest([a, b], "a", 2) != input_digest([a, b], "b", 2)
+
+
+def test_padding_hides_the_overlap_size_with_rows_that_join_nothing() -> None:
+    a, b = _planted(200, 60, seed=5)
+    inputs = [_party("retailer", a), _party("ad_network", b)]
+    result = match(inputs, "retailer", KEY, buckets=2, padding=True)
+    assert result.matched == 60
+    assert len(result.rows) == 200 + 200 - 60, "one row per distinct identity across the parties"
+    real = {t for inp in inputs for t in inp.tokens}
+    for column in (1, 2):
+        tokens = [row[column] for row in result.rows]
+        assert len(set(tokens)) == len(tokens)
+        assert real >= {t for t in tokens if t in real} and sum(t in real for t in tokens) == 200
+        assert all(len(t) == 64 for t in tokens), "forged tokens look like real ones"
+    assert sum(row[1] in real and row[2] in real for row in result.rows) == 60
