@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import multiprocessing
 import os
-import random
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -146,7 +145,7 @@ def match(
     matched = len(rows)
     if padding:
         rows.extend(_padding_rows(parties, [client_input, *servers], {tok for row in rows for tok in row[1:]}))
-        random.SystemRandom().shuffle(rows)
+        rows.sort(key=lambda row: row[0])  # match_ids are random: fake and real rows end up interleaved
     counts = {inp.party: len(inp.identifiers) for inp in inputs}
     return MatchResult(parties, rows, counts, exchanged, matched)
 

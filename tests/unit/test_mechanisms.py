@@ -51,7 +51,7 @@ def test_noise_is_centred_with_the_stated_accuracy() -> None:
     draws = [add_noise(plan, [1000, 0])[0] for _ in range(2000)]
     assert abs(statistics.mean(draws) - 1000) < 0.5
     outside = sum(abs(d - 1000) > plan.accuracy for d in draws) / len(draws)
-    assert outside <= 0.05 + 0.015
+    assert outside <= 0.05 + 0.02  # 4 standard deviations over 2,000 draws
     assert not all(d == 1000 for d in draws)
     assert all(float(d).is_integer() for d in draws), "counts use the discrete Laplace"
 

@@ -88,7 +88,8 @@ def test_dinur_nissim_reconstruction_needs_the_noise_off() -> None:
     spent on them: one person is in up to m subsets, so the L1 sensitivity of
     the answer vector is m and opendp's scale is m / 10 = 80. Least squares
     then has a per-bit error of about 80 / sqrt(m / 4) = 5.7, so a bit is
-    recovered with probability Phi(0.5 / 5.7) = 0.535. Stated margin: 0.10.
+    recovered with probability Phi(0.5 / 5.7) = 0.535. Stated margin: 0.15
+    (4 standard deviations of the recovered fraction over 200 bits).
     """
     n, m = 200, 800
     secret = RNG.integers(0, 2, size=n)
@@ -100,7 +101,7 @@ def test_dinur_nissim_reconstruction_needs_the_noise_off() -> None:
     assert plan.sensitivity == m
     noisy = np.array(add_noise(plan, [int(v) for v in exact]))
     recovered = (_reconstruct(noisy, subsets) == secret).mean()
-    assert recovered <= 0.535 + 0.10
+    assert recovered <= 0.535 + 0.15
 
 
 # --- empirical privacy --------------------------------------------------------------
@@ -154,12 +155,13 @@ def test_a_rare_key_never_appears_just_because_it_exists() -> None:
     selection = plan_key_selection(spec)
     assert selection is not None and selection.delta <= 1e-6
     seen_rare = seen_common = 0
-    for _ in range(5_000):
+    for _ in range(2_000):
         released = select_keys(selection, {"rare": 1, "common": 500})
         seen_rare += "rare" in released
         seen_common += "common" in released
-    assert seen_rare == 0
-    assert seen_common == 5_000
+    # delta <= 1e-6 allows about 0.002 appearances in 2,000 releases; two would be a 1-in-100,000 event.
+    assert seen_rare <= 1
+    assert seen_common == 2_000
 
 
 # --- hygiene ---------------------------------------------------------------------------
