@@ -16,8 +16,8 @@ import multiprocessing
 import os
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 from .psi import PsiClient, PsiServer
 
@@ -73,25 +73,70 @@ def _split(inp: PartyInput, buckets: int) -> list[list[int]]:
     return out
 
 
-def _bucket_intersection(client_items: list[str], server_sets: list[list[str]]) -> tuple[list[int], int]:
-    """Indices of ``client_items`` found in every server set, and the protocol bytes exchanged.
+def _server_half(conn: Connection, buckets: dict[int, list[str]]) -> None:
+    """One party's server half, in its own process: answers requests for its buckets with its own fresh keys."""
+    while (message := conn.recv()) is not None:
+        bucket, request, client_size = message
+        server = PsiServer()
+        setup = server.setup_message(buckets.get(bucket, []), client_size)
+        conn.send((setup, server.answer(request)))
+    conn.close()
 
-    The two halves are separate objects with their own fresh keys and see
-    only each other's serialized messages. Runs in a worker process.
-    """
-    still = set(range(len(client_items)))
+
+def _client_half(conns: list[Connection], buckets: list[tuple[int, list[str]]], results: Connection) -> None:
+    """The client party's half, in its own process: per bucket, a fresh key, a request to every server, the intersection."""
+    found: dict[int, list[int]] = {}
     exchanged = 0
-    for server_items in server_sets:
-        if not still:
-            break
-        client_half = PsiClient()
-        server_half = PsiServer()
-        setup = server_half.setup_message(server_items, len(client_items))
-        request = client_half.request(client_items)
-        response = server_half.answer(request)
-        exchanged += len(setup) + len(request) + len(response)
-        still &= set(client_half.intersection(setup, response))
-    return sorted(still), exchanged
+    for bucket, items in buckets:
+        still = set(range(len(items)))
+        for conn in conns:
+            client = PsiClient()
+            request = client.request(items)
+            conn.send((bucket, request, len(items)))
+            setup, response = conn.recv()
+            exchanged += len(setup) + len(request) + len(response)
+            still &= set(client.intersection(setup, response))
+        found[bucket] = sorted(still)
+    for conn in conns:
+        conn.send(None)
+    results.send((found, exchanged))
+    results.close()
+
+
+def _run_lanes(client_jobs: list[tuple[int, list[str]]], server_sets: list[dict[int, list[str]]], lanes: int) -> tuple[dict[int, list[int]], int]:
+    """Each lane: one client process and one process per server party, exchanging only serialized messages."""
+    ctx = multiprocessing.get_context("spawn")
+    processes, receivers = [], []
+    for lane in range(lanes):
+        jobs = client_jobs[lane::lanes]
+        if not jobs:
+            continue
+        mine = {b for b, _ in jobs}
+        client_ends = []
+        for sets in server_sets:
+            client_end, server_end = ctx.Pipe()
+            processes.append(ctx.Process(target=_server_half, args=(server_end, {b: v for b, v in sets.items() if b in mine}), daemon=True))
+            client_ends.append(client_end)
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        processes.append(ctx.Process(target=_client_half, args=(client_ends, jobs, child_end), daemon=True))
+        receivers.append(parent_end)
+    for process in processes:
+        process.start()
+    found: dict[int, list[int]] = {}
+    exchanged = 0
+    try:
+        for receiver in receivers:
+            lane_found, lane_bytes = receiver.recv()
+            found.update(lane_found)
+            exchanged += lane_bytes
+    except EOFError:
+        raise RuntimeError("a PSI process ended without an answer (see the operator's log)") from None
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+    return found, exchanged
 
 
 def match(
@@ -99,9 +144,10 @@ def match(
 ) -> MatchResult:
     """Intersect every party's identifiers with PSI and pair the matches under random match_ids.
 
-    Buckets run in parallel on ``workers`` processes (default: one per core;
-    1 runs them in this process). The elliptic-curve work in the library's
-    C++ core dominates, so processes scale with cores.
+    Each party's half runs in its own process with its own fresh key per
+    bucket, and the halves exchange only serialized protocol messages over
+    pipes. Buckets are spread over ``workers`` lanes (default: one per core),
+    each lane a client process and one process per server party.
     """
     by_party = {inp.party: inp for inp in inputs}
     if client not in by_party:
@@ -112,20 +158,11 @@ def match(
     servers = [inp for inp in inputs if inp.party != client]
     client_buckets = _split(client_input, buckets)
     server_buckets = {s.party: _split(s, buckets) for s in servers}
-    jobs = []
-    for b in range(buckets):
-        if client_buckets[b]:
-            items = [client_input.identifiers[i] for i in client_buckets[b]]
-            sets = [[s.identifiers[i] for i in server_buckets[s.party][b]] for s in servers]
-            jobs.append((b, items, sets))
-    workers = min(workers or os.cpu_count() or 1, len(jobs)) or 1
-    if workers == 1:
-        results = [_bucket_intersection(items, sets) for _, items, sets in jobs]
-    else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_bucket_intersection, [j[1] for j in jobs], [j[2] for j in jobs]))
-    exchanged = sum(r[1] for r in results)
-    matched_client = [client_buckets[b][i] for (b, _, _), (found, _) in zip(jobs, results) for i in found]
+    client_jobs = [(b, [client_input.identifiers[i] for i in client_buckets[b]]) for b in range(buckets) if client_buckets[b]]
+    server_sets = [{b: [s.identifiers[i] for i in server_buckets[s.party][b]] for b in range(buckets)} for s in servers]
+    lanes = max(1, min(workers or os.cpu_count() or 1, len(client_jobs)))
+    found, exchanged = _run_lanes(client_jobs, server_sets, lanes) if client_jobs else ({}, 0)
+    matched_client = [client_buckets[b][i] for b, _ in client_jobs for i in found.get(b, [])]
 
     client_tags = {pairing_tag(pairing_key, client_input.identifiers[i]): client_input.tokens[i] for i in matched_client}
     server_tags: dict[str, Mapping[bytes, str]] = {}
