@@ -61,3 +61,14 @@ def test_budget_reports_remaining_and_how_many_releases_fit(runtime) -> None:  #
     consumer = report["consumers"][0]
     assert consumer["consumer"] == "ad_network" and consumer["epsilon"] == 10.0
     assert consumer["releases_that_fit"] == {"campaign_reach": int(consumer["remaining"] // 1.0)}
+
+
+def test_a_refused_upload_prints_one_error_line_and_keeps_the_original(runtime, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("customer_email,purchase_value,purchase_date,store_region\nzoe@example.com,12.5,2026-03-01,middle\n")
+    proc = run("ingest", "demo", "retailer", "purchases", str(bad))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: upload rejected, current data kept:"), proc.stderr
+    assert "expect_column_values_to_be_in_set on store_region: 1 row(s) broke it (rows 1)" in lines[0]
+    assert "zoe@example.com" not in proc.stderr and bad.is_file()
