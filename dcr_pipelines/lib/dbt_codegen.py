@@ -271,6 +271,8 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
             aggregates.append(f'    coalesce(sum({clamped}), 0) as "{metric_name}__sum"')
             if metric.aggregate == MetricKind.AVG:
                 aggregates.append(f'    count(*) as "{metric_name}__count"')
+    if spec.rule == "threshold":  # the release removes groups with fewer distinct people than the minimum
+        aggregates.append('    count(distinct match_id) as "dcr_units"')
     inner = "\n".join("    " + line for line in rewrite_query(loaded, query).splitlines())
     dim_list = ", ".join(f'"{d}"' for d in dims)
     return "\n".join(

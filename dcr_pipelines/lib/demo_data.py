@@ -1,4 +1,4 @@
-"""Synthetic uploads for the demo collaboration: a retailer's purchases and an ad network's impressions.
+"""Synthetic uploads for the demo collaboration: a retailer's purchases and customers, an ad network's impressions.
 
 Both parties draw customers from one population so that a chosen fraction of
 the retailer's customers are also the ad network's users. Identifiers carry
@@ -18,6 +18,8 @@ import pandas as pd
 REGIONS = ("north", "south", "east", "west")
 CAMPAIGNS = ("spring_sale", "summer_launch", "back_to_school", "black_friday", "holiday_gifts", "new_year")
 DOMAINS = ("example.com", "mail.example.org", "shop.example.net", "gmail.com", "outlook.example")
+TIERS = ("bronze", "silver", "gold")
+AGE_BANDS = ("18-24", "25-34", "35-44", "45-54", "55+")
 FIRST = ("ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hiro", "ines", "jonas", "kemi", "lena")
 
 
@@ -28,6 +30,12 @@ class DemoFiles:
     retailer_customers: int
     ad_network_users: int
     shared_people: int
+    customers: Path | None = None
+
+    @property
+    def uploads(self) -> tuple[Path, ...]:
+        """Every generated upload, each at ``<party>/<dataset>/<file>``."""
+        return tuple(p for p in (self.purchases, self.impressions, self.customers) if p is not None)
 
 
 def people_counts(rows: int, overlap: float) -> tuple[int, int, int]:
@@ -74,7 +82,7 @@ def _spread(people: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarr
 
 
 def generate(out_dir: Path, rows: int = 10_000, overlap: float = 0.3, seed: int = 7) -> DemoFiles:
-    """Write ``purchases.csv`` and ``impressions.csv`` with ``rows`` rows each into ``out_dir``."""
+    """Write ``purchases.csv`` and ``impressions.csv`` (``rows`` rows each) and ``customers.csv`` (one row per retailer customer)."""
     rng = np.random.default_rng(seed)
     customers, users, shared = people_counts(rows, overlap)
     # Person ids: retailer = [0, customers); ad network = shared ones from the
@@ -103,11 +111,21 @@ def generate(out_dir: Path, rows: int = 10_000, overlap: float = 0.3, seed: int 
             "impression_time": (np.datetime64("2026-01-01T00:00:00") + seconds).astype(str),
         }
     )
+    # The retailer's loyalty profile: one row per customer (drawn last, so the other files do not change).
+    customers_frame = pd.DataFrame(
+        {
+            "customer_email": _mess(_emails(np.sort(retailer_people)), rng),
+            "loyalty_tier": np.array(TIERS)[rng.choice(len(TIERS), size=customers, p=[0.6, 0.3, 0.1])],
+            "age_band": np.array(AGE_BANDS)[rng.integers(0, len(AGE_BANDS), customers)],
+            "lifetime_value": np.round(rng.gamma(2.0, 250.0, customers), 2),
+        }
+    )
     purchases_path = out_dir / "retailer" / "purchases" / "purchases.csv"
     impressions_path = out_dir / "ad_network" / "impressions" / "impressions.csv"
-    for frame, path in ((purchases, purchases_path), (impressions, impressions_path)):
+    customers_path = out_dir / "retailer" / "customers" / "customers.csv"
+    for frame, path in ((purchases, purchases_path), (impressions, impressions_path), (customers_frame, customers_path)):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".csv.tmp")
         frame.to_csv(tmp, index=False)
         tmp.replace(path)
-    return DemoFiles(purchases_path, impressions_path, customers, users, shared)
+    return DemoFiles(purchases_path, impressions_path, customers, users, shared, customers_path)

@@ -68,7 +68,7 @@ def e2e(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
 
 def land(files: demo_data.DemoFiles, landing: Path, collab: str) -> None:
     """Copy generated uploads into the landing folders (ingest archives what it accepts)."""
-    for path in (files.purchases, files.impressions):
+    for path in files.uploads:
         target = landing / collab / path.parent.parent.name / path.parent.name / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)

@@ -235,6 +235,15 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
             problem = _expectation_problem(extra.type, extra.kwargs, ds.columns)
             if problem:
                 issue((*where, "expectations", i), problem)
+        shared = set(ds.shared_columns)
+        for col, spec in ds.columns.items():
+            if (spec.dimension or spec.aggregate or spec.list) and col not in shared:
+                issue((*where, "columns", col), f"column {col!r} has an analysis role (dimension, aggregate or list) but is not in 'shared'")
+        rule = ds.analysis_rule
+        if rule.type == "list" and not any(c.list for c in ds.columns.values()):
+            issue((*where, "analysis_rule", "type"), "a list rule needs at least one column with 'list: true'")
+        if rule.ad_hoc and not any(c.join for c in ds.columns.values()):
+            issue((*where, "analysis_rule", "type"), f"an {rule.type} rule needs a join column ('join: true' on the identifier column)")
         if not any(c.identifier == collab.identity.kind for c in ds.columns.values()):
             issue((*where, "columns"), f"no column is an identifier of kind {collab.identity.kind.value!r}, so the dataset cannot be matched")
     parties = {d.owner for d in collab.datasets.values()}
@@ -313,6 +322,14 @@ def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
         if ds not in collab.datasets:
             line = _line_of(sql_text, ds)
             issues.append(PolicyIssue(sql_path, line, None, "", f"query reads unknown dataset {ds!r} (datasets: {', '.join(collab.datasets)})"))
+    for ds_name in datasets:
+        if ds_name not in collab.datasets:
+            continue
+        rule = collab.datasets[ds_name].analysis_rule
+        if rule.type == "dp" and spec.rule != "dp":
+            issue(("rule",), f"query reads {ds_name!r}, whose analysis rule allows only differentially private releases; set 'rule: dp'")
+        if spec.rule == "threshold" and spec.min_distinct_units < rule.min_distinct_units:
+            issue(("min_distinct_units",), f"{ds_name!r} requires at least {rule.min_distinct_units} distinct units per released row (analysis_rule.min_distinct_units)")
     for placeholder in placeholders:
         if placeholder not in spec.parameters:
             issues.append(PolicyIssue(sql_path, _line_of(sql_text, ":" + placeholder), None, "", f"parameter :{placeholder} is not declared in {spec_path.name}"))

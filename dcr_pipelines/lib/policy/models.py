@@ -57,6 +57,11 @@ class AggregateFunction(StrEnum):
     SUM = "sum"
     SUM_DISTINCT = "sum_distinct"
     AVG = "avg"
+    # Beyond AWS's default set: only if the owner lists them (MIN/MAX reveal one person's value).
+    MIN = "min"
+    MAX = "max"
+    STDDEV = "stddev"
+    VARIANCE = "variance"
 
 
 class Member(Strict):
@@ -103,6 +108,7 @@ class Column(Strict):
     dimension: bool = False
     aggregate: tuple[AggregateFunction, ...] = ()
     join: bool = False
+    list: bool = False
     allowed_values: tuple[str, ...] | None = None
     range: tuple[float, float] | None = None
     max_null_fraction: float | None = Field(default=None, ge=0, le=1)
@@ -111,8 +117,10 @@ class Column(Strict):
 
     @model_validator(mode="after")
     def _roles_are_consistent(self) -> Column:
-        if self.identifier is not None and (self.dimension or self.aggregate):
-            raise ValueError("an identifier column cannot be a dimension or an aggregate")
+        if self.identifier is not None and (self.dimension or self.aggregate or self.list):
+            raise ValueError("an identifier column cannot be a dimension, an aggregate or a list column")
+        if self.join and self.identifier is None:
+            raise ValueError("only identifier columns can be join columns (joins go through the cross-reference table)")
         if self.range is not None and self.range[0] > self.range[1]:
             raise ValueError("range must be [low, high] with low <= high")
         if self.aggregate and self.type not in (ColumnType.INTEGER, ColumnType.NUMERIC):
@@ -128,12 +136,37 @@ class RowFilter(Strict):
     value: Any = None
 
 
+# Scalar functions an owner may allow in ad-hoc SQL (lib/adhoc.py maps each to its parsed forms).
+SCALAR_FUNCTIONS = (
+    "lower", "upper", "trim", "length", "substring", "concat", "round", "abs", "floor", "ceil",
+    "coalesce", "greatest", "least", "date_trunc", "extract", "cast", "case",
+)
+
+
 class AnalysisRule(Strict):
+    """What may be asked of a dataset.
+
+    ``dp`` and ``custom``: only approved queries (``dp``: only differentially private ones).
+    ``aggregation`` and ``list``: also ad-hoc SQL, checked against the column roles and these settings.
+    """
+
     type: Literal["dp", "aggregation", "list", "custom"] = "dp"
     min_distinct_units: int = Field(default=0, ge=0)
     join_required: bool = True
     scalar_functions: tuple[str, ...] = ()
     join_operators: tuple[Literal["and", "or"], ...] = ("and",)
+
+    @field_validator("scalar_functions")
+    @classmethod
+    def _known_functions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [f for f in value if f.lower() not in SCALAR_FUNCTIONS]
+        if unknown:
+            raise ValueError(f"unknown scalar function(s) {', '.join(unknown)}; allowed: {', '.join(SCALAR_FUNCTIONS)}")
+        return tuple(f.lower() for f in value)
+
+    @property
+    def ad_hoc(self) -> bool:
+        return self.type in ("aggregation", "list")
 
 
 class RowBounds(Strict):
@@ -244,9 +277,9 @@ class Dimension(Strict):
     key_selection_delta: float | None = Field(default=None, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> Dimension:
-        if (self.domain is None) == (self.key_selection_delta is None):
-            raise ValueError("a dimension declares either a public 'domain' or a 'key_selection_delta'")
+    def _one_source(self) -> Dimension:
+        if self.domain is not None and self.key_selection_delta is not None:
+            raise ValueError("a dimension declares either a public 'domain' or a 'key_selection_delta', not both")
         if self.domain is not None and len(set(self.domain)) != len(self.domain):
             raise ValueError("domain values must be unique")
         return self
@@ -306,6 +339,17 @@ class QuerySpec(Strict):
     def _rule_needs_settings(self) -> QuerySpec:
         if self.rule == "dp" and self.privacy is None:
             raise ValueError("a query under the dp rule declares 'privacy: {epsilon: ...}'")
+        if self.rule == "dp":
+            for name, dim in self.dimensions.items():
+                if dim.domain is None and dim.key_selection_delta is None:
+                    raise ValueError(f"dimension {name!r} of a dp query declares a public 'domain' or a 'key_selection_delta'")
+        if self.rule == "threshold":
+            if self.privacy is not None:
+                raise ValueError("a threshold query takes no 'privacy' settings (use rule: dp)")
+            if self.min_distinct_units < 1:
+                raise ValueError("a threshold query declares 'min_distinct_units' (at least 1)")
+            if any(d.key_selection_delta is not None for d in self.dimensions.values()):
+                raise ValueError("key_selection_delta is a dp setting; a threshold query's groups are thresholded instead")
         if not self.metrics:
             raise ValueError("a query declares at least one metric")
         return self

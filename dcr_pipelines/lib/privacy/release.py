@@ -39,6 +39,7 @@ def consumer_budget(loaded: LoadedCollaboration, consumer: str) -> Budget:
 
 
 KEY_SEPARATOR = "\x1f"
+THRESHOLD_UNITS = "dcr_units"  # distinct people per group, computed by a threshold query's model
 
 
 def _cells(conn: psycopg.Connection, loaded: LoadedCollaboration, query: ApprovedQuery, columns: list[str]) -> list[dict[str, Any]]:
@@ -129,9 +130,13 @@ def release_query(
     input_versions: dict[str, Any],
     export_dir: Path | None = None,
 ) -> ledger.StoredRelease:
-    """Release ``query`` with DP noise, charging its consumer's budget (or return the stored identical release)."""
-    if query.spec.rule != "dp":
-        raise ReleaseRefused(f"query {query.name} runs under the {query.spec.rule} rule, not dp")
+    """Release ``query`` with DP noise, charging its consumer's budget (or return the stored identical release).
+
+    A query under the threshold rule is released without noise and without charge: its groups with
+    fewer distinct people than ``min_distinct_units`` are removed before anything is stored.
+    """
+    if query.spec.rule == "threshold":
+        return _release_thresholded(conn, loaded, query, params, input_versions, export_dir)
     plans = plan_release(query.spec)
     selection = plan_key_selection(query.spec)
     budget = consumer_budget(loaded, query.spec.consumer)
@@ -155,6 +160,71 @@ def release_query(
         draw=lambda: _noised_rows(cells, query, plans, selection),
         store_rows=_store(loaded, query),
         receivers=query.spec.receivers,
+        query_sha256=query.sha256,
+    )
+    if export_dir is not None:
+        export(stored, loaded, query, export_dir)
+    return stored
+
+
+def _release_thresholded(
+    conn: psycopg.Connection,
+    loaded: LoadedCollaboration,
+    query: ApprovedQuery,
+    params: dict[str, str],
+    input_versions: dict[str, Any],
+    export_dir: Path | None,
+) -> ledger.StoredRelease:
+    spec = query.spec
+    dims = list(spec.dimensions)
+    columns: list[str] = []
+    for name, metric in spec.metrics.items():
+        if metric.aggregate in (MetricKind.COUNT_UNITS, MetricKind.COUNT):
+            columns.append(name)
+        else:
+            columns.append(f"{name}__sum")
+            if metric.aggregate == MetricKind.AVG:
+                columns.append(f"{name}__count")
+    table = sql.Identifier(naming.analysis_schema(loaded.name), f"query_{query.name}")
+    select = sql.SQL(", ").join([sql.Identifier(d) for d in dims] + [sql.Identifier(c) for c in columns])
+    found = conn.execute(
+        sql.SQL("select {} from {} where {} >= %s order by {}").format(
+            select, table, sql.Identifier(THRESHOLD_UNITS), sql.SQL(", ").join(sql.Identifier(d) for d in dims)
+        ),
+        (spec.min_distinct_units,),
+    ).fetchall()
+
+    def rows() -> list[dict[str, Any]]:
+        out = []
+        for found_row in found:
+            cell = dict(zip(dims + columns, found_row))
+            for name, metric in spec.metrics.items():
+                if metric.aggregate in (MetricKind.COUNT_UNITS, MetricKind.COUNT):
+                    value: float | None = float(cell[name])
+                elif metric.aggregate == MetricKind.SUM:
+                    value = float(cell[f"{name}__sum"])
+                else:
+                    count = float(cell[f"{name}__count"])
+                    value = float(cell[f"{name}__sum"]) / count if count else None
+                out.append({**{d: str(cell[d]) for d in dims}, "metric": name, "value": value, "ci_low": None, "ci_high": None})
+        return out
+
+    schema = naming.results_schema(loaded.name)
+    ledger.ensure_tables(conn, schema)
+    budget = next((b for b in loaded.collaboration.budgets if b.consumer == spec.consumer), None)
+    stored = ledger.release(
+        conn,
+        schema,
+        collaboration=loaded.name,
+        query_name=query.name,
+        budget=budget or Budget.model_construct(consumer=spec.consumer, epsilon=0.0, delta=0.0, period_days=None),
+        key=ledger.cache_key(query.sha256, params, input_versions),
+        params=params,
+        input_versions=input_versions,
+        cost=0.0,
+        draw=rows,
+        store_rows=_store(loaded, query),
+        receivers=spec.receivers,
         query_sha256=query.sha256,
     )
     if export_dir is not None:
