@@ -156,7 +156,8 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
         if row is None:
             out.print(f"{query_name}: nothing released yet")
             return
-        status = budget_status(conn, schema, consumer_budget(loaded, query.spec.consumer))
+        thresholded = query.spec.rule == "threshold"
+        status = None if thresholded else budget_status(conn, schema, consumer_budget(loaded, query.spec.consumer))
     rid, rows, epsilon, params, released_at = row
     dims = list(query.spec.dimensions)
     metrics = list(query.spec.metrics)
@@ -164,7 +165,7 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
     for d in dims:
         table.add_column(d)
     for m in metrics:
-        table.add_column(f"{m} (95% CI)", justify="right")
+        table.add_column(m if thresholded else f"{m} (95% CI)", justify="right")
     cells: dict[tuple[str, ...], dict[str, Any]] = {}
     for r in rows:
         cells.setdefault(tuple(r[d] for d in dims), {})[r["metric"]] = r
@@ -180,6 +181,9 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
                 values.append(f"{r['value']:,.0f}  [{r['ci_low']:,.0f}, {r['ci_high']:,.0f}]")
         table.add_row(*key, *values)
     out.print(table)
+    if status is None:
+        out.print(f"threshold rule: exact values, groups with fewer than {query.spec.min_distinct_units} distinct people removed; no budget charged")
+        return
     out.print(
         f"epsilon of this release: {epsilon:.3g}; {query.spec.consumer} has spent {status.spent:.3g} "
         f"and has {status.remaining:.3g} of {status.total:.3g} left"
@@ -411,27 +415,87 @@ def query() -> None:
 @click.option("--as", "party", required=True, help="The member running the query.")
 @click.argument("sql_text", metavar="SQL")
 def query_check(collab: str, party: str, sql_text: str) -> None:
-    """Validate ad-hoc SQL against every rule of the datasets it reads (not yet supported).
+    """Check ad-hoc SQL against every rule of the datasets it reads; run nothing.
+
+    Prints "ok" with the tables and rules involved, or the refusal naming the
+    rule and the offending part of the query (exit code 1).
 
     \b
     Example:
-      dcr query check demo --as ad_network "select campaign_id, count(*) from impressions group by 1"
+      dcr query check demo --as ad_network "select i.campaign_id, c.loyalty_tier, count(distinct c.customer_email) as buyers
+        from impressions as i inner join customers as c on c.customer_email = i.user_email group by 1, 2"
     """
-    fail("ad-hoc queries are not yet supported; use an approved query with `dcr release`", 2)
+    from .lib import adhoc
+    from .lib.policy import PolicyError, load_collaboration
+    from .lib.settings import Settings
+
+    settings = Settings.from_env()
+    folder = settings.policies / collab
+    if not folder.is_dir():
+        fail(f"no collaboration {collab!r} under {settings.policies}", 2)
+    try:
+        loaded = load_collaboration(folder)
+    except PolicyError as exc:
+        fail(str(exc.issues[0]), 2)
+    try:
+        checked = adhoc.check(loaded, party, sql_text)
+    except adhoc.QueryRefused as exc:
+        fail(str(exc))
+    out.print("ok")
+    for line in checked.summary():
+        out.print(f"  {line}", markup=False)
 
 
 @query.command("run")
 @click.argument("collab")
 @click.option("--as", "party", required=True, help="The member running the query.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.argument("sql_text", metavar="SQL")
-def query_run(collab: str, party: str, sql_text: str) -> None:
-    """Validate, rewrite and run ad-hoc SQL; print the thresholded or noised result (not yet supported).
+def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
+    """Check, rewrite and run ad-hoc SQL through Dagster; print the thresholded result.
+
+    Every run is recorded in the event log, refused or not (`dcr audit`).
 
     \b
     Example:
-      dcr query run demo --as ad_network "select campaign_id, count(*) from impressions group by 1"
+      dcr query run demo --as ad_network "select c.loyalty_tier, count(distinct c.customer_email) as buyers,
+        round(avg(c.lifetime_value), 2) as avg_value from impressions as i
+        inner join customers as c on c.customer_email = i.user_email group by c.loyalty_tier"
     """
-    fail("ad-hoc queries are not yet supported; use an approved query with `dcr release`", 2)
+    import csv
+
+    from .lib import adhoc
+    from .lib.database import connect
+    from .runner import ad_hoc_run_config, materialize
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    from .lib import naming
+
+    defs = _definitions(runtime)
+    with err.status("checking and running the query through Dagster..."):
+        outcome = materialize(defs, [naming.ad_hoc_key(collab)], instance=_instance(), run_config=ad_hoc_run_config(collab, party, sql_text),
+                              stdout_log=_run_log())
+    if not outcome.success:
+        fail(outcome.failure or "the query failed")
+    with connect(runtime.warehouse.url()) as conn:
+        columns, rows = adhoc.stored_rows(conn, collab, party, outcome.run_id)
+    if fmt == "json":
+        out.print_json(data={"run_id": outcome.run_id, "columns": columns, "rows": rows})
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        table = Table(title=f"{collab}: ad-hoc query of {party} (run {outcome.run_id[:8]})")
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
+        out.print(table)
+        meta = outcome.metadata.get("/".join(naming.ad_hoc_key(collab)), {})
+        if meta.get("min_distinct_units"):
+            out.print(f"rows with fewer than {meta['min_distinct_units']} distinct people were removed")
 
 
 @main.command()

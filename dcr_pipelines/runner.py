@@ -81,8 +81,13 @@ def materialize(
 
 
 def collaboration_keys(defs: dg.Definitions, collab: str) -> list[list[str]]:
+    """Every materializable asset of the collaboration's pipeline (not the on-demand ad-hoc query)."""
     graph = defs.resolve_asset_graph()
-    return [list(k.path) for k in graph.get_all_asset_keys() if k.path and k.path[0] == collab and graph.get(k).is_materializable]
+    on_demand = naming.ad_hoc_key(collab)
+    return [
+        list(k.path) for k in graph.get_all_asset_keys()
+        if k.path and k.path[0] == collab and graph.get(k).is_materializable and list(k.path) != on_demand
+    ]
 
 
 def analysis_run_config(collab: str, params_by_query: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
@@ -91,3 +96,7 @@ def analysis_run_config(collab: str, params_by_query: Mapping[str, Mapping[str, 
 
 def ingest_run_config(collab: str, party: str, dataset: str, path: str) -> dict[str, Any]:
     return {"ops": {op_name(naming.raw_key(collab, party, dataset)): {"config": {"path": path}}}}
+
+
+def ad_hoc_run_config(collab: str, runner: str, sql_text: str) -> dict[str, Any]:
+    return {"ops": {op_name(naming.ad_hoc_key(collab)): {"config": {"runner": runner, "sql": sql_text}}}}

@@ -20,7 +20,7 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 from psycopg import sql
 
-from ..lib import access, matching, naming
+from ..lib import access, adhoc, matching, naming
 from ..lib import ingest as ingest_lib
 from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, dbt_vars, validate_params
@@ -43,6 +43,13 @@ class AnalysisConfig(dg.Config):
     """Parameters per approved query, as JSON: {"query": {"param": "value"}}; defaults fill the rest."""
 
     params_json: str = "{}"
+
+
+class AdHocConfig(dg.Config):
+    """One ad-hoc SQL query and the member who runs it (see `dcr query run`)."""
+
+    runner: str = ""
+    sql: str = ""
 
 
 class CollaborationTranslator(DagsterDbtTranslator):
@@ -431,6 +438,51 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path) 
     return release
 
 
+def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
+    c = loaded.name
+    open_datasets = [name for name, ds in loaded.collaboration.datasets.items() if ds.analysis_rule.ad_hoc]
+
+    @dg.asset(
+        key=naming.ad_hoc_key(c),
+        deps=[dg.AssetKey(naming.matched_key(c, name)) for name in open_datasets] or [dg.AssetKey(naming.cross_reference_key(c))],
+        group_name=c,
+        kinds={"postgres", "sql"},
+        tags={"dcr/stage": "ad_hoc"},
+        owners=["team:operator"],
+        description=f"Ad-hoc SQL of a member with the run_queries ability, checked against the analysis rules of "
+        f"{', '.join(open_datasets) or 'no dataset (none allows ad-hoc SQL)'}, rewritten onto the matched views and thresholded; "
+        "each run stores its rows for its runner only. Refusals fail the run and name the rule. Run with `dcr query run`.",
+    )
+    def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        digest = adhoc.query_sha256(config.sql)
+        try:
+            checked = adhoc.check(loaded, config.runner, config.sql)
+            with warehouse.connect() as conn:
+                rows = adhoc.execute(conn, loaded, checked, context.run_id, config.sql)
+        except adhoc.QueryRefused as exc:
+            raise dg.Failure(
+                f"query refused: {exc}",
+                metadata={"runner": config.runner, "rule": exc.rule, "query_sha256": digest, "query": adhoc.hashable(config.sql)},
+            ) from None
+        context.log.info(f"ad-hoc query of {config.runner}: {len(rows)} rows released (threshold {checked.min_distinct_units})")
+        return dg.MaterializeResult(
+            metadata={
+                "runner": config.runner,
+                "query": adhoc.hashable(config.sql),
+                "query_sha256": digest,
+                "kind": checked.kind,
+                "datasets": ", ".join(t.dataset for t in checked.tables),
+                "rules": dg.MetadataValue.json(list(checked.rules)),
+                "min_distinct_units": checked.min_distinct_units,
+                "rows": dg.MetadataValue.int(len(rows)),
+                "columns": ", ".join(checked.columns),
+                "policy_sha256": loaded.policy_sha256,
+            }
+        )
+
+    return ad_hoc
+
+
 def _grants_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
     c = loaded.name
 
@@ -453,17 +505,22 @@ def _grants_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
     return grants
 
 
+def pipeline_selection(collab: str) -> dg.AssetSelection:
+    """Every asset of a collaboration's pipeline: all of its group but the on-demand ad-hoc query."""
+    return dg.AssetSelection.groups(collab) - dg.AssetSelection.assets(dg.AssetKey(naming.ad_hoc_key(collab)))
+
+
 def _schedules(loaded: LoadedCollaboration) -> list[dg.ScheduleDefinition]:
     """The schedules the policy declares (created stopped; turn them on in the UI)."""
     c = loaded.name
     stages = {"matching": ("private", "staging", "matching"), "queries": ("analysis", "results")}
     out = []
     for schedule in loaded.collaboration.schedules:
-        selection = dg.AssetSelection.groups(c)
+        selection = pipeline_selection(c)
         if schedule.target != "all":
-            selection = dg.AssetSelection.groups(c) & dg.AssetSelection.tag("dcr/stage", stages[schedule.target][0])
+            selection = pipeline_selection(c) & dg.AssetSelection.tag("dcr/stage", stages[schedule.target][0])
             for stage in stages[schedule.target][1:]:
-                selection = selection | (dg.AssetSelection.groups(c) & dg.AssetSelection.tag("dcr/stage", stage))
+                selection = selection | (pipeline_selection(c) & dg.AssetSelection.tag("dcr/stage", stage))
         out.append(
             dg.ScheduleDefinition(
                 name=f"{c}__{schedule.name}",
@@ -514,7 +571,8 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     assets.append(_cross_reference_asset(loaded))
     assets.append(_dbt_stage(loaded, manifest, "analysis"))
     assets.extend(_release_asset(loaded, q, exports) for q in loaded.queries)
-    job = dg.define_asset_job(f"{c}__all", selection=dg.AssetSelection.groups(c), description=f"Materialize collaboration {c} end to end.")
+    assets.append(_ad_hoc_asset(loaded))
+    job = dg.define_asset_job(f"{c}__all", selection=pipeline_selection(c), description=f"Materialize collaboration {c} end to end.")
     return dg.Definitions(
         assets=assets, jobs=[job], sensors=[_landing_sensor(loaded, landing), _policy_sensor(loaded)], schedules=_schedules(loaded)
     )

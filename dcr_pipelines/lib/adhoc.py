@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import sqlglot
 from sqlglot import exp
@@ -31,6 +32,9 @@ from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from . import naming
 from .policy import LoadedCollaboration
 from .policy.models import Ability, AggregateFunction, Column, Dataset
+
+if TYPE_CHECKING:
+    import psycopg
 
 UNITS = "dcr_units"
 
@@ -50,7 +54,7 @@ NEUTRAL = (
     exp.Table, exp.TableAlias, exp.Alias, exp.Identifier, exp.Column, exp.Literal, exp.Boolean, exp.Null, exp.Paren,
     exp.Neg, exp.Not, exp.And, exp.Or, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Is, exp.In, exp.Between,
     exp.Like, exp.ILike, exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod, exp.Distinct, exp.DataType, exp.Var, exp.Star,
-    exp.If, exp.Interval,
+    exp.Interval,
 )
 CATALOG_PREFIXES = ("pg_", "information_schema")
 SETTINGS_FUNCTIONS = ("current_setting", "set_config", "current_user", "session_user", "version", "inet_server_addr")
@@ -113,6 +117,7 @@ def check(loaded: LoadedCollaboration, runner: str, text: str) -> CheckedQuery:
     _check_member(loaded, runner)
     tree = _parse(text)
     ctx = _Context(loaded, runner)
+    _check_structure(tree)
     _check_tables(ctx, tree)
     rules = _rules(ctx)
     _check_nodes(ctx, tree, rules)
@@ -127,7 +132,7 @@ def check(loaded: LoadedCollaboration, runner: str, text: str) -> CheckedQuery:
     for use in ctx.tables.values():
         units = ctx.loaded.collaboration.datasets[use.dataset].analysis_rule.min_distinct_units
         if units > threshold:
-            threshold, source = units, f"{use.dataset}'s analysis rule"
+            threshold, source = units, f"the analysis rule of {use.dataset}"
     outputs, sql = _rewrite(ctx, tree, threshold)
     return CheckedQuery(runner, kind, tuple(ctx.tables.values()), threshold, source, tuple(outputs), sql, tuple(rules["described"]))
 
@@ -181,6 +186,19 @@ def _parse(text: str) -> exp.Select:
 
 
 # --- tables and rules ----------------------------------------------------------
+
+
+def _check_structure(tree: exp.Select) -> None:
+    """What no rule allows, checked before anything else: nested queries, windows, parameters, SELECT *."""
+    for node in tree.walk():
+        if node is not tree and isinstance(node, (exp.Select, exp.Subquery)):
+            raise QueryRefused("subqueries", f"subquery {_part(node)} is not allowed: read the datasets directly")
+        if isinstance(node, exp.Window):
+            raise QueryRefused("window functions", f"window function {_part(node)} is not allowed: it computes over rows the threshold never sees")
+        if isinstance(node, (exp.Placeholder, exp.Parameter)):
+            raise QueryRefused("parameters", f"{_part(node)}: ad-hoc queries take literal values, not parameters")
+        if isinstance(node, exp.Star) and not isinstance(node.parent, exp.Count):
+            raise QueryRefused("select *", "SELECT * is not allowed: name the dimensions and aggregates to output")
 
 
 def _check_tables(ctx: _Context, tree: exp.Select) -> None:
@@ -258,14 +276,8 @@ def _rules(ctx: _Context) -> dict[str, set[str] | list[str]]:
 def _check_nodes(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | list[str]]) -> None:
     functions = rules["functions"]
     for node in tree.walk():
-        if node is not tree and isinstance(node, (exp.Select, exp.Subquery)):
-            raise QueryRefused("subqueries", f"subquery {_part(node)} is not allowed")
-        if isinstance(node, exp.Window):
-            raise QueryRefused("window functions", f"window function {_part(node)} is not allowed: it computes over rows the threshold never sees")
-        if isinstance(node, (exp.Placeholder, exp.Parameter)):
-            raise QueryRefused("parameters", f"{_part(node)}: ad-hoc queries take literal values, not parameters")
-        if isinstance(node, exp.Star) and not isinstance(node.parent, exp.Count):
-            raise QueryRefused("select *", "SELECT * is not allowed: name the dimensions and aggregates to output")
+        if isinstance(node, NEUTRAL):
+            continue
         if isinstance(node, exp.Anonymous) or (isinstance(node, exp.Func) and type(node) not in SCALAR_FORMS and type(node) not in AGGREGATES):
             name = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
             if name.startswith("pg_") or name in SETTINGS_FUNCTIONS or "setting" in name:
@@ -333,7 +345,7 @@ def _aggregate_function(agg: exp.Expression) -> AggregateFunction:
 
 def _check_columns(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | list[str]]) -> list[str]:
     """Every column reference against its role; returns the output names of the select list."""
-    outputs = [e.alias_or_name for e in tree.expressions]
+    outputs = [e.alias if isinstance(e, exp.Alias) else (e.name if isinstance(e, exp.Column) else "") for e in tree.expressions]
     for column in list(tree.find_all(exp.Column)):
         clause = _clause(column, tree)
         resolved = _resolve(ctx, column)
@@ -356,7 +368,7 @@ def _check_columns(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | 
             )
             if is_units:
                 continue  # COUNT(DISTINCT join column) counts matched people: rewritten to match_id
-            raise QueryRefused(f"{rule} rule, join columns", f"join column {dataset}.{name} may be joined on, never output or filtered ({_part(column.parent or column)})")
+            raise QueryRefused(f"{rule} rule, join columns", f"join column {dataset}.{name} may be joined on, never output or filtered")
         if agg is not None:
             function = _aggregate_function(agg)
             if function not in spec.aggregate:
@@ -372,7 +384,7 @@ def _check_columns(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | 
             continue
         if not spec.dimension:
             role = "an aggregate column: use it inside an allowed aggregate" if spec.aggregate else "not a dimension column"
-            raise QueryRefused("aggregation rule, dimension columns", f"{dataset}.{name} is {role} ({_part(column.parent or column)})")
+            raise QueryRefused("aggregation rule, dimension columns", f"{dataset}.{name} is {role}")
     return outputs
 
 
@@ -457,7 +469,7 @@ def _check_list_shape(ctx: _Context, tree: exp.Select) -> None:
 def _output_names(tree: exp.Select) -> list[str]:
     names: list[str] = []
     for i, item in enumerate(tree.expressions, start=1):
-        name = item.alias_or_name or ""
+        name = item.alias if isinstance(item, exp.Alias) else (item.name if isinstance(item, exp.Column) else "")
         if not name:
             inner = item.unalias()
             name = AGGREGATES.get(type(inner)) or SCALAR_FORMS.get(type(inner)) or f"column_{i}"
@@ -541,3 +553,79 @@ def _rewrite(ctx: _Context, tree: exp.Select, threshold: int) -> tuple[list[str]
 def hashable(text: str) -> str:
     """The query text as logged: whitespace collapsed (the hash identifies what was asked)."""
     return re.sub(r"\s+", " ", text.strip())
+
+
+# --- execution -----------------------------------------------------------------
+
+
+def results_table(runner: str) -> str:
+    return f"ad_hoc__{runner}"
+
+
+def _plain_value(value: object) -> object:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "isoformat"):
+        return value.isoformat()  # type: ignore[no-any-return,union-attr]
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, run_id: str, text: str, timeout_s: int = 120) -> list[dict[str, object]]:
+    """Run a checked query read-only as the analysis role; store its rows for the runner only; return them."""
+    import json
+
+    import psycopg
+    from psycopg import sql
+
+    from . import access
+
+    c = loaded.name
+    with conn.transaction():
+        conn.execute("set transaction read only")
+        conn.execute(sql.SQL("set local statement_timeout = {}").format(sql.Literal(f"{int(timeout_s)}s")))
+        conn.execute(sql.SQL("set local role {}").format(sql.Identifier(access.role_name(c, "analysis_builder"))))
+        try:
+            cursor = conn.execute(checked.sql)  # type: ignore[arg-type]
+        except psycopg.errors.QueryCanceled:
+            raise QueryRefused("resources", f"the query ran longer than {timeout_s} s and was stopped") from None
+        names = [d.name for d in cursor.description or ()]
+        rows = [dict(zip(names, (_plain_value(v) for v in row))) for row in cursor.fetchall()]
+    schema = naming.results_schema(c)
+    table = sql.Identifier(schema, results_table(checked.runner))
+    reader = sql.Identifier(access.role_name(c, checked.runner, "result_reader"))
+    with conn.transaction():
+        conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL(
+                "create table if not exists {} (run_id text not null, ran_at timestamptz not null default now(), "
+                "query_sha256 text not null, query text not null, columns jsonb not null, rows jsonb not null)"
+            ).format(table)
+        )
+        conn.execute(
+            sql.SQL("insert into {} (run_id, query_sha256, query, columns, rows) values (%s, %s, %s, %s, %s)").format(table),
+            (run_id, query_sha256(text), hashable(text), json.dumps(list(checked.columns)), json.dumps(rows)),
+        )
+        conn.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(schema), reader))
+        conn.execute(sql.SQL("grant select on {} to {}").format(table, reader))
+    return rows
+
+
+def stored_rows(conn: psycopg.Connection, collab: str, runner: str, run_id: str) -> tuple[list[str], list[dict[str, object]]]:
+    from psycopg import sql
+
+    row = conn.execute(
+        sql.SQL("select columns, rows from {} where run_id = %s").format(sql.Identifier(naming.results_schema(collab), results_table(runner))),
+        (run_id,),
+    ).fetchone()
+    if row is None:
+        raise LookupError(f"no stored result of run {run_id}")
+    return list(row[0]), list(row[1])
+
+
+def query_sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(hashable(text).encode()).hexdigest()

@@ -97,3 +97,7 @@ def analysis_key(collab: str, query: str) -> list[str]:
 
 def release_key(collab: str, query: str) -> list[str]:
     return [collab, "results", query]
+
+
+def ad_hoc_key(collab: str) -> list[str]:
+    return [collab, "results", "ad_hoc"]
