@@ -121,8 +121,8 @@ def check(loaded: LoadedCollaboration, runner: str, text: str) -> CheckedQuery:
     _check_tables(ctx, tree)
     rules = _rules(ctx)
     _check_nodes(ctx, tree, rules)
-    columns = _check_columns(ctx, tree, rules)
     _check_joins(ctx, tree, rules)
+    columns = _check_columns(ctx, tree, rules)
     kind = "list" if tree.args.get("distinct") else "aggregation"
     if kind == "list":
         _check_list_shape(ctx, tree)
@@ -234,10 +234,13 @@ def _check_tables(ctx: _Context, tree: exp.Select) -> None:
         if rule.type == "dp":
             raise QueryRefused("dp rule", f"dataset {name} releases only differentially private results of approved queries (dp rule); see `dcr release`")
         ctx.tables[alias] = TableUse(alias, name, ds.owner, rule.type)
-    kinds = {t.rule for t in ctx.tables.values()}
-    if len(kinds) > 1:
-        listing = ", ".join(f"{t.dataset}: {t.rule}" for t in ctx.tables.values())
-        raise QueryRefused("analysis rules", f"datasets under different analysis rules cannot be combined ({listing})")
+    kind = "list" if tree.args.get("distinct") else "aggregation"
+    for use in ctx.tables.values():
+        if use.rule == kind or (kind == "list" and use.rule == "aggregation" and use.owner == ctx.runner):
+            continue  # a list query may join (not output) the runner's own aggregation-rule tables
+        if use.rule == "list":
+            raise QueryRefused("list rule", f"dataset {use.dataset} answers only SELECT DISTINCT of its list columns")
+        raise QueryRefused("aggregation rule", f"dataset {use.dataset} answers only aggregates: SELECT DISTINCT lists row values (list rule only)")
     runner_tables = [t for t in ctx.tables.values() if t.owner == ctx.runner]
     for use in ctx.tables.values():
         rule = collab.datasets[use.dataset].analysis_rule
@@ -276,11 +279,15 @@ def _rules(ctx: _Context) -> dict[str, set[str] | list[str]]:
 def _check_nodes(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | list[str]]) -> None:
     functions = rules["functions"]
     for node in tree.walk():
+        if isinstance(node, (exp.Div, exp.Mod)):
+            divisor = node.expression
+            if not (isinstance(divisor, exp.Literal) and divisor.is_number and float(divisor.this) != 0):
+                raise QueryRefused("arithmetic", f"{_part(node)}: divide only by a non-zero number; a division by zero in any group, even one below the threshold, would reveal it")
         if isinstance(node, NEUTRAL):
             continue
         if isinstance(node, exp.Anonymous) or (isinstance(node, exp.Func) and type(node) not in SCALAR_FORMS and type(node) not in AGGREGATES):
             name = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
-            if name.startswith("pg_") or name in SETTINGS_FUNCTIONS or "setting" in name:
+            if name.startswith(("pg_", "current_")) or name in SETTINGS_FUNCTIONS or "setting" in name:
                 raise QueryRefused("system catalogs and settings", f"function {name} reads the server's state and is not allowed")
             raise QueryRefused("scalar functions", f"function {name} is not allowed ({_part(node)})")
         if type(node) in SCALAR_FORMS:
@@ -378,6 +385,10 @@ def _check_columns(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | 
                     f"{function.value.upper().replace('_', ' ')} of {dataset}.{name} is not allowed (allowed: {allowed})",
                 )
             continue
+        if tree.args.get("distinct") and rule == "aggregation":
+            if clause == "select" or not spec.dimension:
+                raise QueryRefused("list rule, list columns", f"{dataset}.{name}: a list query outputs list columns of list-rule datasets only")
+            continue
         if rule == "list":
             if not (spec.list or (clause == "where" and spec.dimension)):
                 raise QueryRefused("list rule, list columns", f"{dataset}.{name} is not a list column of {dataset}")
@@ -427,8 +438,6 @@ def _has_aggregate(node: exp.Expression) -> bool:
 
 def _check_aggregation_shape(ctx: _Context, tree: exp.Select, outputs: list[str]) -> None:
     items = tree.expressions
-    if next(iter(ctx.tables.values())).rule == "list":
-        raise QueryRefused("list rule", "datasets under a list rule answer only SELECT DISTINCT of their list columns")
     if not any(_has_aggregate(e) for e in items):
         raise QueryRefused("aggregation rule", "the query outputs no aggregate: every output row must aggregate people (COUNT, SUM, AVG, ...)")
     group = tree.args.get("group")
@@ -459,8 +468,6 @@ def _check_list_shape(ctx: _Context, tree: exp.Select) -> None:
         raise QueryRefused("list rule", "SELECT DISTINCT ON is not allowed")
     if tree.args.get("group") or tree.args.get("having") or any(_has_aggregate(e) for e in tree.expressions):
         raise QueryRefused("list rule", "a list query is SELECT DISTINCT of list columns: no aggregates, GROUP BY or HAVING")
-    if ctx.tables and next(iter(ctx.tables.values())).rule != "list":
-        raise QueryRefused("aggregation rule", "SELECT DISTINCT lists row values: allowed on datasets under a list rule only")
 
 
 # --- rewrite -------------------------------------------------------------------
@@ -591,6 +598,8 @@ def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Chec
             cursor = conn.execute(checked.sql)  # type: ignore[arg-type]
         except psycopg.errors.QueryCanceled:
             raise QueryRefused("resources", f"the query ran longer than {timeout_s} s and was stopped") from None
+        except psycopg.Error as exc:  # the database's message could quote a value from a row below the threshold
+            raise QueryRefused("run time", f"the query failed in the database (SQLSTATE {exc.sqlstate}); details are withheld because they can depend on rows") from None
         names = [d.name for d in cursor.description or ()]
         rows = [dict(zip(names, (_plain_value(v) for v in row))) for row in cursor.fetchall()]
     schema = naming.results_schema(c)

@@ -1,0 +1,239 @@
+"""Ad-hoc SQL against the analysis rules: a table of accepted and refused queries.
+
+The collaboration is the demo plus a publisher with a list-rule dataset, a
+custom-rule dataset, and two members without the abilities to query. Each
+refused query asserts the rule its refusal names.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import sqlglot
+
+from dcr_pipelines.lib import adhoc
+from dcr_pipelines.lib.policy import load_collaboration
+from dcr_pipelines.lib.settings import PROJECT_ROOT
+
+EXTRA_MEMBERS = """
+  publisher:
+    abilities: [provide_data]
+  auditor:
+    abilities: [receive_results]
+  intern:
+    abilities: [run_queries]
+"""
+
+EXTRA_DATASETS = """
+  subscribers:
+    owner: publisher
+    columns:
+      email: {type: text, identifier: email, nullable: false, join: true}
+      newsletter: {type: text, nullable: false, list: true}
+      country: {type: text, nullable: false, list: true}
+      signup_date: {type: date, nullable: false, dimension: true}
+    analysis_rule: {type: list, join_operators: [and, or], scalar_functions: [lower]}
+
+  notes:
+    owner: publisher
+    columns:
+      email: {type: text, identifier: email, nullable: false, join: true}
+      segment: {type: text, nullable: false, dimension: true}
+    analysis_rule: {type: custom}
+"""
+
+JOIN = "from impressions as i inner join customers as c on c.customer_email = i.user_email"
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("policies") / "demo"
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    text = (folder / "collaboration.yaml").read_text()
+    text = text.replace("\nidentity:", EXTRA_MEMBERS + "\nidentity:", 1).replace("\nbudgets:", EXTRA_DATASETS + "\nbudgets:", 1)
+    (folder / "collaboration.yaml").write_text(text)
+    return load_collaboration(folder)
+
+
+ACCEPTED = [
+    f"select i.campaign_id, c.loyalty_tier, count(distinct c.customer_email) as buyers {JOIN} group by i.campaign_id, c.loyalty_tier",
+    f"select c.loyalty_tier, count(*) {JOIN} group by c.loyalty_tier",
+    f"select c.loyalty_tier, sum(c.lifetime_value), avg(c.lifetime_value) {JOIN} group by 1",
+    f"select c.age_band, round(avg(c.lifetime_value), 2) as avg_value {JOIN} group by c.age_band order by avg_value desc limit 3",
+    f"select count(distinct c.customer_email) {JOIN}",
+    f"select c.loyalty_tier as tier, count(*) as n {JOIN} group by tier order by n",
+    f"select upper(c.loyalty_tier), count(*) {JOIN} group by upper(c.loyalty_tier)",
+    f"select date_trunc('month', i.impression_time) as month, count(distinct i.user_email) {JOIN} group by 1 order by 1",
+    f"select extract(month from i.impression_time) as m, count(*) {JOIN} group by 1",
+    f"select c.loyalty_tier, count(*) {JOIN} where c.age_band in ('18-24', '25-34') group by 1",
+    f"select c.loyalty_tier, count(*) {JOIN} where c.age_band = '55+' or c.loyalty_tier = 'gold' group by 1",
+    f"select c.loyalty_tier, count(*) {JOIN} where i.impression_time >= '2026-03-01' group by 1",
+    f"select c.loyalty_tier, count(*) {JOIN} where not (c.age_band between '18-24' and '35-44') group by 1",
+    f"select c.loyalty_tier, count(*) {JOIN} where c.age_band like '1%' group by 1",
+    f"select c.loyalty_tier, count(*) {JOIN} group by 1 having count(*) > 10",
+    f"select c.loyalty_tier, sum(c.lifetime_value) / count(*) as per_row {JOIN} group by 1",
+    f"select coalesce(c.loyalty_tier, 'none'), count(*) {JOIN} group by 1",
+    "select campaign_id, count(*) from impressions group by campaign_id",
+    "SELECT CAMPAIGN_ID, COUNT(*) FROM IMPRESSIONS GROUP BY CAMPAIGN_ID",
+    "select i.campaign_id, count(distinct i.user_email) from impressions i group by i.campaign_id order by 2 desc",
+    f"select c.loyalty_tier, count(*) {JOIN} group by 1 limit 2 offset 1",
+    "select distinct s.newsletter, s.country from subscribers as s inner join impressions as i on i.user_email = s.email",
+    "select distinct s.newsletter from subscribers s join impressions i on i.user_email = s.email where s.country = 'nl'",
+    "select distinct lower(s.newsletter) from subscribers s join impressions i on i.user_email = s.email",
+    "select distinct s.newsletter from subscribers s join impressions i on i.user_email = s.email where s.signup_date >= '2026-01-01'",
+    "select i.campaign_id, count(*) from impressions i join customers c on i.user_email = c.customer_email and c.customer_email = i.user_email group by 1",
+]
+
+REFUSED = [
+    # (runner, sql, the rule the refusal must name)
+    ("ad_network", "select * from impressions", "select *"),
+    ("ad_network", f"select c.* {JOIN}", "select *"),
+    ("ad_network", "select campaign_id from impressions", "aggregation rule"),
+    ("ad_network", "select campaign_id, count(*) from impressions group by campaign_id; drop table impressions", "single SELECT"),
+    ("ad_network", "delete from impressions", "single SELECT"),
+    ("ad_network", "update impressions set campaign_id = 'x'", "single SELECT"),
+    ("ad_network", "set role postgres", "single SELECT"),
+    ("ad_network", "select campaign_id, count(*) from impressions -- a comment\n group by 1", "query text"),
+    ("ad_network", "select campaign_id, /* hidden */ count(*) from impressions group by 1", "query text"),
+    ("ad_network", "select campaign_id, count(*) from impressions\u200b group by 1", "query text"),
+    ("ad_network", "select campaign_id,\u00a0count(*) from impressions group by 1", "query text"),
+    ("ad_network", "select campaign_id, count(* from impressions", "syntax"),
+    ("ad_network", "select relname, count(*) from pg_class group by 1", "system catalogs"),
+    ("ad_network", "select table_name, count(*) from information_schema.tables group by 1", "system catalogs"),
+    ("ad_network", "select count(*) from pg_catalog.pg_roles", "system catalogs"),
+    ("ad_network", "select current_setting('dcr.hmac_retailer_inner'), count(*) from impressions group by 1", "settings"),
+    ("ad_network", "select campaign_id, count(*) from impressions where pg_sleep(10) is null group by 1", "settings"),
+    ("ad_network", "select version(), count(*) from impressions group by 1", "settings"),
+    ("ad_network", "select count(*) from demo_analysis.matched_customers", "tables"),
+    ("ad_network", "select count(*) from secrets", "tables"),
+    ("ad_network", "select campaign_id, count(*) from impressions group by 1 union select 'x', 1", "set operations"),
+    ("ad_network", "select campaign_id, count(*) from impressions group by 1 union all select campaign_id, count(*) from impressions group by 1", "set operations"),
+    ("ad_network", "select campaign_id, count(*) from impressions group by 1 except select campaign_id, count(*) from impressions group by 1", "set operations"),
+    ("ad_network", "with t as (select user_email from impressions) select count(*) from t", "subqueries"),
+    ("ad_network", "select campaign_id, count(*) from (select * from impressions) as x group by 1", "subqueries"),
+    ("ad_network", "select campaign_id, (select count(*) from customers) from impressions group by 1", "subqueries"),
+    ("ad_network", f"select c.loyalty_tier, count(*) {JOIN} where c.loyalty_tier in (select loyalty_tier from customers) group by 1", "subqueries"),
+    ("ad_network", "select campaign_id, count(*) over (partition by campaign_id) from impressions", "window functions"),
+    ("ad_network", "select campaign_id, row_number() over () from impressions", "window functions"),
+    ("ad_network", f"select c.loyalty_tier, sum(count(*)) over () {JOIN} group by 1", "window functions"),
+    ("ad_network", f"select c.customer_email, count(*) {JOIN} group by 1", "join columns"),
+    ("ad_network", "select user_email, count(*) from impressions group by 1", "join columns"),
+    ("ad_network", f"select c.loyalty_tier, count(*) {JOIN} where c.customer_email = 'ana.1@example.com' group by 1", "join columns"),
+    ("ad_network", f"select c.loyalty_tier, count(*) {JOIN} where lower(i.user_email) like 'ana%' group by 1", "join columns"),
+    ("ad_network", f"select c.loyalty_tier, count(c.customer_email) {JOIN} group by 1", "join columns"),
+    ("ad_network", f"select c.lifetime_value, count(*) {JOIN} group by 1", "dimension columns"),
+    ("ad_network", f"select c.loyalty_tier, count(*) {JOIN} where c.lifetime_value > 5000 group by 1", "dimension columns"),
+    ("ad_network", f"select c.loyalty_tier, max(c.lifetime_value) {JOIN} group by 1", "aggregate columns"),
+    ("ad_network", f"select c.loyalty_tier, min(c.lifetime_value) {JOIN} group by 1", "aggregate columns"),
+    ("ad_network", f"select c.loyalty_tier, count(c.age_band) {JOIN} group by 1", "aggregate columns"),
+    ("ad_network", f"select c.loyalty_tier, sum(distinct c.lifetime_value) {JOIN} group by 1", "aggregate columns"),
+    ("ad_network", f"select c.loyalty_tier, c.age_band, count(*) {JOIN} group by 1", "dimension columns"),
+    ("ad_network", f"select c.lifetime_value as tier, count(*) {JOIN} group by tier", "dimension columns"),
+    ("ad_network", "select c.loyalty_tier, count(*) from customers as c group by 1", "join_required"),
+    ("ad_network", "select count(*) from customers", "join_required"),
+    ("ad_network", "select distinct s.newsletter from subscribers s", "join_required"),
+    ("ad_network", f"select c.loyalty_tier, count(*) from impressions i left join customers c on c.customer_email = i.user_email group by 1", "joins"),
+    ("ad_network", f"select c.loyalty_tier, count(*) from impressions i full outer join customers c on c.customer_email = i.user_email group by 1", "joins"),
+    ("ad_network", "select c.loyalty_tier, count(*) from impressions i cross join customers c group by 1", "joins"),
+    ("ad_network", "select c.loyalty_tier, count(*) from impressions i, customers c where c.customer_email = i.user_email group by 1", "joins"),
+    ("ad_network", "select c.loyalty_tier, count(*) from impressions i join customers c on c.loyalty_tier = i.campaign_id group by 1", "join columns"),
+    ("ad_network", "select c.loyalty_tier, count(*) from impressions i join customers c on c.customer_email <> i.user_email group by 1", "joins"),
+    ("ad_network", "select c.loyalty_tier, count(*) from impressions i join customers c on true group by 1", "joins"),
+    ("ad_network", "select c.loyalty_tier, count(*) from impressions i join customers c on c.customer_email = i.user_email or c.customer_email = i.user_email group by 1", "join_operators"),
+    ("ad_network", f"select case when c.age_band = '55+' then 'old' else 'young' end, count(*) {JOIN} group by 1", "scalar_functions"),
+    ("ad_network", f"select length(c.loyalty_tier), count(*) {JOIN} group by 1", "scalar_functions"),
+    ("ad_network", f"select md5(c.loyalty_tier), count(*) {JOIN} group by 1", "scalar functions"),
+    ("ad_network", f"select c.loyalty_tier, count(*) {JOIN} where c.age_band = $1 group by 1", "parameters"),
+    ("ad_network", f"select c.loyalty_tier, count(*) {JOIN} group by 1 order by c.age_band", "order by"),
+    ("ad_network", f"select c.loyalty_tier, count(*) {JOIN} group by 1 limit (1 + 1)", "limit"),
+    ("ad_network", f"select c.loyalty_tier, count(*) / (count(*) - 3) {JOIN} group by 1", "arithmetic"),
+    ("ad_network", f"select c.loyalty_tier, sum(c.lifetime_value) % count(*) {JOIN} group by 1", "arithmetic"),
+    ("ad_network", "select campaign_id, count(*) as dcr_units from impressions group by 1", "columns"),
+    ("ad_network", "select nope, count(*) from impressions group by 1", "columns"),
+    ("ad_network", f"select loyalty_tier, count(*) {JOIN} join subscribers s on s.email = i.user_email group by 1", "list rule"),
+    ("ad_network", "select s.newsletter, count(*) from subscribers s join impressions i on i.user_email = s.email group by 1", "list rule"),
+    ("ad_network", "select distinct s.signup_date from subscribers s join impressions i on i.user_email = s.email", "list columns"),
+    ("ad_network", "select distinct i.campaign_id, s.newsletter from subscribers s join impressions i on i.user_email = s.email", "list columns"),
+    ("ad_network", "select distinct s.email from subscribers s join impressions i on i.user_email = s.email", "join columns"),
+    ("ad_network", "select distinct i.campaign_id from impressions i join customers c on c.customer_email = i.user_email", "aggregation rule"),
+    ("ad_network", "select store_region, count(*) from purchases group by 1", "dp rule"),
+    ("ad_network", "select n.segment, count(*) from notes n join impressions i on i.user_email = n.email group by 1", "custom rule"),
+    ("retailer", f"select c.loyalty_tier, count(*) {JOIN} group by 1", "member abilities"),
+    ("auditor", f"select c.loyalty_tier, count(*) {JOIN} group by 1", "member abilities"),
+    ("intern", f"select c.loyalty_tier, count(*) {JOIN} group by 1", "member abilities"),
+    ("mallory", f"select c.loyalty_tier, count(*) {JOIN} group by 1", "members"),
+]
+
+
+@pytest.mark.parametrize("sql_text", ACCEPTED)
+def test_accepted(loaded, sql_text: str) -> None:  # type: ignore[no-untyped-def]
+    checked = adhoc.check(loaded, "ad_network", sql_text)
+    assert checked.columns
+    physical = sqlglot.parse_one(checked.sql, read="postgres")
+    # Only matched views are read, and every output row is thresholded on distinct people.
+    assert {t.name for t in physical.find_all(sqlglot.exp.Table)} <= {f"matched_{d}" for d in loaded.collaboration.datasets}
+    assert f'"{adhoc.UNITS}" >= {checked.min_distinct_units}' in checked.sql
+    assert "email" not in checked.sql.replace('"match_id"', "")
+
+
+@pytest.mark.parametrize(("runner", "sql_text", "rule"), REFUSED, ids=[f"{i:02d}" for i in range(len(REFUSED))])
+def test_refused(loaded, runner: str, sql_text: str, rule: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(adhoc.QueryRefused) as caught:
+        adhoc.check(loaded, runner, sql_text)
+    assert rule in caught.value.rule, f"{sql_text!r} refused under {caught.value.rule!r}: {caught.value}"
+
+
+def test_suite_size() -> None:
+    assert len(ACCEPTED) + len(REFUSED) >= 60
+
+
+def test_most_restrictive_settings_win(loaded) -> None:  # type: ignore[no-untyped-def]
+    alone = adhoc.check(loaded, "ad_network", "select campaign_id, count(*) from impressions group by 1")
+    assert alone.min_distinct_units == 25
+    # date_trunc is allowed on both; lower is allowed on subscribers and impressions but a list query
+    # cannot mix rules, so the intersection is visible on the join operators: OR is allowed by
+    # subscribers but not by impressions.
+    with pytest.raises(adhoc.QueryRefused, match="OR is not an allowed join operator"):
+        adhoc.check(loaded, "ad_network", "select distinct s.newsletter from subscribers s join impressions i on i.user_email = s.email or s.email = i.user_email")
+
+
+def test_refusal_names_the_offending_part(loaded) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(adhoc.QueryRefused) as caught:
+        adhoc.check(loaded, "ad_network", "select loyalty_tier, count(*) from customers group by 1")
+    assert str(caught.value) == "table customers requires an inner join with a table of the query runner (ad_network) (aggregation rule, join_required)"
+    with pytest.raises(adhoc.QueryRefused, match=r"customers\.lifetime_value"):
+        adhoc.check(loaded, "ad_network", f"select c.loyalty_tier, max(c.lifetime_value) {JOIN} group by 1")
+
+
+def test_rewrite_ignores_what_the_analyst_typed_around_the_query(loaded) -> None:  # type: ignore[no-untyped-def]
+    a = adhoc.check(loaded, "ad_network", f"select c.loyalty_tier, count(*) {JOIN} group by 1")
+    b = adhoc.check(loaded, "ad_network", f"SELECT   c.loyalty_tier ,\n\tCOUNT(*)\n{JOIN.upper()}\nGROUP BY 1")
+    assert a.sql == b.sql
+
+
+def test_policy_rejects_unknown_scalar_function(tmp_path: Path) -> None:
+    from dcr_pipelines.lib.policy import PolicyError
+
+    folder = tmp_path / "demo"
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    path = folder / "collaboration.yaml"
+    path.write_text(path.read_text().replace("scalar_functions: [date_trunc, extract, lower, upper, round, coalesce]", "scalar_functions: [lowr]", 1))
+    with pytest.raises(PolicyError) as caught:
+        load_collaboration(folder)
+    issue = caught.value.issues[0]
+    assert issue.line is not None and "analysis_rule.scalar_functions" in issue.field and "lowr" in issue.message
+
+
+def test_policy_rejects_threshold_query_on_a_dp_dataset(tmp_path: Path) -> None:
+    from dcr_pipelines.lib.policy import PolicyError
+
+    folder = tmp_path / "demo"
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    spec = folder / "queries" / "region_spend.yaml"
+    text = spec.read_text().replace("rule: dp", "rule: threshold\nmin_distinct_units: 25").replace("privacy:\n  epsilon: 0.5\n", "")
+    spec.write_text(text)
+    with pytest.raises(PolicyError) as caught:
+        load_collaboration(folder)
+    assert any("allows only differentially private releases" in i.message and i.file == spec for i in caught.value.issues)
