@@ -73,7 +73,7 @@ ACCEPTED = [
     f"select c.loyalty_tier, count(*) {JOIN} where not (c.age_band between '18-24' and '35-44') group by 1",
     f"select c.loyalty_tier, count(*) {JOIN} where c.age_band like '1%' group by 1",
     f"select c.loyalty_tier, count(*) {JOIN} group by 1 having count(*) > 10",
-    f"select c.loyalty_tier, sum(c.lifetime_value) / count(*) as per_row {JOIN} group by 1",
+    f"select c.loyalty_tier, sum(c.lifetime_value) / 100 as hundreds {JOIN} group by 1",
     f"select coalesce(c.loyalty_tier, 'none'), count(*) {JOIN} group by 1",
     "select campaign_id, count(*) from impressions group by campaign_id",
     "SELECT CAMPAIGN_ID, COUNT(*) FROM IMPRESSIONS GROUP BY CAMPAIGN_ID",
