@@ -34,8 +34,11 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
             err = event.step_failure_data.user_failure_data
             if err is not None and err.description:
                 return err.description
-            if event.step_failure_data.error is not None:
-                return event.step_failure_data.error.message.strip().splitlines()[-1]
+            error = event.step_failure_data.error
+            while error is not None and error.cause is not None and "DagsterExecutionStepExecutionError" in error.cls_name:
+                error = error.cause  # the user code's own exception, not Dagster's wrapper
+            if error is not None:
+                return error.message.strip().splitlines()[-1]
     return "the run failed (see the Dagster UI for the event log)"
 
 

@@ -458,7 +458,7 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         try:
             checked = adhoc.check(loaded, config.runner, config.sql)
             with warehouse.connect() as conn:
-                rows = adhoc.execute(conn, loaded, checked, context.run_id, config.sql)
+                rows = adhoc.execute(conn, loaded, checked, context.run.run_id, config.sql)
         except adhoc.QueryRefused as exc:
             raise dg.Failure(
                 f"query refused: {exc}",

@@ -1,0 +1,219 @@
+"""Every analysis-rule setting through real runs: ad-hoc SQL via Dagster on PostgreSQL.
+
+The ``adhoc`` collaboration is the demo with its rules varied: impressions
+(the runner's own) allow OR joins and CASE with a threshold of 5 people;
+customers require a join with the runner's table and 25 people per row;
+``segments`` (a copy of the customer file) is under a list rule; purchases
+under a custom rule (approved queries only). Results are compared with the
+same aggregate on the plain files joined on the normalised email.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import psycopg
+import pytest
+
+from dcr_pipelines.definitions import build_definitions, secret_names
+from dcr_pipelines.defs.audit import entries
+from dcr_pipelines.lib import adhoc, demo_data, naming
+from dcr_pipelines.lib.policy import load_collaboration
+from dcr_pipelines.lib.runtime import ensure_development_secrets
+from dcr_pipelines.lib.settings import PROJECT_ROOT
+from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
+
+from .conftest import land
+
+COLLAB = "adhoc"
+JOIN = "from impressions as i inner join customers as c on c.customer_email = i.user_email"
+
+SEGMENTS = """
+  segments:
+    owner: retailer
+    columns:
+      customer_email: {type: text, identifier: email, nullable: false, join: true}
+      loyalty_tier: {type: text, nullable: false, list: true}
+      age_band: {type: text, nullable: false, list: true}
+      lifetime_value: {type: numeric, nullable: false}
+    shared: [loyalty_tier, age_band]
+    analysis_rule: {type: list, join_operators: [and, or], min_distinct_units: 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def collab(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("adhoc_policies")
+    folder = root / COLLAB
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    path = folder / "collaboration.yaml"
+    text = path.read_text().replace("name: demo", f"name: {COLLAB}")
+    impressions_rule = (
+        "    analysis_rule:  # the ad network's own table: ad-hoc aggregates, thresholded\n"
+        "      type: aggregation\n      min_distinct_units: 25\n      join_required: false\n"
+        "      scalar_functions: [date_trunc, extract, lower, upper, round, coalesce]\n      join_operators: [and]\n"
+    )
+    assert impressions_rule in text
+    text = text.replace(
+        impressions_rule,
+        "    analysis_rule:\n      type: aggregation\n      min_distinct_units: 5\n      join_required: false\n"
+        "      scalar_functions: [date_trunc, case, upper]\n      join_operators: [and, or]\n",
+    )
+    text = text.replace("scalar_functions: [date_trunc, extract, lower, upper, round, coalesce]", "scalar_functions: [date_trunc, round]")
+    text = text.replace("    analysis_rule: {type: dp}\n", "    analysis_rule: {type: custom}\n", 1)
+    text = text.replace("\nbudgets:", SEGMENTS + "\nbudgets:", 1)
+    path.write_text(text)
+    loaded = load_collaboration(folder)
+    assert loaded.collaboration.datasets["purchases"].analysis_rule.type == "custom"
+    settings = dataclasses.replace(runtime.settings, policies=root)
+    ensure_development_secrets(settings.home, secret_names(settings))
+    files = demo_data.generate(settings.home / "generated" / COLLAB, rows=1_500, overlap=0.4, seed=21)
+    land(files, settings.landing, COLLAB)
+    segments = settings.landing / COLLAB / "retailer" / "segments" / "segments.csv"
+    segments.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(files.customers, segments)
+    defs = build_definitions(settings)
+    outcome = materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    assert outcome.success, outcome.failure
+    return {"defs": defs, "files": files, "url": runtime.warehouse.url(), "loaded": loaded}
+
+
+def _run(collab: dict[str, Any], sql_text: str, runner: str = "ad_network") -> tuple[Any, pd.DataFrame | None]:
+    outcome = materialize(collab["defs"], [naming.ad_hoc_key(COLLAB)], instance=dg.DagsterInstance.get(), run_config=ad_hoc_run_config(COLLAB, runner, sql_text))
+    if not outcome.success:
+        return outcome, None
+    with psycopg.connect(collab["url"], autocommit=True) as conn:
+        columns, rows = adhoc.stored_rows(conn, COLLAB, runner, outcome.run_id)
+    return outcome, pd.DataFrame(rows, columns=columns)
+
+
+def _plain(collab: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    files = collab["files"]
+    i = pd.read_csv(files.impressions).assign(email=lambda f: f["user_email"].str.strip().str.lower())
+    c = pd.read_csv(files.customers).assign(email=lambda f: f["customer_email"].str.strip().str.lower())
+    return i, c
+
+
+def _same(actual: pd.DataFrame, expected: pd.DataFrame, keys: list[str]) -> None:
+    actual = actual.sort_values(keys).reset_index(drop=True)
+    expected = expected.sort_values(keys).reset_index(drop=True)[list(actual.columns)]
+    pd.testing.assert_frame_equal(actual, expected, check_dtype=False, check_exact=False, rtol=1e-9)
+
+
+def test_aggregation_equals_the_plain_join_minus_rows_under_the_threshold(collab) -> None:  # type: ignore[no-untyped-def]
+    outcome, got = _run(collab, f"select c.loyalty_tier, c.age_band, count(distinct c.customer_email) as buyers, "
+                                f"count(*) as impressions, sum(c.lifetime_value) as value {JOIN} group by 1, 2")
+    assert outcome.success, outcome.failure
+    i, c = _plain(collab)
+    joined = i.merge(c, on="email")
+    expected = joined.groupby(["loyalty_tier", "age_band"], as_index=False).agg(
+        buyers=("email", "nunique"), impressions=("email", "size"), value=("lifetime_value", "sum"))
+    kept = expected[expected["buyers"] >= 25]
+    assert 0 < len(kept) < len(expected), "the data must put groups on both sides of the threshold"
+    _same(got, kept, ["loyalty_tier", "age_band"])
+
+
+def test_the_most_restrictive_threshold_wins(collab) -> None:  # type: ignore[no-untyped-def]
+    i, c = _plain(collab)
+    matched = i[i["email"].isin(set(c["email"]))]
+    # impressions alone: its own threshold (5)
+    _, alone = _run(collab, "select campaign_id, date_trunc('month', impression_time) as month, count(distinct user_email) as people "
+                            "from impressions group by 1, 2")
+    per = matched.assign(month=pd.to_datetime(matched["impression_time"]).dt.to_period("M").dt.to_timestamp()).groupby(
+        ["campaign_id", "month"], as_index=False).agg(people=("email", "nunique"))
+    assert alone is not None
+    alone["month"] = pd.to_datetime(alone["month"])
+    _same(alone, per[per["people"] >= 5], ["campaign_id", "month"])
+    # joined with customers: 25
+    _, joined = _run(collab, f"select i.campaign_id, date_trunc('month', i.impression_time) as month, count(distinct c.customer_email) as people {JOIN} group by 1, 2")
+    assert joined is not None
+    assert len(joined) < len(alone) and (joined["people"] >= 25).all()
+
+
+def test_list_rule_returns_distinct_values_over_the_overlap(collab) -> None:  # type: ignore[no-untyped-def]
+    sql_and = "select distinct s.loyalty_tier, s.age_band from segments as s inner join impressions as i on i.user_email = s.customer_email"
+    _, got = _run(collab, sql_and)
+    _, got_or = _run(collab, sql_and + " or s.customer_email = i.user_email")  # OR is allowed by both datasets
+    i, c = _plain(collab)
+    joined = i.merge(c, on="email")
+    counts = joined.groupby(["loyalty_tier", "age_band"], as_index=False).agg(n=("email", "nunique"))
+    expected = counts[counts["n"] >= 3][["loyalty_tier", "age_band"]]
+    assert got is not None and got_or is not None
+    _same(got, expected, ["loyalty_tier", "age_band"])
+    _same(got_or, expected, ["loyalty_tier", "age_band"])
+
+
+@pytest.mark.parametrize(
+    ("runner", "sql_text", "rule"),
+    [
+        ("ad_network", "select loyalty_tier, count(*) from customers group by 1", "join_required"),
+        ("ad_network", "select store_region, count(*) from purchases group by 1", "custom rule"),
+        ("ad_network", f"select upper(c.loyalty_tier), count(*) {JOIN} group by 1", "scalar_functions"),  # impressions allows upper, customers not
+        ("ad_network", f"select c.loyalty_tier, count(*) from impressions i join customers c on c.customer_email = i.user_email or i.user_email = c.customer_email group by 1", "join_operators"),
+        ("ad_network", f"select c.loyalty_tier, max(c.lifetime_value) {JOIN} group by 1", "aggregate columns"),
+        ("ad_network", f"select c.customer_email, count(*) {JOIN} group by 1", "join columns"),
+        ("retailer", f"select c.loyalty_tier, count(*) {JOIN} group by 1", "member abilities"),
+    ],
+)
+def test_refused_runs_fail_name_the_rule_and_are_logged(collab, runner: str, sql_text: str, rule: str) -> None:  # type: ignore[no-untyped-def]
+    outcome, _ = _run(collab, sql_text, runner)
+    assert not outcome.success
+    assert outcome.failure.startswith("query refused:") and rule in outcome.failure
+    logged = [e for e in entries(dg.DagsterInstance.get(), collab["loaded"]) if e["run_id"] == outcome.run_id]
+    assert logged and logged[0]["kind"] == "refused or failed" and rule in logged[0]["metadata"]["message"]
+
+
+def test_case_is_allowed_where_every_dataset_allows_it(collab) -> None:  # type: ignore[no-untyped-def]
+    _, got = _run(collab, "select case when campaign_id like 's%' then 'early' else 'late' end as season, count(*) as n from impressions group by 1")
+    i, c = _plain(collab)
+    matched = i[i["email"].isin(set(c["email"]))]
+    expected = matched.assign(season=matched["campaign_id"].str.startswith("s").map({True: "early", False: "late"})).groupby(
+        "season", as_index=False).agg(n=("email", "size"))
+    assert got is not None
+    _same(got, expected, ["season"])
+
+
+def test_accepted_runs_are_logged_and_results_are_the_runners_only(collab) -> None:  # type: ignore[no-untyped-def]
+    outcome, got = _run(collab, f"select c.loyalty_tier, count(*) as n {JOIN} group by 1")
+    assert got is not None and len(got) == 3
+    meta = outcome.metadata["/".join(naming.ad_hoc_key(COLLAB))]
+    assert meta["runner"] == "ad_network" and meta["min_distinct_units"] == 25 and meta["rows"] == 3
+    table = f'"{naming.results_schema(COLLAB)}"."{adhoc.results_table("ad_network")}"'
+    with psycopg.connect(collab["url"], autocommit=True) as conn:
+        conn.execute(f"set role dcr_{COLLAB}_ad_network_result_reader")
+        assert conn.execute(f"select count(*) from {table} where run_id = %s", (outcome.run_id,)).fetchone()[0] == 1
+        conn.execute("reset role")
+        conn.execute(f"set role dcr_{COLLAB}_retailer_result_reader")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f"select * from {table}")
+
+
+def test_the_analysis_role_cannot_write_even_through_the_checked_query(collab) -> None:  # type: ignore[no-untyped-def]
+    checked = adhoc.check(collab["loaded"], "ad_network", f"select c.loyalty_tier, count(*) {JOIN} group by 1")
+    tampered = dataclasses.replace(checked, sql=f'create table "{naming.analysis_schema(COLLAB)}".stolen (x int)')
+    with psycopg.connect(collab["url"], autocommit=True) as conn, pytest.raises(adhoc.QueryRefused, match="run time"):
+        adhoc.execute(conn, collab["loaded"], tampered, "tampered", "x")
+
+
+def test_threshold_rule_release_equals_plain_aggregate_minus_small_groups(collab) -> None:  # type: ignore[no-untyped-def]
+    outcome = materialize(collab["defs"], [naming.release_key(COLLAB, "tier_reach")], instance=dg.DagsterInstance.get())
+    assert outcome.success, outcome.failure
+    meta = outcome.metadata["/".join(naming.release_key(COLLAB, "tier_reach"))]
+    assert meta["epsilon_of_release"] == 0
+    with psycopg.connect(collab["url"], autocommit=True) as conn:
+        rows = conn.execute(f'select campaign_id, loyalty_tier, metric, value from "{naming.results_schema(COLLAB)}".tier_reach where release_id = %s',
+                            (meta["release_id"],)).fetchall()
+    got = pd.DataFrame(rows, columns=["campaign_id", "loyalty_tier", "metric", "value"]).pivot(
+        index=["campaign_id", "loyalty_tier"], columns="metric", values="value").reset_index()
+    i, c = _plain(collab)
+    exposed = i[i["impression_time"] >= "2026-01-01"][["email", "campaign_id"]].drop_duplicates().merge(c, on="email")
+    exposed["clamped"] = exposed["lifetime_value"].clip(0, 5000)
+    expected = exposed.groupby(["campaign_id", "loyalty_tier"], as_index=False).agg(buyers=("email", "nunique"), lifetime_value=("clamped", "mean"))
+    kept = expected[expected["buyers"] >= 25]
+    assert 0 < len(kept) < len(expected)
+    got.columns.name = None
+    _same(got[["campaign_id", "loyalty_tier", "buyers", "lifetime_value"]], kept, ["campaign_id", "loyalty_tier"])
