@@ -336,7 +336,7 @@ def run(collab: str) -> None:
 @click.option("--chart", type=click.Path(path_type=Path), help="Also write a PNG chart of the released values with their intervals.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, chart: Path | None, fmt: str) -> None:
-    """Run approved QUERY of COLLAB and release it with differential privacy.
+    """Run approved QUERY of COLLAB and release it (with differential privacy, or thresholded under the threshold rule).
 
     \b
     Examples:
@@ -363,6 +363,10 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
         values = validate_params(approved, supplied)
     except ParameterError as exc:
         fail(str(exc), 2)
+    if dry_run and approved.spec.rule == "threshold":
+        out.print(f"threshold rule: exact values, groups with fewer than {approved.spec.min_distinct_units} distinct people removed; "
+                  "no epsilon is charged")
+        return
     if dry_run:
         plans = plan_release(approved.spec)
         selection = plan_key_selection(approved.spec)

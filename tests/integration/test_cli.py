@@ -47,9 +47,30 @@ def test_dry_run_shows_the_epsilon_the_release_would_cost(runtime) -> None:  # t
     assert "buyers: sensitivity 3" in proc.stdout and "spend__sum: sensitivity 900" in proc.stdout
 
 
-def test_ad_hoc_queries_say_they_are_not_yet_supported() -> None:
-    proc = run("query", "check", "demo", "--as", "ad_network", "select 1")
-    assert proc.returncode == 2 and "not yet supported" in proc.stderr
+def test_query_check_prints_ok_and_the_rules_or_one_refusal_line() -> None:
+    sql_text = ("select c.loyalty_tier, count(distinct c.customer_email) as buyers from impressions as i "
+                "inner join customers as c on c.customer_email = i.user_email group by 1")
+    proc = run("query", "check", "demo", "--as", "ad_network", sql_text)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok\n") and "customers (retailer, aggregation rule)" in proc.stdout and "fewer than 25 distinct people" in proc.stdout
+    proc = run("query", "check", "demo", "--as", "ad_network", "select loyalty_tier, count(*) from customers group by 1")
+    assert proc.returncode == 1
+    assert proc.stderr == ("error: table customers requires an inner join with a table of the query runner (ad_network) "
+                           "(aggregation rule, join_required)\n")
+    proc = run("query", "check", "nope", "--as", "ad_network", "select 1")
+    assert proc.returncode == 2 and "no collaboration 'nope'" in proc.stderr
+
+
+def test_query_run_refuses_through_dagster_with_the_rule(runtime) -> None:  # type: ignore[no-untyped-def]
+    proc = run("query", "run", "demo", "--as", "ad_network", "select * from impressions")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: query refused: SELECT * is not allowed: name the dimensions and aggregates to output (select *)"
+
+
+def test_threshold_query_dry_run_says_it_costs_no_epsilon(runtime) -> None:  # type: ignore[no-untyped-def]
+    proc = run("release", "demo", "tier_reach", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "threshold rule" in proc.stdout and "no epsilon" in proc.stdout
 
 
 def test_budget_reports_remaining_and_how_many_releases_fit(runtime) -> None:  # type: ignore[no-untyped-def]
