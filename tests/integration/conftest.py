@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,17 @@ ROWS, OVERLAP, SEED = 1_500, 0.4, 5
 CANARY = {"retailer": "5ec7e7ca" * 8, "ad_network": "0ddba11c" * 8, "pairing": "feedface" * 8}
 
 
+ONLY_QUERY = "campaign_reach"
+
+
 def make_collaboration(root: Path, name: str, *, groups: int, budget: float = 10.0, receivers: str = "[ad_network, retailer]") -> Path:
-    """A copy of the demo named ``name`` with the query's group limit and receivers set, approvals re-signed."""
+    """A copy of the demo named ``name`` with one approved query (campaign_reach): its group limit and receivers
+    set, approvals re-signed. (The demo's other queries are tested in test_adhoc.py.)"""
     folder = root / name
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    for extra in (folder / "queries").iterdir():
+        if extra.stem != ONLY_QUERY:
+            extra.unlink()
     collab = folder / "collaboration.yaml"
     spec = folder / "queries" / "campaign_reach.yaml"
     text = spec.read_text().replace("max_groups_per_unit: 3", f"max_groups_per_unit: {groups}")
@@ -42,6 +50,10 @@ def make_collaboration(root: Path, name: str, *, groups: int, budget: float = 10
     old = load_collaboration(PROJECT_ROOT / "policies" / "demo").queries["campaign_reach"].sha256
     new = query_sha256((folder / "queries" / "campaign_reach.sql").read_text(), spec.read_text())
     text = collab.read_text().replace("name: demo", f"name: {name}").replace(old, new)
+    head, rest = text.split("\napprovals:\n")
+    approvals, tail = rest.split("\nschedules:")
+    approvals = re.sub(r"(?m)^  (?!" + ONLY_QUERY + r":)\w+:\n(?:    .*\n)+", "", approvals)
+    text = head + "\napprovals:\n" + approvals + "\nschedules:" + tail
     collab.write_text(text.replace("epsilon: 10.0", f"epsilon: {budget}"))
     return folder
 

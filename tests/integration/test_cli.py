@@ -81,7 +81,8 @@ def test_budget_reports_remaining_and_how_many_releases_fit(runtime) -> None:  #
     report = json.loads(proc.stdout)
     consumer = report["consumers"][0]
     assert consumer["consumer"] == "ad_network" and consumer["epsilon"] == 10.0
-    assert consumer["releases_that_fit"] == {"campaign_reach": int(consumer["remaining"] // 1.0)}
+    # epsilon 1 and 0.5 per release; the threshold query tier_reach costs none and is not listed
+    assert consumer["releases_that_fit"] == {"campaign_reach": int(consumer["remaining"] // 1.0), "region_spend": int(consumer["remaining"] // 0.5)}
 
 
 def test_a_refused_upload_prints_one_error_line_and_keeps_the_original(runtime, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,187 @@
+"""The demo collaboration end to end against the same job without privacy.
+
+    .venv/bin/python benchmarks/end_to_end.py [--rows 100000]
+
+On a fresh embedded PostgreSQL under a temporary DCR_HOME:
+
+1. full run: every asset of a copy of ``policies/demo`` materialized in-process
+   through Dagster (ingest + validation, dbt staging, PSI matching, dbt
+   analysis, the three releases), with each step's wall time;
+2. re-run with nothing changed;
+3. re-run after 1% new rows in the ad network's upload;
+4. the no-privacy baseline on the same data and database: COPY the three
+   files, join on the plain normalised email, compute the same aggregates in SQL.
+
+Writes ``benchmarks/results/end_to_end_<rows>.json``. Peak memory: this
+process (Dagster, ingest, release) and the largest child (dbt, the PSI
+party processes); the PostgreSQL server is not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+COLLAB = "bench"
+
+BASELINE_SQL = """
+drop schema if exists plain cascade;
+create schema plain;
+create table plain.purchases (customer_email text, purchase_value numeric, purchase_date date, store_region text);
+create table plain.impressions (user_email text, campaign_id text, impression_time timestamp);
+create table plain.customers (customer_email text, loyalty_tier text, age_band text, lifetime_value numeric);
+"""
+
+BASELINE_QUERIES = {
+    "campaign_reach": """
+        with exposed as (select distinct lower(trim(user_email)) as email, campaign_id from plain.impressions
+                         where impression_time >= '2026-01-01'),
+             spend as (select lower(trim(customer_email)) as email, store_region, sum(purchase_value) as spend
+                       from plain.purchases where purchase_date >= '2026-01-01' group by 1, 2)
+        select campaign_id, store_region, count(distinct exposed.email), sum(least(greatest(spend, 0), 300))
+        from exposed join spend using (email) group by 1, 2""",
+    "region_spend": """
+        with exposed as (select distinct lower(trim(user_email)) as email from plain.impressions where impression_time >= '2026-01-01')
+        select store_region, count(distinct email), sum(least(greatest(spend, 0), 500)) from (
+            select lower(trim(customer_email)) as email, store_region, sum(purchase_value) as spend
+            from plain.purchases where purchase_date >= '2026-01-01' group by 1, 2) s
+        join exposed using (email) group by 1""",
+    "tier_reach": """
+        select campaign_id, loyalty_tier, count(distinct email), avg(least(greatest(lifetime_value, 0), 5000)) from (
+            select distinct lower(trim(user_email)) as email, campaign_id from plain.impressions where impression_time >= '2026-01-01') e
+        join (select lower(trim(customer_email)) as email, loyalty_tier, lifetime_value from plain.customers) c using (email)
+        group by 1, 2 having count(distinct email) >= 25""",
+}
+
+
+def _peak_mb() -> dict[str, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"this_process_mb": round(own, 1), "largest_child_mb": round(children, 1)}
+
+
+def _stage_times(instance: Any, run_id: str) -> dict[str, float]:
+    stats = instance.get_run_step_stats(run_id)
+    return {s.step_key.removeprefix(f"{COLLAB}__"): round((s.end_time or 0) - (s.start_time or 0), 2) for s in stats if s.end_time}
+
+
+def _run(defs: Any, keys: list[list[str]], label: str) -> dict[str, Any]:
+    import dagster as dg
+
+    from dcr_pipelines.runner import analysis_run_config, materialize
+
+    instance = dg.DagsterInstance.get()
+    started = time.perf_counter()
+    outcome = materialize(defs, keys, instance=instance, run_config=analysis_run_config(COLLAB, {}))
+    wall = time.perf_counter() - started
+    if not outcome.success:
+        raise SystemExit(f"{label} failed: {outcome.failure}")
+    stages = _stage_times(instance, outcome.run_id)
+    print(f"{label}: {wall:.1f} s  " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
+    return {"wall_s": round(wall, 2), "stages_s": stages}
+
+
+def _baseline(url: str, files: Any) -> dict[str, Any]:
+    import psycopg
+
+    started = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(BASELINE_SQL)
+        for table, path in (("purchases", files.purchases), ("impressions", files.impressions), ("customers", files.customers)):
+            with conn.cursor().copy(f"copy plain.{table} from stdin with (format csv, header true)") as copy, path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    copy.write(chunk)
+        loaded = time.perf_counter() - started
+        times = {}
+        for name, query in BASELINE_QUERIES.items():
+            t = time.perf_counter()
+            conn.execute(query).fetchall()
+            times[name] = round(time.perf_counter() - t, 3)
+        conn.execute("drop schema plain cascade")
+    total = time.perf_counter() - started
+    print(f"baseline (no privacy): {total:.1f} s (load {loaded:.1f} s, queries {times})", flush=True)
+    return {"wall_s": round(total, 2), "load_s": round(loaded, 2), "queries_s": times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000, help="rows per party")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary DCR_HOME")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="dcr-bench-"))
+    os.environ["DCR_HOME"] = str(home)
+    os.environ.pop("DCR_DATABASE_URL", None)
+    from dcr_pipelines.definitions import build_definitions, secret_names
+    from dcr_pipelines.lib import demo_data
+    from dcr_pipelines.lib.database import stop_embedded
+    from dcr_pipelines.lib.runtime import activate, ensure_development_secrets
+    from dcr_pipelines.lib.settings import PROJECT_ROOT
+    from dcr_pipelines.runner import collaboration_keys
+
+    try:
+        runtime = activate()
+        policies = home / "policies"
+        shutil.copytree(PROJECT_ROOT / "policies" / "demo", policies / COLLAB)
+        collab_file = policies / COLLAB / "collaboration.yaml"
+        collab_file.write_text(collab_file.read_text().replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 1000.0"))
+        settings = dataclasses.replace(runtime.settings, policies=policies)
+        ensure_development_secrets(settings.home, secret_names(settings))
+        files = demo_data.generate(home / "generated", rows=args.rows, overlap=0.3, seed=7)
+
+        def land() -> None:
+            for path in files.uploads:
+                target = settings.landing / COLLAB / path.parent.parent.name / path.parent.name / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+
+        land()
+        defs = build_definitions(settings)
+        keys = collaboration_keys(defs, COLLAB)
+        full = _run(defs, keys, "full run")
+        again = _run(defs, keys, "re-run, nothing changed")
+        # 1% new rows in the ad network's upload (new impressions of existing and new users)
+        extra = max(1, args.rows // 100)
+        more = demo_data.generate(home / "more", rows=extra * 2, overlap=0.3, seed=99)
+        with files.impressions.open("a") as handle, more.impressions.open() as new:
+            next(new)
+            for _, line in zip(range(extra), new):
+                handle.write(line)
+        land()
+        incremental = _run(defs, keys, "re-run after 1% new impressions")
+        baseline = _baseline(runtime.warehouse.url(), files)
+        matching = full["stages_s"].get("matching__cross_reference", 0.0)
+        result = {
+            "rows_per_party": args.rows,
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
+            "full_run": full,
+            "rerun_unchanged": again,
+            "rerun_after_1pct_new_rows": incremental,
+            "baseline_no_privacy": baseline,
+            "ratio_total_to_baseline": round(full["wall_s"] / baseline["wall_s"], 2),
+            "ratio_total_minus_matching_to_baseline": round((full["wall_s"] - matching) / baseline["wall_s"], 2),
+            "ratio_1pct_rerun_to_full": round(incremental["wall_s"] / full["wall_s"], 3),
+            "peak_memory": _peak_mb(),
+        }
+        out = PROJECT_ROOT / "benchmarks" / "results" / f"end_to_end_{args.rows}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k.startswith(("ratio", "peak"))}, indent=2))
+        print(f"written to {out}")
+    finally:
+        stop_embedded(home)
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
