@@ -468,14 +468,12 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
     """
     import csv
 
-    from .lib import adhoc
+    from .lib import adhoc, naming
     from .lib.database import connect
     from .runner import ad_hoc_run_config, materialize
 
     runtime = _runtime()
-    loaded = _collaboration(runtime, collab)
-    from .lib import naming
-
+    _collaboration(runtime, collab)  # a policy mistake or unknown name stops here, exit 2
     defs = _definitions(runtime)
     with err.status("checking and running the query through Dagster..."):
         outcome = materialize(defs, [naming.ad_hoc_key(collab)], instance=_instance(), run_config=ad_hoc_run_config(collab, party, sql_text),

@@ -153,7 +153,7 @@ def test_list_rule_returns_distinct_values_over_the_overlap(collab) -> None:  # 
         ("ad_network", "select loyalty_tier, count(*) from customers group by 1", "join_required"),
         ("ad_network", "select store_region, count(*) from purchases group by 1", "custom rule"),
         ("ad_network", f"select upper(c.loyalty_tier), count(*) {JOIN} group by 1", "scalar_functions"),  # impressions allows upper, customers not
-        ("ad_network", f"select c.loyalty_tier, count(*) from impressions i join customers c on c.customer_email = i.user_email or i.user_email = c.customer_email group by 1", "join_operators"),
+        ("ad_network", "select c.loyalty_tier, count(*) from impressions i join customers c on c.customer_email = i.user_email or i.user_email = c.customer_email group by 1", "join_operators"),
         ("ad_network", f"select c.loyalty_tier, max(c.lifetime_value) {JOIN} group by 1", "aggregate columns"),
         ("ad_network", f"select c.customer_email, count(*) {JOIN} group by 1", "join columns"),
         ("retailer", f"select c.loyalty_tier, count(*) {JOIN} group by 1", "member abilities"),
