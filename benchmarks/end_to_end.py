@@ -82,7 +82,8 @@ def _run(defs: Any, keys: list[list[str]], label: str) -> dict[str, Any]:
 
     instance = dg.DagsterInstance.get()
     started = time.perf_counter()
-    outcome = materialize(defs, keys, instance=instance, run_config=analysis_run_config(COLLAB, {}))
+    outcome = materialize(defs, keys, instance=instance, run_config=analysis_run_config(COLLAB, {}),
+                          stdout_log=Path(os.environ["DCR_HOME"]) / "logs" / "runs.log")  # dbt output off the terminal
     wall = time.perf_counter() - started
     if not outcome.success:
         raise SystemExit(f"{label} failed: {outcome.failure}")
