@@ -122,7 +122,7 @@ def check(loaded: LoadedCollaboration, runner: str, text: str) -> CheckedQuery:
     rules = _rules(ctx)
     _check_nodes(ctx, tree, rules)
     _check_joins(ctx, tree, rules)
-    columns = _check_columns(ctx, tree, rules)
+    columns = _check_columns(ctx, tree)
     kind = "list" if tree.args.get("distinct") else "aggregation"
     if kind == "list":
         _check_list_shape(ctx, tree)
@@ -350,7 +350,7 @@ def _aggregate_function(agg: exp.Expression) -> AggregateFunction:
     return AggregateFunction(base)
 
 
-def _check_columns(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | list[str]]) -> list[str]:
+def _check_columns(ctx: _Context, tree: exp.Select) -> list[str]:
     """Every column reference against its role; returns the output names of the select list."""
     outputs = [e.alias if isinstance(e, exp.Alias) else (e.name if isinstance(e, exp.Column) else "") for e in tree.expressions]
     for column in list(tree.find_all(exp.Column)):
