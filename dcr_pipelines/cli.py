@@ -104,22 +104,72 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
     started = time.perf_counter()
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
+    at_home = [p for p in loaded.parties() if loaded.at_home(p)]
+    generated_at = runtime.settings.home / "parties" / collab if at_home else runtime.settings.landing / collab
     try:
-        files = demo_data.generate(runtime.settings.landing / collab, rows=rows, overlap=overlap, seed=seed)
+        files = demo_data.generate(generated_at, rows=rows, overlap=overlap, seed=seed)
     except ValueError as exc:
         fail(str(exc), 2)
     out.print(
         f"generated {rows:,} rows per party: {files.retailer_customers:,} retailer customers, "
         f"{files.ad_network_users:,} ad network users, {files.shared_people:,} shared"
     )
+    if at_home:
+        _demo_home_prepare(runtime, loaded, generated_at)
     out.print(f"database: {runtime.warehouse.redacted()}")
     defs = _definitions(runtime)
-    _run_collaboration(defs, loaded)
+    if at_home and not _run_collaboration(defs, loaded, until_waiting=True):
+        _demo_home_respond(runtime, loaded, generated_at)
+        _run_collaboration(defs, loaded)
+    elif not at_home:
+        _run_collaboration(defs, loaded)
     _print_releases(runtime, loaded)
     out.print(f"done in {time.perf_counter() - started:.1f}s; open the asset graph with `make ui`")
 
 
-def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+def _demo_home_prepare(runtime: Any, loaded: Any, generated_at: Path) -> None:
+    """The home parties' first half, run locally: keys, tokenised uploads and setup messages, as `dcr psi prepare` makes them."""
+    from .lib import home_psi
+
+    c = loaded.name
+    for party in loaded.collaboration.matching.home_parties:
+        key_path = generated_at / f"{party}.key"
+        keys = home_psi.load_keys(key_path) if key_path.exists() else home_psi.generate_keys(key_path)
+        owned = {name: ds for name, ds in loaded.collaboration.datasets.items() if ds.owner == party}
+        outbox = generated_at / party / "outbox"
+        prepared, setup = home_psi.prepare(loaded, party, keys, {n: generated_at / party / n / f"{n}.csv" for n in owned}, outbox)
+        for item in prepared:
+            target = runtime.settings.landing / c / party / item.dataset / item.output.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            item.output.replace(target)
+        psi_folder = runtime.settings.landing / c / party / "_psi"
+        psi_folder.mkdir(parents=True, exist_ok=True)
+        setup.replace(psi_folder / setup.name)
+        out.print(f"{party} (at home, {generated_at / party}): tokenised {', '.join(owned)} and wrote its setup message; no identifier or key left its folder")
+    for party in loaded.parties():
+        if loaded.at_home(party):
+            continue
+        for name, ds in loaded.collaboration.datasets.items():
+            source = generated_at / party / name / f"{name}.csv"
+            if ds.owner == party and source.exists():
+                target = runtime.settings.landing / c / party / name / source.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+
+
+def _demo_home_respond(runtime: Any, loaded: Any, generated_at: Path) -> None:
+    """The home parties' second half, run locally: answer the operator's requests (`dcr psi respond`)."""
+    from .lib import home_psi
+
+    c = loaded.name
+    for party in loaded.collaboration.matching.home_parties:
+        keys = home_psi.load_keys(generated_at / f"{party}.key")
+        for request in sorted((runtime.settings.exports / c / party / "psi").glob(f"*request*{home_psi.SUFFIX}")):
+            answer = home_psi.respond(keys, request, c, party, runtime.settings.landing / c / party / "_psi")
+            out.print(f"{party} (at home) answered {request.name} -> {answer.name}")
+
+
+def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]] | None = None, until_waiting: bool = False) -> dict[str, Any]:
     from .runner import analysis_run_config, collaboration_keys, materialize
 
     keys = collaboration_keys(defs, loaded.name)
@@ -127,6 +177,9 @@ def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]]
         outcome = materialize(
             defs, keys, instance=_instance(), run_config=analysis_run_config(loaded.name, params or {}), stdout_log=_run_log()
         )
+    if not outcome.success and until_waiting and "waiting for the PSI answer" in (outcome.failure or ""):
+        out.print(f"run {outcome.run_id} stopped at matching: {outcome.failure}", markup=False)
+        return {}
     if not outcome.success:
         fail(f"run {outcome.run_id} failed: {outcome.failure}")
     out.print(f"run {outcome.run_id}: {len(outcome.metadata)} assets materialized (event log: `make ui` or `dcr audit {loaded.name}`)")
@@ -623,6 +676,104 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool) ->
         details = ", ".join(f"{k}={e['metadata'][k]}" for k in keep if k in e["metadata"])
         table.add_row(e["time"][:19], e["kind"], e["asset"], e["run_id"][:8], e["user"], details)
     out.print(table)
+
+
+@main.group()
+def psi() -> None:
+    """A party's half of matching, on its own machine (for parties listed in matching.home_parties).
+
+    \b
+    The party keeps its identifiers and keys; it hands the operator files:
+      dcr psi keygen --out ad_network.key
+      dcr psi prepare demo_home --party ad_network --key ad_network.key \\
+          --dataset impressions=impressions.csv --out outbox/
+      (upload outbox/impressions.csv as usual, give the operator outbox/ad_network-setup.dcrpsi)
+      dcr psi respond demo_home --party ad_network --key ad_network.key \\
+          --request ad_network-request-<id>.dcrpsi --out outbox/
+    """
+
+
+def _policy_only(collab: str, policies: Path | None) -> Any:
+    """A collaboration's policy without the database: these commands run on a party's own machine."""
+    from .lib.policy import PolicyError, load_collaboration
+    from .lib.settings import Settings
+
+    folder = (policies or Settings.from_env().policies) / collab
+    if not folder.is_dir():
+        fail(f"no collaboration {collab!r} under {folder.parent}", 2)
+    try:
+        return load_collaboration(folder)
+    except PolicyError as exc:
+        fail(str(exc.issues[0]), 2)
+
+
+def _home_party(loaded: Any, party: str) -> None:
+    if not loaded.at_home(party):
+        fail(f"{party!r} is not listed in matching.home_parties of {loaded.name} (policies/{loaded.name}/collaboration.yaml)", 2)
+
+
+@psi.command("keygen")
+@click.option("--out", "path", required=True, type=click.Path(path_type=Path), help="Key file to create (owner-only permissions).")
+def psi_keygen(path: Path) -> None:
+    """Create a party's key file: its token (HMAC) key and its PSI key. Keep it; never send it."""
+    from .lib import home_psi
+
+    try:
+        home_psi.generate_keys(path)
+    except FileExistsError:
+        fail(f"{path} exists; keys are not overwritten (tokens would change)", 2)
+    out.print(f"wrote {path} (mode 600)")
+
+
+@psi.command("prepare")
+@click.argument("collab")
+@click.option("--party", required=True)
+@click.option("--key", "key_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--dataset", "datasets", multiple=True, required=True, metavar="NAME=PATH", help="One of the party's datasets and its file; repeatable.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the tokenised uploads and the setup message.")
+@click.option("--policies", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Policy folder (default: DCR_POLICIES or policies/).")
+def psi_prepare(collab: str, party: str, key_path: Path, datasets: tuple[str, ...], out_dir: Path, policies: Path | None) -> None:
+    """Tokenise the party's files and write its PSI setup message, all on this machine.
+
+    Identifiers are normalised as docs/identifiers.md says and replaced by
+    HMAC tokens under the party's key; rows whose identifier cannot be
+    normalised are dropped and counted. Nothing is sent anywhere.
+    """
+    from .lib import home_psi
+
+    loaded = _policy_only(collab, policies)
+    _home_party(loaded, party)
+    files = {}
+    for item in datasets:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            fail(f"--dataset {item!r}: expected NAME=PATH", 2)
+        files[name] = Path(path)
+    try:
+        prepared, setup = home_psi.prepare(loaded, party, home_psi.load_keys(key_path), files, out_dir)
+    except (home_psi.MessageError, OSError) as exc:
+        fail(str(exc), 2)
+    for item in prepared:
+        dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(item.rejected.items())) or "none"
+        out.print(f"{item.dataset}: {item.rows_out:,} of {item.rows_in:,} rows tokenised -> {item.output} (dropped: {dropped})")
+    out.print(f"setup message: {setup} (give it to the operator; upload the tokenised files as usual)")
+
+
+@psi.command("respond")
+@click.argument("collab")
+@click.option("--party", required=True)
+@click.option("--key", "key_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--request", "request_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+def psi_respond(collab: str, party: str, key_path: Path, request_path: Path, out_dir: Path) -> None:
+    """Answer the operator's PSI request with the party's key; the answer goes back to the operator."""
+    from .lib import home_psi
+
+    try:
+        answer = home_psi.respond(home_psi.load_keys(key_path), request_path, collab, party, out_dir)
+    except home_psi.MessageError as exc:
+        fail(str(exc), 2)
+    out.print(f"response: {answer} (give it to the operator)")
 
 
 @main.group()

@@ -38,12 +38,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
 
 
 def secret_names(settings: Settings) -> list[str]:
-    """Every secret the valid collaborations need: an HMAC key per party, a pairing key each."""
+    """Every secret the valid collaborations need: an HMAC key per party (none for a party at home), a pairing key each."""
     loaded, _ = check_policies(settings.policies)
     names = []
     for collab in loaded:
         names.append(secret_env_name("PAIRING", collab.name))
-        names.extend(secret_env_name("HMAC", collab.name, party) for party in collab.parties())
+        names.extend(secret_env_name("HMAC", collab.name, party) for party in collab.parties() if not collab.at_home(party))
     return names
 
 

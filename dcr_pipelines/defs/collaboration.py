@@ -20,7 +20,7 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 from psycopg import sql
 
-from ..lib import access, adhoc, matching, naming
+from ..lib import access, adhoc, home_psi, matching, naming
 from ..lib import ingest as ingest_lib
 from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, dbt_vars, validate_params
@@ -73,6 +73,7 @@ class CollaborationTranslator(DagsterDbtTranslator):
 UPLOAD_CHECK = "upload_contract"
 IGNORED_PREFIXES = (".", "_")
 IGNORED_SUFFIXES = (".tmp", ".part", ".report.json")
+PSI_FOLDER = "_psi"  # a home party's protocol messages, next to its dataset folders
 
 
 def landing_folder(landing: Path, collab: str, party: str, dataset: str) -> Path:
@@ -128,7 +129,8 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
             if not ingest_lib.inside(path, folder):
                 raise dg.Failure(f"upload refused: {path} is outside the landing folder {folder} (symlinks resolved)")
             try:
-                result = ingest_lib.ingest_file(conn, c, party, dataset_name, ds, path, naming.raw_schema(c, party), database_url=warehouse.url)
+                result = ingest_lib.ingest_file(conn, c, party, dataset_name, ds, path, naming.raw_schema(c, party), database_url=warehouse.url,
+                                                  tokenised=loaded.at_home(party))
             except ingest_lib.UploadRejected as exc:
                 report = {"file": path.name, "collaboration": c, "party": party, "dataset": dataset_name, "error": str(exc),
                           **(exc.report.to_json() if exc.report else {})}
@@ -175,7 +177,7 @@ def _landing_sensor(loaded: LoadedCollaboration, landing: Path) -> dg.SensorDefi
         seen = set(json.loads(context.cursor)) if context.cursor else set()
         declared = {(ds.owner, name) for name, ds in loaded.collaboration.datasets.items()}
         for party_dir in sorted(p for p in (landing / c).glob("*") if p.is_dir() and not p.name.startswith(IGNORED_PREFIXES)):
-            for dataset_dir in sorted(p for p in party_dir.glob("*") if p.is_dir()):
+            for dataset_dir in sorted(p for p in party_dir.glob("*") if p.is_dir() and not p.name.startswith(IGNORED_PREFIXES)):
                 if (party_dir.name, dataset_dir.name) not in declared:
                     context.log.warning(f"{dataset_dir}: {c} declares no dataset {dataset_dir.name!r} of {party_dir.name!r}; files there are ignored")
         requests = 0
@@ -249,7 +251,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
         def staging(
             context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
         ) -> Iterator[Any]:
-            pads = {p: hmac_pads(secrets.hmac_key(c, p)) for p in loaded.parties()}
+            pads = {p: hmac_pads(secrets.hmac_key(c, p)) for p in loaded.parties() if not loaded.at_home(p)}
             options = " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), pgoptions(pads)]))
             invocation = _spawn_with_env({"PGOPTIONS": options}, lambda: dbt.cli(["build"], context=context))
             yield from invocation.stream()
@@ -284,24 +286,74 @@ def _record_analysis_inputs(conn: Any, collab: str, params: dict[str, dict[str, 
             )
 
 
-def _cross_reference_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
+def _home_inputs(loaded: LoadedCollaboration, landing: Path) -> dict[str, home_psi.Message]:
+    """Each home party's newest setup message, from its landing folder's ``_psi`` directory."""
+    c, out = loaded.name, {}
+    for party in loaded.collaboration.matching.home_parties:
+        folder = landing_folder(landing, c, party, PSI_FOLDER)
+        found = sorted(folder.glob(f"*setup*{home_psi.SUFFIX}"), key=lambda p: (p.stat().st_mtime_ns, p.name)) if folder.is_dir() else []
+        if not found:
+            raise dg.Failure(
+                f"waiting for {party}'s PSI setup message: {party} runs `dcr psi prepare {c} --party {party} ...` on its own machine "
+                f"and puts {party}-setup{home_psi.SUFFIX} into {folder}"
+            )
+        try:
+            out[party] = home_psi.read_message(found[-1], "setup", c, party)
+        except home_psi.MessageError as exc:
+            raise dg.Failure(f"PSI message refused, previous cross-reference kept: {exc}") from None
+    return out
+
+
+def _home_matches(
+    loaded: LoadedCollaboration, setups: Mapping[str, home_psi.Message], client_input: matching.PartyInput, pairing_key: bytes,
+    landing: Path, exports: Path,
+) -> list[home_psi.HomeMatch]:
+    """Complete the match with each home party's answer to the current request, or write the request and wait for it."""
+    c, out, waiting = loaded.name, [], []
+    for party, setup in setups.items():
+        rid = home_psi.request_id(c, party, client_input.identifiers)
+        response_path = landing_folder(landing, c, party, PSI_FOLDER) / f"{party}-response-{rid[:16]}{home_psi.SUFFIX}"
+        if not response_path.exists():
+            request_path = exports / c / party / "psi" / f"{party}-request-{rid[:16]}{home_psi.SUFFIX}"
+            if not request_path.exists():
+                home_psi.write_message(request_path, home_psi.client_request(c, party, client_input.identifiers, pairing_key))
+            waiting.append(
+                f"{party}: give it {request_path}; it runs `dcr psi respond {c} --party {party} --key KEYFILE --request {request_path.name}` "
+                f"at home and puts the answer into {response_path.parent}/"
+            )
+            continue
+        try:
+            response = home_psi.read_message(response_path, "response", c, party, request_id=rid)
+            out.append(home_psi.complete(setup, response, pairing_key, len(client_input.identifiers)))
+        except home_psi.MessageError as exc:
+            raise dg.Failure(f"PSI message refused, previous cross-reference kept: {exc}") from None
+    if waiting:
+        raise dg.Failure("waiting for the PSI answer of a party that keeps its identifiers at home (previous cross-reference kept). " + "; ".join(waiting))
+    return out
+
+
+def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: Path) -> dg.AssetsDefinition:
     c = loaded.name
     parties = loaded.parties()
     client = loaded.matching_client()
+    at_operator = [p for p in parties if not loaded.at_home(p)]
+    at_home = [p for p in parties if loaded.at_home(p)]
+    home_deps = [naming.staging_key(c, ds.owner, name) for name, ds in loaded.collaboration.datasets.items() if ds.owner in at_home]
 
     @dg.asset(
         key=naming.cross_reference_key(c),
-        deps=[dg.AssetKey(naming.identities_key(c, p)) for p in parties],
+        deps=[dg.AssetKey(naming.identities_key(c, p)) for p in at_operator] + [dg.AssetKey(k) for k in home_deps],
         group_name=c,
         kinds={"postgres", "python"},
         tags={"dcr/stage": "matching"},
         owners=["team:operator"],
         description=f"Private set intersection (openmined-psi) of {', '.join(parties)}'s identifiers: "
-        f"one random match_id per shared person with each party's token. {client} acts as PSI client.",
+        f"one random match_id per shared person with each party's token. {client} acts as PSI client."
+        + (f" {', '.join(at_home)} keep their identifiers at home and answer with `dcr psi` message files." if at_home else ""),
     )
     def cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
         inputs = []
-        for party in parties:
+        for party in at_operator:
             # Each party's half reads only its own identifiers, as its own role.
             with warehouse.connect() as conn:
                 conn.execute(sql.SQL("set role {}").format(sql.Identifier(access.role_name(c, party, "staging_loader"))))
@@ -309,31 +361,36 @@ def _cross_reference_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
                     sql.SQL("select token, identifier from {} order by token").format(sql.Identifier(naming.raw_schema(c, party), "identities"))
                 ).fetchall()
                 inputs.append(matching.PartyInput(party, [r[0] for r in rows], [r[1] for r in rows]))
+        setups = _home_inputs(loaded, landing)
         buckets = loaded.collaboration.matching.buckets
-        digest = matching.input_digest(inputs, client, buckets)
+        digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()])
         with warehouse.connect() as conn:
             previous = _previous_match(conn, c)
+        input_rows = {**{f"input_rows_{inp.party}": dg.MetadataValue.int(len(inp.tokens)) for inp in inputs},
+                      **{f"input_rows_{p}": dg.MetadataValue.int(len(m.tokens)) for p, m in setups.items()}}
         if previous is not None and previous[0] == digest:
             context.log.info("identities unchanged since the last match: no PSI work, cross-reference and match_ids kept")
             return dg.MaterializeResult(
                 metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1]), "input_digest": digest,
-                          **{f"input_rows_{inp.party}": dg.MetadataValue.int(len(inp.tokens)) for inp in inputs},
-                          "policy_sha256": loaded.policy_sha256},
+                          **input_rows, "policy_sha256": loaded.policy_sha256},
                 data_version=dg.DataVersion(digest),
             )
-        result = matching.match(inputs, client, secrets.pairing_key(c), buckets=buckets, padding=loaded.collaboration.matching.padding)
+        client_input = next(inp for inp in inputs if inp.party == client)
+        home = _home_matches(loaded, setups, client_input, secrets.pairing_key(c), landing, exports)
+        result = matching.match(inputs, client, secrets.pairing_key(c), buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
         with warehouse.connect() as conn:
             _write_cross_reference(conn, c, result, digest)
         context.log.info(f"matched {result.matched} people across {len(parties)} parties")
         return dg.MaterializeResult(
             metadata={
-                **{f"input_rows_{p}": dg.MetadataValue.int(n) for p, n in result.input_counts.items()},
+                **input_rows,
                 "matched": dg.MetadataValue.int(result.matched),
                 "cross_reference_rows": dg.MetadataValue.int(len(result.rows)),
                 "recomputed": True,
                 "input_digest": digest,
                 "psi_client": client,
                 "buckets": buckets,
+                "home_parties": ", ".join(at_home) or "none",
                 "bytes_exchanged": dg.MetadataValue.int(result.bytes_exchanged),
                 "policy_sha256": loaded.policy_sha256,
             },
@@ -568,7 +625,7 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     assets: list[dg.AssetsDefinition] = [_grants_asset(loaded)]
     assets += [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]
     assets.append(_dbt_stage(loaded, manifest, "staging"))
-    assets.append(_cross_reference_asset(loaded))
+    assets.append(_cross_reference_asset(loaded, landing, exports))
     assets.append(_dbt_stage(loaded, manifest, "analysis"))
     assets.extend(_release_asset(loaded, q, exports) for q in loaded.queries)
     assets.append(_ad_hoc_asset(loaded))

@@ -21,6 +21,7 @@ import sqlglot
 from sqlglot import exp
 
 from . import naming as n
+from .identifiers import TOKEN_PATTERN
 from .policy import ApprovedQuery, LoadedCollaboration
 from .policy.models import Dataset, MetricKind, ParameterType, RowFilter
 
@@ -66,7 +67,7 @@ def row_filter_sql(flt: RowFilter) -> str:
     return f"{column} {flt.op} {_literal(flt.value)}"
 
 
-def _identifier_options(loaded: LoadedCollaboration, kind: str) -> dict[str, Any]:
+def identifier_options(loaded: LoadedCollaboration, kind: str) -> dict[str, Any]:
     identity = loaded.collaboration.identity
     if kind == "email":
         return {"gmail_drop_dots": identity.email.gmail_drop_dots, "drop_plus_tag": identity.email.drop_plus_tag}
@@ -82,9 +83,11 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
     """Party-private: each identifier normalised, why not (if not), and its keyed token; shared columns."""
     c, p = loaded.name, ds.owner
     id_cols = {col: spec.identifier.value for col, spec in ds.identifier_columns.items() if spec.identifier is not None}
+    if loaded.at_home(p):
+        return _tokenised_sql(loaded, dataset_name, ds, list(id_cols))
     inner = []
     for col, kind in id_cols.items():
-        options = json.dumps(_identifier_options(loaded, kind))
+        options = json.dumps(identifier_options(loaded, kind))
         inner.append(f'        "{col}" as "{col}__raw"')
         inner.append(f"        {{{{ dcr_normalise_identifier('\"{col}\"', '{kind}', {options}) }}}} as \"{col}\"")
     inner += [f'        "{col}"' for col in ds.shared_columns]
@@ -128,9 +131,40 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
     )
 
 
+def _tokenised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset, id_cols: list[str]) -> str:
+    """A home party's upload already carries its tokens (computed at home by `dcr psi prepare`): check their form, keep them."""
+    c, p = loaded.name, ds.owner
+    outputs = []
+    for col in id_cols:
+        value = f'lower(btrim("{col}"))'
+        outputs.append(f"    case when {value} ~ '{TOKEN_PATTERN}' then {value} end as \"{col}\"")
+        outputs.append(
+            f"    case when \"{col}\" is null or btrim(\"{col}\") = '' then 'missing' when {value} !~ '{TOKEN_PATTERN}' then 'invalid_token' end as \"{col}__problem\""
+        )
+        outputs.append(f"    case when {value} ~ '{TOKEN_PATTERN}' then {value} end as \"{n.token_column(col)}\"")
+    outputs += [f'    "{col}"' for col in ds.shared_columns]
+    where = " and ".join(row_filter_sql(f) for f in ds.row_filters) or "true"
+    return "\n".join(
+        [
+            _config(
+                schema=n.raw_schema(c, p),
+                alias=f"{dataset_name}__normalised",
+                tags=[f"dcr_{c}", "dcr_staging"],
+                meta=_meta(c, n.normalised_key(c, p, dataset_name), p, "staging"),
+            ),
+            "",
+            "select",
+            ",\n".join(outputs),
+            f"from {{{{ source('{n.raw_schema(c, p)}', '{dataset_name}') }}}}",
+            f"where {where}",
+            "",
+        ]
+    )
+
+
 def staging_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
     c, p = loaded.name, ds.owner
-    match_col = _matching_column(loaded, ds)
+    match_col = matching_column(loaded, ds)
     columns = [f'    "{n.token_column(col)}"' for col in ds.identifier_columns] + [f'    "{col}"' for col in ds.shared_columns]
     return "\n".join(
         [
@@ -150,7 +184,7 @@ def staging_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> 
     )
 
 
-def _matching_column(loaded: LoadedCollaboration, ds: Dataset) -> str:
+def matching_column(loaded: LoadedCollaboration, ds: Dataset) -> str:
     kind = loaded.collaboration.identity.kind
     return next(col for col, spec in ds.columns.items() if spec.identifier == kind)
 
@@ -161,7 +195,7 @@ def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
     for name, ds in loaded.collaboration.datasets.items():
         if ds.owner != party:
             continue
-        col = _matching_column(loaded, ds)
+        col = matching_column(loaded, ds)
         parts.append(
             f'select distinct "{n.token_column(col)}" as token, "{col}" as identifier\n'
             f"from {{{{ ref('{n.normalised_model(c, party, name)}') }}}}\n"
@@ -184,7 +218,7 @@ def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
 
 def matched_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
     c, p = loaded.name, ds.owner
-    match_col = _matching_column(loaded, ds)
+    match_col = matching_column(loaded, ds)
     columns = ["    xref.match_id"] + [f'    staged."{col}"' for col in ds.shared_columns]
     return "\n".join(
         [
@@ -219,7 +253,7 @@ def _real_matches_only(loaded: LoadedCollaboration, party: str) -> list[str]:
         exists = []
         for name, ds in loaded.collaboration.datasets.items():
             if ds.owner == other:
-                col = n.token_column(_matching_column(loaded, ds))
+                col = n.token_column(matching_column(loaded, ds))
                 exists.append(f"select 1 from {{{{ ref('{n.staging_model(c, other, name)}') }}}} as o where o.\"{col}\" = xref.\"{n.party_token_column(other)}\"")
         conditions.append("exists (" + " union all ".join(exists) + ")")
     return ["where " + "\n    and ".join(conditions)]
@@ -328,7 +362,7 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
     )
     models: list[dict[str, Any]] = []
     for name, ds in collab.datasets.items():
-        match_col = _matching_column(loaded, ds)
+        match_col = matching_column(loaded, ds)
         token_tests: list[Any] = ["not_null"]
         if ds.columns[match_col].unique:
             token_tests.append("unique")
@@ -355,6 +389,8 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
             }
         )
     for party in loaded.parties():
+        if loaded.at_home(party):
+            continue
         models.append(
             {
                 "name": n.identities_model(c, party),
@@ -381,6 +417,8 @@ def render(loaded: LoadedCollaboration) -> dict[Path, str]:
         files[Path("staging") / f"{n.staging_model(c, ds.owner, name)}.sql"] = staging_sql(loaded, name, ds)
         files[Path("analysis") / f"{n.matched_model(c, name)}.sql"] = matched_sql(loaded, name, ds)
     for party in loaded.parties():
+        if loaded.at_home(party):  # its PSI input is its setup message, made at home
+            continue
         files[Path("staging") / f"{n.identities_model(c, party)}.sql"] = identities_sql(loaded, party)
     for query in loaded.queries.values():
         files[Path("analysis") / f"{n.query_model(c, query.name)}.sql"] = query_sql(loaded, query)

@@ -303,6 +303,7 @@ def ingest_file(
     schema: str,
     *,
     database_url: str,
+    tokenised: bool = False,
 ) -> IngestResult:
     """Load, validate and swap in ``path`` as the next version, or raise ``UploadRejected`` and change nothing."""
     ensure_meta(conn)
@@ -327,7 +328,7 @@ def ingest_file(
         try:
             _load(conn, path, ds, dataset_name, schema, load)
             _create_typed(conn, schema, table, load, ds)
-            report = validate_table(sqlalchemy_url(database_url), schema, table, ds, dataset_name)
+            report = validate_table(sqlalchemy_url(database_url), schema, table, ds, dataset_name, tokenised)
             if not report.success:
                 lines = "; ".join(o.describe() for o in report.failures())
                 raise UploadRejected(f"{path.name}: {len(report.failures())} rule(s) failed: {lines}", report)

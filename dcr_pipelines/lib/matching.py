@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from .home_psi import HomeMatch
 from .psi import PsiClient, PsiServer
 
 
@@ -40,13 +41,15 @@ class MatchResult:
     matched: int
 
 
-def input_digest(inputs: Iterable[PartyInput], client: str, buckets: int) -> str:
+def input_digest(inputs: Iterable[PartyInput], client: str, buckets: int, home: Iterable[str] = ()) -> str:
     """What the cross-reference depends on: every party's (token, identifier) pairs and the protocol settings.
 
     Equal digests mean the previous cross-reference is still right, so no
     elliptic-curve work is redone and the match_ids stay as they were.
     """
     digest = hashlib.sha256(f"client={client};buckets={buckets};v1".encode())
+    for setup_sha256 in sorted(home):  # a home party's setup message stands for its identifiers
+        digest.update(f"\0home={setup_sha256}".encode())
     for inp in sorted(inputs, key=lambda i: i.party):
         digest.update(f"\0party={inp.party}\0".encode())
         for token, identifier in sorted(zip(inp.tokens, inp.identifiers)):
@@ -140,31 +143,43 @@ def _run_lanes(client_jobs: list[tuple[int, list[str]]], server_sets: list[dict[
 
 
 def match(
-    inputs: Sequence[PartyInput], client: str, pairing_key: bytes, buckets: int = 1, workers: int | None = None, padding: bool = False
+    inputs: Sequence[PartyInput],
+    client: str,
+    pairing_key: bytes,
+    buckets: int = 1,
+    workers: int | None = None,
+    padding: bool = False,
+    home: Sequence[HomeMatch] = (),
 ) -> MatchResult:
     """Intersect every party's identifiers with PSI and pair the matches under random match_ids.
 
     Each party's half runs in its own process with its own fresh key per
     bucket, and the halves exchange only serialized protocol messages over
     pipes. Buckets are spread over ``workers`` lanes (default: one per core),
-    each lane a client process and one process per server party.
+    each lane a client process and one process per server party. Parties
+    at home (``home``) have already answered the client's request; their
+    side arrives as the token they hold for each client item.
     """
     by_party = {inp.party: inp for inp in inputs}
     if client not in by_party:
         raise ValueError(f"matching client {client!r} has no input")
-    if len(by_party) < 2:
+    if len(by_party) + len(home) < 2:
         raise ValueError("matching needs at least two parties")
     client_input = by_party[client]
     servers = [inp for inp in inputs if inp.party != client]
     client_buckets = _split(client_input, buckets)
-    server_buckets = {s.party: _split(s, buckets) for s in servers}
-    client_jobs = [(b, [client_input.identifiers[i] for i in client_buckets[b]]) for b in range(buckets) if client_buckets[b]]
-    server_sets = [{b: [s.identifiers[i] for i in server_buckets[s.party][b]] for b in range(buckets)} for s in servers]
-    lanes = max(1, min(workers or os.cpu_count() or 1, len(client_jobs)))
-    found, exchanged = _run_lanes(client_jobs, server_sets, lanes) if client_jobs else ({}, 0)
-    matched_client = [client_buckets[b][i] for b, _ in client_jobs for i in found.get(b, [])]
+    if servers:
+        server_buckets = {s.party: _split(s, buckets) for s in servers}
+        client_jobs = [(b, [client_input.identifiers[i] for i in client_buckets[b]]) for b in range(buckets) if client_buckets[b]]
+        server_sets = [{b: [s.identifiers[i] for i in server_buckets[s.party][b]] for b in range(buckets)} for s in servers]
+        lanes = max(1, min(workers or os.cpu_count() or 1, len(client_jobs)))
+        found, exchanged = _run_lanes(client_jobs, server_sets, lanes) if client_jobs else ({}, 0)
+        matched_client = [client_buckets[b][i] for b, _ in client_jobs for i in found.get(b, [])]
+    else:
+        matched_client, exchanged = list(range(len(client_input.identifiers))), 0
+    matched_client = [i for i in matched_client if all(i in h.by_client_index for h in home)]
 
-    client_tags = {pairing_tag(pairing_key, client_input.identifiers[i]): client_input.tokens[i] for i in matched_client}
+    client_tags = {pairing_tag(pairing_key, client_input.identifiers[i]): i for i in matched_client}
     server_tags: dict[str, Mapping[bytes, str]] = {}
     for server_input in servers:
         tags = {}
@@ -173,21 +188,22 @@ def match(
             if tag in client_tags:
                 tags[tag] = token
         server_tags[server_input.party] = tags
-    parties = (client, *(s.party for s in servers))
+    parties = (client, *(s.party for s in servers), *(h.party for h in home))
     rows = []
-    for tag, client_token in client_tags.items():
+    for tag, i in client_tags.items():
         others = [server_tags[s.party].get(tag) for s in servers]
         if all(t is not None for t in others):
-            rows.append((secrets.token_hex(16), client_token, *others))  # type: ignore[arg-type]
+            rows.append((secrets.token_hex(16), client_input.tokens[i], *others, *(h.by_client_index[i] for h in home)))  # type: ignore[arg-type]
     matched = len(rows)
     if padding:
-        rows.extend(_padding_rows(parties, [client_input, *servers], {tok for row in rows for tok in row[1:]}))
+        tokens_by_party = [client_input.tokens, *(s.tokens for s in servers), *(h.tokens for h in home)]
+        rows.extend(_padding_rows(parties, tokens_by_party, {tok for row in rows for tok in row[1:]}))
         rows.sort(key=lambda row: row[0])  # match_ids are random: fake and real rows end up interleaved
-    counts = {inp.party: len(inp.identifiers) for inp in inputs}
+    counts = {inp.party: len(inp.identifiers) for inp in inputs} | {h.party: len(h.tokens) for h in home}
     return MatchResult(parties, rows, counts, exchanged, matched)
 
 
-def _padding_rows(parties: Sequence[str], inputs: Sequence[PartyInput], matched_tokens: set[str]) -> list[tuple[str, ...]]:
+def _padding_rows(parties: Sequence[str], tokens_by_party: Sequence[Sequence[str]], matched_tokens: set[str]) -> list[tuple[str, ...]]:
     """One fake row per unmatched identity: its party's real token, forged tokens for the others.
 
     Forged tokens are random 256-bit values in the same hex form as real
@@ -195,8 +211,8 @@ def _padding_rows(parties: Sequence[str], inputs: Sequence[PartyInput], matched_
     they exist in no party's staging data, so they can never join to it.
     """
     out = []
-    for position, inp in enumerate(inputs):
-        for token in inp.tokens:
+    for position, tokens in enumerate(tokens_by_party):
+        for token in tokens:
             if token in matched_tokens:
                 continue
             row = [secrets.token_hex(32) for _ in parties]

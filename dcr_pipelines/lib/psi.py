@@ -48,3 +48,32 @@ class PsiClient:
         parsed = _psi.Response()
         parsed.ParseFromString(response)
         return sorted(int(i) for i in self._impl.GetIntersection(setup, parsed))
+
+
+def new_key() -> bytes:
+    """A fresh secret key for one party's half (its serialized private scalar)."""
+    return bytes(_psi.client.CreateWithNewKey(True).GetPrivateKeyBytes())
+
+
+def blind(key: bytes, items: Sequence[str]) -> list[bytes]:
+    """Each item hashed to the curve and raised to ``key``, in input order (the commutative cipher's encryption)."""
+    if not items:
+        return []
+    request = _psi.Request()
+    request.ParseFromString(_psi.client.CreateFromKey(key, True).CreateRequest(list(items)).SerializeToString())
+    return list(request.encrypted_elements)
+
+
+def reblind(key: bytes, elements: Sequence[bytes]) -> list[bytes]:
+    """Already-blinded elements raised to ``key`` as well, in input order: blind(b, blind(a, x)) == blind(a, blind(b, x)).
+
+    Two parties that each blind the other's blinded items compare values
+    neither could compute alone; equal values are the same identifier.
+    """
+    if not elements:
+        return []
+    request = _psi.Request()
+    request.reveal_intersection = True
+    request.encrypted_elements.extend(elements)
+    response = _psi.server.CreateFromKey(key, True).ProcessRequest(request)
+    return list(response.encrypted_elements)

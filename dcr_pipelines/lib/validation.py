@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from .identifiers import TOKEN_PATTERN
 from .policy.models import ColumnType, Dataset, IdentifierKind
 
 ROW_NUMBER = "dcr_line"
@@ -88,8 +89,12 @@ def expectation_class(name: str) -> Any:
     return cls
 
 
-def build_suite(ds: Dataset, dataset_name: str) -> Any:
-    """The expectation suite a dataset's contract implies, plus its own declared expectations."""
+def build_suite(ds: Dataset, dataset_name: str, tokenised: bool = False) -> Any:
+    """The expectation suite a dataset's contract implies, plus its own declared expectations.
+
+    ``tokenised``: the owner keeps its identifiers at home, so identifier
+    columns must hold its 64-hex-digit tokens instead.
+    """
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -109,7 +114,9 @@ def build_suite(ds: Dataset, dataset_name: str) -> Any:
             add(gxe.ExpectColumnValuesToBeInSet(column=name, value_set=list(col.allowed_values)))
         if col.range is not None:
             add(gxe.ExpectColumnValuesToBeBetween(column=name, min_value=col.range[0], max_value=col.range[1]))
-        if col.identifier is not None:
+        if col.identifier is not None and tokenised:
+            add(gxe.ExpectColumnValuesToMatchRegex(column=name, regex=TOKEN_PATTERN, meta={"dcr_rule": "token_format"}))
+        elif col.identifier is not None:
             add(gxe.ExpectColumnValuesToMatchRegex(
                 column=name, regex=IDENTIFIER_FORMATS[col.identifier], mostly=1 - col.max_invalid_fraction,
                 meta={"dcr_rule": f"{col.identifier.value}_format"},
@@ -134,7 +141,7 @@ def _rows(result: dict[str, Any]) -> tuple[int, ...]:
     return tuple(sorted(set(rows)))[:ROWS_IN_REPORT]
 
 
-def validate_table(sqlalchemy_url: str, schema: str, table: str, ds: Dataset, dataset_name: str) -> ValidationReport:
+def validate_table(sqlalchemy_url: str, schema: str, table: str, ds: Dataset, dataset_name: str, tokenised: bool = False) -> ValidationReport:
     """Run the dataset's suite on ``schema.table`` (which has a ``dcr_line`` column) inside PostgreSQL."""
     import great_expectations as gx
 
@@ -157,7 +164,7 @@ def validate_table(sqlalchemy_url: str, schema: str, table: str, ds: Dataset, da
         asset = source.add_table_asset(name=table, table_name=table)
         batch = asset.add_batch_definition_whole_table("whole").get_batch()
     result = batch.validate(
-        build_suite(ds, dataset_name),
+        build_suite(ds, dataset_name, tokenised),
         result_format={
             "result_format": "SUMMARY",
             "unexpected_index_column_names": [ROW_NUMBER],

@@ -21,6 +21,7 @@ from dcr_pipelines.lib import access, naming
 from dcr_pipelines.lib.keys import hmac_pads
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
+from ..identifier_cases import CASES
 from .conftest import CANARY, COLLAB
 
 pytestmark = pytest.mark.slow
@@ -184,27 +185,6 @@ def test_identifiers_that_cannot_be_normalised_are_counted_by_reason(e2e: dict[s
     assert meta["rows_in"] - meta["rows_staged"] == 2
 
 
-CASES = [
-    # (kind, options, raw, normalised or None, reason when None)
-    ("email", {}, "  Ana.B@Example.COM ", "ana.b@example.com", None),
-    ("email", {}, "ana+news@gmail.com", "ana+news@gmail.com", None),
-    ("email", {"drop_plus_tag": True}, "ana+news@x.org", "ana@x.org", None),
-    ("email", {"gmail_drop_dots": True}, "a.n.a@gmail.com", "ana@gmail.com", None),
-    ("email", {"gmail_drop_dots": True}, "a.n.a@example.com", "a.n.a@example.com", None),
-    ("email", {}, "no-at-sign.example.com", None, "invalid_email"),
-    ("email", {}, "two@@example.com", None, "invalid_email"),
-    ("email", {}, "   ", None, "missing"),
-    ("email", {}, None, None, "missing"),
-    ("phone", {"country_code": "1"}, "(415) 555-0100", "+14155550100", None),
-    ("phone", {"country_code": "44"}, "020 7946 0018", "+442079460018", None),
-    ("phone", {"country_code": "1"}, "+49 30 901820", "+4930901820", None),
-    ("phone", {"country_code": "1"}, "0049 30 901820", "+4930901820", None),
-    ("phone", {"country_code": "1"}, "call me", None, "invalid_characters"),
-    ("phone", {"country_code": "1"}, "12345", None, "invalid_length"),
-    ("customer_id", {"case": "upper"}, " ab-123 ", "AB-123", None),
-    ("customer_id", {"case": "preserve"}, "Ab-123", "Ab-123", None),
-    ("customer_id", {"case": "preserve"}, "  ", None, "missing"),
-]
 
 
 def test_the_identifier_spec_of_each_kind(runtime) -> None:  # type: ignore[no-untyped-def]

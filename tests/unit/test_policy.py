@@ -57,6 +57,8 @@ MISTAKES = [
     (COLLAB, "name: demo", "name: demo2", "name", "must equal its folder name"),
     (COLLAB, "  - consumer: ad_network", "  - consumer: retailer", "budgets[0].consumer", "lacks the run_queries ability"),
     (COLLAB, "    abilities: [provide_data, receive_results]", "    abilities: [provide_data, recieve_results]", "members.retailer.abilities[1]", "is not one of"),
+    (COLLAB, "  overlap_release: withheld", "  home_parties: [ad_network]", "matching.home_parties[0]", "cannot be both the matching client and a home party"),
+    (COLLAB, "  overlap_release: withheld", "  home_parties: [ad_netwrk]", "matching.home_parties[0]", "home party 'ad_netwrk' is not a member"),
     (QUERY_YAML, "consumer: ad_network", "consumer: someone", "consumer", "unknown member 'someone'"),
     (QUERY_YAML, "spend: {aggregate: sum, column: spend, bounds: [0, 300], epsilon_share: 2}", "spend: {aggregate: sum, column: spend, epsilon_share: 2}", "metrics.spend", "needs a 'column' and clamping 'bounds'"),
     (QUERY_YAML, "spend: {aggregate: sum, column: spend,", "spend: {aggregate: sum, column: spent,", "metrics.spend.column", "not an output column"),

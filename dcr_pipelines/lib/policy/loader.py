@@ -83,7 +83,13 @@ class LoadedCollaboration:
         return tuple(m for m in self.collaboration.members if m in owners)
 
     def matching_client(self) -> str:
-        return self.collaboration.matching.client or self.parties()[0]
+        """The party whose half runs PSI as client (the first party not at home unless declared)."""
+        home = self.collaboration.matching.home_parties
+        return self.collaboration.matching.client or next((p for p in self.parties() if p not in home), self.parties()[0])
+
+    def at_home(self, party: str) -> bool:
+        """Whether the party keeps its identifiers and keys at home (uploads tokens, runs `dcr psi`)."""
+        return party in self.collaboration.matching.home_parties
 
 
 def query_sha256(sql_text: str, spec_text: str) -> str:
@@ -256,6 +262,15 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
     client = collab.matching.client
     if client is not None and client not in parties:
         issue(("matching", "client"), f"matching client {client!r} is not a member that provides a dataset")
+    home = collab.matching.home_parties
+    for i, party in enumerate(home):
+        if party not in parties:
+            issue(("matching", "home_parties", i), f"home party {party!r} is not a member that provides a dataset")
+        elif party == client:
+            issue(("matching", "home_parties", i), f"{party!r} cannot be both the matching client and a home party: "
+                  "the client's half runs at the operator, who completes the match")
+    if parties and parties <= set(home):
+        issue(("matching", "home_parties"), "at least one party must upload identifiers to the operator and act as the matching client")
     for i, budget in enumerate(collab.budgets):
         if budget.consumer not in members:
             issue(("budgets", i, "consumer"), f"unknown member {budget.consumer!r}")

@@ -91,6 +91,7 @@ class MatchingSpec(Strict):
     buckets: int = Field(default=1, ge=1, le=1024)
     padding: bool = False
     overlap_release: Literal["withheld", "dp"] = "withheld"
+    home_parties: tuple[Name, ...] = ()
 
 
 class FileFormat(Strict):

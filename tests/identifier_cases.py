@@ -1,0 +1,30 @@
+"""The documented identifier normalisation (docs/identifiers.md) as a table, run through SQL and through Python."""
+
+CASES = [
+    # (kind, options, raw, normalised or None, reason when None)
+    ("email", {}, "  Ana.B@Example.COM ", "ana.b@example.com", None),
+    ("email", {}, "ana+news@gmail.com", "ana+news@gmail.com", None),
+    ("email", {"drop_plus_tag": True}, "ana+news@x.org", "ana@x.org", None),
+    ("email", {"gmail_drop_dots": True}, "a.n.a@gmail.com", "ana@gmail.com", None),
+    ("email", {"gmail_drop_dots": True}, "a.n.a@example.com", "a.n.a@example.com", None),
+    ("email", {}, "no-at-sign.example.com", None, "invalid_email"),
+    ("email", {}, "two@@example.com", None, "invalid_email"),
+    ("email", {}, "   ", None, "missing"),
+    ("email", {}, None, None, "missing"),
+    ("phone", {"country_code": "1"}, "(415) 555-0100", "+14155550100", None),
+    ("phone", {"country_code": "44"}, "020 7946 0018", "+442079460018", None),
+    ("phone", {"country_code": "1"}, "+49 30 901820", "+4930901820", None),
+    ("phone", {"country_code": "1"}, "0049 30 901820", "+4930901820", None),
+    ("phone", {"country_code": "1"}, "call me", None, "invalid_characters"),
+    ("phone", {"country_code": "1"}, "12345", None, "invalid_length"),
+    ("customer_id", {"case": "upper"}, " ab-123 ", "AB-123", None),
+    ("customer_id", {"case": "preserve"}, "Ab-123", "Ab-123", None),
+    ("customer_id", {"case": "preserve"}, "  ", None, "missing"),
+    ("email", {}, "\tZoe@Example.org\n", "zoe@example.org", None),
+    ("email", {}, "zoë@exämple.de", "zoë@exämple.de", None),
+    ("email", {}, "ZOË@Exämple.DE", "zoë@exämple.de", None),
+    ("email", {"drop_plus_tag": True, "gmail_drop_dots": True}, "A.N.A+x@GoogleMail.com", "ana@googlemail.com", None),
+    ("email", {}, "a b@example.com", None, "invalid_email"),
+    ("phone", {"country_code": "1"}, " 415.555.0100 ", "+14155550100", None),
+    ("phone", {"country_code": "1"}, "+1 (415) 555-01000000000", None, "invalid_length"),
+]
