@@ -124,6 +124,8 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
     elif not at_home:
         _run_collaboration(defs, loaded)
     _print_releases(runtime, loaded)
+    if loaded.collaboration.matching.overlap_release == "dp":
+        _print_overlap(runtime, loaded)
     out.print(f"done in {time.perf_counter() - started:.1f}s; open the asset graph with `make ui`")
 
 
@@ -676,6 +678,51 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool) ->
         details = ", ".join(f"{k}={e['metadata'][k]}" for k in keep if k in e["metadata"])
         table.add_row(e["time"][:19], e["kind"], e["asset"], e["run_id"][:8], e["user"], details)
     out.print(table)
+
+
+@main.command()
+@click.argument("collab")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def overlap(collab: str, fmt: str) -> None:
+    """Print what members learn of the number of shared people (matching.overlap_release).
+
+    \b
+    With overlap_release: dp, each new cross-reference releases the count
+    with discrete Laplace noise and a 95% interval; with withheld, nothing.
+    Example:
+      dcr overlap demo_home
+    """
+    runtime = _runtime()
+    _print_overlap(runtime, _collaboration(runtime, collab), fmt)
+
+
+def _print_overlap(runtime: Any, loaded: Any, fmt: str = "table") -> None:
+    from psycopg import sql
+
+    from .lib import access, naming
+    from .lib.database import connect
+
+    collab = loaded.name
+    if loaded.collaboration.matching.overlap_release == "withheld":
+        out.print(f"{collab}: the overlap is withheld by policy (matching.overlap_release: withheld)")
+        return
+    with connect(runtime.warehouse.url()) as conn:
+        table = f"{naming.results_schema(collab)}.{access.OVERLAP}"
+        rows = [] if conn.execute("select to_regclass(%s)", (table,)).fetchone()[0] is None else conn.execute(
+            sql.SQL("select release_id, value, ci_low, ci_high from {} order by release_id").format(sql.Identifier(naming.results_schema(collab), access.OVERLAP))
+        ).fetchall()
+    if fmt == "json":
+        out.print_json(data=[{"release_id": r[0], "matched_people": r[1], "ci_low": r[2], "ci_high": r[3]} for r in rows])
+        return
+    if not rows:
+        out.print(f"{collab}: no overlap released yet (run the matching stage)")
+        return
+    table_out = Table(title=f"shared people in {collab} (DP, epsilon {loaded.collaboration.matching.overlap_epsilon} each)", title_justify="left")
+    for column in ("release", "matched people", "95% interval"):
+        table_out.add_column(column)
+    for rid, value, low, high in rows:
+        table_out.add_row(rid, f"{value:,.0f}", f"[{low:,.0f}, {high:,.0f}]")
+    out.print(table_out)
 
 
 @main.group()

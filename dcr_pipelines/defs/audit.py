@@ -90,8 +90,9 @@ def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt
 
 def release_events(instance: dg.DagsterInstance, loaded: LoadedCollaboration) -> Iterator[dict[str, Any]]:
     """The audit entry of every release materialization, as recorded in the event log."""
-    for name in loaded.queries:
-        key = dg.AssetKey(naming.release_key(loaded.name, name))
+    keys = [naming.release_key(loaded.name, name) for name in loaded.queries] + [naming.cross_reference_key(loaded.name)]  # + the overlap release
+    for path in keys:
+        key = dg.AssetKey(path)
         cursor = None
         while True:
             result = instance.fetch_materializations(key, limit=500, cursor=cursor, ascending=True)

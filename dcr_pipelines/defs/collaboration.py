@@ -26,7 +26,7 @@ from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, dbt_vars, validate_params
 from ..lib.policy import LoadedCollaboration, PolicyError, load_collaboration
 from ..lib.privacy import ledger
-from ..lib.privacy.release import ReleaseRefused, release_query
+from ..lib.privacy.release import ReleaseRefused, release_overlap, release_query
 from .resources import SecretsResource, WarehouseResource
 
 T = TypeVar("T")
@@ -380,10 +380,12 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         result = matching.match(inputs, client, secrets.pairing_key(c), buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
         with warehouse.connect() as conn:
             _write_cross_reference(conn, c, result, digest)
+            overlap = _release_overlap(context, conn, loaded, result.matched, digest)
         context.log.info(f"matched {result.matched} people across {len(parties)} parties")
         return dg.MaterializeResult(
             metadata={
                 **input_rows,
+                **overlap,
                 "matched": dg.MetadataValue.int(result.matched),
                 "cross_reference_rows": dg.MetadataValue.int(len(result.rows)),
                 "recomputed": True,
@@ -398,6 +400,29 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         )
 
     return cross_reference
+
+
+def _release_overlap(context: dg.AssetExecutionContext, conn: Any, loaded: LoadedCollaboration, matched: int, digest: str) -> dict[str, Any]:
+    """What the members learn of the overlap: nothing, or a DP count charged to the overlap account (withheld once it is spent)."""
+    spec = loaded.collaboration.matching
+    if spec.overlap_release == "withheld":
+        return {"overlap_release": "withheld"}
+    try:
+        stored = release_overlap(conn, loaded, matched, digest)
+    except ledger.BudgetExhausted as exc:
+        context.log.warning(f"overlap withheld: {exc}")
+        return {"overlap_release": "withheld: the overlap budget is spent"}
+    return {"overlap_release": "dp", "overlap_release_id": stored.release_id, "overlap_epsilon_charged": 0.0 if stored.cached else stored.epsilon,
+            "overlap_epsilon_remaining": stored.budget.remaining, **_audit_metadata(stored)}
+
+
+def _audit_metadata(stored: ledger.StoredRelease) -> dict[str, Any]:
+    """A release's audit-chain entry, as the event log keeps it (`dcr audit --verify` compares the two)."""
+    return {
+        "audit_entry": dg.MetadataValue.json({k: v for k, v in stored.audit.items() if not k.endswith("sha256") or k in ("query_sha256", "rows_sha256")}),
+        "audit_entry_sha256": stored.audit.get("entry_sha256", ""),
+        "audit_chain_sha256": stored.audit.get("chain_sha256", ""),
+    }
 
 
 def _previous_match(conn: Any, collab: str) -> tuple[str, int] | None:
@@ -485,9 +510,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path) 
                 ),
                 "policy_sha256": loaded.policy_sha256,
                 "cells": dg.MetadataValue.int(len(stored.rows)),
-                "audit_entry": dg.MetadataValue.json({k: v for k, v in stored.audit.items() if not k.endswith("sha256") or k in ("query_sha256", "rows_sha256")}),
-                "audit_entry_sha256": stored.audit.get("entry_sha256", ""),
-                "audit_chain_sha256": stored.audit.get("chain_sha256", ""),
+                **_audit_metadata(stored),
                 "exports": ", ".join(f"{r}/{query_name}/{stored.release_id}.csv|parquet" for r in spec.receivers),
             }
         )

@@ -24,6 +24,9 @@ from psycopg import sql
 
 from . import naming
 from .policy import LoadedCollaboration
+from .policy.models import Ability
+
+OVERLAP = "overlap"  # the results table of the DP overlap release (matching.overlap_release: dp)
 
 Level = Literal["read", "write"]
 MAX_IDENTIFIER = 63
@@ -73,10 +76,18 @@ def plan(loaded: LoadedCollaboration) -> list[Grant]:
     return grants
 
 
+def overlap_receivers(loaded: LoadedCollaboration) -> list[str]:
+    """Members that receive the DP overlap release: every member with receive_results."""
+    return [m for m, member in loaded.collaboration.members.items() if Ability.RECEIVE_RESULTS in member.abilities]
+
+
 def result_readers(loaded: LoadedCollaboration, query_name: str) -> list[str]:
-    """Roles that may read a query's released results: its receivers' readers and the query runner."""
-    spec = loaded.queries[query_name].spec
-    return [role_name(loaded.name, r, "result_reader") for r in spec.receivers] + [role_name(loaded.name, "query_runner")]
+    """Roles that may read a query's released results: its receivers' readers and the query runner.
+
+    The overlap release (``overlap``) goes to every member that receives results.
+    """
+    receivers = overlap_receivers(loaded) if query_name == OVERLAP else list(loaded.queries[query_name].spec.receivers)
+    return [role_name(loaded.name, r, "result_reader") for r in receivers] + [role_name(loaded.name, "query_runner")]
 
 
 def _create_role(conn: psycopg.Connection, role: str) -> None:

@@ -28,9 +28,12 @@ import pytest
 from psycopg import sql
 
 from dcr_pipelines.definitions import build_definitions, secret_names
-from dcr_pipelines.lib import demo_data, naming
+from dcr_pipelines.lib import access, demo_data, naming
 from dcr_pipelines.lib.identifiers import token
+from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.policy.loader import query_sha256
+from dcr_pipelines.lib.privacy import ledger
+from dcr_pipelines.lib.privacy.release import OVERLAP_CONSUMER, release_overlap
 from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
@@ -41,9 +44,9 @@ COLLAB = "homepsi"
 RETAILER_KEY = "7e7a11e5" * 8
 
 
-def _cli(*args: str, code: int = 0) -> str:
+def _cli(*args: str, code: int = 0, env: dict[str, str] | None = None) -> str:
     """The party's own command line, in its own process."""
-    proc = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
     assert proc.returncode == code, proc.stderr
     return proc.stdout + proc.stderr
 
@@ -216,3 +219,60 @@ def test_the_psi_commands_refuse_bad_input_with_one_line(ctx: dict[str, Any], tm
     assert "request.dcrpsi: the body does not match its checksum" in out
     out = _cli("psi", "keygen", "--out", str(ctx["key"]), code=2)
     assert "exists; keys are not overwritten" in out
+
+
+def test_members_learn_the_overlap_only_with_dp_noise_charged_once_per_match(ctx: dict[str, Any]) -> None:
+    schema = naming.results_schema(COLLAB)
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        released = conn.execute(f"select release_id, value, ci_low, ci_high from {schema}.overlap").fetchall()
+        charged = conn.execute(f"select count(*), sum(epsilon) from {schema}.budget_ledger where consumer = %s", (OVERLAP_CONSUMER,)).fetchone()
+        exact = conn.execute(f"select count(*) from {naming.matching_schema(COLLAB)}.cross_reference").fetchone()[0]
+        # Readable by each member that receives results, as that member's role; not by the analysis role.
+        for member in ("retailer", "ad_network"):
+            conn.execute(sql.SQL("set role {}").format(sql.Identifier(access.role_name(COLLAB, member, "result_reader"))))
+            assert conn.execute(f"select count(*) from {schema}.overlap").fetchone()[0] == len(released)
+            conn.execute("reset role")
+        conn.execute(sql.SQL("set role {}").format(sql.Identifier(access.role_name(COLLAB, "analysis_builder"))))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f"select * from {schema}.overlap")
+        conn.execute("reset role")
+    # One release per cross-reference built (the first run stopped before matching; later ones kept the match or were refused).
+    assert len(released) == 1 and charged[0] == 1 and charged[1] == pytest.approx(0.1)
+    _, value, low, high = released[0]
+    assert value == round(value) and high - low > 0  # a noisy integer with its interval
+    assert ctx["second"].metadata[f"{COLLAB}/matching/cross_reference"]["overlap_release"] == "dp"
+    assert ctx["second"].metadata[f"{COLLAB}/matching/cross_reference"]["matched"] == exact
+
+
+def test_the_overlap_budget_caps_repeated_releases_then_the_overlap_is_withheld(ctx: dict[str, Any]) -> None:
+    """Averaging many releases would reveal the exact size: the 30-day overlap budget (1.0 at 0.1 each) stops it."""
+    loaded = load_collaboration(ctx["settings"].policies / COLLAB)
+    values = []
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        spent = conn.execute(f"select coalesce(sum(epsilon), 0) from {naming.results_schema(COLLAB)}.budget_ledger where consumer = %s",
+                             (OVERLAP_CONSUMER,)).fetchone()[0]
+        left = round((1.0 - spent) / 0.1)
+        for i in range(left):
+            values.append(release_overlap(conn, loaded, 500, f"digest-{i}").rows[0]["value"])
+        assert release_overlap(conn, loaded, 500, "digest-0").cached  # the same cross-reference: the same noisy value, no charge
+        with pytest.raises(ledger.BudgetExhausted, match=r"privacy budget of \(overlap\)"):
+            release_overlap(conn, loaded, 500, "one-more")
+    assert len(set(values)) > 1, "each new match draws fresh noise"
+    assert all(v != 500 for v in values[:3]) or len(set(values)) > 2
+
+
+def test_the_audit_chain_includes_the_overlap_release(ctx: dict[str, Any]) -> None:
+    """`dcr audit --verify` finds the overlap release made through Dagster in the event log; releases made
+    directly in the test above (not through Dagster) are the only ones it reports as missing."""
+    proc = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "audit", COLLAB, "--verify"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DCR_POLICIES": str(ctx["settings"].policies)})
+    with psycopg.connect(ctx["url"]) as conn:
+        rows = conn.execute(
+            f"select release_id, input_versions->>'cross_reference' from {naming.results_schema(COLLAB)}.releases where query_name = 'overlap' order by seq"
+        ).fetchall()
+    through_dagster = [rid for rid, digest in rows if not digest.startswith(("digest-", "one-more"))]
+    direct = [rid for rid, digest in rows if digest.startswith("digest-")]
+    assert len(through_dagster) == 1
+    assert through_dagster[0] not in proc.stderr + proc.stdout
+    flagged = {line.split()[2].rstrip(":") for line in proc.stderr.splitlines() if line.startswith("error:")}
+    assert flagged <= set(direct), proc.stderr

@@ -310,8 +310,8 @@ def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
         raise PolicyError(_validation_issues(exc, spec_path, data)) from None
     name = spec_path.stem
     issues: list[PolicyIssue] = []
-    if name == "ad_hoc":
-        raise PolicyError([PolicyIssue(spec_path, None, None, "", "the query name ad_hoc is reserved for ad-hoc SQL; rename the files")])
+    if name in ("ad_hoc", "overlap"):
+        raise PolicyError([PolicyIssue(spec_path, None, None, "", f"the query name {name} is reserved (ad-hoc SQL, the overlap release); rename the files")])
 
     def issue(where: Sequence[str | int], message: str) -> None:
         line, column = locate(data, where)

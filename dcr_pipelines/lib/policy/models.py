@@ -91,6 +91,8 @@ class MatchingSpec(Strict):
     buckets: int = Field(default=1, ge=1, le=1024)
     padding: bool = False
     overlap_release: Literal["withheld", "dp"] = "withheld"
+    overlap_epsilon: float = Field(default=0.1, gt=0, le=10)  # per release of the overlap size
+    overlap_budget: float = Field(default=1.0, gt=0)  # epsilon of all overlap releases in any 30 days
     home_parties: tuple[Name, ...] = ()
 
 

@@ -78,6 +78,11 @@ def _plan_one(metric: str, column: str, integer: bool, sensitivity: float, epsil
     return NoisePlan(metric, column, integer, float(sensitivity), epsilon, scale, spent, accuracy)
 
 
+def plan_count(metric: str, epsilon: float, sensitivity: int = 1) -> NoisePlan:
+    """One integer count, discrete Laplace noise (e.g. the overlap size: one person changes it by at most one)."""
+    return _plan_one(metric, metric, True, sensitivity, epsilon)
+
+
 @dataclass(frozen=True)
 class KeySelectionPlan:
     """Laplace-threshold release of a distinct-person count per group, for groups without a public domain."""

@@ -20,6 +20,7 @@ from .mechanisms import (
     add_noise,
     dp_accuracy_of_threshold,
     needs_key_selection,
+    plan_count,
     plan_key_selection,
     plan_release,
     release_cost,
@@ -230,6 +231,55 @@ def _release_thresholded(
     if export_dir is not None:
         export(stored, loaded, query, export_dir)
     return stored
+
+
+OVERLAP_CONSUMER = "(overlap)"  # the ledger account of overlap releases: not a member, so it cannot be confused with one
+
+
+def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, matched: int, input_digest: str) -> ledger.StoredRelease:
+    """Release the number of matched people with discrete Laplace noise (matching.overlap_release: dp).
+
+    One person changes the intersection size by at most one (sensitivity 1).
+    Each new cross-reference is one release of ``overlap_epsilon``, charged to
+    the collaboration's overlap account (``overlap_budget`` per 30 days); the
+    same cross-reference returns the stored release. Raises
+    ``ledger.BudgetExhausted`` when the account cannot pay: the overlap is
+    then withheld, the pipeline goes on.
+    """
+    spec = loaded.collaboration.matching
+    plan = plan_count("matched_people", spec.overlap_epsilon)
+    schema = naming.results_schema(loaded.name)
+    ledger.ensure_tables(conn, schema)
+    table = sql.Identifier(schema, access.OVERLAP)
+
+    def draw() -> list[dict[str, Any]]:
+        value = add_noise(plan, [matched])[0]
+        return [{"metric": "matched_people", "value": value, "ci_low": value - plan.accuracy, "ci_high": value + plan.accuracy}]
+
+    def store(conn: psycopg.Connection, release_id: str, rows: list[dict[str, Any]]) -> None:
+        conn.execute(sql.SQL("create table if not exists {} (release_id text not null, metric text not null, value double precision, "
+                             "ci_low double precision, ci_high double precision)").format(table))
+        for row in rows:
+            conn.execute(sql.SQL("insert into {} values (%s, %s, %s, %s, %s)").format(table),
+                         (release_id, row["metric"], row["value"], row["ci_low"], row["ci_high"]))
+        access.grant_results(conn, loaded, access.OVERLAP)
+
+    versions = {"cross_reference": input_digest}
+    return ledger.release(
+        conn,
+        schema,
+        collaboration=loaded.name,
+        query_name=access.OVERLAP,
+        budget=Budget.model_construct(consumer=OVERLAP_CONSUMER, epsilon=spec.overlap_budget, delta=0.0, period_days=30),
+        key=ledger.cache_key(access.OVERLAP, {}, versions),
+        params={},
+        input_versions=versions,
+        cost=plan.epsilon,
+        draw=draw,
+        store_rows=store,
+        receivers=access.overlap_receivers(loaded),
+        query_sha256="",
+    )
 
 
 def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: ApprovedQuery, export_dir: Path) -> list[Path]:
