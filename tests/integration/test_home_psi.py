@@ -74,6 +74,7 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
 
     party_machine = tmp_path_factory.mktemp("ad_network_machine")  # outside the operator's home
     files = demo_data.generate(party_machine / "generated", rows=1_500, overlap=0.4, seed=33)
+    _mark_their_own_people(files)
     for upload in (files.purchases, files.customers):
         target = settings.landing / COLLAB / "retailer" / upload.parent.name / upload.name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,17 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
 
 def _normalised(series: pd.Series) -> set[str]:
     return set(series.str.strip().str.lower())
+
+
+MARK = "+h0me7"  # other tests generate the same demo emails; the ad network's own people get a unique tag
+
+
+def _mark_their_own_people(files: demo_data.DemoFiles) -> None:
+    retailer = _normalised(pd.read_csv(files.purchases)["customer_email"]) | _normalised(pd.read_csv(files.customers)["customer_email"])
+    impressions = pd.read_csv(files.impressions)
+    own = ~impressions["user_email"].str.strip().str.lower().isin(retailer)
+    impressions.loc[own, "user_email"] = impressions.loc[own, "user_email"].str.replace("@", MARK + "@", n=1, regex=False)
+    impressions.to_csv(files.impressions, index=False)
 
 
 def test_the_operator_waits_for_the_home_party_then_completes_the_match(ctx: dict[str, Any]) -> None:
@@ -150,7 +162,7 @@ def test_no_identifier_of_the_home_party_outside_the_overlap_nor_its_keys_reach_
     retailer = _normalised(pd.read_csv(files.purchases)["customer_email"]) | _normalised(pd.read_csv(files.customers)["customer_email"])
     raw = pd.read_csv(files.impressions)["user_email"]
     only_theirs = sorted(_normalised(raw) - retailer)
-    assert len(only_theirs) > 100
+    assert len(only_theirs) > 100 and all(MARK in e for e in only_theirs)
     keys = json.loads(ctx["key"].read_text())
     needles = [e.encode() for e in only_theirs] + [keys["hmac_key"].encode(), keys["psi_key"].encode()]
     needles += [bytes.fromhex(keys["hmac_key"]), bytes.fromhex(keys["psi_key"])]
