@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
@@ -34,7 +35,29 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             "dbt": DbtCliResource(project_dir=str(settings.dbt_project), profiles_dir=str(settings.dbt_project), dbt_executable=str(dbt_executable())),
         }
     )
-    return dg.Definitions.merge(*parts, resources)
+    executor = _executor()
+    return dg.Definitions.merge(*parts, resources, *([dg.Definitions(executor=executor)] if executor is not None else []))
+
+
+def _executor() -> dg.ExecutorDefinition | None:
+    """The executor of the collaboration jobs, chosen by the deployment (DCR_EXECUTOR), not by code.
+
+    Unset: Dagster's default (multiprocess; `execution: {config: {in_process: {}}}` or a
+    `start_method` of forkserver in the run config selects the others). ``celery``: every
+    step goes to Celery workers over DCR_CELERY_BROKER (default redis://127.0.0.1:6379/0);
+    see docs/operations.md.
+    """
+    choice = os.environ.get("DCR_EXECUTOR", "").strip().lower()
+    if choice in ("", "default", "multiprocess"):
+        return None
+    if choice == "in_process":
+        return dg.in_process_executor
+    if choice == "celery":
+        from dagster_celery import celery_executor
+
+        broker = os.environ.get("DCR_CELERY_BROKER", "redis://127.0.0.1:6379/0")
+        return celery_executor.configured({"broker": broker, "backend": os.environ.get("DCR_CELERY_BACKEND", broker)}, name="celery")
+    raise ValueError(f"DCR_EXECUTOR={choice!r}: expected multiprocess, in_process or celery")
 
 
 def secret_names(settings: Settings) -> list[str]:

@@ -286,6 +286,113 @@ def _record_analysis_inputs(conn: Any, collab: str, params: dict[str, dict[str, 
             )
 
 
+def _read_identities(warehouse: WarehouseResource, loaded: LoadedCollaboration, parties: list[str], bucket: int | None = None) -> list[matching.PartyInput]:
+    """Each party's (token, identifier) pairs, read as that party's own role; only one bucket's if ``bucket`` is given."""
+    c, buckets = loaded.name, loaded.collaboration.matching.buckets
+    where = sql.SQL("where {} = %s").format(sql.SQL(matching.bucket_sql('"identifier"', buckets))) if bucket is not None else sql.SQL("")
+    inputs = []
+    for party in parties:
+        with warehouse.connect() as conn:
+            conn.execute(sql.SQL("set role {}").format(sql.Identifier(access.role_name(c, party, "staging_loader"))))
+            rows = conn.execute(
+                sql.SQL("select token, identifier from {} {} order by token").format(sql.Identifier(naming.raw_schema(c, party), "identities"), where),
+                (bucket,) if bucket is not None else None,
+            ).fetchall()
+        inputs.append(matching.PartyInput(party, [r[0] for r in rows], [r[1] for r in rows]))
+    return inputs
+
+
+def _bucket_tables(conn: Any, loaded: LoadedCollaboration, columns: list[str]) -> tuple[sql.Identifier, sql.Identifier]:
+    """The tables bucket steps write (created once, under a lock: steps may run at once on different workers)."""
+    schema = naming.matching_schema(loaded.name)
+    pairs, builds = sql.Identifier(schema, "bucket_pairs"), sql.Identifier(schema, "bucket_builds")
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-buckets:{loaded.name}",))
+        conn.execute(sql.SQL("create table if not exists {} (bucket int not null, {})").format(
+            pairs, sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns)))
+        conn.execute(sql.SQL("create table if not exists {} (bucket int primary key, input_digest text not null, matched bigint not null, "
+                             "bytes_exchanged bigint not null, built_at timestamptz not null default now())").format(builds))
+    return pairs, builds
+
+
+def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefinition:
+    """One hash bucket of the PSI as its own step, so a distributed executor can run buckets on different workers."""
+    c = loaded.name
+    client = loaded.matching_client()
+    at_operator = [client] + [p for p in loaded.parties() if not loaded.at_home(p) and p != client]
+    buckets = loaded.collaboration.matching.buckets
+
+    @dg.asset(
+        key=naming.bucket_key(c, bucket),
+        deps=[dg.AssetKey(naming.identities_key(c, p)) for p in at_operator],
+        group_name=c,
+        kinds={"postgres", "python"},
+        tags={"dcr/stage": "matching", "dcr/bucket": str(bucket)},
+        owners=["team:operator"],
+        description=f"PSI of bucket {bucket} of {buckets} ({', '.join(at_operator)}): the matched people's tokens, no match_id yet. "
+        "Each bucket is its own step (matching.bucket_steps), so Celery or Kubernetes workers can share them.",
+    )
+    def bucket_step(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
+        inputs = _read_identities(warehouse, loaded, at_operator, bucket)
+        digest = matching.bucket_digest(inputs, client, buckets, bucket)
+        columns = [naming.party_token_column(p) for p in at_operator]
+        with warehouse.connect() as conn:
+            pairs_table, builds = _bucket_tables(conn, loaded, columns)
+            previous = conn.execute(sql.SQL("select input_digest, matched from {} where bucket = %s").format(builds), (bucket,)).fetchone()
+        if previous is not None and previous[0] == digest:
+            context.log.info(f"bucket {bucket}: identities unchanged, no PSI work")
+            return dg.MaterializeResult(metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1])}, data_version=dg.DataVersion(digest))
+        if len(inputs) == 1:  # only parties at home besides the client: their answer is applied when the buckets are assembled
+            pairs, exchanged = [(t,) for t in inputs[0].tokens], 0
+        else:
+            result = matching.match(inputs, client, secrets.pairing_key(c), buckets=1, workers=1)
+            assert result.parties == tuple(at_operator)
+            pairs, exchanged = [row[1:] for row in result.rows], result.bytes_exchanged
+        with warehouse.connect() as conn, conn.transaction():
+            conn.execute(sql.SQL("delete from {} where bucket = %s").format(pairs_table), (bucket,))
+            with conn.cursor().copy(sql.SQL("copy {} (bucket, {}) from stdin").format(pairs_table, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
+                for pair in pairs:
+                    copy.write_row((bucket, *pair))
+            conn.execute(
+                sql.SQL("insert into {} (bucket, input_digest, matched, bytes_exchanged) values (%s, %s, %s, %s) on conflict (bucket) do update "
+                        "set input_digest = excluded.input_digest, matched = excluded.matched, bytes_exchanged = excluded.bytes_exchanged, built_at = now()").format(builds),
+                (bucket, digest, len(pairs), exchanged),
+            )
+        context.log.info(f"bucket {bucket}: {len(pairs)} matched")
+        return dg.MaterializeResult(
+            metadata={"recomputed": True, "matched": dg.MetadataValue.int(len(pairs)), "bytes_exchanged": dg.MetadataValue.int(exchanged),
+                      **{f"input_rows_{inp.party}": dg.MetadataValue.int(len(inp.tokens)) for inp in inputs}},
+            data_version=dg.DataVersion(digest),
+        )
+
+    return bucket_step
+
+
+def _assemble_buckets(conn: Any, loaded: LoadedCollaboration, inputs: list[matching.PartyInput], home: list[home_psi.HomeMatch]) -> matching.MatchResult:
+    """The cross-reference from the bucket steps' matches: every bucket checked against the current identities first."""
+    c, buckets = loaded.name, loaded.collaboration.matching.buckets
+    client = loaded.matching_client()
+    columns = [naming.party_token_column(inp.party) for inp in inputs]
+    pairs_table, builds = _bucket_tables(conn, loaded, columns)
+    stored = dict(conn.execute(sql.SQL("select bucket, input_digest from {}").format(builds)).fetchall())
+    expected = {b: matching.bucket_digest(part, client, buckets, b) for b, part in enumerate(matching.split(inputs, buckets))}
+    stale = [b for b in range(buckets) if stored.get(b) != expected[b]]
+    if stale:
+        raise dg.Failure(
+            f"bucket(s) {', '.join(map(str, stale[:10]))} were matched from other identities than the current ones; "
+            f"materialize {', '.join('/'.join(naming.bucket_key(c, b)) for b in stale[:3])}{' ...' if len(stale) > 3 else ''} first (previous cross-reference kept)"
+        )
+    pairs = conn.execute(sql.SQL("select {} from {} order by bucket").format(sql.SQL(", ").join(map(sql.Identifier, columns)), pairs_table)).fetchall()
+    exchanged = int(conn.execute(sql.SQL("select coalesce(sum(bytes_exchanged), 0) from {}").format(builds)).fetchone()[0])
+    client_input = inputs[0]
+    home_by_token = [{client_input.tokens[i]: tok for i, tok in h.by_client_index.items()} for h in home]
+    matched = [(*pair, *(m[pair[0]] for m in home_by_token)) for pair in pairs if all(pair[0] in m for m in home_by_token)]
+    parties = (*(inp.party for inp in inputs), *(h.party for h in home))
+    rows = matching.assemble(parties, matched, [*(inp.tokens for inp in inputs), *(h.tokens for h in home)], loaded.collaboration.matching.padding)
+    counts = {inp.party: len(inp.identifiers) for inp in inputs} | {h.party: len(h.tokens) for h in home}
+    return matching.MatchResult(parties, rows, counts, exchanged, len(matched))
+
+
 def _home_inputs(loaded: LoadedCollaboration, landing: Path) -> dict[str, home_psi.Message]:
     """Each home party's newest setup message, from its landing folder's ``_psi`` directory."""
     c, out = loaded.name, {}
@@ -336,13 +443,15 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
     c = loaded.name
     parties = loaded.parties()
     client = loaded.matching_client()
-    at_operator = [p for p in parties if not loaded.at_home(p)]
+    at_operator = [client] + [p for p in parties if not loaded.at_home(p) and p != client]
     at_home = [p for p in parties if loaded.at_home(p)]
     home_deps = [naming.staging_key(c, ds.owner, name) for name, ds in loaded.collaboration.datasets.items() if ds.owner in at_home]
 
+    bucket_keys = [naming.bucket_key(c, b) for b in range(loaded.collaboration.matching.buckets)] if loaded.collaboration.matching.bucket_steps else []
+
     @dg.asset(
         key=naming.cross_reference_key(c),
-        deps=[dg.AssetKey(naming.identities_key(c, p)) for p in at_operator] + [dg.AssetKey(k) for k in home_deps],
+        deps=[dg.AssetKey(naming.identities_key(c, p)) for p in at_operator] + [dg.AssetKey(k) for k in home_deps + bucket_keys],
         group_name=c,
         kinds={"postgres", "python"},
         tags={"dcr/stage": "matching"},
@@ -352,15 +461,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         + (f" {', '.join(at_home)} keep their identifiers at home and answer with `dcr psi` message files." if at_home else ""),
     )
     def cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
-        inputs = []
-        for party in at_operator:
-            # Each party's half reads only its own identifiers, as its own role.
-            with warehouse.connect() as conn:
-                conn.execute(sql.SQL("set role {}").format(sql.Identifier(access.role_name(c, party, "staging_loader"))))
-                rows = conn.execute(
-                    sql.SQL("select token, identifier from {} order by token").format(sql.Identifier(naming.raw_schema(c, party), "identities"))
-                ).fetchall()
-                inputs.append(matching.PartyInput(party, [r[0] for r in rows], [r[1] for r in rows]))
+        inputs = _read_identities(warehouse, loaded, at_operator)
         setups = _home_inputs(loaded, landing)
         buckets = loaded.collaboration.matching.buckets
         digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()])
@@ -377,7 +478,11 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
             )
         client_input = next(inp for inp in inputs if inp.party == client)
         home = _home_matches(loaded, setups, client_input, secrets.pairing_key(c), landing, exports)
-        result = matching.match(inputs, client, secrets.pairing_key(c), buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
+        if loaded.collaboration.matching.bucket_steps:
+            with warehouse.connect() as conn:
+                result = _assemble_buckets(conn, loaded, inputs, home)
+        else:
+            result = matching.match(inputs, client, secrets.pairing_key(c), buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
         with warehouse.connect() as conn:
             _write_cross_reference(conn, c, result, digest)
             overlap = _release_overlap(context, conn, loaded, result.matched, digest)
@@ -648,6 +753,8 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     assets: list[dg.AssetsDefinition] = [_grants_asset(loaded)]
     assets += [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]
     assets.append(_dbt_stage(loaded, manifest, "staging"))
+    if loaded.collaboration.matching.bucket_steps:
+        assets.extend(_bucket_asset(loaded, b) for b in range(loaded.collaboration.matching.buckets))
     assets.append(_cross_reference_asset(loaded, landing, exports))
     assets.append(_dbt_stage(loaded, manifest, "analysis"))
     assets.extend(_release_asset(loaded, q, exports) for q in loaded.queries)

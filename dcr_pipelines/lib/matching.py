@@ -57,12 +57,48 @@ def input_digest(inputs: Iterable[PartyInput], client: str, buckets: int, home: 
     return digest.hexdigest()
 
 
+def bucket_digest(inputs: Iterable[PartyInput], client: str, buckets: int, bucket: int) -> str:
+    """What one bucket's matches depend on: that bucket's part of every party's input."""
+    return hashlib.sha256(f"{input_digest(inputs, client, buckets)}:bucket={bucket}".encode()).hexdigest()
+
+
 def bucket_of(identifier: str, buckets: int) -> int:
     """A stable bucket for an identifier; each party computes it on its own side."""
     if buckets == 1:
         return 0
     digest = hashlib.sha256(identifier.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % buckets
+
+
+def bucket_sql(column: str, buckets: int) -> str:
+    """``bucket_of`` in SQL (core PostgreSQL 12+): the first 8 bytes of SHA-256 as an unsigned integer, modulo ``buckets``.
+
+    Lets a bucket's step read only its own identifiers; ``column`` is an
+    already-quoted identifier.
+    """
+    signed = f"('x' || substr(encode(sha256(convert_to({column}, 'UTF8')), 'hex'), 1, 16))::bit(64)::bigint"
+    return f"mod(case when {signed} < 0 then {signed}::numeric + 18446744073709551616 else {signed}::numeric end, {int(buckets)})"
+
+
+def split(inputs: Sequence[PartyInput], buckets: int) -> list[list[PartyInput]]:
+    """Each party's input cut into its buckets (bucket b of every party is what bucket b's step reads)."""
+    out: list[list[PartyInput]] = [[] for _ in range(buckets)]
+    for inp in inputs:
+        parts = _split(inp, buckets)
+        for b, indices in enumerate(parts):
+            out[b].append(PartyInput(inp.party, [inp.tokens[i] for i in indices], [inp.identifiers[i] for i in indices]))
+    return out
+
+
+def assemble(
+    parties: Sequence[str], pairs: Sequence[tuple[str, ...]], tokens_by_party: Sequence[Sequence[str]], padding: bool = False,
+) -> list[tuple[str, ...]]:
+    """Rows of the cross-reference from matched token tuples (in ``parties`` order): a fresh random match_id each, padding if asked."""
+    rows = [(secrets.token_hex(16), *pair) for pair in pairs]
+    if padding:
+        rows.extend(_padding_rows(parties, tokens_by_party, {tok for row in rows for tok in row[1:]}))
+        rows.sort(key=lambda row: row[0])
+    return rows
 
 
 def pairing_tag(pairing_key: bytes, identifier: str) -> bytes:

@@ -83,6 +83,10 @@ def identities_key(collab: str, party: str) -> list[str]:
     return [collab, "private", f"{party}__identities"]
 
 
+def bucket_key(collab: str, bucket: int) -> list[str]:
+    return [collab, "matching", f"bucket_{bucket:03d}"]
+
+
 def cross_reference_key(collab: str) -> list[str]:
     return [collab, "matching", "cross_reference"]
 

@@ -89,6 +89,7 @@ class IdentitySpec(Strict):
 class MatchingSpec(Strict):
     client: Name | None = None
     buckets: int = Field(default=1, ge=1, le=1024)
+    bucket_steps: bool = False  # one Dagster step per bucket (for a distributed executor) instead of a process pool in one step
     padding: bool = False
     overlap_release: Literal["withheld", "dp"] = "withheld"
     overlap_epsilon: float = Field(default=0.1, gt=0, le=10)  # per release of the overlap size
