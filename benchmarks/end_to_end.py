@@ -114,39 +114,50 @@ def _baseline(url: str, files: Any) -> dict[str, Any]:
     return {"wall_s": round(total, 2), "load_s": round(loaded, 2), "queries_s": times}
 
 
+def prepare(rows: int) -> tuple[Path, Any, Any, Any, Any]:
+    """A temporary DCR_HOME with the embedded PostgreSQL, the ``bench`` copy of the demo and its generated, landed uploads."""
+    home = Path(tempfile.mkdtemp(prefix="dcr-bench-"))
+    os.environ["DCR_HOME"] = str(home)
+    os.environ.pop("DCR_DATABASE_URL", None)
+    from dcr_pipelines.definitions import secret_names
+    from dcr_pipelines.lib import demo_data
+    from dcr_pipelines.lib.runtime import activate, ensure_development_secrets
+    from dcr_pipelines.lib.settings import PROJECT_ROOT
+
+    runtime = activate()
+    policies = home / "policies"
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", policies / COLLAB)
+    collab_file = policies / COLLAB / "collaboration.yaml"
+    collab_file.write_text(collab_file.read_text().replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 1000.0"))
+    settings = dataclasses.replace(runtime.settings, policies=policies)
+    os.environ["DCR_POLICIES"] = str(policies)
+    ensure_development_secrets(settings.home, secret_names(settings))
+    files = demo_data.generate(home / "generated", rows=rows, overlap=0.3, seed=7)
+
+    def land() -> None:
+        for path in files.uploads:
+            target = settings.landing / COLLAB / path.parent.parent.name / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+
+    land()
+    return home, runtime, settings, files, land
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000, help="rows per party")
     parser.add_argument("--keep", action="store_true", help="keep the temporary DCR_HOME")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="dcr-bench-"))
-    os.environ["DCR_HOME"] = str(home)
-    os.environ.pop("DCR_DATABASE_URL", None)
-    from dcr_pipelines.definitions import build_definitions, secret_names
+    from dcr_pipelines.definitions import build_definitions
     from dcr_pipelines.lib import demo_data
     from dcr_pipelines.lib.database import stop_embedded
-    from dcr_pipelines.lib.runtime import activate, ensure_development_secrets
     from dcr_pipelines.lib.settings import PROJECT_ROOT
     from dcr_pipelines.runner import collaboration_keys
 
+    home, runtime, settings, files, land = prepare(args.rows)
     try:
-        runtime = activate()
-        policies = home / "policies"
-        shutil.copytree(PROJECT_ROOT / "policies" / "demo", policies / COLLAB)
-        collab_file = policies / COLLAB / "collaboration.yaml"
-        collab_file.write_text(collab_file.read_text().replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 1000.0"))
-        settings = dataclasses.replace(runtime.settings, policies=policies)
-        ensure_development_secrets(settings.home, secret_names(settings))
-        files = demo_data.generate(home / "generated", rows=args.rows, overlap=0.3, seed=7)
-
-        def land() -> None:
-            for path in files.uploads:
-                target = settings.landing / COLLAB / path.parent.parent.name / path.parent.name / path.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
-
-        land()
         defs = build_definitions(settings)
         keys = collaboration_keys(defs, COLLAB)
         full = _run(defs, keys, "full run")

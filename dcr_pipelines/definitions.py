@@ -27,7 +27,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     # Parsed here, not passed as a path: dagster-dbt caches manifests by path per process,
     # which would keep a stale graph after the policies change (code-server reloads, tests).
     manifest = json.loads(prepare_manifest(settings.dbt_project, loaded).read_text())
-    parts = [build_collaboration(c, manifest, settings.landing, settings.exports) for c in loaded]
+    parts = [build_collaboration(c, manifest, settings.landing, settings.exports, settings.dbt_project) for c in loaded]
     resources = dg.Definitions(
         resources={
             "warehouse": WarehouseResource(url=dg.EnvVar("DCR_WAREHOUSE_URL")),

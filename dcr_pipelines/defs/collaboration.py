@@ -10,6 +10,8 @@ Stages (keys are ``[collab, stage, name]``):
 """
 
 
+import hashlib
+import hmac
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -20,7 +22,8 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 from psycopg import sql
 
-from ..lib import access, adhoc, home_psi, matching, naming
+from ..lib import access, adhoc, dbt_codegen, home_psi, matching, naming
+from ..lib.dbt_manifest import hand_written_digest as _hand_written_digest
 from ..lib import ingest as ingest_lib
 from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, dbt_vars, validate_params
@@ -241,9 +244,52 @@ def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> It
             yield dg.AssetObservation(asset_key=naming.staging_key(c, ds.owner, name), metadata=metadata)
 
 
-def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: str) -> dg.AssetsDefinition:
+def _stage_relations(manifest: Mapping[str, Any], collab: str, stage: str) -> list[str]:
+    """schema.alias of every model of one dbt stage (what must still exist for a build to be skipped)."""
+    tags = {f"dcr_{collab}", f"dcr_{stage}"}
+    return sorted(
+        f"{node['schema']}.{node.get('alias') or node['name']}"
+        for node in manifest.get("nodes", {}).values()
+        if node.get("resource_type") == "model" and tags <= set(node.get("tags", []))
+    )
+
+
+def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
+    """The SQL a collaboration's dbt stages run: its generated models and the hand-written macros."""
+    digest = hashlib.sha256(_hand_written_digest(dbt_project).encode())
+    for rel, content in sorted(dbt_codegen.render(loaded).items()):
+        digest.update(f"{rel}\0{content}\0".encode())
+    return digest.hexdigest()
+
+
+def _stage_skip(conn: Any, collab: str, stage: str, digest: str, relations: list[str]) -> bool:
+    """Whether the stage's last successful build had this digest and its relations are all still there."""
+    ingest_lib.ensure_meta(conn)
+    conn.execute("create table if not exists dcr_meta.stage_builds (collaboration text not null, stage text not null, digest text not null, "
+                 "built_at timestamptz not null default now(), primary key (collaboration, stage))")
+    row = conn.execute("select digest from dcr_meta.stage_builds where collaboration = %s and stage = %s", (collab, stage)).fetchone()
+    if row is None or row[0] != digest:
+        return False
+    return all(conn.execute("select to_regclass(%s)", (rel,)).fetchone()[0] is not None for rel in relations)
+
+
+def _stage_built(conn: Any, collab: str, stage: str, digest: str) -> None:
+    conn.execute("insert into dcr_meta.stage_builds (collaboration, stage, digest) values (%s, %s, %s) on conflict (collaboration, stage) "
+                 "do update set digest = excluded.digest, built_at = now()", (collab, stage, digest))
+
+
+def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str) -> Iterator[dg.MaterializeResult]:
+    context.log.info(f"{stage}: inputs, keys and SQL unchanged since the last build; dbt not run")
+    for key in sorted(context.selected_asset_keys, key=lambda k: k.to_user_string()):
+        yield dg.MaterializeResult(asset_key=key, metadata={"recomputed": False, "stage_digest": digest})
+
+
+def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: str, dbt_project: Path) -> dg.AssetsDefinition:
+    """One dbt invocation per stage; skipped when nothing it reads or runs has changed since its last successful build."""
     c = loaded.name
     translator = CollaborationTranslator()
+    code = _code_digest(loaded, dbt_project)
+    relations = _stage_relations(manifest, c, stage)
 
     if stage == "staging":
 
@@ -251,11 +297,23 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
         def staging(
             context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
         ) -> Iterator[Any]:
-            pads = {p: hmac_pads(secrets.hmac_key(c, p)) for p in loaded.parties() if not loaded.at_home(p)}
+            keys = {p: secrets.hmac_key(c, p) for p in loaded.parties() if not loaded.at_home(p)}
+            with warehouse.connect() as conn:
+                versions = ingest_lib.current_versions(conn, c)
+                # Keys enter the digest only through an HMAC of a fixed label: a changed key rebuilds the tokens.
+                key_ids = {p: hmac.new(k, b"dcr-stage-digest", hashlib.sha256).hexdigest() for p, k in keys.items()}
+                digest = _digest(code, loaded.policy_sha256, versions, key_ids)
+                if _stage_skip(conn, c, "staging", digest, relations):
+                    yield from _skipped(context, "staging", digest)
+                    return
+            pads = {p: hmac_pads(k) for p, k in keys.items()}
             options = " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), pgoptions(pads)]))
             invocation = _spawn_with_env({"PGOPTIONS": options}, lambda: dbt.cli(["build"], context=context))
             yield from invocation.stream()
             yield from _rejections(warehouse, loaded)
+            if context.selected_asset_keys == context.assets_def.keys:  # a partial build does not vouch for the whole stage
+                with warehouse.connect() as conn:
+                    _stage_built(conn, c, "staging", digest)
 
         return staging
 
@@ -266,12 +324,27 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
             params = {name: validate_params(q, supplied.get(name, {})) for name, q in loaded.queries.items()}
         except (ParameterError, json.JSONDecodeError) as exc:
             raise dg.Failure(f"query parameters refused, nothing ran: {exc}") from None
-        yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars(params))], context=context).stream()
         with warehouse.connect() as conn:
             versions = ingest_lib.current_versions(conn, c)
+            match = _previous_match(conn, c)
+            staged = conn.execute("select digest from dcr_meta.stage_builds where collaboration = %s and stage = 'staging'", (c,)).fetchone() \
+                if conn.execute("select to_regclass('dcr_meta.stage_builds')").fetchone()[0] else None
+            # The build time too: a cross-reference rebuilt from the same identities has new match_ids.
+            digest = _digest(code, loaded.policy_sha256, versions, params, match, staged[0] if staged else None)
+            if match is not None and staged is not None and _stage_skip(conn, c, "analysis", digest, relations):
+                yield from _skipped(context, "analysis", digest)
+                return
+        yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars(params))], context=context).stream()
+        with warehouse.connect() as conn:
             _record_analysis_inputs(conn, c, params, versions)
+            if context.selected_asset_keys == context.assets_def.keys:
+                _stage_built(conn, c, "analysis", digest)
 
     return analysis
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _record_analysis_inputs(conn: Any, collab: str, params: dict[str, dict[str, str]], versions: dict[str, Any]) -> None:
@@ -530,17 +603,17 @@ def _audit_metadata(stored: ledger.StoredRelease) -> dict[str, Any]:
     }
 
 
-def _previous_match(conn: Any, collab: str) -> tuple[str, int] | None:
-    """(input digest, matched count) of the current cross-reference, if one exists."""
+def _previous_match(conn: Any, collab: str) -> tuple[str, int, Any] | None:
+    """(input digest, matched count, built at) of the current cross-reference, if one exists."""
     table = f"{naming.matching_schema(collab)}.cross_reference_builds"
     if conn.execute("select to_regclass(%s)", (table,)).fetchone()[0] is None:
         return None
     row = conn.execute(
-        sql.SQL("select input_digest, matched from {} order by built_at desc limit 1").format(
+        sql.SQL("select input_digest, matched, built_at from {} order by built_at desc limit 1").format(
             sql.Identifier(naming.matching_schema(collab), "cross_reference_builds")
         )
     ).fetchone()
-    return (row[0], int(row[1])) if row else None
+    return (row[0], int(row[1]), row[2]) if row else None
 
 
 def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult, digest: str) -> None:
@@ -747,16 +820,16 @@ def _policy_sensor(loaded: LoadedCollaboration) -> dg.SensorDefinition:
     return policy_sensor
 
 
-def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path, exports: Path) -> dg.Definitions:
+def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path, exports: Path, dbt_project: Path) -> dg.Definitions:
     """Every asset and the run-everything job of one collaboration."""
     c = loaded.name
     assets: list[dg.AssetsDefinition] = [_grants_asset(loaded)]
     assets += [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]
-    assets.append(_dbt_stage(loaded, manifest, "staging"))
+    assets.append(_dbt_stage(loaded, manifest, "staging", dbt_project))
     if loaded.collaboration.matching.bucket_steps:
         assets.extend(_bucket_asset(loaded, b) for b in range(loaded.collaboration.matching.buckets))
     assets.append(_cross_reference_asset(loaded, landing, exports))
-    assets.append(_dbt_stage(loaded, manifest, "analysis"))
+    assets.append(_dbt_stage(loaded, manifest, "analysis", dbt_project))
     assets.extend(_release_asset(loaded, q, exports) for q in loaded.queries)
     assets.append(_ad_hoc_asset(loaded))
     job = dg.define_asset_job(f"{c}__all", selection=pipeline_selection(c), description=f"Materialize collaboration {c} end to end.")

@@ -43,9 +43,14 @@ def _literal(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _config(**kwargs: Any) -> str:
+def _config(distributed_by: str | None = None, **kwargs: Any) -> str:
+    """A model's config; ``distributed_by`` (a column) is declared only for an MPP adapter that supports it
+    (dbt-greenplum, for Greenplum 7 / Apache Cloudberry), so dbt-postgres never sees an unknown key."""
     parts = ", ".join(f"{k}={json.dumps(v)}" for k, v in kwargs.items())
-    return "{{ config(" + parts + ") }}"
+    out = "{{ config(" + parts + ") }}"
+    if distributed_by:
+        out += "{% if target.type == 'greenplum' %}{{ config(distributed_by=" + json.dumps(f'"{distributed_by}"') + ") }}{% endif %}"
+    return out
 
 
 def _meta(collab: str, key: list[str], owner: str | None, stage: str) -> dict[str, Any]:
@@ -110,6 +115,7 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
                 alias=f"{dataset_name}__normalised",
                 tags=[f"dcr_{c}", "dcr_staging"],
                 meta=_meta(c, n.normalised_key(c, p, dataset_name), p, "staging"),
+                distributed_by=n.token_column(matching_column(loaded, ds)),
             ),
             "",
             "with source as (",
@@ -151,6 +157,7 @@ def _tokenised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset, 
                 alias=f"{dataset_name}__normalised",
                 tags=[f"dcr_{c}", "dcr_staging"],
                 meta=_meta(c, n.normalised_key(c, p, dataset_name), p, "staging"),
+                distributed_by=n.token_column(matching_column(loaded, ds)),
             ),
             "",
             "select",
@@ -173,6 +180,7 @@ def staging_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> 
                 alias=dataset_name,
                 tags=[f"dcr_{c}", "dcr_staging"],
                 meta=_meta(c, n.staging_key(c, p, dataset_name), p, "staging"),
+                distributed_by=n.token_column(match_col),
             ),
             "",
             "select",
@@ -208,6 +216,7 @@ def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
                 alias="identities",
                 tags=[f"dcr_{c}", "dcr_staging"],
                 meta=_meta(c, n.identities_key(c, party), party, "staging"),
+                distributed_by="token",
             ),
             "",
             "\nunion\n".join(parts),

@@ -22,7 +22,7 @@ def dbt_executable() -> Path:
     return Path(sys.executable).with_name("dbt")
 
 
-def _hand_written_digest(dbt_project: Path) -> str:
+def hand_written_digest(dbt_project: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted([dbt_project / "dbt_project.yml", *(dbt_project / "macros").rglob("*.sql")]):
         digest.update(path.read_bytes())
@@ -32,7 +32,7 @@ def _hand_written_digest(dbt_project: Path) -> str:
 def prepare_manifest(dbt_project: Path, collaborations: Sequence[LoadedCollaboration]) -> Path:
     """Path of a manifest.json that matches the current policies; runs ``dbt parse`` only if stale."""
     generated = dbt_codegen.write_models(dbt_project, collaborations)
-    stamp_value = hashlib.sha256((generated + _hand_written_digest(dbt_project)).encode()).hexdigest()
+    stamp_value = hashlib.sha256((generated + hand_written_digest(dbt_project)).encode()).hexdigest()
     target = dbt_project / "target"
     manifest = target / "manifest.json"
     stamp = target / "dcr_manifest.sha256"

@@ -151,6 +151,34 @@ def test_a_re_upload_of_the_same_file_loads_nothing(e2e: dict[str, Any]) -> None
     assert meta["unchanged"] is True and meta["version"] == 1
 
 
+def test_a_rerun_with_nothing_changed_recomputes_no_stage(e2e: dict[str, Any]) -> None:
+    """Same uploads, keys, policy and SQL: no dbt build, no PSI, no new release."""
+    outcome = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    assert outcome.success, outcome.failure
+    stages = {"private", "staging", "analysis"}
+    dbt_keys = [k for k in outcome.metadata if k.split("/")[1] in stages]
+    assert len(dbt_keys) >= 8
+    assert all(outcome.metadata[k]["recomputed"] is False for k in dbt_keys), [k for k in dbt_keys if outcome.metadata[k].get("recomputed") is not False]
+    assert outcome.metadata[f"{COLLAB}/matching/cross_reference"]["recomputed"] is False
+    assert outcome.metadata[f"{COLLAB}/results/campaign_reach"]["cached"] is True
+
+
+def test_a_new_upload_rebuilds_the_stages_that_read_it(e2e: dict[str, Any]) -> None:
+    accepted = e2e["settings"].landing / "_accepted" / COLLAB / "ad_network" / "impressions" / "impressions.csv"
+    more = e2e["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions_more.csv"
+    more.write_text(accepted.read_text() + "new.viewer@example.com,spring_sale,2026-03-01 10:00:00\n")
+    outcome = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    assert outcome.success, outcome.failure
+    assert outcome.metadata[f"{COLLAB}/staging/ad_network__impressions"].get("recomputed") is not False
+    assert outcome.metadata[f"{COLLAB}/matching/cross_reference"]["recomputed"] is True
+    assert outcome.metadata[f"{COLLAB}/analysis/campaign_reach"].get("recomputed") is not False
+    # Put the original upload back for the tests that follow (a new version with the first content).
+    restore = e2e["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions_restore.csv"
+    shutil.copyfile(accepted, restore)
+    again = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    assert again.success, again.failure
+
+
 def test_one_group_per_person_counts_each_shared_buyer_once(e2e: dict[str, Any]) -> None:
     """With max_groups_per_unit 1, the cells' buyers add up to the number of people with any row."""
     root = e2e["root"]
