@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py --rows $(BENCH_ROWS)
 	$(BIN)/python benchmarks/psi.py --size 100000
 	$(BIN)/python benchmarks/end_to_end.py --rows 100000
+	$(BIN)/python benchmarks/executors.py --rows 10000
 
 # Debian's Chromium for the browser test (skipped, with the reason, when it is absent). Needs root.
 browser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -32,6 +33,7 @@ NEWER_THAN_12 = {
 }
 
 
+@functools.cache
 def _sources() -> dict[str, str]:
     texts = {str(p.relative_to(PROJECT_ROOT)): p.read_text() for p in (PROJECT_ROOT / "dbt_project" / "macros").rglob("*.sql")}
     texts |= {str(p.relative_to(PROJECT_ROOT)): p.read_text() for p in (PROJECT_ROOT / "dcr_pipelines").rglob("*.py")}
