@@ -49,7 +49,7 @@ def main() -> None:
         found, base_bytes = baseline(a, b)
         base_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = match([a, b], "a", os.urandom(32), buckets=args.buckets)
+        result = match([a, b], "a", buckets=args.buckets)
         ours_s = time.perf_counter() - t0
         assert found == result.matched == int(n * 0.3)
         figures = {

@@ -426,7 +426,7 @@ def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefiniti
         if len(inputs) == 1:  # only parties at home besides the client: their answer is applied when the buckets are assembled
             pairs, exchanged = [(t,) for t in inputs[0].tokens], 0
         else:
-            result = matching.match(inputs, client, secrets.pairing_key(c), buckets=1, workers=1)
+            result = matching.match(inputs, client, buckets=1, workers=1)
             assert result.parties == tuple(at_operator)
             pairs, exchanged = [row[1:] for row in result.rows], result.bytes_exchanged
         with warehouse.connect() as conn, conn.transaction():
@@ -563,7 +563,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
             with warehouse.connect() as conn:
                 result = _assemble_buckets(conn, loaded, inputs, home)
         else:
-            result = matching.match(inputs, client, secrets.pairing_key(c), buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
+            result = matching.match(inputs, client, buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
         with warehouse.connect() as conn:
             _write_cross_reference(conn, c, result, digest)
             overlap = _release_overlap(context, conn, loaded, result.matched, digest)

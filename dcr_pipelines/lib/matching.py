@@ -2,16 +2,14 @@
 
 Per hash bucket, the client party runs PSI against each other party and
 learns which of its identifiers every other party also holds. The matched
-people are then paired across parties by a tag keyed with the
-collaboration's pairing secret (held by the parties' processes, never
-stored), and each pair gets a fresh random ``match_id``. Buckets change
-only how the work is split: the result is the same for any bucket count.
+people are then paired across parties by their normalised identifier and
+each gets a fresh random ``match_id``. Buckets change only how the work is
+split: the result is the same for any bucket count.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import multiprocessing
 import os
 import secrets
@@ -101,10 +99,6 @@ def assemble(
     return rows
 
 
-def pairing_tag(pairing_key: bytes, identifier: str) -> bytes:
-    return hmac.new(pairing_key, identifier.encode("utf-8"), hashlib.sha256).digest()
-
-
 def _split(inp: PartyInput, buckets: int) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in range(buckets)]
     for i, identifier in enumerate(inp.identifiers):
@@ -181,7 +175,6 @@ def _run_lanes(client_jobs: list[tuple[int, list[str]]], server_sets: list[dict[
 def match(
     inputs: Sequence[PartyInput],
     client: str,
-    pairing_key: bytes,
     buckets: int = 1,
     workers: int | None = None,
     padding: bool = False,
@@ -215,19 +208,14 @@ def match(
         matched_client, exchanged = list(range(len(client_input.identifiers))), 0
     matched_client = [i for i in matched_client if all(i in h.by_client_index for h in home)]
 
-    client_tags = {pairing_tag(pairing_key, client_input.identifiers[i]): i for i in matched_client}
-    server_tags: dict[str, Mapping[bytes, str]] = {}
-    for server_input in servers:
-        tags = {}
-        for token, identifier in zip(server_input.tokens, server_input.identifiers):
-            tag = pairing_tag(pairing_key, identifier)
-            if tag in client_tags:
-                tags[tag] = token
-        server_tags[server_input.party] = tags
+    # Pair the people PSI found across parties by their normalised identifier (every half of this step holds
+    # its own party's; the operator's step already has them all), each getting one fresh random match_id.
+    wanted = {client_input.identifiers[i]: i for i in matched_client}
+    server_tokens = [{identifier: token for token, identifier in zip(s.tokens, s.identifiers) if identifier in wanted} for s in servers]
     parties = (client, *(s.party for s in servers), *(h.party for h in home))
     rows = []
-    for tag, i in client_tags.items():
-        others = [server_tags[s.party].get(tag) for s in servers]
+    for identifier, i in wanted.items():
+        others = [tokens.get(identifier) for tokens in server_tokens]
         if all(t is not None for t in others):
             rows.append((secrets.token_hex(16), client_input.tokens[i], *others, *(h.by_client_index[i] for h in home)))  # type: ignore[arg-type]
     matched = len(rows)

@@ -70,7 +70,7 @@ def test_a_home_party_matches_exactly_the_plain_intersection(tmp_path: Path) -> 
     home_ids = shared + [f"h{i}@example.org" for i in range(70)] + ["h0@example.org"]
     client = _operator_party("retailer", client_ids)
     home, _ = _at_home("c", "ad_network", home_ids, client, tmp_path)
-    result = match([client], "retailer", PAIRING, home=[home])
+    result = match([client], "retailer", home=[home])
     lookup = {"retailer": dict(zip(client.tokens, client.identifiers)), "ad_network": {token(HOME_HMAC, i): i for i in home_ids}}
     assert _pairs(result, lookup) == set(client_ids) & set(home_ids)
     assert result.matched == len(set(shared))
@@ -86,7 +86,7 @@ def test_three_parties_one_at_home_intersect_across_all_for_any_bucket_count(tmp
     h = everyone + [f"bh{i}@x.org" for i in range(20)] + [f"h{i}@x.org" for i in range(25)]
     client, server = _operator_party("a", a), _operator_party("b", b)
     home, _ = _at_home("c", "h", h, client, tmp_path)
-    result = match([client, server], "a", PAIRING, buckets=buckets, home=[home])
+    result = match([client, server], "a", buckets=buckets, home=[home])
     lookup = {p.party: dict(zip(p.tokens, p.identifiers)) for p in (client, server)} | {"h": {token(HOME_HMAC, i): i for i in h}}
     assert _pairs(result, lookup) == set(everyone)
 
@@ -94,15 +94,15 @@ def test_three_parties_one_at_home_intersect_across_all_for_any_bucket_count(tmp
 def test_an_empty_home_set_and_a_single_element(tmp_path: Path) -> None:
     client = _operator_party("a", ["x@example.com", "y@example.com"])
     empty, _ = _at_home("c", "h", [], client, tmp_path / "empty")
-    assert match([client], "a", PAIRING, home=[empty]).matched == 0
+    assert match([client], "a", home=[empty]).matched == 0
     single, _ = _at_home("c", "h", ["y@example.com"], client, tmp_path / "one")
-    assert match([client], "a", PAIRING, home=[single]).matched == 1
+    assert match([client], "a", home=[single]).matched == 1
 
 
 def test_padding_with_a_home_party_uses_its_real_tokens_and_forges_the_rest(tmp_path: Path) -> None:
     client = _operator_party("a", [f"p{i}@x.org" for i in range(30)])
     home, _ = _at_home("c", "h", [f"p{i}@x.org" for i in range(10)] + [f"q{i}@x.org" for i in range(15)], client, tmp_path)
-    result = match([client], "a", PAIRING, home=[home], padding=True)
+    result = match([client], "a", home=[home], padding=True)
     assert result.matched == 10
     assert len(result.rows) == 10 + 20 + 15  # every unmatched identity gets one fake row
     home_tokens = set(home.tokens)

@@ -9,7 +9,6 @@ import pytest
 
 from dcr_pipelines.lib.matching import PartyInput, match
 
-KEY = b"pairing-key-for-tests"
 
 
 def _party(name: str, identifiers: list[str]) -> PartyInput:
@@ -42,7 +41,7 @@ def _planted(n: int, overlap: int, seed: int) -> tuple[list[str], list[str]]:
 def test_matches_equal_the_plain_intersection_for_any_bucket_count(buckets: int) -> None:
     a, b = _planted(400, 130, seed=buckets)
     inputs = [_party("retailer", a), _party("ad_network", b)]
-    result = match(inputs, "ad_network", KEY, buckets=buckets)
+    result = match(inputs, "ad_network", buckets=buckets)
     assert _matched_identifiers(result, inputs) == set(a) & set(b)
     assert result.matched == 130
     assert result.parties == ("ad_network", "retailer")
@@ -52,14 +51,14 @@ def test_duplicates_non_ascii_and_a_single_element() -> None:
     a = ["zoë@example.com", "zoë@example.com", "李@example.cn", "only-a@example.com"]
     b = ["李@example.cn", "zoë@example.com", "only-b@example.com"]
     inputs = [_party("a", a), _party("b", b)]
-    assert _matched_identifiers(match(inputs, "a", KEY), inputs) == {"zoë@example.com", "李@example.cn"}
+    assert _matched_identifiers(match(inputs, "a"), inputs) == {"zoë@example.com", "李@example.cn"}
     single = [_party("a", ["x@example.com"]), _party("b", ["x@example.com"])]
-    assert match(single, "b", KEY).matched == 1
+    assert match(single, "b").matched == 1
 
 
 def test_empty_inputs_match_nothing() -> None:
-    assert match([_party("a", []), _party("b", ["x@example.com"])], "a", KEY).matched == 0
-    assert match([_party("a", ["x@example.com"]), _party("b", [])], "a", KEY).matched == 0
+    assert match([_party("a", []), _party("b", ["x@example.com"])], "a").matched == 0
+    assert match([_party("a", ["x@example.com"]), _party("b", [])], "a").matched == 0
 
 
 def test_three_parties_intersect_across_all() -> None:
@@ -67,15 +66,15 @@ def test_three_parties_intersect_across_all() -> None:
     b = ["p2", "p3", "p4", "p5"]
     c = ["p3", "p4", "p6"]
     inputs = [_party("a", a), _party("b", b), _party("c", c)]
-    result = match(inputs, "b", KEY, buckets=2)
+    result = match(inputs, "b", buckets=2)
     assert _matched_identifiers(result, inputs) == {"p3", "p4"}
     assert len(result.rows[0]) == 4  # match_id + one token per party
 
 
 def test_match_ids_are_random_not_derived_from_identifiers() -> None:
     inputs = [_party("a", ["p1", "p2"]), _party("b", ["p1", "p2"])]
-    first = {row[1]: row[0] for row in match(inputs, "a", KEY).rows}
-    second = {row[1]: row[0] for row in match(inputs, "a", KEY).rows}
+    first = {row[1]: row[0] for row in match(inputs, "a").rows}
+    second = {row[1]: row[0] for row in match(inputs, "a").rows}
     assert first.keys() == second.keys()
     assert all(first[t] != second[t] for t in first)
 
@@ -83,8 +82,8 @@ def test_match_ids_are_random_not_derived_from_identifiers() -> None:
 def test_parallel_workers_give_the_same_matches_as_one_process() -> None:
     a, b = _planted(300, 90, seed=11)
     inputs = [_party("retailer", a), _party("ad_network", b)]
-    one = {row[1:] for row in match(inputs, "retailer", KEY, buckets=4, workers=1).rows}
-    two = {row[1:] for row in match(inputs, "retailer", KEY, buckets=4, workers=2).rows}
+    one = {row[1:] for row in match(inputs, "retailer", buckets=4, workers=1).rows}
+    two = {row[1:] for row in match(inputs, "retailer", buckets=4, workers=2).rows}
     assert one == two and len(one) == 90
 
 
@@ -102,7 +101,7 @@ def test_the_input_digest_changes_with_the_inputs_and_not_with_their_order() -> 
 def test_padding_hides_the_overlap_size_with_rows_that_join_nothing() -> None:
     a, b = _planted(200, 60, seed=5)
     inputs = [_party("retailer", a), _party("ad_network", b)]
-    result = match(inputs, "retailer", KEY, buckets=2, padding=True)
+    result = match(inputs, "retailer", buckets=2, padding=True)
     assert result.matched == 60
     assert len(result.rows) == 200 + 200 - 60, "one row per distinct identity across the parties"
     real = {t for inp in inputs for t in inp.tokens}
