@@ -42,16 +42,19 @@ def build_definitions(settings: Settings) -> dg.Definitions:
 def _executor() -> dg.ExecutorDefinition | None:
     """The executor of the collaboration jobs, chosen by the deployment (DCR_EXECUTOR), not by code.
 
-    Unset: Dagster's default (multiprocess; `execution: {config: {in_process: {}}}` or a
-    `start_method` of forkserver in the run config selects the others). ``celery``: every
-    step goes to Celery workers over DCR_CELERY_BROKER (default redis://127.0.0.1:6379/0);
-    see docs/operations.md.
+    Unset or ``in_process``: every step in the run's process. Measured on the demo
+    (benchmarks/results/executors.json), a process per step costs more than it saves on
+    one machine: each step process loads the definitions again, while the heavy steps
+    already use every core inside (dbt threads, the PSI process pool).
+    ``multiprocess``: Dagster's default executor (a run config may pick a ``start_method``
+    such as forkserver). ``celery``: every step goes to Celery workers over
+    DCR_CELERY_BROKER (default redis://127.0.0.1:6379/0); see docs/operations.md.
     """
     choice = os.environ.get("DCR_EXECUTOR", "").strip().lower()
-    if choice in ("", "default", "multiprocess"):
-        return None
-    if choice == "in_process":
+    if choice in ("", "in_process"):
         return dg.in_process_executor
+    if choice in ("default", "multiprocess"):
+        return None
     if choice == "celery":
         from dagster_celery import celery_executor
 
