@@ -24,8 +24,8 @@ from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 from psycopg import sql
 
 from ..lib import access, adhoc, dbt_codegen, home_psi, matching, naming
-from ..lib.dbt_manifest import hand_written_digest as _hand_written_digest
 from ..lib import ingest as ingest_lib
+from ..lib.dbt_manifest import hand_written_digest as _hand_written_digest
 from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, dbt_vars, validate_params
 from ..lib.policy import LoadedCollaboration, PolicyError, load_collaboration

@@ -10,7 +10,6 @@ import pytest
 from dcr_pipelines.lib.matching import PartyInput, match
 
 
-
 def _party(name: str, identifiers: list[str]) -> PartyInput:
     distinct = sorted(set(identifiers))
     tokens = [hashlib.sha256(f"{name}:{i}".encode()).hexdigest() for i in distinct]
