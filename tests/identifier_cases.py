@@ -27,4 +27,9 @@ CASES = [
     ("email", {}, "a b@example.com", None, "invalid_email"),
     ("phone", {"country_code": "1"}, " 415.555.0100 ", "+14155550100", None),
     ("phone", {"country_code": "1"}, "+1 (415) 555-01000000000", None, "invalid_length"),
+    # Case mapping is per character (PostgreSQL's lower()/upper()), not Python's context-sensitive full mapping.
+    ("email", {}, "ΣΟΦΙΑΣ@Example.gr", "σοφιασ@example.gr", None),
+    ("email", {}, "İLKER@Example.com.tr", "ilker@example.com.tr", None),
+    ("customer_id", {"case": "upper"}, "straße-7", "STRAßE-7", None),
+    ("customer_id", {"case": "lower"}, "ΟΔΟΣ-9", "οδοσ-9", None),
 ]

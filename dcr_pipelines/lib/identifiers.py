@@ -22,12 +22,27 @@ _EMAIL_TRIM = " \t\n\r"
 TOKEN_PATTERN = r"^[0-9a-f]{64}$"
 
 
+def _lower(text: str) -> str:
+    """Character by character, as PostgreSQL's lower() under a UTF-8 locale: no final-sigma rule, one character in, one out.
+
+    Python's str.lower() applies Unicode's full, context-sensitive mapping
+    (final sigma; U+0130 becomes two characters); the simple mapping of
+    U+0130 is the first of them.
+    """
+    return "".join(ch.lower()[0] for ch in text)
+
+
+def _upper(text: str) -> str:
+    """As PostgreSQL's upper(): a character whose only uppercase is several characters (ß, ﬁ) stays as it is."""
+    return "".join(up if len(up := ch.upper()) == 1 else ch for ch in text)
+
+
 def normalise(raw: str | None, kind: str, options: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """(normalised value, None) or (None, reason), exactly as the SQL macros decide."""
     if raw is None or raw.strip(_EMAIL_TRIM) == "":
         return None, "missing"
     if kind == "email":
-        e = raw.strip(_EMAIL_TRIM).lower()
+        e = _lower(raw.strip(_EMAIL_TRIM))
         if not _EMAIL.match(e):
             return None, "invalid_email"
         local, domain = e.split("@", 1)
@@ -57,7 +72,7 @@ def normalise(raw: str | None, kind: str, options: Mapping[str, Any]) -> tuple[s
     if text == "":
         return None, "missing"
     case = options.get("case")
-    return (text.lower() if case == "lower" else text.upper() if case == "upper" else text), None
+    return (_lower(text) if case == "lower" else _upper(text) if case == "upper" else text), None
 
 
 def token(key: bytes, normalised: str) -> str:
