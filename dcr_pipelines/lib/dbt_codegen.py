@@ -110,13 +110,7 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
     where = " and ".join(row_filter_sql(f) for f in ds.row_filters) or "true"
     return "\n".join(
         [
-            _config(
-                schema=n.raw_schema(c, p),
-                alias=f"{dataset_name}__normalised",
-                tags=[f"dcr_{c}", "dcr_staging"],
-                meta=_meta(c, n.normalised_key(c, p, dataset_name), p, "staging"),
-                distributed_by=n.token_column(matching_column(loaded, ds)),
-            ),
+            _normalised_config(loaded, dataset_name, ds),
             "",
             "with source as (",
             f"    select * from {{{{ source('{n.raw_schema(c, p)}', '{dataset_name}') }}}}",
@@ -137,6 +131,18 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
     )
 
 
+def _normalised_config(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
+    """The config block of a party's private ``<dataset>__normalised`` model, whether it tokenises here or arrives tokenised."""
+    c, p = loaded.name, ds.owner
+    return _config(
+        schema=n.raw_schema(c, p),
+        alias=f"{dataset_name}__normalised",
+        tags=[f"dcr_{c}", "dcr_staging"],
+        meta=_meta(c, n.normalised_key(c, p, dataset_name), p, "staging"),
+        distributed_by=n.token_column(matching_column(loaded, ds)),
+    )
+
+
 def _tokenised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset, id_cols: list[str]) -> str:
     """A home party's upload already carries its tokens (computed at home by `dcr psi prepare`): check their form, keep them."""
     c, p = loaded.name, ds.owner
@@ -152,13 +158,7 @@ def _tokenised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset, 
     where = " and ".join(row_filter_sql(f) for f in ds.row_filters) or "true"
     return "\n".join(
         [
-            _config(
-                schema=n.raw_schema(c, p),
-                alias=f"{dataset_name}__normalised",
-                tags=[f"dcr_{c}", "dcr_staging"],
-                meta=_meta(c, n.normalised_key(c, p, dataset_name), p, "staging"),
-                distributed_by=n.token_column(matching_column(loaded, ds)),
-            ),
+            _normalised_config(loaded, dataset_name, ds),
             "",
             "select",
             ",\n".join(outputs),
