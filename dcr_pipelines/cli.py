@@ -536,9 +536,11 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
     if not outcome.success:
         fail(outcome.failure or "the query failed")
     with connect(runtime.warehouse.url()) as conn:
-        columns, rows = adhoc.stored_rows(conn, collab, party, outcome.run_id)
+        result = adhoc.stored_result(conn, collab, party, outcome.run_id)
+    columns, rows = result.columns, result.rows
     if fmt == "json":
-        out.print_json(data={"run_id": outcome.run_id, "columns": columns, "rows": rows})
+        out.print_json(data={"run_id": outcome.run_id, "columns": columns, "rows": rows,
+                             "suppressed_rows": result.suppressed, "suppressed_because": result.reasons})
     elif fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=columns)
         writer.writeheader()
@@ -553,6 +555,9 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
         meta = outcome.metadata.get("/".join(naming.ad_hoc_key(collab)), {})
         if meta.get("min_distinct_units"):
             out.print(f"rows with fewer than {meta['min_distinct_units']} distinct people were removed")
+        if result.suppressed:
+            out.print(f"{result.suppressed} row{'s' if result.suppressed != 1 else ''} withheld by the difference check: "
+                      + "; ".join(result.reasons), markup=False)
 
 
 @main.command()
@@ -703,8 +708,12 @@ def _print_overlap(runtime: Any, loaded: Any, fmt: str = "table") -> None:
     from .lib.database import connect
 
     collab = loaded.name
-    if loaded.collaboration.matching.overlap_release == "withheld":
-        out.print(f"{collab}: the overlap is withheld by policy (matching.overlap_release: withheld)")
+    mode = loaded.collaboration.matching.overlap_release
+    if mode == "withheld":
+        if fmt == "json":
+            out.print_json(data={"collaboration": collab, "overlap_release": "withheld", "releases": []})
+        else:
+            out.print(f"{collab}: the overlap is withheld by policy (matching.overlap_release: withheld)")
         return
     with connect(runtime.warehouse.url()) as conn:
         table = f"{naming.results_schema(collab)}.{access.OVERLAP}"
@@ -712,16 +721,20 @@ def _print_overlap(runtime: Any, loaded: Any, fmt: str = "table") -> None:
             sql.SQL("select release_id, value, ci_low, ci_high from {} order by release_id").format(sql.Identifier(naming.results_schema(collab), access.OVERLAP))
         ).fetchall()
     if fmt == "json":
-        out.print_json(data=[{"release_id": r[0], "matched_people": r[1], "ci_low": r[2], "ci_high": r[3]} for r in rows])
+        out.print_json(data={"collaboration": collab, "overlap_release": mode,
+                             "releases": [{"release_id": r[0], "matched_people": r[1], "ci_low": r[2], "ci_high": r[3]} for r in rows]})
         return
     if not rows:
         out.print(f"{collab}: no overlap released yet (run the matching stage)")
         return
-    table_out = Table(title=f"shared people in {collab} (DP, epsilon {loaded.collaboration.matching.overlap_epsilon} each)", title_justify="left")
+    if mode == "exact":
+        table_out = Table(title=f"shared people in {collab} (exact: the analysis rules let members count them)", title_justify="left")
+    else:
+        table_out = Table(title=f"shared people in {collab} (DP, epsilon {loaded.collaboration.matching.overlap_epsilon} each)", title_justify="left")
     for column in ("release", "matched people", "95% interval"):
         table_out.add_column(column)
     for rid, value, low, high in rows:
-        table_out.add_row(rid, f"{value:,.0f}", f"[{low:,.0f}, {high:,.0f}]")
+        table_out.add_row(rid, f"{value:,.0f}", "exact" if low is None else f"[{low:,.0f}, {high:,.0f}]")
     out.print(table_out)
 
 

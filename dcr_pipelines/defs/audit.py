@@ -24,9 +24,15 @@ def _plain(metadata: Any) -> dict[str, Any]:
     return {k: getattr(v, "value", v) for k, v in (metadata or {}).items()}
 
 
-def touches(loaded: LoadedCollaboration, asset: str, party: str) -> bool:
+def touches(loaded: LoadedCollaboration, asset: str, party: str, metadata: dict[str, Any] | None = None) -> bool:
     """Whether an entry about ``asset`` concerns ``party``'s data (what a party may export)."""
     _, stage, name = (asset.split("/") + ["", ""])[:3]
+    if stage == "results" and name == "ad_hoc":  # ad-hoc runs, accepted or refused: the runner's, and every owner's whose data it names
+        meta = metadata or {}
+        named = [d.strip() for d in str(meta.get("datasets", "")).split(",") if d.strip()]
+        return meta.get("runner") == party or any(
+            d in loaded.collaboration.datasets and loaded.collaboration.datasets[d].owner == party for d in named
+        )
     if stage in ("raw", "staging", "private"):
         return name.startswith(f"{party}__")
     if stage in ("analysis", "results"):
@@ -76,16 +82,32 @@ def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt
             message = (failure.user_failure_data.description if failure and failure.user_failure_data else None) or (
                 failure.error.message.strip().splitlines()[-1] if failure and failure.error else "failed"
             )
+            details = _plain(failure.user_failure_data.metadata) if failure and failure.user_failure_data else {}
             out.append({
                 "time": dt.datetime.fromtimestamp(log.timestamp, dt.UTC).isoformat(), "kind": "refused or failed",
                 "asset": step.replace("__", "/", 2), "run_id": log.run_id, "user": record.dagster_run.tags.get(USER_TAG, ""),
-                "metadata": {"message": message},
+                "metadata": {"message": message, **details},
             })
     if since is not None:
         out = [e for e in out if dt.datetime.fromisoformat(e["time"]) >= since]
     if party is not None:
-        out = [e for e in out if touches(loaded, e["asset"], party)]
+        out = [redact(loaded, e, party) for e in out if touches(loaded, e["asset"], party, e["metadata"])]
     return sorted(out, key=lambda e: e["time"])
+
+
+MATCHING_COUNTS = ("matched", "cross_reference_rows")
+
+
+def redact(loaded: LoadedCollaboration, entry: dict[str, Any], party: str) -> dict[str, Any]:
+    """An entry as ``party`` may see it: no other party's row counts, and the exact overlap only where the policy releases it."""
+    meta = entry["metadata"]
+    exact = loaded.collaboration.matching.overlap_release == "exact"
+    kept = {
+        k: v for k, v in meta.items()
+        if not (k.startswith("input_rows_") and k != f"input_rows_{party}") and not (k in MATCHING_COUNTS and not exact)
+        and k != "bytes_exchanged"  # proportional to every party's input size
+    }
+    return {**entry, "metadata": kept} if len(kept) != len(meta) else entry
 
 
 def release_events(instance: dg.DagsterInstance, loaded: LoadedCollaboration) -> Iterator[dict[str, Any]]:

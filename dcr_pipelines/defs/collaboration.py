@@ -565,7 +565,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         else:
             result = matching.match(inputs, client, buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
         with warehouse.connect() as conn:
-            _write_cross_reference(conn, c, result, digest)
+            _write_cross_reference(conn, c, result, digest, client)
             overlap = _release_overlap(context, conn, loaded, result.matched, digest)
         context.log.info(f"matched {result.matched} people across {len(parties)} parties")
         return dg.MaterializeResult(
@@ -598,6 +598,8 @@ def _release_overlap(context: dg.AssetExecutionContext, conn: Any, loaded: Loade
     except ledger.BudgetExhausted as exc:
         context.log.warning(f"overlap withheld: {exc}")
         return {"overlap_release": "withheld: the overlap budget is spent"}
+    if spec.overlap_release == "exact":
+        return {"overlap_release": "exact", "overlap_release_id": stored.release_id, **_audit_metadata(stored)}
     return {"overlap_release": "dp", "overlap_release_id": stored.release_id, "overlap_epsilon_charged": 0.0 if stored.cached else stored.epsilon,
             "overlap_epsilon_remaining": stored.budget.remaining, **_audit_metadata(stored)}
 
@@ -624,17 +626,19 @@ def _previous_match(conn: Any, collab: str) -> tuple[str, int, Any] | None:
     return (row[0], int(row[1]), row[2]) if row else None
 
 
-def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult, digest: str) -> None:
+def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult, digest: str, client: str) -> None:
     schema = naming.matching_schema(collab)
     columns = ["match_id", *(naming.party_token_column(p) for p in result.parties)]
     new = sql.Identifier(schema, "cross_reference__new")
+    at = 1 + result.parties.index(client)
     with conn.transaction():
         conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("drop table if exists {}").format(new))
-        conn.execute(sql.SQL("create table {} ({})").format(new, sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns)))
-        with conn.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(new, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
+        conn.execute(sql.SQL("create table {} ({}, unit bigint not null)").format(
+            new, sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns)))
+        with conn.cursor().copy(sql.SQL("copy {} ({}, unit) from stdin").format(new, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
             for row in result.rows:
-                copy.write_row(row)
+                copy.write_row((*row, matching.unit_of(row[at])))
         conn.execute(sql.SQL("drop table if exists {} cascade").format(sql.Identifier(schema, "cross_reference")))
         conn.execute(sql.SQL("alter table {} rename to cross_reference").format(new))
         conn.execute(sql.SQL("alter table {} add primary key (match_id)").format(sql.Identifier(schema, "cross_reference")))
@@ -696,6 +700,8 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path) 
                 ),
                 "policy_sha256": loaded.policy_sha256,
                 "cells": dg.MetadataValue.int(len(stored.rows)),
+                **({"withheld_groups": dg.MetadataValue.int(len(stored.withheld)), "withheld_because": dg.MetadataValue.json(sorted(set(stored.withheld)))}
+                   if spec.rule == "threshold" and not stored.cached else {}),
                 **_audit_metadata(stored),
                 "exports": ", ".join(f"{r}/{query_name}/{stored.release_id}.csv|parquet" for r in spec.receivers),
             }
@@ -724,23 +730,30 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         try:
             checked = adhoc.check(loaded, config.runner, config.sql)
             with warehouse.connect() as conn:
-                rows = adhoc.execute(conn, loaded, checked, context.run.run_id, config.sql)
+                result = adhoc.execute(conn, loaded, checked, context.run.run_id, config.sql)
         except adhoc.QueryRefused as exc:
             raise dg.Failure(
                 f"query refused: {exc}",
-                metadata={"runner": config.runner, "rule": exc.rule, "query_sha256": digest, "query": adhoc.hashable(config.sql)},
+                metadata={"runner": config.runner, "rule": exc.rule, "query_sha256": digest, "query": adhoc.hashable(config.sql),
+                          "datasets": ", ".join(adhoc.datasets_named(loaded, config.sql))},
             ) from None
-        context.log.info(f"ad-hoc query of {config.runner}: {len(rows)} rows released (threshold {checked.min_distinct_units})")
+        context.log.info(
+            f"ad-hoc query of {config.runner}: {len(result.rows)} rows released (threshold {checked.min_distinct_units}"
+            + (f"; {result.suppressed} withheld by the difference check)" if result.suppressed else ")")
+        )
         return dg.MaterializeResult(
             metadata={
                 "runner": config.runner,
                 "query": adhoc.hashable(config.sql),
                 "query_sha256": digest,
                 "kind": checked.kind,
-                "datasets": ", ".join(t.dataset for t in checked.tables),
+                "datasets": ", ".join(checked.datasets),
                 "rules": dg.MetadataValue.json(list(checked.rules)),
                 "min_distinct_units": checked.min_distinct_units,
-                "rows": dg.MetadataValue.int(len(rows)),
+                "rows": dg.MetadataValue.int(len(result.rows)),
+                "suppressed_rows": dg.MetadataValue.int(result.suppressed),
+                "suppressed_because": dg.MetadataValue.json(result.reasons),
+                "difference_checks": loaded.collaboration.difference_checks.enabled,
                 "columns": ", ".join(checked.columns),
                 "policy_sha256": loaded.policy_sha256,
             }

@@ -228,7 +228,7 @@ def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
 def matched_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
     c, p = loaded.name, ds.owner
     match_col = matching_column(loaded, ds)
-    columns = ["    xref.match_id"] + [f'    staged."{col}"' for col in ds.shared_columns]
+    columns = ["    xref.match_id", "    xref.unit as dcr_unit"] + [f'    staged."{col}"' for col in ds.shared_columns]
     return "\n".join(
         [
             _config(
@@ -314,8 +314,22 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
             aggregates.append(f'    coalesce(sum({clamped}), 0) as "{metric_name}__sum"')
             if metric.aggregate == MetricKind.AVG:
                 aggregates.append(f'    count(*) as "{metric_name}__count"')
+    people_cte: list[str] = []
+    source = "bounded"
     if spec.rule == "threshold":  # the release removes groups with fewer distinct people than the minimum
         aggregates.append('    count(distinct match_id) as "dcr_units"')
+        # and withholds groups whose people nearly equal a released group's (difference checks)
+        aggregates.append('    array_agg(distinct dcr_unit order by dcr_unit) as "dcr_people"')
+        source = "with_units"
+        people_cte = [
+            ",",
+            "",
+            "with_units as (",
+            "    select bounded.*, xref.unit as dcr_unit",
+            "    from bounded",
+            f"    inner join {{{{ source('{n.matching_schema(c)}', 'cross_reference') }}}} as xref on xref.match_id = bounded.match_id",
+            ")",
+        ]
     inner = "\n".join("    " + line for line in rewrite_query(loaded, query).splitlines())
     dim_list = ", ".join(f'"{d}"' for d in dims)
     return "\n".join(
@@ -338,12 +352,12 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
             "",
             "bounded as (",
             f"    {{{{ dcr_bound_contributions('in_domain', 'match_id', {json.dumps(dims)}, {spec.contribution.max_rows_per_group}, {spec.contribution.max_groups_per_unit}) }}}}",
-            ")",
+            ")" + "\n".join(people_cte),
             "",
             "select",
             f"    {dim_list},",
             ",\n".join(aggregates),
-            "from bounded",
+            f"from {source}",
             f"group by {dim_list}",
             "",
         ]

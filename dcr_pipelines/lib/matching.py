@@ -39,13 +39,24 @@ class MatchResult:
     matched: int
 
 
+def unit_of(client_token: str) -> int:
+    """A person's stable unit number: 64 bits of SHA-256 of the matching client's token.
+
+    match_ids are fresh for every new cross-reference; the difference checks
+    need to recognise the same person across them, so every row also carries
+    this number (the client's token is keyed and stable while its key is).
+    It is not derived from an identifier and reaches no member.
+    """
+    return int.from_bytes(hashlib.sha256(b"dcr-unit\0" + client_token.encode()).digest()[:8], "big", signed=True)
+
+
 def input_digest(inputs: Iterable[PartyInput], client: str, buckets: int, home: Iterable[str] = ()) -> str:
     """What the cross-reference depends on: every party's (token, identifier) pairs and the protocol settings.
 
     Equal digests mean the previous cross-reference is still right, so no
     elliptic-curve work is redone and the match_ids stay as they were.
     """
-    digest = hashlib.sha256(f"client={client};buckets={buckets};v1".encode())
+    digest = hashlib.sha256(f"client={client};buckets={buckets};v2".encode())  # v2: the cross-reference carries unit numbers
     for setup_sha256 in sorted(home):  # a home party's setup message stands for its identifiers
         digest.update(f"\0home={setup_sha256}".encode())
     for inp in sorted(inputs, key=lambda i: i.party):

@@ -171,11 +171,15 @@ REFUSED = [
 def test_accepted(loaded, sql_text: str) -> None:  # type: ignore[no-untyped-def]
     checked = adhoc.check(loaded, "ad_network", sql_text)
     assert checked.columns
-    physical = sqlglot.parse_one(checked.sql, read="postgres")
-    # Only matched views are read, and every output row is thresholded on distinct people.
+    physical = sqlglot.parse_one(checked.phase1, read="postgres")
+    # Only matched views are read, and every group is thresholded on distinct people before anything else.
     assert {t.name for t in physical.find_all(sqlglot.exp.Table)} <= {f"matched_{d}" for d in loaded.collaboration.datasets}
-    assert f'"{adhoc.UNITS}" >= {checked.min_distinct_units}' in checked.sql
-    assert "email" not in checked.sql.replace('"match_id"', "")
+    having = physical.args["having"].this
+    assert isinstance(having, sqlglot.exp.GTE) and having.expression.this == str(checked.min_distinct_units)
+    assert "email" not in checked.phase1
+    # Phase 2 reads nothing but the surviving groups.
+    later = sqlglot.parse_one(checked.phase2(["bigint"] + ["text"] * (len(checked.input_names) - 1)).replace("%s", "null"), read="postgres")
+    assert not [t for t in later.find_all(sqlglot.exp.Table)]
 
 
 @pytest.mark.parametrize(("runner", "sql_text", "rule"), REFUSED, ids=[f"{i:02d}" for i in range(len(REFUSED))])

@@ -242,6 +242,9 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
             if problem:
                 issue((*where, "expectations", i), problem)
         shared = set(ds.shared_columns)
+        for col in ds.columns:
+            if col == "match_id" or col.startswith("dcr_"):
+                issue((*where, "columns", col), f"column name {col!r} is reserved (match_id and dcr_* are added by the clean room); rename it")
         for col, spec in ds.columns.items():
             if (spec.dimension or spec.aggregate or spec.list) and col not in shared:
                 issue((*where, "columns", col), f"column {col!r} has an analysis role (dimension, aggregate or list) but is not in 'shared'")
@@ -280,9 +283,35 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
         for i, approval in enumerate(approvals):
             if approval.member not in members:
                 issue(("approvals", query_name, i, "member"), f"unknown member {approval.member!r}")
+    _check_overlap_story(collab, issue)
     for i, schedule in enumerate(collab.schedules):
         if len(schedule.cron.split()) != 5:
             issue(("schedules", i, "cron"), f"{schedule.cron!r} is not a five-field cron expression")
+
+
+def exact_counters(collab: Collaboration) -> tuple[list[str], list[str]]:
+    """(datasets, members): datasets whose ad-hoc rules let those members count the shared people exactly.
+
+    Any aggregation or list rule does: COUNT(DISTINCT join column) of matched rows, or the number of rows of a
+    list query, is the overlap (or a part of it) to the person.
+    """
+    runners = [m for m, member in collab.members.items() if Ability.RUN_QUERIES in member.abilities and Ability.RECEIVE_RESULTS in member.abilities]
+    datasets = [name for name, ds in collab.datasets.items() if ds.analysis_rule.ad_hoc] if runners else []
+    return datasets, runners if datasets else []
+
+
+def _check_overlap_story(collab: Collaboration, issue: Any) -> None:
+    """The policy tells one story: an overlap members can count exactly is not withheld, nor only released with noise."""
+    datasets, runners = exact_counters(collab)
+    release = collab.matching.overlap_release
+    if datasets and release != "exact":
+        issue(
+            ("matching", "overlap_release"),
+            f"overlap_release: {release} contradicts the analysis rules: {', '.join(datasets)} "
+            f"({', '.join(sorted({collab.datasets[d].analysis_rule.type for d in datasets}))} rule) let {', '.join(runners)} count the shared "
+            "people exactly with ad-hoc SQL (COUNT(DISTINCT <join column>) over matched rows); set overlap_release: exact, "
+            "or put those datasets under a dp or custom rule",
+        )
 
 
 def _expectation_problem(name: str, kwargs: dict[str, Any], columns: dict[str, Any]) -> str | None:

@@ -91,7 +91,9 @@ class MatchingSpec(Strict):
     buckets: int = Field(default=1, ge=1, le=1024)
     bucket_steps: bool = False  # one Dagster step per bucket (for a distributed executor) instead of a process pool in one step
     padding: bool = False
-    overlap_release: Literal["withheld", "dp"] = "withheld"
+    # What members learn of the number of shared people: nothing, a DP count, or the exact count. Where ad-hoc
+    # rules let a member count the shared people exactly, only "exact" is coherent (the loader refuses the others).
+    overlap_release: Literal["withheld", "dp", "exact"] = "withheld"
     overlap_epsilon: float = Field(default=0.1, gt=0, le=10)  # per release of the overlap size
     overlap_budget: float = Field(default=1.0, gt=0)  # epsilon of all overlap releases in any 30 days
     home_parties: tuple[Name, ...] = ()
@@ -242,6 +244,20 @@ class Schedule(Strict):
     target: Literal["matching", "queries", "all"] = "all"
 
 
+class DifferenceChecks(Strict):
+    """Withhold a thresholded row whose people differ from an earlier released row's by 1 to threshold - 1.
+
+    Applies to ad-hoc results and threshold-rule releases; all runners of the collaboration count as one adversary.
+    """
+
+    enabled: bool = True
+    retention_days: int = Field(default=365, ge=1, le=36500)
+
+
+class AdHocLimits(Strict):
+    max_queries_per_day: int | None = Field(default=None, ge=1)  # per runner, accepted runs in any 24 hours
+
+
 class Collaboration(Strict):
     name: Name
     description: str | None = None
@@ -252,6 +268,8 @@ class Collaboration(Strict):
     budgets: tuple[Budget, ...] = ()
     approvals: dict[Name, tuple[Approval, ...]] = {}
     schedules: tuple[Schedule, ...] = ()
+    difference_checks: DifferenceChecks = DifferenceChecks()
+    ad_hoc: AdHocLimits = AdHocLimits()
 
 
 # --- approved queries -------------------------------------------------------

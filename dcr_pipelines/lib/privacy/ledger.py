@@ -63,6 +63,7 @@ class StoredRelease:
     rows: list[dict[str, Any]]
     budget: BudgetStatus
     audit: dict[str, Any] = field(default_factory=dict)
+    withheld: tuple[str, ...] = ()  # groups withheld by the difference check, and why (threshold releases)
 
 
 AUDIT_COLUMNS = (

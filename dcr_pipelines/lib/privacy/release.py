@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from psycopg import sql
 from .. import access, naming
 from ..policy import ApprovedQuery, LoadedCollaboration
 from ..policy.models import Budget, MetricKind
-from . import ledger
+from . import difference, footprints, ledger
 from .mechanisms import (
     KeySelectionPlan,
     NoisePlan,
@@ -41,6 +43,7 @@ def consumer_budget(loaded: LoadedCollaboration, consumer: str) -> Budget:
 
 KEY_SEPARATOR = "\x1f"
 THRESHOLD_UNITS = "dcr_units"  # distinct people per group, computed by a threshold query's model
+THRESHOLD_PEOPLE = "dcr_people"  # their unit numbers, for the difference checks
 
 
 def _cells(conn: psycopg.Connection, loaded: LoadedCollaboration, query: ApprovedQuery, columns: list[str]) -> list[dict[str, Any]]:
@@ -123,6 +126,19 @@ def _store(loaded: LoadedCollaboration, query: ApprovedQuery) -> Any:
     return store
 
 
+def _store_with_footprints(loaded: LoadedCollaboration, query: ApprovedQuery, released: Callable[[], list[tuple[int, difference.People]]]) -> Any:
+    """Store a thresholded release and keep its groups' people sets for later difference checks (same transaction)."""
+    store = _store(loaded, query)
+    checks = loaded.collaboration.difference_checks
+
+    def store_and_record(conn: psycopg.Connection, release_id: str, rows: list[dict[str, Any]]) -> None:
+        store(conn, release_id, rows)
+        if checks.enabled:
+            footprints.record(conn, loaded.name, "release", release_id, released(), checks.retention_days)
+
+    return store_and_record
+
+
 def release_query(
     conn: psycopg.Connection,
     loaded: LoadedCollaboration,
@@ -187,18 +203,30 @@ def _release_thresholded(
             if metric.aggregate == MetricKind.AVG:
                 columns.append(f"{name}__count")
     table = sql.Identifier(naming.analysis_schema(loaded.name), f"query_{query.name}")
-    select = sql.SQL(", ").join([sql.Identifier(d) for d in dims] + [sql.Identifier(c) for c in columns])
+    select = sql.SQL(", ").join([sql.Identifier(d) for d in dims] + [sql.Identifier(c) for c in columns] + [sql.Identifier(THRESHOLD_PEOPLE)])
     found = conn.execute(
         sql.SQL("select {} from {} where {} >= %s order by {}").format(
             select, table, sql.Identifier(THRESHOLD_UNITS), sql.SQL(", ").join(sql.Identifier(d) for d in dims)
         ),
         (spec.min_distinct_units,),
     ).fetchall()
+    checks = loaded.collaboration.difference_checks
+    sets = [difference.people(row[-1] or []) for row in found]
+    released: list[int] = []
+    withheld: list[str] = []
 
     def rows() -> list[dict[str, Any]]:
+        """The groups that pass the threshold and the difference check (under its lock, inside the release)."""
+        if checks.enabled:
+            footprints.lock(conn, loaded.name)
+            verdicts = footprints.check(conn, loaded.name, sets, spec.min_distinct_units, checks.retention_days, source="release", source_id=query.name)
+            released[:] = [v.row for v in verdicts if v.released]
+            withheld[:] = [footprints.describe(v.withheld_because, spec.min_distinct_units) for v in verdicts if v.withheld_because is not None]
+        else:
+            released[:] = list(range(len(found)))
         out = []
-        for found_row in found:
-            cell = dict(zip(dims + columns, found_row))
+        for i in released:
+            cell = dict(zip(dims + columns, found[i][:-1]))
             for name, metric in spec.metrics.items():
                 if metric.aggregate in (MetricKind.COUNT_UNITS, MetricKind.COUNT):
                     value: float | None = float(cell[name])
@@ -224,12 +252,14 @@ def _release_thresholded(
         input_versions=input_versions,
         cost=0.0,
         draw=rows,
-        store_rows=_store(loaded, query),
+        store_rows=_store_with_footprints(loaded, query, lambda: [(i, sets[i]) for i in released]),
         receivers=spec.receivers,
         query_sha256=query.sha256,
     )
     if export_dir is not None:
         export(stored, loaded, query, export_dir)
+    if not stored.cached:
+        stored = dataclasses.replace(stored, withheld=tuple(withheld))
     return stored
 
 
@@ -237,7 +267,7 @@ OVERLAP_CONSUMER = "(overlap)"  # the ledger account of overlap releases: not a 
 
 
 def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, matched: int, input_digest: str) -> ledger.StoredRelease:
-    """Release the number of matched people with discrete Laplace noise (matching.overlap_release: dp).
+    """Release the number of matched people with discrete Laplace noise (matching.overlap_release: dp), or exactly.
 
     One person changes the intersection size by at most one (sensitivity 1).
     Each new cross-reference is one release of ``overlap_epsilon``, charged to
@@ -247,12 +277,15 @@ def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, match
     then withheld, the pipeline goes on.
     """
     spec = loaded.collaboration.matching
-    plan = plan_count("matched_people", spec.overlap_epsilon)
+    exact = spec.overlap_release == "exact"
+    plan = None if exact else plan_count("matched_people", spec.overlap_epsilon)
     schema = naming.results_schema(loaded.name)
     ledger.ensure_tables(conn, schema)
     table = sql.Identifier(schema, access.OVERLAP)
 
     def draw() -> list[dict[str, Any]]:
+        if plan is None:  # overlap_release: exact (the analysis rules let members count it anyway)
+            return [{"metric": "matched_people", "value": float(matched), "ci_low": None, "ci_high": None}]
         value = add_noise(plan, [matched])[0]
         return [{"metric": "matched_people", "value": value, "ci_low": value - plan.accuracy, "ci_high": value + plan.accuracy}]
 
@@ -274,7 +307,7 @@ def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, match
         key=ledger.cache_key(access.OVERLAP, {}, versions),
         params={},
         input_versions=versions,
-        cost=plan.epsilon,
+        cost=0.0 if plan is None else plan.epsilon,
         draw=draw,
         store_rows=store,
         receivers=access.overlap_receivers(loaded),

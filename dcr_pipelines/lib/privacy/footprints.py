@@ -1,0 +1,100 @@
+"""Where released rows' people sets are kept for the difference checks (operator-side, never a member's).
+
+One table, ``dcr_meta.released_people``, in a schema no member role can
+use. Every thresholded row that reaches a member (ad-hoc results and
+threshold-rule releases) leaves its people set here for
+``difference_checks.retention_days``. Checking and recording happen under
+one lock per collaboration, so two concurrent queries cannot both pass
+against a history that lacks the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import psycopg
+
+from . import difference
+from .difference import Earlier, People, Verdict
+
+TABLE = "dcr_meta.released_people"
+
+
+def lock(conn: psycopg.Connection, collaboration: str) -> None:
+    """Serialise difference checks of one collaboration until the current transaction ends."""
+    conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-footprints:{collaboration}",))
+
+
+def ensure(conn: psycopg.Connection) -> None:
+    conn.execute("select pg_advisory_xact_lock(hashtext('dcr-footprints-ddl'))")
+    conn.execute("create schema if not exists dcr_meta")
+    conn.execute(
+        f"""
+        create table if not exists {TABLE} (
+            collaboration text not null,
+            source text not null,
+            source_id text not null,
+            row_no integer not null,
+            released_at timestamptz not null default now(),
+            size integer not null,
+            sample bytea not null,
+            people bytea not null,
+            primary key (collaboration, source, source_id, row_no)
+        )
+        """
+    )
+    conn.execute(f"create index if not exists released_people_size on {TABLE} (collaboration, size)")
+
+
+def _candidates(conn: psycopg.Connection, collaboration: str, sizes: Sequence[int], threshold: int, retention_days: int) -> list[Earlier]:
+    if not sizes:
+        return []
+    low, high = min(sizes) - threshold + 1, max(sizes) + threshold - 1
+    rows = conn.execute(
+        f"select source, source_id, row_no, size, sample from {TABLE} "
+        "where collaboration = %s and size between %s and %s and released_at > now() - make_interval(days => %s)",
+        (collaboration, low, high, retention_days),
+    ).fetchall()
+    return [Earlier(r[0], r[1], int(r[2]), int(r[3]), difference.from_bytes(r[4])) for r in rows]
+
+
+def _load(conn: psycopg.Connection, collaboration: str) -> Callable[[Earlier], People]:
+    def load(earlier: Earlier) -> People:
+        row = conn.execute(
+            f"select people from {TABLE} where collaboration = %s and source = %s and source_id = %s and row_no = %s",
+            (collaboration, earlier.source, earlier.source_id, earlier.row_no),
+        ).fetchone()
+        assert row is not None
+        return difference.from_bytes(row[0])
+
+    return load
+
+
+def check(
+    conn: psycopg.Connection, collaboration: str, rows: Sequence[People], threshold: int, retention_days: int, *, source: str, source_id: str
+) -> list[Verdict]:
+    """Verdicts for new rows against the collaboration's history (call under ``lock``)."""
+    ensure(conn)
+    earlier = _candidates(conn, collaboration, [len(r) for r in rows], threshold, retention_days)
+    return difference.check_rows(rows, threshold, earlier, _load(conn, collaboration), source=source, source_id=source_id)
+
+
+def record(conn: psycopg.Connection, collaboration: str, source: str, source_id: str, rows: Sequence[tuple[int, People]], retention_days: int) -> None:
+    """Keep the people sets of rows just released; forget those older than the retention window."""
+    ensure(conn)
+    conn.execute(
+        f"delete from {TABLE} where collaboration = %s and released_at <= now() - make_interval(days => %s)",
+        (collaboration, retention_days),
+    )
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            f"insert into {TABLE} (collaboration, source, source_id, row_no, size, sample, people) values (%s, %s, %s, %s, %s, %s, %s) "
+            "on conflict do nothing",
+            [(collaboration, source, source_id, n, int(p.size), difference.to_bytes(difference.sample(p)), difference.to_bytes(p)) for n, p in rows],
+        )
+
+
+def describe(earlier: Earlier, threshold: int) -> str:
+    """Why a row was withheld, without saying which people or how many differ."""
+    what = "an ad-hoc result" if earlier.source == "ad_hoc" else f"release {earlier.source_id}" if earlier.source == "release" else earlier.source
+    return f"its people differ from those of a row of {what} by fewer than {threshold}"
