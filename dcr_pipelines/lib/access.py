@@ -48,6 +48,10 @@ def roles(loaded: LoadedCollaboration) -> list[str]:
     out = [role_name(c, "admin")]
     for p in loaded.parties():
         out += [role_name(c, p, "raw_owner"), role_name(c, p, "staging_loader"), role_name(c, p, "result_reader")]
+    # Members without data that receive results (an agency running ad-hoc queries) read their results too.
+    for m, member in loaded.collaboration.members.items():
+        if m not in loaded.parties() and Ability.RECEIVE_RESULTS in member.abilities:
+            out.append(role_name(c, m, "result_reader"))
     out += [role_name(c, "matching"), role_name(c, "analysis_builder"), role_name(c, "query_runner")]
     return out
 

@@ -101,7 +101,7 @@ def test_verify_detects_an_edited_or_deleted_release_entry(audited: dict[str, An
     assert _problems(audited) == []
     table = f"{naming.results_schema(COLLAB)}.releases"
     with psycopg.connect(audited["url"], autocommit=True) as conn:
-        first, second = [r[0] for r in conn.execute(f"select release_id from {table} order by seq").fetchall()]
+        first, second = [r[0] for r in conn.execute(f"select release_id from {table} where query_name <> 'overlap' order by seq").fetchall()]
         conn.execute(f"update {table} set epsilon = 0.1 where release_id = %s", (first,))
         assert any(first in p and "stored entry was edited" in p for p in _problems(audited))
         conn.execute(f"update {table} set epsilon = 1.0 where release_id = %s", (first,))

@@ -22,6 +22,7 @@ only: the message text could quote a value.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,14 +50,16 @@ def results_table(runner: str) -> str:
 
 
 def _plain_value(value: object) -> object:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    """A JSON value: numbers as floats where a float holds them, otherwise (huge, NaN, infinite) as exact text."""
+    if value is None or isinstance(value, (bool, int, str)):
         return value
     if hasattr(value, "isoformat"):
         return value.isoformat()  # type: ignore[no-any-return,union-attr]
     try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
         return str(value)
+    return number if math.isfinite(number) else str(value)
 
 
 def _temporary_role(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery) -> sql.Identifier:
