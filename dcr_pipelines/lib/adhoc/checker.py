@@ -364,10 +364,10 @@ def _rules(ctx: _Context) -> dict[str, set[str] | list[str]]:
 def _check_nodes(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | list[str]]) -> None:
     functions = rules["functions"]
     for node in tree.walk():
-        if isinstance(node, (exp.Div, exp.Mod)):
+        if isinstance(node, (exp.Div, exp.Mod)) and not _has_aggregate(node):
             divisor = node.expression
             if not (isinstance(divisor, exp.Literal) and divisor.is_number and float(divisor.this) != 0):
-                raise QueryRefused("arithmetic", f"{_part(node)}: divide only by a non-zero number")
+                raise QueryRefused("arithmetic", f"{_part(node)}: divide only by a non-zero number, or divide aggregates (that runs after the threshold)")
         if type(node) in AGGREGATES and any(type(inner) in AGGREGATES for inner in node.walk() if inner is not node):
             raise QueryRefused("aggregation rule", f"{_part(node)}: aggregates cannot be nested")
         if isinstance(node, NEUTRAL):
@@ -377,6 +377,8 @@ def _check_nodes(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | li
             if name.startswith(("pg_", "current_")) or name in SETTINGS_FUNCTIONS or "setting" in name:
                 raise QueryRefused("system catalogs and settings", f"function {name} reads the server's state and is not allowed")
             raise QueryRefused("scalar functions", f"function {name} is not allowed ({_part(node)})")
+        if isinstance(node, exp.Cast) and isinstance(node.this, exp.Literal):
+            continue  # a typed literal (date '2026-01-01'): no data is read or converted
         if type(node) in SCALAR_FORMS:
             name = SCALAR_FORMS[type(node)]
             if name not in functions:

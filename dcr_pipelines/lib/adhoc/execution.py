@@ -84,6 +84,7 @@ def _as_role(conn: psycopg.Connection, role: sql.Identifier, timeout_s: int, sta
     """Run one statement as ``role`` inside a savepoint; database errors become one generic refusal."""
     try:
         with conn.transaction():
+            conn.execute("set local standard_conforming_strings = on")  # a backslash in a literal is a backslash, as checked
             conn.execute(sql.SQL("set local role {}").format(role))
             conn.execute(sql.SQL("set local statement_timeout = {}").format(sql.Literal(f"{int(timeout_s)}s")))
             cursor = conn.execute(statement, params)  # type: ignore[arg-type]
