@@ -123,7 +123,7 @@ def apply(conn: psycopg.Connection, loaded: LoadedCollaboration) -> int:
                 conn.execute(sql.SQL("grant select on all tables in schema {} to {}").format(schema, role))
                 conn.execute(sql.SQL("alter default privileges in schema {} grant select on tables to {}").format(schema, role))
         results = naming.results_schema(loaded.name)
-        for query_name in loaded.queries:
+        for query_name in [*loaded.queries, *([OVERLAP] if loaded.collaboration.matching.overlap_release != "withheld" else [])]:
             for reader in result_readers(loaded, query_name):
                 conn.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(results), sql.Identifier(reader)))
             grant_results(conn, loaded, query_name)
