@@ -66,7 +66,7 @@ def demo_size(rows: int, rounds: int) -> dict[str, Any]:
 
     home, runtime, settings, _, _ = end_to_end.prepare(rows)
     defs = build_definitions(settings)
-    outcome = materialize(defs, collaboration_keys(defs, end_to_end.COLLAB), instance=dg.DagsterInstance.get(),
+    outcome = materialize(defs, collaboration_keys(defs, end_to_end.COLLAB, releases=True), instance=dg.DagsterInstance.get(),
                           run_config=analysis_run_config(end_to_end.COLLAB, {}), stdout_log=home / "logs" / "runs.log")
     if not outcome.success:
         raise SystemExit(f"pipeline failed: {outcome.failure}")
