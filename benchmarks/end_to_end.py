@@ -159,7 +159,7 @@ def main() -> None:
     home, runtime, settings, files, land = prepare(args.rows)
     try:
         defs = build_definitions(settings)
-        keys = collaboration_keys(defs, COLLAB)
+        keys = collaboration_keys(defs, COLLAB, releases=True)
         full = _run(defs, keys, "full run")
         again = _run(defs, keys, "re-run, nothing changed")
         # 1% new rows in the ad network's upload (new impressions of existing and new users)

@@ -78,7 +78,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dcr-exec-"))
     try:
         defs = build_definitions(settings)
-        keys = collaboration_keys(defs, COLLAB)
+        keys = collaboration_keys(defs, COLLAB, releases=True)
         first = _run(defs, keys, "load (in-process runner)")
         noop = _run(defs, keys, "no-op (in-process runner)")
         _reset(runtime.warehouse.url())

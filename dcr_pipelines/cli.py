@@ -39,10 +39,15 @@ def _runtime() -> Any:
 
 def _definitions(runtime: Any) -> Any:
     from .definitions import build_definitions, secret_names
-    from .lib.runtime import ensure_development_secrets
+    from .lib.runtime import development_secrets_allowed, ensure_development_secrets, missing_secrets
 
-    if runtime.embedded or os.environ.get("DCR_DEV_SECRETS") == "1":
-        ensure_development_secrets(runtime.settings.home, secret_names(runtime.settings))
+    names = secret_names(runtime.settings)
+    if development_secrets_allowed(runtime.embedded):
+        ensure_development_secrets(runtime.settings.home, names)
+    missing = missing_secrets(names)
+    if missing:
+        fail(f"secret {missing[0]} is not set{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: with an external database, "
+             "secrets come from the environment only; set it, or DCR_DEV_SECRETS=1 for throw-away ones (docs/operations.md, Secrets)", 2)
     return build_definitions(runtime.settings)
 
 
@@ -123,8 +128,9 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
         _run_collaboration(defs, loaded)
     elif not at_home:
         _run_collaboration(defs, loaded)
+    _release_all(defs, loaded)  # the demo asks for every release explicitly, with the default parameters
     _print_releases(runtime, loaded)
-    if loaded.collaboration.matching.overlap_release == "dp":
+    if loaded.collaboration.matching.overlap_release != "withheld":
         _print_overlap(runtime, loaded)
     out.print(f"done in {time.perf_counter() - started:.1f}s; open the asset graph with `make ui`")
 
@@ -185,10 +191,23 @@ def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]]
     if not outcome.success:
         fail(f"run {outcome.run_id} failed: {outcome.failure}")
     out.print(f"run {outcome.run_id}: {len(outcome.metadata)} assets materialized (event log: `make ui` or `dcr audit {loaded.name}`)")
+    return outcome.metadata
+
+
+def _release_all(defs: Any, loaded: Any) -> None:
+    """Release every approved query with its default parameters (what `dcr demo` asks for)."""
+    from .runner import materialize, release_keys
+
+    keys = release_keys(defs, loaded.name)
+    if not keys:
+        return
+    with out.status(f"releasing {len(keys)} approved quer{'y' if len(keys) == 1 else 'ies'} through Dagster..."):
+        outcome = materialize(defs, keys, instance=_instance(), stdout_log=_run_log())
+    if not outcome.success:
+        fail(f"run {outcome.run_id} failed: {outcome.failure}")
     for key, meta in outcome.metadata.items():
         if meta.get("cached"):
             out.print(f"{key}: identical release found (same query, parameters and data versions): stored result returned, no budget charged")
-    return outcome.metadata
 
 
 def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str | None = None) -> None:
@@ -371,7 +390,10 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
 @main.command()
 @click.argument("collab")
 def run(collab: str) -> None:
-    """Materialize every asset of COLLAB: ingest, staging, matching, analyses, releases.
+    """Materialize COLLAB up to the pre-noise tables: ingest, staging, matching, analyses. Releases nothing, charges nothing.
+
+    Releases happen only when someone asks: `dcr release`, a materialization in
+    the UI, or a schedule for queries whose YAML says `release: scheduled`.
 
     \b
     Example:
@@ -380,7 +402,8 @@ def run(collab: str) -> None:
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
     _run_collaboration(_definitions(runtime), loaded)
-    _print_releases(runtime, loaded)
+    out.print(f"nothing was released and no budget was spent; release with `dcr release {collab} QUERY`"
+              + (f" ({', '.join(loaded.queries)})" if loaded.queries else ""))
 
 
 @main.command()
@@ -401,7 +424,7 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     from .lib import naming
     from .lib.params import ParameterError, validate_params
     from .lib.privacy.mechanisms import plan_key_selection, plan_release, release_cost
-    from .runner import analysis_run_config, materialize
+    from .runner import materialize, release_run_config
 
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
@@ -438,11 +461,7 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     defs = _definitions(runtime)
     with err.status(f"running {query} and releasing it through Dagster..."):
         outcome = materialize(
-            defs,
-            [naming.analysis_key(collab, query), naming.release_key(collab, query)],
-            instance=_instance(),
-            run_config=analysis_run_config(collab, {query: values}),
-            stdout_log=_run_log(),
+            defs, [naming.release_key(collab, query)], instance=_instance(), run_config=release_run_config(collab, query, values), stdout_log=_run_log()
         )
     if not outcome.success:
         fail(outcome.failure or "release failed")

@@ -13,7 +13,7 @@ from .defs.collaboration import build_collaboration
 from .defs.resources import SecretsResource, WarehouseResource
 from .lib.dbt_manifest import dbt_executable, prepare_manifest
 from .lib.policy import check_policies
-from .lib.runtime import activate, ensure_development_secrets, secret_env_name
+from .lib.runtime import activate, development_secrets_allowed, ensure_development_secrets, secret_env_name
 from .lib.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,6 @@ def secret_names(settings: Settings) -> list[str]:
 @dg.definitions
 def defs() -> dg.Definitions:
     runtime = activate()
-    if runtime.embedded:
+    if development_secrets_allowed(runtime.embedded):
         ensure_development_secrets(runtime.settings.home, secret_names(runtime.settings))
     return build_definitions(runtime.settings)

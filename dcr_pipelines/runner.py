@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ def materialize(
     still written to the instance's event log (the UI and ``dcr audit`` read it).
     """
     job = defs.resolve_implicit_global_asset_job_def()
+    run_config = _only_selected_ops(defs, selection, run_config or {})
     collabs = sorted({k[0] for k in selection})
     tags = {"dcr/user": os.environ.get("DCR_USER") or getpass.getuser(), **({"dcr/collaboration": collabs[0]} if len(collabs) == 1 else {}), **dict(tags or {})}
     config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **dict(run_config or {})}
@@ -83,18 +83,44 @@ def materialize(
     return RunOutcome(result.success, result.run_id, None if result.success else _failure_message(result), metadata)
 
 
-def collaboration_keys(defs: dg.Definitions, collab: str) -> list[list[str]]:
-    """Every materializable asset of the collaboration's pipeline (not the on-demand ad-hoc query)."""
+def _only_selected_ops(defs: dg.Definitions, selection: Sequence[Sequence[str]], run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop op config for steps outside the selection (one config can then serve a run with or without releases)."""
+    ops = run_config.get("ops")
+    if not ops:
+        return dict(run_config)
+    selected = {defs.resolve_assets_def(dg.AssetKey(list(k))).op.name for k in selection}
+    return {**run_config, "ops": {name: value for name, value in ops.items() if name in selected}}
+
+
+def collaboration_keys(defs: dg.Definitions, collab: str, *, releases: bool = False) -> list[list[str]]:
+    """Every materializable asset of the collaboration's pipeline up to the pre-noise tables; with ``releases``,
+    its releases too (they spend budget: only when someone asks). Never the on-demand ad-hoc query."""
     graph = defs.resolve_asset_graph()
     on_demand = naming.ad_hoc_key(collab)
-    return [
-        list(k.path) for k in graph.get_all_asset_keys()
-        if k.path and k.path[0] == collab and graph.get(k).is_materializable and list(k.path) != on_demand
-    ]
+    keys = []
+    for k in graph.get_all_asset_keys():
+        if not (k.path and k.path[0] == collab and graph.get(k).is_materializable and list(k.path) != on_demand):
+            continue
+        if not releases and len(k.path) == 3 and k.path[1] == "results":
+            continue
+        keys.append(list(k.path))
+    return keys
+
+
+def release_keys(defs: dg.Definitions, collab: str) -> list[list[str]]:
+    return [k for k in collaboration_keys(defs, collab, releases=True) if len(k) == 3 and k[1] == "results"]
 
 
 def analysis_run_config(collab: str, params_by_query: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
-    return {"ops": {f"{collab}__analysis": {"config": {"params_json": json.dumps(params_by_query)}}}}
+    """Parameters per query for the pre-noise tables and for the releases of those queries (the same request)."""
+    ops: dict[str, Any] = {f"{collab}__analysis": {"config": {"params": {q: dict(p) for q, p in params_by_query.items()}}}}
+    for query, params in params_by_query.items():
+        ops[op_name(naming.release_key(collab, query))] = {"config": {"params": dict(params)}}
+    return {"ops": ops}
+
+
+def release_run_config(collab: str, query: str, params: Mapping[str, str]) -> dict[str, Any]:
+    return {"ops": {op_name(naming.release_key(collab, query)): {"config": {"params": dict(params)}}}}
 
 
 def ingest_run_config(collab: str, party: str, dataset: str, path: str) -> dict[str, Any]:

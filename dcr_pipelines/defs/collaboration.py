@@ -25,10 +25,11 @@ from psycopg import sql
 
 from ..lib import access, adhoc, dbt_codegen, home_psi, matching, naming
 from ..lib import ingest as ingest_lib
+from ..lib.database import advisory_lock
 from ..lib.dbt_manifest import hand_written_digest as _hand_written_digest
 from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, dbt_vars, validate_params
-from ..lib.policy import LoadedCollaboration, PolicyError, load_collaboration
+from ..lib.policy import ApprovedQuery, LoadedCollaboration, PolicyError, load_collaboration
 from ..lib.privacy import ledger
 from ..lib.privacy.release import ReleaseRefused, release_overlap, release_query
 from .resources import SecretsResource, WarehouseResource
@@ -44,9 +45,15 @@ class UploadConfig(dg.Config):
 
 
 class AnalysisConfig(dg.Config):
-    """Parameters per approved query, as JSON: {"query": {"param": "value"}}; defaults fill the rest."""
+    """Parameters per approved query: {"query": {"param": "value"}}; the queries' defaults fill the rest."""
 
-    params_json: str = "{}"
+    params: dict[str, dict[str, str]] = {}
+
+
+class ReleaseConfig(dg.Config):
+    """The request: the query's parameters (its YAML's defaults fill the rest). Each release is computed for exactly these."""
+
+    params: dict[str, str] = {}
 
 
 class AdHocConfig(dg.Config):
@@ -115,6 +122,10 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
         f"atomically as a new version of {naming.raw_schema(c, party)}.{dataset_name}. Landing folder: {folder}. " + (ds.description or ""),
     )
     def ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> Iterator[Any]:
+        with advisory_lock(warehouse.url, f"dcr-ingest:{c}:{dataset_name}"):  # two runs at once: the second finds the file loaded
+            yield from _ingest(context, config, warehouse)
+
+    def _ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> Iterator[Any]:
         if config.path:
             path = Path(config.path)
         else:
@@ -305,6 +316,12 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
         def staging(
             context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
         ) -> Iterator[Any]:
+            with advisory_lock(warehouse.url, f"dcr-stage:{c}:staging"):  # one dbt build of a stage at a time; the next one skips
+                yield from _staging(context, dbt, warehouse, secrets)
+
+        def _staging(
+            context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
+        ) -> Iterator[Any]:
             keys = {p: secrets.hmac_key(c, p) for p in loaded.parties() if not loaded.at_home(p)}
             with warehouse.connect() as conn:
                 versions = ingest_lib.current_versions(conn, c)
@@ -327,10 +344,16 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
 
     @dbt_assets(manifest=manifest, select=f"tag:dcr_{c},tag:dcr_analysis", name=f"{c}__analysis", dagster_dbt_translator=translator)
     def analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtCliResource, warehouse: WarehouseResource) -> Iterator[Any]:
+        with advisory_lock(warehouse.url, analysis_lock_name(c)):
+            yield from _analysis(context, config, dbt, warehouse)
+
+    def _analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtCliResource, warehouse: WarehouseResource) -> Iterator[Any]:
         try:
-            supplied = json.loads(config.params_json or "{}")
-            params = {name: validate_params(q, supplied.get(name, {})) for name, q in loaded.queries.items()}
-        except (ParameterError, json.JSONDecodeError) as exc:
+            params = {name: validate_params(q, config.params.get(name, {})) for name, q in loaded.queries.items()}
+            unknown = sorted(set(config.params) - set(loaded.queries))
+            if unknown:
+                raise ParameterError(f"{c} has no approved query {', '.join(unknown)}")
+        except ParameterError as exc:
             raise dg.Failure(f"query parameters refused, nothing ran: {exc}") from None
         with warehouse.connect() as conn:
             versions = ingest_lib.current_versions(conn, c)
@@ -343,8 +366,9 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 yield from _skipped(context, "analysis", digest)
                 return
         yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars(params))], context=context).stream()
+        built = {q: params[q] for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys}
         with warehouse.connect() as conn:
-            _record_analysis_inputs(conn, c, params, versions)
+            _record_analysis_inputs(conn, c, {q: (p, request_key(loaded.queries[q], p, versions, match)) for q, p in built.items()}, versions)
             if context.selected_asset_keys == context.assets_def.keys:
                 _stage_built(conn, c, "analysis", digest)
 
@@ -355,16 +379,48 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _record_analysis_inputs(conn: Any, collab: str, params: dict[str, dict[str, str]], versions: dict[str, Any]) -> None:
-    """What each pre-noise table was built from; the release reads this, not its own config."""
-    table = sql.Identifier(naming.analysis_schema(collab), "built_from")
+def analysis_lock_name(collab: str) -> str:
+    """The lock every build of a collaboration's pre-noise tables holds, and every release while it reads one."""
+    return f"dcr-stage:{collab}:analysis"
+
+
+def request_key(query: ApprovedQuery, params: dict[str, str], versions: dict[str, Any], match: tuple[str, int, Any] | None) -> str:
+    """What a pre-noise table was built for: the query, its parameters, the uploads and the cross-reference it read."""
+    return _digest(query.sha256, params, versions, str(match[2]) if match else None)
+
+
+def _built_from_table(collab: str) -> sql.Identifier:
+    return sql.Identifier(naming.analysis_schema(collab), "built_from")
+
+
+def _record_analysis_inputs(conn: Any, collab: str, built: dict[str, tuple[dict[str, str], str]], versions: dict[str, Any]) -> None:
+    """For each query whose pre-noise table was just built: its parameters, input versions and request key."""
+    table = _built_from_table(collab)
     with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-built-from-ddl:{collab}",))
         conn.execute(sql.SQL("create table if not exists {} (query_name text primary key, params jsonb not null, input_versions jsonb not null, built_at timestamptz not null default now())").format(table))
-        for query_name, values in params.items():
+        conn.execute(sql.SQL("alter table {} add column if not exists request_key text").format(table))
+        for query_name, (values, key) in built.items():
             conn.execute(
-                sql.SQL("insert into {} values (%s, %s, %s, now()) on conflict (query_name) do update set params = excluded.params, input_versions = excluded.input_versions, built_at = now()").format(table),
-                (query_name, json.dumps(values), json.dumps(versions)),
+                sql.SQL("insert into {} (query_name, params, input_versions, request_key, built_at) values (%s, %s, %s, %s, now()) "
+                        "on conflict (query_name) do update set params = excluded.params, input_versions = excluded.input_versions, "
+                        "request_key = excluded.request_key, built_at = now()").format(table),
+                (query_name, json.dumps(values), json.dumps(versions), key),
             )
+
+
+def _built_for(conn: Any, collab: str, query_name: str) -> str | None:
+    """The request key the query's pre-noise table was last built for (None: never, or before keys were recorded)."""
+    if conn.execute("select to_regclass(%s)", (f"{naming.analysis_schema(collab)}.built_from",)).fetchone()[0] is None:
+        return None
+    has_key = conn.execute(
+        "select 1 from information_schema.columns where table_schema = %s and table_name = 'built_from' and column_name = 'request_key'",
+        (naming.analysis_schema(collab),),
+    ).fetchone()
+    if has_key is None:
+        return None
+    row = conn.execute(sql.SQL("select request_key from {} where query_name = %s").format(_built_from_table(collab)), (query_name,)).fetchone()
+    return row[0] if row else None
 
 
 def _read_identities(warehouse: WarehouseResource, loaded: LoadedCollaboration, parties: list[str], bucket: int | None = None) -> list[matching.PartyInput]:
@@ -542,6 +598,10 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         + (f" {', '.join(at_home)} keep their identifiers at home and answer with `dcr psi` message files." if at_home else ""),
     )
     def cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
+        with advisory_lock(warehouse.url, f"dcr-matching:{c}"):  # two runs at once: the second finds the identities matched
+            return _cross_reference(context, warehouse, secrets)
+
+    def _cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
         inputs = _read_identities(warehouse, loaded, at_operator)
         setups = _home_inputs(loaded, landing)
         buckets = loaded.collaboration.matching.buckets
@@ -647,36 +707,56 @@ def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult,
         conn.execute(sql.SQL("insert into {} (input_digest, matched) values (%s, %s)").format(builds), (digest, result.matched))
 
 
-def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path) -> dg.AssetsDefinition:
+def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, manifest: Mapping[str, Any]) -> dg.AssetsDefinition:
     c = loaded.name
     query = loaded.queries[query_name]
     spec = query.spec
+    translator = CollaborationTranslator()
+    model = naming.query_model(c, query_name)
+    mechanism = f"differentially private (opendp, epsilon {spec.privacy.epsilon})" if spec.privacy else f"thresholded (groups under {spec.min_distinct_units} people removed, no noise)"
 
     @dg.asset(
         key=naming.release_key(c, query_name),
         deps=[dg.AssetKey(naming.analysis_key(c, query_name))],
         group_name=c,
-        kinds={"postgres", "opendp"},
-        tags={"dcr/stage": "results", "dcr/consumer": spec.consumer},
+        kinds={"postgres", "opendp" if spec.rule == "dp" else "python"},
+        tags={"dcr/stage": "results", "dcr/consumer": spec.consumer, "dcr/release": spec.release},
         owners=[f"team:{spec.consumer}"],
-        description=f"Differentially private release of {query_name} (epsilon {spec.privacy.epsilon if spec.privacy else '-'}) "
-        f"for {', '.join(spec.receivers)}; charged to {spec.consumer}'s budget. {spec.description or ''}",
+        description=f"Release of {query_name}, {mechanism}, for {', '.join(spec.receivers)}"
+        + (f"; charged to {spec.consumer}'s budget" if spec.rule == "dp" else "")
+        + f". Only on request (config: params){' or by a schedule' if spec.release == 'scheduled' else ''}. {spec.description or ''}",
     )
-    def release(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
-        with warehouse.connect() as conn:
-            built = conn.execute(
-                sql.SQL("select params, input_versions from {} where query_name = %s").format(sql.Identifier(naming.analysis_schema(c), "built_from")),
-                (query_name,),
-            ).fetchone()
-            if built is None:
-                raise dg.Failure(f"query {query_name} has no pre-noise table yet; materialize its analysis asset first")
-            params, versions = dict(built[0]), dict(built[1])
-            try:
-                stored = release_query(conn, loaded, query, params, versions, export_dir=exports)
-            except (ledger.BudgetExhausted, ReleaseRefused) as exc:
-                raise dg.Failure(f"release refused: {exc}") from None
-            except ledger.ReleaseFailed as exc:
-                raise dg.Failure(str(exc)) from None
+    def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource, dbt: DbtCliResource) -> dg.MaterializeResult:
+        try:
+            params = validate_params(query, config.params)
+        except ParameterError as exc:
+            raise dg.Failure(f"release refused, nothing ran: {exc}") from None
+        # Build and release under one lock: the pre-noise table read is the one built for this request.
+        with advisory_lock(warehouse.url, analysis_lock_name(c)):
+            with warehouse.connect() as conn:
+                versions = ingest_lib.current_versions(conn, c)
+                key = request_key(query, params, versions, _previous_match(conn, c))
+                cached = ledger.stored_release_id(conn, naming.results_schema(c), ledger.cache_key(query.sha256, params, versions))
+                rebuild = cached is None and _built_for(conn, c, query_name) != key
+            if rebuild:
+                context.log.info(f"{query_name}: building its pre-noise table for this request ({json.dumps(params)})")
+                invocation = dbt.cli(["build", "--select", model, "--vars", json.dumps(dbt_vars({query_name: params}))],
+                                     manifest=manifest, dagster_dbt_translator=translator, raise_on_error=False)
+                invocation.wait()
+                if not invocation.is_successful():
+                    raise dg.Failure(f"the pre-noise table of {query_name} could not be built for this request; nothing was released or charged (run log: dbt)")
+                with warehouse.connect() as conn:
+                    _record_analysis_inputs(conn, c, {query_name: (params, key)}, versions)
+                    conn.execute("delete from dcr_meta.stage_builds where collaboration = %s and stage = 'analysis'", (c,))
+            with warehouse.connect() as conn:
+                if cached is None and _built_for(conn, c, query_name) != key:
+                    raise dg.Failure(f"the pre-noise table of {query_name} was built for another request; nothing was released or charged")
+                try:
+                    stored = release_query(conn, loaded, query, params, versions, export_dir=exports)
+                except (ledger.BudgetExhausted, ReleaseRefused) as exc:
+                    raise dg.Failure(f"release refused: {exc}") from None
+                except ledger.ReleaseFailed as exc:
+                    raise dg.Failure(str(exc)) from None
         status = stored.budget
         context.log.info(
             f"{query_name}: release {stored.release_id} {'(stored result, no charge)' if stored.cached else f'charged epsilon {stored.epsilon:.4g}'}; "
@@ -694,6 +774,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path) 
                 "receivers": ", ".join(spec.receivers),
                 "params": dg.MetadataValue.json(params),
                 "input_versions": dg.MetadataValue.json(versions),
+                "pre_noise_rebuilt_for_request": rebuild,
                 "query_sha256": query.sha256,
                 "approvals": dg.MetadataValue.json(
                     [{"member": a.member, "sha256": a.sha256} for a in loaded.collaboration.approvals.get(query_name, ())]
@@ -785,8 +866,15 @@ def _grants_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
 
 
 def pipeline_selection(collab: str) -> dg.AssetSelection:
-    """Every asset of a collaboration's pipeline: all of its group but the on-demand ad-hoc query."""
-    return dg.AssetSelection.groups(collab) - dg.AssetSelection.assets(dg.AssetKey(naming.ad_hoc_key(collab)))
+    """A collaboration's pipeline up to the pre-noise tables: all of its group but releases and ad-hoc queries,
+    which spend budget or hand out results and so run only when someone asks."""
+    return dg.AssetSelection.groups(collab) - dg.AssetSelection.tag("dcr/stage", "results") - dg.AssetSelection.tag("dcr/stage", "ad_hoc")
+
+
+def scheduled_releases(loaded: LoadedCollaboration) -> dg.AssetSelection:
+    """The releases whose query opts into schedules (`release: scheduled`)."""
+    keys = [dg.AssetKey(naming.release_key(loaded.name, q)) for q, query in loaded.queries.items() if query.spec.release == "scheduled"]
+    return dg.AssetSelection.assets(*keys) if keys else dg.AssetSelection.assets()
 
 
 def _schedules(loaded: LoadedCollaboration) -> list[dg.ScheduleDefinition]:
@@ -800,6 +888,8 @@ def _schedules(loaded: LoadedCollaboration) -> list[dg.ScheduleDefinition]:
             selection = pipeline_selection(c) & dg.AssetSelection.tag("dcr/stage", stages[schedule.target][0])
             for stage in stages[schedule.target][1:]:
                 selection = selection | (pipeline_selection(c) & dg.AssetSelection.tag("dcr/stage", stage))
+        if schedule.target != "matching":
+            selection = selection | scheduled_releases(loaded)  # default parameters; only queries that opt in
         out.append(
             dg.ScheduleDefinition(
                 name=f"{c}__{schedule.name}",
@@ -851,7 +941,7 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
         assets.extend(_bucket_asset(loaded, b) for b in range(loaded.collaboration.matching.buckets))
     assets.append(_cross_reference_asset(loaded, landing, exports))
     assets.append(_dbt_stage(loaded, manifest, "analysis", dbt_project))
-    assets.extend(_release_asset(loaded, q, exports) for q in loaded.queries)
+    assets.extend(_release_asset(loaded, q, exports, manifest) for q in loaded.queries)
     assets.append(_ad_hoc_asset(loaded))
     job = dg.define_asset_job(f"{c}__all", selection=pipeline_selection(c), description=f"Materialize collaboration {c} end to end.")
     return dg.Definitions(

@@ -117,3 +117,19 @@ def ensure_database(admin: Connection, dbname: str) -> None:
 def connect(url: str, *, autocommit: bool = True) -> Iterator[psycopg.Connection]:
     with psycopg.connect(url, autocommit=autocommit) as conn:
         yield conn
+
+
+@contextmanager
+def advisory_lock(url: str, name: str) -> Iterator[None]:
+    """Hold PostgreSQL's session-level advisory lock ``name`` while the block runs (other processes wait).
+
+    The lock lives on a connection of its own, so it spans transactions and
+    child processes (dbt); if this process dies, the server drops the
+    connection and the lock with it.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("select pg_advisory_lock(hashtext(%s))", (name,))
+        try:
+            yield
+        finally:
+            conn.execute("select pg_advisory_unlock(hashtext(%s))", (name,))

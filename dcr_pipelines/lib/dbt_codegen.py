@@ -457,6 +457,9 @@ def write_models(dbt_project: Path, collaborations: Iterable[LoadedCollaboration
     for collab_name in sorted(rendered):
         for rel, content in sorted(rendered[collab_name].items()):
             digest.update(f"{collab_name}/{rel}\0{content}\0".encode())
+    stamp = root / ".dcr_models.sha256"
+    if stamp.is_file() and stamp.read_text().strip() == digest.hexdigest():
+        return digest.hexdigest()  # already written: a running process may be reading these files
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for collab_name, files in rendered.items():
@@ -464,6 +467,8 @@ def write_models(dbt_project: Path, collaborations: Iterable[LoadedCollaboration
             path = tmp / collab_name / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content, encoding="utf-8")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / stamp.name).write_text(digest.hexdigest() + "\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return digest.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -30,7 +31,22 @@ def hand_written_digest(dbt_project: Path) -> str:
 
 
 def prepare_manifest(dbt_project: Path, collaborations: Sequence[LoadedCollaboration]) -> Path:
-    """Path of a manifest.json that matches the current policies; runs ``dbt parse`` only if stale."""
+    """Path of a manifest.json that matches the current policies; runs ``dbt parse`` only if stale.
+
+    Every process that loads the definitions comes here; an exclusive file lock
+    keeps two of them from rewriting the models or the manifest at once.
+    """
+    target = dbt_project / "target"
+    target.mkdir(parents=True, exist_ok=True)
+    with (target / ".dcr_prepare.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _prepare(dbt_project, collaborations)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare(dbt_project: Path, collaborations: Sequence[LoadedCollaboration]) -> Path:
     generated = dbt_codegen.write_models(dbt_project, collaborations)
     stamp_value = hashlib.sha256((generated + hand_written_digest(dbt_project)).encode()).hexdigest()
     target = dbt_project / "target"

@@ -71,8 +71,22 @@ def activate(settings: Settings | None = None) -> Runtime:
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
         }
     )
-    _load_development_secrets(settings.home / "secrets.env")
+    if development_secrets_allowed(embedded):
+        _load_development_secrets(settings.home / "secrets.env")
     return Runtime(settings, warehouse, dagster_url, embedded)
+
+
+def development_secrets_allowed(embedded: bool) -> bool:
+    """Secrets from the throw-away file under DCR_HOME: on the embedded database, or when DCR_DEV_SECRETS=1 asks for them.
+
+    With an external database, secrets come from the environment only: a file
+    left by an earlier embedded run must not silently become a real deployment's keys.
+    """
+    return embedded or os.environ.get("DCR_DEV_SECRETS") == "1"
+
+
+def missing_secrets(names: list[str]) -> list[str]:
+    return [n for n in names if not os.environ.get(n)]
 
 
 def ensure_development_secrets(home: Path, names: list[str]) -> None:

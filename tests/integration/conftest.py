@@ -73,7 +73,7 @@ def e2e(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
         handle.write("not-an-email,10.0,2026-02-01,north\nstill@bad,5.0,2026-02-02,east\n")
     land(files, settings.landing, COLLAB)
     defs = build_definitions(settings)
-    outcome = materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    outcome = materialize(defs, collaboration_keys(defs, COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert outcome.success, outcome.failure
     return {"defs": defs, "files": files, "outcome": outcome, "url": runtime.warehouse.url(), "settings": settings, "root": root}
 

@@ -77,7 +77,7 @@ def collab(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     segments.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(files.customers, segments)
     defs = build_definitions(settings)
-    outcome = materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    outcome = materialize(defs, collaboration_keys(defs, COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert outcome.success, outcome.failure
     return {"defs": defs, "files": files, "url": runtime.warehouse.url(), "loaded": loaded}
 

@@ -63,7 +63,7 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     with (settings.landing / COLLAB / "retailer" / "customers" / files.customers.name).open("a") as handle:
         handle.write(f"{TESS},bronze,55+,{TESS_VALUE}\n")
     defs = build_definitions(settings)
-    outcome = materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    outcome = materialize(defs, collaboration_keys(defs, COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert outcome.success, outcome.failure
     impressions = pd.read_csv(files.impressions).query("impression_time >= '2026-01-03'").assign(email=lambda f: f["user_email"].str.strip().str.lower())
     customers = pd.read_csv(files.customers).assign(email=lambda f: f["customer_email"].str.strip().str.lower())
@@ -274,7 +274,7 @@ def test_ad_hoc_sql_runs_as_a_role_that_reads_only_the_matched_views_it_names(ct
 def test_an_alias_named_like_a_hidden_column_is_refused(ctx: dict[str, Any]) -> None:
     text = "select i.campaign_id as match_id, count(*) as n from impressions as i group by match_id, i.campaign_id"
     # Defence off: checked as "by campaign" (the alias), PostgreSQL groups by the hidden input column too: a row per person and campaign.
-    kind, rows = operator(ctx, f'select i.campaign_id as match_id, count(*) as n from "{{a}}".matched_impressions as i group by match_id, i.campaign_id')
+    kind, rows = operator(ctx, 'select i.campaign_id as match_id, count(*) as n from "{a}".matched_impressions as i group by match_id, i.campaign_id')
     assert kind == "rows" and len(rows) > 6 * 25
     # Defence on: the name is ambiguous, and the query is refused saying so.
     kind, message = ask(ctx, text)

@@ -80,7 +80,7 @@ def pair(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  
         handle.write(",".join(PAT_CUSTOMER) + "\n")
     defs = build_definitions(settings)
     for name in (A, B):
-        outcome = materialize(defs, collaboration_keys(defs, name), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(name, {}))
+        outcome = materialize(defs, collaboration_keys(defs, name, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(name, {}))
         assert outcome.success, outcome.failure
     url = runtime.warehouse.url()
     with psycopg.connect(url, autocommit=True) as conn:

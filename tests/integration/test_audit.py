@@ -36,7 +36,7 @@ def audited(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
     defs = build_definitions(settings)
     instance = dg.DagsterInstance.get()
     os.environ["DCR_USER"] = "alice@retail.example"
-    assert materialize(defs, collaboration_keys(defs, COLLAB), instance=instance, run_config=analysis_run_config(COLLAB, {})).success
+    assert materialize(defs, collaboration_keys(defs, COLLAB, releases=True), instance=instance, run_config=analysis_run_config(COLLAB, {})).success
     os.environ["DCR_USER"] = "bob@ads.example"
     query_keys = [naming.analysis_key(COLLAB, "campaign_reach"), naming.release_key(COLLAB, "campaign_reach")]
     second = materialize(defs, query_keys, instance=instance, run_config=analysis_run_config(COLLAB, {"campaign_reach": {"since": "2026-02-01"}}))

@@ -63,7 +63,7 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     files = demo_data.generate(settings.home / "generated" / COLLAB, rows=1_200, overlap=0.4, seed=44)
     land(files, settings.landing, COLLAB)
     defs = build_definitions(settings)
-    outcome = materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    outcome = materialize(defs, collaboration_keys(defs, COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert outcome.success, outcome.failure
     return {"defs": defs, "files": files, "outcome": outcome, "url": runtime.warehouse.url(), "settings": settings, "root": root}
 
@@ -103,7 +103,7 @@ def test_bucket_steps_give_the_plain_intersection_with_each_partys_token(ctx: di
 
 
 def test_a_rerun_does_no_psi_work_in_any_bucket(ctx: dict[str, Any]) -> None:
-    again = materialize(ctx["defs"], collaboration_keys(ctx["defs"], COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    again = materialize(ctx["defs"], collaboration_keys(ctx["defs"], COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert again.success, again.failure
     assert all(again.metadata[f"{COLLAB}/matching/bucket_{b:03d}"]["recomputed"] is False for b in range(3))
     assert again.metadata[f"{COLLAB}/matching/cross_reference"]["recomputed"] is False

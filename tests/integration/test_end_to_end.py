@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 def test_every_asset_materializes_and_is_recorded_in_dagster(e2e: dict[str, Any]) -> None:
     instance = dg.DagsterInstance.get()
-    for key in collaboration_keys(e2e["defs"], COLLAB):
+    for key in collaboration_keys(e2e["defs"], COLLAB, releases=True):
         event = instance.get_latest_materialization_event(dg.AssetKey(key))
         assert event is not None, key
 
@@ -153,7 +153,7 @@ def test_a_re_upload_of_the_same_file_loads_nothing(e2e: dict[str, Any]) -> None
 
 def test_a_rerun_with_nothing_changed_recomputes_no_stage(e2e: dict[str, Any]) -> None:
     """Same uploads, keys, policy and SQL: no dbt build, no PSI, no new release."""
-    outcome = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    outcome = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert outcome.success, outcome.failure
     stages = {"private", "staging", "analysis"}
     dbt_keys = [k for k in outcome.metadata if k.split("/")[1] in stages]
@@ -167,7 +167,7 @@ def test_a_new_upload_rebuilds_the_stages_that_read_it(e2e: dict[str, Any]) -> N
     accepted = e2e["settings"].landing / "_accepted" / COLLAB / "ad_network" / "impressions" / "impressions.csv"
     more = e2e["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions_more.csv"
     more.write_text(accepted.read_text() + "new.viewer@example.com,spring_sale,2026-03-01 10:00:00\n")
-    outcome = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    outcome = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert outcome.success, outcome.failure
     assert outcome.metadata[f"{COLLAB}/staging/ad_network__impressions"].get("recomputed") is not False
     assert outcome.metadata[f"{COLLAB}/matching/cross_reference"]["recomputed"] is True
@@ -175,7 +175,7 @@ def test_a_new_upload_rebuilds_the_stages_that_read_it(e2e: dict[str, Any]) -> N
     # Put the original upload back for the tests that follow (a new version with the first content).
     restore = e2e["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions_restore.csv"
     shutil.copyfile(accepted, restore)
-    again = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    again = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert again.success, again.failure
 
 
@@ -210,7 +210,7 @@ def test_a_padded_cross_reference_changes_no_result(runtime, tmp_path: Path) -> 
     files = demo_data.generate(tmp_path / "generated", rows=800, overlap=0.4, seed=13)
     land(files, settings.landing, collab)
     defs = build_definitions(settings)
-    outcome = materialize(defs, collaboration_keys(defs, collab), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(collab, {}))
+    outcome = materialize(defs, collaboration_keys(defs, collab, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(collab, {}))
     assert outcome.success, outcome.failure
     meta = outcome.metadata[f"{collab}/matching/cross_reference"]
     assert meta["matched"] == files.shared_people

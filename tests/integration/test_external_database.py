@@ -48,3 +48,16 @@ def test_dcr_demo_runs_on_the_external_database(external_url: str, tmp_path: Pat
     url = subprocess.run([*dcr, "db", "url"], env=env, capture_output=True, text=True)
     assert f"{EXTERNAL_HOST}:{EXTERNAL_PORT}" in url.stdout
     assert int(version) >= 120000
+
+
+def test_a_leftover_secrets_file_is_never_used_with_an_external_database(external_url: str, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "secrets.env").write_text("DCR_SECRET__PAIRING__DEMO=" + "ab" * 32 + "\n")  # left by an earlier embedded run
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCR_SECRET__") and k not in ("DCR_DEV_SECRETS", "DCR_LANDING")}
+    env.update({"DCR_DATABASE_URL": external_url, "DCR_HOME": str(home)})
+    proc = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "run", "demo"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: secret DCR_SECRET__") and "is not set" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -52,7 +52,7 @@ def _cli(*args: str, code: int = 0, env: dict[str, str] | None = None) -> str:
 
 
 def _run(ctx: dict[str, Any]) -> Any:
-    return materialize(ctx["defs"], collaboration_keys(ctx["defs"], COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    return materialize(ctx["defs"], collaboration_keys(ctx["defs"], COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_one_person_with_ten_thousand_rows_moves_aggregates_by_at_most_the_bound
     files = demo_data.generate(tmp_path / "generated", rows=600, overlap=0.5, seed=9)
     land(files, settings.landing, collab)
     defs = build_definitions(settings)
-    keys = collaboration_keys(defs, collab)
+    keys = collaboration_keys(defs, collab, releases=True)
     instance = dg.DagsterInstance.get()
     assert materialize(defs, keys, instance=instance, run_config=analysis_run_config(collab, {})).success
     before = _pre_noise(runtime.warehouse.url(), collab)

@@ -129,7 +129,7 @@ ACCEPTED += [
     f"select c.loyalty_tier as loyalty_tier, count(*) {JOIN} group by loyalty_tier",
     f"select c.loyalty_tier, count(*) as n {JOIN} group by 1 order by n desc, 1 limit 10",
     f"select c.loyalty_tier, count(*) {JOIN} group by c.loyalty_tier order by c.loyalty_tier",
-    f"select count(*) from impressions as i where i.campaign_id = 'zz_rare'",
+    "select count(*) from impressions as i where i.campaign_id = 'zz_rare'",
     "select i.campaign_id, count(*) * 4611686018427387904 from impressions as i group by 1",
     "select i.campaign_id, count(distinct i.user_email) + 0.5 from impressions i group by 1 having count(distinct i.user_email) > 30",
     "select lower(i.campaign_id), date_trunc('year', i.impression_time), count(*) from impressions i group by 1, 2",

@@ -356,6 +356,9 @@ class QuerySpec(Strict):
     contribution: Contribution = Contribution()
     privacy: Privacy | None = None
     min_distinct_units: int = Field(default=0, ge=0)
+    # on_demand: released only when someone asks (dcr release, a UI materialization with its config);
+    # scheduled: also by the policy's schedules, with the default parameters.
+    release: Literal["on_demand", "scheduled"] = "on_demand"
 
     @model_validator(mode="after")
     def _rule_needs_settings(self) -> QuerySpec:

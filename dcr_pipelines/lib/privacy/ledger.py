@@ -130,6 +130,14 @@ def cache_key(query_sha256: str, params: dict[str, str], input_versions: dict[st
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def stored_release_id(conn: psycopg.Connection, schema: str, key: str) -> str | None:
+    """The release already made for this cache key, if any (its request needs no new pre-noise table)."""
+    if conn.execute("select to_regclass(%s)", (f"{schema}.releases",)).fetchone()[0] is None:  # type: ignore[index]
+        return None
+    row = conn.execute(sql.SQL("select release_id from {} where cache_key = %s").format(sql.Identifier(schema, "releases")), (key,)).fetchone()
+    return str(row[0]) if row else None
+
+
 def budget_status(conn: psycopg.Connection, schema: str, budget: Budget, now: dt.datetime | None = None) -> BudgetStatus:
     now = now or conn.execute("select now()").fetchone()[0]  # type: ignore[index]
     ledger = sql.Identifier(schema, "budget_ledger")
