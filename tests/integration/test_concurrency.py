@@ -1,0 +1,129 @@
+"""Many requests at once, through the command line: every answer is for its own request, nothing crashes, the ledger holds.
+
+The ``concur`` collaboration is the demo with a budget of 2.5. At the same
+time: two `dcr run`, then eight `dcr release` of the threshold query
+(exact, so each answer can be checked against the plain files for its own
+parameter) and of a DP query (four, identical ones among them,
+more than the budget pays for), and two ad-hoc queries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psycopg
+import pytest
+
+from dcr_pipelines.lib import demo_data, naming
+from dcr_pipelines.lib.settings import PROJECT_ROOT
+
+from .conftest import land
+
+COLLAB = "concur"
+DCR = [sys.executable, "-m", "dcr_pipelines.cli"]
+JOIN = "from impressions as i inner join customers as c on c.customer_email = i.user_email"
+
+pytestmark = pytest.mark.slow
+
+
+def _start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*DCR, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=900)
+    return proc.returncode, out, err
+
+
+def _clean(code: int, err: str) -> None:
+    assert "Traceback" not in err, err
+    if code != 0:
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+
+
+@pytest.fixture(scope="module")
+def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("concur_policies")
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", root / COLLAB)
+    path = root / COLLAB / "collaboration.yaml"
+    path.write_text(path.read_text().replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 2.5"))
+    files = demo_data.generate(runtime.settings.home / "generated" / COLLAB, rows=1500, overlap=0.4, seed=17)
+    land(files, runtime.settings.landing, COLLAB)
+    env = {**os.environ, "DCR_POLICIES": str(root)}
+    return {"env": env, "files": files, "url": runtime.warehouse.url()}
+
+
+def expected_tier_reach(files: demo_data.DemoFiles, since: str) -> dict[tuple[str, str, str], float]:
+    i = pd.read_csv(files.impressions).assign(email=lambda f: f["user_email"].str.strip().str.lower())
+    c = pd.read_csv(files.customers).assign(email=lambda f: f["customer_email"].str.strip().str.lower())  # type: ignore[arg-type]
+    exposed = i[i["impression_time"] >= since][["email", "campaign_id"]].drop_duplicates().merge(c, on="email")
+    exposed["clamped"] = exposed["lifetime_value"].clip(0, 5000)
+    groups = exposed.groupby(["campaign_id", "loyalty_tier"]).agg(buyers=("email", "nunique"), lifetime_value=("clamped", "mean")).reset_index()
+    groups = groups[groups["buyers"] >= 25]
+    out = {}
+    for _, g in groups.iterrows():
+        out[(g["campaign_id"], g["loyalty_tier"], "buyers")] = float(g["buyers"])
+        out[(g["campaign_id"], g["loyalty_tier"], "lifetime_value")] = float(g["lifetime_value"])
+    return out
+
+
+def test_two_runs_at_once_both_finish_and_release_nothing(ctx: dict[str, Any]) -> None:
+    procs = [_start(ctx["env"], "run", COLLAB) for _ in range(2)]
+    for proc in procs:
+        code, out, err = _finish(proc)
+        _clean(code, err)
+        assert code == 0, err
+        assert "nothing was released and no budget was spent" in out
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        table = f"{naming.results_schema(COLLAB)}.budget_ledger"
+        charged = conn.execute(f"select count(*) from {table} where consumer = 'ad_network'").fetchone()[0] \
+            if conn.execute("select to_regclass(%s)", (table,)).fetchone()[0] else 0
+    assert charged == 0
+
+
+def test_concurrent_releases_each_answer_their_own_request(ctx: dict[str, Any]) -> None:
+    tiers = ["2026-01-01", "2026-02-01", "2026-02-01", "2026-03-01"]
+    reach = ["2026-01-01", "2026-02-01", "2026-02-01", "2026-03-01"]
+    adhoc = f"select c.loyalty_tier, count(distinct c.customer_email) as buyers {JOIN} group by 1"
+    procs = [("tier_reach", s, _start(ctx["env"], "release", COLLAB, "tier_reach", "--param", f"since={s}", "--format", "json")) for s in tiers]
+    procs += [("campaign_reach", s, _start(ctx["env"], "release", COLLAB, "campaign_reach", "--param", f"since={s}", "--format", "json")) for s in reach]
+    procs += [("ad_hoc", "", _start(ctx["env"], "query", "run", COLLAB, "--as", "ad_network", "--format", "json", adhoc)) for _ in range(2)]
+    answers: dict[str, list[tuple[str, dict[str, Any] | None, str]]] = {"tier_reach": [], "campaign_reach": [], "ad_hoc": []}
+    for name, since, proc in procs:
+        code, out, err = _finish(proc)
+        _clean(code, err)
+        answers[name].append((since, json.loads(out) if code == 0 else None, err))
+    # The threshold query: exact, so each answer must be its own parameter's (groups may be withheld, never wrong).
+    for since, got, err in answers["tier_reach"]:
+        assert got is not None, err
+        assert got["params"] == {"since": since}
+        expected = expected_tier_reach(ctx["files"], since)
+        released = {(r["campaign_id"], r["loyalty_tier"], r["metric"]): r["value"] for r in got["rows"]}
+        assert all(key in expected and abs(value - expected[key]) < 1e-6 for key, value in released.items()), since
+    assert any(got and got["rows"] for _, got, _ in answers["tier_reach"])
+    twins = [got["release_id"] for since, got, _ in answers["tier_reach"] if since == "2026-02-01" and got]
+    assert len(set(twins)) == 1  # identical requests: one release
+    # The DP query: every answer is labelled with its own request, identical requests share one charge,
+    # and the budget (2.5, at 1 each) pays for two distinct releases, never three.
+    paid = [(since, got) for since, got, _ in answers["campaign_reach"] if got is not None]
+    refused = [err for _, got, err in answers["campaign_reach"] if got is None]
+    assert all(got["params"] == {"since": since} for since, got in paid)
+    assert all("privacy budget of ad_network" in err for err in refused)
+    distinct = {since: got["release_id"] for since, got in paid}
+    assert len(distinct) == 2 and len({got["release_id"] for _, got in paid}) == 2
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        schema = naming.results_schema(COLLAB)
+        spent = conn.execute(f"select coalesce(sum(epsilon), 0) from {schema}.budget_ledger where consumer = 'ad_network'").fetchone()[0]
+        stored = dict(conn.execute(f"select release_id, params->>'since' from {schema}.releases where query_name = 'campaign_reach'").fetchall())
+    assert spent <= 2.5 + 1e-9 and spent == pytest.approx(2.0)
+    assert all(stored[rid] == since for since, rid in distinct.items())
+    # The two ad-hoc runs at once: both answered, the same rows.
+    runs = [got for _, got, _ in answers["ad_hoc"]]
+    assert all(r is not None for r in runs) and runs[0]["rows"] == runs[1]["rows"]  # type: ignore[index]
