@@ -653,15 +653,24 @@ def budget(collab: str, consumer: str | None, fmt: str) -> None:
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), help="Only entries at or after this date (UTC).")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
 @click.option("--party", help="Only entries that touch this member's data (what a party may export).")
-@click.option("--verify", is_flag=True, help="Check the hash chain of releases against the event log; exit 1 on any problem.")
-def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool) -> None:
+@click.option("--verify", is_flag=True, help="Check the audit chain against the tables members read and the event log; exit 1 on any problem.")
+@click.option("--anchor", "anchors", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="With --verify: a chain head a party saved (the .anchor.json next to every export); repeatable.")
+@click.option("--head", "show_head", is_flag=True, help="Print the chain's current head as JSON, for a party to keep.")
+def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, anchors: tuple[Path, ...], show_head: bool) -> None:
     """Export COLLAB's audit trail from Dagster's event log, or verify that it was not tampered with.
+
+    The audit chain covers releases (rows as stored in the releases and results
+    tables), budget charges, ad-hoc runs (accepted and refused) and each policy
+    version applied. Every export carries the chain's head; a party that keeps
+    one can prove later that history up to it was not rewritten.
 
     \b
     Examples:
       dcr audit demo --since 2026-11-01 --format jsonl > audit.jsonl
       dcr audit demo --party retailer --format csv
-      dcr audit demo --verify
+      dcr audit demo --verify --anchor exports/demo/retailer/campaign_reach/<release>.anchor.json
+      dcr audit demo --head > demo-head.json
     """
     import csv
     import datetime as dt
@@ -674,14 +683,37 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool) ->
     if party is not None and party not in loaded.collaboration.members:
         fail(f"{collab} has no member {party!r} (members: {', '.join(loaded.collaboration.members)})", 2)
     instance = _instance()
-    if verify:
+    if show_head:
+        from .lib import audit_chain, naming
+
         with connect(runtime.warehouse.url()) as conn:
-            problems = trail.verify(instance, conn, loaded)
+            head = audit_chain.head(conn, naming.results_schema(collab), collab)
+        out.print_json(data=None if head is None else {"collaboration": head.collaboration, "seq": head.seq, "chain_sha256": head.chain_sha256})
+        return
+    if verify:
+        from .lib.audit import Anchor
+
+        saved = []
+        for path in anchors:
+            try:
+                saved.append(Anchor.from_json(json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                fail(f"anchor {path}: not a chain head saved from an export ({exc.__class__.__name__}: {exc})", 2)
+        for anchor in saved:
+            if anchor.collaboration != collab:
+                fail(f"anchor {anchor.collaboration}/{anchor.seq} belongs to collaboration {anchor.collaboration}, not {collab}", 2)
+        with connect(runtime.warehouse.url()) as conn:
+            recovered = trail.reconcile(instance, conn, loaded)
+            problems = trail.verify(instance, conn, loaded, saved)
+        for rid in recovered:
+            err.print(f"note: release {rid} was committed by a run that stopped before recording its event; the event was added, marked recovered",
+                      markup=False, soft_wrap=True)
         for problem in problems:
             err.print(f"error: {problem}", markup=False, soft_wrap=True)
         if problems:
             sys.exit(1)
-        out.print(f"ok: the release chain of {collab} is intact and matches the Dagster event log")
+        out.print(f"ok: the audit chain of {collab} is intact, matches the tables members read and the Dagster event log"
+                  + (f", and {len(saved)} saved head(s)" if saved else ""))
         return
     entries = trail.entries(instance, loaded, since=since.replace(tzinfo=dt.UTC) if since else None, party=party)
     if fmt == "jsonl":

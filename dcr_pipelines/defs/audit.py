@@ -13,7 +13,7 @@ from typing import Any
 import dagster as dg
 import psycopg
 
-from ..lib import audit, naming
+from ..lib import access, audit, audit_chain, naming
 from ..lib.policy import LoadedCollaboration
 from ..lib.privacy import ledger
 
@@ -120,14 +120,58 @@ def release_events(instance: dg.DagsterInstance, loaded: LoadedCollaboration) ->
             result = instance.fetch_materializations(key, limit=500, cursor=cursor, ascending=True)
             for record in result.records:
                 meta = _plain(record.asset_materialization.metadata if record.asset_materialization else {})
-                if "audit_entry" in meta:
-                    yield {**dict(meta["audit_entry"]), "audit_entry_sha256": meta.get("audit_entry_sha256"), "audit_chain_sha256": meta.get("audit_chain_sha256")}
+                entry = meta.get("audit_entry")
+                if isinstance(entry, dict) and entry.get("release_id"):
+                    yield {"release_id": entry["release_id"], "audit_entry": entry, "audit_entry_sha256": meta.get("audit_entry_sha256"),
+                           "audit_chain_sha256": meta.get("audit_chain_sha256")}
             if not result.has_more:
                 break
             cursor = result.cursor
 
 
-def verify(instance: dg.DagsterInstance, conn: psycopg.Connection, loaded: LoadedCollaboration) -> list[audit.Problem]:
+def reconcile(instance: dg.DagsterInstance, conn: psycopg.Connection, loaded: LoadedCollaboration) -> list[str]:
+    """Give a committed release whose run died before it wrote its Dagster event that event, marked recovered.
+
+    Only a release whose run did not succeed is recovered: a successful run wrote its event, so a missing
+    one was deleted, and ``verify`` reports it.
+    """
+    from .collaboration import audit_metadata
+
+    schema = naming.results_schema(loaded.name)
+    logged = {e["release_id"] for e in release_events(instance, loaded)}
+    recovered = []
+    for row in audit_chain.chain(conn, schema):
+        if row.kind != "release" or row.ref in logged:
+            continue
+        run_id = row.entry.get("run_id")
+        run = instance.get_run_by_id(run_id) if run_id else None
+        if run is None or run.status == dg.DagsterRunStatus.SUCCESS:
+            continue
+        query = row.entry.get("query_name", "")
+        key = naming.cross_reference_key(loaded.name) if query == access.OVERLAP else naming.release_key(loaded.name, query)
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key=key,
+            description=f"recovered: release {row.ref} was committed by run {run_id}, which stopped before it could record this event",
+            metadata={**audit_metadata({"entry": row.entry, "entry_sha256": row.entry_sha256, "chain_sha256": row.chain_sha256, "seq": row.seq}),
+                      "release_id": row.ref, "recovered": True, "recovered_from_run": run_id},
+        ))
+        recovered.append(row.ref)
+    return recovered
+
+
+def verify(instance: dg.DagsterInstance, conn: psycopg.Connection, loaded: LoadedCollaboration, anchors: list[audit.Anchor] | None = None) -> list[audit.Problem]:
+    """Every problem: the chain's links and anchors, the tables users read against it, its mirror in the event log."""
     schema = naming.results_schema(loaded.name)
     ledger.ensure_tables(conn, schema)
-    return audit.verify(ledger.audit_rows(conn, schema), release_events(instance, loaded))
+    chain = audit_chain.chain(conn, schema)
+    return [
+        *audit.verify_chain(chain, anchors or []),
+        *audit.verify_tables(chain, audit_chain.evidence(conn, schema)),
+        *audit.verify_events(chain, release_events(instance, loaded)),
+        *audit.verify_referenced(chain, chain_references(instance, loaded)),
+    ]
+
+
+def chain_references(instance: dg.DagsterInstance, loaded: LoadedCollaboration) -> set[str]:
+    """Every audit-chain hash the event log recorded (releases, ad-hoc runs and refusals, applied policies)."""
+    return {str(e["metadata"]["audit_chain_sha256"]) for e in entries(instance, loaded) if e["metadata"].get("audit_chain_sha256")}

@@ -23,7 +23,7 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 from psycopg import sql
 
-from ..lib import access, adhoc, dbt_codegen, home_psi, matching, naming
+from ..lib import access, adhoc, audit_chain, dbt_codegen, home_psi, matching, naming
 from ..lib import ingest as ingest_lib
 from ..lib.database import advisory_lock
 from ..lib.dbt_manifest import hand_written_digest as _hand_written_digest
@@ -365,10 +365,11 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
             if match is not None and staged is not None and _stage_skip(conn, c, "analysis", digest, relations):
                 yield from _skipped(context, "analysis", digest)
                 return
-        yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars(params))], context=context).stream()
-        built = {q: params[q] for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys}
+        requests = {q: request_key(query, params[q], versions, match) for q, query in loaded.queries.items()}
+        yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars(params, requests))], context=context).stream()
+        built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
         with warehouse.connect() as conn:
-            _record_analysis_inputs(conn, c, {q: (p, request_key(loaded.queries[q], p, versions, match)) for q, p in built.items()}, versions)
+            _record_analysis_inputs(conn, c, {q: (params[q], requests[q]) for q in built}, versions)
             if context.selected_asset_keys == context.assets_def.keys:
                 _stage_built(conn, c, "analysis", digest)
 
@@ -654,7 +655,7 @@ def _release_overlap(context: dg.AssetExecutionContext, conn: Any, loaded: Loade
     if spec.overlap_release == "withheld":
         return {"overlap_release": "withheld"}
     try:
-        stored = release_overlap(conn, loaded, matched, digest)
+        stored = release_overlap(conn, loaded, matched, digest, run_id=context.run.run_id)
     except ledger.BudgetExhausted as exc:
         context.log.warning(f"overlap withheld: {exc}")
         return {"overlap_release": "withheld: the overlap budget is spent"}
@@ -666,10 +667,16 @@ def _release_overlap(context: dg.AssetExecutionContext, conn: Any, loaded: Loade
 
 def _audit_metadata(stored: ledger.StoredRelease) -> dict[str, Any]:
     """A release's audit-chain entry, as the event log keeps it (`dcr audit --verify` compares the two)."""
+    return audit_metadata(stored.audit)
+
+
+def audit_metadata(audit: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "audit_entry": dg.MetadataValue.json({k: v for k, v in stored.audit.items() if not k.endswith("sha256") or k in ("query_sha256", "rows_sha256")}),
-        "audit_entry_sha256": stored.audit.get("entry_sha256", ""),
-        "audit_chain_sha256": stored.audit.get("chain_sha256", ""),
+        "audit_entry": dg.MetadataValue.json(audit.get("entry", {})),
+        "audit_entry_sha256": audit.get("entry_sha256", ""),
+        "audit_chain_sha256": audit.get("chain_sha256", ""),
+        "audit_seq": audit.get("seq", 0),
+        **({"audit_head": dg.MetadataValue.json(audit["head"])} if audit.get("head") else {}),
     }
 
 
@@ -740,7 +747,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 rebuild = cached is None and _built_for(conn, c, query_name) != key
             if rebuild:
                 context.log.info(f"{query_name}: building its pre-noise table for this request ({json.dumps(params)})")
-                invocation = dbt.cli(["build", "--select", model, "--vars", json.dumps(dbt_vars({query_name: params}))],
+                invocation = dbt.cli(["build", "--select", model, "--vars", json.dumps(dbt_vars({query_name: params}, {query_name: key}))],
                                      manifest=manifest, dagster_dbt_translator=translator, raise_on_error=False)
                 invocation.wait()
                 if not invocation.is_successful():
@@ -752,7 +759,8 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 if cached is None and _built_for(conn, c, query_name) != key:
                     raise dg.Failure(f"the pre-noise table of {query_name} was built for another request; nothing was released or charged")
                 try:
-                    stored = release_query(conn, loaded, query, params, versions, export_dir=exports)
+                    stored = release_query(conn, loaded, query, params, versions, export_dir=exports, request=None if cached else key,
+                                           run_id=context.run.run_id)
                 except (ledger.BudgetExhausted, ReleaseRefused) as exc:
                     raise dg.Failure(f"release refused: {exc}") from None
                 except ledger.ReleaseFailed as exc:
@@ -813,10 +821,14 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
             with warehouse.connect() as conn:
                 result = adhoc.execute(conn, loaded, checked, context.run.run_id, config.sql)
         except adhoc.QueryRefused as exc:
+            with warehouse.connect() as conn:  # refusals are in the audit chain too
+                chained = audit_chain.append(conn, naming.results_schema(c), c, "refusal", context.run.run_id,
+                                             {"run_id": context.run.run_id, "runner": config.runner, "query_sha256": digest, "rule": exc.rule,
+                                              "datasets": adhoc.datasets_named(loaded, config.sql)})
             raise dg.Failure(
                 f"query refused: {exc}",
                 metadata={"runner": config.runner, "rule": exc.rule, "query_sha256": digest, "query": adhoc.hashable(config.sql),
-                          "datasets": ", ".join(adhoc.datasets_named(loaded, config.sql))},
+                          "datasets": ", ".join(adhoc.datasets_named(loaded, config.sql)), "audit_chain_sha256": chained.chain_sha256},
             ) from None
         context.log.info(
             f"ad-hoc query of {config.runner}: {len(result.rows)} rows released (threshold {checked.min_distinct_units}"
@@ -833,6 +845,7 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
                 "min_distinct_units": checked.min_distinct_units,
                 "rows": dg.MetadataValue.int(len(result.rows)),
                 "suppressed_rows": dg.MetadataValue.int(result.suppressed),
+                "audit_chain_sha256": result.audit_chain_sha256,
                 "suppressed_because": dg.MetadataValue.json(result.reasons),
                 "difference_checks": loaded.collaboration.difference_checks.enabled,
                 "columns": ", ".join(checked.columns),
@@ -858,8 +871,12 @@ def _grants_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
     def grants(warehouse: WarehouseResource) -> dg.MaterializeResult:
         with warehouse.connect() as conn:
             count = access.apply(conn, loaded)
+            # Each policy version the pipeline applies is in the audit chain.
+            chained = audit_chain.record_policy(conn, naming.results_schema(c), c, loaded.policy_sha256,
+                                                {q: query.sha256 for q, query in loaded.queries.items()})
         return dg.MaterializeResult(
-            metadata={"roles": ", ".join(access.roles(loaded)), "grants": dg.MetadataValue.int(count), "policy_sha256": loaded.policy_sha256}
+            metadata={"roles": ", ".join(access.roles(loaded)), "grants": dg.MetadataValue.int(count), "policy_sha256": loaded.policy_sha256,
+                      "audit_chain_sha256": chained.chain_sha256 if chained else ""}
         )
 
     return grants

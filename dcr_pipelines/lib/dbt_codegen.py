@@ -330,6 +330,8 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
             f"    inner join {{{{ source('{n.matching_schema(c)}', 'cross_reference') }}}} as xref on xref.match_id = bounded.match_id",
             ")",
         ]
+    # The request this table is built for (params, uploads, cross-reference): a release reads only its own.
+    aggregates.append(f"    '{{{{ var('dcr_requests', {{}}).get('{query.name}', 'none') }}}}' as \"dcr_request\"")
     inner = "\n".join("    " + line for line in rewrite_query(loaded, query).splitlines())
     dim_list = ", ".join(f'"{d}"' for d in dims)
     return "\n".join(

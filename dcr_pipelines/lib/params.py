@@ -68,6 +68,10 @@ def validate_params(query: ApprovedQuery, supplied: Mapping[str, Any]) -> dict[s
     return out
 
 
-def dbt_vars(params_by_query: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
-    """The ``--vars`` payload for the analysis models: validated parameters per query."""
-    return {"dcr_params": {q: dict(p) for q, p in sorted(params_by_query.items())}}
+def dbt_vars(params_by_query: Mapping[str, Mapping[str, str]], requests: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ``--vars`` payload for the analysis models: validated parameters per query, and the request each
+    pre-noise table is built for (written into its rows, so a release can tell whose rows it reads)."""
+    out: dict[str, Any] = {"dcr_params": {q: dict(p) for q, p in sorted(params_by_query.items())}}
+    if requests:
+        out["dcr_requests"] = {q: k for q, k in sorted(requests.items())}
+    return out

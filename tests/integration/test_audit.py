@@ -15,10 +15,10 @@ import pytest
 
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.defs import audit as trail
-from dcr_pipelines.lib import demo_data, naming
+from dcr_pipelines.lib import audit, audit_chain, demo_data, naming
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.runtime import ensure_development_secrets
-from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
+from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
 
 from .conftest import land, make_collaboration
 
@@ -43,6 +43,9 @@ def audited(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
     assert second.success
     refused = materialize(defs, query_keys, instance=instance, run_config=analysis_run_config(COLLAB, {"campaign_reach": {"since": "2026-03-01"}}))
     assert not refused.success and "cannot cover" in (refused.failure or "")
+    for sql_text, accepted in (("select i.campaign_id, count(*) as n from impressions as i group by 1", True), ("select * from customers", False)):
+        ran = materialize(defs, [naming.ad_hoc_key(COLLAB)], instance=instance, run_config=ad_hoc_run_config(COLLAB, "ad_network", sql_text))
+        assert ran.success is accepted
     os.environ.pop("DCR_USER")
     loaded = load_collaboration(root / COLLAB)
     return {"loaded": loaded, "url": runtime.warehouse.url(), "dagster_url": runtime.dagster_url, "settings": settings, "instance": instance}
@@ -68,8 +71,11 @@ def test_the_export_covers_every_stage_with_what_a_reviewer_needs(audited: dict[
     assert all(e["metadata"]["row_count"] == rows[e["asset"].split("__")[-1]] and len(e["metadata"]["checksum_sha256"]) == 64 for e in ingests)
     matched = [e for e in entries if e["asset"] == f"{COLLAB}/matching/cross_reference"]
     assert matched and matched[0]["metadata"]["matched"] == 125
-    refused = [e for e in entries if e["kind"] == "refused or failed"]
+    refused = [e for e in entries if e["kind"] == "refused or failed" and e["asset"].endswith("campaign_reach")]
     assert refused and "cannot cover query campaign_reach" in refused[-1]["metadata"]["message"] and refused[-1]["user"] == "bob@ads.example"
+    ad_hoc = [e for e in entries if e["asset"].endswith("ad_hoc")]
+    assert [e["kind"] for e in ad_hoc] == ["materialization", "refused or failed"]
+    assert ad_hoc[1]["metadata"]["runner"] == "ad_network" and ad_hoc[1]["metadata"]["query"] == "select * from customers"
 
 
 def test_a_party_exports_only_entries_that_touch_its_data(audited: dict[str, Any]) -> None:
@@ -97,21 +103,78 @@ def _problems(audited: dict[str, Any]) -> list[str]:
         return [str(p) for p in trail.verify(audited["instance"], conn, audited["loaded"])]
 
 
-def test_verify_detects_an_edited_or_deleted_release_entry(audited: dict[str, Any]) -> None:
+# Every table the audit chain vouches for, the column a single-row edit changes, and how to insert a new row.
+TABLES = {
+    "releases": ("rows = jsonb_set(rows, '{0,value}', '123456')",
+                 "insert into {t} (release_id, cache_key, query_name, consumer, params, input_versions, epsilon, rows) "
+                 "select release_id || '-copy', cache_key || '-copy', query_name, consumer, params, input_versions, epsilon, rows from {t} where ctid = %s"),
+    "campaign_reach": ("value = value + 1", "insert into {t} select * from {t} where ctid = %s"),
+    "overlap": ("value = value + 1", "insert into {t} select * from {t} where ctid = %s"),
+    "budget_ledger": ("epsilon = epsilon + 0.5", "insert into {t} (consumer, query_name, release_id, epsilon) select consumer, query_name, release_id, epsilon from {t} where ctid = %s"),
+    "ad_hoc__ad_network": ("rows = '[]'::jsonb", "insert into {t} (run_id, query_sha256, query, columns, rows) select run_id || '-copy', query_sha256, query, columns, rows from {t} where ctid = %s"),
+    "audit_chain": ("entry = entry || '{\"note\": 1}'::jsonb", "insert into {t} (kind, ref, entry, entry_sha256, prev_sha256, chain_sha256) "
+                    "select kind, ref, entry, entry_sha256, prev_sha256, chain_sha256 from {t} where ctid = %s"),
+}
+
+
+def _table_problems(conn: psycopg.Connection, referenced: set[str]) -> list[str]:
+    """What verify finds in the database (the event log, read once, does not change here)."""
+    schema = naming.results_schema(COLLAB)
+    chain = audit_chain.chain(conn, schema)
+    return [str(p) for p in (*audit.verify_chain(chain), *audit.verify_tables(chain, audit_chain.evidence(conn, schema)),
+                             *audit.verify_referenced(chain, referenced))]
+
+
+def test_every_single_row_edit_delete_and_insert_in_every_chained_table_is_detected(audited: dict[str, Any]) -> None:
     assert _problems(audited) == []
-    table = f"{naming.results_schema(COLLAB)}.releases"
+    schema = naming.results_schema(COLLAB)
+    referenced = trail.chain_references(audited["instance"], audited["loaded"])
+    tried = 0
     with psycopg.connect(audited["url"], autocommit=True) as conn:
-        first, second = [r[0] for r in conn.execute(f"select release_id from {table} where query_name <> 'overlap' order by seq").fetchall()]
-        conn.execute(f"update {table} set epsilon = 0.1 where release_id = %s", (first,))
-        assert any(first in p and "stored entry was edited" in p for p in _problems(audited))
-        conn.execute(f"update {table} set epsilon = 1.0 where release_id = %s", (first,))
-        assert _problems(audited) == []
-        conn.execute(f"create temp table saved as select * from {table} where release_id = %s", (first,))
-        conn.execute(f"delete from {table} where release_id = %s", (first,))
-        problems = _problems(audited)
-        assert any(second in p and "link to the previous entry is broken" in p for p in problems)
-        assert any(first in p and "missing from the releases table" in p for p in problems)
-        conn.execute(f"insert into {table} select * from saved")
+        for table, (edit, insert) in TABLES.items():
+            t = f'"{schema}"."{table}"'
+            rows = [r[0] for r in conn.execute(f"select ctid from {t}").fetchall()]
+            assert rows, f"{table} is empty: the fixture must fill every chained table"
+            for ctid in rows:
+                for action, statement in (("edit", f"update {t} set {edit} where ctid = %s"), ("delete", f"delete from {t} where ctid = %s"),
+                                          ("insert", insert.format(t=t))):
+                    with conn.transaction():
+                        conn.execute(statement, (ctid,))
+                        found = _table_problems(conn, referenced)
+                        assert found, f"{action} of a row of {table} went unnoticed"
+                        tried += 1
+                        raise psycopg.Rollback()  # undo the tampering
+        assert _table_problems(conn, referenced) == []
+    assert tried >= 3 * 20
+    assert _problems(audited) == []
+
+
+def test_a_rewritten_history_is_caught_by_a_head_a_party_saved(audited: dict[str, Any]) -> None:
+    schema = naming.results_schema(COLLAB)
+    with psycopg.connect(audited["url"], autocommit=True) as conn:
+        rid = conn.execute(f'select release_id from "{schema}".releases where query_name = \'campaign_reach\' order by released_at limit 1').fetchone()[0]
+    anchors = sorted(audited["settings"].exports.glob(f"{COLLAB}/*/campaign_reach/{rid}.anchor.json"))
+    assert anchors, "every export carries the chain head"
+    saved = audit.Anchor.from_json(json.loads(anchors[0].read_text()))
+    with psycopg.connect(audited["url"], autocommit=True) as conn, conn.transaction():
+        # The operator edits a release everywhere and recomputes the whole chain: consistent on its own ...
+        conn.execute(f'update "{schema}".releases set epsilon = 0.01 where release_id = %s', (rid,))
+        rows = conn.execute(f'select seq, entry from "{schema}".audit_chain order by seq').fetchall()
+        previous = audit.GENESIS
+        for seq, entry in rows:
+            if entry.get("release_id") == rid and "results_sha256" in entry:
+                entry["epsilon"] = 0.01
+            digest = audit.entry_digest(entry)
+            chained = audit.link(previous, digest)
+            conn.execute(f'update "{schema}".audit_chain set entry = %s, entry_sha256 = %s, prev_sha256 = %s, chain_sha256 = %s where seq = %s',
+                         (json.dumps(entry), digest, previous, chained, seq))
+            previous = chained
+        chain = audit_chain.chain(conn, schema)
+        assert audit.verify_chain(chain) == [] and audit.verify_tables(chain, audit_chain.evidence(conn, schema)) == []
+        # ... but not with the head a receiver saved from its export.
+        found = [str(p) for p in audit.verify_chain(chain, [saved])]
+        assert any("history was rewritten" in p for p in found), found
+        raise psycopg.Rollback()
     assert _problems(audited) == []
 
 

@@ -21,6 +21,7 @@ only: the message text could quote a value.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -30,7 +31,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .. import access, naming
+from .. import access, audit, audit_chain, naming
+from ..audit import rows_digest
 from ..policy import LoadedCollaboration
 from ..privacy import difference, footprints
 from .checker import PEOPLE, UNITS, CheckedQuery, QueryRefused, hashable, query_sha256
@@ -43,6 +45,7 @@ class AdHocResult:
     groups: int = 0  # groups that passed the threshold
     suppressed: int = 0  # of those, withheld by the difference check
     reasons: list[str] = field(default_factory=list)
+    audit_chain_sha256: str = ""
 
 
 def results_table(runner: str) -> str:
@@ -142,12 +145,13 @@ def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Chec
         if checks.enabled:
             footprints.record(conn, c, "ad_hoc", run_id, [(int(row[-1]), sets[int(row[-1])]) for row in released], checks.retention_days)
         result = AdHocResult(list(checked.columns), rows, len(groups), len(groups) - len(kept), reasons)
-        _store(conn, loaded, checked, run_id, text, result)
+        chained = _store(conn, loaded, checked, run_id, text, result)
+        result = dataclasses.replace(result, audit_chain_sha256=chained.chain_sha256)
         _drop_role(conn, role)
     return result
 
 
-def _store(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, run_id: str, text: str, result: AdHocResult) -> None:
+def _store(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, run_id: str, text: str, result: AdHocResult) -> audit.ChainRow:
     c = loaded.name
     schema = naming.results_schema(c)
     table = sql.Identifier(schema, results_table(checked.runner))
@@ -168,6 +172,12 @@ def _store(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Check
     )
     conn.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(schema), reader))
     conn.execute(sql.SQL("grant select on {} to {}").format(table, reader))
+    stored = conn.execute(sql.SQL("select rows from {} where run_id = %s").format(table), (run_id,)).fetchone()
+    return audit_chain.append(conn, schema, c, "ad_hoc", run_id, {
+        "run_id": run_id, "runner": checked.runner, "query_sha256": query_sha256(text), "datasets": list(checked.datasets),
+        "threshold": checked.min_distinct_units, "rows": len(result.rows), "rows_sha256": rows_digest(list(stored[0]) if stored else []),
+        "suppressed": result.suppressed,
+    })
 
 
 def stored_result(conn: psycopg.Connection, collab: str, runner: str, run_id: str) -> AdHocResult:

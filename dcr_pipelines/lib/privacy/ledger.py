@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .. import audit
+from .. import audit, audit_chain
 from ..policy.models import Budget
 
 log = logging.getLogger(__name__)
@@ -66,24 +66,14 @@ class StoredRelease:
     withheld: tuple[str, ...] = ()  # groups withheld by the difference check, and why (threshold releases)
 
 
-AUDIT_COLUMNS = (
-    "release_id, query_name, consumer, receivers, query_sha256, params, input_versions, epsilon, delta, "
-    "rows_sha256, released_at, entry_sha256, prev_sha256, chain_sha256"
-)
-
-
-def _audit_entry(row: Sequence[Any]) -> dict[str, Any]:
-    names = [c.strip() for c in AUDIT_COLUMNS.split(",")]
-    entry = dict(zip(names, row))
-    entry["released_at"] = audit.timestamp(entry["released_at"])
-    entry["receivers"] = list(entry["receivers"] or [])
-    return entry
-
-
-def audit_rows(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:
-    """Every release's audit entry with its chain links, in chain order."""
-    rows = conn.execute(sql.SQL("select " + AUDIT_COLUMNS + " from {} order by seq").format(sql.Identifier(schema, "releases"))).fetchall()
-    return [_audit_entry(r) for r in rows]
+def _audit(row: audit.ChainRow | None, head: audit.Anchor | None = None) -> dict[str, Any]:
+    """A release's chain entry as its Dagster event mirrors it, and the head its exports carry."""
+    if row is None:
+        return {}
+    out: dict[str, Any] = {"entry": row.entry, "entry_sha256": row.entry_sha256, "chain_sha256": row.chain_sha256, "seq": row.seq}
+    if head is not None:
+        out["head"] = {"collaboration": head.collaboration, "seq": head.seq, "chain_sha256": head.chain_sha256}
+    return out
 
 
 def ensure_tables(conn: psycopg.Connection, schema: str) -> None:
@@ -167,6 +157,7 @@ def release(
     delta: float = 0.0,
     receivers: Sequence[str] = (),
     query_sha256: str = "",
+    run_id: str | None = None,
 ) -> StoredRelease:
     """Charge ``(cost, delta)`` and store ``draw()``'s noised rows atomically, or return the identical earlier release.
 
@@ -177,13 +168,13 @@ def release(
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-budget:{collaboration}:{budget.consumer}",))
         stored = conn.execute(
-            sql.SQL("select rows, " + AUDIT_COLUMNS + " from {} where cache_key = %s").format(sql.Identifier(schema, "releases")),
+            sql.SQL("select rows, release_id, epsilon from {} where cache_key = %s").format(sql.Identifier(schema, "releases")),
             (key,),
         ).fetchone()
         if stored is not None:
             status = budget_status(conn, schema, budget)
-            entry = _audit_entry(stored[1:])
-            return StoredRelease(entry["release_id"], True, float(entry["epsilon"]), list(stored[0]), status, entry)
+            chained = audit_chain.find(conn, schema, "release", stored[1])
+            return StoredRelease(stored[1], True, float(stored[2]), list(stored[0]), status, _audit(chained, audit_chain.head(conn, schema, collaboration)))
         status = budget_status(conn, schema, budget)
         when = f"; it refreshes at {status.refreshes_at:%Y-%m-%d %H:%M} UTC" if status.refreshes_at else " and does not refresh"
         if cost > status.remaining + 1e-12:
@@ -197,47 +188,49 @@ def release(
                 f"cost delta {delta:.3g}, remaining delta {status.delta_remaining:.3g} of {status.delta_total:.3g}{when}"
             )
         release_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
-        charge = sql.SQL("insert into {} (consumer, query_name, release_id, epsilon, delta) values (%s, %s, %s, %s, %s)").format(
-            sql.Identifier(schema, "budget_ledger")
-        )
+        charge = sql.SQL("insert into {} (consumer, query_name, release_id, epsilon, delta) values (%s, %s, %s, %s, %s) returning "
+                         + audit_chain.LEDGER_COLUMNS).format(sql.Identifier(schema, "budget_ledger"))
         try:
             with conn.transaction():  # a savepoint: a failure undoes the release, not the lock
                 rows = draw()
-                # The audit chain: one collaboration-wide order of releases, linked by hashes.
-                conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-audit:{collaboration}",))
-                last = conn.execute(
-                    sql.SQL("select chain_sha256 from {} where chain_sha256 is not null order by seq desc limit 1").format(sql.Identifier(schema, "releases"))
-                ).fetchone()
-                entry = {
-                    "release_id": release_id, "query_name": query_name, "consumer": budget.consumer, "receivers": list(receivers),
-                    "query_sha256": query_sha256, "params": params, "input_versions": input_versions, "epsilon": cost, "delta": delta,
-                    "rows_sha256": audit.rows_digest(rows), "released_at": audit.timestamp(dt.datetime.now(dt.UTC)),
-                }
-                entry["entry_sha256"] = audit.entry_digest(entry)
-                entry["prev_sha256"] = last[0] if last else audit.GENESIS
-                entry["chain_sha256"] = audit.link(entry["prev_sha256"], entry["entry_sha256"])
+                released_at = audit.timestamp(dt.datetime.now(dt.UTC))
                 conn.execute(
                     sql.SQL(
                         "insert into {} (release_id, cache_key, query_name, consumer, params, input_versions, epsilon, rows, delta, receivers, "
-                        "query_sha256, rows_sha256, released_at, entry_sha256, prev_sha256, chain_sha256) "
-                        "values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                        "query_sha256, released_at) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                     ).format(sql.Identifier(schema, "releases")),
                     (release_id, key, query_name, budget.consumer, json.dumps(params), json.dumps(input_versions), cost, json.dumps(rows),
-                     delta, json.dumps(list(receivers)), query_sha256, entry["rows_sha256"], entry["released_at"],
-                     entry["entry_sha256"], entry["prev_sha256"], entry["chain_sha256"]),
+                     delta, json.dumps(list(receivers)), query_sha256, released_at),
                 )
-                conn.execute(charge, (budget.consumer, query_name, release_id, cost, delta))
+                charged = conn.execute(charge, (budget.consumer, query_name, release_id, cost, delta)).fetchone()
                 store_rows(conn, release_id, rows)
+                # The audit chain, in this transaction: the rows as stored in both tables, and the charge.
+                entry = {
+                    "release_id": release_id, "query_name": query_name, "consumer": budget.consumer, "receivers": list(receivers),
+                    "query_sha256": query_sha256, "params": params, "input_versions": input_versions, "epsilon": cost, "delta": delta,
+                    "rows_sha256": audit_chain.stored_rows_digest(conn, schema, release_id),
+                    "results_sha256": audit_chain.results_digest(conn, schema, query_name, release_id),
+                    "released_at": released_at, "run_id": run_id,
+                }
+                chained = audit_chain.append(conn, schema, collaboration, "release", release_id, entry)
+                audit_chain.append(conn, schema, collaboration, "charge", str(charged[0]), audit_chain.charge_entry(tuple(charged)))  # type: ignore[index]
+                conn.execute(
+                    sql.SQL("update {} set rows_sha256 = %s, entry_sha256 = %s, prev_sha256 = %s, chain_sha256 = %s where release_id = %s").format(
+                        sql.Identifier(schema, "releases")),
+                    (entry["rows_sha256"], chained.entry_sha256, chained.prev_sha256, chained.chain_sha256, release_id),
+                )
         except Exception:
             log.exception("release %s of %s/%s failed after noise was drawn; charging epsilon %s", release_id, collaboration, query_name, cost)
-            conn.execute(charge, (budget.consumer, query_name, f"failed:{release_id}", cost, delta))
+            charged = conn.execute(charge, (budget.consumer, query_name, f"failed:{release_id}", cost, delta)).fetchone()
+            audit_chain.append(conn, schema, collaboration, "charge", str(charged[0]), audit_chain.charge_entry(tuple(charged)))  # type: ignore[index]
             failed = True
         else:
             failed = False
         status = budget_status(conn, schema, budget)
+        head = audit_chain.head(conn, schema, collaboration)
     if failed:
         raise ReleaseFailed(
             f"the release of {query_name} failed and was charged epsilon {cost:.4g}, because noise had been drawn; "
             f"the operator's log has the details (reference {release_id})"
         )
-    return StoredRelease(release_id, False, cost, rows, status, entry)
+    return StoredRelease(release_id, False, cost, rows, status, _audit(chained, head))

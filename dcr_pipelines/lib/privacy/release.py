@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,26 @@ THRESHOLD_UNITS = "dcr_units"  # distinct people per group, computed by a thresh
 THRESHOLD_PEOPLE = "dcr_people"  # their unit numbers, for the difference checks
 
 
-def _cells(conn: psycopg.Connection, loaded: LoadedCollaboration, query: ApprovedQuery, columns: list[str]) -> list[dict[str, Any]]:
+REQUEST = "dcr_request"  # the request a pre-noise row was built for, written by the query's model
+
+
+def _own_rows(rows: list[Any], query: ApprovedQuery, request: str | None) -> list[Any]:
+    """Rows whose last column (their request) is ``request``; any other row means the table is someone else's."""
+    if request is not None and any(row[-1] != request for row in rows):
+        raise ReleaseRefused(f"the pre-noise table of {query.name} holds rows built for another request; nothing was released or charged, try again")
+    return [row[:-1] for row in rows]
+
+
+def _cells(conn: psycopg.Connection, loaded: LoadedCollaboration, query: ApprovedQuery, columns: list[str], request: str | None = None) -> list[dict[str, Any]]:
     """Pre-noise values per group: every group of the public domains (0 where empty), or, with key
     selection, the groups present in the data (the threshold mechanism decides which are released)."""
     spec = query.spec
     dims = list(spec.dimensions)
     table = sql.Identifier(naming.analysis_schema(loaded.name), f"query_{query.name}")
-    select = sql.SQL(", ").join([sql.Identifier(d) for d in dims] + [sql.Identifier(c) for c in columns])
+    select = sql.SQL(", ").join([sql.Identifier(d) for d in dims] + [sql.Identifier(c) for c in columns] + [sql.Identifier(REQUEST)])
     found = {
         tuple(str(v) for v in row[: len(dims)]): row[len(dims) :]
-        for row in conn.execute(sql.SQL("select {} from {}").format(select, table)).fetchall()
+        for row in _own_rows(conn.execute(sql.SQL("select {} from {}").format(select, table)).fetchall(), query, request)
     }
     if needs_key_selection(spec):
         return [dict(zip(dims, key)) | {c: float(v or 0) for c, v in zip(columns, values)} for key, values in found.items()]
@@ -146,14 +157,17 @@ def release_query(
     params: dict[str, str],
     input_versions: dict[str, Any],
     export_dir: Path | None = None,
+    request: str | None = None,
+    run_id: str | None = None,
 ) -> ledger.StoredRelease:
     """Release ``query`` with DP noise, charging its consumer's budget (or return the stored identical release).
 
     A query under the threshold rule is released without noise and without charge: its groups with
     fewer distinct people than ``min_distinct_units`` are removed before anything is stored.
+    With ``request``, every pre-noise row read must have been built for it (``ReleaseRefused`` otherwise).
     """
     if query.spec.rule == "threshold":
-        return _release_thresholded(conn, loaded, query, params, input_versions, export_dir)
+        return _release_thresholded(conn, loaded, query, params, input_versions, export_dir, request, run_id)
     plans = plan_release(query.spec)
     selection = plan_key_selection(query.spec)
     budget = consumer_budget(loaded, query.spec.consumer)
@@ -161,7 +175,7 @@ def release_query(
     ledger.ensure_tables(conn, schema)
     columns = sorted({p.column for p in plans} | ({selection.metric} if selection else set()))
     # Pre-noise values are read before the ledger transaction: a failure here has drawn no noise.
-    cells = _cells(conn, loaded, query, columns)
+    cells = _cells(conn, loaded, query, columns, request)
     epsilon, delta = release_cost(plans, selection)
     stored = ledger.release(
         conn,
@@ -178,6 +192,7 @@ def release_query(
         store_rows=_store(loaded, query),
         receivers=query.spec.receivers,
         query_sha256=query.sha256,
+        run_id=run_id,
     )
     if export_dir is not None:
         export(stored, loaded, query, export_dir)
@@ -191,6 +206,8 @@ def _release_thresholded(
     params: dict[str, str],
     input_versions: dict[str, Any],
     export_dir: Path | None,
+    request: str | None = None,
+    run_id: str | None = None,
 ) -> ledger.StoredRelease:
     spec = query.spec
     dims = list(spec.dimensions)
@@ -203,13 +220,13 @@ def _release_thresholded(
             if metric.aggregate == MetricKind.AVG:
                 columns.append(f"{name}__count")
     table = sql.Identifier(naming.analysis_schema(loaded.name), f"query_{query.name}")
-    select = sql.SQL(", ").join([sql.Identifier(d) for d in dims] + [sql.Identifier(c) for c in columns] + [sql.Identifier(THRESHOLD_PEOPLE)])
-    found = conn.execute(
+    select = sql.SQL(", ").join([sql.Identifier(d) for d in dims] + [sql.Identifier(c) for c in columns] + [sql.Identifier(THRESHOLD_PEOPLE), sql.Identifier(REQUEST)])
+    found = _own_rows(conn.execute(
         sql.SQL("select {} from {} where {} >= %s order by {}").format(
             select, table, sql.Identifier(THRESHOLD_UNITS), sql.SQL(", ").join(sql.Identifier(d) for d in dims)
         ),
         (spec.min_distinct_units,),
-    ).fetchall()
+    ).fetchall(), query, request)
     checks = loaded.collaboration.difference_checks
     sets = [difference.people(row[-1] or []) for row in found]
     released: list[int] = []
@@ -255,6 +272,7 @@ def _release_thresholded(
         store_rows=_store_with_footprints(loaded, query, lambda: [(i, sets[i]) for i in released]),
         receivers=spec.receivers,
         query_sha256=query.sha256,
+        run_id=run_id,
     )
     if export_dir is not None:
         export(stored, loaded, query, export_dir)
@@ -266,7 +284,7 @@ def _release_thresholded(
 OVERLAP_CONSUMER = "(overlap)"  # the ledger account of overlap releases: not a member, so it cannot be confused with one
 
 
-def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, matched: int, input_digest: str) -> ledger.StoredRelease:
+def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, matched: int, input_digest: str, run_id: str | None = None) -> ledger.StoredRelease:
     """Release the number of matched people with discrete Laplace noise (matching.overlap_release: dp), or exactly.
 
     One person changes the intersection size by at most one (sensitivity 1).
@@ -312,6 +330,7 @@ def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, match
         store_rows=store,
         receivers=access.overlap_receivers(loaded),
         query_sha256="",
+        run_id=run_id,
     )
 
 
@@ -320,6 +339,7 @@ def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: App
     frame = pd.DataFrame(stored.rows)
     frame.insert(0, "release_id", stored.release_id)
     written = []
+    head = stored.audit.get("head")
     for receiver in query.spec.receivers:
         folder = export_dir / loaded.name / receiver / query.name
         folder.mkdir(parents=True, exist_ok=True)
@@ -330,4 +350,11 @@ def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: App
                 frame.to_csv(tmp, index=False) if suffix == "csv" else frame.to_parquet(tmp, index=False)
                 tmp.replace(path)
             written.append(path)
+        anchor = folder / f"{stored.release_id}.anchor.json"
+        if head is not None and not anchor.exists():
+            # The audit chain's head as of this release: `dcr audit --verify --anchor FILE` proves history up to it unchanged.
+            tmp = anchor.with_name(anchor.name + ".tmp")
+            tmp.write_text(json.dumps({**head, "release_id": stored.release_id}, indent=2) + "\n")
+            tmp.replace(anchor)
+            written.append(anchor)
     return written
