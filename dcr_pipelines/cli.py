@@ -323,18 +323,49 @@ def policy_hash(collab: str) -> None:
     Example:
       dcr policy hash demo
     """
-    from .lib.policy import query_sha256
-    from .lib.policy.loader import _read_yaml
+    from .lib.policy import PolicyError
+    from .lib.policy.loader import query_hash
     from .lib.settings import Settings
 
     folder = Settings.from_env().policies / collab / "queries"
     if not folder.is_dir():
         fail(f"no queries folder {folder}", 2)
     for spec_path in sorted(folder.glob("*.yaml")):
-        _, spec_text = _read_yaml(spec_path)
-        sql_path = spec_path.with_suffix(".sql")
-        sql_text = sql_path.read_text(encoding="utf-8") if sql_path.is_file() else ""
-        out.print(f"{spec_path.stem}  {query_sha256(sql_text, spec_text)}")
+        try:
+            out.print(f"{spec_path.stem}  {query_hash(spec_path)}")
+        except PolicyError as exc:
+            fail(str(exc.issues[0]), 2)
+
+
+@policy.command("approve")
+@click.argument("collab")
+@click.option("--as", "member", required=True, help="The member approving (a member that provides data).")
+def policy_approve(collab: str, member: str) -> None:
+    """Approve, as MEMBER, the current hash of every query of COLLAB and what protects MEMBER's data.
+
+    Writes MEMBER's entries under `approvals:` in collaboration.yaml and
+    protections/MEMBER.json; review the change in git like any other.
+
+    \b
+    Example:
+      dcr policy approve demo --as retailer
+    """
+    from .lib.policy import PolicyError
+    from .lib.policy.approve import NothingToApprove, approve
+    from .lib.settings import Settings
+
+    folder = Settings.from_env().policies / collab
+    if not (folder / "collaboration.yaml").is_file():
+        fail(f"no collaboration {collab!r} under {folder.parent}", 2)
+    try:
+        done = approve(folder, member)
+    except PolicyError as exc:
+        fail(str(exc.issues[0]), 2)
+    except NothingToApprove as exc:
+        fail(str(exc), 2)
+    for name, digest in done.queries.items():
+        out.print(f"{name}: {member} approves sha256 {digest}")
+    out.print(f"protections of {member}'s data: sha256 {done.protections_sha256} ({done.protections_path})")
 
 
 # --- stages ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.lib import demo_data
 from dcr_pipelines.lib.policy import load_collaboration, query_sha256
+from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
@@ -55,6 +56,7 @@ def make_collaboration(root: Path, name: str, *, groups: int, budget: float = 10
     approvals = re.sub(r"(?m)^  (?!" + ONLY_QUERY + r":)\w+:\n(?:    .*\n)+", "", approvals)
     text = head + "\napprovals:\n" + approvals + "\nschedules:" + tail
     collab.write_text(text.replace("epsilon: 10.0", f"epsilon: {budget}"))
+    approve_all(folder)  # every party approves the copy's queries and protections
     return folder
 
 

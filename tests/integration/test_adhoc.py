@@ -23,6 +23,7 @@ from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.defs.audit import entries
 from dcr_pipelines.lib import adhoc, demo_data, naming
 from dcr_pipelines.lib.policy import load_collaboration
+from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
@@ -67,6 +68,7 @@ def collab(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     text = text.replace("    analysis_rule: {type: dp}\n", "    analysis_rule: {type: custom}\n", 1)
     text = text.replace("\nbudgets:", SEGMENTS + "\nbudgets:", 1)
     path.write_text(text)
+    approve_all(folder)
     loaded = load_collaboration(folder)
     assert loaded.collaboration.datasets["purchases"].analysis_rule.type == "custom"
     settings = dataclasses.replace(runtime.settings, policies=root)

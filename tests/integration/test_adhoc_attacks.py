@@ -26,6 +26,7 @@ import pytest
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.lib import adhoc, demo_data, naming
 from dcr_pipelines.lib.policy import LoadedCollaboration, PolicyError, load_collaboration
+from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.policy.models import AdHocLimits, DifferenceChecks
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
@@ -49,6 +50,7 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     path = folder / "collaboration.yaml"
     path.write_text(path.read_text().replace("name: demo", f"name: {COLLAB}").replace("\nidentity:", AGENCY + "\nidentity:", 1))
+    approve_all(folder)
     loaded = load_collaboration(folder)
     settings = dataclasses.replace(runtime.settings, policies=root)
     ensure_development_secrets(settings.home, secret_names(settings))

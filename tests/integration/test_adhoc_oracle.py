@@ -36,6 +36,7 @@ from sqlglot import exp
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.lib import adhoc, demo_data, naming
 from dcr_pipelines.lib.policy import LoadedCollaboration, load_collaboration
+from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
@@ -61,6 +62,7 @@ def _policy(root: Path, name: str) -> Path:
     text = text.replace("aggregate: [sum, avg], range: [0, 1000000]", "aggregate: [count, count_distinct, sum, sum_distinct, avg, min, max, stddev, variance], range: [0, 1000000]")
     text += "difference_checks: {enabled: false}\n"
     path.write_text(text)
+    approve_all(folder)
     return folder
 
 

@@ -15,6 +15,7 @@ import sqlglot
 
 from dcr_pipelines.lib import adhoc
 from dcr_pipelines.lib.policy import load_collaboration
+from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
 EXTRA_MEMBERS = """
@@ -54,6 +55,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     text = (folder / "collaboration.yaml").read_text()
     text = text.replace("\nidentity:", EXTRA_MEMBERS + "\nidentity:", 1).replace("\nbudgets:", EXTRA_DATASETS + "\nbudgets:", 1)
     (folder / "collaboration.yaml").write_text(text)
+    approve_all(folder)
     return load_collaboration(folder)
 
 

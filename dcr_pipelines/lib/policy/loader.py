@@ -175,8 +175,12 @@ def _validation_issues(exc: ValidationError, path: Path, data: Any) -> list[Poli
 # --- loading ---------------------------------------------------------------------
 
 
-def load_collaboration(folder: Path) -> LoadedCollaboration:
-    """Parse and cross-check ``folder``; raise ``PolicyError`` listing every mistake found."""
+def load_collaboration(folder: Path, *, approvals: bool = True) -> LoadedCollaboration:
+    """Parse and cross-check ``folder``; raise ``PolicyError`` listing every mistake found.
+
+    ``approvals=False`` skips only the approval checks (query hashes and
+    protections): `dcr policy approve` loads a policy that is yet to be approved.
+    """
     folder = Path(folder)
     collab_path = folder / COLLABORATION_FILE
     if not collab_path.is_file():
@@ -210,8 +214,10 @@ def load_collaboration(folder: Path) -> LoadedCollaboration:
     for query_name in collab.approvals:
         if query_name not in queries:
             issue(("approvals", query_name), f"approval for unknown query {query_name!r}")
-    for loaded in queries.values():
-        issues.extend(_approval_issues(loaded, collab, data, collab_path))
+    if approvals:
+        for loaded in queries.values():
+            issues.extend(_approval_issues(loaded, collab, data, collab_path))
+        _check_protections(collab, folder, issue)
 
     if issues:
         raise PolicyError(issues)
@@ -346,7 +352,7 @@ def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
         line, column = locate(data, where)
         issues.append(PolicyIssue(spec_path, line, column, _dotted(where), message))
 
-    sql_path = spec_path.with_name(spec.sql or f"{name}.sql")
+    sql_path = sql_path_of(spec_path, spec.sql)
     if not sql_path.is_file():
         issue(("sql",), f"query SQL file {sql_path.name} not found")
         raise PolicyError(issues)
@@ -398,6 +404,20 @@ def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
         raise PolicyError(issues)
     digest = query_sha256(sql_text, spec_text)
     return ApprovedQuery(name, spec, sql_text, spec_path, sql_path, digest, tuple(datasets), tuple(placeholders))
+
+
+def sql_path_of(spec_path: Path, sql_field: str | None) -> Path:
+    """The SQL file of a query: its YAML's ``sql:`` field, or ``<name>.sql`` beside it."""
+    return spec_path.with_name(sql_field or f"{spec_path.stem}.sql")
+
+
+def query_hash(spec_path: Path) -> str:
+    """The SHA-256 owners approve for the query ``spec_path`` describes (what `dcr policy hash` prints and the loader checks)."""
+    data, spec_text = _read_yaml(spec_path)
+    field = data.get("sql") if isinstance(data, CommentedMap) else None
+    sql_path = sql_path_of(spec_path, str(field) if field else None)
+    sql_text = sql_path.read_text(encoding="utf-8") if sql_path.is_file() else ""
+    return query_sha256(sql_text, spec_text)
 
 
 def _line_of(text: str, needle: str) -> int | None:
@@ -457,18 +477,52 @@ def check_policies(root: Path) -> tuple[list[LoadedCollaboration], list[PolicyIs
     return loaded, issues
 
 
+def approvers(collab: Collaboration) -> list[str]:
+    """Who approves every query: each party, i.e. each member whose data a query reads or whose identities feed the
+    cross-reference it joins through (which is every member that provides data: the overlap is everyone's)."""
+    owners = {ds.owner for ds in collab.datasets.values()}
+    return [m for m in collab.members if m in owners]
+
+
+def _check_protections(collab: Collaboration, folder: Path, issue: Any) -> None:
+    """Each party approved what protects its data; a change that loosens it needs a new approval, tightening does not."""
+    from . import protections
+
+    for party in approvers(collab):
+        path = protections.snapshot_path(folder, party)
+        command = f"dcr policy approve {collab.name} --as {party}"
+        current = protections.document(collab, party)
+        if not path.is_file():
+            issue(("members", party), f"{party} has not approved what protects its data ({protections.FOLDER}/{party}.json is missing); "
+                  f"{party} runs `{command}`")
+            continue
+        try:
+            approved = json.loads(path.read_text(encoding="utf-8"))["approved"]
+            if approved.get("party") != party:
+                raise ValueError(f"it is {approved.get('party')!r}'s")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            issue(("members", party), f"{protections.FOLDER}/{party}.json is not an approval written by `{command}` ({exc})")
+            continue
+        if protections.digest(approved) == protections.digest(current):
+            continue
+        for where, what in protections.loosened(approved, current, collab):
+            issue(where, f"loosens what {party} approved: {what}; {party} must approve the new protections "
+                  f"(sha256 {protections.digest(current)[:12]}...): `{command}`")
+
+
 def _approval_issues(query: ApprovedQuery, collab: Collaboration, data: Any, collab_path: Path) -> list[PolicyIssue]:
-    """Every owner whose data the query reads must have approved exactly this hash."""
-    owners = []
-    for ds in query.datasets:
-        if ds in collab.datasets and collab.datasets[ds].owner not in owners:
-            owners.append(collab.datasets[ds].owner)
+    """Every party must have approved exactly this hash (see ``approvers``)."""
+    owners = approvers(collab)
     approved = {a.member: a.sha256 for a in collab.approvals.get(query.name, ())}
     issues = []
     for owner in owners:
         if owner not in approved:
             line, column = locate(data, ("approvals", query.name)) if query.name in collab.approvals else locate(data, ("approvals",))
-            issues.append(PolicyIssue(collab_path, line, column, f"approvals.{query.name}", f"query {query.name!r} reads {owner}'s data but {owner} has not approved it; approve sha256 {query.sha256}"))
+            reads = owner in {collab.datasets[d].owner for d in query.datasets if d in collab.datasets}
+            why = f"reads {owner}'s data" if reads else f"joins through the cross-reference, which {owner}'s identities feed"
+            issues.append(PolicyIssue(collab_path, line, column, f"approvals.{query.name}",
+                                      f"query {query.name!r} {why} but {owner} has not approved it; approve sha256 {query.sha256} "
+                                      f"(`dcr policy approve {collab.name} --as {owner}`)"))
         elif approved[owner] != query.sha256:
             index = [a.member for a in collab.approvals[query.name]].index(owner)
             line, column = locate(data, ("approvals", query.name, index, "sha256"))

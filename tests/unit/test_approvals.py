@@ -1,0 +1,119 @@
+"""Approvals follow exposure: every party approves every query, and a change that loosens a party's protections
+needs that party's new approval, while tightening needs none."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcr_pipelines.lib.policy import PolicyError, load_collaboration
+from dcr_pipelines.lib.policy.approve import NothingToApprove, approve, approve_all
+from dcr_pipelines.lib.policy.loader import query_hash
+from dcr_pipelines.lib.settings import PROJECT_ROOT
+
+
+@pytest.fixture()
+def demo(tmp_path: Path) -> Path:
+    folder = tmp_path / "demo"
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    return folder
+
+
+def _edit(folder: Path, old: str, new: str) -> None:
+    path = folder / "collaboration.yaml"
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def _issues(folder: Path) -> list[str]:
+    try:
+        load_collaboration(folder)
+    except PolicyError as exc:
+        return [str(i) for i in exc.issues]
+    return []
+
+
+LOOSENING = [
+    ("    epsilon: 10.0", "    epsilon: 1000.0", "budgets[0].epsilon", {"retailer", "ad_network"}),
+    ("    period_days: 30", "    period_days: 1", "budgets[0].period_days", {"retailer", "ad_network"}),
+    ("      min_distinct_units: 25\n      join_required: true", "      min_distinct_units: 1\n      join_required: true",
+     "datasets.customers.analysis_rule.min_distinct_units", {"retailer"}),
+    ("      min_distinct_units: 25\n      join_required: true", "      min_distinct_units: 25\n      join_required: false",
+     "datasets.customers.analysis_rule.join_required", {"retailer"}),
+    ("    analysis_rule: {type: dp}", "    analysis_rule: {type: aggregation, join_operators: [and]}", "datasets.purchases.analysis_rule", {"retailer"}),
+    ("lifetime_value: {type: numeric, nullable: false, aggregate: [sum, avg]", "lifetime_value: {type: numeric, nullable: false, aggregate: [sum, avg, max]",
+     "datasets.customers.columns.lifetime_value", {"retailer"}),
+    ("    abilities: [provide_data, receive_results]", "    abilities: [provide_data, receive_results, run_queries]", "members.retailer.abilities",
+     {"retailer", "ad_network"}),
+    ("\nidentity:", "\n  agency:\n    abilities: [run_queries, receive_results]\n\nidentity:", "members.agency", {"retailer", "ad_network"}),
+    ("schedules:", "difference_checks: {enabled: false}\n\nschedules:", "difference_checks.enabled", {"retailer", "ad_network"}),
+]
+
+TIGHTENING = [
+    ("    epsilon: 10.0", "    epsilon: 2.0"),
+    ("      min_distinct_units: 25\n      join_required: true", "      min_distinct_units: 50\n      join_required: true"),
+    ("    period_days: 30", "    period_days: 90"),
+    ("schedules:", "ad_hoc: {max_queries_per_day: 20}\n\nschedules:"),
+    ("  padding: false", "  padding: true"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "field", "parties"), LOOSENING, ids=[case[2] for case in LOOSENING])
+def test_loosening_a_protection_needs_the_owners_new_approval(demo: Path, old: str, new: str, field: str, parties: set[str]) -> None:
+    _edit(demo, old, new)
+    issues = [i for i in _issues(demo) if "loosens what" in i]
+    assert issues and all(f": {field}" in i for i in issues), issues
+    assert {i.split("loosens what ")[1].split(" approved")[0] for i in issues} == parties
+    assert all(i.startswith(f"{demo / 'collaboration.yaml'}:") and "dcr policy approve demo --as" in i for i in issues)
+    for party in parties:
+        approve(demo, party)
+    assert _issues(demo) == []
+
+
+@pytest.mark.parametrize(("old", "new"), TIGHTENING, ids=[case[1].strip() for case in TIGHTENING])
+def test_tightening_needs_no_approval(demo: Path, old: str, new: str) -> None:
+    _edit(demo, old, new)
+    assert not [i for i in _issues(demo) if "approve" in i]  # (a stricter threshold may still make a query inconsistent)
+
+
+def test_a_query_over_one_partys_table_needs_every_party_whose_identities_feed_the_match(demo: Path) -> None:
+    (demo / "queries" / "loyal_counts.sql").write_text("select match_id, loyalty_tier from customers\n")
+    (demo / "queries" / "loyal_counts.yaml").write_text(
+        "rule: dp\nconsumer: ad_network\nreceivers: [ad_network]\n"
+        "dimensions:\n  loyalty_tier: {domain: [bronze, silver, gold]}\nmetrics:\n  people: {aggregate: count_units}\nprivacy: {epsilon: 0.5}\n"
+    )
+    approve(demo, "retailer")  # the owner of customers alone is not enough
+    issues = _issues(demo)
+    assert any("'loyal_counts' joins through the cross-reference, which ad_network's identities feed but ad_network has not approved it" in i
+               for i in issues), issues
+    approve(demo, "ad_network")
+    assert load_collaboration(demo).queries["loyal_counts"].sha256 == query_hash(demo / "queries" / "loyal_counts.yaml")
+
+
+def test_policy_hash_and_the_loader_share_one_function_even_with_a_sql_field(demo: Path, tmp_path: Path) -> None:
+    queries = demo / "queries"
+    (queries / "campaign_reach.sql").rename(queries / "reach_v2.sql")
+    spec = queries / "campaign_reach.yaml"
+    spec.write_text("sql: reach_v2.sql\n" + spec.read_text())
+    approve_all(demo)
+    loaded = load_collaboration(demo)
+    printed = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "policy", "hash", "demo"], capture_output=True, text=True,
+                             env={"DCR_POLICIES": str(demo.parent), "PATH": "/usr/bin:/bin", "DCR_HOME": str(tmp_path / "home")})
+    assert printed.returncode == 0, printed.stderr
+    assert f"campaign_reach  {loaded.queries['campaign_reach'].sha256}" in printed.stdout
+
+
+def test_approve_keeps_the_file_as_written_and_refuses_members_without_data(demo: Path) -> None:
+    before = (demo / "collaboration.yaml").read_text()
+    approve_all(demo)  # nothing changed: the file stays byte for byte
+    assert (demo / "collaboration.yaml").read_text() == before
+    _edit(demo, "\nidentity:", "\n  agency:\n    abilities: [run_queries, receive_results]\n\nidentity:")
+    with pytest.raises(NothingToApprove, match="agency provides no data"):
+        approve(demo, "agency")
+    with pytest.raises(PolicyError, match="unknown member 'mallory'"):
+        approve(demo, "mallory")
