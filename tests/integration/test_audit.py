@@ -83,6 +83,14 @@ def test_a_party_exports_only_entries_that_touch_its_data(audited: dict[str, Any
     assets = {e["asset"] for e in mine}
     assert f"{COLLAB}/raw/retailer__purchases" in assets and f"{COLLAB}/results/campaign_reach" in assets
     assert not any("ad_network__" in a for a in assets)
+    # Ad-hoc runs over the retailer's data, refused ones too, with runner and SQL; not the ad network's runs over its own table.
+    ad_hoc = [e for e in mine if e["asset"].endswith("ad_hoc")]
+    assert [(e["kind"], e["metadata"]["runner"], e["metadata"]["query"]) for e in ad_hoc] == [("refused or failed", "ad_network", "select * from customers")]
+    # Nothing the policy does not release to it: the other party's row counts, the size of the exchange.
+    for e in mine:
+        assert not any(k == "input_rows_ad_network" or k == "bytes_exchanged" for k in e["metadata"]), e
+    ours = trail.entries(audited["instance"], audited["loaded"], party="ad_network")
+    assert any(e["asset"].endswith("ad_hoc") and e["kind"] == "materialization" for e in ours)
 
 
 def test_the_cli_exports_jsonl_and_csv(audited: dict[str, Any]) -> None:
