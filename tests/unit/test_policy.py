@@ -61,6 +61,8 @@ MISTAKES = [
     (COLLAB, "  overlap_release: exact   #", "  home_parties: [ad_netwrk]\n  overlap_release: exact   #", "matching.home_parties[0]", "home party 'ad_netwrk' is not a member"),
     (COLLAB, "  overlap_release: exact   #", "  overlap_release: withheld   #", "matching.overlap_release", "contradicts the analysis rules: impressions, customers"),
     (COLLAB, "  overlap_release: exact   #", "  overlap_release: dp   #", "matching.overlap_release", "let ad_network count the shared people exactly"),
+    (COLLAB, 'cron: "0 3 * * *"', 'cron: "99 * * * *"', "schedules[0].cron", "bad minute"),
+    (COLLAB, 'cron: "0 3 * * *"', 'cron: "0 3 31 2 *"', "schedules[0].cron", "bad day-of-month"),
     (QUERY_YAML, "consumer: ad_network", "consumer: someone", "consumer", "unknown member 'someone'"),
     (QUERY_YAML, "spend: {aggregate: sum, column: spend, bounds: [0, 300], epsilon_share: 2}", "spend: {aggregate: sum, column: spend, epsilon_share: 2}", "metrics.spend", "needs a 'column' and clamping 'bounds'"),
     (QUERY_YAML, "spend: {aggregate: sum, column: spend,", "spend: {aggregate: sum, column: spent,", "metrics.spend.column", "not an output column"),

@@ -291,8 +291,24 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
                 issue(("approvals", query_name, i, "member"), f"unknown member {approval.member!r}")
     _check_overlap_story(collab, issue)
     for i, schedule in enumerate(collab.schedules):
-        if len(schedule.cron.split()) != 5:
-            issue(("schedules", i, "cron"), f"{schedule.cron!r} is not a five-field cron expression")
+        problem = _cron_problem(schedule.cron)
+        if problem:
+            issue(("schedules", i, "cron"), f"{schedule.cron!r} is not a valid five-field cron expression: {problem}")
+
+
+def _cron_problem(expression: str) -> str | None:
+    """Why a schedule's cron expression would not run (checked here so that it cannot take the code location down)."""
+    import datetime as dt
+
+    from cronsim import CronSim, CronSimError
+
+    if len(expression.split()) != 5:
+        return "it needs minute, hour, day of month, month and day of week"
+    try:
+        CronSim(expression, dt.datetime(2026, 1, 1))
+    except CronSimError as exc:
+        return str(exc).lower()
+    return None
 
 
 def exact_counters(collab: Collaboration) -> tuple[list[str], list[str]]:
