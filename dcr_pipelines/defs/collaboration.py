@@ -28,7 +28,7 @@ from ..lib import ingest as ingest_lib
 from ..lib.database import advisory_lock
 from ..lib.dbt_manifest import hand_written_digest as _hand_written_digest
 from ..lib.keys import hmac_pads, pgoptions
-from ..lib.params import ParameterError, dbt_vars, validate_params
+from ..lib.params import ParameterError, record_requests, validate_params
 from ..lib.policy import ApprovedQuery, LoadedCollaboration, PolicyError, load_collaboration
 from ..lib.privacy import ledger
 from ..lib.privacy.release import ReleaseRefused, release_overlap, release_query
@@ -366,7 +366,9 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 yield from _skipped(context, "analysis", digest)
                 return
         requests = {q: request_key(query, params[q], versions, match) for q, query in loaded.queries.items()}
-        yield from dbt.cli(["build", "--vars", json.dumps(dbt_vars(params, requests))], context=context).stream()
+        with warehouse.connect() as conn:
+            record_requests(conn, c, {q: (params[q], requests[q]) for q in loaded.queries})
+        yield from dbt.cli(["build"], context=context).stream()
         built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
         with warehouse.connect() as conn:
             _record_analysis_inputs(conn, c, {q: (params[q], requests[q]) for q in built}, versions)
@@ -747,8 +749,9 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 rebuild = cached is None and _built_for(conn, c, query_name) != key
             if rebuild:
                 context.log.info(f"{query_name}: building its pre-noise table for this request ({json.dumps(params)})")
-                invocation = dbt.cli(["build", "--select", model, "--vars", json.dumps(dbt_vars({query_name: params}, {query_name: key}))],
-                                     manifest=manifest, dagster_dbt_translator=translator, raise_on_error=False)
+                with warehouse.connect() as conn:
+                    record_requests(conn, c, {query_name: (params, key)})
+                invocation = dbt.cli(["build", "--select", model], manifest=manifest, dagster_dbt_translator=translator, raise_on_error=False)
                 invocation.wait()
                 if not invocation.is_successful():
                     raise dg.Failure(f"the pre-noise table of {query_name} could not be built for this request; nothing was released or charged (run log: dbt)")

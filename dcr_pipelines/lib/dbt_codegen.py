@@ -287,7 +287,7 @@ def rewrite_query(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
     def param(match: re.Match[str]) -> str:
         name = match.group(1)
         sql_type = _PARAM_SQL_TYPES[query.spec.parameters[name].type]
-        return f"{{{{ dcr_param('{query.name}', '{name}', '{sql_type}') }}}}"
+        return f"{{{{ dcr_param('{loaded.name}', '{query.name}', '{name}', '{sql_type}') }}}}"
 
     return re.sub(r"\bdcr_param__(\w+)", param, rendered)
 
@@ -331,7 +331,7 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
             ")",
         ]
     # The request this table is built for (params, uploads, cross-reference): a release reads only its own.
-    aggregates.append(f"    '{{{{ var('dcr_requests', {{}}).get('{query.name}', 'none') }}}}' as \"dcr_request\"")
+    aggregates.append(f"    {{{{ dcr_request_key('{c}', '{query.name}') }}}} as \"dcr_request\"")
     inner = "\n".join("    " + line for line in rewrite_query(loaded, query).splitlines())
     dim_list = ", ".join(f'"{d}"' for d in dims)
     return "\n".join(

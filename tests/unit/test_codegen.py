@@ -15,7 +15,7 @@ def test_query_datasets_become_matched_views_and_params_become_typed_macros() ->
     sql = dbt_codegen.rewrite_query(LOADED, LOADED.queries["campaign_reach"])
     assert "{{ ref('mv_demo__purchases') }} AS purchases" in sql
     assert "{{ ref('mv_demo__impressions') }} AS impressions" in sql
-    assert "{{ dcr_param('campaign_reach', 'since', 'date') }}" in sql
+    assert "{{ dcr_param('demo', 'campaign_reach', 'since', 'date') }}" in sql
     assert ":since" not in sql
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dcr_pipelines.lib.params import ParameterError, dbt_vars, validate_params
+from dcr_pipelines.lib.params import ParameterError, validate_params
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
@@ -37,7 +37,3 @@ def test_bad_values_are_refused_with_the_rule(value: str, message: str) -> None:
 def test_an_unknown_parameter_is_refused() -> None:
     with pytest.raises(ParameterError, match="has no parameter 'until'"):
         validate_params(QUERY, {"until": "2026-01-01"})
-
-
-def test_dbt_vars_carry_parameters_per_query() -> None:
-    assert dbt_vars({"campaign_reach": {"since": "2026-01-01"}}) == {"dcr_params": {"campaign_reach": {"since": "2026-01-01"}}}

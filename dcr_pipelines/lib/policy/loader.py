@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,18 +338,51 @@ def _check_overlap_story(collab: Collaboration, issue: Any) -> None:
 
 
 def _expectation_problem(name: str, kwargs: dict[str, Any], columns: dict[str, Any]) -> str | None:
-    from ..validation import expectation_class
-
     column = kwargs.get("column")
     if column is not None and column not in columns:
         return f"column {column!r} does not exist"
+    return _checked_expectation(name, kwargs)
+
+
+def _expectation_cache() -> Path | None:
+    home = os.environ.get("DCR_HOME")
+    return Path(home) / "cache" / "expectations.json" if home else None
+
+
+def _checked_expectation(name: str, kwargs: dict[str, Any]) -> str | None:
+    """great-expectations' own verdict on an expectation and its arguments, remembered per deployment.
+
+    Importing great-expectations costs seconds; every command loads the policy,
+    so a verdict is computed once per distinct (expectation, arguments, version).
+    """
+    from importlib.metadata import version
+
+    key = hashlib.sha256(json.dumps([name, kwargs, version("great-expectations")], sort_keys=True, default=str).encode()).hexdigest()
+    path = _expectation_cache()
+    cache: dict[str, str | None] = {}
+    if path is not None and path.is_file():
+        try:
+            cache = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            cache = {}
+    if key in cache:
+        return cache[key]
+    from ..validation import expectation_class
+
+    problem: str | None = None
     try:
         expectation_class(name)(**kwargs)
     except KeyError:
-        return f"{name!r} is not a great-expectations expectation"
+        problem = f"{name!r} is not a great-expectations expectation"
     except Exception as exc:  # great-expectations validates its own arguments
-        return f"invalid arguments for {name}: {str(exc).splitlines()[0]}"
-    return None
+        problem = f"invalid arguments for {name}: {str(exc).splitlines()[0]}"
+    if path is not None:
+        cache[key] = problem
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache), encoding="utf-8")
+        tmp.replace(path)
+    return problem
 
 
 def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:

@@ -77,6 +77,22 @@ def _audit(row: audit.ChainRow | None, head: audit.Anchor | None = None) -> dict
 
 
 def ensure_tables(conn: psycopg.Connection, schema: str) -> None:
+    """Create the ledger and releases tables (and columns added since) if missing; one catalog read when they exist."""
+    ready = conn.execute(
+        "select count(*) from information_schema.columns where table_schema = %s and "
+        "((table_name = 'releases' and column_name = 'chain_sha256') or (table_name = 'budget_ledger' and column_name = 'charged_at'))",
+        (schema,),
+    ).fetchone()
+    if ready is not None and ready[0] == 2:
+        return
+    conn.execute("select pg_advisory_lock(hashtext(%s))", (f"dcr-ledger-ddl:{schema}",))
+    try:
+        _create_tables(conn, schema)
+    finally:
+        conn.execute("select pg_advisory_unlock(hashtext(%s))", (f"dcr-ledger-ddl:{schema}",))
+
+
+def _create_tables(conn: psycopg.Connection, schema: str) -> None:
     conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
     conn.execute(
         sql.SQL(
