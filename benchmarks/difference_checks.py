@@ -4,7 +4,7 @@
 
 1. Demo size: a copy of ``policies/demo`` materialized on a fresh embedded
    PostgreSQL; eight representative ad-hoc queries run through
-   ``adhoc.execute`` (what the Dagster asset calls) alternately with the
+   ``adhoc_service.execute`` (what the Dagster asset calls) alternately with the
    difference checks on and off, ``--rounds`` times each. The history grows
    as it would in use (every checked run records its rows). Reported: the
    median time per query each way and their ratio (target: at most 2).
@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import end_to_end  # noqa: E402  (the benchmark next door prepares the same demo copy)
+import end_to_end
 
 JOIN = "from impressions as i inner join customers as c on c.customer_email = i.user_email"
 QUERIES = [
@@ -63,6 +63,7 @@ def demo_size(rows: int, rounds: int) -> dict[str, Any]:
     from dcr_pipelines.lib.policy import load_collaboration
     from dcr_pipelines.lib.policy.models import DifferenceChecks
     from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
+    from dcr_pipelines.services import adhoc as adhoc_service
 
     home, runtime, settings, _, _ = end_to_end.prepare(rows)
     defs = build_definitions(settings)
@@ -83,7 +84,8 @@ def demo_size(rows: int, rounds: int) -> dict[str, Any]:
                     n += 1
                     checked = adhoc.check(loaded, "ad_network", text)
                     result: list[Any] = []
-                    times[label].append(_timed(lambda: result.append(adhoc.execute(conn, loaded, checked, f"bench-{n}", text))))
+                    times[label].append(_timed(lambda loaded=loaded, checked=checked, n=n, text=text, result=result: result.append(  # type: ignore[misc]
+                        adhoc_service.execute(conn, loaded, checked, f"bench-{n}", text))))
                     withheld += result[0].suppressed if label == "checked" else 0
         history = conn.execute("select count(*), coalesce(sum(length(people)), 0) from dcr_meta.released_people").fetchone()
     checked_ms, unchecked_ms = (statistics.median(times[k]) * 1000 for k in ("checked", "unchecked"))
@@ -109,8 +111,9 @@ def at_scale(people: int) -> dict[str, Any]:
     import psycopg
 
     from dcr_pipelines.lib.database import stop_embedded
-    from dcr_pipelines.lib.privacy import difference, footprints
+    from dcr_pipelines.lib.privacy import difference
     from dcr_pipelines.lib.runtime import activate
+    from dcr_pipelines.store import footprints
 
     home = Path(tempfile.mkdtemp(prefix="dcr-bench-diff-"))
     os.environ["DCR_HOME"] = str(home)

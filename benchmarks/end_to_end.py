@@ -167,7 +167,7 @@ def main() -> None:
         more = demo_data.generate(home / "more", rows=extra * 2, overlap=0.3, seed=99)
         with files.impressions.open("a") as handle, more.impressions.open() as new:
             next(new)
-            for _, line in zip(range(extra), new):
+            for _, line in zip(range(extra), new, strict=False):
                 handle.write(line)
         land()
         incremental = _run(defs, keys, "re-run after 1% new impressions")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from end_to_end import COLLAB, _run, prepare  # noqa: E402
+from end_to_end import COLLAB, _run, prepare
 
 EXECUTORS: dict[str, dict[str, Any]] = {
     "in_process": {"in_process": {}},
@@ -91,7 +91,7 @@ def main() -> None:
             results[name] = {"noop_s": noop_s, "full_s": full_s}
             print(f"{name}: no-op {noop_s:.1f} s, full {full_s:.1f} s", flush=True)
         base = results["in_process"]
-        for name, r in results.items():
+        for r in results.values():
             r["noop_ratio_to_in_process"] = round(r["noop_s"] / base["noop_s"], 2)
             r["full_ratio_to_in_process"] = round(r["full_s"] / base["full_s"], 2)
         out = PROJECT_ROOT / "benchmarks" / "results" / "executors.json"

@@ -50,10 +50,10 @@ def load(data: Path) -> dict[str, object]:
     """Ingest ``data`` in this (child) process; its peak RSS is the ingest's alone."""
     from dcr_pipelines.lib import naming
     from dcr_pipelines.lib.database import connect
-    from dcr_pipelines.lib.ingest import ingest_file
     from dcr_pipelines.lib.policy import load_collaboration
     from dcr_pipelines.lib.runtime import activate
     from dcr_pipelines.lib.settings import PROJECT_ROOT
+    from dcr_pipelines.services.ingest import ingest_file
 
     runtime = activate()
     loaded = load_collaboration(PROJECT_ROOT / "policies" / "demo")

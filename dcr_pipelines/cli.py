@@ -211,28 +211,22 @@ def _release_all(defs: Any, loaded: Any) -> None:
 
 
 def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str | None = None) -> None:
-    from psycopg import sql
-
     from .lib import naming
     from .lib.database import connect
-    from .lib.privacy.ledger import budget_status
-    from .lib.privacy.release import consumer_budget
+    from .services.release import consumer_budget
+    from .store import results
+    from .store.ledger import budget_status
 
     query = loaded.queries[query_name]
     schema = naming.results_schema(loaded.name)
     with connect(runtime.warehouse.url()) as conn:
-        row = conn.execute(
-            sql.SQL("select release_id, rows, epsilon, params, released_at from {} where query_name = %s "
-                    + ("and release_id = %s " if release_id else "")
-                    + "order by released_at desc limit 1").format(sql.Identifier(schema, "releases")),
-            (query_name, release_id) if release_id else (query_name,),
-        ).fetchone()
-        if row is None:
+        stored = results.latest_release(conn, loaded.name, query_name, release_id)
+        if stored is None:
             out.print(f"{query_name}: nothing released yet")
             return
         thresholded = query.spec.rule == "threshold"
         status = None if thresholded else budget_status(conn, schema, consumer_budget(loaded, query.spec.consumer))
-    rid, rows, epsilon, params, released_at = row
+    rid, rows, epsilon, params = stored.release_id, stored.rows, stored.epsilon, stored.params
     dims = list(query.spec.dimensions)
     metrics = list(query.spec.metrics)
     table = Table(title=f"{loaded.name}/{query_name}, release {rid}, params {json.dumps(params)}", title_justify="left")
@@ -267,16 +261,11 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
 
 
 def _release_rows(runtime: Any, loaded: Any, query_name: str, release_id: str) -> list[dict[str, Any]]:
-    from psycopg import sql
-
-    from .lib import naming
     from .lib.database import connect
+    from .store import results
 
     with connect(runtime.warehouse.url()) as conn:
-        row = conn.execute(
-            sql.SQL("select rows from {} where release_id = %s").format(sql.Identifier(naming.results_schema(loaded.name), "releases")), (release_id,)
-        ).fetchone()
-    return list(row[0]) if row else []
+        return results.release_rows(conn, loaded.name, release_id)
 
 
 def _print_releases(runtime: Any, loaded: Any) -> None:
@@ -573,9 +562,10 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
     """
     import csv
 
-    from .lib import adhoc, naming
+    from .lib import naming
     from .lib.database import connect
     from .runner import ad_hoc_run_config, materialize
+    from .services import adhoc as adhoc_service
 
     runtime = _runtime()
     _collaboration(runtime, collab)  # a policy mistake or unknown name stops here, exit 2
@@ -586,7 +576,7 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
     if not outcome.success:
         fail(outcome.failure or "the query failed")
     with connect(runtime.warehouse.url()) as conn:
-        result = adhoc.stored_result(conn, collab, party, outcome.run_id)
+        result = adhoc_service.stored_result(conn, collab, party, outcome.run_id)
     columns, rows = result.columns, result.rows
     if fmt == "json":
         out.print_json(data={"run_id": outcome.run_id, "columns": columns, "rows": rows,
@@ -621,12 +611,10 @@ def budget(collab: str, consumer: str | None, fmt: str) -> None:
     Example:
       dcr budget demo --consumer ad_network
     """
-    from psycopg import sql
-
     from .lib import naming
     from .lib.database import connect
-    from .lib.privacy import ledger
     from .lib.privacy.mechanisms import plan_key_selection, plan_release, release_cost
+    from .store import ledger, results
 
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
@@ -637,7 +625,6 @@ def budget(collab: str, consumer: str | None, fmt: str) -> None:
     costs = {q.name: release_cost(plan_release(q.spec), plan_key_selection(q.spec)) for q in loaded.queries.values() if q.spec.rule == "dp"}
     report: dict[str, Any] = {"consumers": [], "owners": {}}
     with connect(runtime.warehouse.url()) as conn:
-        ledger.ensure_tables(conn, schema)
         for b in budgets:
             s = ledger.budget_status(conn, schema, b)
             fits = {
@@ -650,9 +637,7 @@ def budget(collab: str, consumer: str | None, fmt: str) -> None:
                 "delta": s.delta_total, "delta_spent": s.delta_spent, "period_days": s.period_days,
                 "refreshes_at": s.refreshes_at.isoformat() if s.refreshes_at else None, "releases_that_fit": fits,
             })
-        spent_rows = conn.execute(
-            sql.SQL("select consumer, query_name, count(*), sum(epsilon) from {} group by 1, 2 order by 1, 2").format(sql.Identifier(schema, "budget_ledger"))
-        ).fetchall()
+        spent_rows = results.spending(conn, collab)
     owners_of = {q.name: sorted({loaded.collaboration.datasets[d].owner for d in q.datasets}) for q in loaded.queries.values()}
     for who, query_name, count, total in spent_rows:
         for owner in owners_of.get(query_name, []):
@@ -715,7 +700,8 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, an
         fail(f"{collab} has no member {party!r} (members: {', '.join(loaded.collaboration.members)})", 2)
     instance = _instance()
     if show_head:
-        from .lib import audit_chain, naming
+        from .lib import naming
+        from .store import audit_chain
 
         with connect(runtime.warehouse.url()) as conn:
             head = audit_chain.head(conn, naming.results_schema(collab), collab)
@@ -784,10 +770,8 @@ def overlap(collab: str, fmt: str) -> None:
 
 
 def _print_overlap(runtime: Any, loaded: Any, fmt: str = "table") -> None:
-    from psycopg import sql
-
-    from .lib import access, naming
     from .lib.database import connect
+    from .store import results
 
     collab = loaded.name
     mode = loaded.collaboration.matching.overlap_release
@@ -798,10 +782,7 @@ def _print_overlap(runtime: Any, loaded: Any, fmt: str = "table") -> None:
             out.print(f"{collab}: the overlap is withheld by policy (matching.overlap_release: withheld)")
         return
     with connect(runtime.warehouse.url()) as conn:
-        table = f"{naming.results_schema(collab)}.{access.OVERLAP}"
-        rows = [] if conn.execute("select to_regclass(%s)", (table,)).fetchone()[0] is None else conn.execute(
-            sql.SQL("select release_id, value, ci_low, ci_high from {} order by release_id").format(sql.Identifier(naming.results_schema(collab), access.OVERLAP))
-        ).fetchall()
+        rows = [(r.release_id, r.matched_people, r.ci_low, r.ci_high) for r in results.overlap_releases(conn, collab)]
     if fmt == "json":
         out.print_json(data={"collaboration": collab, "overlap_release": mode,
                              "releases": [{"release_id": r[0], "matched_people": r[1], "ci_low": r[2], "ci_high": r[3]} for r in rows]})
@@ -949,6 +930,43 @@ def db_stop() -> None:
     out.print("embedded PostgreSQL stopped" if stop_embedded(home) else f"no embedded PostgreSQL running under {home}")
 
 
+@db.command("migrate")
+@click.option("--status", "show_status", is_flag=True, help="Only list the migrations already applied.")
+def db_migrate(show_status: bool) -> None:
+    """Apply the pending schema migrations (dcr_pipelines/store/migrations) to every collaboration's schemas.
+
+    \b
+    Each store function also applies its own scope's pending migrations on
+    first use; run this before a deployment to do it all at once.
+    Examples:
+      dcr db migrate
+      dcr db migrate --status
+    """
+    from .lib import naming
+    from .lib.database import connect
+    from .lib.policy import check_policies
+    from .lib.settings import Settings
+    from .store import migrations
+
+    runtime = _runtime()
+    with connect(runtime.warehouse.url()) as conn:
+        if not show_status:
+            loaded, _ = check_policies(Settings.from_env().policies)
+            names = sorted(lc.name for lc in loaded)
+            try:
+                applied = migrations.migrate(conn, {"results": [naming.results_schema(c) for c in names],
+                                                    "analysis": [naming.analysis_schema(c) for c in names],
+                                                    "matching": [naming.matching_schema(c) for c in names]})
+            except migrations.MigrationError as exc:
+                fail(str(exc), 2)
+            for a in applied:
+                out.print(f"applied {a.scope} {a.version:04d}_{a.name}", markup=False)
+            out.print(f"schema up to date ({len(applied)} migration(s) applied now)")
+            return
+        for scope_name, version, name, applied_at in migrations.status(conn):
+            out.print(f"{scope_name}\t{version:04d}_{name}\t{applied_at[:19]}", markup=False, soft_wrap=True)
+
+
 @db.command("roles")
 @click.argument("collab")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -961,8 +979,8 @@ def db_roles(collab: str, fmt: str) -> None:
     Example:
       dcr db roles demo
     """
-    from .lib import access
     from .lib.database import connect
+    from .store import access
 
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
@@ -998,7 +1016,7 @@ def ui(port: int, host: str) -> None:
     dg_bin = Path(sys.executable).with_name("dg")
     out.print(f"Dagster UI on http://{host}:{port} (Ctrl-C to stop); storage: {runtime.dagster_url.split('?')[0]}", markup=False)
     os.chdir(PROJECT_ROOT)
-    os.execv(str(dg_bin), [str(dg_bin), "dev", "--host", host, "--port", str(port)])
+    os.execv(str(dg_bin), [str(dg_bin), "dev", "--host", host, "--port", str(port)])  # noqa: S606 (our own dg, fixed arguments)
 
 
 if __name__ == "__main__":

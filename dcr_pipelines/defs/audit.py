@@ -11,11 +11,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
-import psycopg
 
-from ..lib import access, audit, audit_chain, naming
+from ..lib import audit, naming
 from ..lib.policy import LoadedCollaboration
-from ..lib.privacy import ledger
+from ..store import Connection, access, audit_chain, ledger
 
 USER_TAG = "dcr/user"
 
@@ -129,7 +128,7 @@ def release_events(instance: dg.DagsterInstance, loaded: LoadedCollaboration) ->
             cursor = result.cursor
 
 
-def reconcile(instance: dg.DagsterInstance, conn: psycopg.Connection, loaded: LoadedCollaboration) -> list[str]:
+def reconcile(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedCollaboration) -> list[str]:
     """Give a committed release whose run died before it wrote its Dagster event that event, marked recovered.
 
     Only a release whose run did not succeed is recovered: a successful run wrote its event, so a missing
@@ -159,7 +158,7 @@ def reconcile(instance: dg.DagsterInstance, conn: psycopg.Connection, loaded: Lo
     return recovered
 
 
-def verify(instance: dg.DagsterInstance, conn: psycopg.Connection, loaded: LoadedCollaboration, anchors: list[audit.Anchor] | None = None) -> list[audit.Problem]:
+def verify(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedCollaboration, anchors: list[audit.Anchor] | None = None) -> list[audit.Problem]:
     """Every problem: the chain's links and anchors, the tables users read against it, its mirror in the event log."""
     schema = naming.results_schema(loaded.name)
     ledger.ensure_tables(conn, schema)

@@ -21,17 +21,19 @@ from typing import Any, TypeVar
 
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
-from psycopg import sql
 
-from ..lib import access, adhoc, audit_chain, dbt_codegen, home_psi, matching, naming
-from ..lib import ingest as ingest_lib
+from ..lib import adhoc, dbt_codegen, home_psi, matching, naming
 from ..lib.database import advisory_lock
 from ..lib.dbt_manifest import hand_written_digest as _hand_written_digest
 from ..lib.keys import hmac_pads, pgoptions
-from ..lib.params import ParameterError, record_requests, validate_params
+from ..lib.params import ParameterError, validate_params
 from ..lib.policy import ApprovedQuery, LoadedCollaboration, PolicyError, load_collaboration
-from ..lib.privacy import ledger
-from ..lib.privacy.release import ReleaseRefused, release_overlap, release_query
+from ..services import adhoc as adhoc_service
+from ..services import ingest as ingest_lib
+from ..services.release import ReleaseRefused, release_overlap, release_query
+from ..store import access, audit_chain, ledger, stages
+from ..store import analysis as store_analysis
+from ..store import matching as store_matching
 from .resources import SecretsResource, WarehouseResource
 
 T = TypeVar("T")
@@ -156,7 +158,7 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
         archived.parent.mkdir(parents=True, exist_ok=True)
         path.replace(archived)
         context.log.info(
-            f"{dataset_name}: {'unchanged (same checksum as version %d)' % result.version if result.unchanged else 'version %d loaded' % result.version}"
+            f"{dataset_name}: {f'unchanged (same checksum as version {result.version})' if result.unchanged else f'version {result.version} loaded'}"
         )
         rules = result.report.to_json()["rules"] if result.report else []
         yield dg.MaterializeResult(
@@ -237,23 +239,11 @@ def _spawn_with_env(extra: Mapping[str, str], start: Callable[[], T]) -> T:
 
 def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> Iterator[dg.AssetObservation]:
     """Per staged dataset: rows in, rows staged, and identifiers rejected per reason (counts only)."""
-    c = loaded.name
     with warehouse.connect() as conn:
-        for name, ds in loaded.collaboration.datasets.items():
-            table = sql.Identifier(naming.raw_schema(c, ds.owner), f"{name}__normalised")
-            metadata: dict[str, Any] = {
-                "rows_in": dg.MetadataValue.int(conn.execute(sql.SQL("select count(*) from {}").format(table)).fetchone()[0]),
-                "rows_staged": dg.MetadataValue.int(
-                    conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(naming.staging_schema(c, ds.owner), name))).fetchone()[0]
-                ),
-            }
-            for col in ds.identifier_columns:
-                problem = sql.Identifier(f"{col}__problem")
-                for reason, count in conn.execute(
-                    sql.SQL("select {p}, count(*) from {t} where {p} is not null group by {p} order by 1").format(p=problem, t=table)
-                ).fetchall():
-                    metadata[f"rejected_{col}_{reason}"] = dg.MetadataValue.int(count)
-            yield dg.AssetObservation(asset_key=naming.staging_key(c, ds.owner, name), metadata=metadata)
+        counts = stages.staging_counts(conn, loaded)
+    for name, ds in loaded.collaboration.datasets.items():
+        yield dg.AssetObservation(asset_key=naming.staging_key(loaded.name, ds.owner, name),
+                                  metadata={k: dg.MetadataValue.int(v) for k, v in counts[name].items()})
 
 
 def _stage_relations(manifest: Mapping[str, Any], collab: str, stage: str) -> list[str]:
@@ -272,22 +262,6 @@ def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
     for rel, content in sorted(dbt_codegen.render(loaded).items()):
         digest.update(f"{rel}\0{content}\0".encode())
     return digest.hexdigest()
-
-
-def _stage_skip(conn: Any, collab: str, stage: str, digest: str, relations: list[str]) -> bool:
-    """Whether the stage's last successful build had this digest and its relations are all still there."""
-    ingest_lib.ensure_meta(conn)
-    conn.execute("create table if not exists dcr_meta.stage_builds (collaboration text not null, stage text not null, digest text not null, "
-                 "built_at timestamptz not null default now(), primary key (collaboration, stage))")
-    row = conn.execute("select digest from dcr_meta.stage_builds where collaboration = %s and stage = %s", (collab, stage)).fetchone()
-    if row is None or row[0] != digest:
-        return False
-    return all(conn.execute("select to_regclass(%s)", (rel,)).fetchone()[0] is not None for rel in relations)
-
-
-def _stage_built(conn: Any, collab: str, stage: str, digest: str) -> None:
-    conn.execute("insert into dcr_meta.stage_builds (collaboration, stage, digest) values (%s, %s, %s) on conflict (collaboration, stage) "
-                 "do update set digest = excluded.digest, built_at = now()", (collab, stage, digest))
 
 
 def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str) -> Iterator[dg.MaterializeResult]:
@@ -328,7 +302,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 # Keys enter the digest only through an HMAC of a fixed label: a changed key rebuilds the tokens.
                 key_ids = {p: hmac.new(k, b"dcr-stage-digest", hashlib.sha256).hexdigest() for p, k in keys.items()}
                 digest = _digest(code, loaded.policy_sha256, versions, key_ids)
-                if _stage_skip(conn, c, "staging", digest, relations):
+                if stages.can_skip(conn, c, "staging", digest, relations):
                     yield from _skipped(context, "staging", digest)
                     return
             pads = {p: hmac_pads(k) for p, k in keys.items()}
@@ -338,7 +312,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
             yield from _rejections(warehouse, loaded)
             if context.selected_asset_keys == context.assets_def.keys:  # a partial build does not vouch for the whole stage
                 with warehouse.connect() as conn:
-                    _stage_built(conn, c, "staging", digest)
+                    stages.record_build(conn, c, "staging", digest)
 
         return staging
 
@@ -357,23 +331,22 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
             raise dg.Failure(f"query parameters refused, nothing ran: {exc}") from None
         with warehouse.connect() as conn:
             versions = ingest_lib.current_versions(conn, c)
-            match = _previous_match(conn, c)
-            staged = conn.execute("select digest from dcr_meta.stage_builds where collaboration = %s and stage = 'staging'", (c,)).fetchone() \
-                if conn.execute("select to_regclass('dcr_meta.stage_builds')").fetchone()[0] else None
+            match = store_matching.previous_match(conn, c)
+            staged = stages.last_build(conn, c, "staging")
             # The build time too: a cross-reference rebuilt from the same identities has new match_ids.
-            digest = _digest(code, loaded.policy_sha256, versions, params, match, staged[0] if staged else None)
-            if match is not None and staged is not None and _stage_skip(conn, c, "analysis", digest, relations):
+            digest = _digest(code, loaded.policy_sha256, versions, params, match, staged)
+            if match is not None and staged is not None and stages.can_skip(conn, c, "analysis", digest, relations):
                 yield from _skipped(context, "analysis", digest)
                 return
         requests = {q: request_key(query, params[q], versions, match) for q, query in loaded.queries.items()}
         with warehouse.connect() as conn:
-            record_requests(conn, c, {q: (params[q], requests[q]) for q in loaded.queries})
+            store_analysis.record_requests(conn, c, {q: (params[q], requests[q]) for q in loaded.queries})
         yield from dbt.cli(["build"], context=context).stream()
         built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
         with warehouse.connect() as conn:
-            _record_analysis_inputs(conn, c, {q: (params[q], requests[q]) for q in built}, versions)
+            store_analysis.record_built(conn, c, {q: (params[q], requests[q]) for q in built}, versions)
             if context.selected_asset_keys == context.assets_def.keys:
-                _stage_built(conn, c, "analysis", digest)
+                stages.record_build(conn, c, "analysis", digest)
 
     return analysis
 
@@ -390,69 +363,6 @@ def analysis_lock_name(collab: str) -> str:
 def request_key(query: ApprovedQuery, params: dict[str, str], versions: dict[str, Any], match: tuple[str, int, Any] | None) -> str:
     """What a pre-noise table was built for: the query, its parameters, the uploads and the cross-reference it read."""
     return _digest(query.sha256, params, versions, str(match[2]) if match else None)
-
-
-def _built_from_table(collab: str) -> sql.Identifier:
-    return sql.Identifier(naming.analysis_schema(collab), "built_from")
-
-
-def _record_analysis_inputs(conn: Any, collab: str, built: dict[str, tuple[dict[str, str], str]], versions: dict[str, Any]) -> None:
-    """For each query whose pre-noise table was just built: its parameters, input versions and request key."""
-    table = _built_from_table(collab)
-    with conn.transaction():
-        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-built-from-ddl:{collab}",))
-        conn.execute(sql.SQL("create table if not exists {} (query_name text primary key, params jsonb not null, input_versions jsonb not null, built_at timestamptz not null default now())").format(table))
-        conn.execute(sql.SQL("alter table {} add column if not exists request_key text").format(table))
-        for query_name, (values, key) in built.items():
-            conn.execute(
-                sql.SQL("insert into {} (query_name, params, input_versions, request_key, built_at) values (%s, %s, %s, %s, now()) "
-                        "on conflict (query_name) do update set params = excluded.params, input_versions = excluded.input_versions, "
-                        "request_key = excluded.request_key, built_at = now()").format(table),
-                (query_name, json.dumps(values), json.dumps(versions), key),
-            )
-
-
-def _built_for(conn: Any, collab: str, query_name: str) -> str | None:
-    """The request key the query's pre-noise table was last built for (None: never, or before keys were recorded)."""
-    if conn.execute("select to_regclass(%s)", (f"{naming.analysis_schema(collab)}.built_from",)).fetchone()[0] is None:
-        return None
-    has_key = conn.execute(
-        "select 1 from information_schema.columns where table_schema = %s and table_name = 'built_from' and column_name = 'request_key'",
-        (naming.analysis_schema(collab),),
-    ).fetchone()
-    if has_key is None:
-        return None
-    row = conn.execute(sql.SQL("select request_key from {} where query_name = %s").format(_built_from_table(collab)), (query_name,)).fetchone()
-    return row[0] if row else None
-
-
-def _read_identities(warehouse: WarehouseResource, loaded: LoadedCollaboration, parties: list[str], bucket: int | None = None) -> list[matching.PartyInput]:
-    """Each party's (token, identifier) pairs, read as that party's own role; only one bucket's if ``bucket`` is given."""
-    c, buckets = loaded.name, loaded.collaboration.matching.buckets
-    where = sql.SQL("where {} = %s").format(sql.SQL(matching.bucket_sql('"identifier"', buckets))) if bucket is not None else sql.SQL("")
-    inputs = []
-    for party in parties:
-        with warehouse.connect() as conn:
-            conn.execute(sql.SQL("set role {}").format(sql.Identifier(access.role_name(c, party, "staging_loader"))))
-            rows = conn.execute(
-                sql.SQL("select token, identifier from {} {} order by token").format(sql.Identifier(naming.raw_schema(c, party), "identities"), where),
-                (bucket,) if bucket is not None else None,
-            ).fetchall()
-        inputs.append(matching.PartyInput(party, [r[0] for r in rows], [r[1] for r in rows]))
-    return inputs
-
-
-def _bucket_tables(conn: Any, loaded: LoadedCollaboration, columns: list[str]) -> tuple[sql.Identifier, sql.Identifier]:
-    """The tables bucket steps write (created once, under a lock: steps may run at once on different workers)."""
-    schema = naming.matching_schema(loaded.name)
-    pairs, builds = sql.Identifier(schema, "bucket_pairs"), sql.Identifier(schema, "bucket_builds")
-    with conn.transaction():
-        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-buckets:{loaded.name}",))
-        conn.execute(sql.SQL("create table if not exists {} (bucket int not null, {})").format(
-            pairs, sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns)))
-        conn.execute(sql.SQL("create table if not exists {} (bucket int primary key, input_digest text not null, matched bigint not null, "
-                             "bytes_exchanged bigint not null, built_at timestamptz not null default now())").format(builds))
-    return pairs, builds
 
 
 def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefinition:
@@ -473,12 +383,11 @@ def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefiniti
         "Each bucket is its own step (matching.bucket_steps), so Celery or Kubernetes workers can share them.",
     )
     def bucket_step(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
-        inputs = _read_identities(warehouse, loaded, at_operator, bucket)
+        inputs = store_matching.read_identities(warehouse.url, loaded, at_operator, bucket)
         digest = matching.bucket_digest(inputs, client, buckets, bucket)
         columns = [naming.party_token_column(p) for p in at_operator]
         with warehouse.connect() as conn:
-            pairs_table, builds = _bucket_tables(conn, loaded, columns)
-            previous = conn.execute(sql.SQL("select input_digest, matched from {} where bucket = %s").format(builds), (bucket,)).fetchone()
+            previous = store_matching.bucket_build(conn, loaded, columns, bucket)
         if previous is not None and previous[0] == digest:
             context.log.info(f"bucket {bucket}: identities unchanged, no PSI work")
             return dg.MaterializeResult(metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1])}, data_version=dg.DataVersion(digest))
@@ -488,16 +397,8 @@ def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefiniti
             result = matching.match(inputs, client, buckets=1, workers=1)
             assert result.parties == tuple(at_operator)
             pairs, exchanged = [row[1:] for row in result.rows], result.bytes_exchanged
-        with warehouse.connect() as conn, conn.transaction():
-            conn.execute(sql.SQL("delete from {} where bucket = %s").format(pairs_table), (bucket,))
-            with conn.cursor().copy(sql.SQL("copy {} (bucket, {}) from stdin").format(pairs_table, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
-                for pair in pairs:
-                    copy.write_row((bucket, *pair))
-            conn.execute(
-                sql.SQL("insert into {} (bucket, input_digest, matched, bytes_exchanged) values (%s, %s, %s, %s) on conflict (bucket) do update "
-                        "set input_digest = excluded.input_digest, matched = excluded.matched, bytes_exchanged = excluded.bytes_exchanged, built_at = now()").format(builds),
-                (bucket, digest, len(pairs), exchanged),
-            )
+        with warehouse.connect() as conn:
+            store_matching.write_bucket(conn, loaded, columns, bucket, pairs, digest, exchanged)
         context.log.info(f"bucket {bucket}: {len(pairs)} matched")
         return dg.MaterializeResult(
             metadata={"recomputed": True, "matched": dg.MetadataValue.int(len(pairs)), "bytes_exchanged": dg.MetadataValue.int(exchanged),
@@ -513,8 +414,7 @@ def _assemble_buckets(conn: Any, loaded: LoadedCollaboration, inputs: list[match
     c, buckets = loaded.name, loaded.collaboration.matching.buckets
     client = loaded.matching_client()
     columns = [naming.party_token_column(inp.party) for inp in inputs]
-    pairs_table, builds = _bucket_tables(conn, loaded, columns)
-    stored = dict(conn.execute(sql.SQL("select bucket, input_digest from {}").format(builds)).fetchall())
+    stored = store_matching.bucket_digests(conn, loaded, columns)
     expected = {b: matching.bucket_digest(part, client, buckets, b) for b, part in enumerate(matching.split(inputs, buckets))}
     stale = [b for b in range(buckets) if stored.get(b) != expected[b]]
     if stale:
@@ -522,8 +422,7 @@ def _assemble_buckets(conn: Any, loaded: LoadedCollaboration, inputs: list[match
             f"bucket(s) {', '.join(map(str, stale[:10]))} were matched from other identities than the current ones; "
             f"materialize {', '.join('/'.join(naming.bucket_key(c, b)) for b in stale[:3])}{' ...' if len(stale) > 3 else ''} first (previous cross-reference kept)"
         )
-    pairs = conn.execute(sql.SQL("select {} from {} order by bucket").format(sql.SQL(", ").join(map(sql.Identifier, columns)), pairs_table)).fetchall()
-    exchanged = int(conn.execute(sql.SQL("select coalesce(sum(bytes_exchanged), 0) from {}").format(builds)).fetchone()[0])
+    pairs, exchanged = store_matching.bucket_pairs(conn, loaded, columns)
     client_input = inputs[0]
     home_by_token = [{client_input.tokens[i]: tok for i, tok in h.by_client_index.items()} for h in home]
     matched = [(*pair, *(m[pair[0]] for m in home_by_token)) for pair in pairs if all(pair[0] in m for m in home_by_token)]
@@ -605,12 +504,12 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
             return _cross_reference(context, warehouse, secrets)
 
     def _cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
-        inputs = _read_identities(warehouse, loaded, at_operator)
+        inputs = store_matching.read_identities(warehouse.url, loaded, at_operator)
         setups = _home_inputs(loaded, landing)
         buckets = loaded.collaboration.matching.buckets
         digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()])
         with warehouse.connect() as conn:
-            previous = _previous_match(conn, c)
+            previous = store_matching.previous_match(conn, c)
         input_rows = {**{f"input_rows_{inp.party}": dg.MetadataValue.int(len(inp.tokens)) for inp in inputs},
                       **{f"input_rows_{p}": dg.MetadataValue.int(len(m.tokens)) for p, m in setups.items()}}
         if previous is not None and previous[0] == digest:
@@ -628,7 +527,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         else:
             result = matching.match(inputs, client, buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
         with warehouse.connect() as conn:
-            _write_cross_reference(conn, c, result, digest, client)
+            store_matching.write_cross_reference(conn, c, result, digest, client)
             overlap = _release_overlap(context, conn, loaded, result.matched, digest)
         context.log.info(f"matched {result.matched} people across {len(parties)} parties")
         return dg.MaterializeResult(
@@ -682,40 +581,6 @@ def audit_metadata(audit: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _previous_match(conn: Any, collab: str) -> tuple[str, int, Any] | None:
-    """(input digest, matched count, built at) of the current cross-reference, if one exists."""
-    table = f"{naming.matching_schema(collab)}.cross_reference_builds"
-    if conn.execute("select to_regclass(%s)", (table,)).fetchone()[0] is None:
-        return None
-    row = conn.execute(
-        sql.SQL("select input_digest, matched, built_at from {} order by built_at desc limit 1").format(
-            sql.Identifier(naming.matching_schema(collab), "cross_reference_builds")
-        )
-    ).fetchone()
-    return (row[0], int(row[1]), row[2]) if row else None
-
-
-def _write_cross_reference(conn: Any, collab: str, result: matching.MatchResult, digest: str, client: str) -> None:
-    schema = naming.matching_schema(collab)
-    columns = ["match_id", *(naming.party_token_column(p) for p in result.parties)]
-    new = sql.Identifier(schema, "cross_reference__new")
-    at = 1 + result.parties.index(client)
-    with conn.transaction():
-        conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("drop table if exists {}").format(new))
-        conn.execute(sql.SQL("create table {} ({}, unit bigint not null)").format(
-            new, sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns)))
-        with conn.cursor().copy(sql.SQL("copy {} ({}, unit) from stdin").format(new, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
-            for row in result.rows:
-                copy.write_row((*row, matching.unit_of(row[at])))
-        conn.execute(sql.SQL("drop table if exists {} cascade").format(sql.Identifier(schema, "cross_reference")))
-        conn.execute(sql.SQL("alter table {} rename to cross_reference").format(new))
-        conn.execute(sql.SQL("alter table {} add primary key (match_id)").format(sql.Identifier(schema, "cross_reference")))
-        builds = sql.Identifier(schema, "cross_reference_builds")
-        conn.execute(sql.SQL("create table if not exists {} (input_digest text not null, matched bigint not null, built_at timestamptz not null default now())").format(builds))
-        conn.execute(sql.SQL("insert into {} (input_digest, matched) values (%s, %s)").format(builds), (digest, result.matched))
-
-
 def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, manifest: Mapping[str, Any]) -> dg.AssetsDefinition:
     c = loaded.name
     query = loaded.queries[query_name]
@@ -744,22 +609,22 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         with advisory_lock(warehouse.url, analysis_lock_name(c)):
             with warehouse.connect() as conn:
                 versions = ingest_lib.current_versions(conn, c)
-                key = request_key(query, params, versions, _previous_match(conn, c))
+                key = request_key(query, params, versions, store_matching.previous_match(conn, c))
                 cached = ledger.stored_release_id(conn, naming.results_schema(c), ledger.cache_key(query.sha256, params, versions))
-                rebuild = cached is None and _built_for(conn, c, query_name) != key
+                rebuild = cached is None and store_analysis.built_for(conn, c, query_name) != key
             if rebuild:
                 context.log.info(f"{query_name}: building its pre-noise table for this request ({json.dumps(params)})")
                 with warehouse.connect() as conn:
-                    record_requests(conn, c, {query_name: (params, key)})
+                    store_analysis.record_requests(conn, c, {query_name: (params, key)})
                 invocation = dbt.cli(["build", "--select", model], manifest=manifest, dagster_dbt_translator=translator, raise_on_error=False)
                 invocation.wait()
                 if not invocation.is_successful():
                     raise dg.Failure(f"the pre-noise table of {query_name} could not be built for this request; nothing was released or charged (run log: dbt)")
                 with warehouse.connect() as conn:
-                    _record_analysis_inputs(conn, c, {query_name: (params, key)}, versions)
-                    conn.execute("delete from dcr_meta.stage_builds where collaboration = %s and stage = 'analysis'", (c,))
+                    store_analysis.record_built(conn, c, {query_name: (params, key)}, versions)
+                    stages.forget_build(conn, c, "analysis")
             with warehouse.connect() as conn:
-                if cached is None and _built_for(conn, c, query_name) != key:
+                if cached is None and store_analysis.built_for(conn, c, query_name) != key:
                     raise dg.Failure(f"the pre-noise table of {query_name} was built for another request; nothing was released or charged")
                 try:
                     stored = release_query(conn, loaded, query, params, versions, export_dir=exports, request=None if cached else key,
@@ -822,7 +687,7 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         try:
             checked = adhoc.check(loaded, config.runner, config.sql)
             with warehouse.connect() as conn:
-                result = adhoc.execute(conn, loaded, checked, context.run.run_id, config.sql)
+                result = adhoc_service.execute(conn, loaded, checked, context.run.run_id, config.sql)
         except adhoc.QueryRefused as exc:
             with warehouse.connect() as conn:  # refusals are in the audit chain too
                 chained = audit_chain.append(conn, naming.results_schema(c), c, "refusal", context.run.run_id,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import dagster as dg
-import psycopg
 
 from ..lib.runtime import secret_env_name
+from ..store import Connection, open_connection
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -15,8 +15,8 @@ class WarehouseResource(dg.ConfigurableResource):
 
     url: str
 
-    def connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.url, autocommit=True)
+    def connect(self) -> Connection:
+        return open_connection(self.url)
 
 
 class SecretsResource(dg.ConfigurableResource):

@@ -19,7 +19,7 @@ def release_chart(rows: Sequence[Mapping[str, Any]], dimensions: Sequence[str], 
     series = list(dict.fromkeys(str(r[second]) for r in rows)) if second else [""]
     fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8, 1.3 * len(xs) * max(1, len(series)) / 2), 3.6 * len(metrics)), squeeze=False)
     width = 0.8 / len(series)
-    for ax, metric in zip(axes[:, 0], metrics):
+    for ax, metric in zip(axes[:, 0], metrics, strict=False):
         for j, s in enumerate(series):
             picked = {str(r[first]): r for r in rows if r["metric"] == metric and (second is None or str(r[second]) == s)}
             values = [picked[x]["value"] if x in picked and picked[x]["value"] is not None else 0.0 for x in xs]

@@ -82,7 +82,7 @@ def write_message(path: Path, message: Message) -> Path:
     """Write atomically (a temporary name, then a rename), so a reader never sees half a file."""
     if any(len(e) != ELEMENT_BYTES for e in message.elements):
         raise MessageError(f"{path.name}: an element is not a {ELEMENT_BYTES}-byte curve point")
-    body = b"".join(bytes.fromhex(t) + e for t, e in zip(message.tokens, message.elements)) if message.kind == "setup" else b"".join(message.elements)
+    body = b"".join(bytes.fromhex(t) + e for t, e in zip(message.tokens, message.elements, strict=False)) if message.kind == "setup" else b"".join(message.elements)
     header = {
         "kind": message.kind,
         "collaboration": message.collaboration,
@@ -220,7 +220,7 @@ def complete(setup: Message, response: Message, pairing_key: bytes, client_count
     if len(response.elements) != client_count:
         raise MessageError(f"response of {setup.party}: {len(response.elements)} elements for a request of {client_count}")
     key = operator_key(pairing_key, setup.collaboration, setup.party, response.request_id)
-    theirs = dict(zip(reblind_all(key, setup.elements, workers), setup.tokens))
+    theirs = dict(zip(reblind_all(key, setup.elements, workers), setup.tokens, strict=False))
     found = {i: theirs[e] for i, e in enumerate(response.elements) if e in theirs}
     return HomeMatch(setup.party, setup.tokens, found, setup.sha256)
 

@@ -19,7 +19,7 @@ _EMAIL = re.compile(r"^[^@ \t\n\r\v\f]+@[^@ \t\n\r\v\f]+\.[^@ \t\n\r\v\f]+$")  #
 _PHONE_CHARS = re.compile(r"^[+]?[0-9 ().-]+$")
 _E164 = re.compile(r"^[+][1-9][0-9]{7,14}$")
 _EMAIL_TRIM = " \t\n\r"
-TOKEN_PATTERN = r"^[0-9a-f]{64}$"
+TOKEN_PATTERN = r"^[0-9a-f]{64}$"  # noqa: S105 (a token format, not a password)
 
 
 def _lower(text: str) -> str:

@@ -61,7 +61,7 @@ def input_digest(inputs: Iterable[PartyInput], client: str, buckets: int, home: 
         digest.update(f"\0home={setup_sha256}".encode())
     for inp in sorted(inputs, key=lambda i: i.party):
         digest.update(f"\0party={inp.party}\0".encode())
-        for token, identifier in sorted(zip(inp.tokens, inp.identifiers)):
+        for token, identifier in sorted(zip(inp.tokens, inp.identifiers, strict=False)):
             digest.update(f"{token}\t{identifier}\n".encode())
     return digest.hexdigest()
 
@@ -222,7 +222,7 @@ def match(
     # Pair the people PSI found across parties by their normalised identifier (every half of this step holds
     # its own party's; the operator's step already has them all), each getting one fresh random match_id.
     wanted = {client_input.identifiers[i]: i for i in matched_client}
-    server_tokens = [{identifier: token for token, identifier in zip(s.tokens, s.identifiers) if identifier in wanted} for s in servers]
+    server_tokens = [{identifier: token for token, identifier in zip(s.tokens, s.identifiers, strict=False) if identifier in wanted} for s in servers]
     parties = (client, *(s.party for s in servers), *(h.party for h in home))
     rows = []
     for identifier, i in wanted.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
@@ -67,27 +66,3 @@ def validate_params(query: ApprovedQuery, supplied: Mapping[str, Any]) -> dict[s
             raise ParameterError(f"parameter {name}: {raw!r} is above the maximum {spec.max}")
         out[name] = value.isoformat() if isinstance(value, dt.date) else str(value).lower() if isinstance(value, bool) else str(value)
     return out
-
-
-REQUESTS_TABLE = "dcr_meta.query_requests"
-
-
-def record_requests(conn: Any, collaboration: str, requests: Mapping[str, tuple[Mapping[str, str], str]]) -> None:
-    """Write the (validated) parameters and request key each query's pre-noise table is about to be built for.
-
-    The query models read them (macro ``dcr_param``); the caller holds the
-    collaboration's analysis lock, so no other build changes them meanwhile.
-    """
-    with conn.transaction():
-        conn.execute("select pg_advisory_xact_lock(hashtext('dcr-query-requests-ddl'))")
-        conn.execute("create schema if not exists dcr_meta")
-        conn.execute(
-            f"create table if not exists {REQUESTS_TABLE} (collaboration text not null, query_name text not null, params jsonb not null, "
-            "request_key text not null, written_at timestamptz not null default now(), primary key (collaboration, query_name))"
-        )
-        for query, (params, key) in requests.items():
-            conn.execute(
-                f"insert into {REQUESTS_TABLE} (collaboration, query_name, params, request_key) values (%s, %s, %s, %s) "
-                "on conflict (collaboration, query_name) do update set params = excluded.params, request_key = excluded.request_key, written_at = now()",
-                (collaboration, query, json.dumps(dict(params)), key),
-            )

@@ -15,7 +15,7 @@ from pathlib import Path
 from .database import DAGSTER_DB, WAREHOUSE_DB, Connection, ensure_database, start_embedded
 from .settings import PROJECT_ROOT, Settings
 
-SECRET_PREFIX = "DCR_SECRET__"
+SECRET_PREFIX = "DCR_SECRET__"  # noqa: S105 (the prefix of variable names, not a secret)
 
 
 @dataclass(frozen=True)

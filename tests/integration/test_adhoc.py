@@ -27,6 +27,7 @@ from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
+from dcr_pipelines.services import adhoc as adhoc_service
 
 from .conftest import land
 
@@ -99,7 +100,7 @@ def _run(collab: dict[str, Any], sql_text: str, runner: str = "ad_network", fres
     if not outcome.success:
         return outcome, None
     with psycopg.connect(collab["url"], autocommit=True) as conn:
-        columns, rows = adhoc.stored_rows(conn, COLLAB, runner, outcome.run_id)
+        columns, rows = adhoc_service.stored_rows(conn, COLLAB, runner, outcome.run_id)
     return outcome, pd.DataFrame(rows, columns=columns)
 
 
@@ -194,7 +195,7 @@ def test_accepted_runs_are_logged_and_results_are_the_runners_only(collab) -> No
     assert got is not None and len(got) == 3
     meta = outcome.metadata["/".join(naming.ad_hoc_key(COLLAB))]
     assert meta["runner"] == "ad_network" and meta["min_distinct_units"] == 25 and meta["rows"] == 3
-    table = f'"{naming.results_schema(COLLAB)}"."{adhoc.results_table("ad_network")}"'
+    table = f'"{naming.results_schema(COLLAB)}"."{adhoc_service.results_table("ad_network")}"'
     with psycopg.connect(collab["url"], autocommit=True) as conn:
         conn.execute(f"set role dcr_{COLLAB}_ad_network_result_reader")
         assert conn.execute(f"select count(*) from {table} where run_id = %s", (outcome.run_id,)).fetchone()[0] == 1
@@ -209,7 +210,7 @@ def test_the_analysis_role_cannot_write_even_through_the_checked_query(collab) -
     statement = f'create table "{naming.analysis_schema(COLLAB)}".stolen (x int)'
     tampered = dataclasses.replace(checked, phase1=statement, phase1_without_people=statement)
     with psycopg.connect(collab["url"], autocommit=True) as conn, pytest.raises(adhoc.QueryRefused, match="run time"):
-        adhoc.execute(conn, collab["loaded"], tampered, "tampered", "x")
+        adhoc_service.execute(conn, collab["loaded"], tampered, "tampered", "x")
 
 
 def test_threshold_rule_release_equals_plain_aggregate_minus_small_groups(collab) -> None:  # type: ignore[no-untyped-def]

@@ -5,7 +5,7 @@ difference checks on) plus ``agency``, a member without data that may run
 queries. The ad network knows its own impressions; its target is Tess, a
 retailer customer who saw one ad, on 31 December 2025, a day no one else
 did. Everything the analyst gets goes through the product's own code paths
-(``adhoc.check`` and ``adhoc.execute``, which the Dagster asset calls, and
+(``adhoc.check`` and ``adhoc_service.execute``, which the Dagster asset calls, and
 one Dagster run each for the ad-hoc asset and the threshold release).
 """
 
@@ -31,6 +31,7 @@ from dcr_pipelines.lib.policy.models import AdHocLimits, DifferenceChecks
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
+from dcr_pipelines.services import adhoc as adhoc_service
 
 from .conftest import land
 from .test_adhoc import forget_history
@@ -87,7 +88,7 @@ def ask(ctx: dict[str, Any], text: str, runner: str = "ad_network", loaded: Load
     try:
         checked = adhoc.check(loaded, runner, text)
         with psycopg.connect(ctx["url"], autocommit=True) as conn:
-            return ("rows", adhoc.execute(conn, loaded, checked, f"attack-{next(_runs)}", text))
+            return ("rows", adhoc_service.execute(conn, loaded, checked, f"attack-{next(_runs)}", text))
     except adhoc.QueryRefused as exc:
         return ("refused", str(exc))
 
@@ -194,7 +195,7 @@ def test_two_ad_hoc_queries_that_differ_by_one_person_cannot_both_be_answered(ct
     meta = outcome.metadata["/".join(naming.ad_hoc_key(COLLAB))]
     assert meta["suppressed_rows"] == 1 and "fewer than 25" in meta["suppressed_because"][0]
     with psycopg.connect(ctx["url"], autocommit=True) as conn:
-        after = adhoc.stored_result(conn, COLLAB, "ad_network", outcome.run_id)
+        after = adhoc_service.stored_result(conn, COLLAB, "ad_network", outcome.run_id)
     released = _by_tier(after.rows)
     assert "bronze" not in released and all(released[t] == _by_tier(before.rows)[t] for t in released)
 
@@ -264,7 +265,7 @@ def test_ad_hoc_sql_runs_as_a_role_that_reads_only_the_matched_views_it_names(ct
     statement = f"select * from {relation} limit 1"
     tampered = dataclasses.replace(checked, phase1=statement, phase1_without_people=statement)
     with psycopg.connect(ctx["url"], autocommit=True) as conn, pytest.raises(adhoc.QueryRefused, match="SQLSTATE 42501"):
-        adhoc.execute(conn, ctx["loaded"], tampered, f"tampered-{next(_runs)}", "x")
+        adhoc_service.execute(conn, ctx["loaded"], tampered, f"tampered-{next(_runs)}", "x")
     # and the role is gone with its transaction
     with psycopg.connect(ctx["url"], autocommit=True) as conn:
         assert conn.execute("select count(*) from pg_roles where rolname like %s", (f"dcr_{COLLAB}_adhoc_%",)).fetchone()[0] == 0

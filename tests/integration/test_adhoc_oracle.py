@@ -40,6 +40,7 @@ from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
+from dcr_pipelines.services import adhoc as adhoc_service
 
 from .conftest import land
 
@@ -196,7 +197,7 @@ def answer(conn: psycopg.Connection, loaded: LoadedCollaboration, text: str, tag
     """What the analyst gets: the rows, or the one-line refusal or error."""
     try:
         checked = adhoc.check(loaded, "ad_network", text)
-        result = adhoc.execute(conn, loaded, checked, tag, text)
+        result = adhoc_service.execute(conn, loaded, checked, tag, text)
     except adhoc.QueryRefused as exc:
         return ("refused", str(exc))
     return ("rows", _rows_key(result.rows))
@@ -215,7 +216,7 @@ def naive_sql(checked: adhoc.CheckedQuery) -> str:
 
     outputs = [sqlglot.parse_one(o, read="postgres").transform(inline) for o in checked.outputs]
     inner = phase1.copy()
-    inner.set("expressions", [exp.alias_(o, name, quoted=True) for o, name in zip(outputs, checked.columns)] + [exp.alias_(computed[adhoc.UNITS].copy(), adhoc.UNITS, quoted=True)])
+    inner.set("expressions", [exp.alias_(o, name, quoted=True) for o, name in zip(outputs, checked.columns, strict=False)] + [exp.alias_(computed[adhoc.UNITS].copy(), adhoc.UNITS, quoted=True)])
     inner.set("having", exp.Having(this=sqlglot.parse_one(checked.having, read="postgres").transform(inline)) if checked.having else None)
     inner.set("offset", exp.Offset(expression=exp.Literal.number(0)))
     names = ", ".join(f'"{n}"' for n in checked.columns)
@@ -227,7 +228,7 @@ def naive_answer(conn: psycopg.Connection, statement: str) -> tuple[str, Any]:
         with conn.transaction():
             cursor = conn.execute(statement)  # type: ignore[arg-type]
             names = [d.name for d in cursor.description or ()]
-            return ("rows", _rows_key([dict(zip(names, (str(v) for v in row))) for row in cursor.fetchall()]))
+            return ("rows", _rows_key([dict(zip(names, (str(v) for v in row), strict=False)) for row in cursor.fetchall()]))
     except psycopg.Error as exc:
         return ("error", exc.sqlstate)
 

@@ -15,10 +15,11 @@ import pytest
 
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.defs import audit as trail
-from dcr_pipelines.lib import audit, audit_chain, demo_data, naming
+from dcr_pipelines.lib import audit, demo_data, naming
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
+from dcr_pipelines.store import audit_chain
 
 from .conftest import land, make_collaboration
 

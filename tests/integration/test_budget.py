@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from dcr_pipelines.lib.policy.models import Budget
-from dcr_pipelines.lib.privacy import ledger
+from dcr_pipelines.store import ledger
 
 
 def _release(url: str, schema: str, budget: Budget, cost: float, key: str | None = None) -> ledger.StoredRelease:
@@ -98,7 +98,6 @@ def test_a_failure_after_noise_is_drawn_stores_nothing_but_is_charged_with_a_gen
 
 def test_a_delta_cost_needs_a_delta_budget(runtime, schema: str) -> None:  # type: ignore[no-untyped-def]
     url = runtime.warehouse.url()
-    with pytest.raises(ledger.BudgetExhausted, match="cost delta 1e-06, remaining delta 0"):
-        with psycopg.connect(url, autocommit=True) as conn:
-            ledger.release(conn, schema, collaboration="budgettest", query_name="q", budget=Budget(consumer="c", epsilon=5.0),
-                           key="d", params={}, input_versions={}, cost=1.0, delta=1e-6, draw=lambda: [], store_rows=lambda *_: None)
+    with pytest.raises(ledger.BudgetExhausted, match="cost delta 1e-06, remaining delta 0"), psycopg.connect(url, autocommit=True) as conn:
+        ledger.release(conn, schema, collaboration="budgettest", query_name="q", budget=Budget(consumer="c", epsilon=5.0),
+                       key="d", params={}, input_versions={}, cost=1.0, delta=1e-6, draw=list, store_rows=lambda *_: None)

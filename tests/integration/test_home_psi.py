@@ -28,15 +28,15 @@ import pytest
 from psycopg import sql
 
 from dcr_pipelines.definitions import build_definitions, secret_names
-from dcr_pipelines.lib import access, demo_data, naming
+from dcr_pipelines.lib import demo_data, naming
 from dcr_pipelines.lib.identifiers import token
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.policy.loader import query_sha256
-from dcr_pipelines.lib.privacy import ledger
-from dcr_pipelines.lib.privacy.release import OVERLAP_CONSUMER, release_overlap
 from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
+from dcr_pipelines.services.release import OVERLAP_CONSUMER, release_overlap
+from dcr_pipelines.store import access, ledger
 
 from .conftest import expected_campaign_reach
 

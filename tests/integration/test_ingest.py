@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dcr_pipelines.definitions import build_definitions, secret_names
-from dcr_pipelines.lib import ingest, naming
+from dcr_pipelines.lib import naming
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.runner import ingest_run_config, materialize
+from dcr_pipelines.services import ingest
 
 from .conftest import COLLAB, make_collaboration
 

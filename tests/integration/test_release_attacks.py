@@ -13,10 +13,10 @@ import pytest
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.lib import demo_data, naming
 from dcr_pipelines.lib.policy import load_collaboration
-from dcr_pipelines.lib.privacy import ledger
-from dcr_pipelines.lib.privacy.release import release_query
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
+from dcr_pipelines.services.release import release_query
+from dcr_pipelines.store import ledger
 
 from .conftest import COLLAB, land, make_collaboration
 

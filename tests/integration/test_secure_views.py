@@ -17,9 +17,10 @@ import psycopg
 import pytest
 from dbt.cli.main import dbtRunner
 
-from dcr_pipelines.lib import access, naming
+from dcr_pipelines.lib import naming
 from dcr_pipelines.lib.keys import hmac_pads
 from dcr_pipelines.lib.settings import PROJECT_ROOT
+from dcr_pipelines.store import access
 
 from ..identifier_cases import CASES
 from .conftest import CANARY, COLLAB

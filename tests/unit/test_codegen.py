@@ -45,6 +45,6 @@ def test_hmac_pads_reproduce_python_hmac() -> None:
 
     for key in (b"short", b"x" * 64, b"y" * 100):
         pads = hmac_pads(key)
-        message = "ana.1@example.com".encode()
+        message = b"ana.1@example.com"
         manual = hashlib.sha256(pads.outer + hashlib.sha256(pads.inner + message).digest()).hexdigest()
         assert manual == hmac.new(key, message, hashlib.sha256).hexdigest()

@@ -58,7 +58,7 @@ def _pairs(result, inputs: dict[str, dict[str, str]]) -> set[str]:  # type: igno
     """The person behind each row; every token in a row must be the same person's."""
     people = set()
     for row in result.rows:
-        who = {inputs[party][tok] for party, tok in zip(result.parties, row[1:])}
+        who = {inputs[party][tok] for party, tok in zip(result.parties, row[1:], strict=False)}
         assert len(who) == 1, "a row links tokens of different people"
         people |= who
     return people
@@ -71,7 +71,7 @@ def test_a_home_party_matches_exactly_the_plain_intersection(tmp_path: Path) -> 
     client = _operator_party("retailer", client_ids)
     home, _ = _at_home("c", "ad_network", home_ids, client, tmp_path)
     result = match([client], "retailer", home=[home])
-    lookup = {"retailer": dict(zip(client.tokens, client.identifiers)), "ad_network": {token(HOME_HMAC, i): i for i in home_ids}}
+    lookup = {"retailer": dict(zip(client.tokens, client.identifiers, strict=False)), "ad_network": {token(HOME_HMAC, i): i for i in home_ids}}
     assert _pairs(result, lookup) == set(client_ids) & set(home_ids)
     assert result.matched == len(set(shared))
     assert result.parties == ("retailer", "ad_network")
@@ -87,7 +87,7 @@ def test_three_parties_one_at_home_intersect_across_all_for_any_bucket_count(tmp
     client, server = _operator_party("a", a), _operator_party("b", b)
     home, _ = _at_home("c", "h", h, client, tmp_path)
     result = match([client, server], "a", buckets=buckets, home=[home])
-    lookup = {p.party: dict(zip(p.tokens, p.identifiers)) for p in (client, server)} | {"h": {token(HOME_HMAC, i): i for i in h}}
+    lookup = {p.party: dict(zip(p.tokens, p.identifiers, strict=False)) for p in (client, server)} | {"h": {token(HOME_HMAC, i): i for i in h}}
     assert _pairs(result, lookup) == set(everyone)
 
 

@@ -17,7 +17,7 @@ def _party(name: str, identifiers: list[str]) -> PartyInput:
 
 
 def _matched_identifiers(result, inputs: list[PartyInput]) -> set[str]:  # type: ignore[no-untyped-def]
-    by_token = {t: i for inp in inputs for t, i in zip(inp.tokens, inp.identifiers)}
+    by_token = {t: i for inp in inputs for t, i in zip(inp.tokens, inp.identifiers, strict=False)}
     matched = set()
     for row in result.rows:
         identifiers = {by_token[token] for token in row[1:]}

@@ -63,7 +63,7 @@ def test_differencing_guesses_membership_no_better_than_epsilon_allows(epsilon: 
         without = [int(base[t])] * trials
         noisy_everyone = add_noise(plan, everyone)
         noisy_without = add_noise(plan, without)
-        for m, a, b, pa, pb in zip(members, noisy_everyone, noisy_without, everyone, without):
+        for m, a, b, pa, pb in zip(members, noisy_everyone, noisy_without, everyone, without, strict=False):
             correct_dp += int((a - b > 0.5) == bool(m))
             correct_plain += int((pa - pb > 0.5) == bool(m))
     n = targets * trials
@@ -168,7 +168,7 @@ def test_a_rare_key_never_appears_just_because_it_exists() -> None:
 
 
 def _modules() -> list[Path]:
-    return [p for p in (PROJECT_ROOT / "dcr_pipelines").rglob("*.py")]
+    return list((PROJECT_ROOT / "dcr_pipelines").rglob("*.py"))
 
 
 def test_no_noise_comes_from_random_or_numpy() -> None:
@@ -178,7 +178,7 @@ def test_no_noise_comes_from_random_or_numpy() -> None:
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-                assert not any(n == "random" or n.startswith("random.") or n.startswith("numpy.random") for n in names), path
+                assert not any(n == "random" or n.startswith(("random.", "numpy.random")) for n in names), path
             if isinstance(node, ast.Attribute) and node.attr in {"random", "default_rng", "laplace", "normal", "exponential"}:
                 assert path.name == "demo_data.py", f"{path}: {ast.unparse(node)}"
 
@@ -186,7 +186,7 @@ def test_no_noise_comes_from_random_or_numpy() -> None:
 def test_unsafe_opendp_features_are_never_enabled() -> None:
     import dcr_pipelines.lib.privacy.mechanisms  # noqa: F401  (enables what the release path enables)
 
-    assert opendp.mod.GLOBAL_FEATURES == {"contrib"}
+    assert {"contrib"} == opendp.mod.GLOBAL_FEATURES
     for path in _modules():
         text = path.read_text()
         assert "floating-point" not in text and "honest-but-curious" not in text, path

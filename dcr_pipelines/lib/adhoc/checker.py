@@ -151,7 +151,7 @@ class CheckedQuery:
                 raise ValueError(f"not a type name: {t!r}")
         arrays = ", ".join(f"%s::{t}[]" for t in types)
         columns = ", ".join(f'"{n}"' for n in self.input_names)
-        items = ", ".join(f'{expression} as "{name}"' for expression, name in zip(self.outputs, self.columns))
+        items = ", ".join(f'{expression} as "{name}"' for expression, name in zip(self.outputs, self.columns, strict=False))
         inner = f'select {items}, "g"."{ROW}" as "{ROW}" from unnest({arrays}) as "g"({columns})'
         if self.having:
             inner += f" where {self.having}"
@@ -513,7 +513,7 @@ def _resolve_order(ctx: _Context, tree: exp.Select, names: list[str]) -> list[tu
                 )
             name = target.name
         else:
-            matches = [n for n, item in zip(names, tree.expressions) if item.unalias().sql() == target.sql()]
+            matches = [n for n, item in zip(names, tree.expressions, strict=False) if item.unalias().sql() == target.sql()]
             if not matches:
                 raise QueryRefused("order by", f"ORDER BY {_part(target)} must name an output column, its position, or repeat an output expression")
             name = matches[0]

@@ -306,7 +306,7 @@ def _cron_problem(expression: str) -> str | None:
     if len(expression.split()) != 5:
         return "it needs minute, hour, day of month, month and day of week"
     try:
-        CronSim(expression, dt.datetime(2026, 1, 1))
+        CronSim(expression, dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     except CronSimError as exc:
         return str(exc).lower()
     return None

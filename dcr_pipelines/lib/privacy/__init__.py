@@ -1,1 +1,1 @@
-"""The privacy core: noise (mechanisms), budget (ledger) and the release that ties them."""
+"""The privacy core, pure: noise (mechanisms) and difference checks. The budget ledger is in store/, the release service in services/."""

@@ -14,20 +14,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .audit import GENESIS, Anchor, ChainRow, Evidence, canonical, entry_digest, link, rows_digest, timestamp
+from ..lib.audit import GENESIS, Anchor, ChainRow, Evidence, canonical, entry_digest, link, rows_digest, timestamp
+from . import migrations
 
 TABLE = "audit_chain"
 
 
 def ensure(conn: psycopg.Connection, schema: str) -> None:
-    conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-audit-ddl:{schema}",))
-    conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
-    conn.execute(
-        sql.SQL(
-            "create table if not exists {} (seq bigserial primary key, kind text not null, ref text not null, entry jsonb not null, "
-            "entry_sha256 text not null, prev_sha256 text not null, chain_sha256 text not null, recorded_at timestamptz not null default now())"
-        ).format(sql.Identifier(schema, TABLE))
-    )
+    migrations.ensure(conn, "results", schema)
 
 
 def _exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
@@ -94,7 +88,7 @@ def results_digest(conn: psycopg.Connection, schema: str, table: str, release_id
         return rows_digest([])
     cursor = conn.execute(sql.SQL("select * from {} where release_id = %s").format(sql.Identifier(schema, table)), (release_id,))
     names = [d.name for d in cursor.description or ()]
-    return rows_digest([{n: _plain(v) for n, v in zip(names, row)} for row in cursor.fetchall()])
+    return rows_digest([{n: _plain(v) for n, v in zip(names, row, strict=False)} for row in cursor.fetchall()])
 
 
 def stored_rows_digest(conn: psycopg.Connection, schema: str, release_id: str) -> str:

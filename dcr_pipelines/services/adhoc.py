@@ -31,11 +31,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .. import access, audit, audit_chain, naming
-from ..audit import rows_digest
-from ..policy import LoadedCollaboration
-from ..privacy import difference, footprints
-from .checker import PEOPLE, UNITS, CheckedQuery, QueryRefused, hashable, query_sha256
+from ..lib import audit, naming
+from ..lib.adhoc.checker import PEOPLE, UNITS, CheckedQuery, QueryRefused, hashable, query_sha256
+from ..lib.audit import rows_digest
+from ..lib.policy import LoadedCollaboration
+from ..lib.privacy import difference
+from ..store import access, audit_chain, footprints, migrations
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Chec
         output = _as_role(conn, role, timeout_s, checked.phase2(types), arrays)
         names = [d.name for d in output.description or ()][:-1]
         released = output.fetchall()
-        rows = [dict(zip(names, (_plain_value(v) for v in row[:-1]))) for row in released]
+        rows = [dict(zip(names, (_plain_value(v) for v in row[:-1]), strict=False)) for row in released]
         if checks.enabled:
             footprints.record(conn, c, "ad_hoc", run_id, [(int(row[-1]), sets[int(row[-1])]) for row in released], checks.retention_days)
         result = AdHocResult(list(checked.columns), rows, len(groups), len(groups) - len(kept), reasons)
@@ -156,16 +157,16 @@ def _store(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Check
     schema = naming.results_schema(c)
     table = sql.Identifier(schema, results_table(checked.runner))
     reader = sql.Identifier(access.role_name(c, checked.runner, "result_reader"))
+    migrations.ensure(conn, "results", schema)
+    # One table per runner (its reader role sees only its own); the columns are fixed, the name follows the policy's members.
     conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-adhoc-ddl:{c}:{checked.runner}",))
-    conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
     conn.execute(
         sql.SQL(
             "create table if not exists {} (run_id text not null, ran_at timestamptz not null default now(), "
-            "query_sha256 text not null, query text not null, columns jsonb not null, rows jsonb not null)"
+            "query_sha256 text not null, query text not null, columns jsonb not null, rows jsonb not null, "
+            "suppressed integer not null default 0, suppressed_because jsonb not null default '[]')"
         ).format(table)
     )
-    conn.execute(sql.SQL("alter table {} add column if not exists suppressed integer not null default 0").format(table))
-    conn.execute(sql.SQL("alter table {} add column if not exists suppressed_because jsonb not null default '[]'").format(table))
     conn.execute(
         sql.SQL("insert into {} (run_id, query_sha256, query, columns, rows, suppressed, suppressed_because) values (%s, %s, %s, %s, %s, %s, %s)").format(table),
         (run_id, query_sha256(text), hashable(text), json.dumps(result.columns), json.dumps(result.rows), result.suppressed, json.dumps(result.reasons)),

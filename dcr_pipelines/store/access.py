@@ -16,15 +16,16 @@ aggregates), ``dcr_c_query_runner`` (reads released results only) and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
 import psycopg
 from psycopg import sql
 
-from . import naming
-from .policy import LoadedCollaboration
-from .policy.models import Ability
+from ..lib import naming
+from ..lib.policy import LoadedCollaboration
+from ..lib.policy.models import Ability
 
 OVERLAP = "overlap"  # the results table of the DP overlap release (matching.overlap_release: dp)
 
@@ -96,10 +97,8 @@ def result_readers(loaded: LoadedCollaboration, query_name: str) -> list[str]:
 
 def _create_role(conn: psycopg.Connection, role: str) -> None:
     if conn.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone() is None:
-        try:
+        with contextlib.suppress(psycopg.errors.DuplicateObject):
             conn.execute(sql.SQL("create role {} nologin").format(sql.Identifier(role)))
-        except psycopg.errors.DuplicateObject:
-            pass
 
 
 def apply(conn: psycopg.Connection, loaded: LoadedCollaboration) -> int:

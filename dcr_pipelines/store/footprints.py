@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 
 import psycopg
 
-from . import difference
-from .difference import Earlier, People, Verdict
+from ..lib.privacy import difference
+from ..lib.privacy.difference import Earlier, People, Verdict
+from . import migrations
 
 TABLE = "dcr_meta.released_people"
 
@@ -26,24 +27,7 @@ def lock(conn: psycopg.Connection, collaboration: str) -> None:
 
 
 def ensure(conn: psycopg.Connection) -> None:
-    conn.execute("select pg_advisory_xact_lock(hashtext('dcr-footprints-ddl'))")
-    conn.execute("create schema if not exists dcr_meta")
-    conn.execute(
-        f"""
-        create table if not exists {TABLE} (
-            collaboration text not null,
-            source text not null,
-            source_id text not null,
-            row_no integer not null,
-            released_at timestamptz not null default now(),
-            size integer not null,
-            sample bytea not null,
-            people bytea not null,
-            primary key (collaboration, source, source_id, row_no)
-        )
-        """
-    )
-    conn.execute(f"create index if not exists released_people_size on {TABLE} (collaboration, size)")
+    migrations.ensure(conn, "meta")
 
 
 def _candidates(conn: psycopg.Connection, collaboration: str, sizes: Sequence[int], threshold: int, retention_days: int) -> list[Earlier]:

@@ -13,11 +13,11 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from .. import access, naming
-from ..policy import ApprovedQuery, LoadedCollaboration
-from ..policy.models import Budget, MetricKind
-from . import difference, footprints, ledger
-from .mechanisms import (
+from ..lib import naming
+from ..lib.policy import ApprovedQuery, LoadedCollaboration
+from ..lib.policy.models import Budget, MetricKind
+from ..lib.privacy import difference
+from ..lib.privacy.mechanisms import (
     KeySelectionPlan,
     NoisePlan,
     add_noise,
@@ -29,6 +29,7 @@ from .mechanisms import (
     release_cost,
     select_keys,
 )
+from ..store import access, footprints, ledger
 
 
 class ReleaseRefused(Exception):
@@ -69,12 +70,12 @@ def _cells(conn: psycopg.Connection, loaded: LoadedCollaboration, query: Approve
         for row in _own_rows(conn.execute(sql.SQL("select {} from {}").format(select, table)).fetchall(), query, request)
     }
     if needs_key_selection(spec):
-        return [dict(zip(dims, key)) | {c: float(v or 0) for c, v in zip(columns, values)} for key, values in found.items()]
+        return [dict(zip(dims, key, strict=False)) | {c: float(v or 0) for c, v in zip(columns, values, strict=False)} for key, values in found.items()]
     cells = []
     for key in itertools.product(*(d.domain or () for d in spec.dimensions.values())):
         values = found.get(tuple(key), (0,) * len(columns))
-        cell: dict[str, Any] = dict(zip(dims, key))
-        cell.update({c: float(v or 0) for c, v in zip(columns, values)})
+        cell: dict[str, Any] = dict(zip(dims, key, strict=False))
+        cell.update({c: float(v or 0) for c, v in zip(columns, values, strict=False)})
         cells.append(cell)
     return cells
 
@@ -243,7 +244,7 @@ def _release_thresholded(
             released[:] = list(range(len(found)))
         out = []
         for i in released:
-            cell = dict(zip(dims + columns, found[i][:-1]))
+            cell = dict(zip(dims + columns, found[i][:-1], strict=False))
             for name, metric in spec.metrics.items():
                 if metric.aggregate in (MetricKind.COUNT_UNITS, MetricKind.COUNT):
                     value: float | None = float(cell[name])
@@ -308,8 +309,6 @@ def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, match
         return [{"metric": "matched_people", "value": value, "ci_low": value - plan.accuracy, "ci_high": value + plan.accuracy}]
 
     def store(conn: psycopg.Connection, release_id: str, rows: list[dict[str, Any]]) -> None:
-        conn.execute(sql.SQL("create table if not exists {} (release_id text not null, metric text not null, value double precision, "
-                             "ci_low double precision, ci_high double precision)").format(table))
         for row in rows:
             conn.execute(sql.SQL("insert into {} values (%s, %s, %s, %s, %s)").format(table),
                          (release_id, row["metric"], row["value"], row["ci_low"], row["ci_high"]))

@@ -31,8 +31,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .policy.models import Dataset
-from .validation import ROW_NUMBER, ValidationReport, sqlalchemy_url, validate_table
+from ..lib.policy.models import Dataset
+from ..lib.validation import ROW_NUMBER, ValidationReport, sqlalchemy_url, validate_table
+from ..store import migrations
 
 META_SCHEMA = "dcr_meta"
 CHUNK = 1 << 20
@@ -69,23 +70,7 @@ def file_checksum(path: Path) -> str:
 
 
 def ensure_meta(conn: psycopg.Connection) -> None:
-    conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(META_SCHEMA)))
-    conn.execute(
-        """
-        create table if not exists dcr_meta.dataset_versions (
-            collaboration text not null,
-            party text not null,
-            dataset text not null,
-            version integer not null,
-            checksum text not null,
-            row_count bigint not null,
-            file_name text not null,
-            loaded_at timestamptz not null default now(),
-            is_current boolean not null default false,
-            primary key (collaboration, party, dataset, version)
-        )
-        """
-    )
+    migrations.ensure(conn, "meta")
 
 
 def current_versions(conn: psycopg.Connection, collaboration: str) -> dict[str, dict[str, object]]:
@@ -108,7 +93,7 @@ def versions(conn: psycopg.Connection, collaboration: str, party: str, dataset: 
         (collaboration, party, dataset),
     ).fetchall()
     keys = ("version", "checksum", "row_count", "file_name", "loaded_at", "is_current")
-    return [dict(zip(keys, r)) for r in rows]
+    return [dict(zip(keys, r, strict=False)) for r in rows]
 
 
 # --- readers: every format becomes rows of text, streamed --------------------------------
@@ -222,7 +207,7 @@ def _load(conn: psycopg.Connection, path: Path, ds: Dataset, dataset_name: str, 
         with conn.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(table, columns)) as copy:
             if fmt == "parquet":
                 for batch in _parquet_file(path).iter_batches(batch_size=BATCH_ROWS):
-                    for row in zip(*(batch.column(h).to_pylist() for h in header)):
+                    for row in zip(*(batch.column(h).to_pylist() for h in header), strict=False):
                         copy.write_row([_text(v) for v in row])
             else:
                 for _, record in _jsonl_rows(path, ds):
@@ -287,7 +272,7 @@ def _profile(conn: psycopg.Connection, schema: str, table: str, ds: Dataset) -> 
     counts = sql.SQL(", ").join(sql.SQL("count({})").format(sql.Identifier(n)) for n in names)
     row = conn.execute(sql.SQL("select count(*), {} from {}").format(counts, sql.Identifier(schema, table))).fetchone()
     total = int(row[0]) or 1  # type: ignore[index]
-    nulls = {n: round(1 - int(c) / total, 6) for n, c in zip(names, row[1:])}  # type: ignore[index]
+    nulls = {n: round(1 - int(c) / total, 6) for n, c in zip(names, row[1:], strict=False)}  # type: ignore[index]
     cols = sql.SQL(", ").join(map(sql.Identifier, names))
     distinct = conn.execute(sql.SQL("select count(*) from (select distinct {} from {}) d").format(cols, sql.Identifier(schema, table))).fetchone()[0]  # type: ignore[index]
     return nulls, int(row[0]) - int(distinct)  # type: ignore[index]

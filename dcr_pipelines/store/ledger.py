@@ -22,8 +22,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .. import audit, audit_chain
-from ..policy.models import Budget
+from ..lib import audit
+from ..lib.policy.models import Budget
+from . import audit_chain, migrations
 
 log = logging.getLogger(__name__)
 
@@ -77,57 +78,8 @@ def _audit(row: audit.ChainRow | None, head: audit.Anchor | None = None) -> dict
 
 
 def ensure_tables(conn: psycopg.Connection, schema: str) -> None:
-    """Create the ledger and releases tables (and columns added since) if missing; one catalog read when they exist."""
-    ready = conn.execute(
-        "select count(*) from information_schema.columns where table_schema = %s and "
-        "((table_name = 'releases' and column_name = 'chain_sha256') or (table_name = 'budget_ledger' and column_name = 'charged_at'))",
-        (schema,),
-    ).fetchone()
-    if ready is not None and ready[0] == 2:
-        return
-    conn.execute("select pg_advisory_lock(hashtext(%s))", (f"dcr-ledger-ddl:{schema}",))
-    try:
-        _create_tables(conn, schema)
-    finally:
-        conn.execute("select pg_advisory_unlock(hashtext(%s))", (f"dcr-ledger-ddl:{schema}",))
-
-
-def _create_tables(conn: psycopg.Connection, schema: str) -> None:
-    conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
-    conn.execute(
-        sql.SQL(
-            """
-            create table if not exists {ledger} (
-                entry_id bigserial primary key,
-                consumer text not null,
-                query_name text not null,
-                release_id text not null,
-                epsilon double precision not null check (epsilon >= 0),
-                delta double precision not null default 0 check (delta >= 0),
-                charged_at timestamptz not null default now()
-            );
-            create table if not exists {releases} (
-                release_id text primary key,
-                cache_key text not null unique,
-                query_name text not null,
-                consumer text not null,
-                params jsonb not null,
-                input_versions jsonb not null,
-                epsilon double precision not null,
-                rows jsonb not null,
-                released_at timestamptz not null default now()
-            );
-            alter table {releases} add column if not exists seq bigserial;
-            alter table {releases} add column if not exists delta double precision not null default 0;
-            alter table {releases} add column if not exists receivers jsonb not null default '[]';
-            alter table {releases} add column if not exists query_sha256 text not null default '';
-            alter table {releases} add column if not exists rows_sha256 text;
-            alter table {releases} add column if not exists entry_sha256 text;
-            alter table {releases} add column if not exists prev_sha256 text;
-            alter table {releases} add column if not exists chain_sha256 text
-            """
-        ).format(ledger=sql.Identifier(schema, "budget_ledger"), releases=sql.Identifier(schema, "releases"))
-    )
+    """The ledger, releases and audit-chain tables of a results schema (store/migrations/results)."""
+    migrations.ensure(conn, "results", schema)
 
 
 def cache_key(query_sha256: str, params: dict[str, str], input_versions: dict[str, Any]) -> str:

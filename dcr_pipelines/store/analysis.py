@@ -1,0 +1,56 @@
+"""Which request each query's pre-noise table was built for, and the requests the query models read."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ..lib import naming
+from . import migrations
+
+REQUESTS_TABLE = "dcr_meta.query_requests"
+
+
+def record_requests(conn: psycopg.Connection, collaboration: str, requests: Mapping[str, tuple[Mapping[str, str], str]]) -> None:
+    """Write the (validated) parameters and request key each query's pre-noise table is about to be built for.
+
+    The query models read them (macro ``dcr_param``); the caller holds the
+    collaboration's analysis lock, so no other build changes them meanwhile.
+    """
+    migrations.ensure(conn, "meta")
+    with conn.transaction():
+        for query, (params, key) in requests.items():
+            conn.execute(
+                f"insert into {REQUESTS_TABLE} (collaboration, query_name, params, request_key) values (%s, %s, %s, %s) "
+                "on conflict (collaboration, query_name) do update set params = excluded.params, request_key = excluded.request_key, written_at = now()",
+                (collaboration, query, json.dumps(dict(params)), key),
+            )
+
+
+def _built_from(collab: str) -> sql.Identifier:
+    return sql.Identifier(naming.analysis_schema(collab), "built_from")
+
+
+def record_built(conn: psycopg.Connection, collab: str, built: Mapping[str, tuple[Mapping[str, str], str]], versions: Mapping[str, Any]) -> None:
+    """For each query whose pre-noise table was just built: its parameters, input versions and request key."""
+    migrations.ensure(conn, "analysis", naming.analysis_schema(collab))
+    table = _built_from(collab)
+    with conn.transaction():
+        for query_name, (values, key) in built.items():
+            conn.execute(
+                sql.SQL("insert into {} (query_name, params, input_versions, request_key, built_at) values (%s, %s, %s, %s, now()) "
+                        "on conflict (query_name) do update set params = excluded.params, input_versions = excluded.input_versions, "
+                        "request_key = excluded.request_key, built_at = now()").format(table),
+                (query_name, json.dumps(dict(values)), json.dumps(dict(versions)), key),
+            )
+
+
+def built_for(conn: psycopg.Connection, collab: str, query_name: str) -> str | None:
+    """The request key the query's pre-noise table was last built for (None: never)."""
+    migrations.ensure(conn, "analysis", naming.analysis_schema(collab))
+    row = conn.execute(sql.SQL("select request_key from {} where query_name = %s").format(_built_from(collab)), (query_name,)).fetchone()
+    return str(row[0]) if row and row[0] is not None else None

@@ -1,0 +1,68 @@
+"""Stage bookkeeping: what each dbt stage was last built from, and the counts a staging build reports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import psycopg
+from psycopg import sql
+
+from ..lib import naming
+from ..lib.policy import LoadedCollaboration
+from . import migrations
+
+
+def last_build(conn: psycopg.Connection, collab: str, stage: str) -> str | None:
+    """The digest of the stage's last successful build, if any."""
+    migrations.ensure(conn, "meta")
+    row = conn.execute("select digest from dcr_meta.stage_builds where collaboration = %s and stage = %s", (collab, stage)).fetchone()
+    return str(row[0]) if row else None
+
+
+def relations_exist(conn: psycopg.Connection, relations: Iterable[str]) -> bool:
+    return all(conn.execute("select to_regclass(%s)", (rel,)).fetchone()[0] is not None for rel in relations)  # type: ignore[index]
+
+
+def can_skip(conn: psycopg.Connection, collab: str, stage: str, digest: str, relations: Iterable[str]) -> bool:
+    """Whether the stage's last successful build had this digest and its relations are all still there."""
+    return last_build(conn, collab, stage) == digest and relations_exist(conn, relations)
+
+
+def record_build(conn: psycopg.Connection, collab: str, stage: str, digest: str) -> None:
+    migrations.ensure(conn, "meta")
+    conn.execute(
+        "insert into dcr_meta.stage_builds (collaboration, stage, digest) values (%s, %s, %s) on conflict (collaboration, stage) "
+        "do update set digest = excluded.digest, built_at = now()",
+        (collab, stage, digest),
+    )
+
+
+def forget_build(conn: psycopg.Connection, collab: str, stage: str) -> None:
+    """The stage's tables no longer match its last recorded build: the next run must not skip it."""
+    migrations.ensure(conn, "meta")
+    conn.execute("delete from dcr_meta.stage_builds where collaboration = %s and stage = %s", (collab, stage))
+
+
+def staging_counts(conn: psycopg.Connection, loaded: LoadedCollaboration) -> dict[str, dict[str, int]]:
+    """Per dataset: rows in, rows staged, and identifiers rejected per reason (``rejected_<column>_<reason>``); counts only."""
+    c = loaded.name
+    out: dict[str, dict[str, int]] = {}
+    for name, ds in loaded.collaboration.datasets.items():
+        table = sql.Identifier(naming.raw_schema(c, ds.owner), f"{name}__normalised")
+        counts = {
+            "rows_in": _count(conn, table),
+            "rows_staged": _count(conn, sql.Identifier(naming.staging_schema(c, ds.owner), name)),
+        }
+        for col in ds.identifier_columns:
+            problem = sql.Identifier(f"{col}__problem")
+            for reason, count in conn.execute(
+                sql.SQL("select {p}, count(*) from {t} where {p} is not null group by {p} order by 1").format(p=problem, t=table)
+            ).fetchall():
+                counts[f"rejected_{col}_{reason}"] = int(count)
+        out[name] = counts
+    return out
+
+
+def _count(conn: psycopg.Connection, table: sql.Identifier) -> int:
+    row = conn.execute(sql.SQL("select count(*) from {}").format(table)).fetchone()
+    return int(row[0]) if row else 0
