@@ -8,7 +8,9 @@ OVERLAP ?= 0.3
 SEED   ?= 7
 BENCH_ROWS ?= 10000000
 
-.PHONY: install demo test ui bench browser clean
+LINT_STAMP := $(VENV)/.lint-installed
+
+.PHONY: install demo test test-fast lint ui bench browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11 to 3.13 is required, found " + sys.version.split()[0]) if not ((3, 11) <= sys.version_info[:2] <= (3, 13)) else None'
@@ -24,6 +26,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The pure core (policy, checker, mechanisms, matching, audit verification): no database, no Dagster run, under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow" -q
+
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,dev]"
+	@touch $(LINT_STAMP)
+
+# ruff (rules in pyproject.toml, incl. the ban on psycopg outside store/ and services/) and mypy (strict on definitions).
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check dcr_pipelines tests benchmarks
+	$(BIN)/mypy
 
 ui: $(STAMP)
 	$(BIN)/dcr ui

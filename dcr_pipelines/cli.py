@@ -240,13 +240,13 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
     for key, by_metric in cells.items():
         values = []
         for m in metrics:
-            r = by_metric.get(m)
-            if r is None or r["value"] is None:
+            cell = by_metric.get(m)
+            if cell is None or cell["value"] is None:
                 values.append("-")
-            elif r["ci_low"] is None:
-                values.append(f"{r['value']:,.1f}")
+            elif cell["ci_low"] is None:
+                values.append(f"{cell['value']:,.1f}")
             else:
-                values.append(f"{r['value']:,.0f}  [{r['ci_low']:,.0f}, {r['ci_high']:,.0f}]")
+                values.append(f"{cell['value']:,.0f}  [{cell['ci_low']:,.0f}, {cell['ci_high']:,.0f}]")
         table.add_row(*key, *values)
     out.print(table)
     if status is None:
@@ -649,10 +649,10 @@ def budget(collab: str, consumer: str | None, fmt: str) -> None:
     for column in ("consumer", "epsilon", "spent", "remaining", "delta left", "period", "refreshes at", "releases that still fit"):
         table.add_column(column)
     for c in report["consumers"]:
-        fits = ", ".join(f"{q}: {n}" for q, n in c["releases_that_fit"].items()) or "-"
+        fitting = ", ".join(f"{q}: {n}" for q, n in c["releases_that_fit"].items()) or "-"
         table.add_row(
             c["consumer"], f"{c['epsilon']:g}", f"{c['spent']:.4g}", f"{c['remaining']:.4g}", f"{c['delta'] - c['delta_spent']:.3g}",
-            f"{c['period_days']} days" if c["period_days"] else "none", (c["refreshes_at"] or "-")[:16], fits,
+            f"{c['period_days']} days" if c["period_days"] else "none", (c["refreshes_at"] or "-")[:16], fitting,
         )
     out.print(table)
     owners = Table(title="spending on each owner's data (owners see who spends)", title_justify="left")
@@ -876,9 +876,9 @@ def psi_prepare(collab: str, party: str, key_path: Path, datasets: tuple[str, ..
         prepared, setup = home_psi.prepare(loaded, party, home_psi.load_keys(key_path), files, out_dir)
     except (home_psi.MessageError, OSError) as exc:
         fail(str(exc), 2)
-    for item in prepared:
-        dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(item.rejected.items())) or "none"
-        out.print(f"{item.dataset}: {item.rows_out:,} of {item.rows_in:,} rows tokenised -> {item.output} (dropped: {dropped})")
+    for done in prepared:
+        dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(done.rejected.items())) or "none"
+        out.print(f"{done.dataset}: {done.rows_out:,} of {done.rows_in:,} rows tokenised -> {done.output} (dropped: {dropped})")
     out.print(f"setup message: {setup} (give it to the operator; upload the tokenised files as usual)")
 
 

@@ -34,7 +34,7 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
             if err is not None and err.description:
                 return err.description
             error = event.step_failure_data.error
-            while error is not None and error.cause is not None and "DagsterExecutionStepExecutionError" in error.cls_name:
+            while error is not None and error.cause is not None and "DagsterExecutionStepExecutionError" in (error.cls_name or ""):
                 error = error.cause  # the user code's own exception, not Dagster's wrapper
             if error is not None:
                 return error.message.strip().splitlines()[-1]

@@ -72,8 +72,8 @@ def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt
                 if not result.has_more:
                     break
                 cursor = result.cursor
-    for record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=2000):
-        for log in instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+    for run_record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=2000):
+        for log in instance.all_logs(run_record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
             step = log.step_key or ""
             if not step.startswith(f"{c}__"):
                 continue
@@ -84,7 +84,7 @@ def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt
             details = _plain(failure.user_failure_data.metadata) if failure and failure.user_failure_data else {}
             out.append({
                 "time": dt.datetime.fromtimestamp(log.timestamp, dt.UTC).isoformat(), "kind": "refused or failed",
-                "asset": step.replace("__", "/", 2), "run_id": log.run_id, "user": record.dagster_run.tags.get(USER_TAG, ""),
+                "asset": step.replace("__", "/", 2), "run_id": log.run_id, "user": run_record.dagster_run.tags.get(USER_TAG, ""),
                 "metadata": {"message": message, **details},
             })
     if since is not None:

@@ -264,7 +264,7 @@ def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
     return digest.hexdigest()
 
 
-def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str) -> Iterator[dg.MaterializeResult]:
+def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     context.log.info(f"{stage}: inputs, keys and SQL unchanged since the last build; dbt not run")
     selected = context.selected_asset_keys
     deps = context.assets_def.asset_deps
@@ -392,7 +392,8 @@ def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefiniti
             context.log.info(f"bucket {bucket}: identities unchanged, no PSI work")
             return dg.MaterializeResult(metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1])}, data_version=dg.DataVersion(digest))
         if len(inputs) == 1:  # only parties at home besides the client: their answer is applied when the buckets are assembled
-            pairs, exchanged = [(t,) for t in inputs[0].tokens], 0
+            pairs: list[tuple[str, ...]] = [(t,) for t in inputs[0].tokens]
+            exchanged = 0
         else:
             result = matching.match(inputs, client, buckets=1, workers=1)
             assert result.parties == tuple(at_operator)

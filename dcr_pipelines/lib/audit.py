@@ -126,10 +126,10 @@ def verify_chain(chain: Sequence[ChainRow], anchors: Iterable[Anchor] = ()) -> l
             problems.append(Problem(where, "its chain hash was edited"))
         previous = row.chain_sha256
     for anchor in anchors:
-        row = by_seq.get(anchor.seq)
-        if row is None:
+        anchored = by_seq.get(anchor.seq)
+        if anchored is None:
             problems.append(Problem(f"anchor at entry {anchor.seq}", "the entry a party saved no longer exists (history was truncated)"))
-        elif row.chain_sha256 != anchor.chain_sha256:
+        elif anchored.chain_sha256 != anchor.chain_sha256:
             problems.append(Problem(f"anchor at entry {anchor.seq}", "the chain differs from the head a party saved (history was rewritten)"))
     return problems
 

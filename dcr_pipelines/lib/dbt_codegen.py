@@ -273,7 +273,7 @@ def rewrite_query(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
     tree = sqlglot.parse_one(query.sql, read="postgres")
     ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
 
-    def transform(node: exp.Expression) -> exp.Expression:
+    def transform(node: exp.Expr) -> exp.Expr:
         if isinstance(node, exp.Table) and node.name not in ctes:
             alias = node.alias or node.name
             return exp.to_table(f"dcr_ref__{node.name}").as_(alias)

@@ -224,11 +224,11 @@ def match(
     wanted = {client_input.identifiers[i]: i for i in matched_client}
     server_tokens = [{identifier: token for token, identifier in zip(s.tokens, s.identifiers, strict=False) if identifier in wanted} for s in servers]
     parties = (client, *(s.party for s in servers), *(h.party for h in home))
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for identifier, i in wanted.items():
-        others = [tokens.get(identifier) for tokens in server_tokens]
-        if all(t is not None for t in others):
-            rows.append((secrets.token_hex(16), client_input.tokens[i], *others, *(h.by_client_index[i] for h in home)))  # type: ignore[arg-type]
+        others = [tokens[identifier] for tokens in server_tokens if identifier in tokens]
+        if len(others) == len(server_tokens):
+            rows.append((secrets.token_hex(16), client_input.tokens[i], *others, *(h.by_client_index[i] for h in home)))
     matched = len(rows)
     if padding:
         tokens_by_party = [client_input.tokens, *(s.tokens for s in servers), *(h.tokens for h in home)]

@@ -58,7 +58,7 @@ def _plain_value(value: object) -> object:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if hasattr(value, "isoformat"):
-        return value.isoformat()  # type: ignore[no-any-return,union-attr]
+        return value.isoformat()
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
@@ -91,7 +91,7 @@ def _as_role(conn: psycopg.Connection, role: sql.Identifier, timeout_s: int, sta
             conn.execute("set local standard_conforming_strings = on")  # a backslash in a literal is a backslash, as checked
             conn.execute(sql.SQL("set local role {}").format(role))
             conn.execute(sql.SQL("set local statement_timeout = {}").format(sql.Literal(f"{int(timeout_s)}s")))
-            cursor = conn.execute(statement, params)  # type: ignore[arg-type]
+            cursor = conn.execute(statement, params)
             conn.execute("reset role")
             return cursor
     except psycopg.errors.QueryCanceled:
@@ -101,7 +101,7 @@ def _as_role(conn: psycopg.Connection, role: sql.Identifier, timeout_s: int, sta
 
 
 def _type_names(conn: psycopg.Connection, oids: list[int]) -> list[str]:
-    names = dict(conn.execute("select o, format_type(o, null) from unnest(%s::oid[]) as o", (oids,)).fetchall())
+    names: dict[int, str] = dict(conn.execute("select o, format_type(o, null) from unnest(%s::oid[]) as o", (oids,)).fetchall())
     return [str(names[o]) for o in oids]
 
 

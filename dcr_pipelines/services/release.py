@@ -98,6 +98,8 @@ def _noised_rows(
     for i, cell in enumerate(cells):
         for metric_name, metric in query.spec.metrics.items():
             row = {d: cell[d] for d in dims}
+            value: float | None
+            half: float | None
             if metric.aggregate in (MetricKind.COUNT_UNITS, MetricKind.COUNT):
                 value, half = noised[metric_name][i], accuracy[metric_name]
             elif metric.aggregate == MetricKind.SUM:

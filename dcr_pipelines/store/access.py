@@ -112,15 +112,15 @@ def apply(conn: psycopg.Connection, loaded: LoadedCollaboration) -> int:
             _create_role(conn, role)
         grants = plan(loaded)
         for g in grants:
-            schema, role = sql.Identifier(g.schema), sql.Identifier(g.role)
+            schema_id, role_id = sql.Identifier(g.schema), sql.Identifier(g.role)
             if g.level == "write":
-                conn.execute(sql.SQL("grant usage, create on schema {} to {}").format(schema, role))
-                conn.execute(sql.SQL("grant all on all tables in schema {} to {}").format(schema, role))
-                conn.execute(sql.SQL("alter default privileges in schema {} grant all on tables to {}").format(schema, role))
+                conn.execute(sql.SQL("grant usage, create on schema {} to {}").format(schema_id, role_id))
+                conn.execute(sql.SQL("grant all on all tables in schema {} to {}").format(schema_id, role_id))
+                conn.execute(sql.SQL("alter default privileges in schema {} grant all on tables to {}").format(schema_id, role_id))
             else:
-                conn.execute(sql.SQL("grant usage on schema {} to {}").format(schema, role))
-                conn.execute(sql.SQL("grant select on all tables in schema {} to {}").format(schema, role))
-                conn.execute(sql.SQL("alter default privileges in schema {} grant select on tables to {}").format(schema, role))
+                conn.execute(sql.SQL("grant usage on schema {} to {}").format(schema_id, role_id))
+                conn.execute(sql.SQL("grant select on all tables in schema {} to {}").format(schema_id, role_id))
+                conn.execute(sql.SQL("alter default privileges in schema {} grant select on tables to {}").format(schema_id, role_id))
         results = naming.results_schema(loaded.name)
         for query_name in [*loaded.queries, *([OVERLAP] if loaded.collaboration.matching.overlap_release != "withheld" else [])]:
             for reader in result_readers(loaded, query_name):

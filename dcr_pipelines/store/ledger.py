@@ -181,7 +181,8 @@ def release(
                     "released_at": released_at, "run_id": run_id,
                 }
                 chained = audit_chain.append(conn, schema, collaboration, "release", release_id, entry)
-                audit_chain.append(conn, schema, collaboration, "charge", str(charged[0]), audit_chain.charge_entry(tuple(charged)))  # type: ignore[index]
+                assert charged is not None
+                audit_chain.append(conn, schema, collaboration, "charge", str(charged[0]), audit_chain.charge_entry(tuple(charged)))
                 conn.execute(
                     sql.SQL("update {} set rows_sha256 = %s, entry_sha256 = %s, prev_sha256 = %s, chain_sha256 = %s where release_id = %s").format(
                         sql.Identifier(schema, "releases")),
@@ -190,7 +191,8 @@ def release(
         except Exception:
             log.exception("release %s of %s/%s failed after noise was drawn; charging epsilon %s", release_id, collaboration, query_name, cost)
             charged = conn.execute(charge, (budget.consumer, query_name, f"failed:{release_id}", cost, delta)).fetchone()
-            audit_chain.append(conn, schema, collaboration, "charge", str(charged[0]), audit_chain.charge_entry(tuple(charged)))  # type: ignore[index]
+            assert charged is not None
+            audit_chain.append(conn, schema, collaboration, "charge", str(charged[0]), audit_chain.charge_entry(tuple(charged)))
             failed = True
         else:
             failed = False

@@ -4,8 +4,6 @@ needs that party's new approval, while tightening needs none."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -93,19 +91,6 @@ def test_a_query_over_one_partys_table_needs_every_party_whose_identities_feed_t
                for i in issues), issues
     approve(demo, "ad_network")
     assert load_collaboration(demo).queries["loyal_counts"].sha256 == query_hash(demo / "queries" / "loyal_counts.yaml")
-
-
-def test_policy_hash_and_the_loader_share_one_function_even_with_a_sql_field(demo: Path, tmp_path: Path) -> None:
-    queries = demo / "queries"
-    (queries / "campaign_reach.sql").rename(queries / "reach_v2.sql")
-    spec = queries / "campaign_reach.yaml"
-    spec.write_text("sql: reach_v2.sql\n" + spec.read_text())
-    approve_all(demo)
-    loaded = load_collaboration(demo)
-    printed = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "policy", "hash", "demo"], capture_output=True, text=True,
-                             env={"DCR_POLICIES": str(demo.parent), "PATH": "/usr/bin:/bin", "DCR_HOME": str(tmp_path / "home")})
-    assert printed.returncode == 0, printed.stderr
-    assert f"campaign_reach  {loaded.queries['campaign_reach'].sha256}" in printed.stdout
 
 
 def test_approve_keeps_the_file_as_written_and_refuses_members_without_data(demo: Path) -> None:

@@ -31,14 +31,6 @@ def test_row_filter_values_are_quoted_not_spliced() -> None:
     assert dbt_codegen.row_filter_sql(flt) == "\"store_region\" in ('north', 'x''); drop table t; --')"
 
 
-def test_no_secret_reaches_generated_sql() -> None:
-    files = dbt_codegen.render(LOADED)
-    text = "\n".join(files.values())
-    assert """dcr_keyed_token('normalised."customer_email"', 'retailer')""" in text  # the macro reads session settings...
-    pads = hmac_pads(b"k" * 32)
-    assert pads.inner.hex() not in text and "kkkk" not in text  # ...never written into SQL
-
-
 def test_hmac_pads_reproduce_python_hmac() -> None:
     import hashlib
     import hmac

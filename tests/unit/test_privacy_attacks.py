@@ -137,6 +137,7 @@ PLANS = {
 }
 
 
+@pytest.mark.slow  # statistical: 30 to 60 s; `make test` runs it, `make test-fast` does not
 @pytest.mark.parametrize("metrics", PLANS.values(), ids=PLANS.keys())
 def test_each_mechanism_loses_no_more_privacy_than_configured_and_a_halved_scale_is_caught(metrics: dict) -> None:
     plan = plan_release(_spec(metrics, epsilon=1.0, groups=2))[0]

@@ -60,13 +60,13 @@ UNIT_COLUMN = "dcr_unit"  # the stable person number in every matched view (see 
 HIDDEN_VIEW_COLUMNS = ("match_id", UNIT_COLUMN)
 
 # Parsed forms of each scalar function an owner can allow (policy names: models.SCALAR_FUNCTIONS).
-SCALAR_FORMS: dict[type[exp.Expression], str] = {
+SCALAR_FORMS: dict[type[exp.Expr], str] = {
     exp.Lower: "lower", exp.Upper: "upper", exp.Trim: "trim", exp.Length: "length", exp.Substring: "substring",
     exp.Concat: "concat", exp.DPipe: "concat", exp.Round: "round", exp.Abs: "abs", exp.Floor: "floor", exp.Ceil: "ceil",
     exp.Coalesce: "coalesce", exp.Greatest: "greatest", exp.Least: "least", exp.TimestampTrunc: "date_trunc",
     exp.DateTrunc: "date_trunc", exp.Extract: "extract", exp.Cast: "cast", exp.Case: "case", exp.If: "case",
 }
-AGGREGATES: dict[type[exp.Expression], str] = {
+AGGREGATES: dict[type[exp.Expr], str] = {
     exp.Count: "count", exp.Sum: "sum", exp.Avg: "avg", exp.Min: "min", exp.Max: "max", exp.Stddev: "stddev", exp.Variance: "variance",
 }
 # Syntax that carries no data access of its own: operators, literals, names.
@@ -178,7 +178,7 @@ class CheckedQuery:
         return lines
 
 
-def _part(node: exp.Expression) -> str:
+def _part(node: exp.Expr) -> str:
     text = node.sql(dialect="postgres")
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -288,7 +288,7 @@ def _check_structure(tree: exp.Select) -> None:
 
 def _check_tables(ctx: _Context, tree: exp.Select) -> None:
     collab = ctx.loaded.collaboration
-    sources: list[exp.Expression] = []
+    sources: list[exp.Expr] = []
     from_ = tree.args.get("from") or tree.args.get("from_")
     if from_ is None:
         raise QueryRefused("single SELECT", "the query reads no dataset (FROM is missing)")
@@ -423,15 +423,15 @@ def _resolve(ctx: _Context, column: exp.Column) -> tuple[str, str, Column]:
     return alias, name, spec
 
 
-def _is_bare_name(node: exp.Expression) -> bool:
+def _is_bare_name(node: exp.Expr) -> bool:
     return isinstance(node, exp.Column) and not node.table
 
 
-def _output_expression(tree: exp.Select, names: list[str], name: str) -> exp.Expression:
+def _output_expression(tree: exp.Select, names: list[str], name: str) -> exp.Expr:
     return tree.expressions[names.index(name)].unalias()
 
 
-def _same_as_input(ctx: _Context, item: exp.Expression, name: str) -> bool:
+def _same_as_input(ctx: _Context, item: exp.Expr, name: str) -> bool:
     """Whether an output expression is the input column ``name`` itself (then alias and column agree)."""
     return isinstance(item, exp.Column) and item.name == name
 
@@ -443,7 +443,7 @@ def _resolve_group(ctx: _Context, tree: exp.Select, names: list[str]) -> None:
         return
     inputs = _input_columns(ctx)
     explicit = {item.alias for item in tree.expressions if isinstance(item, exp.Alias)}
-    resolved: list[exp.Expression] = []
+    resolved: list[exp.Expr] = []
     for g in group.expressions:
         if isinstance(g, exp.Literal) and g.is_int:
             position = int(g.this)
@@ -530,13 +530,14 @@ def _qualify(ctx: _Context, tree: exp.Select) -> None:
         column.set("this", exp.to_identifier(name))
 
 
-def _clause(node: exp.Expression, tree: exp.Select) -> str:
+def _clause(node: exp.Expr, tree: exp.Select) -> str:
     while node.parent is not None and node.parent is not tree:
         node = node.parent
-    return {exp.Join: "join", exp.Where: "where", exp.Group: "group", exp.Having: "having", exp.Order: "order"}.get(type(node), "select")
+    clauses: dict[type[exp.Expr], str] = {exp.Join: "join", exp.Where: "where", exp.Group: "group", exp.Having: "having", exp.Order: "order"}
+    return clauses.get(type(node), "select")
 
 
-def _aggregate_of(node: exp.Expression) -> exp.Expression | None:
+def _aggregate_of(node: exp.Expr) -> exp.Expr | None:
     parent = node.parent
     while parent is not None:
         if type(parent) in AGGREGATES:
@@ -545,7 +546,7 @@ def _aggregate_of(node: exp.Expression) -> exp.Expression | None:
     return None
 
 
-def _aggregate_function(agg: exp.Expression) -> AggregateFunction:
+def _aggregate_function(agg: exp.Expr) -> AggregateFunction:
     distinct = isinstance(agg.this, exp.Distinct)
     base = AGGREGATES[type(agg)]
     if distinct and base in ("count", "sum"):
@@ -555,7 +556,7 @@ def _aggregate_function(agg: exp.Expression) -> AggregateFunction:
     return AggregateFunction(base)
 
 
-def _is_units(agg: exp.Expression | None, column: exp.Column, spec: Column, rule: str) -> bool:
+def _is_units(agg: exp.Expr | None, column: exp.Column, spec: Column, rule: str) -> bool:
     """COUNT(DISTINCT join column) counts matched people: it becomes COUNT(DISTINCT match_id)."""
     return (
         agg is not None and isinstance(agg, exp.Count) and isinstance(agg.this, exp.Distinct)
@@ -634,7 +635,7 @@ def _check_joins(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | li
         seen.append(alias)
 
 
-def _has_aggregate(node: exp.Expression) -> bool:
+def _has_aggregate(node: exp.Expr) -> bool:
     return any(type(n) in AGGREGATES for n in node.walk())
 
 
@@ -655,7 +656,7 @@ def _check_list_shape(ctx: _Context, tree: exp.Select) -> None:
 _NUMERIC = {"integer", "numeric", "number"}
 
 
-def _refuse_pre(node: exp.Expression, why: str) -> QueryRefused:
+def _refuse_pre(node: exp.Expr, why: str) -> QueryRefused:
     return QueryRefused(
         PRE_THRESHOLD,
         f"{_part(node)}: {why}. Expressions in WHERE, GROUP BY and inside aggregates run on every row, even rows of "
@@ -664,7 +665,7 @@ def _refuse_pre(node: exp.Expression, why: str) -> QueryRefused:
     )
 
 
-def _unify(node: exp.Expression, a: str, b: str) -> str:
+def _unify(node: exp.Expr, a: str, b: str) -> str:
     if a == "null":
         return b
     if b == "null" or a == b:
@@ -678,7 +679,7 @@ def _unify(node: exp.Expression, a: str, b: str) -> str:
     raise _refuse_pre(node, f"compares or combines a {a} with a {b}; PostgreSQL would convert one of them, which can fail on some values")
 
 
-def _int_literal(node: exp.Expression | None) -> int | None:
+def _int_literal(node: exp.Expr | None) -> int | None:
     if isinstance(node, exp.Literal) and node.is_int:
         return int(node.this)
     if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal) and node.this.is_int:
@@ -700,7 +701,7 @@ _CAST_TARGETS = {
 _TOTAL_CASTS = {("integer", "numeric"), ("timestamp", "date")} | {(t, "text") for t in ("text", "integer", "numeric", "date", "timestamp", "boolean")}
 
 
-def _ptype(ctx: _Context, node: exp.Expression) -> str:
+def _ptype(ctx: _Context, node: exp.Expr) -> str:
     """The type of a phase-1 value expression, or a refusal if it could fail on some row."""
     if isinstance(node, exp.Paren):
         return _ptype(ctx, node.this)
@@ -805,7 +806,7 @@ def _ptype(ctx: _Context, node: exp.Expression) -> str:
     raise _refuse_pre(node, f"{type(node).__name__} is not allowed here")
 
 
-def _expect(ctx: _Context, node: exp.Expression, allowed: set[str], why: str | None = None) -> str:
+def _expect(ctx: _Context, node: exp.Expr, allowed: set[str], why: str | None = None) -> str:
     found = _ptype(ctx, node)
     if found not in allowed and found != "null":
         raise _refuse_pre(node, why or f"expects a {' or '.join(sorted(t for t in allowed if t not in ('unknown', 'number')))} value, not a {found}")
@@ -818,7 +819,7 @@ def _like_pattern_ok(pattern: str) -> bool:
     return trailing % 2 == 0
 
 
-def _pcond(ctx: _Context, node: exp.Expression) -> None:
+def _pcond(ctx: _Context, node: exp.Expr) -> None:
     """A phase-1 condition: comparisons of total values with literals or each other, combined with AND/OR/NOT."""
     if isinstance(node, exp.Paren):
         return _pcond(ctx, node.this)
@@ -862,7 +863,7 @@ def _pcond(ctx: _Context, node: exp.Expression) -> None:
     raise _refuse_pre(node, f"{type(node).__name__} is not a condition allowed here")
 
 
-def _check_aggregate_argument(ctx: _Context, agg: exp.Expression) -> None:
+def _check_aggregate_argument(ctx: _Context, agg: exp.Expr) -> None:
     inner = agg.this
     if isinstance(inner, exp.Star):
         return
@@ -915,10 +916,10 @@ def _plan(
     for key in keys:
         _ptype(ctx, key)
     key_sql = [k.sql(dialect="postgres") for k in keys]
-    aggregates: list[exp.Expression] = []
+    aggregates: list[exp.Expr] = []
     aggregate_sql: list[str] = []
 
-    def to_phase2(node: exp.Expression) -> exp.Expression:
+    def to_phase2(node: exp.Expr) -> exp.Expr:
         text = node.sql(dialect="postgres")
         if text in key_sql:
             return exp.column(f"k{key_sql.index(text) + 1}", table="g", quoted=True)
@@ -936,7 +937,7 @@ def _plan(
     having = tree.args.get("having")
     having_sql = having.this.transform(to_phase2).sql(dialect="postgres") if having is not None else None
 
-    def physical(node: exp.Expression) -> exp.Expression:
+    def physical(node: exp.Expr) -> exp.Expr:
         if isinstance(node, exp.Table):
             alias = node.alias or node.name
             return exp.Table(
@@ -950,12 +951,13 @@ def _plan(
     first = next(iter(ctx.tables))
     base = exp.Select()
     from_ = tree.args.get("from") or tree.args.get("from_")
+    assert from_ is not None, "checked queries have a FROM clause"
     base = base.from_(from_.this.transform(physical))
     for join in tree.args.get("joins") or []:
         base.append("joins", join.transform(physical))
     if where is not None:
         base = base.where(where.this.transform(physical))
-    items: list[exp.Expression] = [exp.alias_(k.transform(physical), f"k{i}", quoted=True) for i, k in enumerate(keys, start=1)]
+    items: list[exp.Expr] = [exp.alias_(k.transform(physical), f"k{i}", quoted=True) for i, k in enumerate(keys, start=1)]
     items += [exp.alias_(a.transform(physical), f"a{j}", quoted=True) for j, a in enumerate(aggregates, start=1)]
     units = exp.Count(this=exp.Distinct(expressions=[exp.Column(this=_q("match_id"), table=_q(first))]))
     items.append(exp.alias_(units.copy(), UNITS, quoted=True))

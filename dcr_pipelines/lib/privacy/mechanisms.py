@@ -57,7 +57,7 @@ class NoisePlan:
             raise ValueError("epsilon must be positive and finite")
 
 
-def _space(integer: bool) -> tuple[object, object]:
+def _space(integer: bool) -> tuple[dp.Domain, dp.Metric]:
     if integer:
         return dp.vector_domain(dp.atom_domain(T=int)), dp.l1_distance(T=int)
     return dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.l1_distance(T=float)
@@ -128,7 +128,7 @@ def plan_key_selection(spec: QuerySpec) -> KeySelectionPlan | None:
     # The threshold drives delta only, so: the smallest scale whose epsilon fits, then the
     # smallest threshold whose delta fits at that scale (both maps computed by opendp).
     scale = dp.binary_search(lambda s: _threshold_measurement(s, (1 << 31) - 1).map(d_in)[0] <= epsilon, bounds=(1e-6, 1e9), T=float)
-    threshold = dp.binary_search(lambda t: _threshold_measurement(scale, t).check(d_in, (epsilon, delta)), bounds=(1, (1 << 31) - 1), T=int)
+    threshold = int(dp.binary_search(lambda t: _threshold_measurement(scale, int(t)).check(d_in, (epsilon, delta)), bounds=(1, (1 << 31) - 1), T=int))
     spent_eps, spent_delta = _threshold_measurement(scale, threshold).map(d_in)
     return KeySelectionPlan(counts[0], scale, threshold, g, spent_eps, spent_delta)
 
