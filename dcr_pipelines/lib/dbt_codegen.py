@@ -451,6 +451,14 @@ def render(loaded: LoadedCollaboration) -> dict[Path, str]:
     return files
 
 
+def write_rendered(folder: Path, files: dict[Path, str]) -> None:
+    """Write one collaboration's rendered models under ``folder`` (a review copy, or the dbt project's models)."""
+    for rel, content in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+
+
 def write_models(dbt_project: Path, collaborations: Iterable[LoadedCollaboration]) -> str:
     """Regenerate every collaboration's models; return a hash of what was written."""
     root = dbt_project / GENERATED_DIR
@@ -465,10 +473,7 @@ def write_models(dbt_project: Path, collaborations: Iterable[LoadedCollaboration
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for collab_name, files in rendered.items():
-        for rel, content in files.items():
-            path = tmp / collab_name / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content, encoding="utf-8")
+        write_rendered(tmp / collab_name, files)
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / stamp.name).write_text(digest.hexdigest() + "\n")
     shutil.rmtree(root, ignore_errors=True)

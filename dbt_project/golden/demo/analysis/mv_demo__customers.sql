@@ -1,0 +1,11 @@
+{{ config(schema="demo_analysis", alias="matched_customers", materialized="view", tags=["dcr_demo", "dcr_analysis"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "analysis", "matched_customers"], "stage": "analysis"}}) }}
+
+select
+    xref.match_id,
+    xref.unit as dcr_unit,
+    staged."loyalty_tier",
+    staged."age_band",
+    staged."lifetime_value"
+from {{ ref('stg_demo__retailer__customers') }} as staged
+inner join {{ source('demo_matching', 'cross_reference') }} as xref
+    on xref."retailer_token" = staged."customer_email_token"

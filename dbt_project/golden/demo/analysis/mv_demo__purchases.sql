@@ -1,0 +1,11 @@
+{{ config(schema="demo_analysis", alias="matched_purchases", materialized="view", tags=["dcr_demo", "dcr_analysis"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "analysis", "matched_purchases"], "stage": "analysis"}}) }}
+
+select
+    xref.match_id,
+    xref.unit as dcr_unit,
+    staged."purchase_value",
+    staged."purchase_date",
+    staged."store_region"
+from {{ ref('stg_demo__retailer__purchases') }} as staged
+inner join {{ source('demo_matching', 'cross_reference') }} as xref
+    on xref."retailer_token" = staged."customer_email_token"

@@ -1,0 +1,23 @@
+{{ config(schema="demo_raw_ad_network", alias="impressions__normalised", tags=["dcr_demo", "dcr_staging"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "private", "ad_network__impressions__normalised"], "stage": "staging", "owner": "ad_network"}}) }}{% if target.type == 'greenplum' %}{{ config(distributed_by="\"user_email_token\"") }}{% endif %}
+
+with source as (
+    select * from {{ source('demo_raw_ad_network', 'impressions') }}
+),
+
+normalised as (
+    select
+        "user_email" as "user_email__raw",
+        {{ dcr_normalise_identifier('"user_email"', 'email', {"gmail_drop_dots": false, "drop_plus_tag": false}) }} as "user_email",
+        "campaign_id",
+        "impression_time"
+    from source
+    where true
+)
+
+select
+    normalised."user_email",
+    {{ dcr_identifier_problem('normalised."user_email__raw"', 'email', 'normalised."user_email"') }} as "user_email__problem",
+    case when normalised."user_email" is not null then {{ dcr_keyed_token('normalised."user_email"', 'ad_network') }} end as "user_email_token",
+    normalised."campaign_id",
+    normalised."impression_time"
+from normalised

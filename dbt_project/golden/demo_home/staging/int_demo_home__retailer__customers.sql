@@ -1,0 +1,25 @@
+{{ config(schema="demo_home_raw_retailer", alias="customers__normalised", tags=["dcr_demo_home", "dcr_staging"], meta={"dcr": {"collaboration": "demo_home", "asset_key": ["demo_home", "private", "retailer__customers__normalised"], "stage": "staging", "owner": "retailer"}}) }}{% if target.type == 'greenplum' %}{{ config(distributed_by="\"customer_email_token\"") }}{% endif %}
+
+with source as (
+    select * from {{ source('demo_home_raw_retailer', 'customers') }}
+),
+
+normalised as (
+    select
+        "customer_email" as "customer_email__raw",
+        {{ dcr_normalise_identifier('"customer_email"', 'email', {"gmail_drop_dots": false, "drop_plus_tag": false}) }} as "customer_email",
+        "loyalty_tier",
+        "age_band",
+        "lifetime_value"
+    from source
+    where true
+)
+
+select
+    normalised."customer_email",
+    {{ dcr_identifier_problem('normalised."customer_email__raw"', 'email', 'normalised."customer_email"') }} as "customer_email__problem",
+    case when normalised."customer_email" is not null then {{ dcr_keyed_token('normalised."customer_email"', 'retailer') }} end as "customer_email_token",
+    normalised."loyalty_tier",
+    normalised."age_band",
+    normalised."lifetime_value"
+from normalised
