@@ -1,10 +1,13 @@
 """Generate a collaboration's dbt models from its policy.
 
 Policy is the single source of truth: the normalised, staging, identity,
-matched-view and query models of every collaboration are rendered here into
+matched-view and query models of every collaboration are rendered from the
+Jinja templates in ``lib/templates/`` into
 ``dbt_project/models/collaborations/<collab>/`` (ignored by git) and parsed
-into one manifest. The SQL logic itself lives in hand-written macros under
-``dbt_project/macros``; generated files only wire policy values into them.
+into one manifest; the demo collaborations' output is committed under
+``dbt_project/golden/`` for review. The SQL logic itself lives in
+hand-written macros under ``dbt_project/macros``; generated files only wire
+policy values into them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import sqlglot
 from sqlglot import exp
 
 from . import naming as n
 from .identifiers import TOKEN_PATTERN
 from .policy import ApprovedQuery, LoadedCollaboration
-from .policy.models import Dataset, MetricKind, ParameterType, RowFilter
+from .policy.models import Dataset, ParameterType, RowFilter
 
 GENERATED_DIR = Path("models") / "collaborations"
 _PARAM_SQL_TYPES = {
@@ -33,6 +37,23 @@ _PARAM_SQL_TYPES = {
     ParameterType.DATE: "date",
     ParameterType.BOOLEAN: "boolean",
 }
+
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("dcr_pipelines.lib", "templates"),
+    # The output is dbt Jinja: our own tags are [[ ]], [% %] and [# #], so {{ }} and {% %} pass through for dbt.
+    variable_start_string="[[", variable_end_string="]]",
+    block_start_string="[%", block_end_string="%]",
+    comment_start_string="[#", comment_end_string="#]",
+    trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,  # noqa: S701 (renders SQL, not HTML; every value is an identifier from the validated policy or a quoted literal)
+)
+
+
+def _render(template: str, **values: Any) -> str:
+    """One model from its template; the template's leading comment line is not part of the output."""
+    return _TEMPLATES.get_template(template).render(**values).lstrip("\n")
 
 
 def _literal(value: Any) -> str:
@@ -88,46 +109,18 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
     """Party-private: each identifier normalised, why not (if not), and its keyed token; shared columns."""
     c, p = loaded.name, ds.owner
     id_cols = {col: spec.identifier.value for col, spec in ds.identifier_columns.items() if spec.identifier is not None}
-    if loaded.at_home(p):
-        return _tokenised_sql(loaded, dataset_name, ds, list(id_cols))
-    inner = []
-    for col, kind in id_cols.items():
-        options = json.dumps(identifier_options(loaded, kind))
-        inner.append(f'        "{col}" as "{col}__raw"')
-        inner.append(f"        {{{{ dcr_normalise_identifier('\"{col}\"', '{kind}', {options}) }}}} as \"{col}\"")
-    inner += [f'        "{col}"' for col in ds.shared_columns]
-    outputs = []
-    for col, kind in id_cols.items():
-        outputs.append(f'    normalised."{col}"')
-        outputs.append(
-            f"    {{{{ dcr_identifier_problem('normalised.\"{col}__raw\"', '{kind}', 'normalised.\"{col}\"') }}}} as \"{col}__problem\""
-        )
-        outputs.append(
-            f'    case when normalised."{col}" is not null then '
-            f"{{{{ dcr_keyed_token('normalised.\"{col}\"', '{p}') }}}} end as \"{n.token_column(col)}\""
-        )
-    outputs += [f'    normalised."{col}"' for col in ds.shared_columns]
-    where = " and ".join(row_filter_sql(f) for f in ds.row_filters) or "true"
-    return "\n".join(
-        [
-            _normalised_config(loaded, dataset_name, ds),
-            "",
-            "with source as (",
-            f"    select * from {{{{ source('{n.raw_schema(c, p)}', '{dataset_name}') }}}}",
-            "),",
-            "",
-            "normalised as (",
-            "    select",
-            ",\n".join(inner),
-            "    from source",
-            f"    where {where}",
-            ")",
-            "",
-            "select",
-            ",\n".join(outputs),
-            "from normalised",
-            "",
-        ]
+    identifiers = [{"name": col, "kind": kind, "token": n.token_column(col), "options": json.dumps(identifier_options(loaded, kind))}
+                   for col, kind in id_cols.items()]
+    return _render(
+        "tokenised.sql.j2" if loaded.at_home(p) else "normalised.sql.j2",
+        config=_normalised_config(loaded, dataset_name, ds),
+        raw_schema=n.raw_schema(c, p),
+        dataset=dataset_name,
+        party=p,
+        identifiers=identifiers,
+        shared=list(ds.shared_columns),
+        where=" and ".join(row_filter_sql(f) for f in ds.row_filters) or "true",
+        token_pattern=TOKEN_PATTERN,
     )
 
 
@@ -143,52 +136,21 @@ def _normalised_config(loaded: LoadedCollaboration, dataset_name: str, ds: Datas
     )
 
 
-def _tokenised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset, id_cols: list[str]) -> str:
-    """A home party's upload already carries its tokens (computed at home by `dcr psi prepare`): check their form, keep them."""
-    c, p = loaded.name, ds.owner
-    outputs = []
-    for col in id_cols:
-        value = f'lower(btrim("{col}"))'
-        outputs.append(f"    case when {value} ~ '{TOKEN_PATTERN}' then {value} end as \"{col}\"")
-        outputs.append(
-            f"    case when \"{col}\" is null or btrim(\"{col}\") = '' then 'missing' when {value} !~ '{TOKEN_PATTERN}' then 'invalid_token' end as \"{col}__problem\""
-        )
-        outputs.append(f"    case when {value} ~ '{TOKEN_PATTERN}' then {value} end as \"{n.token_column(col)}\"")
-    outputs += [f'    "{col}"' for col in ds.shared_columns]
-    where = " and ".join(row_filter_sql(f) for f in ds.row_filters) or "true"
-    return "\n".join(
-        [
-            _normalised_config(loaded, dataset_name, ds),
-            "",
-            "select",
-            ",\n".join(outputs),
-            f"from {{{{ source('{n.raw_schema(c, p)}', '{dataset_name}') }}}}",
-            f"where {where}",
-            "",
-        ]
-    )
-
-
 def staging_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
     c, p = loaded.name, ds.owner
     match_col = matching_column(loaded, ds)
-    columns = [f'    "{n.token_column(col)}"' for col in ds.identifier_columns] + [f'    "{col}"' for col in ds.shared_columns]
-    return "\n".join(
-        [
-            _config(
-                schema=n.staging_schema(c, p),
-                alias=dataset_name,
-                tags=[f"dcr_{c}", "dcr_staging"],
-                meta=_meta(c, n.staging_key(c, p, dataset_name), p, "staging"),
-                distributed_by=n.token_column(match_col),
-            ),
-            "",
-            "select",
-            ",\n".join(columns),
-            f"from {{{{ ref('{n.normalised_model(c, p, dataset_name)}') }}}}",
-            f'where "{n.token_column(match_col)}" is not null',
-            "",
-        ]
+    return _render(
+        "staging.sql.j2",
+        config=_config(
+            schema=n.staging_schema(c, p),
+            alias=dataset_name,
+            tags=[f"dcr_{c}", "dcr_staging"],
+            meta=_meta(c, n.staging_key(c, p, dataset_name), p, "staging"),
+            distributed_by=n.token_column(match_col),
+        ),
+        columns=[n.token_column(col) for col in ds.identifier_columns] + list(ds.shared_columns),
+        normalised_model=n.normalised_model(c, p, dataset_name),
+        match_token=n.token_column(match_col),
     )
 
 
@@ -199,73 +161,54 @@ def matching_column(loaded: LoadedCollaboration, ds: Dataset) -> str:
 
 def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
     c = loaded.name
-    parts = []
+    datasets = []
     for name, ds in loaded.collaboration.datasets.items():
-        if ds.owner != party:
-            continue
-        col = matching_column(loaded, ds)
-        parts.append(
-            f'select distinct "{n.token_column(col)}" as token, "{col}" as identifier\n'
-            f"from {{{{ ref('{n.normalised_model(c, party, name)}') }}}}\n"
-            f'where "{n.token_column(col)}" is not null'
-        )
-    return "\n".join(
-        [
-            _config(
-                schema=n.raw_schema(c, party),
-                alias="identities",
-                tags=[f"dcr_{c}", "dcr_staging"],
-                meta=_meta(c, n.identities_key(c, party), party, "staging"),
-                distributed_by="token",
-            ),
-            "",
-            "\nunion\n".join(parts),
-            "",
-        ]
+        if ds.owner == party:
+            col = matching_column(loaded, ds)
+            datasets.append({"token": n.token_column(col), "column": col, "model": n.normalised_model(c, party, name)})
+    return _render(
+        "identities.sql.j2",
+        config=_config(
+            schema=n.raw_schema(c, party),
+            alias="identities",
+            tags=[f"dcr_{c}", "dcr_staging"],
+            meta=_meta(c, n.identities_key(c, party), party, "staging"),
+            distributed_by="token",
+        ),
+        datasets=datasets,
     )
 
 
 def matched_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
     c, p = loaded.name, ds.owner
-    match_col = matching_column(loaded, ds)
-    columns = ["    xref.match_id", "    xref.unit as dcr_unit"] + [f'    staged."{col}"' for col in ds.shared_columns]
-    return "\n".join(
-        [
-            _config(
-                schema=n.analysis_schema(c),
-                alias=f"matched_{dataset_name}",
-                materialized="view",
-                tags=[f"dcr_{c}", "dcr_analysis"],
-                meta=_meta(c, n.matched_key(c, dataset_name), None, "analysis"),
-            ),
-            "",
-            "select",
-            ",\n".join(columns),
-            f"from {{{{ ref('{n.staging_model(c, p, dataset_name)}') }}}} as staged",
-            f"inner join {{{{ source('{n.matching_schema(c)}', 'cross_reference') }}}} as xref",
-            f'    on xref."{n.party_token_column(p)}" = staged."{n.token_column(match_col)}"',
-            *_real_matches_only(loaded, p),
-            "",
-        ]
+    return _render(
+        "matched.sql.j2",
+        config=_config(
+            schema=n.analysis_schema(c),
+            alias=f"matched_{dataset_name}",
+            materialized="view",
+            tags=[f"dcr_{c}", "dcr_analysis"],
+            meta=_meta(c, n.matched_key(c, dataset_name), None, "analysis"),
+        ),
+        shared=list(ds.shared_columns),
+        staging_model=n.staging_model(c, p, dataset_name),
+        matching_schema=n.matching_schema(c),
+        party_token=n.party_token_column(p),
+        match_token=n.token_column(matching_column(loaded, ds)),
+        others=_real_matches_only(loaded, p),
     )
 
 
-def _real_matches_only(loaded: LoadedCollaboration, party: str) -> list[str]:
-    """With padding, keep the rows whose every other token exists in that party's staging data (fake rows never do)."""
+def _real_matches_only(loaded: LoadedCollaboration, party: str) -> list[list[dict[str, str]]]:
+    """With padding: per other party, its staging tables; a row is real when its token exists in one of them (fake rows never do)."""
     if not loaded.collaboration.matching.padding:
         return []
     c = loaded.name
-    conditions = []
-    for other in loaded.parties():
-        if other == party:
-            continue
-        exists = []
-        for name, ds in loaded.collaboration.datasets.items():
-            if ds.owner == other:
-                col = n.token_column(matching_column(loaded, ds))
-                exists.append(f"select 1 from {{{{ ref('{n.staging_model(c, other, name)}') }}}} as o where o.\"{col}\" = xref.\"{n.party_token_column(other)}\"")
-        conditions.append("exists (" + " union all ".join(exists) + ")")
-    return ["where " + "\n    and ".join(conditions)]
+    return [
+        [{"model": n.staging_model(c, other, name), "token": n.token_column(matching_column(loaded, ds)), "party_token": n.party_token_column(other)}
+         for name, ds in loaded.collaboration.datasets.items() if ds.owner == other]
+        for other in loaded.parties() if other != party
+    ]
 
 
 def rewrite_query(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
@@ -296,73 +239,32 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
     """Pre-noise aggregates: domain filter, contribution bounds, clamping, then one row per group."""
     c, spec = loaded.name, query.spec
     dims = list(spec.dimensions)
-    domain_filters = [
-        f'"{d}" in ({", ".join(_literal(v) for v in dim.domain)})'
-        for d, dim in spec.dimensions.items()
-        if dim.domain is not None
-    ]
-    aggregates = []
+    domain_filters = [f'"{d}" in ({", ".join(_literal(v) for v in dim.domain)})' for d, dim in spec.dimensions.items() if dim.domain is not None]
+    metrics = []
     for metric_name, metric in spec.metrics.items():
-        if metric.aggregate == MetricKind.COUNT_UNITS:
-            aggregates.append(f'    count(distinct match_id) as "{metric_name}"')
-        elif metric.aggregate == MetricKind.COUNT:
-            aggregates.append(f'    count(*) as "{metric_name}"')
-        else:
-            assert metric.column is not None and metric.bounds is not None
-            low, high = metric.bounds
-            clamped = f'least(greatest(cast("{metric.column}" as numeric), {low!r}), {high!r})'
-            aggregates.append(f'    coalesce(sum({clamped}), 0) as "{metric_name}__sum"')
-            if metric.aggregate == MetricKind.AVG:
-                aggregates.append(f'    count(*) as "{metric_name}__count"')
-    people_cte: list[str] = []
-    source = "bounded"
-    if spec.rule == "threshold":  # the release removes groups with fewer distinct people than the minimum
-        aggregates.append('    count(distinct match_id) as "dcr_units"')
-        # and withholds groups whose people nearly equal a released group's (difference checks)
-        aggregates.append('    array_agg(distinct dcr_unit order by dcr_unit) as "dcr_people"')
-        source = "with_units"
-        people_cte = [
-            ",",
-            "",
-            "with_units as (",
-            "    select bounded.*, xref.unit as dcr_unit",
-            "    from bounded",
-            f"    inner join {{{{ source('{n.matching_schema(c)}', 'cross_reference') }}}} as xref on xref.match_id = bounded.match_id",
-            ")",
-        ]
-    # The request this table is built for (params, uploads, cross-reference): a release reads only its own.
-    aggregates.append(f"    {{{{ dcr_request_key('{c}', '{query.name}') }}}} as \"dcr_request\"")
-    inner = "\n".join("    " + line for line in rewrite_query(loaded, query).splitlines())
-    dim_list = ", ".join(f'"{d}"' for d in dims)
-    return "\n".join(
-        [
-            _config(
-                schema=n.analysis_schema(c),
-                alias=f"query_{query.name}",
-                tags=[f"dcr_{c}", "dcr_analysis"],
-                meta=_meta(c, n.analysis_key(c, query.name), None, "analysis"),
-            ),
-            "",
-            "with unit_rows as (",
-            inner,
-            "),",
-            "",
-            "in_domain as (",
-            "    select * from unit_rows",
-            f"    where match_id is not null and {' and '.join(domain_filters) or 'true'}",
-            "),",
-            "",
-            "bounded as (",
-            f"    {{{{ dcr_bound_contributions('in_domain', 'match_id', {json.dumps(dims)}, {spec.contribution.max_rows_per_group}, {spec.contribution.max_groups_per_unit}) }}}}",
-            ")" + "\n".join(people_cte),
-            "",
-            "select",
-            f"    {dim_list},",
-            ",\n".join(aggregates),
-            f"from {source}",
-            f"group by {dim_list}",
-            "",
-        ]
+        bounds = metric.bounds or (0, 0)
+        metrics.append({"name": metric_name, "aggregate": metric.aggregate.value, "column": metric.column, "low": repr(bounds[0]), "high": repr(bounds[1])})
+    return _render(
+        "query.sql.j2",
+        config=_config(
+            schema=n.analysis_schema(c),
+            alias=f"query_{query.name}",
+            tags=[f"dcr_{c}", "dcr_analysis"],
+            meta=_meta(c, n.analysis_key(c, query.name), None, "analysis"),
+        ),
+        collab=c,
+        query=query.name,
+        approved_sql=rewrite_query(loaded, query),
+        domain_filter=" and ".join(domain_filters) or "true",
+        dims_json=json.dumps(dims),
+        dim_list=", ".join(f'"{d}"' for d in dims),
+        max_rows_per_group=spec.contribution.max_rows_per_group,
+        max_groups_per_unit=spec.contribution.max_groups_per_unit,
+        metrics=metrics,
+        # threshold queries: the release removes groups under the minimum of distinct people, and withholds
+        # groups whose people nearly equal a released group's (difference checks)
+        thresholded=spec.rule == "threshold",
+        matching_schema=n.matching_schema(c),
     )
 
 
