@@ -303,6 +303,33 @@ def policy_check(path: Path | None) -> None:
         sys.exit(2)
 
 
+@policy.command("render")
+@click.argument("collab")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder to write the models into (replaced).")
+def policy_render(collab: str, out_dir: Path) -> None:
+    """Write the dbt models COLLAB's policy generates, for review (the demo's are kept in dbt_project/golden/).
+
+    \b
+    Example:
+      dcr policy render demo --out dbt_project/golden/demo && git diff dbt_project/golden
+    """
+    from .lib import dbt_codegen
+    from .lib.policy import PolicyError, load_collaboration
+    from .lib.settings import Settings
+
+    folder = Settings.from_env().policies / collab
+    if not (folder / "collaboration.yaml").is_file():
+        fail(f"no collaboration {collab!r} under {folder.parent} (expected {folder / 'collaboration.yaml'})", 2)
+    try:
+        loaded = load_collaboration(folder)
+    except PolicyError as exc:
+        fail(str(exc.issues[0]) + (f" (and {len(exc.issues) - 1} more; run `dcr policy check`)" if len(exc.issues) > 1 else ""), 2)
+    files = dbt_codegen.render(loaded)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    dbt_codegen.write_rendered(out_dir, files)
+    out.print(f"{len(files)} files written to {out_dir}", markup=False)
+
+
 @policy.command("hash")
 @click.argument("collab")
 def policy_hash(collab: str) -> None:
