@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from pathlib import Path
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
@@ -20,23 +22,56 @@ log = logging.getLogger(__name__)
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
-    """Load every valid collaboration; a broken policy folder is reported and skipped, not fatal."""
+    """Load every valid collaboration, each in isolation: a broken policy folder, or one whose assets cannot be built,
+    is logged and reported by a sensor of its own (Automation in the UI), and the others load."""
     loaded, issues = check_policies(settings.policies)
+    broken: dict[str, list[str]] = {}
     for issue in issues:
         log.error("policy skipped: %s", issue)
+        broken.setdefault(_folder_name(settings, issue.file), []).append(str(issue))
     # Parsed here, not passed as a path: dagster-dbt caches manifests by path per process,
     # which would keep a stale graph after the policies change (code-server reloads, tests).
     manifest = json.loads(prepare_manifest(settings.dbt_project, loaded).read_text())
-    parts = [build_collaboration(c, manifest, settings.landing, settings.exports, settings.dbt_project) for c in loaded]
+    parts: list[dg.Definitions] = []
+    for collab in loaded:
+        try:
+            part = build_collaboration(collab, manifest, settings.landing, settings.exports, settings.dbt_project)
+        except Exception as exc:  # one collaboration's defect must not take the others down
+            log.exception("collaboration %s skipped: its assets could not be built", collab.name)
+            broken.setdefault(collab.name, []).append(f"{collab.folder}: its assets could not be built ({exc.__class__.__name__}: {exc})")
+            continue
+        parts.append(part)
     resources = dg.Definitions(
         resources={
             "warehouse": WarehouseResource(url=dg.EnvVar("DCR_WAREHOUSE_URL")),
             "secrets": SecretsResource(),
             "dbt": DbtCliResource(project_dir=str(settings.dbt_project), profiles_dir=str(settings.dbt_project), dbt_executable=str(dbt_executable())),
-        }
+        },
+        sensors=[_broken_policy_sensor(name, problems) for name, problems in sorted(broken.items())],
     )
     executor = _executor()
     return dg.Definitions.merge(*parts, resources, *([dg.Definitions(executor=executor)] if executor is not None else []))
+
+
+def _folder_name(settings: Settings, path: Path) -> str:
+    """The collaboration folder a policy issue is in (its first path part under the policies root)."""
+    try:
+        return path.resolve().relative_to(settings.policies.resolve()).parts[0]
+    except (ValueError, IndexError):
+        return path.stem
+
+
+def _broken_policy_sensor(folder: str, problems: list[str]) -> dg.SensorDefinition:
+    """Shows, in the UI, why a collaboration did not load (its sensor never launches a run)."""
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", folder)
+
+    @dg.sensor(name=f"{safe}__policy_broken", minimum_interval_seconds=300,
+               description=f"{folder} did not load: " + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+               + " Fix it (`dcr policy check`) and reload the code location.")
+    def broken_policy(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+        return dg.SkipReason(f"{folder} did not load: " + "; ".join(problems))
+
+    return broken_policy
 
 
 def _executor() -> dg.ExecutorDefinition | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,24 @@ from dcr_pipelines.lib.settings import PROJECT_ROOT, Settings
 SNAPSHOT = Path(__file__).parent.parent / "snapshots" / "demo_graph.json"
 
 
-def _demo_definitions():  # type: ignore[no-untyped-def]
-    settings = Settings(PROJECT_ROOT / ".unused", PROJECT_ROOT / "policies", Path("/landing"), PROJECT_ROOT / "dbt_project", None)
-    return build_definitions(settings)
+def private_dbt_project(tmp: Path) -> Path:
+    """A copy of the hand-written dbt project: building definitions for another policies root here leaves the
+    checkout's generated models (which other tests' runs read) alone."""
+    target = tmp / "dbt_project"
+    shutil.copytree(PROJECT_ROOT / "dbt_project", target, ignore=shutil.ignore_patterns("target", "logs", "collaborations", "golden"))
+    return target
 
 
-def _graph() -> dict[str, object]:
-    defs = _demo_definitions()
+def _definitions(policies: Path, dbt_project: Path):  # type: ignore[no-untyped-def]
+    return build_definitions(Settings(PROJECT_ROOT / ".unused", policies, Path("/landing"), dbt_project, None))
+
+
+@pytest.fixture(scope="module")
+def demo_defs(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return _definitions(PROJECT_ROOT / "policies", private_dbt_project(tmp_path_factory.mktemp("graph")))
+
+
+def _graph(defs) -> dict[str, object]:  # type: ignore[no-untyped-def]
     graph = defs.resolve_asset_graph()
     return {
         "assets": {
@@ -38,8 +50,8 @@ def _graph() -> dict[str, object]:
     }
 
 
-def test_the_demo_graph_matches_its_snapshot() -> None:
-    current = _graph()
+def test_the_demo_graph_matches_its_snapshot(demo_defs) -> None:  # type: ignore[no-untyped-def]
+    current = _graph(demo_defs)
     if os.environ.get("DCR_UPDATE_SNAPSHOTS") == "1" or not SNAPSHOT.exists():
         SNAPSHOT.write_text(json.dumps(current, indent=2) + "\n")
         if os.environ.get("CI"):
@@ -47,10 +59,38 @@ def test_the_demo_graph_matches_its_snapshot() -> None:
     assert current == json.loads(SNAPSHOT.read_text())
 
 
-def test_every_asset_has_a_description_and_belongs_to_the_collaboration_group() -> None:
-    graph = _demo_definitions().resolve_asset_graph()
+def test_every_asset_has_a_description_and_belongs_to_the_collaboration_group(demo_defs) -> None:  # type: ignore[no-untyped-def]
+    graph = demo_defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         if node.is_materializable:
             assert node.group_name == key.path[0], key
             assert node.description, key
+
+
+def test_a_broken_collaboration_is_reported_and_the_others_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy mistake (here a bad cron) and a collaboration whose assets cannot be built each get a sensor saying why; demo loads."""
+    from dcr_pipelines import definitions
+
+    root = tmp_path / "policies"
+    for name in ("demo", "demo_home"):
+        shutil.copytree(PROJECT_ROOT / "policies" / name, root / name)
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", root / "cron_typo")
+    collab = root / "cron_typo" / "collaboration.yaml"
+    collab.write_text(collab.read_text().replace("name: demo\n", "name: cron_typo\n").replace('cron: "0 3', 'cron: "99 3', 1))
+    real = definitions.build_collaboration
+
+    def failing_for_demo_home(loaded, *args):  # type: ignore[no-untyped-def]
+        if loaded.name == "demo_home":
+            raise RuntimeError("simulated defect in one collaboration's assets")
+        return real(loaded, *args)
+
+    monkeypatch.setattr(definitions, "build_collaboration", failing_for_demo_home)
+    defs = _definitions(root, private_dbt_project(tmp_path))
+    groups = {defs.resolve_asset_graph().get(k).group_name for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert groups == {"demo"}
+    sensors = {s.name: s for s in defs.sensors or []}
+    assert "cron_typo__policy_broken" in sensors and "demo_home__policy_broken" in sensors
+    assert "collaboration.yaml:" in (sensors["cron_typo__policy_broken"].description or "")
+    assert "simulated defect" in (sensors["demo_home__policy_broken"].description or "")
+    assert "demo__landing_files" in sensors
