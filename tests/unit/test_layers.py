@@ -16,6 +16,7 @@ FORBIDDEN = {
     "store": {"dagster", "dagster_dbt", "dcr_pipelines.services", "dcr_pipelines.defs", "dcr_pipelines.cli"},
     "services": {"dagster", "dagster_dbt", "dcr_pipelines.defs", "dcr_pipelines.cli"},
     "defs": {"psycopg", "dcr_pipelines.cli"},
+    "cli": {"psycopg"},
 }
 ALLOWED = {"lib/database.py": {"psycopg"}}  # connection URLs, the embedded server and advisory locks
 

@@ -1,0 +1,5 @@
+"""`python -m dcr_pipelines.cli`."""
+
+from . import main
+
+main()

@@ -1,0 +1,213 @@
+"""Shared by every command group: the consoles, `fail`, the runtime and definitions, printing of releases."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(file=sys.stderr, highlight=False)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _runtime() -> Any:
+    from ..lib.database import EmbeddedServerError
+    from ..lib.runtime import activate
+
+    try:
+        return activate()
+    except EmbeddedServerError as exc:
+        fail(str(exc))
+
+
+def _definitions(runtime: Any) -> Any:
+    from ..definitions import build_definitions, secret_names
+    from ..lib.runtime import development_secrets_allowed, ensure_development_secrets, missing_secrets
+
+    names = secret_names(runtime.settings)
+    if development_secrets_allowed(runtime.embedded):
+        ensure_development_secrets(runtime.settings.home, names)
+    missing = missing_secrets(names)
+    if missing:
+        fail(f"secret {missing[0]} is not set{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: with an external database, "
+             "secrets come from the environment only; set it, or DCR_DEV_SECRETS=1 for throw-away ones (docs/operations.md, Secrets)", 2)
+    return build_definitions(runtime.settings)
+
+
+def _run_log() -> Path:
+    from ..lib.settings import Settings
+
+    return Settings.from_env().home / "logs" / "runs.log"
+
+
+def _instance() -> Any:
+    import dagster as dg
+
+    return dg.DagsterInstance.get()
+
+
+def _collaboration(runtime: Any, name: str) -> Any:
+    from ..lib.policy import PolicyError, load_collaboration
+
+    folder = runtime.settings.policies / name
+    try:
+        return load_collaboration(folder)
+    except PolicyError as exc:
+        first = exc.issues[0]
+        if not folder.is_dir():
+            fail(f"no collaboration {name!r} under {runtime.settings.policies}", 2)
+        fail(f"{first}" + (f" (and {len(exc.issues) - 1} more; run `dcr policy check`)" if len(exc.issues) > 1 else ""), 2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """An open-source data clean room.
+
+    \b
+    Examples:
+      dcr demo --rows 10000            set up and run the demo collaboration
+      dcr policy check                 lint every collaboration under policies/
+      dcr release demo campaign_reach --param since=2026-03-01
+      dcr budget demo
+    """
+
+
+def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]] | None = None, until_waiting: bool = False) -> dict[str, Any]:
+    from ..runner import analysis_run_config, collaboration_keys, materialize
+
+    keys = collaboration_keys(defs, loaded.name)
+    with out.status(f"materializing {len(keys)} assets of {loaded.name} through Dagster..."):
+        outcome = materialize(
+            defs, keys, instance=_instance(), run_config=analysis_run_config(loaded.name, params or {}), stdout_log=_run_log()
+        )
+    if not outcome.success and until_waiting and "waiting for the PSI answer" in (outcome.failure or ""):
+        out.print(f"run {outcome.run_id} stopped at matching: {outcome.failure}", markup=False)
+        return {}
+    if not outcome.success:
+        fail(f"run {outcome.run_id} failed: {outcome.failure}")
+    out.print(f"run {outcome.run_id}: {len(outcome.metadata)} assets materialized (event log: `make ui` or `dcr audit {loaded.name}`)")
+    return outcome.metadata
+
+
+def _release_all(defs: Any, loaded: Any) -> None:
+    """Release every approved query with its default parameters (what `dcr demo` asks for)."""
+    from ..runner import materialize, release_keys
+
+    keys = release_keys(defs, loaded.name)
+    if not keys:
+        return
+    with out.status(f"releasing {len(keys)} approved quer{'y' if len(keys) == 1 else 'ies'} through Dagster..."):
+        outcome = materialize(defs, keys, instance=_instance(), stdout_log=_run_log())
+    if not outcome.success:
+        fail(f"run {outcome.run_id} failed: {outcome.failure}")
+    for key, meta in outcome.metadata.items():
+        if meta.get("cached"):
+            out.print(f"{key}: identical release found (same query, parameters and data versions): stored result returned, no budget charged")
+
+
+def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str | None = None) -> None:
+    from ..lib import naming
+    from ..lib.database import connect
+    from ..services.release import consumer_budget
+    from ..store import results
+    from ..store.ledger import budget_status
+
+    query = loaded.queries[query_name]
+    schema = naming.results_schema(loaded.name)
+    with connect(runtime.warehouse.url()) as conn:
+        stored = results.latest_release(conn, loaded.name, query_name, release_id)
+        if stored is None:
+            out.print(f"{query_name}: nothing released yet")
+            return
+        thresholded = query.spec.rule == "threshold"
+        status = None if thresholded else budget_status(conn, schema, consumer_budget(loaded, query.spec.consumer))
+    rid, rows, epsilon, params = stored.release_id, stored.rows, stored.epsilon, stored.params
+    dims = list(query.spec.dimensions)
+    metrics = list(query.spec.metrics)
+    table = Table(title=f"{loaded.name}/{query_name}, release {rid}, params {json.dumps(params)}", title_justify="left")
+    for d in dims:
+        table.add_column(d)
+    for m in metrics:
+        table.add_column(m if thresholded else f"{m} (95% CI)", justify="right")
+    cells: dict[tuple[str, ...], dict[str, Any]] = {}
+    for r in rows:
+        cells.setdefault(tuple(r[d] for d in dims), {})[r["metric"]] = r
+    for key, by_metric in cells.items():
+        values = []
+        for m in metrics:
+            cell = by_metric.get(m)
+            if cell is None or cell["value"] is None:
+                values.append("-")
+            elif cell["ci_low"] is None:
+                values.append(f"{cell['value']:,.1f}")
+            else:
+                values.append(f"{cell['value']:,.0f}  [{cell['ci_low']:,.0f}, {cell['ci_high']:,.0f}]")
+        table.add_row(*key, *values)
+    out.print(table)
+    if status is None:
+        out.print(f"threshold rule: exact values, groups with fewer than {query.spec.min_distinct_units} distinct people removed; no budget charged")
+        return
+    out.print(
+        f"epsilon of this release: {epsilon:.3g}; {query.spec.consumer} has spent {status.spent:.3g} "
+        f"and has {status.remaining:.3g} of {status.total:.3g} left"
+        + (f" (rolling {status.period_days}-day window)" if status.period_days else ""),
+        soft_wrap=True,
+    )
+
+
+def _release_rows(runtime: Any, loaded: Any, query_name: str, release_id: str) -> list[dict[str, Any]]:
+    from ..lib.database import connect
+    from ..store import results
+
+    with connect(runtime.warehouse.url()) as conn:
+        return results.release_rows(conn, loaded.name, release_id)
+
+
+def _print_releases(runtime: Any, loaded: Any) -> None:
+    for query_name in loaded.queries:
+        _print_release(runtime, loaded, query_name)
+
+
+# --- policy ------------------------------------------------------------------------
+
+
+def _print_overlap(runtime: Any, loaded: Any, fmt: str = "table") -> None:
+    from ..lib.database import connect
+    from ..store import results
+
+    collab = loaded.name
+    mode = loaded.collaboration.matching.overlap_release
+    if mode == "withheld":
+        if fmt == "json":
+            out.print_json(data={"collaboration": collab, "overlap_release": "withheld", "releases": []})
+        else:
+            out.print(f"{collab}: the overlap is withheld by policy (matching.overlap_release: withheld)")
+        return
+    with connect(runtime.warehouse.url()) as conn:
+        rows = [(r.release_id, r.matched_people, r.ci_low, r.ci_high) for r in results.overlap_releases(conn, collab)]
+    if fmt == "json":
+        out.print_json(data={"collaboration": collab, "overlap_release": mode,
+                             "releases": [{"release_id": r[0], "matched_people": r[1], "ci_low": r[2], "ci_high": r[3]} for r in rows]})
+        return
+    if not rows:
+        out.print(f"{collab}: no overlap released yet (run the matching stage)")
+        return
+    if mode == "exact":
+        table_out = Table(title=f"shared people in {collab} (exact: the analysis rules let members count them)", title_justify="left")
+    else:
+        table_out = Table(title=f"shared people in {collab} (DP, epsilon {loaded.collaboration.matching.overlap_epsilon} each)", title_justify="left")
+    for column in ("release", "matched people", "95% interval"):
+        table_out.add_column(column)
+    for rid, value, low, high in rows:
+        table_out.add_row(rid, f"{value:,.0f}", "exact" if low is None else f"[{low:,.0f}, {high:,.0f}]")
+    out.print(table_out)

@@ -1,0 +1,132 @@
+"""`dcr db` and `dcr ui`: the database and the Dagster UI."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ._common import _collaboration, _definitions, _runtime, fail, main, out
+
+
+@main.group()
+def db() -> None:
+    """The database in use."""
+
+
+@db.command("url")
+def db_url() -> None:
+    """Print the connection URL of the clean-room database (password hidden).
+
+    \b
+    Example:
+      DCR_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/cleanroom dcr db url
+    """
+    out.print(_runtime().warehouse.redacted(), markup=False, soft_wrap=True)
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL of this deployment (DCR_HOME); no effect on an external database.
+
+    \b
+    Example:
+      dcr db stop && rm -rf .dcr
+    """
+    from ..lib.database import stop_embedded
+    from ..lib.settings import Settings
+
+    home = Settings.from_env().home
+    out.print("embedded PostgreSQL stopped" if stop_embedded(home) else f"no embedded PostgreSQL running under {home}")
+
+
+@db.command("migrate")
+@click.option("--status", "show_status", is_flag=True, help="Only list the migrations already applied.")
+def db_migrate(show_status: bool) -> None:
+    """Apply the pending schema migrations (dcr_pipelines/store/migrations) to every collaboration's schemas.
+
+    \b
+    Each store function also applies its own scope's pending migrations on
+    first use; run this before a deployment to do it all at once.
+    Examples:
+      dcr db migrate
+      dcr db migrate --status
+    """
+    from ..lib import naming
+    from ..lib.database import connect
+    from ..lib.policy import check_policies
+    from ..lib.settings import Settings
+    from ..store import migrations
+
+    runtime = _runtime()
+    with connect(runtime.warehouse.url()) as conn:
+        if not show_status:
+            loaded, _ = check_policies(Settings.from_env().policies)
+            names = sorted(lc.name for lc in loaded)
+            try:
+                applied = migrations.migrate(conn, {"results": [naming.results_schema(c) for c in names],
+                                                    "analysis": [naming.analysis_schema(c) for c in names],
+                                                    "matching": [naming.matching_schema(c) for c in names]})
+            except migrations.MigrationError as exc:
+                fail(str(exc), 2)
+            for a in applied:
+                out.print(f"applied {a.scope} {a.version:04d}_{a.name}", markup=False)
+            out.print(f"schema up to date ({len(applied)} migration(s) applied now)")
+            return
+        for scope_name, version, name, applied_at in migrations.status(conn):
+            out.print(f"{scope_name}\t{version:04d}_{name}\t{applied_at[:19]}", markup=False, soft_wrap=True)
+
+
+@db.command("roles")
+@click.argument("collab")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def db_roles(collab: str, fmt: str) -> None:
+    """Print the role x schema privilege matrix of COLLAB, read back from the database.
+
+    \b
+    Cells: write (create/insert), read (select on every table), read N/M
+    (select on some tables), usage (schema only), - (nothing).
+    Example:
+      dcr db roles demo
+    """
+    from ..lib.database import connect
+    from ..store import access
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    with connect(runtime.warehouse.url()) as conn:
+        grid = access.matrix(conn, loaded)
+    schemas = access.schemas(loaded)
+    if fmt == "json":
+        out.print_json(data={r: {s: grid[r][s].cell() for s in schemas} for r in grid})
+        return
+    table = Table(title=f"roles x schemas of {collab} (from the database)", title_justify="left")
+    table.add_column("role")
+    for schema in schemas:
+        table.add_column(schema.removeprefix(f"{collab}_"))
+    for role, row in grid.items():
+        table.add_row(role.removeprefix(f"dcr_{collab}_"), *(row[s].cell() for s in schemas))
+    out.print(table)
+
+
+@main.command()
+@click.option("--port", default=3000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def ui(port: int, host: str) -> None:
+    """Start the Dagster UI (dg dev) on the same database.
+
+    \b
+    Example:
+      dcr ui --port 3000
+    """
+    runtime = _runtime()
+    _definitions(runtime)  # prepares the manifest and development secrets before the code server starts
+    from ..lib.settings import PROJECT_ROOT
+
+    dg_bin = Path(sys.executable).with_name("dg")
+    out.print(f"Dagster UI on http://{host}:{port} (Ctrl-C to stop); storage: {runtime.dagster_url.split('?')[0]}", markup=False)
+    os.chdir(PROJECT_ROOT)
+    os.execv(str(dg_bin), [str(dg_bin), "dev", "--host", host, "--port", str(port)])  # noqa: S606 (our own dg, fixed arguments)

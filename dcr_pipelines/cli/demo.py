@@ -1,0 +1,108 @@
+"""`dcr demo`: generate data and run a demo collaboration end to end."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._common import (
+    _collaboration,
+    _definitions,
+    _print_overlap,
+    _print_releases,
+    _release_all,
+    _run_collaboration,
+    _runtime,
+    fail,
+    main,
+    out,
+)
+
+
+@main.command()
+@click.option("--rows", default=10_000, show_default=True, help="Rows per party.")
+@click.option("--overlap", default=0.3, show_default=True, help="Fraction of the retailer's customers the ad network also has.")
+@click.option("--seed", default=7, show_default=True, help="Random seed of the generator.")
+@click.option("--collab", default="demo", show_default=True, help="Collaboration folder to run.")
+def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
+    """Generate both parties' uploads and run the demo collaboration end to end.
+
+    \b
+    Example:
+      dcr demo --rows 100000 --overlap 0.4 --seed 1
+    """
+    from ..lib import demo_data
+
+    started = time.perf_counter()
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    at_home = [p for p in loaded.parties() if loaded.at_home(p)]
+    generated_at = runtime.settings.home / "parties" / collab if at_home else runtime.settings.landing / collab
+    try:
+        files = demo_data.generate(generated_at, rows=rows, overlap=overlap, seed=seed)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    out.print(
+        f"generated {rows:,} rows per party: {files.retailer_customers:,} retailer customers, "
+        f"{files.ad_network_users:,} ad network users, {files.shared_people:,} shared"
+    )
+    if at_home:
+        _demo_home_prepare(runtime, loaded, generated_at)
+    out.print(f"database: {runtime.warehouse.redacted()}")
+    defs = _definitions(runtime)
+    if at_home and not _run_collaboration(defs, loaded, until_waiting=True):
+        _demo_home_respond(runtime, loaded, generated_at)
+        _run_collaboration(defs, loaded)
+    elif not at_home:
+        _run_collaboration(defs, loaded)
+    _release_all(defs, loaded)  # the demo asks for every release explicitly, with the default parameters
+    _print_releases(runtime, loaded)
+    if loaded.collaboration.matching.overlap_release != "withheld":
+        _print_overlap(runtime, loaded)
+    out.print(f"done in {time.perf_counter() - started:.1f}s; open the asset graph with `make ui`")
+
+
+def _demo_home_prepare(runtime: Any, loaded: Any, generated_at: Path) -> None:
+    """The home parties' first half, run locally: keys, tokenised uploads and setup messages, as `dcr psi prepare` makes them."""
+    from ..lib import home_psi
+
+    c = loaded.name
+    for party in loaded.collaboration.matching.home_parties:
+        key_path = generated_at / f"{party}.key"
+        keys = home_psi.load_keys(key_path) if key_path.exists() else home_psi.generate_keys(key_path)
+        owned = {name: ds for name, ds in loaded.collaboration.datasets.items() if ds.owner == party}
+        outbox = generated_at / party / "outbox"
+        prepared, setup = home_psi.prepare(loaded, party, keys, {n: generated_at / party / n / f"{n}.csv" for n in owned}, outbox)
+        for item in prepared:
+            target = runtime.settings.landing / c / party / item.dataset / item.output.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            item.output.replace(target)
+        psi_folder = runtime.settings.landing / c / party / "_psi"
+        psi_folder.mkdir(parents=True, exist_ok=True)
+        setup.replace(psi_folder / setup.name)
+        out.print(f"{party} (at home, {generated_at / party}): tokenised {', '.join(owned)} and wrote its setup message; no identifier or key left its folder")
+    for party in loaded.parties():
+        if loaded.at_home(party):
+            continue
+        for name, ds in loaded.collaboration.datasets.items():
+            source = generated_at / party / name / f"{name}.csv"
+            if ds.owner == party and source.exists():
+                target = runtime.settings.landing / c / party / name / source.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+
+
+def _demo_home_respond(runtime: Any, loaded: Any, generated_at: Path) -> None:
+    """The home parties' second half, run locally: answer the operator's requests (`dcr psi respond`)."""
+    from ..lib import home_psi
+
+    c = loaded.name
+    for party in loaded.collaboration.matching.home_parties:
+        keys = home_psi.load_keys(generated_at / f"{party}.key")
+        for request in sorted((runtime.settings.exports / c / party / "psi").glob(f"*request*{home_psi.SUFFIX}")):
+            answer = home_psi.respond(keys, request, c, party, runtime.settings.landing / c / party / "_psi")
+            out.print(f"{party} (at home) answered {request.name} -> {answer.name}")

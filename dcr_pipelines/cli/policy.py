@@ -1,0 +1,122 @@
+"""`dcr policy`: check, render, hash and approve collaboration policies."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from ._common import err, fail, main, out
+
+
+@main.group()
+def policy() -> None:
+    """Lint and inspect collaboration policy files."""
+
+
+@policy.command("check")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+def policy_check(path: Path | None) -> None:
+    """Check every collaboration under PATH (default: policies/); exit 2 on any mistake.
+
+    \b
+    Example:
+      dcr policy check policies/demo
+    """
+    from ..lib.policy import check_policies
+    from ..lib.settings import Settings
+
+    root = path or Settings.from_env().policies
+    loaded, issues = check_policies(root)
+    for issue in issues:
+        err.print(f"error: {issue}", markup=False, soft_wrap=True)
+    for collab in loaded:
+        out.print(f"ok: {collab.name} ({len(collab.collaboration.datasets)} datasets, {len(collab.queries)} queries)")
+    if issues:
+        sys.exit(2)
+
+
+@policy.command("render")
+@click.argument("collab")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder to write the models into (replaced).")
+def policy_render(collab: str, out_dir: Path) -> None:
+    """Write the dbt models COLLAB's policy generates, for review (the demo's are kept in dbt_project/golden/).
+
+    \b
+    Example:
+      dcr policy render demo --out dbt_project/golden/demo && git diff dbt_project/golden
+    """
+    from ..lib import dbt_codegen
+    from ..lib.policy import PolicyError, load_collaboration
+    from ..lib.settings import Settings
+
+    folder = Settings.from_env().policies / collab
+    if not (folder / "collaboration.yaml").is_file():
+        fail(f"no collaboration {collab!r} under {folder.parent} (expected {folder / 'collaboration.yaml'})", 2)
+    try:
+        loaded = load_collaboration(folder)
+    except PolicyError as exc:
+        fail(str(exc.issues[0]) + (f" (and {len(exc.issues) - 1} more; run `dcr policy check`)" if len(exc.issues) > 1 else ""), 2)
+    files = dbt_codegen.render(loaded)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    dbt_codegen.write_rendered(out_dir, files)
+    out.print(f"{len(files)} files written to {out_dir}", markup=False)
+
+
+@policy.command("hash")
+@click.argument("collab")
+def policy_hash(collab: str) -> None:
+    """Print the SHA-256 each data owner approves for every query of COLLAB.
+
+    \b
+    Example:
+      dcr policy hash demo
+    """
+    from ..lib.policy import PolicyError
+    from ..lib.policy.loader import query_hash
+    from ..lib.settings import Settings
+
+    folder = Settings.from_env().policies / collab / "queries"
+    if not folder.is_dir():
+        fail(f"no queries folder {folder}", 2)
+    for spec_path in sorted(folder.glob("*.yaml")):
+        try:
+            out.print(f"{spec_path.stem}  {query_hash(spec_path)}")
+        except PolicyError as exc:
+            fail(str(exc.issues[0]), 2)
+
+
+@policy.command("approve")
+@click.argument("collab")
+@click.option("--as", "member", required=True, help="The member approving (a member that provides data).")
+def policy_approve(collab: str, member: str) -> None:
+    """Approve, as MEMBER, the current hash of every query of COLLAB and what protects MEMBER's data.
+
+    Writes MEMBER's entries under `approvals:` in collaboration.yaml and
+    protections/MEMBER.json; review the change in git like any other.
+
+    \b
+    Example:
+      dcr policy approve demo --as retailer
+    """
+    from ..lib.policy import PolicyError
+    from ..lib.policy.approve import NothingToApprove, approve
+    from ..lib.settings import Settings
+
+    folder = Settings.from_env().policies / collab
+    if not (folder / "collaboration.yaml").is_file():
+        fail(f"no collaboration {collab!r} under {folder.parent}", 2)
+    try:
+        done = approve(folder, member)
+    except PolicyError as exc:
+        fail(str(exc.issues[0]), 2)
+    except NothingToApprove as exc:
+        fail(str(exc), 2)
+    for name, digest in done.queries.items():
+        out.print(f"{name}: {member} approves sha256 {digest}")
+    out.print(f"protections of {member}'s data: sha256 {done.protections_sha256} ({done.protections_path})")
+
+
+# --- stages ------------------------------------------------------------------------

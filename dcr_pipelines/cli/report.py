@@ -1,0 +1,182 @@
+"""`dcr budget`, `dcr audit`, `dcr overlap`: what was spent, what happened, what members learn of the overlap."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from ._common import _collaboration, _instance, _print_overlap, _runtime, err, fail, main, out
+
+
+@main.command()
+@click.argument("collab")
+@click.option("--consumer", help="Only this consumer's budget.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def budget(collab: str, consumer: str | None, fmt: str) -> None:
+    """Show each consumer's privacy budget, how many more releases fit, and who spends on each owner's data.
+
+    \b
+    Example:
+      dcr budget demo --consumer ad_network
+    """
+    from ..lib import naming
+    from ..lib.database import connect
+    from ..lib.privacy.mechanisms import plan_key_selection, plan_release, release_cost
+    from ..store import ledger, results
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    schema = naming.results_schema(collab)
+    budgets = [b for b in loaded.collaboration.budgets if consumer in (None, b.consumer)]
+    if consumer and not budgets:
+        fail(f"{collab} has no budget for {consumer!r}", 2)
+    costs = {q.name: release_cost(plan_release(q.spec), plan_key_selection(q.spec)) for q in loaded.queries.values() if q.spec.rule == "dp"}
+    report: dict[str, Any] = {"consumers": [], "owners": {}}
+    with connect(runtime.warehouse.url()) as conn:
+        for b in budgets:
+            s = ledger.budget_status(conn, schema, b)
+            fits = {
+                q: int((s.remaining + 1e-12) // eps) if eps else None
+                for q, (eps, delta) in costs.items()
+                if loaded.queries[q].spec.consumer == b.consumer and (delta == 0 or delta <= s.delta_remaining)
+            }
+            report["consumers"].append({
+                "consumer": b.consumer, "epsilon": s.total, "spent": s.spent, "remaining": s.remaining,
+                "delta": s.delta_total, "delta_spent": s.delta_spent, "period_days": s.period_days,
+                "refreshes_at": s.refreshes_at.isoformat() if s.refreshes_at else None, "releases_that_fit": fits,
+            })
+        spent_rows = results.spending(conn, collab)
+    owners_of = {q.name: sorted({loaded.collaboration.datasets[d].owner for d in q.datasets}) for q in loaded.queries.values()}
+    for who, query_name, count, total in spent_rows:
+        for owner in owners_of.get(query_name, []):
+            report["owners"].setdefault(owner, []).append({"consumer": who, "query": query_name, "releases": count, "epsilon": total})
+    if fmt == "json":
+        out.print_json(data=report)
+        return
+    table = Table(title=f"privacy budget of {collab}", title_justify="left")
+    for column in ("consumer", "epsilon", "spent", "remaining", "delta left", "period", "refreshes at", "releases that still fit"):
+        table.add_column(column)
+    for c in report["consumers"]:
+        fitting = ", ".join(f"{q}: {n}" for q, n in c["releases_that_fit"].items()) or "-"
+        table.add_row(
+            c["consumer"], f"{c['epsilon']:g}", f"{c['spent']:.4g}", f"{c['remaining']:.4g}", f"{c['delta'] - c['delta_spent']:.3g}",
+            f"{c['period_days']} days" if c["period_days"] else "none", (c["refreshes_at"] or "-")[:16], fitting,
+        )
+    out.print(table)
+    owners = Table(title="spending on each owner's data (owners see who spends)", title_justify="left")
+    for column in ("data owner", "consumer", "query", "releases", "epsilon"):
+        owners.add_column(column)
+    for owner, entries in sorted(report["owners"].items()):
+        for e in entries:
+            owners.add_row(owner, e["consumer"], e["query"], str(e["releases"]), f"{e['epsilon']:.4g}")
+    out.print(owners)
+
+
+@main.command()
+@click.argument("collab")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), help="Only entries at or after this date (UTC).")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
+@click.option("--party", help="Only entries that touch this member's data (what a party may export).")
+@click.option("--verify", is_flag=True, help="Check the audit chain against the tables members read and the event log; exit 1 on any problem.")
+@click.option("--anchor", "anchors", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="With --verify: a chain head a party saved (the .anchor.json next to every export); repeatable.")
+@click.option("--head", "show_head", is_flag=True, help="Print the chain's current head as JSON, for a party to keep.")
+def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, anchors: tuple[Path, ...], show_head: bool) -> None:
+    """Export COLLAB's audit trail from Dagster's event log, or verify that it was not tampered with.
+
+    The audit chain covers releases (rows as stored in the releases and results
+    tables), budget charges, ad-hoc runs (accepted and refused) and each policy
+    version applied. Every export carries the chain's head; a party that keeps
+    one can prove later that history up to it was not rewritten.
+
+    \b
+    Examples:
+      dcr audit demo --since 2026-11-01 --format jsonl > audit.jsonl
+      dcr audit demo --party retailer --format csv
+      dcr audit demo --verify --anchor exports/demo/retailer/campaign_reach/<release>.anchor.json
+      dcr audit demo --head > demo-head.json
+    """
+    import csv
+    import datetime as dt
+
+    from ..defs import audit as trail
+    from ..lib.database import connect
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    if party is not None and party not in loaded.collaboration.members:
+        fail(f"{collab} has no member {party!r} (members: {', '.join(loaded.collaboration.members)})", 2)
+    instance = _instance()
+    if show_head:
+        from ..lib import naming
+        from ..store import audit_chain
+
+        with connect(runtime.warehouse.url()) as conn:
+            head = audit_chain.head(conn, naming.results_schema(collab), collab)
+        out.print_json(data=None if head is None else {"collaboration": head.collaboration, "seq": head.seq, "chain_sha256": head.chain_sha256})
+        return
+    if verify:
+        from ..lib.audit import Anchor
+
+        saved = []
+        for path in anchors:
+            try:
+                saved.append(Anchor.from_json(json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                fail(f"anchor {path}: not a chain head saved from an export ({exc.__class__.__name__}: {exc})", 2)
+        for anchor in saved:
+            if anchor.collaboration != collab:
+                fail(f"anchor {anchor.collaboration}/{anchor.seq} belongs to collaboration {anchor.collaboration}, not {collab}", 2)
+        with connect(runtime.warehouse.url()) as conn:
+            recovered = trail.reconcile(instance, conn, loaded)
+            problems = trail.verify(instance, conn, loaded, saved)
+        for rid in recovered:
+            err.print(f"note: release {rid} was committed by a run that stopped before recording its event; the event was added, marked recovered",
+                      markup=False, soft_wrap=True)
+        for problem in problems:
+            err.print(f"error: {problem}", markup=False, soft_wrap=True)
+        if problems:
+            sys.exit(1)
+        out.print(f"ok: the audit chain of {collab} is intact, matches the tables members read and the Dagster event log"
+                  + (f", and {len(saved)} saved head(s)" if saved else ""))
+        return
+    entries = trail.entries(instance, loaded, since=since.replace(tzinfo=dt.UTC) if since else None, party=party)
+    if fmt == "jsonl":
+        for entry in entries:
+            sys.stdout.write(json.dumps(entry, default=str) + "\n")
+        return
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["time", "kind", "asset", "run_id", "user", "metadata"])
+        for e in entries:
+            writer.writerow([e["time"], e["kind"], e["asset"], e["run_id"], e["user"], json.dumps(e["metadata"], default=str, sort_keys=True)])
+        return
+    table = Table(title=f"audit trail of {collab}" + (f" touching {party}" if party else "") + " (Dagster event log)", title_justify="left")
+    for column in ("time (UTC)", "kind", "asset", "run", "user", "details"):
+        table.add_column(column)
+    keep = ("version", "row_count", "rows_staged", "matched", "release_id", "epsilon_charged", "epsilon_remaining", "cached", "receivers", "message")
+    for e in entries:
+        details = ", ".join(f"{k}={e['metadata'][k]}" for k in keep if k in e["metadata"])
+        table.add_row(e["time"][:19], e["kind"], e["asset"], e["run_id"][:8], e["user"], details)
+    out.print(table)
+
+
+@main.command()
+@click.argument("collab")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def overlap(collab: str, fmt: str) -> None:
+    """Print what members learn of the number of shared people (matching.overlap_release).
+
+    \b
+    With overlap_release: dp, each new cross-reference releases the count
+    with discrete Laplace noise and a 95% interval; with withheld, nothing.
+    Example:
+      dcr overlap demo_home
+    """
+    runtime = _runtime()
+    _print_overlap(runtime, _collaboration(runtime, collab), fmt)
