@@ -24,37 +24,15 @@ def budget(collab: str, consumer: str | None, fmt: str) -> None:
     Example:
       dcr budget demo --consumer ad_network
     """
-    from ..lib import naming
     from ..lib.database import connect
-    from ..lib.privacy.mechanisms import plan_key_selection, plan_release, release_cost
-    from ..store import ledger, results
+    from ..services import budget as budget_service
 
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
-    schema = naming.results_schema(collab)
-    budgets = [b for b in loaded.collaboration.budgets if consumer in (None, b.consumer)]
-    if consumer and not budgets:
+    if consumer and not any(b.consumer == consumer for b in loaded.collaboration.budgets):
         fail(f"{collab} has no budget for {consumer!r}", 2)
-    costs = {q.name: release_cost(plan_release(q.spec), plan_key_selection(q.spec)) for q in loaded.queries.values() if q.spec.rule == "dp"}
-    report: dict[str, Any] = {"consumers": [], "owners": {}}
     with connect(runtime.warehouse.url()) as conn:
-        for b in budgets:
-            s = ledger.budget_status(conn, schema, b)
-            fits = {
-                q: int((s.remaining + 1e-12) // eps) if eps else None
-                for q, (eps, delta) in costs.items()
-                if loaded.queries[q].spec.consumer == b.consumer and (delta == 0 or delta <= s.delta_remaining)
-            }
-            report["consumers"].append({
-                "consumer": b.consumer, "epsilon": s.total, "spent": s.spent, "remaining": s.remaining,
-                "delta": s.delta_total, "delta_spent": s.delta_spent, "period_days": s.period_days,
-                "refreshes_at": s.refreshes_at.isoformat() if s.refreshes_at else None, "releases_that_fit": fits,
-            })
-        spent_rows = results.spending(conn, collab)
-    owners_of = {q.name: sorted({loaded.collaboration.datasets[d].owner for d in q.datasets}) for q in loaded.queries.values()}
-    for who, query_name, count, total in spent_rows:
-        for owner in owners_of.get(query_name, []):
-            report["owners"].setdefault(owner, []).append({"consumer": who, "query": query_name, "releases": count, "epsilon": total})
+        report = budget_service.report(conn, loaded, consumer)
     if fmt == "json":
         out.print_json(data=report)
         return
