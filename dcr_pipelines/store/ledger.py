@@ -97,6 +97,7 @@ def stored_release_id(conn: psycopg.Connection, schema: str, key: str) -> str | 
 
 
 def budget_status(conn: psycopg.Connection, schema: str, budget: Budget, now: dt.datetime | None = None) -> BudgetStatus:
+    ensure_tables(conn, schema)
     now = now or conn.execute("select now()").fetchone()[0]  # type: ignore[index]
     ledger = sql.Identifier(schema, "budget_ledger")
     start = now - dt.timedelta(days=budget.period_days) if budget.period_days else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
