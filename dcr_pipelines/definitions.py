@@ -12,8 +12,8 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from .defs.collaboration import build_collaboration
+from .defs.dbt_project import dbt_executable, prepare_project
 from .defs.resources import SecretsResource, WarehouseResource
-from .lib.dbt_manifest import dbt_executable, prepare_manifest
 from .lib.policy import check_policies
 from .lib.runtime import activate, development_secrets_allowed, ensure_development_secrets, secret_env_name
 from .lib.settings import Settings
@@ -31,7 +31,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         broken.setdefault(_folder_name(settings, issue.file), []).append(str(issue))
     # Parsed here, not passed as a path: dagster-dbt caches manifests by path per process,
     # which would keep a stale graph after the policies change (code-server reloads, tests).
-    manifest = json.loads(prepare_manifest(settings.dbt_project, loaded).read_text())
+    project = prepare_project(settings.dbt_source, settings.dbt_project, loaded)
+    manifest = json.loads(project.manifest_path.read_text())
     parts: list[dg.Definitions] = []
     for collab in loaded:
         try:

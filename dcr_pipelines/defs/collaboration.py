@@ -24,7 +24,6 @@ from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 
 from ..lib import adhoc, dbt_codegen, home_psi, matching, naming
 from ..lib.database import advisory_lock
-from ..lib.dbt_manifest import hand_written_digest as _hand_written_digest
 from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, validate_params
 from ..lib.policy import ApprovedQuery, LoadedCollaboration, PolicyError, load_collaboration
@@ -34,6 +33,7 @@ from ..services.release import ReleaseRefused, release_overlap, release_query
 from ..store import access, audit_chain, ledger, stages
 from ..store import analysis as store_analysis
 from ..store import matching as store_matching
+from .dbt_project import hand_written_digest as _hand_written_digest
 from .resources import SecretsResource, WarehouseResource
 
 T = TypeVar("T")

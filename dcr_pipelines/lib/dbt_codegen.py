@@ -2,8 +2,8 @@
 
 Policy is the single source of truth: the normalised, staging, identity,
 matched-view and query models of every collaboration are rendered from the
-Jinja templates in ``lib/templates/`` into
-``dbt_project/models/collaborations/<collab>/`` (ignored by git) and parsed
+Jinja templates in ``lib/templates/`` into the deployment's dbt project
+(``$DCR_HOME/dbt/models/collaborations/<collab>/``, see defs/dbt_project.py) and parsed
 into one manifest; the demo collaborations' output is committed under
 ``dbt_project/golden/`` for review. The SQL logic itself lives in
 hand-written macros under ``dbt_project/macros``; generated files only wire

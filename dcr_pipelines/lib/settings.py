@@ -17,8 +17,9 @@ class Settings:
     home: Path
     policies: Path
     landing: Path
-    dbt_project: Path
+    dbt_project: Path  # the deployment's dbt project (written at load: generated models, target/)
     external_database_url: str | None
+    dbt_source: Path = PROJECT_ROOT / "dbt_project"  # the checkout's hand-written part (macros, dbt_project.yml), never written
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -27,7 +28,7 @@ class Settings:
             home=home,
             policies=Path(os.environ.get("DCR_POLICIES", PROJECT_ROOT / "policies")).resolve(),
             landing=Path(os.environ.get("DCR_LANDING", home / "landing")).resolve(),
-            dbt_project=PROJECT_ROOT / "dbt_project",
+            dbt_project=home / "dbt",
             external_database_url=os.environ.get("DCR_DATABASE_URL") or None,
         )
 

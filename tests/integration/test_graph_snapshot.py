@@ -19,11 +19,9 @@ SNAPSHOT = Path(__file__).parent.parent / "snapshots" / "demo_graph.json"
 
 
 def private_dbt_project(tmp: Path) -> Path:
-    """A copy of the hand-written dbt project: building definitions for another policies root here leaves the
-    checkout's generated models (which other tests' runs read) alone."""
-    target = tmp / "dbt_project"
-    shutil.copytree(PROJECT_ROOT / "dbt_project", target, ignore=shutil.ignore_patterns("target", "logs", "collaborations", "golden"))
-    return target
+    """A deployment dbt folder of its own: building definitions for another policies root here leaves the session
+    deployment's generated models (which other tests' runs read) alone."""
+    return tmp / "dbt"
 
 
 def _definitions(policies: Path, dbt_project: Path):  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,8 @@ def _needles() -> list[bytes]:
 
 def test_no_key_reaches_any_file_the_run_wrote_or_the_event_log(e2e: dict[str, Any]) -> None:
     home: Path = e2e["settings"].home
-    roots = [PROJECT_ROOT / "dbt_project" / "target", PROJECT_ROOT / "dbt_project" / "logs", home]
+    project = e2e["settings"].dbt_project
+    roots = [project / "target", project / "logs", PROJECT_ROOT / "dbt_project", home]
     needles = _needles()
     searched = 0
     for root in roots:
@@ -189,7 +191,7 @@ def test_identifiers_that_cannot_be_normalised_are_counted_by_reason(e2e: dict[s
 
 
 
-def test_the_identifier_spec_of_each_kind(runtime) -> None:  # type: ignore[no-untyped-def]
+def test_the_identifier_spec_of_each_kind(runtime, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The documented normalisation (docs/identifiers.md), run as SQL through the real macros."""
     selects = []
     for i, (kind, options, raw, _, _) in enumerate(CASES):
@@ -200,7 +202,8 @@ def test_the_identifier_spec_of_each_kind(runtime) -> None:  # type: ignore[no-u
             f"from (select {literal} as v) as t"
         )
     inline = " union all ".join(selects)
-    project = PROJECT_ROOT / "dbt_project"
+    project = tmp_path / "dbt"  # the hand-written macros alone, compiled in a folder of this test's own
+    shutil.copytree(PROJECT_ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "models", "golden"))
     result = dbtRunner().invoke(["compile", "--quiet", "--inline", inline, "--project-dir", str(project), "--profiles-dir", str(project)])
     assert result.success, result.exception
     compiled = result.result.results[0].node.compiled_code
@@ -211,12 +214,13 @@ def test_the_identifier_spec_of_each_kind(runtime) -> None:  # type: ignore[no-u
 
 
 def test_a_staging_table_with_a_column_outside_the_shared_list_fails_its_check(e2e: dict[str, Any]) -> None:
-    from dcr_pipelines.lib.dbt_manifest import prepare_manifest
+    from dcr_pipelines.defs.dbt_project import prepare_project
     from dcr_pipelines.lib.policy import load_collaboration
 
     schema = naming.staging_schema(COLLAB, "retailer")
-    project = PROJECT_ROOT / "dbt_project"
-    prepare_manifest(project, [load_collaboration(e2e["root"] / COLLAB)])  # other tests may have regenerated the models
+    settings = e2e["settings"]
+    project = settings.dbt_project
+    prepare_project(settings.dbt_source, project, [load_collaboration(e2e["root"] / COLLAB)])  # other tests may have regenerated the models
     args = ["test", "--quiet", "--select", f"{naming.staging_model(COLLAB, 'retailer', 'purchases')},test_name:dcr_only_columns",
             "--project-dir", str(project), "--profiles-dir", str(project)]
     passing = dbtRunner().invoke(args)
