@@ -73,7 +73,7 @@ class PolicyModelsPreparer(DbtProjectPreparer):
         if project.manifest_path.is_file() and stamp.is_file() and stamp.read_text().strip() == stamp_value:
             return
         dbt = DbtCliResource(project_dir=project, dbt_executable=str(dbt_executable()))
-        invocation = dbt.cli(["parse", "--no-partial-parse", "--quiet"], target_path=project.target_path, raise_on_error=False)
+        invocation = dbt.cli(["parse", "--quiet"], target_path=project.target_path, raise_on_error=False)
         invocation.wait()
         if not invocation.is_successful():
             error = invocation.get_error()

@@ -90,8 +90,9 @@ def test_two_runs_at_once_both_finish_and_release_nothing(ctx: dict[str, Any]) -
 
 
 def test_concurrent_releases_each_answer_their_own_request(ctx: dict[str, Any]) -> None:
-    tiers = ["2026-01-01", "2026-02-01", "2026-02-01", "2026-03-01"]
-    reach = ["2026-01-01", "2026-02-01", "2026-02-01", "2026-03-01"]
+    # Eight processes at once: twin threshold requests (one release), three distinct DP requests (the budget pays for two), two ad-hoc runs.
+    tiers = ["2026-01-01", "2026-02-01", "2026-02-01"]
+    reach = ["2026-01-01", "2026-02-01", "2026-03-01"]
     adhoc = f"select c.loyalty_tier, count(distinct c.customer_email) as buyers {JOIN} group by 1"
     procs = [("tier_reach", s, _start(ctx["env"], "release", COLLAB, "tier_reach", "--param", f"since={s}", "--format", "json")) for s in tiers]
     procs += [("campaign_reach", s, _start(ctx["env"], "release", COLLAB, "campaign_reach", "--param", f"since={s}", "--format", "json")) for s in reach]
@@ -131,11 +132,11 @@ def test_concurrent_releases_each_answer_their_own_request(ctx: dict[str, Any]) 
 
 
 def test_releases_killed_at_random_instants_leave_the_ledger_and_the_audit_chain_consistent(ctx: dict[str, Any]) -> None:
-    """36 releases, six at a time, killed (SIGKILL) at random instants; a watcher also kills a release right after its
+    """24 releases, six at a time, killed (SIGKILL) at random instants; a watcher also kills a release right after its
     commit appears, the moment between the ledger and Dagster's event. Afterwards `dcr audit --verify` recovers
     the missing events and passes, and every charge belongs to a stored release."""
     rng = random.Random(2026)
-    requests = [("tier_reach", f"2026-{m:02d}-{d:02d}") for m in range(1, 7) for d in (3, 9, 15, 21, 27)] + [("region_spend", f"2026-0{m}-05") for m in range(1, 7)]
+    requests = [("tier_reach", f"2026-{m:02d}-{d:02d}") for m in range(1, 7) for d in (3, 15, 27)] + [("region_spend", f"2026-0{m}-05") for m in range(1, 7)]
     rng.shuffle(requests)
     schema = naming.results_schema(COLLAB)
     killed = 0
@@ -154,7 +155,7 @@ def test_releases_killed_at_random_instants_leave_the_ledger_and_the_audit_chain
                 time.sleep(0.05)
             for proc, _ in running.values():
                 proc.communicate()
-    assert killed >= 30
+    assert killed >= 20
     for attempt in range(2):  # the first run recovers events of killed releases; the second finds nothing left to do
         proc = subprocess.run([*DCR, "audit", COLLAB, "--verify"], env=ctx["env"], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr

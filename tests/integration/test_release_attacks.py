@@ -28,14 +28,14 @@ def _built_from(conn: psycopg.Connection, collab: str, query: str) -> tuple[dict
     return dict(row[0]), dict(row[1])
 
 
-def test_asking_a_thousand_times_never_narrows_the_answer(e2e: dict[str, Any]) -> None:
+def test_asking_hundreds_of_times_never_narrows_the_answer(e2e: dict[str, Any]) -> None:
     loaded = load_collaboration(e2e["root"] / COLLAB)
     query = loaded.queries["campaign_reach"]
     with psycopg.connect(e2e["url"], autocommit=True) as conn:
         params, versions = _built_from(conn, COLLAB, "campaign_reach")
         first = release_query(conn, loaded, query, params, versions)  # stored already, or charged once now
         ledger_before = conn.execute(f"select count(*) from {naming.results_schema(COLLAB)}.budget_ledger").fetchone()[0]
-        answers = {release_query(conn, loaded, query, params, versions).release_id for _ in range(999)} | {first.release_id}
+        answers = {release_query(conn, loaded, query, params, versions).release_id for _ in range(299)} | {first.release_id}
         ledger_after = conn.execute(f"select count(*) from {naming.results_schema(COLLAB)}.budget_ledger").fetchone()[0]
         assert len(answers) == 1 and ledger_after == ledger_before
         # Varying the question to get fresh noise runs into the budget instead.
