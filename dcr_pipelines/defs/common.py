@@ -1,0 +1,110 @@
+"""Shared by the stage factories: run configs, the dbt translator, landing folders, request keys, audit metadata."""
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dagster as dg
+from dagster_dbt import DagsterDbtTranslator
+
+from ..lib.policy import ApprovedQuery
+from ..store import ledger
+
+T = TypeVar("T")
+UPLOAD_SUFFIXES = {"csv": (".csv",), "parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
+
+
+class UploadConfig(dg.Config):
+    """Which file to ingest; empty means the newest file in the dataset's landing folder."""
+
+    path: str = ""
+
+
+class AnalysisConfig(dg.Config):
+    """Parameters per approved query: {"query": {"param": "value"}}; the queries' defaults fill the rest."""
+
+    params: dict[str, dict[str, str]] = {}
+
+
+class ReleaseConfig(dg.Config):
+    """The request: the query's parameters (its YAML's defaults fill the rest). Each release is computed for exactly these."""
+
+    params: dict[str, str] = {}
+
+
+class AdHocConfig(dg.Config):
+    """One ad-hoc SQL query and the member who runs it (see `dcr query run`)."""
+
+    runner: str = ""
+    sql: str = ""
+
+
+class CollaborationTranslator(DagsterDbtTranslator):
+    """Keys, groups and owners of generated models come from their ``meta.dcr`` block."""
+
+    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: Any) -> dg.AssetSpec:
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        props = manifest.get("nodes", {}).get(unique_id) or manifest.get("sources", {}).get(unique_id) or {}
+        meta = props.get("meta", {}).get("dcr") or props.get("config", {}).get("meta", {}).get("dcr")
+        if not meta:
+            return spec
+        key = dg.AssetKey(meta["asset_key"])
+        collab = key.path[0]
+        tags = {"dcr/stage": meta.get("stage") or "source"}
+        if meta.get("owner"):
+            tags["dcr/party"] = meta["owner"]
+        owners = [f"team:{meta['owner']}"] if meta.get("owner") else ["team:operator"]
+        return spec.replace_attributes(key=key, group_name=collab, tags={**spec.tags, **tags}, owners=owners)
+
+
+UPLOAD_CHECK = "upload_contract"
+IGNORED_PREFIXES = (".", "_")
+IGNORED_SUFFIXES = (".tmp", ".part", ".report.json")
+PSI_FOLDER = "_psi"  # a home party's protocol messages, next to its dataset folders
+
+
+def landing_folder(landing: Path, collab: str, party: str, dataset: str) -> Path:
+    return landing / collab / party / dataset
+
+
+def landing_files(landing: Path, collab: str, party: str, dataset: str, fmt: str) -> list[Path]:
+    """Complete upload files waiting in a dataset's landing folder, oldest first."""
+    folder = landing_folder(landing, collab, party, dataset)
+    if not folder.is_dir():
+        return []
+    files = [
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix in UPLOAD_SUFFIXES[fmt] and not p.name.startswith(IGNORED_PREFIXES) and not p.name.endswith(IGNORED_SUFFIXES)
+    ]
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def analysis_lock_name(collab: str) -> str:
+    """The lock every build of a collaboration's pre-noise tables holds, and every release while it reads one."""
+    return f"dcr-stage:{collab}:analysis"
+
+
+def request_key(query: ApprovedQuery, params: dict[str, str], versions: dict[str, Any], match: tuple[str, int, Any] | None) -> str:
+    """What a pre-noise table was built for: the query, its parameters, the uploads and the cross-reference it read."""
+    return _digest(query.sha256, params, versions, str(match[2]) if match else None)
+
+
+def _audit_metadata(stored: ledger.StoredRelease) -> dict[str, Any]:
+    """A release's audit-chain entry, as the event log keeps it (`dcr audit --verify` compares the two)."""
+    return audit_metadata(stored.audit)
+
+
+def audit_metadata(audit: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "audit_entry": dg.MetadataValue.json(audit.get("entry", {})),
+        "audit_entry_sha256": audit.get("entry_sha256", ""),
+        "audit_chain_sha256": audit.get("chain_sha256", ""),
+        "audit_seq": audit.get("seq", 0),
+        **({"audit_head": dg.MetadataValue.json(audit["head"])} if audit.get("head") else {}),
+    }

@@ -1,0 +1,162 @@
+"""The two dbt stages (staging, analysis): one dbt invocation each, skipped when nothing they read or run changed."""
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable, Iterator, Mapping
+from graphlib import TopologicalSorter
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import DbtCliResource, dbt_assets
+
+from ..lib import dbt_codegen, naming
+from ..lib.database import advisory_lock
+from ..lib.keys import hmac_pads, pgoptions
+from ..lib.params import ParameterError, validate_params
+from ..lib.policy import LoadedCollaboration
+from ..services import ingest as ingest_lib
+from ..store import analysis as store_analysis
+from ..store import matching as store_matching
+from ..store import stages
+from .common import AnalysisConfig, CollaborationTranslator, T, _digest, analysis_lock_name, request_key
+from .dbt_project import hand_written_digest as _hand_written_digest
+from .resources import SecretsResource, WarehouseResource
+
+
+def _spawn_with_env(extra: Mapping[str, str], start: Callable[[], T]) -> T:
+    """Run ``start`` (which spawns a subprocess) with ``extra`` in the environment, then restore it.
+
+    The subprocess copies the environment when it starts; this process keeps
+    the values only for the instant of the spawn.
+    """
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        return start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> Iterator[dg.AssetObservation]:
+    """Per staged dataset: rows in, rows staged, and identifiers rejected per reason (counts only)."""
+    with warehouse.connect() as conn:
+        counts = stages.staging_counts(conn, loaded)
+    for name, ds in loaded.collaboration.datasets.items():
+        yield dg.AssetObservation(asset_key=naming.staging_key(loaded.name, ds.owner, name),
+                                  metadata={k: dg.MetadataValue.int(v) for k, v in counts[name].items()})
+
+
+def _stage_relations(manifest: Mapping[str, Any], collab: str, stage: str) -> list[str]:
+    """schema.alias of every model of one dbt stage (what must still exist for a build to be skipped)."""
+    tags = {f"dcr_{collab}", f"dcr_{stage}"}
+    return sorted(
+        f"{node['schema']}.{node.get('alias') or node['name']}"
+        for node in manifest.get("nodes", {}).values()
+        if node.get("resource_type") == "model" and tags <= set(node.get("tags", []))
+    )
+
+
+def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
+    """The SQL a collaboration's dbt stages run: its generated models and the hand-written macros."""
+    digest = hashlib.sha256(_hand_written_digest(dbt_project).encode())
+    for rel, content in sorted(dbt_codegen.render(loaded).items()):
+        digest.update(f"{rel}\0{content}\0".encode())
+    return digest.hexdigest()
+
+
+def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str) -> Iterator[dg.MaterializeResult]:
+    """An unchanged stage: its models are reported as not recomputed, and its dbt checks are not run, so this run
+    yields no evaluation for them and Dagster records them as skipped (their last verdict stays with the run that made it)."""
+    context.log.info(f"{stage}: inputs, keys and SQL unchanged since the last build; dbt not run, its checks skipped")
+    selected = context.selected_asset_keys
+    deps = context.assets_def.asset_deps
+    order = TopologicalSorter({k: {d for d in deps.get(k, ()) if d in selected} for k in selected}).static_order()  # upstream first
+    skipped = sorted(f"{c.asset_key.to_user_string()}:{c.name}" for c in context.selected_asset_check_keys)
+    for key in order:
+        yield dg.MaterializeResult(
+            asset_key=key,
+            metadata={"recomputed": False, "stage_digest": digest,
+                      "checks_skipped": dg.MetadataValue.int(sum(1 for c in context.selected_asset_check_keys if c.asset_key == key))},
+        )
+    if skipped:
+        context.log.info(f"{stage}: {len(skipped)} dbt check(s) not run (they ran, and passed, when the stage was built from these inputs)")
+
+
+def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: str, dbt_project: Path) -> dg.AssetsDefinition:
+    """One dbt invocation per stage; skipped when nothing it reads or runs has changed since its last successful build."""
+    c = loaded.name
+    translator = CollaborationTranslator()
+    code = _code_digest(loaded, dbt_project)
+    relations = _stage_relations(manifest, c, stage)
+
+    if stage == "staging":
+
+        @dbt_assets(manifest=manifest, select=f"tag:dcr_{c},tag:dcr_staging", name=f"{c}__staging", dagster_dbt_translator=translator)
+        def staging(
+            context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
+        ) -> Iterator[Any]:
+            with advisory_lock(warehouse.url, f"dcr-stage:{c}:staging"):  # one dbt build of a stage at a time; the next one skips
+                yield from _staging(context, dbt, warehouse, secrets)
+
+        def _staging(
+            context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
+        ) -> Iterator[Any]:
+            keys = {p: secrets.hmac_key(c, p) for p in loaded.parties() if not loaded.at_home(p)}
+            with warehouse.connect() as conn:
+                versions = ingest_lib.current_versions(conn, c)
+                # Keys enter the digest only through an HMAC of a fixed label: a changed key rebuilds the tokens.
+                key_ids = {p: hmac.new(k, b"dcr-stage-digest", hashlib.sha256).hexdigest() for p, k in keys.items()}
+                digest = _digest(code, loaded.policy_sha256, versions, key_ids)
+                if stages.can_skip(conn, c, "staging", digest, relations):
+                    yield from _skipped(context, "staging", digest)
+                    return
+            pads = {p: hmac_pads(k) for p, k in keys.items()}
+            options = " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), pgoptions(pads)]))
+            invocation = _spawn_with_env({"PGOPTIONS": options}, lambda: dbt.cli(["build"], context=context))
+            yield from invocation.stream()
+            yield from _rejections(warehouse, loaded)
+            if context.selected_asset_keys == context.assets_def.keys:  # a partial build does not vouch for the whole stage
+                with warehouse.connect() as conn:
+                    stages.record_build(conn, c, "staging", digest)
+
+        return staging
+
+    @dbt_assets(manifest=manifest, select=f"tag:dcr_{c},tag:dcr_analysis", name=f"{c}__analysis", dagster_dbt_translator=translator)
+    def analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtCliResource, warehouse: WarehouseResource) -> Iterator[Any]:
+        with advisory_lock(warehouse.url, analysis_lock_name(c)):
+            yield from _analysis(context, config, dbt, warehouse)
+
+    def _analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtCliResource, warehouse: WarehouseResource) -> Iterator[Any]:
+        try:
+            params = {name: validate_params(q, config.params.get(name, {})) for name, q in loaded.queries.items()}
+            unknown = sorted(set(config.params) - set(loaded.queries))
+            if unknown:
+                raise ParameterError(f"{c} has no approved query {', '.join(unknown)}")
+        except ParameterError as exc:
+            raise dg.Failure(f"query parameters refused, nothing ran: {exc}") from None
+        with warehouse.connect() as conn:
+            versions = ingest_lib.current_versions(conn, c)
+            match = store_matching.previous_match(conn, c)
+            staged = stages.last_build(conn, c, "staging")
+            # The build time too: a cross-reference rebuilt from the same identities has new match_ids.
+            digest = _digest(code, loaded.policy_sha256, versions, params, match, staged)
+            if match is not None and staged is not None and stages.can_skip(conn, c, "analysis", digest, relations):
+                yield from _skipped(context, "analysis", digest)
+                return
+        requests = {q: request_key(query, params[q], versions, match) for q, query in loaded.queries.items()}
+        with warehouse.connect() as conn:
+            store_analysis.record_requests(conn, c, {q: (params[q], requests[q]) for q in loaded.queries})
+        yield from dbt.cli(["build"], context=context).stream()
+        built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
+        with warehouse.connect() as conn:
+            store_analysis.record_built(conn, c, {q: (params[q], requests[q]) for q in built}, versions)
+            if context.selected_asset_keys == context.assets_def.keys:
+                stages.record_build(conn, c, "analysis", digest)
+
+    return analysis

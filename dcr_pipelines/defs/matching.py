@@ -1,0 +1,218 @@
+"""Matching: the cross-reference asset (PSI, parties at home, the overlap release) and the optional bucket steps."""
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from ..lib import home_psi, matching, naming
+from ..lib.database import advisory_lock
+from ..lib.policy import LoadedCollaboration
+from ..services.release import release_overlap
+from ..store import ledger
+from ..store import matching as store_matching
+from .common import PSI_FOLDER, _audit_metadata, landing_folder
+from .resources import SecretsResource, WarehouseResource
+
+
+def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefinition:
+    """One hash bucket of the PSI as its own step, so a distributed executor can run buckets on different workers."""
+    c = loaded.name
+    client = loaded.matching_client()
+    at_operator = [client] + [p for p in loaded.parties() if not loaded.at_home(p) and p != client]
+    buckets = loaded.collaboration.matching.buckets
+
+    @dg.asset(
+        key=naming.bucket_key(c, bucket),
+        deps=[dg.AssetKey(naming.identities_key(c, p)) for p in at_operator],
+        group_name=c,
+        kinds={"postgres", "python"},
+        tags={"dcr/stage": "matching", "dcr/bucket": str(bucket)},
+        owners=["team:operator"],
+        description=f"PSI of bucket {bucket} of {buckets} ({', '.join(at_operator)}): the matched people's tokens, no match_id yet. "
+        "Each bucket is its own step (matching.bucket_steps), so Celery or Kubernetes workers can share them.",
+    )
+    def bucket_step(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
+        inputs = store_matching.read_identities(warehouse.url, loaded, at_operator, bucket)
+        digest = matching.bucket_digest(inputs, client, buckets, bucket)
+        columns = [naming.party_token_column(p) for p in at_operator]
+        with warehouse.connect() as conn:
+            previous = store_matching.bucket_build(conn, loaded, columns, bucket)
+        if previous is not None and previous[0] == digest:
+            context.log.info(f"bucket {bucket}: identities unchanged, no PSI work")
+            return dg.MaterializeResult(metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1])}, data_version=dg.DataVersion(digest))
+        if len(inputs) == 1:  # only parties at home besides the client: their answer is applied when the buckets are assembled
+            pairs: list[tuple[str, ...]] = [(t,) for t in inputs[0].tokens]
+            exchanged = 0
+        else:
+            result = matching.match(inputs, client, buckets=1, workers=1)
+            assert result.parties == tuple(at_operator)
+            pairs, exchanged = [row[1:] for row in result.rows], result.bytes_exchanged
+        with warehouse.connect() as conn:
+            store_matching.write_bucket(conn, loaded, columns, bucket, pairs, digest, exchanged)
+        context.log.info(f"bucket {bucket}: {len(pairs)} matched")
+        return dg.MaterializeResult(
+            metadata={"recomputed": True, "matched": dg.MetadataValue.int(len(pairs)), "bytes_exchanged": dg.MetadataValue.int(exchanged),
+                      **{f"input_rows_{inp.party}": dg.MetadataValue.int(len(inp.tokens)) for inp in inputs}},
+            data_version=dg.DataVersion(digest),
+        )
+
+    return bucket_step
+
+
+def _assemble_buckets(conn: Any, loaded: LoadedCollaboration, inputs: list[matching.PartyInput], home: list[home_psi.HomeMatch]) -> matching.MatchResult:
+    """The cross-reference from the bucket steps' matches: every bucket checked against the current identities first."""
+    c, buckets = loaded.name, loaded.collaboration.matching.buckets
+    client = loaded.matching_client()
+    columns = [naming.party_token_column(inp.party) for inp in inputs]
+    stored = store_matching.bucket_digests(conn, loaded, columns)
+    expected = {b: matching.bucket_digest(part, client, buckets, b) for b, part in enumerate(matching.split(inputs, buckets))}
+    stale = [b for b in range(buckets) if stored.get(b) != expected[b]]
+    if stale:
+        raise dg.Failure(
+            f"bucket(s) {', '.join(map(str, stale[:10]))} were matched from other identities than the current ones; "
+            f"materialize {', '.join('/'.join(naming.bucket_key(c, b)) for b in stale[:3])}{' ...' if len(stale) > 3 else ''} first (previous cross-reference kept)"
+        )
+    pairs, exchanged = store_matching.bucket_pairs(conn, loaded, columns)
+    client_input = inputs[0]
+    home_by_token = [{client_input.tokens[i]: tok for i, tok in h.by_client_index.items()} for h in home]
+    matched = [(*pair, *(m[pair[0]] for m in home_by_token)) for pair in pairs if all(pair[0] in m for m in home_by_token)]
+    parties = (*(inp.party for inp in inputs), *(h.party for h in home))
+    rows = matching.assemble(parties, matched, [*(inp.tokens for inp in inputs), *(h.tokens for h in home)], loaded.collaboration.matching.padding)
+    counts = {inp.party: len(inp.identifiers) for inp in inputs} | {h.party: len(h.tokens) for h in home}
+    return matching.MatchResult(parties, rows, counts, exchanged, len(matched))
+
+
+def _home_inputs(loaded: LoadedCollaboration, landing: Path) -> dict[str, home_psi.Message]:
+    """Each home party's newest setup message, from its landing folder's ``_psi`` directory."""
+    c, out = loaded.name, {}
+    for party in loaded.collaboration.matching.home_parties:
+        folder = landing_folder(landing, c, party, PSI_FOLDER)
+        found = sorted(folder.glob(f"*setup*{home_psi.SUFFIX}"), key=lambda p: (p.stat().st_mtime_ns, p.name)) if folder.is_dir() else []
+        if not found:
+            raise dg.Failure(
+                f"waiting for {party}'s PSI setup message: {party} runs `dcr psi prepare {c} --party {party} ...` on its own machine "
+                f"and puts {party}-setup{home_psi.SUFFIX} into {folder}"
+            )
+        try:
+            out[party] = home_psi.read_message(found[-1], "setup", c, party)
+        except home_psi.MessageError as exc:
+            raise dg.Failure(f"PSI message refused, previous cross-reference kept: {exc}") from None
+    return out
+
+
+def _home_matches(
+    loaded: LoadedCollaboration, setups: Mapping[str, home_psi.Message], client_input: matching.PartyInput, pairing_key: bytes,
+    landing: Path, exports: Path,
+) -> list[home_psi.HomeMatch]:
+    """Complete the match with each home party's answer to the current request, or write the request and wait for it."""
+    c, out, waiting = loaded.name, [], []
+    for party, setup in setups.items():
+        rid = home_psi.request_id(c, party, client_input.identifiers)
+        response_path = landing_folder(landing, c, party, PSI_FOLDER) / f"{party}-response-{rid[:16]}{home_psi.SUFFIX}"
+        if not response_path.exists():
+            request_path = exports / c / party / "psi" / f"{party}-request-{rid[:16]}{home_psi.SUFFIX}"
+            if not request_path.exists():
+                home_psi.write_message(request_path, home_psi.client_request(c, party, client_input.identifiers, pairing_key))
+            waiting.append(
+                f"{party}: give it {request_path}; it runs `dcr psi respond {c} --party {party} --key KEYFILE --request {request_path.name}` "
+                f"at home and puts the answer into {response_path.parent}/"
+            )
+            continue
+        try:
+            response = home_psi.read_message(response_path, "response", c, party, request_id=rid)
+            out.append(home_psi.complete(setup, response, pairing_key, len(client_input.identifiers)))
+        except home_psi.MessageError as exc:
+            raise dg.Failure(f"PSI message refused, previous cross-reference kept: {exc}") from None
+    if waiting:
+        raise dg.Failure("waiting for the PSI answer of a party that keeps its identifiers at home (previous cross-reference kept). " + "; ".join(waiting))
+    return out
+
+
+def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: Path) -> dg.AssetsDefinition:
+    c = loaded.name
+    parties = loaded.parties()
+    client = loaded.matching_client()
+    at_operator = [client] + [p for p in parties if not loaded.at_home(p) and p != client]
+    at_home = [p for p in parties if loaded.at_home(p)]
+    home_deps = [naming.staging_key(c, ds.owner, name) for name, ds in loaded.collaboration.datasets.items() if ds.owner in at_home]
+
+    bucket_keys = [naming.bucket_key(c, b) for b in range(loaded.collaboration.matching.buckets)] if loaded.collaboration.matching.bucket_steps else []
+
+    @dg.asset(
+        key=naming.cross_reference_key(c),
+        deps=[dg.AssetKey(naming.identities_key(c, p)) for p in at_operator] + [dg.AssetKey(k) for k in home_deps + bucket_keys],
+        group_name=c,
+        kinds={"postgres", "python"},
+        tags={"dcr/stage": "matching"},
+        owners=["team:operator"],
+        description=f"Private set intersection (openmined-psi) of {', '.join(parties)}'s identifiers: "
+        f"one random match_id per shared person with each party's token. {client} acts as PSI client."
+        + (f" {', '.join(at_home)} keep their identifiers at home and answer with `dcr psi` message files." if at_home else ""),
+    )
+    def cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
+        with advisory_lock(warehouse.url, f"dcr-matching:{c}"):  # two runs at once: the second finds the identities matched
+            return _cross_reference(context, warehouse, secrets)
+
+    def _cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
+        inputs = store_matching.read_identities(warehouse.url, loaded, at_operator)
+        setups = _home_inputs(loaded, landing)
+        buckets = loaded.collaboration.matching.buckets
+        digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()])
+        with warehouse.connect() as conn:
+            previous = store_matching.previous_match(conn, c)
+        input_rows = {**{f"input_rows_{inp.party}": dg.MetadataValue.int(len(inp.tokens)) for inp in inputs},
+                      **{f"input_rows_{p}": dg.MetadataValue.int(len(m.tokens)) for p, m in setups.items()}}
+        if previous is not None and previous[0] == digest:
+            context.log.info("identities unchanged since the last match: no PSI work, cross-reference and match_ids kept")
+            return dg.MaterializeResult(
+                metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1]), "input_digest": digest,
+                          **input_rows, "policy_sha256": loaded.policy_sha256},
+                data_version=dg.DataVersion(digest),
+            )
+        client_input = next(inp for inp in inputs if inp.party == client)
+        home = _home_matches(loaded, setups, client_input, secrets.pairing_key(c), landing, exports)
+        if loaded.collaboration.matching.bucket_steps:
+            with warehouse.connect() as conn:
+                result = _assemble_buckets(conn, loaded, inputs, home)
+        else:
+            result = matching.match(inputs, client, buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
+        with warehouse.connect() as conn:
+            store_matching.write_cross_reference(conn, c, result, digest, client)
+            overlap = _release_overlap(context, conn, loaded, result.matched, digest)
+        context.log.info(f"matched {result.matched} people across {len(parties)} parties")
+        return dg.MaterializeResult(
+            metadata={
+                **input_rows,
+                **overlap,
+                "matched": dg.MetadataValue.int(result.matched),
+                "cross_reference_rows": dg.MetadataValue.int(len(result.rows)),
+                "recomputed": True,
+                "input_digest": digest,
+                "psi_client": client,
+                "buckets": buckets,
+                "home_parties": ", ".join(at_home) or "none",
+                "bytes_exchanged": dg.MetadataValue.int(result.bytes_exchanged),
+                "policy_sha256": loaded.policy_sha256,
+            },
+            data_version=dg.DataVersion(digest),
+        )
+
+    return cross_reference
+
+
+def _release_overlap(context: dg.AssetExecutionContext, conn: Any, loaded: LoadedCollaboration, matched: int, digest: str) -> dict[str, Any]:
+    """What the members learn of the overlap: nothing, or a DP count charged to the overlap account (withheld once it is spent)."""
+    spec = loaded.collaboration.matching
+    if spec.overlap_release == "withheld":
+        return {"overlap_release": "withheld"}
+    try:
+        stored = release_overlap(conn, loaded, matched, digest, run_id=context.run.run_id)
+    except ledger.BudgetExhausted as exc:
+        context.log.warning(f"overlap withheld: {exc}")
+        return {"overlap_release": "withheld: the overlap budget is spent"}
+    if spec.overlap_release == "exact":
+        return {"overlap_release": "exact", "overlap_release_id": stored.release_id, **_audit_metadata(stored)}
+    return {"overlap_release": "dp", "overlap_release_id": stored.release_id, "overlap_epsilon_charged": 0.0 if stored.cached else stored.epsilon,
+            "overlap_epsilon_remaining": stored.budget.remaining, **_audit_metadata(stored)}

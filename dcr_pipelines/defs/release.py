@@ -1,0 +1,165 @@
+"""Releases on request (bound to their parameters) and ad-hoc queries."""
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import DbtCliResource
+
+from ..lib import adhoc, naming
+from ..lib.database import advisory_lock
+from ..lib.params import ParameterError, validate_params
+from ..lib.policy import LoadedCollaboration
+from ..services import adhoc as adhoc_service
+from ..services import ingest as ingest_lib
+from ..services.release import ReleaseRefused, release_query
+from ..store import analysis as store_analysis
+from ..store import audit_chain, ledger, stages
+from ..store import matching as store_matching
+from .common import AdHocConfig, CollaborationTranslator, ReleaseConfig, _audit_metadata, analysis_lock_name, request_key
+from .resources import WarehouseResource
+
+
+def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, manifest: Mapping[str, Any]) -> dg.AssetsDefinition:
+    c = loaded.name
+    query = loaded.queries[query_name]
+    spec = query.spec
+    translator = CollaborationTranslator()
+    model = naming.query_model(c, query_name)
+    mechanism = f"differentially private (opendp, epsilon {spec.privacy.epsilon})" if spec.privacy else f"thresholded (groups under {spec.min_distinct_units} people removed, no noise)"
+
+    @dg.asset(
+        key=naming.release_key(c, query_name),
+        deps=[dg.AssetKey(naming.analysis_key(c, query_name))],
+        group_name=c,
+        kinds={"postgres", "opendp" if spec.rule == "dp" else "python"},
+        tags={"dcr/stage": "results", "dcr/consumer": spec.consumer, "dcr/release": spec.release},
+        owners=[f"team:{spec.consumer}"],
+        description=f"Release of {query_name}, {mechanism}, for {', '.join(spec.receivers)}"
+        + (f"; charged to {spec.consumer}'s budget" if spec.rule == "dp" else "")
+        + f". Only on request (config: params){' or by a schedule' if spec.release == 'scheduled' else ''}. {spec.description or ''}",
+    )
+    def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource, dbt: DbtCliResource) -> dg.MaterializeResult:
+        try:
+            params = validate_params(query, config.params)
+        except ParameterError as exc:
+            raise dg.Failure(f"release refused, nothing ran: {exc}") from None
+        # Build and release under one lock: the pre-noise table read is the one built for this request.
+        with advisory_lock(warehouse.url, analysis_lock_name(c)):
+            with warehouse.connect() as conn:
+                versions = ingest_lib.current_versions(conn, c)
+                key = request_key(query, params, versions, store_matching.previous_match(conn, c))
+                cached = ledger.stored_release_id(conn, naming.results_schema(c), ledger.cache_key(query.sha256, params, versions))
+                rebuild = cached is None and store_analysis.built_for(conn, c, query_name) != key
+            if rebuild:
+                context.log.info(f"{query_name}: building its pre-noise table for this request ({json.dumps(params)})")
+                with warehouse.connect() as conn:
+                    store_analysis.record_requests(conn, c, {query_name: (params, key)})
+                invocation = dbt.cli(["build", "--select", model], manifest=manifest, dagster_dbt_translator=translator, raise_on_error=False)
+                invocation.wait()
+                if not invocation.is_successful():
+                    raise dg.Failure(f"the pre-noise table of {query_name} could not be built for this request; nothing was released or charged (run log: dbt)")
+                with warehouse.connect() as conn:
+                    store_analysis.record_built(conn, c, {query_name: (params, key)}, versions)
+                    stages.forget_build(conn, c, "analysis")
+            with warehouse.connect() as conn:
+                if cached is None and store_analysis.built_for(conn, c, query_name) != key:
+                    raise dg.Failure(f"the pre-noise table of {query_name} was built for another request; nothing was released or charged")
+                try:
+                    stored = release_query(conn, loaded, query, params, versions, export_dir=exports, request=None if cached else key,
+                                           run_id=context.run.run_id)
+                except (ledger.BudgetExhausted, ReleaseRefused) as exc:
+                    raise dg.Failure(f"release refused: {exc}") from None
+                except ledger.ReleaseFailed as exc:
+                    raise dg.Failure(str(exc)) from None
+        status = stored.budget
+        context.log.info(
+            f"{query_name}: release {stored.release_id} {'(stored result, no charge)' if stored.cached else f'charged epsilon {stored.epsilon:.4g}'}; "
+            f"{spec.consumer} has {status.remaining:.4g} of {status.total:.4g} left"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "release_id": stored.release_id,
+                "cached": stored.cached,
+                "epsilon_charged": 0.0 if stored.cached else stored.epsilon,
+                "epsilon_of_release": stored.epsilon,
+                "epsilon_remaining": status.remaining,
+                "epsilon_budget": status.total,
+                "consumer": spec.consumer,
+                "receivers": ", ".join(spec.receivers),
+                "params": dg.MetadataValue.json(params),
+                "input_versions": dg.MetadataValue.json(versions),
+                "pre_noise_rebuilt_for_request": rebuild,
+                "query_sha256": query.sha256,
+                "approvals": dg.MetadataValue.json(
+                    [{"member": a.member, "sha256": a.sha256} for a in loaded.collaboration.approvals.get(query_name, ())]
+                ),
+                "policy_sha256": loaded.policy_sha256,
+                "cells": dg.MetadataValue.int(len(stored.rows)),
+                **({"withheld_groups": dg.MetadataValue.int(len(stored.withheld)), "withheld_because": dg.MetadataValue.json(sorted(set(stored.withheld)))}
+                   if spec.rule == "threshold" and not stored.cached else {}),
+                **_audit_metadata(stored),
+                "exports": ", ".join(f"{r}/{query_name}/{stored.release_id}.csv|parquet" for r in spec.receivers),
+            }
+        )
+
+    return release
+
+
+def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
+    c = loaded.name
+    open_datasets = [name for name, ds in loaded.collaboration.datasets.items() if ds.analysis_rule.ad_hoc]
+
+    @dg.asset(
+        key=naming.ad_hoc_key(c),
+        deps=[dg.AssetKey(naming.matched_key(c, name)) for name in open_datasets] or [dg.AssetKey(naming.cross_reference_key(c))],
+        group_name=c,
+        kinds={"postgres", "sql"},
+        tags={"dcr/stage": "ad_hoc"},
+        owners=["team:operator"],
+        description=f"Ad-hoc SQL of a member with the run_queries ability, checked against the analysis rules of "
+        f"{', '.join(open_datasets) or 'no dataset (none allows ad-hoc SQL)'}, rewritten onto the matched views and thresholded; "
+        "each run stores its rows for its runner only. Refusals fail the run and name the rule. Run with `dcr query run`.",
+    )
+    def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        digest = adhoc.query_sha256(config.sql)
+        try:
+            checked = adhoc.check(loaded, config.runner, config.sql)
+            with warehouse.connect() as conn:
+                result = adhoc_service.execute(conn, loaded, checked, context.run.run_id, config.sql)
+        except adhoc.QueryRefused as exc:
+            with warehouse.connect() as conn:  # refusals are in the audit chain too
+                chained = audit_chain.append(conn, naming.results_schema(c), c, "refusal", context.run.run_id,
+                                             {"run_id": context.run.run_id, "runner": config.runner, "query_sha256": digest, "rule": exc.rule,
+                                              "datasets": adhoc.datasets_named(loaded, config.sql)})
+            raise dg.Failure(
+                f"query refused: {exc}",
+                metadata={"runner": config.runner, "rule": exc.rule, "query_sha256": digest, "query": adhoc.hashable(config.sql),
+                          "datasets": ", ".join(adhoc.datasets_named(loaded, config.sql)), "audit_chain_sha256": chained.chain_sha256},
+            ) from None
+        context.log.info(
+            f"ad-hoc query of {config.runner}: {len(result.rows)} rows released (threshold {checked.min_distinct_units}"
+            + (f"; {result.suppressed} withheld by the difference check)" if result.suppressed else ")")
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "runner": config.runner,
+                "query": adhoc.hashable(config.sql),
+                "query_sha256": digest,
+                "kind": checked.kind,
+                "datasets": ", ".join(checked.datasets),
+                "rules": dg.MetadataValue.json(list(checked.rules)),
+                "min_distinct_units": checked.min_distinct_units,
+                "rows": dg.MetadataValue.int(len(result.rows)),
+                "suppressed_rows": dg.MetadataValue.int(result.suppressed),
+                "audit_chain_sha256": result.audit_chain_sha256,
+                "suppressed_because": dg.MetadataValue.json(result.reasons),
+                "difference_checks": loaded.collaboration.difference_checks.enabled,
+                "columns": ", ".join(checked.columns),
+                "policy_sha256": loaded.policy_sha256,
+            }
+        )
+
+    return ad_hoc
