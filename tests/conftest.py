@@ -24,11 +24,31 @@ def external_pg_available() -> bool:
         return False
 
 
+def _database_per_worker() -> None:
+    """Under pytest-xdist with DCR_DATABASE_URL set, each worker gets a database of its own (<name>_<worker>), so that
+    workers never share Dagster's run storage or a collaboration's schemas. The embedded default is per worker already."""
+    url, worker = os.environ.get("DCR_DATABASE_URL"), os.environ.get("PYTEST_XDIST_WORKER")
+    if not url or not worker:
+        return
+    import psycopg
+    from psycopg import sql
+
+    from dcr_pipelines.lib.database import Connection
+
+    base = Connection.from_url(url)
+    own = f"{base.dbname}_{worker}"
+    with psycopg.connect(base.url("postgres"), autocommit=True) as conn:
+        if conn.execute("select 1 from pg_database where datname = %s", (own,)).fetchone() is None:
+            conn.execute(sql.SQL("create database {}").format(sql.Identifier(own)))
+    os.environ["DCR_DATABASE_URL"] = base.url(own)
+
+
 @pytest.fixture(scope="session")
 def dcr_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A deployment home for the whole test session; its embedded server is stopped afterwards."""
     home = tmp_path_factory.mktemp("dcr_home")
     saved = dict(os.environ)
+    _database_per_worker()
     os.environ["DCR_HOME"] = str(home)
     os.environ["DCR_LANDING"] = str(home / "landing")
     os.environ["DCR_POLICIES"] = str(PROJECT_ROOT / "policies")
