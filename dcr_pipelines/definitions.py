@@ -12,7 +12,7 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from .defs.collaboration import build_collaboration
-from .defs.dbt_project import dbt_executable, prepare_project
+from .defs.dbt_project import dbt_executable, prepare_project, project_dir
 from .defs.resources import SecretsResource, WarehouseResource
 from .lib.policy import check_policies
 from .lib.runtime import activate, development_secrets_allowed, ensure_development_secrets, secret_env_name
@@ -31,12 +31,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         broken.setdefault(_folder_name(settings, issue.file), []).append(str(issue))
     # Parsed here, not passed as a path: dagster-dbt caches manifests by path per process,
     # which would keep a stale graph after the policies change (code-server reloads, tests).
-    project = prepare_project(settings.dbt_source, settings.dbt_project, loaded)
+    project = prepare_project(settings.dbt_source, project_dir(settings.dbt_project, settings.policies), loaded)
     manifest = json.loads(project.manifest_path.read_text())
     parts: list[dg.Definitions] = []
     for collab in loaded:
         try:
-            part = build_collaboration(collab, manifest, settings.landing, settings.exports, settings.dbt_project)
+            part = build_collaboration(collab, manifest, settings.landing, settings.exports, project.project_dir)
         except Exception as exc:  # one collaboration's defect must not take the others down
             log.exception("collaboration %s skipped: its assets could not be built", collab.name)
             broken.setdefault(collab.name, []).append(f"{collab.folder}: its assets could not be built ({exc.__class__.__name__}: {exc})")
@@ -46,7 +46,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         resources={
             "warehouse": WarehouseResource(url=dg.EnvVar("DCR_WAREHOUSE_URL")),
             "secrets": SecretsResource(),
-            "dbt": DbtCliResource(project_dir=str(settings.dbt_project), profiles_dir=str(settings.dbt_project), dbt_executable=str(dbt_executable())),
+            "dbt": DbtCliResource(project_dir=str(project.project_dir), profiles_dir=str(project.project_dir), dbt_executable=str(dbt_executable())),
         },
         sensors=[_broken_policy_sensor(name, problems) for name, problems in sorted(broken.items())],
     )

@@ -81,6 +81,12 @@ class PolicyModelsPreparer(DbtProjectPreparer):
         stamp.write_text(stamp_value)
 
 
+def project_dir(dbt_root: Path, policies: Path) -> Path:
+    """The deployment's dbt project for one policies folder: a deployment pointed at another folder (an operator's
+    trial, a test) gets a project of its own instead of overwriting the models a running process reads."""
+    return dbt_root / ("policies-" + hashlib.sha256(str(policies.resolve()).encode()).hexdigest()[:12])
+
+
 def prepare_project(source: Path, deployment: Path, collaborations: Sequence[LoadedCollaboration]) -> DbtProject:
     """The deployment's dbt project, with models for ``collaborations`` and a manifest that matches them."""
     deployment.mkdir(parents=True, exist_ok=True)

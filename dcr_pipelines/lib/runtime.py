@@ -67,7 +67,7 @@ def activate(settings: Settings | None = None) -> Runtime:
             # dagster-postgres is written for psycopg2; SQLAlchemy 2.1 would pick psycopg 3.
             "DCR_DAGSTER_PG_URL": dagster_url.replace("postgresql://", "postgresql+psycopg2://", 1),
             "DAGSTER_HOME": str(dagster_home),
-            "DBT_PROFILES_DIR": str(settings.dbt_project),
+            "DBT_PROFILES_DIR": str(settings.dbt_source),  # the checkout's profiles.yml (read only); runs pass their project's own
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
         }
     )

@@ -17,7 +17,7 @@ class Settings:
     home: Path
     policies: Path
     landing: Path
-    dbt_project: Path  # the deployment's dbt project (written at load: generated models, target/)
+    dbt_project: Path  # where the deployment keeps its dbt projects, one per policies folder (see defs/dbt_project.py)
     external_database_url: str | None
     dbt_source: Path = PROJECT_ROOT / "dbt_project"  # the checkout's hand-written part (macros, dbt_project.yml), never written
 

@@ -214,13 +214,13 @@ def test_the_identifier_spec_of_each_kind(runtime, tmp_path: Path) -> None:  # t
 
 
 def test_a_staging_table_with_a_column_outside_the_shared_list_fails_its_check(e2e: dict[str, Any]) -> None:
-    from dcr_pipelines.defs.dbt_project import prepare_project
+    from dcr_pipelines.defs.dbt_project import prepare_project, project_dir
     from dcr_pipelines.lib.policy import load_collaboration
 
     schema = naming.staging_schema(COLLAB, "retailer")
     settings = e2e["settings"]
-    project = settings.dbt_project
-    prepare_project(settings.dbt_source, project, [load_collaboration(e2e["root"] / COLLAB)])  # other tests may have regenerated the models
+    project = project_dir(settings.dbt_project, settings.policies)
+    prepare_project(settings.dbt_source, project, [load_collaboration(e2e["root"] / COLLAB)])
     args = ["test", "--quiet", "--select", f"{naming.staging_model(COLLAB, 'retailer', 'purchases')},test_name:dcr_only_columns",
             "--project-dir", str(project), "--profiles-dir", str(project)]
     passing = dbtRunner().invoke(args)
