@@ -24,11 +24,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dcr demo --rows $(ROWS) --overlap $(OVERLAP) --seed $(SEED)
 
-# One worker per core (xdist); a test module stays on one worker, the modules that share the e2e collaboration too (tests/conftest.py); each worker has its own deployment home
+# One worker per core (xdist), a test module stays on one worker; each worker has its own deployment home
 # (embedded PostgreSQL, Dagster instance, dbt project). `make test PYTEST_WORKERS=0` runs in one process.
 PYTEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # The pure core (policy, checker, mechanisms, matching, audit verification): no database, no Dagster run, under a minute.
 test-fast: $(STAMP)

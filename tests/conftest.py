@@ -71,13 +71,3 @@ def policies_copy(tmp_path: Path) -> Path:
     target = tmp_path / "policies"
     shutil.copytree(PROJECT_ROOT / "policies", target)
     return target
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist (`make test` runs `--dist loadgroup`): a module's tests stay on one worker (its
-    module-scoped collaboration is built once), and every module that reads the session's ``e2e`` collaboration
-    shares one worker, so that collaboration is built once per run, not once per worker."""
-    uses_e2e = {item.module.__name__ for item in items if "e2e" in getattr(item, "fixturenames", ()) and item.module is not None}
-    for item in items:
-        module = item.module.__name__ if item.module is not None else item.nodeid
-        item.add_marker(pytest.mark.xdist_group("e2e" if module in uses_e2e else module))
