@@ -64,7 +64,7 @@ def db_migrate(show_status: bool) -> None:
     runtime = _runtime()
     with connect(runtime.warehouse.url()) as conn:
         if not show_status:
-            loaded, _ = check_policies(Settings.from_env().policies)
+            loaded, issues = check_policies(Settings.from_env().policies)
             names = sorted(lc.name for lc in loaded)
             try:
                 applied = migrations.migrate(conn, {"results": [naming.results_schema(c) for c in names],
@@ -75,6 +75,8 @@ def db_migrate(show_status: bool) -> None:
             for a in applied:
                 out.print(f"applied {a.scope} {a.version:04d}_{a.name}", markup=False)
             out.print(f"schema up to date ({len(applied)} migration(s) applied now)")
+            if issues:  # the collaborations that did not load were not migrated: say so, and fail
+                fail(f"{len(issues)} policy mistake(s), those collaborations were not migrated; first: {issues[0]} (run `dcr policy check`)", 2)
             return
         for scope_name, version, name, applied_at in migrations.status(conn):
             out.print(f"{scope_name}\t{version:04d}_{name}\t{applied_at[:19]}", markup=False, soft_wrap=True)

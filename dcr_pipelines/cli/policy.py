@@ -40,7 +40,8 @@ def policy_check(path: Path | None) -> None:
 
 @policy.command("render")
 @click.argument("collab")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder to write the models into (replaced).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder to write the models into: empty, or one an earlier render wrote (it is replaced).")
 def policy_render(collab: str, out_dir: Path) -> None:
     """Write the dbt models COLLAB's policy generates, for review (the demo's are kept in dbt_project/golden/).
 
@@ -60,8 +61,15 @@ def policy_render(collab: str, out_dir: Path) -> None:
     except PolicyError as exc:
         fail(str(exc.issues[0]) + (f" (and {len(exc.issues) - 1} more; run `dcr policy check`)" if len(exc.issues) > 1 else ""), 2)
     files = dbt_codegen.render(loaded)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    dbt_codegen.write_rendered(out_dir, files)
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out {out_dir}: not a folder; give a folder to write the models into", 2)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "_collaboration.yml").is_file():
+        fail(f"--out {out_dir}: the folder holds other files; give an empty folder or one written by `dcr policy render`", 2)
+    try:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        dbt_codegen.write_rendered(out_dir, files)
+    except OSError as exc:
+        fail(f"--out {out_dir}: cannot write the models there ({exc.strerror or exc})", 2)
     out.print(f"{len(files)} files written to {out_dir}", markup=False)
 
 

@@ -3,7 +3,7 @@
 Policy is the single source of truth: the normalised, staging, identity,
 matched-view and query models of every collaboration are rendered from the
 Jinja templates in ``lib/templates/`` into the deployment's dbt project
-(``$DCR_HOME/dbt/models/collaborations/<collab>/``, see defs/dbt_project.py) and parsed
+(``$DCR_HOME/dbt/policies-<hash>/models/collaborations/<collab>/``, see defs/dbt_project.py) and parsed
 into one manifest; the demo collaborations' output is committed under
 ``dbt_project/golden/`` for review. The SQL logic itself lives in
 hand-written macros under ``dbt_project/macros``; generated files only wire

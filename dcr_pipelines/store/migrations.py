@@ -105,13 +105,15 @@ def _applied(conn: psycopg.Connection, scope_name: str) -> dict[int, str]:
     return {int(v): str(s) for v, s in rows}
 
 
-def _up_to_date(conn: psycopg.Connection, scope_name: str, latest: int) -> bool:
+def _up_to_date(conn: psycopg.Connection, scope_name: str, pending: tuple[Migration, ...]) -> bool:
+    """Whether every migration of the scope is applied; one query. An applied file that changed since is refused here too."""
     if conn.execute("select to_regclass(%s)", (f"{META_SCHEMA}.{TRACKER}",)).fetchone()[0] is None:  # type: ignore[index]
         return False
-    row = conn.execute(
-        sql.SQL("select coalesce(max(version), 0) from {} where scope = %s").format(sql.Identifier(META_SCHEMA, TRACKER)), (scope_name,)
-    ).fetchone()
-    return row is not None and int(row[0]) >= latest
+    applied = _applied(conn, scope_name)
+    for migration in pending:
+        if migration.version in applied and applied[migration.version] != migration.sha256:
+            raise MigrationError(f"{migration.file} changed after it was applied to {scope_name}; restore it and add a new migration for the change")
+    return all(m.version in applied for m in pending)
 
 
 def ensure(conn: psycopg.Connection, kind: Kind, schema: str = META_SCHEMA) -> list[Applied]:
@@ -120,7 +122,7 @@ def ensure(conn: psycopg.Connection, kind: Kind, schema: str = META_SCHEMA) -> l
         ensure(conn, "meta")
     pending = migrations(kind)
     name = scope(kind, schema)
-    if not pending or _up_to_date(conn, name, pending[-1].version):
+    if not pending or _up_to_date(conn, name, pending):
         return []
     done: list[Applied] = []
     with conn.transaction():

@@ -50,3 +50,20 @@ def test_policy_hash_and_the_loader_share_one_function_even_with_a_sql_field(dem
                              env={"DCR_POLICIES": str(demo.parent), "PATH": "/usr/bin:/bin", "DCR_HOME": str(tmp_path / "home")})
     assert printed.returncode == 0, printed.stderr
     assert f"campaign_reach  {loaded.queries['campaign_reach'].sha256}" in printed.stdout
+
+def test_policy_render_writes_the_models_and_never_replaces_a_folder_of_other_files(tmp_path: Path) -> None:
+    dcr = [sys.executable, "-m", "dcr_pipelines.cli", "policy", "render", "demo", "--out"]
+    target = tmp_path / "render"
+    for _ in range(2):  # an earlier render is replaced
+        done = subprocess.run([*dcr, str(target)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert (target / "analysis" / "qry_demo__campaign_reach.sql").read_text() == (
+        PROJECT_ROOT / "dbt_project" / "golden" / "demo" / "analysis" / "qry_demo__campaign_reach.sql").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("x")
+    for out in (other, tmp_path / "a_file"):
+        refused = subprocess.run([*dcr, str(out)], capture_output=True, text=True)
+        assert refused.returncode == 2 and refused.stderr.startswith("error: --out ") and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert (other / "keep.txt").read_text() == "mine"
