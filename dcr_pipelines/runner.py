@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ def materialize(
     tags: Mapping[str, str] | None = None,
     log_level: str = "CRITICAL",
     stdout_log: Path | None = None,
+    partition_key: str | None = None,
 ) -> RunOutcome:
     """Materialize the asset keys in ``selection`` (and their checks) in this process.
 
@@ -63,7 +65,8 @@ def materialize(
     job = defs.resolve_implicit_global_asset_job_def()
     run_config = _only_selected_ops(defs, selection, run_config or {})
     collabs = sorted({k[0] for k in selection})
-    tags = {"dcr/user": os.environ.get("DCR_USER") or getpass.getuser(), **({"dcr/collaboration": collabs[0]} if len(collabs) == 1 else {}), **dict(tags or {})}
+    tags = {"dcr/user": os.environ.get("DCR_USER") or getpass.getuser(), **({"dcr/collaboration": collabs[0]} if len(collabs) == 1 else {}),
+            **process_tags(), **dict(tags or {})}
     config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **dict(run_config or {})}
     with contextlib.ExitStack() as stack:
         if stdout_log is not None:  # dbt's own output, kept for the curious, off the terminal
@@ -75,12 +78,45 @@ def materialize(
             tags=tags,
             raise_on_error=False,
             asset_selection=[dg.AssetKey(list(k)) for k in selection],
+            partition_key=partition_key,
         )
     metadata: dict[str, dict[str, Any]] = {}
     for event in result.get_asset_materialization_events():
         mat = event.materialization
         metadata[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
     return RunOutcome(result.success, result.run_id, None if result.success else _failure_message(result), metadata)
+
+
+PID_TAG, HOST_TAG = "dcr/pid", "dcr/host"
+
+
+def process_tags() -> dict[str, str]:
+    """Which process runs an in-process run: a run left STARTED by a process that died is marked failed later."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed every run still STARTED (or STARTING) whose in-process runner on this host is dead (killed, crashed)."""
+    host = socket.gethostname()
+    failed = []
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+                                                   tags={HOST_TAG: host}))
+    for run in runs:
+        pid = run.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            instance.report_run_failed(run, f"the process that ran it (pid {pid} on {host}) ended without finishing it (killed or crashed)")
+            failed.append(run.run_id)
+    return failed
 
 
 def _only_selected_ops(defs: dg.Definitions, selection: Sequence[Sequence[str]], run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,6 +139,8 @@ def collaboration_keys(defs: dg.Definitions, collab: str, *, releases: bool = Fa
             continue
         if not releases and len(k.path) == 3 and k.path[1] == "results":
             continue
+        if graph.get(k).is_partitioned:  # an append-mode dataset's uploads: one run per file (see ingest_uploads)
+            continue
         keys.append(list(k.path))
     return keys
 
@@ -123,8 +161,41 @@ def release_run_config(collab: str, query: str, params: Mapping[str, str]) -> di
     return {"ops": {op_name(naming.release_key(collab, query)): {"config": {"params": dict(params)}}}}
 
 
-def ingest_run_config(collab: str, party: str, dataset: str, path: str) -> dict[str, Any]:
-    return {"ops": {op_name(naming.raw_key(collab, party, dataset)): {"config": {"path": path}}}}
+def ingest_run_config(collab: str, party: str, dataset: str, path: str = "", upload: int = 0) -> dict[str, Any]:
+    return {"ops": {op_name(naming.raw_key(collab, party, dataset)): {"config": {"path": path, "upload": upload}}}}
+
+
+def ingest_uploads(defs: dg.Definitions, loaded: Any, landing: Path, url: str, *, instance: dg.DagsterInstance,
+                   stdout_log: Path | None = None) -> list[RunOutcome]:
+    """Append-mode datasets: claim their landing folders and run one partition per waiting upload (oldest first).
+
+    If the contract changed since the current version was checked, the newest accepted upload is re-processed
+    (its run re-checks every file). Replace-mode datasets are left to the collaboration's run.
+    """
+    from .defs.ingest import partitions_name, target
+    from .lib.database import advisory_lock, connect
+    from .services import ingest as ingest_lib
+    from .store import uploads as queue
+
+    outcomes = []
+    for name, ds in loaded.collaboration.datasets.items():
+        if ds.mode != "append":
+            continue
+        t = target(loaded, name, landing, url)
+        with advisory_lock(url, t.lock_name), connect(url) as conn:
+            ingest_lib.reconcile(conn, t)
+            ingest_lib.claim_inbox(conn, t)
+            keys = [u.partition_key for u in queue.pending(conn, loaded.name, ds.owner, name)]
+            current = ingest_lib.current_version(conn, t)
+            if not keys and current is not None and current.contract_sha256 != t.contract_sha256 and current.upload_seq:
+                keys = [queue.partition_key(current.upload_seq)]
+        if not keys:
+            continue
+        instance.add_dynamic_partitions(partitions_name(loaded.name, ds.owner, name), keys)
+        for key in keys:
+            outcomes.append(materialize(defs, [naming.raw_key(loaded.name, ds.owner, name)], instance=instance, partition_key=key,
+                                        stdout_log=stdout_log, tags={"dcr/upload": key}))
+    return outcomes
 
 
 def ad_hoc_run_config(collab: str, runner: str, sql_text: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Exit codes: 0 success; 1 a run or release failed or was refused; 2 bad
 usage or invalid input (policy, parameters, unknown names).
 """
 
-from . import db, demo, pipeline, policy, psi, query, report
+from . import db, demo, pipeline, policy, psi, query, report, uploads
 from ._common import main
 
-__all__ = ["db", "demo", "main", "pipeline", "policy", "psi", "query", "report"]
+__all__ = ["db", "demo", "main", "pipeline", "policy", "psi", "query", "report", "uploads"]

@@ -53,12 +53,22 @@ def _run_log() -> Path:
 def _instance() -> Any:
     import dagster as dg
 
-    return dg.DagsterInstance.get()
+    from ..runner import fail_orphaned_runs
+
+    instance = dg.DagsterInstance.get()
+    for run_id in fail_orphaned_runs(instance):
+        err.print(f"note: run {run_id} was left STARTED by a process that died; marked failed", markup=False)
+    return instance
 
 
 def _collaboration(runtime: Any, name: str) -> Any:
-    from ..lib.policy import PolicyError, load_collaboration
+    import re
 
+    from ..lib.policy import PolicyError, load_collaboration
+    from ..lib.policy.models import NAME_PATTERN
+
+    if not re.fullmatch(NAME_PATTERN, name):
+        fail(f"{name!r} is not a collaboration name: lowercase letters, digits and _ only, as the folder under {runtime.settings.policies}", 2)
     folder = runtime.settings.policies / name
     try:
         return load_collaboration(folder)
@@ -83,8 +93,16 @@ def main() -> None:
 
 
 def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]] | None = None, until_waiting: bool = False) -> dict[str, Any]:
-    from ..runner import analysis_run_config, collaboration_keys, materialize
+    import os
 
+    from ..lib.settings import Settings
+    from ..runner import analysis_run_config, collaboration_keys, ingest_uploads, materialize
+
+    with out.status(f"processing {loaded.name}'s appended uploads..."):
+        for done in ingest_uploads(defs, loaded, Settings.from_env().landing, os.environ["DCR_WAREHOUSE_URL"], instance=_instance(),
+                                   stdout_log=_run_log()):
+            if not done.success:  # a refused file is the party's to fix, not a failed pipeline
+                out.print(f"warning: {done.failure}", markup=False)
     keys = collaboration_keys(defs, loaded.name)
     with out.status(f"materializing {len(keys)} assets of {loaded.name} through Dagster..."):
         outcome = materialize(

@@ -52,6 +52,8 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
     )
     if at_home:
         _demo_home_prepare(runtime, loaded, generated_at)
+    else:
+        _split_appended(loaded, generated_at)
     out.print(f"database: {runtime.warehouse.redacted()}")
     defs = _definitions(runtime)
     if at_home and not _run_collaboration(defs, loaded, until_waiting=True):
@@ -64,6 +66,21 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
     if loaded.collaboration.matching.overlap_release != "withheld":
         _print_overlap(runtime, loaded)
     out.print(f"done in {time.perf_counter() - started:.1f}s; open the asset graph with `make ui`")
+
+
+def _split_appended(loaded: Any, generated_at: Path) -> None:
+    """An append-mode dataset arrives as two exports (each adds its rows), as a party would send them month by month."""
+    for name, ds in loaded.collaboration.datasets.items():
+        source = generated_at / ds.owner / name / f"{name}.csv"
+        if ds.mode != "append" or not source.exists():
+            continue
+        header, *lines = source.read_text().splitlines(keepends=True)
+        half = len(lines) // 2
+        for number, chunk in enumerate((lines[:half], lines[half:]), start=1):
+            part = source.with_name(f"{name}_part{number}.csv")
+            part.write_text(header + "".join(chunk))
+        source.unlink()
+        out.print(f"{ds.owner}'s {name} ({ds.mode} mode) sent as two files: {name}_part1.csv, {name}_part2.csv")
 
 
 def _demo_home_prepare(runtime: Any, loaded: Any, generated_at: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
 import click
@@ -30,14 +28,24 @@ from ._common import (
 @click.argument("dataset")
 @click.argument("file", type=click.Path(path_type=Path))
 def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
-    """Upload FILE as the next version of PARTY's DATASET in COLLAB (through Dagster).
+    """Upload FILE as PARTY's next file of DATASET in COLLAB (through Dagster).
+
+    The file is copied into the dataset's upload queue and gets a number at
+    once; a replace-mode dataset then makes it the whole dataset, an
+    append-mode one adds its rows. A refused file is quarantined with a report
+    and the current data stays as it was.
 
     \b
     Example:
       dcr ingest demo retailer purchases ./purchases.csv
     """
+    from ..defs.ingest import partitions_name, target
     from ..lib import naming
+    from ..lib.database import connect
+    from ..lib.upload_files import SUFFIXES, accepted_suffix
     from ..runner import ingest_run_config, materialize
+    from ..services import ingest as ingest_lib
+    from ..store import uploads as queue
 
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
@@ -46,29 +54,51 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
         fail(f"{collab} declares no dataset {dataset!r} (datasets: {', '.join(loaded.collaboration.datasets)})", 2)
     if ds.owner != party:
         fail(f"dataset {dataset} belongs to {ds.owner}, not {party!r}", 2)
-    if not file.is_file():
+    if not file.exists():
         fail(f"{file}: no such file", 2)
-    from ..defs.collaboration import UPLOAD_SUFFIXES, landing_folder
-
-    if file.suffix not in UPLOAD_SUFFIXES[ds.format.type]:
-        fail(f"{file.name}: dataset {dataset} takes {ds.format.type} files ({', '.join(UPLOAD_SUFFIXES[ds.format.type])})", 2)
-    # The upload lands like any other: a copy in the dataset's landing folder (the original is left alone).
-    folder = landing_folder(runtime.settings.landing, collab, party, dataset)
-    folder.mkdir(parents=True, exist_ok=True)
-    landed = folder / f"{time.strftime('%Y%m%dT%H%M%S')}__{file.name}"
-    shutil.copyfile(file, landed.with_name("." + landed.name))
-    landed.with_name("." + landed.name).replace(landed)
+    if not file.is_file():
+        fail(f"{file}: not a regular file (a directory, pipe or device cannot be uploaded)", 2)
+    if not accepted_suffix(file.name, ds.format.type):
+        fail(f"{file.name}: dataset {dataset} takes {ds.format.type} files ({', '.join(SUFFIXES[ds.format.type])})", 2)
+    url = runtime.warehouse.url()
+    t = target(loaded, dataset, runtime.settings.landing, url)
+    try:
+        with connect(url) as conn:
+            upload = ingest_lib.land_copy(conn, t, file)
+    except PermissionError as exc:
+        fail(f"{file}: cannot be read or the queue folder {t.queue_dir} cannot be written ({exc.strerror}); fix the permissions and run it again", 2)
+    except OSError as exc:
+        fail(f"copying {file.name} into the upload queue {t.queue_dir} failed: {exc.strerror or exc}; nothing was queued "
+             "(free space on that disk, or set DCR_HOME to a larger one, and run it again)")
     defs = _definitions(runtime)
-    with out.status(f"validating and loading {file.name}..."):
-        outcome = materialize(
-            defs, [naming.raw_key(collab, party, dataset)], instance=_instance(),
-            run_config=ingest_run_config(collab, party, dataset, str(landed)), stdout_log=_run_log(),
-        )
-    if not outcome.success:
-        fail(outcome.failure or "ingest failed")
-    meta = outcome.metadata["/".join(naming.raw_key(collab, party, dataset))]
-    state = "unchanged (already loaded)" if meta["unchanged"] else "loaded"
-    out.print(f"{collab}/{party}/{dataset}: version {meta['version']} {state}, {meta['row_count']:,} rows")
+    instance = _instance()
+    key = naming.raw_key(collab, party, dataset)
+    with out.status(f"upload #{upload.seq}: validating and loading {file.name}..."):
+        if ds.mode == "append":
+            instance.add_dynamic_partitions(partitions_name(collab, party, dataset), [upload.partition_key])
+            outcome = materialize(defs, [key], instance=instance, partition_key=upload.partition_key, stdout_log=_run_log())
+        else:
+            outcome = materialize(defs, [key], instance=instance, run_config=ingest_run_config(collab, party, dataset, upload=upload.seq),
+                                  stdout_log=_run_log())
+    with connect(url) as conn:
+        decided = queue.get(conn, upload.seq)
+    assert decided is not None
+    where = f"{collab}/{party}/{dataset}"
+    if decided.state == "accepted":
+        meta = outcome.metadata.get("/".join(key), {})
+        extra = ""
+        if decided.duplicate_rows:
+            extra = (f"; {decided.dropped_rows:,} duplicate row(s) dropped" if decided.dropped_rows
+                     else f"; {decided.duplicate_rows:,} row(s) repeat an earlier row (kept)")
+        total = f", {meta['row_count']:,} rows in the dataset" if ds.mode == "append" and meta else ""
+        out.print(f"{where}: upload #{decided.seq} accepted as version {decided.version}, {decided.row_count:,} rows{total}{extra}")
+    elif decided.state == "duplicate":
+        out.print(f"{where}: upload #{decided.seq} unchanged (already loaded): {decided.reason}")
+    elif decided.state in ("queued", "processing"):
+        fail(f"upload #{decided.seq} is queued but was not processed: {outcome.failure or 'the run failed'} "
+             f"(the next `dcr run {collab}` or the landing sensor picks it up)")
+    else:
+        fail(f"upload #{decided.seq} {decided.state}: {decided.reason} (quarantined with a report in {t.quarantine_dir}); the current data is unchanged")
 
 
 @main.command()

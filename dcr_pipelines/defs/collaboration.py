@@ -19,7 +19,7 @@ import dagster as dg
 from ..lib.policy import LoadedCollaboration
 from .access import _grants_asset
 from .automation import _policy_sensor, _schedules, pipeline_selection
-from .common import UPLOAD_SUFFIXES, audit_metadata, landing_folder  # noqa: F401 (used by the CLI and the audit trail)
+from .common import audit_metadata, landing_folder  # noqa: F401 (used by the CLI and the audit trail)
 from .dbt_stages import _dbt_stage
 from .ingest import _ingest_asset, _landing_sensor
 from .matching import _bucket_asset, _cross_reference_asset

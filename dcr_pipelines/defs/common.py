@@ -13,12 +13,13 @@ from ..lib.policy import ApprovedQuery
 from ..store import ledger
 
 T = TypeVar("T")
-UPLOAD_SUFFIXES = {"csv": (".csv",), "parquet": (".parquet",), "jsonl": (".jsonl", ".json")}
 
 
 class UploadConfig(dg.Config):
-    """Which file to ingest; empty means the newest file in the dataset's landing folder."""
+    """Which upload the run is for: a queued upload's number (``dcr ingest`` lands it first), or a file waiting in
+    the dataset's landing folder; neither means every waiting upload (replace mode loads the newest)."""
 
+    upload: int = 0
     path: str = ""
 
 
@@ -60,25 +61,11 @@ class CollaborationTranslator(DagsterDbtTranslator):
 
 
 UPLOAD_CHECK = "upload_contract"
-IGNORED_PREFIXES = (".", "_")
-IGNORED_SUFFIXES = (".tmp", ".part", ".report.json")
 PSI_FOLDER = "_psi"  # a home party's protocol messages, next to its dataset folders
 
 
 def landing_folder(landing: Path, collab: str, party: str, dataset: str) -> Path:
     return landing / collab / party / dataset
-
-
-def landing_files(landing: Path, collab: str, party: str, dataset: str, fmt: str) -> list[Path]:
-    """Complete upload files waiting in a dataset's landing folder, oldest first."""
-    folder = landing_folder(landing, collab, party, dataset)
-    if not folder.is_dir():
-        return []
-    files = [
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix in UPLOAD_SUFFIXES[fmt] and not p.name.startswith(IGNORED_PREFIXES) and not p.name.endswith(IGNORED_SUFFIXES)
-    ]
-    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
 def _digest(*parts: Any) -> str:

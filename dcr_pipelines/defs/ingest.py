@@ -1,6 +1,14 @@
-"""Uploads: one ingest asset per dataset (validated, swapped in atomically) and the landing-folder sensor."""
+"""Uploads: one ingest asset per dataset (the queue's consumer) and the landing-folder sensor.
 
-import json
+A replace-mode dataset is one asset: each run claims the inbox, decides every
+waiting upload and materializes the current version. An append-mode dataset
+is partitioned by upload (dynamic partitions ``upload-<seq>``): each accepted
+file is a partition, so the UI shows which file produced which rows, and a
+backfill of a partition re-processes that file. Downstream stages read the
+union of the accepted files.
+"""
+
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +19,25 @@ from ..lib import naming
 from ..lib.database import advisory_lock
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
-from .common import IGNORED_PREFIXES, UPLOAD_CHECK, UploadConfig, landing_files, landing_folder
+from ..store import uploads as queue
+from .common import UPLOAD_CHECK, UploadConfig
 from .resources import WarehouseResource
+
+UPLOADS_CHECK = "uploads_accepted"
+
+
+def partitions_name(collab: str, party: str, dataset: str) -> str:
+    return f"{collab}__{party}__{dataset}__uploads"
+
+
+def target(loaded: LoadedCollaboration, dataset_name: str, landing: Path, url: str) -> ingest_lib.Target:
+    ds = loaded.collaboration.datasets[dataset_name]
+    return ingest_lib.Target(loaded.name, ds.owner, dataset_name, ds, naming.raw_schema(loaded.name, ds.owner), landing, url,
+                             tokenised=loaded.at_home(ds.owner))
+
+
+def _rejections(outcome: ingest_lib.QueueOutcome) -> list[dict[str, Any]]:
+    return [{"upload": u.seq, "file": u.file_name, "state": u.state, "reason": u.reason} for u in outcome.rejected]
 
 
 def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path) -> dg.AssetsDefinition:
@@ -20,77 +45,128 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
     ds = loaded.collaboration.datasets[dataset_name]
     party = ds.owner
     key = dg.AssetKey(naming.raw_key(c, party, dataset_name))
-    folder = landing_folder(landing, c, party, dataset_name)
+    folder = landing / c / party / dataset_name
+    append = ds.mode == "append"
+    partitions = dg.DynamicPartitionsDefinition(name=partitions_name(c, party, dataset_name)) if append else None
 
     @dg.asset(
         key=key,
         deps=[dg.AssetKey(naming.grants_key(c))],
         group_name=c,
         kinds={"postgres", ds.format.type},
-        tags={"dcr/stage": "raw", "dcr/party": party},
+        tags={"dcr/stage": "raw", "dcr/party": party, "dcr/upload-mode": ds.mode},
         owners=[f"team:{party}"],
-        check_specs=[dg.AssetCheckSpec(UPLOAD_CHECK, asset=key, blocking=True, description="The upload meets the dataset's contract (great-expectations).")],
-        description=f"{party}'s upload of {dataset_name}: validated against its contract with great-expectations and swapped in "
-        f"atomically as a new version of {naming.raw_schema(c, party)}.{dataset_name}. Landing folder: {folder}. " + (ds.description or ""),
+        partitions_def=partitions,
+        check_specs=[
+            dg.AssetCheckSpec(UPLOAD_CHECK, asset=key, blocking=True,
+                              description="The current version meets the dataset's contract (great-expectations), the changed contract included."),
+            dg.AssetCheckSpec(UPLOADS_CHECK, asset=key, blocking=False,
+                              description="Every upload this run decided was accepted (a refused one is quarantined with a report; a warning)."),
+        ],
+        description=f"{party}'s uploads of {dataset_name} ({ds.mode} mode): each file is claimed from the landing folder {folder}, "
+        f"validated against its contract with great-expectations and swapped in atomically as a new version of "
+        f"{naming.raw_schema(c, party)}.{dataset_name}. " + (ds.description or ""),
     )
     def ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> Iterator[Any]:
-        with advisory_lock(warehouse.url, f"dcr-ingest:{c}:{dataset_name}"):  # two runs at once: the second finds the file loaded
-            yield from _ingest(context, config, warehouse)
+        t = target(loaded, dataset_name, landing, warehouse.url)
+        with advisory_lock(warehouse.url, t.lock_name):  # one consumer of the queue at a time
+            yield from _ingest(context, config, warehouse, t)
 
-    def _ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> Iterator[Any]:
-        if config.path:
-            path = Path(config.path)
-        else:
-            waiting = landing_files(landing, c, party, dataset_name, ds.format.type)
-            path = waiting[-1] if waiting else None  # type: ignore[assignment]
+    def _ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource, t: ingest_lib.Target) -> Iterator[Any]:
+        asked: int | None = config.upload or None
         with warehouse.connect() as conn:
-            if path is None:
-                current = ingest_lib.current_versions(conn, c).get(f"{party}.{dataset_name}")
-                if current is None:
-                    raise dg.Failure(f"no upload for {c}/{party}/{dataset_name}: put a file in {folder} or run `dcr ingest`")
-                context.log.info(f"{dataset_name}: no new upload; version {current['version']} stays current")
-                yield dg.MaterializeResult(metadata={"version": current["version"], "unchanged": True, "checksum_sha256": str(current["checksum"])},
-                                           check_results=[dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=True, metadata={"note": "no new upload"})],
-                                           data_version=dg.DataVersion(str(current["checksum"])))
-                return
-            if not ingest_lib.inside(path, folder):
-                raise dg.Failure(f"upload refused: {path} is outside the landing folder {folder} (symlinks resolved)")
-            try:
-                result = ingest_lib.ingest_file(conn, c, party, dataset_name, ds, path, naming.raw_schema(c, party), database_url=warehouse.url,
-                                                  tokenised=loaded.at_home(party))
-            except ingest_lib.UploadRejected as exc:
-                report = {"file": path.name, "collaboration": c, "party": party, "dataset": dataset_name, "error": str(exc),
-                          **(exc.report.to_json() if exc.report else {})}
-                moved = ingest_lib.quarantine(path, landing / "_quarantine" / c / party / dataset_name, report, move=True)
-                yield dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=False, metadata={"report": dg.MetadataValue.json(report), "quarantined_as": moved.name})
-                raise dg.Failure(f"upload rejected, current data kept: {exc} (quarantined with a report as {moved.name})", metadata={"report": dg.MetadataValue.json(report)}) from None
-        archived = landing / "_accepted" / c / party / dataset_name / path.name
-        archived.parent.mkdir(parents=True, exist_ok=True)
-        path.replace(archived)
-        context.log.info(
-            f"{dataset_name}: {f'unchanged (same checksum as version {result.version})' if result.unchanged else f'version {result.version} loaded'}"
-        )
-        rules = result.report.to_json()["rules"] if result.report else []
-        yield dg.MaterializeResult(
-            metadata={
-                "version": result.version,
-                "checksum_sha256": result.checksum,
-                "row_count": dg.MetadataValue.int(result.rows),
-                "unchanged": result.unchanged,
-                "file_name": path.name,
-                "null_fractions": dg.MetadataValue.json(result.null_fractions),
-                "duplicate_rows": dg.MetadataValue.int(result.duplicate_rows),
-                "policy_sha256": loaded.policy_sha256,
-            },
-            check_results=[dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=True, metadata={"rules": dg.MetadataValue.json(rules)})],
-            data_version=dg.DataVersion(result.checksum),
-        )
+            if config.path:
+                path = Path(config.path)
+                if os.path.normpath(path.parent) != os.path.normpath(folder) or path.name.startswith("_"):
+                    raise dg.Failure(f"upload refused: {path} is outside the landing folder {folder}")
+                claimed = ingest_lib.claim_inbox(conn, t, only=path)
+                if not claimed:
+                    raise dg.Failure(f"upload refused: {path.name} is not waiting in {folder}")
+                asked = claimed[0].seq
+            if append:
+                asked = queue.seq_of_partition(context.partition_key)
+                upload = queue.get(conn, asked) if asked else None
+                if upload is None or upload.dataset != dataset_name or upload.collaboration != c:
+                    raise dg.Failure(f"partition {context.partition_key} is no upload of {c}/{party}/{dataset_name}")
+                current = ingest_lib.current_version(conn, t)
+                if upload.state == "accepted" and current is not None and current.contract_sha256 == t.contract_sha256:
+                    # a backfill: re-process the kept file (a changed contract re-checks every file instead, below)
+                    try:
+                        ingest_lib.reprocess(conn, t, upload.seq)
+                    except ingest_lib.UploadRejected as exc:
+                        raise dg.Failure(f"re-processing upload #{upload.seq} failed, current data kept: {exc}") from None
+                    outcome = ingest_lib.QueueOutcome(decided=[queue.get(conn, upload.seq)])  # type: ignore[list-item]
+                else:
+                    outcome = ingest_lib.process_queue(conn, t, only_seq=upload.seq)
+            else:
+                outcome = ingest_lib.process_queue(conn, t)
+            for note in outcome.repaired:
+                context.log.warning(f"{dataset_name}: {note}")
+            if append:
+                new = [u.partition_key for u in queue.pending(conn, c, party, dataset_name)]
+                if new:
+                    context.instance.add_dynamic_partitions(partitions_name(c, party, dataset_name), new)
+            current = ingest_lib.current_version(conn, t)
+            mine = queue.get(conn, asked) if asked else None
+        for u in outcome.rejected:
+            context.log.warning(f"upload #{u.seq} ({u.file_name}) {u.state}: {u.reason}")
+        if mine is not None and mine.state not in ("accepted", "queued", "processing"):
+            label = {"duplicate": "nothing loaded", "stale": "refused", "superseded": "not loaded"}.get(mine.state, "rejected")
+            if mine.state == "duplicate":
+                context.log.info(mine.reason or "")
+            else:
+                yield dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN if current else dg.AssetCheckSeverity.ERROR,
+                                          metadata={"upload": dg.MetadataValue.json(mine.to_json())})
+                raise dg.Failure(f"upload {label}, current data kept: {mine.reason} (quarantined with a report as {mine.stored_name})",
+                                 metadata={"upload": dg.MetadataValue.json(mine.to_json())})
+        if current is None:
+            waiting = "; ".join(f"#{u.seq} {u.state}: {u.reason}" for u in outcome.rejected)
+            raise dg.Failure(f"no accepted upload for {c}/{party}/{dataset_name} yet: put a file in {folder} or run `dcr ingest`"
+                             + (f" (refused: {waiting})" if waiting else ""))
+        loaded_now = outcome.loaded[-1] if outcome.loaded else None
+        if outcome.revalidation_failed:
+            report = outcome.revalidation_report.to_json() if outcome.revalidation_report else {}
+            contract = dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                           description=outcome.revalidation_failed,
+                                           metadata={"error": outcome.revalidation_failed, "rules": dg.MetadataValue.json(report.get("rules", []))})
+            context.log.error(f"{dataset_name}: {outcome.revalidation_failed}")
+        else:
+            rules = loaded_now[1].to_json()["rules"] if loaded_now else []
+            note = "re-checked against the changed contract" if outcome.revalidated else ("new upload checked" if loaded_now else "no new upload")
+            contract = dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=True, metadata={"rules": dg.MetadataValue.json(rules), "note": note})
+        clean = dg.AssetCheckResult(check_name=UPLOADS_CHECK, passed=not outcome.rejected, severity=dg.AssetCheckSeverity.WARN,
+                                    metadata={"refused": dg.MetadataValue.json(_rejections(outcome))})
+        upload = loaded_now[0] if loaded_now else (mine if mine is not None and mine.state == "accepted" else None)
+        metadata: dict[str, Any] = {
+            "version": current.version,
+            "checksum_sha256": current.checksum,
+            "row_count": dg.MetadataValue.int(current.row_count),
+            "unchanged": loaded_now is None and not outcome.revalidated and not (append and upload is not None),
+            "mode": ds.mode,
+            "files_in_version": len(current.parts),
+            "policy_sha256": loaded.policy_sha256,
+            "refused_uploads": dg.MetadataValue.json(_rejections(outcome)),
+        }
+        if upload is not None:
+            metadata.update({
+                "upload": upload.seq,
+                "file_name": upload.file_name,
+                "file_rows": dg.MetadataValue.int(int(upload.row_count or 0)),
+                "duplicate_rows": dg.MetadataValue.int(int(upload.duplicate_rows or 0)),
+                "dropped_duplicate_rows": dg.MetadataValue.int(int(upload.dropped_rows or 0)),
+                "file_sha256": upload.checksum or "",
+            })
+        if loaded_now:
+            metadata["null_fractions"] = dg.MetadataValue.json(loaded_now[2])
+        context.log.info(f"{dataset_name}: version {current.version} current ({current.row_count:,} rows)"
+                         + (f", upload #{upload.seq} {upload.file_name} loaded" if loaded_now and upload else ", no new upload"))
+        yield dg.MaterializeResult(metadata=metadata, check_results=[contract, clean], data_version=dg.DataVersion(current.checksum))
 
     return ingest
 
 
 def _landing_sensor(loaded: LoadedCollaboration, landing: Path) -> dg.SensorDefinition:
-    """New files in a dataset's landing folder launch that dataset's ingest (one run per file)."""
+    """Files in a dataset's landing folder launch its ingest: one run per replace-mode dataset, one per appended file."""
     c = loaded.name
     raw_keys = [dg.AssetKey(naming.raw_key(c, ds.owner, name)) for name, ds in loaded.collaboration.datasets.items()]
 
@@ -98,32 +174,35 @@ def _landing_sensor(loaded: LoadedCollaboration, landing: Path) -> dg.SensorDefi
         name=f"{c}__landing_files",
         asset_selection=raw_keys,
         minimum_interval_seconds=30,
-        description=f"Launches the ingest of each new file under {landing / c}/<party>/<dataset>/.",
+        description=f"Claims each new file under {landing / c}/<party>/<dataset>/ into the upload queue and launches its ingest.",
     )
-    def landing_sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
-        seen = set(json.loads(context.cursor)) if context.cursor else set()
+    def landing_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult | dg.SkipReason:
         declared = {(ds.owner, name) for name, ds in loaded.collaboration.datasets.items()}
-        for party_dir in sorted(p for p in (landing / c).glob("*") if p.is_dir() and not p.name.startswith(IGNORED_PREFIXES)):
-            for dataset_dir in sorted(p for p in party_dir.glob("*") if p.is_dir() and not p.name.startswith(IGNORED_PREFIXES)):
+        for party_dir in sorted(p for p in (landing / c).glob("*") if p.is_dir() and not p.name.startswith(ingest_lib.IGNORED_PREFIXES)):
+            for dataset_dir in sorted(p for p in party_dir.glob("*") if p.is_dir() and not p.name.startswith(ingest_lib.IGNORED_PREFIXES)):
                 if (party_dir.name, dataset_dir.name) not in declared:
                     context.log.warning(f"{dataset_dir}: {c} declares no dataset {dataset_dir.name!r} of {party_dir.name!r}; files there are ignored")
-        requests = 0
+        requests: list[dg.RunRequest] = []
+        partitions: list[dg.AddDynamicPartitionsRequest] = []
         for name, ds in loaded.collaboration.datasets.items():
-            for path in landing_files(landing, c, ds.owner, name, ds.format.type):
-                stat = path.stat()
-                run_key = f"{path.relative_to(landing)}:{stat.st_mtime_ns}:{stat.st_size}"
-                if run_key in seen:
-                    continue
-                seen.add(run_key)
-                requests += 1
-                yield dg.RunRequest(
-                    run_key=run_key,
-                    asset_selection=[dg.AssetKey(naming.raw_key(c, ds.owner, name))],
-                    run_config={"ops": {"__".join(naming.raw_key(c, ds.owner, name)): {"config": {"path": str(path)}}}},
-                    tags={"dcr/upload": path.name, "dcr/collaboration": c},
-                )
-        context.update_cursor(json.dumps(sorted(seen)[-1000:]))
+            t = target(loaded, name, landing, warehouse.url)
+            key = dg.AssetKey(naming.raw_key(c, ds.owner, name))
+            with advisory_lock(warehouse.url, t.lock_name), warehouse.connect() as conn:
+                ingest_lib.reconcile(conn, t)
+                ingest_lib.claim_inbox(conn, t)
+                waiting = queue.pending(conn, c, ds.owner, name)
+            if not waiting:
+                continue
+            if ds.mode == "append":
+                partitions.append(dg.AddDynamicPartitionsRequest(partitions_name(c, ds.owner, name), [u.partition_key for u in waiting]))
+                requests += [dg.RunRequest(run_key=u.partition_key, asset_selection=[key], partition_key=u.partition_key,
+                                           tags={"dcr/upload": u.file_name, "dcr/collaboration": c}) for u in waiting]
+            else:
+                newest = waiting[-1]
+                requests.append(dg.RunRequest(run_key=f"{c}/{name}/{newest.seq}", asset_selection=[key],
+                                              tags={"dcr/upload": newest.file_name, "dcr/collaboration": c}))
         if not requests:
-            yield dg.SkipReason("no new upload files")
+            return dg.SkipReason("no new upload files")
+        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partitions)
 
     return landing_sensor

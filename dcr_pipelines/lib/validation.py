@@ -121,8 +121,7 @@ def build_suite(ds: Dataset, dataset_name: str, tokenised: bool = False) -> Any:
                 column=name, regex=IDENTIFIER_FORMATS[col.identifier], mostly=1 - col.max_invalid_fraction,
                 meta={"dcr_rule": f"{col.identifier.value}_format"},
             ))
-    if ds.max_duplicate_fraction is not None:
-        add(gxe.ExpectCompoundColumnsToBeUnique(column_list=list(ds.columns), mostly=1 - ds.max_duplicate_fraction, meta={"dcr_rule": "max_duplicate_fraction"}))
+    # max_duplicate_fraction and `duplicates` are checked by the ingest service in SQL: they count extra copies only.
     for extra in ds.expectations:
         add(expectation_class(extra.type)(**extra.kwargs))
     return suite

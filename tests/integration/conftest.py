@@ -55,6 +55,8 @@ def make_collaboration(root: Path, name: str, *, groups: int, budget: float = 10
     approvals, tail = rest.split("\nschedules:")
     approvals = re.sub(r"(?m)^  (?!" + ONLY_QUERY + r":)\w+:\n(?:    .*\n)+", "", approvals)
     text = head + "\napprovals:\n" + approvals + "\nschedules:" + tail
+    # The tests replace uploads file by file; append mode has tests of its own (test_uploads.py).
+    text = text.replace("    mode: append", "    mode: replace")
     collab.write_text(text.replace("epsilon: 10.0", f"epsilon: {budget}"))
     approve_all(folder)  # every party approves the copy's queries and protections
     return folder

@@ -192,7 +192,12 @@ class Dataset(Strict):
     description: str | None = None
     format: FileFormat = FileFormat()
     unknown_columns: Literal["reject", "ignore"] = "reject"
+    # replace: each accepted file is the whole dataset; append: each accepted file adds its rows (a Dagster partition).
+    mode: Literal["replace", "append"] = "replace"
     rows: RowBounds = RowBounds()
+    # Exact repeats of an earlier row: keep them (counted), drop the extra copies, or reject a file that has any.
+    duplicates: Literal["keep", "drop", "reject"] = "keep"
+    # The share of rows that repeat an earlier row (extra copies only), checked after `duplicates: drop`.
     max_duplicate_fraction: float | None = Field(default=None, ge=0, le=1)
     expectations: tuple[ExtraExpectation, ...] = ()
     columns: dict[Name, Column]

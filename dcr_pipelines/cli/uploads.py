@@ -1,0 +1,93 @@
+"""`dcr uploads`: the upload queue of a collaboration (every file, its number, state and reason) and withdrawing a file."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ._common import _collaboration, _instance, _runtime, fail, main, out
+
+
+@main.group()
+def uploads() -> None:
+    """List a collaboration's uploads, or withdraw an appended file."""
+
+
+@uploads.command("list")
+@click.argument("collab")
+@click.option("--party", help="Only this party's uploads.")
+@click.option("--dataset", help="Only this dataset's uploads.")
+@click.option("--limit", default=50, show_default=True, help="The newest N uploads.")
+def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int) -> None:
+    """Every upload of COLLAB, newest last: number, file, state, rows and the reason for a refusal.
+
+    \b
+    Example:
+      dcr uploads list demo --dataset impressions
+    """
+    from ..lib.database import connect
+    from ..store import uploads as queue
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    if dataset is not None and dataset not in loaded.collaboration.datasets:
+        fail(f"{collab} declares no dataset {dataset!r} (datasets: {', '.join(loaded.collaboration.datasets)})", 2)
+    with connect(runtime.warehouse.url()) as conn:
+        rows = queue.listing(conn, collab, party, dataset, limit=limit)
+    if not rows:
+        out.print(f"{collab}: no uploads yet")
+        return
+    table = Table(title=f"{collab}: uploads (oldest first)", title_justify="left")
+    for column in ("#", "party/dataset", "file", "landed", "state", "version", "rows", "duplicates", "reason"):
+        table.add_column(column, justify="right" if column in ("#", "version", "rows", "duplicates") else "left")
+    for u in rows:
+        dups = "" if u.duplicate_rows is None else f"{u.duplicate_rows:,}" + (" dropped" if u.dropped_rows else "")
+        table.add_row(str(u.seq), f"{u.party}/{u.dataset}", u.file_name, u.landed_at.strftime("%Y-%m-%d %H:%M:%S"), u.state,
+                      "" if u.version is None else str(u.version), "" if u.row_count is None else f"{u.row_count:,}", dups, u.reason or "")
+    out.print(table)
+
+
+@uploads.command()
+@click.argument("collab")
+@click.argument("party")
+@click.argument("dataset")
+@click.argument("upload", type=int)
+def withdraw(collab: str, party: str, dataset: str, upload: int) -> None:
+    """Remove the rows of appended file number UPLOAD from PARTY's DATASET (append mode): a new version without them.
+
+    \b
+    Example:
+      dcr uploads withdraw demo ad_network impressions 7
+    """
+    import dagster as dg
+
+    from ..defs.ingest import partitions_name, target
+    from ..lib import naming
+    from ..lib.database import advisory_lock, connect
+    from ..services import ingest as ingest_lib
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    ds = loaded.collaboration.datasets.get(dataset)
+    if ds is None or ds.owner != party:
+        fail(f"{collab} declares no dataset {dataset!r} of {party!r}", 2)
+    url = runtime.warehouse.url()
+    t = target(loaded, dataset, runtime.settings.landing, url)
+    try:
+        with advisory_lock(url, t.lock_name), connect(url) as conn:
+            version = ingest_lib.withdraw(conn, t, upload)
+    except ingest_lib.UploadRejected as exc:
+        fail(str(exc), 2)
+    instance = _instance()
+    key = dg.AssetKey(naming.raw_key(collab, party, dataset))
+    # The event log records the withdrawal (an observation of the dataset's new version), then the partition goes.
+    instance.report_runless_asset_event(dg.AssetObservation(
+        asset_key=key,
+        metadata={"withdrawn_upload": upload, "version": version.version, "row_count": dg.MetadataValue.int(version.row_count),
+                  "checksum_sha256": version.checksum, "files_in_version": len(version.parts)},
+    ))
+    from ..store import uploads as queue
+
+    instance.delete_dynamic_partition(partitions_name(collab, party, dataset), queue.partition_key(upload))
+    out.print(f"{collab}/{party}/{dataset}: upload #{upload} withdrawn; version {version.version} has {version.row_count:,} rows "
+              f"from {len(version.parts)} file(s); the next `dcr run {collab}` rebuilds what read it")
