@@ -15,6 +15,9 @@ out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty(
 err = Console(file=sys.stderr, highlight=False)
 
 
+INFRASTRUCTURE = 3  # exit code: the database, the disk or the file system failed; nothing was changed, run it again once fixed
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"error: {message}", markup=False, soft_wrap=True)
     sys.exit(code)
@@ -27,7 +30,11 @@ def _runtime() -> Any:
     try:
         return activate()
     except EmbeddedServerError as exc:
-        fail(str(exc))
+        fail(str(exc), INFRASTRUCTURE)
+    except PermissionError as exc:
+        fail(f"permission denied on {exc.filename}: DCR_HOME must be writable by this user (or point DCR_HOME elsewhere)", INFRASTRUCTURE)
+    except OSError as exc:
+        fail(f"{exc.strerror or exc} ({exc.filename or 'DCR_HOME'}): free space or fix the permissions there, then run it again", INFRASTRUCTURE)
 
 
 def _definitions(runtime: Any) -> Any:

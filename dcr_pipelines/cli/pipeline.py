@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ._common import (
+    INFRASTRUCTURE,
     _collaboration,
     _definitions,
     _instance,
@@ -66,10 +67,11 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
         with connect(url) as conn:
             upload = ingest_lib.land_copy(conn, t, file)
     except PermissionError as exc:
-        fail(f"{file}: cannot be read or the queue folder {t.queue_dir} cannot be written ({exc.strerror}); fix the permissions and run it again", 2)
+        fail(f"{exc.filename or file}: permission denied ({file} must be readable and the queue folder {t.queue_dir} writable); "
+             "nothing was queued: fix the permissions and run it again", INFRASTRUCTURE)
     except OSError as exc:
         fail(f"copying {file.name} into the upload queue {t.queue_dir} failed: {exc.strerror or exc}; nothing was queued "
-             "(free space on that disk, or set DCR_HOME to a larger one, and run it again)")
+             "(free space on that disk, or set DCR_HOME to a larger one, and run it again)", INFRASTRUCTURE)
     defs = _definitions(runtime)
     instance = _instance()
     key = naming.raw_key(collab, party, dataset)
@@ -96,7 +98,7 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
         out.print(f"{where}: upload #{decided.seq} unchanged (already loaded): {decided.reason}")
     elif decided.state in ("queued", "processing"):
         fail(f"upload #{decided.seq} is queued but was not processed: {outcome.failure or 'the run failed'} "
-             f"(the next `dcr run {collab}` or the landing sensor picks it up)")
+             f"(the next `dcr run {collab}` or the landing sensor picks it up)", INFRASTRUCTURE)
     else:
         fail(f"upload #{decided.seq} {decided.state}: {decided.reason} (quarantined with a report in {t.quarantine_dir}); the current data is unchanged")
 

@@ -32,8 +32,10 @@ class DbtParseError(RuntimeError):
 
 
 def dbt_executable() -> Path:
-    """The dbt installed beside this interpreter (the project's venv), whatever PATH says."""
-    return Path(sys.executable).with_name("dbt")
+    """The dbt installed beside this interpreter (the project's venv), whatever PATH says, through ``dcr-dbt``
+    (it dies with the run's process: a killed run leaves no dbt writing on)."""
+    wrapper = Path(sys.executable).with_name("dcr-dbt")
+    return wrapper if wrapper.is_file() else Path(sys.executable).with_name("dbt")
 
 
 def hand_written_digest(project_dir: Path) -> str:

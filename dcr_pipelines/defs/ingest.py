@@ -69,8 +69,16 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
     )
     def ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> Iterator[Any]:
         t = target(loaded, dataset_name, landing, warehouse.url)
-        with advisory_lock(warehouse.url, t.lock_name):  # one consumer of the queue at a time
-            yield from _ingest(context, config, warehouse, t)
+        try:
+            with advisory_lock(warehouse.url, t.lock_name):  # one consumer of the queue at a time
+                yield from _ingest(context, config, warehouse, t)
+        except dg.Failure:
+            raise
+        except Exception as exc:
+            problem = ingest_lib.infrastructure_problem(exc, t)
+            if problem is None:
+                raise
+            raise dg.Failure(problem) from None
 
     def _ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource, t: ingest_lib.Target) -> Iterator[Any]:
         asked: int | None = config.upload or None

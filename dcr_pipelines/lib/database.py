@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -57,7 +59,26 @@ class Connection:
 
 
 class EmbeddedServerError(RuntimeError):
-    """The embedded PostgreSQL could not be started."""
+    """The embedded PostgreSQL could not be started, or a database cannot be reached (one sentence: cause and fix)."""
+
+
+def check_reachable(conn: Connection, what: str = "DCR_DATABASE_URL", timeout: int = 5) -> None:
+    """Connect once with a short timeout; raise :class:`EmbeddedServerError` naming the cause and the fix."""
+    try:
+        psycopg.connect(conn.url(), connect_timeout=timeout, autocommit=True).close()
+    except psycopg.OperationalError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = first.split("failed: ")[-1].replace("FATAL:", "").strip()
+        where = f"{conn.host or 'localhost'}:{conn.port}"
+        if "does not exist" in text:
+            fix = f"create it (createdb -h {conn.host} -p {conn.port} {conn.dbname}) or correct {what}"
+        elif "password" in text or "authentication" in text:
+            fix = f"check the user and password in {what}"
+        elif "timeout" in text.lower():
+            fix = f"check that the server at {where} is up and reachable from here, or correct {what}"
+        else:
+            fix = f"start the database server at {where}, or correct {what}"
+        raise EmbeddedServerError(f"cannot connect to the database {conn.dbname!r} at {where}: {text}; {fix}") from None
 
 
 def start_embedded(home: Path, wait_seconds: float = 15.0) -> Connection:
@@ -76,6 +97,13 @@ def start_embedded(home: Path, wait_seconds: float = 15.0) -> Connection:
             try:
                 server = pgserver.get_server(str(home / "pg"), cleanup_mode=None)
                 break
+            except subprocess.CalledProcessError as exc:
+                detail = ((exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")).strip()
+                last = detail.splitlines()[-1] if detail else f"{Path(str(exc.cmd[0])).name if exc.cmd else 'pg_ctl'} exited with {exc.returncode}"
+                free = shutil.disk_usage(home).free
+                hint = (f"only {free // (1 << 20)} MB are free under {home}: free space there" if free < (256 << 20)
+                        else f"see {home / 'pg' / 'log'}, or `dcr db stop` and retry")
+                raise EmbeddedServerError(f"the embedded PostgreSQL under {home / 'pg'} did not start ({last}); {hint}") from None
             except AssertionError:
                 if time.monotonic() > deadline:
                     raise EmbeddedServerError(

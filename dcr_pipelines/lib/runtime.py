@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .database import DAGSTER_DB, WAREHOUSE_DB, Connection, ensure_database, start_embedded
+from .database import DAGSTER_DB, WAREHOUSE_DB, Connection, check_reachable, ensure_database, start_embedded
 from .settings import PROJECT_ROOT, Settings
 
 SECRET_PREFIX = "DCR_SECRET__"  # noqa: S105 (the prefix of variable names, not a secret)
@@ -39,6 +39,9 @@ def activate(settings: Settings | None = None) -> Runtime:
         warehouse = Connection.from_url(settings.external_database_url)
         dagster_url = os.environ.get("DCR_DAGSTER_DATABASE_URL") or warehouse.url()
         embedded = False
+        check_reachable(warehouse)  # one line within seconds, not Dagster's minute of retries and a traceback
+        if dagster_url != warehouse.url():
+            check_reachable(Connection.from_url(dagster_url), "DCR_DAGSTER_DATABASE_URL")
     else:
         admin = start_embedded(settings.home)
         ensure_database(admin, WAREHOUSE_DB)

@@ -37,6 +37,7 @@ ones are ``superseded``); a file whose content is already loaded is a
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -193,6 +194,24 @@ def current_version(conn: psycopg.Connection, t: Target) -> Version | None:
         return None
     parts = tuple(row[3]) if row[3] is not None else (f"{t.dataset}__v{row[0]}",)  # versions made before the queue: one table
     return Version(int(row[0]), str(row[1]), int(row[2]), parts, row[4], row[5])
+
+
+def infrastructure_problem(exc: BaseException, t: Target) -> str | None:
+    """One line for a failure that is not the file's fault (the upload stays queued and is retried), or None."""
+    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("53"):
+        primary = exc.diag.message_primary or str(exc).splitlines()[0]
+        return (f"the database server ran out of resources while loading {t.dataset} ({primary}); nothing was changed and the upload "
+                "stays queued for the next run: free disk space (or memory) on the database server")
+    if isinstance(exc, psycopg.OperationalError):
+        first = (str(exc).strip().splitlines() or ["connection lost"])[0]
+        return (f"the database connection failed while processing {t.dataset}'s uploads ({first}); nothing was changed and the upload "
+                "stays queued: check that the database is up, then run it again")
+    if isinstance(exc, PermissionError):
+        return (f"permission denied on {exc.filename or t.landing}: the landing tree {t.landing} must be writable by the pipeline's user; "
+                "the upload was not moved")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the disk holding {exc.filename or t.landing}: free space there; the upload stays queued for the next run"
+    return None
 
 
 # --- the queue: landing, claiming, reconciling ---------------------------------------------------

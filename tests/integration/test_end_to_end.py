@@ -139,7 +139,7 @@ def test_asking_the_same_question_again_returns_the_stored_answer_for_free(e2e: 
 
 def test_a_re_upload_of_the_same_file_loads_nothing(e2e: dict[str, Any]) -> None:
     defs = e2e["defs"]
-    accepted = e2e["settings"].landing / "_accepted" / COLLAB / "retailer" / "purchases" / "purchases.csv"
+    accepted = next((e2e["settings"].landing / "_accepted" / COLLAB / "retailer" / "purchases").glob("*__purchases.csv"))
     again = e2e["settings"].landing / COLLAB / "retailer" / "purchases" / "again.csv"
     shutil.copyfile(accepted, again)
     outcome = materialize(
@@ -172,7 +172,7 @@ def test_a_rerun_with_nothing_changed_recomputes_no_stage(e2e: dict[str, Any]) -
 
 
 def test_a_new_upload_rebuilds_the_stages_that_read_it(e2e: dict[str, Any]) -> None:
-    accepted = e2e["settings"].landing / "_accepted" / COLLAB / "ad_network" / "impressions" / "impressions.csv"
+    accepted = next((e2e["settings"].landing / "_accepted" / COLLAB / "ad_network" / "impressions").glob("*__impressions.csv"))
     more = e2e["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions_more.csv"
     more.write_text(accepted.read_text() + "new.viewer@example.com,spring_sale,2026-03-01 10:00:00\n")
     outcome = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))

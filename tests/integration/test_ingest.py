@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dcr_pipelines.definitions import build_definitions, secret_names
+from dcr_pipelines.defs.resources import WarehouseResource
 from dcr_pipelines.lib import naming
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.runner import ingest_run_config, materialize
@@ -59,9 +60,9 @@ BAD_CSV = [
     ("unknown_column.csv", HEADER.strip().encode() + b",ssn\na@example.com,1,2026-01-02,north,1\n", "unknown column(s) ssn", None),
     ("wrong_type.csv", (HEADER + "a@example.com,1,2026-01-02,north\nb@example.com,lots,2026-01-02,north\n").encode(), "row 2: column purchase_value is not a valid numeric", None),
     ("ragged.csv", (HEADER + "a@example.com,1,2026-01-02,north\nb@example.com,1,2026-01-02\n").encode(), "row 2", None),
-    ("not_utf8.csv", HEADER.encode() + b"a@example.com,1,2026-01-02,north\n\xff\xfeb@example.com,1,2026-01-02,north\n", "row 2", None),
+    ("not_utf8.csv", HEADER.encode() + b"a@example.com,1,2026-01-02,north\n\xff\xfeb@example.com,1,2026-01-02,north\n", "line 3 is not valid utf-8 text", None),
     ("empty.csv", b"", "the file is empty", None),
-    ("header_only.csv", HEADER.encode(), "expect_table_row_count_to_be_between", "expect_table_row_count_to_be_between"),
+    ("header_only.csv", HEADER.encode(), "a header but no data rows", None),
     ("blank_identifier.csv", (HEADER + "a@example.com,1,2026-01-02,north\n  ,1,2026-01-02,north\n").encode(), "not_blank on customer_email: 1 row(s) broke it (rows 2)", "not_blank"),
     ("null_identifier.csv", (HEADER + "a@example.com,1,2026-01-02,north\n,1,2026-01-02,north\n").encode(), "expect_column_values_to_not_be_null on customer_email: 1 row(s) broke it (rows 2)", "expect_column_values_to_not_be_null"),
     ("duplicates.csv", (HEADER + "a@example.com,1,2026-01-02,north\n" * 3 + "b@example.com,2,2026-01-03,south\n").encode(), "max_duplicate_fraction", "max_duplicate_fraction"),
@@ -87,18 +88,25 @@ def test_a_bad_csv_is_refused_by_rule_and_row_and_nothing_changes(e2e: dict[str,
         assert any(r["rule"] == rule for r in failed), failed
 
 
-def test_a_path_escaping_the_landing_folder_is_refused(e2e: dict[str, Any], tmp_path: Path) -> None:
+def test_a_path_escaping_the_landing_folder_is_refused_and_a_link_is_quarantined_unfollowed(e2e: dict[str, Any], tmp_path: Path) -> None:
     outside = tmp_path / "outside.csv"
     outside.write_text(HEADER + "a@example.com,1,2026-01-02,north\n")
+    before = outside.read_bytes()
     folder = e2e["settings"].landing / COLLAB / "retailer" / "purchases"
     folder.mkdir(parents=True, exist_ok=True)
-    link = folder / "link.csv"
-    link.symlink_to(outside)
-    for path in (link, folder / ".." / ".." / ".." / ".." / outside.name, outside):
+    for path in (folder / ".." / ".." / ".." / ".." / outside.name, outside, folder / ".." / "purchases" / ".." / outside.name):
         outcome = materialize(e2e["defs"], [naming.raw_key(COLLAB, "retailer", "purchases")], instance=dg.DagsterInstance.get(),
                               run_config=ingest_run_config(COLLAB, "retailer", "purchases", str(path)))
         assert not outcome.success and "outside the landing folder" in (outcome.failure or "")
-    link.unlink()
+    link = folder / "link.csv"
+    link.symlink_to(outside)
+    outcome = materialize(e2e["defs"], [naming.raw_key(COLLAB, "retailer", "purchases")], instance=dg.DagsterInstance.get(),
+                          run_config=ingest_run_config(COLLAB, "retailer", "purchases", str(link)))
+    assert not outcome.success and "a symbolic link" in (outcome.failure or ""), outcome.failure
+    assert not link.is_symlink(), "the link left the landing folder"
+    quarantined = list((e2e["settings"].landing / "_quarantine" / COLLAB / "retailer" / "purchases").glob("*__link.csv"))
+    assert quarantined and quarantined[0].is_symlink(), "the link itself was moved, not its target"
+    assert outside.read_bytes() == before
 
 
 # --- other formats, ignore mode, versions: a collaboration of their own --------------------
@@ -176,8 +184,8 @@ def test_the_upload_check_and_profile_show_in_dagster(formats: dict[str, Any], t
         for e in dg.DagsterInstance.get().all_logs(outcome.run_id)
         if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
     ]
-    assert evaluations and all(ev.passed for ev in evaluations)
-    rules = evaluations[0].metadata["rules"].value
+    assert {ev.check_name for ev in evaluations} == {"upload_contract", "uploads_accepted"} and all(ev.passed for ev in evaluations)
+    rules = next(ev for ev in evaluations if ev.check_name == "upload_contract").metadata["rules"].value
     assert {r["rule"] for r in rules} >= {"expect_table_row_count_to_be_between", "email_format", "expect_column_values_to_be_in_set"}
 
 
@@ -185,6 +193,7 @@ def test_the_landing_sensor_launches_an_ingest_for_each_new_file_only(formats: d
     landing = formats["settings"].landing
     sensor = next(s for s in formats["defs"].sensors if s.name == "formats__landing_files")
     folder = landing / "formats" / "retailer" / "purchases"
+    folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*"):
         stale.unlink()
     undeclared = landing / "formats" / "retailer" / "returns"
@@ -193,12 +202,16 @@ def test_the_landing_sensor_launches_an_ingest_for_each_new_file_only(formats: d
     (folder / "sensed.parquet").write_bytes(_parquet_bytes(tmp_path, rows=4))
     (folder / ".partial.parquet").write_bytes(b"incomplete")
     instance = dg.DagsterInstance.get()
-    with dg.build_sensor_context(instance=instance, definitions=formats["defs"]) as context:
-        requests = list(sensor(context))
-        cursor = context.cursor
-    runs = [r for r in requests if isinstance(r, dg.RunRequest)]
+    resources = {"warehouse": WarehouseResource(url=formats["url"])}
+    with dg.build_sensor_context(instance=instance, definitions=formats["defs"], resources=resources) as context:
+        result = sensor(context)
+    runs = result.run_requests
     assert len(runs) == 1 and runs[0].asset_selection == [dg.AssetKey(naming.raw_key("formats", "retailer", "purchases"))]
-    with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=formats["defs"]) as context:
-        assert not [r for r in sensor(context) if isinstance(r, dg.RunRequest)], "a file is launched once"
+    assert not (folder / "sensed.parquet").exists(), "the sensor claimed the file into the queue"
+    assert (folder / ".partial.parquet").exists(), "a file still being written (hidden name) is left alone"
+    with dg.build_sensor_context(instance=instance, definitions=formats["defs"], resources=resources) as context:
+        again = sensor(context)
+    assert [r.run_key for r in getattr(again, "run_requests", [])] == [runs[0].run_key], "the waiting upload keeps its run key (launched once)"
     outcome = materialize(formats["defs"], [naming.raw_key("formats", "retailer", "purchases")], instance=instance, run_config=runs[0].run_config)
     assert outcome.success and outcome.metadata["formats/raw/retailer__purchases"]["row_count"] == 4
+    (folder / ".partial.parquet").unlink()
