@@ -164,6 +164,8 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
                 "dropped_duplicate_rows": dg.MetadataValue.int(int(upload.dropped_rows or 0)),
                 "file_sha256": upload.checksum or "",
             })
+        if mine is not None and mine.state == "duplicate":
+            metadata.update({"upload": mine.seq, "file_name": mine.file_name, "duplicate": mine.reason or ""})
         if loaded_now:
             metadata["null_fractions"] = dg.MetadataValue.json(loaded_now[2])
         context.log.info(f"{dataset_name}: version {current.version} current ({current.row_count:,} rows)"

@@ -115,12 +115,13 @@ def _encoding_hint(encoding: str) -> str:
     return f"; check the dataset's format.encoding ({encoding})"
 
 
-def text_lines_blocks(path: Path, encoding: str) -> Iterator[str]:
+def text_lines_blocks(path: Path, encoding: str, label: str | None = None) -> Iterator[str]:
     """The upload as text in blocks that end on a line boundary, LF line endings, BOM dropped, lines bounded.
 
-    Raises :class:`FileProblem` naming the line for bad bytes or an overlong line.
+    Raises :class:`FileProblem` naming the file (``label``, the name its party gave it) and the line for bad
+    bytes or an overlong line.
     """
-    name = path.name
+    name = label or path.name
     codec = codecs.lookup(encoding)
     decoder = codecs.getincrementaldecoder("utf-8-sig" if codec.name == "utf-8" else codec.name)()
     line = 1  # the line number of the first character of ``pending``
@@ -144,7 +145,10 @@ def text_lines_blocks(path: Path, encoding: str) -> Iterator[str]:
             data = pending + _newlines(text)
             cut = len(data) if final else data.rfind("\n") + 1
             emitted, pending = data[:cut], data[cut:]
-            lengths = [len(s) for s in emitted.split("\n")] + [len(pending)]
+            segments = emitted.split("\n")
+            if segments[-1] == "":
+                segments.pop()  # the emitted text ends on a line boundary: no partial segment
+            lengths = [len(s) for s in segments] + [len(pending)]
             if max(lengths) > MAX_LINE_CHARS:
                 offending = line + next(i for i, n in enumerate(lengths) if n > MAX_LINE_CHARS)
                 raise FileProblem(

@@ -426,7 +426,7 @@ def _process_one(conn: psycopg.Connection, t: Target, upload: Upload, outcome: Q
     try:
         checksum, size = file_checksum(path)
     except FileProblem as exc:
-        outcome.decided.append(_finish(conn, t, upload, "quarantined", str(exc)))
+        outcome.decided.append(_finish(conn, t, upload, "quarantined", f"{upload.file_name}: {str(exc).split(': ', 1)[-1]}"))
         return
     upload = queue.begin(conn, upload.seq, checksum, size)
     current = current_version(conn, t)
@@ -699,8 +699,8 @@ def _parquet_file(path: Path, name: str) -> Any:
 
     try:
         return pq.ParquetFile(open_regular(path))
-    except FileProblem:
-        raise
+    except FileProblem as exc:
+        raise UploadRejected(f"{name}: {str(exc).split(': ', 1)[-1]}") from None
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for damaged files
         raise UploadRejected(f"{name}: not a valid Parquet file ({str(exc).splitlines()[0][:120]})") from None
 
@@ -786,7 +786,7 @@ def _load(conn: psycopg.Connection, path: Path, name: str, ds: Dataset, dataset_
     blocks: Iterator[str] = iter(())
     records: Iterator[dict[str, Any]] = iter(())
     if fmt == "csv":
-        blocks = text_lines_blocks(path, ds.format.encoding)
+        blocks = text_lines_blocks(path, ds.format.encoding, name)
         line, seen = _first_line(blocks, name)
         header = _csv_header(line, name, ds)
         blocks = _chain_blocks(seen, blocks)
@@ -795,7 +795,7 @@ def _load(conn: psycopg.Connection, path: Path, name: str, ds: Dataset, dataset_
         header = [f.name for f in parquet.schema_arrow]
         _parquet_types(parquet.schema_arrow, ds, name)
     else:
-        records = _jsonl_rows(text_lines_blocks(path, ds.format.encoding), name)
+        records = _jsonl_rows(text_lines_blocks(path, ds.format.encoding, name), name)
         first = next(records, None)
         if first is None:
             raise UploadRejected(f"{name}: the file is empty; one JSON object per line is required")
