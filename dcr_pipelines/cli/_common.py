@@ -64,7 +64,7 @@ def _instance() -> Any:
 
     instance = dg.DagsterInstance.get()
     for run_id in fail_orphaned_runs(instance):
-        err.print(f"note: run {run_id} was left STARTED by a process that died; marked failed", markup=False)
+        err.print(f"note: run {run_id} was left STARTED by a process that died; marked failed", markup=False, soft_wrap=True)
     return instance
 
 

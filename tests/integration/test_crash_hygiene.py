@@ -1,0 +1,151 @@
+"""A killed `dcr run` leaves no dbt writing and no run STARTED; the CLI's upload errors, and the infrastructure's, are one line."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from dcr_pipelines.lib import demo_data
+
+from .conftest import make_collaboration
+
+pytestmark = pytest.mark.slow
+DCR = [sys.executable, "-m", "dcr_pipelines.cli"]
+C = "killrun"
+
+
+@pytest.fixture(scope="module")
+def killrun(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("killrun_policies")
+    make_collaboration(root, C, groups=3)
+    landing = tmp_path_factory.mktemp("killrun_landing")
+    demo_data.generate(landing / C, rows=3000, overlap=0.3, seed=5)
+    env = {**os.environ, "DCR_POLICIES": str(root), "DCR_LANDING": str(landing)}
+    return {"env": env, "landing": landing, "tmp": tmp_path_factory.mktemp("killrun_files")}
+
+
+def dcr(ctx: dict[str, Any], *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DCR, *args], capture_output=True, text=True, timeout=timeout, env=env or ctx["env"])
+
+
+def _dbt_children(pid: int) -> list[psutil.Process]:
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            command = child.cmdline()
+            if any(Path(part).name == "dbt" for part in command[:2]) and "build" in command:  # a stage being built
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_run_killed_while_dbt_works_leaves_no_dbt_and_is_marked_failed_at_the_next_start(killrun: dict[str, Any]) -> None:
+    rng = random.Random(5)
+    for _ in range(2):
+        proc = subprocess.Popen([*DCR, "run", C], env=killrun["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        children: list[psutil.Process] = []
+        while not children and time.monotonic() < deadline and proc.poll() is None:
+            children = _dbt_children(proc.pid)
+            time.sleep(0.05)
+        assert children, "the run finished or failed before dbt started"
+        time.sleep(rng.uniform(0.0, 1.0))
+        children = _dbt_children(proc.pid) or children
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while not all(_gone(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(c) for c in children), "dbt outlived the run that started it"
+    done = dcr(killrun, "run", C, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "was left STARTED by a process that died; marked failed" in done.stderr
+
+
+CSV = "customer_email,purchase_value,purchase_date,store_region\n"
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["ingest", "killrun/../killrun", "retailer", "purchases", "{good}"], 2, "is not a collaboration name"),
+    (["ingest", C, "../retailer", "purchases", "{good}"], 2, "belongs to retailer, not '../retailer'"),
+    (["ingest", C, "retailer", "../../purchases", "{good}"], 2, "declares no dataset '../../purchases'"),
+    (["ingest", C, "retailer", "purchases", "{tmp}"], 2, "not a regular file"),
+    (["ingest", C, "retailer", "purchases", "{tmp}/missing.csv"], 2, "no such file"),
+    (["ingest", C, "retailer", "purchases", "{bad}"], 1, "quarantined: bad.csv: missing column(s) store_region"),
+    (["uploads", "withdraw", C, "retailer", "purchases", "1"], 2, "replace mode: upload a corrected file instead"),
+], ids=["traversal_collab", "traversal_party", "traversal_dataset", "directory", "missing", "bad_file", "withdraw_replace"])
+def test_upload_mistakes_are_one_error_line_and_touch_nothing_outside_the_landing_tree(killrun: dict[str, Any], args: list[str], code: int, message: str) -> None:
+    tmp: Path = killrun["tmp"]
+    (tmp / "good.csv").write_text(CSV + "a@example.com,1,2026-02-01,north\n")
+    (tmp / "bad.csv").write_text("customer_email,purchase_value,purchase_date\na@example.com,1,2026-02-01\n")
+    before = sorted(str(p) for p in Path(killrun["landing"]).parent.rglob("*") if "killrun" in str(p))
+    started = time.monotonic()
+    proc = dcr(killrun, *[a.format(good=tmp / "good.csv", bad=tmp / "bad.csv", tmp=tmp) for a in args])
+    assert time.monotonic() - started < 60
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    if code == 2:
+        after = sorted(str(p) for p in Path(killrun["landing"]).parent.rglob("*") if "killrun" in str(p))
+        assert after == before, "a refused command changed the landing tree"
+
+
+def test_unreachable_and_missing_databases_are_one_line_within_ten_seconds(killrun: dict[str, Any]) -> None:
+    for url, message in (("postgresql://postgres@127.0.0.1:1/x", "Connection refused; start the database server at 127.0.0.1:1"),):
+        started = time.monotonic()
+        proc = dcr(killrun, "ingest", C, "retailer", "purchases", str(killrun["tmp"]), env={**killrun["env"], "DCR_DATABASE_URL": url})
+        assert time.monotonic() - started < 10
+        assert proc.returncode == 3 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_a_missing_external_database_is_one_line_within_ten_seconds(killrun: dict[str, Any]) -> None:
+    import psycopg
+
+    try:
+        psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3).close()
+    except psycopg.OperationalError:
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 (the development and CI machines run one)")
+    started = time.monotonic()
+    proc = dcr(killrun, "budget", C, env={**killrun["env"], "DCR_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/dcr_no_such_database"})
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 3 and proc.stderr.count("\n") == 1
+    assert 'database "dcr_no_such_database" does not exist; create it (createdb' in proc.stderr, proc.stderr
+
+
+def test_a_full_landing_disk_is_one_line_nothing_is_queued_and_the_next_try_works(killrun: dict[str, Any], tmp_path: Path) -> None:
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tiny)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tiny tmpfs here (needs root): the full-disk path is not exercised")
+    try:
+        big = tmp_path / "big.csv"
+        big.write_text(CSV + "".join(f"f{i}@example.com,{i % 90},2026-02-01,north\n" for i in range(6000)))
+        proc = dcr(killrun, "ingest", C, "retailer", "purchases", str(big), env={**killrun["env"], "DCR_LANDING": str(tiny)})
+        assert proc.returncode == 3 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "No space left on device; nothing was queued" in proc.stderr
+        assert not [p for p in tiny.rglob("*") if p.is_file()], "a partial copy was left in the queue"
+    finally:
+        subprocess.run(["umount", str(tiny)], check=False)
+    proc = dcr(killrun, "ingest", C, "retailer", "purchases", str(big))
+    assert proc.returncode == 0 and "accepted as version" in proc.stdout, proc.stderr
