@@ -173,7 +173,7 @@ def ingest_uploads(defs: dg.Definitions, loaded: Any, landing: Path, url: str, *
     (its run re-checks every file). Replace-mode datasets are left to the collaboration's run.
     """
     from .defs.ingest import partitions_name, target
-    from .lib.database import advisory_lock, connect
+    from .lib.database import connect
     from .services import ingest as ingest_lib
     from .store import uploads as queue
 
@@ -182,10 +182,8 @@ def ingest_uploads(defs: dg.Definitions, loaded: Any, landing: Path, url: str, *
         if ds.mode != "append":
             continue
         t = target(loaded, name, landing, url)
-        with advisory_lock(url, t.lock_name), connect(url) as conn:
-            ingest_lib.reconcile(conn, t)
-            ingest_lib.claim_inbox(conn, t)
-            keys = [u.partition_key for u in queue.pending(conn, loaded.name, ds.owner, name)]
+        with connect(url) as conn:
+            keys = [u.partition_key for u in ingest_lib.intake(conn, t)]
             current = ingest_lib.current_version(conn, t)
             if not keys and current is not None and current.contract_sha256 != t.contract_sha256 and current.upload_seq:
                 keys = [queue.partition_key(current.upload_seq)]

@@ -63,7 +63,7 @@ def withdraw(collab: str, party: str, dataset: str, upload: int) -> None:
 
     from ..defs.ingest import partitions_name, target
     from ..lib import naming
-    from ..lib.database import advisory_lock, connect
+    from ..lib.database import connect
     from ..services import ingest as ingest_lib
 
     runtime = _runtime()
@@ -74,7 +74,7 @@ def withdraw(collab: str, party: str, dataset: str, upload: int) -> None:
     url = runtime.warehouse.url()
     t = target(loaded, dataset, runtime.settings.landing, url)
     try:
-        with advisory_lock(url, t.lock_name), connect(url) as conn:
+        with connect(url) as conn:
             version = ingest_lib.withdraw(conn, t, upload)
     except ingest_lib.UploadRejected as exc:
         fail(str(exc), 2)

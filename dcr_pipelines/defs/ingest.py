@@ -16,7 +16,6 @@ from typing import Any
 import dagster as dg
 
 from ..lib import naming
-from ..lib.database import advisory_lock
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
 from ..store import uploads as queue
@@ -70,8 +69,7 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
     def ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> Iterator[Any]:
         t = target(loaded, dataset_name, landing, warehouse.url)
         try:
-            with advisory_lock(warehouse.url, t.lock_name):  # one consumer of the queue at a time
-                yield from _ingest(context, config, warehouse, t)
+            yield from _ingest(context, config, warehouse, t)
         except dg.Failure:
             raise
         except Exception as exc:
@@ -87,7 +85,8 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
                 path = Path(config.path)
                 if os.path.normpath(path.parent) != os.path.normpath(folder) or path.name.startswith("_"):
                     raise dg.Failure(f"upload refused: {path} is outside the landing folder {folder}")
-                claimed = ingest_lib.claim_inbox(conn, t, only=path)
+                with ingest_lib.locked(conn, t):
+                    claimed = ingest_lib.claim_inbox(conn, t, only=path)
                 if not claimed:
                     raise dg.Failure(f"upload refused: {path.name} is not waiting in {folder}")
                 asked = claimed[0].seq
@@ -197,10 +196,8 @@ def _landing_sensor(loaded: LoadedCollaboration, landing: Path) -> dg.SensorDefi
         for name, ds in loaded.collaboration.datasets.items():
             t = target(loaded, name, landing, warehouse.url)
             key = dg.AssetKey(naming.raw_key(c, ds.owner, name))
-            with advisory_lock(warehouse.url, t.lock_name), warehouse.connect() as conn:
-                ingest_lib.reconcile(conn, t)
-                ingest_lib.claim_inbox(conn, t)
-                waiting = queue.pending(conn, c, ds.owner, name)
+            with warehouse.connect() as conn:
+                waiting = ingest_lib.intake(conn, t)
             if not waiting:
                 continue
             if ds.mode == "append":

@@ -43,6 +43,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,19 @@ def lock_name(collab: str, dataset: str) -> str:
     return f"dcr-ingest:{collab}:{dataset}"
 
 
+@contextmanager
+def locked(conn: psycopg.Connection, t: Target) -> Iterator[None]:
+    """Hold the dataset's lock on ``conn`` itself (re-entrant). On the working session, not a side connection: if this
+    process is killed, the lock goes only when the server has finished or rolled back this session's last statement,
+    so the next consumer never races a dying one."""
+    conn.execute("select pg_advisory_lock(hashtext(%s))", (t.lock_name,))
+    try:
+        yield
+    finally:
+        with suppress(psycopg.Error):
+            conn.execute("select pg_advisory_unlock(hashtext(%s))", (t.lock_name,))
+
+
 @dataclass(frozen=True)
 class Version:
     version: int
@@ -181,6 +195,20 @@ def versions(conn: psycopg.Connection, collaboration: str, party: str, dataset: 
     ).fetchall()
     keys = ("version", "checksum", "row_count", "file_name", "loaded_at", "is_current", "upload_seq", "parts")
     return [dict(zip(keys, r, strict=False)) for r in rows]
+
+
+def contract_breaches(conn: psycopg.Connection, collaboration: str, datasets: dict[str, Dataset]) -> list[str]:
+    """Datasets whose current version was not checked against the dataset's contract as the policy states it now."""
+    ensure_meta(conn)
+    rows = conn.execute(
+        "select dataset, version, contract_sha256 from dcr_meta.dataset_versions where collaboration = %s and is_current", (collaboration,)
+    ).fetchall()
+    breaches = []
+    for dataset, version, checked in rows:
+        spec = datasets.get(dataset)
+        if spec is not None and checked is not None and checked != hashlib.sha256(spec.model_dump_json().encode()).hexdigest():
+            breaches.append(f"{dataset} version {version}")
+    return breaches
 
 
 def current_version(conn: psycopg.Connection, t: Target) -> Version | None:
@@ -380,9 +408,24 @@ def drop_leftovers(conn: psycopg.Connection, t: Target) -> list[str]:
 # --- processing ---------------------------------------------------------------------------
 
 
+def intake(conn: psycopg.Connection, t: Target) -> list[Upload]:
+    """Repair what a crash left and claim the inbox (holding the dataset's lock); the uploads waiting now."""
+    ensure_meta(conn)
+    with locked(conn, t):
+        reconcile(conn, t)
+        claim_inbox(conn, t)
+        return queue.pending(conn, t.collaboration, t.party, t.dataset)
+
+
 def process_queue(conn: psycopg.Connection, t: Target, *, only_seq: int | None = None) -> QueueOutcome:
     """Claim the inbox, repair what a crash left, decide every waiting upload, re-check the current version if the
-    contract changed. The caller holds the dataset's lock (:func:`lock_name`); ``conn`` is in autocommit mode."""
+    contract changed; all of it holding the dataset's lock on ``conn`` (autocommit mode)."""
+    ensure_meta(conn)
+    with locked(conn, t):
+        return _process_queue(conn, t, only_seq)
+
+
+def _process_queue(conn: psycopg.Connection, t: Target, only_seq: int | None) -> QueueOutcome:
     ensure_meta(conn)
     outcome = QueueOutcome()
     outcome.repaired += reconcile(conn, t)
@@ -546,6 +589,11 @@ def revalidate(conn: psycopg.Connection, t: Target, outcome: QueueOutcome) -> No
 
 def reprocess(conn: psycopg.Connection, t: Target, seq: int) -> Upload:
     """Re-load one accepted upload from its kept file (a backfill of its partition), as a new version."""
+    with locked(conn, t):
+        return _reprocess(conn, t, seq)
+
+
+def _reprocess(conn: psycopg.Connection, t: Target, seq: int) -> Upload:
     upload = queue.get(conn, seq)
     current = current_version(conn, t)
     if upload is None or upload.dataset != t.dataset or upload.collaboration != t.collaboration:
@@ -576,6 +624,11 @@ def reprocess(conn: psycopg.Connection, t: Target, seq: int) -> Upload:
 
 def withdraw(conn: psycopg.Connection, t: Target, seq: int) -> Version:
     """Remove one appended file's rows (append mode): a new version without its table."""
+    with locked(conn, t):
+        return _withdraw(conn, t, seq)
+
+
+def _withdraw(conn: psycopg.Connection, t: Target, seq: int) -> Version:
     if t.spec.mode != "append":
         raise UploadRejected(f"{t.dataset} is in replace mode: upload a corrected file instead of withdrawing one")
     upload = queue.get(conn, seq)

@@ -28,7 +28,6 @@ import zstandard
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.defs.ingest import partitions_name
 from dcr_pipelines.lib import naming
-from dcr_pipelines.lib.database import advisory_lock
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.runner import HOST_TAG, PID_TAG, fail_orphaned_runs, ingest_uploads, materialize
@@ -72,8 +71,8 @@ def drop(t: ingest.Target, name: str, content: bytes | str) -> Path:
 
 
 def run(t: ingest.Target) -> ingest.QueueOutcome:
-    """One pass over the queue, as the ingest asset makes it (holding the dataset's lock)."""
-    with advisory_lock(t.database_url, t.lock_name), psycopg.connect(t.database_url, autocommit=True) as conn:
+    """One pass over the queue, as the ingest asset makes it (it holds the dataset's lock on its connection)."""
+    with psycopg.connect(t.database_url, autocommit=True) as conn:
         return ingest.process_queue(conn, t)
 
 
@@ -354,6 +353,9 @@ def test_a_tightened_contract_is_applied_to_the_current_version_and_says_which_r
     assert outcome.revalidation_failed and "expect_column_values_to_be_between on purchase_value" in outcome.revalidation_failed
     assert f"the current version {before[0]} breaks the changed contract" in outcome.revalidation_failed
     assert state(tight) == before, "the version stays (the asset's blocking check stops what reads it)"
+    with psycopg.connect(tight.database_url, autocommit=True) as conn:
+        assert ingest.contract_breaches(conn, collab, {"purchases": tight.spec}) == [f"purchases version {before[0]}"], "staging refuses it"
+        assert ingest.contract_breaches(conn, collab, {"purchases": loose.spec}) == []
     # Re-sending the same file does not hide the breach.
     drop(tight, "v_again.csv", HEADER + rows(20, value=10))
     again = run(tight)
@@ -476,7 +478,6 @@ KILLED_INGEST = textwrap.dedent("""
     import great_expectations  # noqa: F401
     import psycopg
     from dcr_pipelines.lib import naming
-    from dcr_pipelines.lib.database import advisory_lock
     from dcr_pipelines.lib.policy import load_collaboration
     from dcr_pipelines.services import ingest
     folder, collab, landing, url = sys.argv[1:5]
@@ -487,8 +488,7 @@ KILLED_INGEST = textwrap.dedent("""
         if pid == 0:
             with psycopg.connect(url, autocommit=True) as conn:
                 ingest.land_copy(conn, t, Path(line.strip()))
-                with advisory_lock(url, t.lock_name):
-                    ingest.process_queue(conn, t)
+                ingest.process_queue(conn, t)
             os._exit(0)
         print(pid, flush=True)
         _, status = os.waitpid(pid, 0)
