@@ -53,7 +53,7 @@ def collab(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = root / COLLAB
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     path = folder / "collaboration.yaml"
-    text = path.read_text().replace("name: demo", f"name: {COLLAB}")
+    text = path.read_text().replace("    mode: append", "    mode: replace").replace("name: demo", f"name: {COLLAB}")
     impressions_rule = (
         "    analysis_rule:  # the ad network's own table: ad-hoc aggregates, thresholded\n"
         "      type: aggregation\n      min_distinct_units: 25\n      join_required: false\n"

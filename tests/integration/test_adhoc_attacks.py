@@ -50,7 +50,7 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     folder = root / COLLAB
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     path = folder / "collaboration.yaml"
-    path.write_text(path.read_text().replace("name: demo", f"name: {COLLAB}").replace("\nidentity:", AGENCY + "\nidentity:", 1))
+    path.write_text(path.read_text().replace("    mode: append", "    mode: replace").replace("name: demo", f"name: {COLLAB}").replace("\nidentity:", AGENCY + "\nidentity:", 1))
     approve_all(folder)
     loaded = load_collaboration(folder)
     settings = dataclasses.replace(runtime.settings, policies=root)

@@ -57,7 +57,7 @@ def _policy(root: Path, name: str) -> Path:
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     shutil.rmtree(folder / "queries")
     path = folder / "collaboration.yaml"
-    text = path.read_text().replace("name: demo", f"name: {name}")
+    text = path.read_text().replace("    mode: append", "    mode: replace").replace("name: demo", f"name: {name}")
     text = text.split("\napprovals:\n")[0] + "\nschedules: []\n"
     text = text.replace("scalar_functions: [date_trunc, extract, lower, upper, round, coalesce]", f"scalar_functions: {ALL_FUNCTIONS}")
     text = text.replace("aggregate: [sum, avg], range: [0, 1000000]", "aggregate: [count, count_distinct, sum, sum_distinct, avg, min, max, stddev, variance], range: [0, 1000000]")

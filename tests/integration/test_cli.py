@@ -92,6 +92,7 @@ def test_a_refused_upload_prints_one_error_line_and_keeps_the_original(runtime, 
     proc = run("ingest", "demo", "retailer", "purchases", str(bad))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: upload rejected, current data kept:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: upload #") and " quarantined: bad.csv: " in lines[0], proc.stderr
+    assert lines[0].endswith("the current data is unchanged")
     assert "expect_column_values_to_be_in_set on store_region: 1 row(s) broke it (rows 1)" in lines[0]
     assert "zoe@example.com" not in proc.stderr and bad.is_file()
