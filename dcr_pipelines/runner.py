@@ -95,25 +95,17 @@ def process_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
     """Mark failed every run still STARTED (or STARTING) whose in-process runner on this host is dead (killed, crashed)."""
+    from .services.ingest import pid_alive
+
     host = socket.gethostname()
     failed = []
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
                                                    tags={HOST_TAG: host}))
     for run in runs:
         pid = run.tags.get(PID_TAG, "")
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             instance.report_run_failed(run, f"the process that ran it (pid {pid} on {host}) ended without finishing it (killed or crashed)")
             failed.append(run.run_id)
     return failed

@@ -303,7 +303,8 @@ def claim_inbox(conn: psycopg.Connection, t: Target, only: Path | None = None) -
     return claimed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -321,7 +322,7 @@ def reconcile(conn: psycopg.Connection, t: Target) -> list[str]:
         for entry in sorted(os.scandir(t.queue_dir), key=lambda e: e.name):
             if entry.name.startswith(".") and entry.name.endswith(".part"):
                 found = re.search(r"\.(\d+)\.part$", entry.name)
-                if not found or not _pid_alive(int(found.group(1))):
+                if not found or not pid_alive(int(found.group(1))):
                     Path(entry.path).unlink(missing_ok=True)
                     notes.append(f"removed {entry.name}: a copy interrupted before it landed")
                 continue
