@@ -22,10 +22,17 @@ from .lib import naming
 
 @dataclass(frozen=True)
 class RunOutcome:
+    """What a request came to. ``success``: everything asked for was done. A refusal (a rule, the budget) or a wait for
+    a party is an expected outcome: the Dagster run succeeded (``run_success``), ``failure`` says why nothing came of it."""
+
     success: bool
     run_id: str
     failure: str | None
     metadata: dict[str, dict[str, Any]]
+    run_success: bool = True
+    refused: bool = False
+    waiting: bool = False
+    job_name: str = ""
 
 
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
@@ -62,7 +69,7 @@ def materialize(
     The console stays quiet (the caller prints the outcome); every event, at every level, is
     still written to the instance's event log (the UI and ``dcr audit`` read it).
     """
-    job = defs.resolve_implicit_global_asset_job_def()
+    job = job_for(defs, selection)
     run_config = _only_selected_ops(defs, selection, run_config or {})
     collabs = sorted({k[0] for k in selection})
     tags = {"dcr/user": os.environ.get("DCR_USER") or getpass.getuser(), **({"dcr/collaboration": collabs[0]} if len(collabs) == 1 else {}),
@@ -84,7 +91,41 @@ def materialize(
     for event in result.get_asset_materialization_events():
         mat = event.materialization
         metadata[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
-    return RunOutcome(result.success, result.run_id, None if result.success else _failure_message(result), metadata)
+    expected = {}  # refusals and waits, recorded as observations by the assets
+    for event in result.get_asset_observation_events():
+        observed = {k: v.value for k, v in event.asset_observation_data.asset_observation.metadata.items()}
+        if observed.get("outcome") in ("refused", "waiting"):
+            expected[event.asset_key.to_user_string()] = observed
+    refused = [o for o in expected.values() if o["outcome"] == "refused"]
+    waiting = [o for o in expected.values() if o["outcome"] == "waiting"]
+    if not result.success:
+        failure: str | None = _failure_message(result)
+    else:
+        failure = "; ".join(str(o.get("message", "")) for o in refused + waiting) or None
+    return RunOutcome(result.success and not expected, result.run_id, failure, metadata, run_success=result.success,
+                      refused=bool(refused), waiting=bool(waiting), job_name=job.name)
+
+
+def job_for(defs: dg.Definitions, selection: Sequence[Sequence[str]]) -> dg.JobDefinition:
+    """The collaboration's own job that holds every selected asset (so runs show on its job page and timeline);
+    Dagster's implicit asset job only for a selection no single job holds (several collaborations, a test's mix)."""
+    from .defs.automation import job_names
+
+    keys = {dg.AssetKey(list(k)) for k in selection}
+    collabs = {k.path[0] for k in keys}
+    if len(collabs) == 1:
+        (c,) = collabs
+        names = [job_names(c)[n] for n in ("ad_hoc", "releases")]
+        names += sorted(j.name for j in defs.jobs or [] if j.name.startswith(f"{c}__") and j.name.endswith("__uploads"))
+        names.append(job_names(c)["pipeline"])
+        for name in names:
+            try:
+                job = defs.resolve_job_def(name)
+            except Exception:  # noqa: S112 (a collaboration built without that job: try the next)
+                continue
+            if keys <= job.asset_layer.executable_asset_keys:
+                return job
+    return defs.resolve_implicit_global_asset_job_def()
 
 
 PID_TAG, HOST_TAG = "dcr/pid", "dcr/host"

@@ -25,10 +25,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def _runtime() -> Any:
     from ..lib.database import EmbeddedServerError
-    from ..lib.runtime import activate
+    from ..lib.runtime import activate, record_in_dotenv
 
     try:
-        return activate()
+        runtime = activate()
+        record_in_dotenv(runtime.settings)  # Dagster's own tools (dg dev, dagster asset ...) find this deployment
+        return runtime
     except EmbeddedServerError as exc:
         fail(str(exc), INFRASTRUCTURE)
     except PermissionError as exc:
@@ -99,7 +101,7 @@ def main() -> None:
     """
 
 
-def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]] | None = None, until_waiting: bool = False) -> dict[str, Any]:
+def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     import os
 
     from ..lib.settings import Settings
@@ -115,8 +117,9 @@ def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]]
         outcome = materialize(
             defs, keys, instance=_instance(), run_config=analysis_run_config(loaded.name, params or {}), stdout_log=_run_log()
         )
-    if not outcome.success and until_waiting and "waiting for the PSI answer" in (outcome.failure or ""):
-        out.print(f"run {outcome.run_id} stopped at matching: {outcome.failure}", markup=False)
+    if outcome.waiting:  # an expected state, not a failure: the psi_answers sensor (or the next `dcr run`) goes on from here
+        out.print(f"run {outcome.run_id} is waiting at matching (the run succeeded; analyses wait for the match): {outcome.failure}",
+                  markup=False, soft_wrap=True)
         return {}
     if not outcome.success:
         fail(f"run {outcome.run_id} failed: {outcome.failure}")
@@ -156,28 +159,15 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
             return
         thresholded = query.spec.rule == "threshold"
         status = None if thresholded else budget_status(conn, schema, consumer_budget(loaded, query.spec.consumer))
+    from ..lib.presentation import release_table
+
     rid, rows, epsilon, params = stored.release_id, stored.rows, stored.epsilon, stored.params
-    dims = list(query.spec.dimensions)
-    metrics = list(query.spec.metrics)
+    shown = release_table(query.spec, rows)
     table = Table(title=f"{loaded.name}/{query_name}, release {rid}, params {json.dumps(params)}", title_justify="left")
-    for d in dims:
-        table.add_column(d)
-    for m in metrics:
-        table.add_column(m if thresholded else f"{m} (95% CI)", justify="right")
-    cells: dict[tuple[str, ...], dict[str, Any]] = {}
-    for r in rows:
-        cells.setdefault(tuple(r[d] for d in dims), {})[r["metric"]] = r
-    for key, by_metric in cells.items():
-        values = []
-        for m in metrics:
-            cell = by_metric.get(m)
-            if cell is None or cell["value"] is None:
-                values.append("-")
-            elif cell["ci_low"] is None:
-                values.append(f"{cell['value']:,.1f}")
-            else:
-                values.append(f"{cell['value']:,.0f}  [{cell['ci_low']:,.0f}, {cell['ci_high']:,.0f}]")
-        table.add_row(*key, *values)
+    for i, header in enumerate(shown.headers):
+        table.add_column(header, justify="right" if i >= len(query.spec.dimensions) else "left")
+    for row in shown.rows:
+        table.add_row(*row)
     out.print(table)
     if status is None:
         out.print(f"threshold rule: exact values, groups with fewer than {query.spec.min_distinct_units} distinct people removed; no budget charged")

@@ -131,4 +131,6 @@ def ui(port: int, host: str) -> None:
     dg_bin = Path(sys.executable).with_name("dg")
     out.print(f"Dagster UI on http://{host}:{port} (Ctrl-C to stop); storage: {runtime.dagster_url.split('?')[0]}", markup=False)
     os.chdir(PROJECT_ROOT)
+    if (PROJECT_ROOT / ".env").is_file() and runtime.settings.home.resolve().is_relative_to(PROJECT_ROOT):
+        os.environ.pop("DAGSTER_HOME", None)  # .env names it (see record_in_dotenv); exported too, `dagster dev` warns about dagster.yaml
     os.execv(str(dg_bin), [str(dg_bin), "dev", "--host", host, "--port", str(port)])  # noqa: S606 (our own dg, fixed arguments)

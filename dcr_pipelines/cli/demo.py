@@ -56,7 +56,7 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
         _split_appended(loaded, generated_at)
     out.print(f"database: {runtime.warehouse.redacted()}")
     defs = _definitions(runtime)
-    if at_home and not _run_collaboration(defs, loaded, until_waiting=True):
+    if at_home and not _run_collaboration(defs, loaded):
         _demo_home_respond(runtime, loaded, generated_at)
         _run_collaboration(defs, loaded)
     elif not at_home:

@@ -2,6 +2,8 @@
 
 Entries are the materializations, observations and step failures of a
 collaboration's assets, with their metadata and the run's tags (who ran it).
+A refused request and a wait for a party are observations (kinds ``refused``
+and ``waiting``), not failed runs; ``failed`` entries are real failures.
 Release entries are also chained by hash (lib/audit.py); ``verify`` checks
 the chain against the releases table.
 """
@@ -17,6 +19,7 @@ from ..lib.policy import LoadedCollaboration
 from ..store import Connection, access, audit_chain, ledger
 
 USER_TAG = "dcr/user"
+EXPECTED_OUTCOMES = ("refused", "waiting")  # observations of a refused request or a wait for a party: their own kinds, not failures
 
 
 def _plain(metadata: Any) -> dict[str, Any]:
@@ -35,7 +38,7 @@ def touches(loaded: LoadedCollaboration, asset: str, party: str, metadata: dict[
     if stage in ("raw", "staging", "private"):
         return name.startswith(f"{party}__")
     if stage in ("analysis", "results"):
-        query = loaded.queries.get(name)
+        query = loaded.queries.get(name.removesuffix(naming.PRE_NOISE_SUFFIX))
         datasets = query.datasets if query else ([name.removeprefix("matched_")] if name.startswith("matched_") else [])
         return any(loaded.collaboration.datasets[d].owner == party for d in datasets if d in loaded.collaboration.datasets) or (
             query is not None and party in query.spec.receivers
@@ -64,10 +67,12 @@ def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt
                     event = record.event_log_entry.dagster_event
                     data = event.event_specific_data if event else None
                     payload = getattr(data, "materialization", None) or getattr(data, "asset_observation", None)
+                    metadata = _plain(payload.metadata if payload else {})
                     out.append({
                         "time": dt.datetime.fromtimestamp(record.timestamp, dt.UTC).isoformat(),
-                        "kind": kind, "asset": key.to_user_string(), "run_id": record.run_id, "user": who(record.run_id),
-                        "metadata": _plain(payload.metadata if payload else {}),
+                        "kind": metadata.get("outcome") if metadata.get("outcome") in EXPECTED_OUTCOMES else kind,
+                        "asset": key.to_user_string(), "run_id": record.run_id, "user": who(record.run_id),
+                        "metadata": metadata,
                     })
                 if not result.has_more:
                     break
@@ -83,7 +88,7 @@ def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt
             )
             details = _plain(failure.user_failure_data.metadata) if failure and failure.user_failure_data else {}
             out.append({
-                "time": dt.datetime.fromtimestamp(log.timestamp, dt.UTC).isoformat(), "kind": "refused or failed",
+                "time": dt.datetime.fromtimestamp(log.timestamp, dt.UTC).isoformat(), "kind": "failed",
                 "asset": step.replace("__", "/", 2), "run_id": log.run_id, "user": run_record.dagster_run.tags.get(USER_TAG, ""),
                 "metadata": {"message": message, **details},
             })

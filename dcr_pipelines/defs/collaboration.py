@@ -18,7 +18,7 @@ import dagster as dg
 
 from ..lib.policy import LoadedCollaboration
 from .access import _grants_asset
-from .automation import _policy_sensor, _schedules, pipeline_selection
+from .automation import _budget_sensor, _policy_sensor, _psi_answer_sensor, _schedules, collaboration_jobs
 from .common import audit_metadata, landing_folder  # noqa: F401 (used by the CLI and the audit trail)
 from .dbt_stages import _dbt_stage
 from .ingest import _ingest_asset, _landing_sensor
@@ -27,7 +27,7 @@ from .release import _ad_hoc_asset, _release_asset
 
 
 def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path, exports: Path, dbt_project: Path) -> dg.Definitions:
-    """Every asset and the run-everything job of one collaboration."""
+    """Every asset, job, schedule and sensor of one collaboration."""
     c = loaded.name
     assets: list[dg.AssetsDefinition] = [_grants_asset(loaded)]
     assets += [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]
@@ -38,7 +38,8 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     assets.append(_dbt_stage(loaded, manifest, "analysis", dbt_project))
     assets.extend(_release_asset(loaded, q, exports, manifest) for q in loaded.queries)
     assets.append(_ad_hoc_asset(loaded))
-    job = dg.define_asset_job(f"{c}__all", selection=pipeline_selection(c), description=f"Materialize collaboration {c} end to end.")
-    return dg.Definitions(
-        assets=assets, jobs=[job], sensors=[_landing_sensor(loaded, landing), _policy_sensor(loaded)], schedules=_schedules(loaded)
-    )
+    jobs = {job.name: job for job in collaboration_jobs(loaded)}
+    sensors = [_landing_sensor(loaded, landing, jobs), _policy_sensor(loaded), _budget_sensor(loaded)]
+    if loaded.collaboration.matching.home_parties:
+        sensors.append(_psi_answer_sensor(loaded, landing))
+    return dg.Definitions(assets=assets, jobs=list(jobs.values()), sensors=sensors, schedules=_schedules(loaded))

@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator
 
-from ..lib.policy import ApprovedQuery
+from ..lib.policy import ApprovedQuery, LoadedCollaboration
+from ..lib.presentation import release_table
 from ..store import ledger
 
 T = TypeVar("T")
@@ -95,3 +96,21 @@ def audit_metadata(audit: Mapping[str, Any]) -> dict[str, Any]:
         "audit_seq": audit.get("seq", 0),
         **({"audit_head": dg.MetadataValue.json(audit["head"])} if audit.get("head") else {}),
     }
+
+
+def release_preview(loaded: LoadedCollaboration, query_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The released table itself, for the asset page: one row per group, values with their 95% intervals."""
+    return {"released_values": dg.MetadataValue.md(release_table(loaded.queries[query_name].spec, rows).markdown())}
+
+
+BUDGET_LOW_TAG = "dcr/budget_low"
+
+
+def warn_budget(context: dg.AssetExecutionContext, loaded: LoadedCollaboration, consumer: str, remaining: float, total: float) -> None:
+    """Under the policy's ``warn_below``: a warning in the run's log and a tag on the run (the budget sensor says it too)."""
+    budget = next((b for b in loaded.collaboration.budgets if b.consumer == consumer), None)
+    if budget is None or remaining >= budget.warning_level:
+        return
+    message = f"{consumer} has epsilon {remaining:.3g} of {total:.3g} left, under warn_below {budget.warning_level:.3g}"
+    context.log.warning(f"privacy budget low: {message}")
+    context.instance.add_run_tags(context.run.run_id, {BUDGET_LOW_TAG: message})

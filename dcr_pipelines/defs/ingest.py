@@ -19,6 +19,7 @@ from ..lib import naming
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
 from ..store import uploads as queue
+from .automation import job_names, uploads_job_name
 from .common import UPLOAD_CHECK, UploadConfig
 from .resources import WarehouseResource
 
@@ -174,14 +175,16 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
     return ingest
 
 
-def _landing_sensor(loaded: LoadedCollaboration, landing: Path) -> dg.SensorDefinition:
+def _landing_sensor(loaded: LoadedCollaboration, landing: Path, jobs_by_name: dict[str, Any]) -> dg.SensorDefinition:
     """Files in a dataset's landing folder launch its ingest: one run per replace-mode dataset, one per appended file."""
     c = loaded.name
-    raw_keys = [dg.AssetKey(naming.raw_key(c, ds.owner, name)) for name, ds in loaded.collaboration.datasets.items()]
+    pipeline = job_names(c)["pipeline"]
+    targets = sorted({pipeline if ds.mode == "replace" else uploads_job_name(c, ds.owner, name) for name, ds in loaded.collaboration.datasets.items()})
+    jobs = [jobs_by_name[name] for name in targets]
 
     @dg.sensor(
         name=f"{c}__landing_files",
-        asset_selection=raw_keys,
+        jobs=jobs,
         minimum_interval_seconds=30,
         description=f"Claims each new file under {landing / c}/<party>/<dataset>/ into the upload queue and launches its ingest.",
     )
@@ -202,11 +205,12 @@ def _landing_sensor(loaded: LoadedCollaboration, landing: Path) -> dg.SensorDefi
                 continue
             if ds.mode == "append":
                 partitions.append(dg.AddDynamicPartitionsRequest(partitions_name(c, ds.owner, name), [u.partition_key for u in waiting]))
-                requests += [dg.RunRequest(run_key=u.partition_key, asset_selection=[key], partition_key=u.partition_key,
-                                           tags={"dcr/upload": u.file_name, "dcr/collaboration": c}) for u in waiting]
+                requests += [dg.RunRequest(run_key=u.partition_key, job_name=uploads_job_name(c, ds.owner, name), asset_selection=[key],
+                                           partition_key=u.partition_key, tags={"dcr/upload": u.file_name, "dcr/collaboration": c})
+                             for u in waiting]
             else:
                 newest = waiting[-1]
-                requests.append(dg.RunRequest(run_key=f"{c}/{name}/{newest.seq}", asset_selection=[key],
+                requests.append(dg.RunRequest(run_key=f"{c}/{name}/{newest.seq}", job_name=pipeline, asset_selection=[key],
                                               tags={"dcr/upload": newest.file_name, "dcr/collaboration": c}))
         if not requests:
             return dg.SkipReason("no new upload files")

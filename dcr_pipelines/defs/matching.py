@@ -1,6 +1,6 @@
 """Matching: the cross-reference asset (PSI, parties at home, the overlap release) and the optional bucket steps."""
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,14 @@ def _assemble_buckets(conn: Any, loaded: LoadedCollaboration, inputs: list[match
     return matching.MatchResult(parties, rows, counts, exchanged, len(matched))
 
 
+class WaitingForParty(Exception):  # noqa: N818 (an expected state, not an error)
+    """A party that keeps its identifiers at home has not sent its PSI message yet: matching waits, nothing fails."""
+
+    def __init__(self, parties: list[str], message: str) -> None:
+        super().__init__(message)
+        self.parties = parties
+
+
 def _home_inputs(loaded: LoadedCollaboration, landing: Path) -> dict[str, home_psi.Message]:
     """Each home party's newest setup message, from its landing folder's ``_psi`` directory."""
     c, out = loaded.name, {}
@@ -91,9 +99,10 @@ def _home_inputs(loaded: LoadedCollaboration, landing: Path) -> dict[str, home_p
         folder = landing_folder(landing, c, party, PSI_FOLDER)
         found = sorted(folder.glob(f"*setup*{home_psi.SUFFIX}"), key=lambda p: (p.stat().st_mtime_ns, p.name)) if folder.is_dir() else []
         if not found:
-            raise dg.Failure(
+            raise WaitingForParty(
+                [party],
                 f"waiting for {party}'s PSI setup message: {party} runs `dcr psi prepare {c} --party {party} ...` on its own machine "
-                f"and puts {party}-setup{home_psi.SUFFIX} into {folder}"
+                f"and puts {party}-setup{home_psi.SUFFIX} into {folder}",
             )
         try:
             out[party] = home_psi.read_message(found[-1], "setup", c, party)
@@ -107,7 +116,7 @@ def _home_matches(
     landing: Path, exports: Path,
 ) -> list[home_psi.HomeMatch]:
     """Complete the match with each home party's answer to the current request, or write the request and wait for it."""
-    c, out, waiting = loaded.name, [], []
+    c, out, waiting, parties = loaded.name, [], [], []
     for party, setup in setups.items():
         rid = home_psi.request_id(c, party, client_input.identifiers)
         response_path = landing_folder(landing, c, party, PSI_FOLDER) / f"{party}-response-{rid[:16]}{home_psi.SUFFIX}"
@@ -115,6 +124,7 @@ def _home_matches(
             request_path = exports / c / party / "psi" / f"{party}-request-{rid[:16]}{home_psi.SUFFIX}"
             if not request_path.exists():
                 home_psi.write_message(request_path, home_psi.client_request(c, party, client_input.identifiers, pairing_key))
+            parties.append(party)
             waiting.append(
                 f"{party}: give it {request_path}; it runs `dcr psi respond {c} --party {party} --key KEYFILE --request {request_path.name}` "
                 f"at home and puts the answer into {response_path.parent}/"
@@ -126,7 +136,8 @@ def _home_matches(
         except home_psi.MessageError as exc:
             raise dg.Failure(f"PSI message refused, previous cross-reference kept: {exc}") from None
     if waiting:
-        raise dg.Failure("waiting for the PSI answer of a party that keeps its identifiers at home (previous cross-reference kept). " + "; ".join(waiting))
+        raise WaitingForParty(parties, "waiting for the PSI answer of a party that keeps its identifiers at home (previous cross-reference kept). "
+                              + "; ".join(waiting))
     return out
 
 
@@ -147,13 +158,21 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         kinds={"postgres", "python"},
         tags={"dcr/stage": "matching"},
         owners=["team:operator"],
+        output_required=False,  # waiting for a home party's answer materializes nothing, and is not a failure
         description=f"Private set intersection (openmined-psi) of {', '.join(parties)}'s identifiers: "
         f"one random match_id per shared person with each party's token. {client} acts as PSI client."
         + (f" {', '.join(at_home)} keep their identifiers at home and answer with `dcr psi` message files." if at_home else ""),
     )
-    def cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
+    def cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> Iterator[Any]:
         with advisory_lock(warehouse.url, f"dcr-matching:{c}"):  # two runs at once: the second finds the identities matched
-            return _cross_reference(context, warehouse, secrets)
+            try:
+                result = _cross_reference(context, warehouse, secrets)
+            except WaitingForParty as wait:
+                context.log.info(f"{wait} The {c}__psi_answers sensor launches the pipeline when the file lands.")
+                yield dg.AssetObservation(asset_key=context.asset_key, description=str(wait),
+                                          metadata={"outcome": "waiting", "message": str(wait), "waiting_for": ", ".join(wait.parties)})
+                return
+        yield result
 
     def _cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
         inputs = store_matching.read_identities(warehouse.url, loaded, at_operator)

@@ -1,7 +1,7 @@
 """Releases on request (bound to their parameters) and ad-hoc queries."""
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ..services.release import ReleaseRefused, release_query
 from ..store import analysis as store_analysis
 from ..store import audit_chain, ledger, stages
 from ..store import matching as store_matching
-from .common import AdHocConfig, CollaborationTranslator, ReleaseConfig, _audit_metadata, analysis_lock_name, request_key
+from .common import AdHocConfig, CollaborationTranslator, ReleaseConfig, _audit_metadata, analysis_lock_name, release_preview, request_key, warn_budget
 from .resources import WarehouseResource
 
 
@@ -34,18 +34,21 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         key=naming.release_key(c, query_name),
         deps=[dg.AssetKey(naming.analysis_key(c, query_name))],
         group_name=c,
-        kinds={"postgres", "opendp" if spec.rule == "dp" else "python"},
-        tags={"dcr/stage": "results", "dcr/consumer": spec.consumer, "dcr/release": spec.release},
+        kinds={"postgres", "opendp"} if spec.rule == "dp" else {"postgres", "python"},
+        tags={"dcr/stage": "results", "dcr/consumer": spec.consumer, "dcr/release": spec.release, "dcr/rule": spec.rule},
         owners=[f"team:{spec.consumer}"],
+        output_required=False,  # a refused request materializes nothing and is not a failed run
         description=f"Release of {query_name}, {mechanism}, for {', '.join(spec.receivers)}"
         + (f"; charged to {spec.consumer}'s budget" if spec.rule == "dp" else "")
-        + f". Only on request (config: params){' or by a schedule' if spec.release == 'scheduled' else ''}. {spec.description or ''}",
+        + f". Only on request (config: params){' or by a schedule' if spec.release == 'scheduled' else ''}. "
+        "A refused request (parameters, budget, a rule) is recorded as an observation naming the reason. " + (spec.description or ""),
     )
-    def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource, dbt: DbtCliResource) -> dg.MaterializeResult:
+    def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource, dbt: DbtCliResource) -> Iterator[Any]:
         try:
             params = validate_params(query, config.params)
         except ParameterError as exc:
-            raise dg.Failure(f"release refused, nothing ran: {exc}") from None
+            yield refusal(context, f"release refused, nothing ran: {exc}", rule="parameters", consumer=spec.consumer)
+            return
         # Build and release under one lock: the pre-noise table read is the one built for this request.
         with advisory_lock(warehouse.url, analysis_lock_name(c)):
             with warehouse.connect() as conn:
@@ -70,8 +73,12 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 try:
                     stored = release_query(conn, loaded, query, params, versions, export_dir=exports, request=None if cached else key,
                                            run_id=context.run.run_id)
-                except (ledger.BudgetExhausted, ReleaseRefused) as exc:
-                    raise dg.Failure(f"release refused: {exc}") from None
+                except ledger.BudgetExhausted as exc:
+                    yield refusal(context, f"release refused: {exc}", rule="budget", consumer=spec.consumer, params=params)
+                    return
+                except ReleaseRefused as exc:
+                    yield refusal(context, f"release refused: {exc}", rule="release", consumer=spec.consumer, params=params)
+                    return
                 except ledger.ReleaseFailed as exc:
                     raise dg.Failure(str(exc)) from None
         status = stored.budget
@@ -79,8 +86,10 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
             f"{query_name}: release {stored.release_id} {'(stored result, no charge)' if stored.cached else f'charged epsilon {stored.epsilon:.4g}'}; "
             f"{spec.consumer} has {status.remaining:.4g} of {status.total:.4g} left"
         )
-        return dg.MaterializeResult(
+        warn_budget(context, loaded, spec.consumer, status.remaining, status.total)
+        yield dg.MaterializeResult(
             metadata={
+                **release_preview(loaded, query_name, stored.rows),
                 "release_id": stored.release_id,
                 "cached": stored.cached,
                 "epsilon_charged": 0.0 if stored.cached else stored.epsilon,
@@ -98,6 +107,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 ),
                 "policy_sha256": loaded.policy_sha256,
                 "cells": dg.MetadataValue.int(len(stored.rows)),
+                "rule": "differential privacy (opendp)" if spec.rule == "dp" else f"threshold: groups under {spec.min_distinct_units} people removed, exact values",
                 **({"withheld_groups": dg.MetadataValue.int(len(stored.withheld)), "withheld_because": dg.MetadataValue.json(sorted(set(stored.withheld)))}
                    if spec.rule == "threshold" and not stored.cached else {}),
                 **_audit_metadata(stored),
@@ -106,6 +116,17 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         )
 
     return release
+
+
+def refusal(context: dg.AssetExecutionContext, message: str, *, rule: str, **details: Any) -> dg.AssetObservation:
+    """An expected outcome, recorded as what it is: an observation naming the rule (the run stays green; `dcr` reports it)."""
+    context.log.warning(message)
+    return dg.AssetObservation(
+        asset_key=context.asset_key,
+        description=message,
+        metadata={"outcome": "refused", "message": message, "rule": rule,
+                  **{k: (dg.MetadataValue.json(v) if isinstance(v, dict | list) else v) for k, v in details.items()}},
+    )
 
 
 def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
@@ -119,11 +140,13 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         kinds={"postgres", "sql"},
         tags={"dcr/stage": "ad_hoc"},
         owners=["team:operator"],
+        output_required=False,  # a refused query materializes nothing and is not a failed run
         description=f"Ad-hoc SQL of a member with the run_queries ability, checked against the analysis rules of "
         f"{', '.join(open_datasets) or 'no dataset (none allows ad-hoc SQL)'}, rewritten onto the matched views and thresholded; "
-        "each run stores its rows for its runner only. Refusals fail the run and name the rule. Run with `dcr query run`.",
+        "each run stores its rows for its runner only. A refused query is an observation naming the rule (not a failed run). "
+        "Run with `dcr query run`.",
     )
-    def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> Iterator[Any]:
         digest = adhoc.query_sha256(config.sql)
         try:
             checked = adhoc.check(loaded, config.runner, config.sql)
@@ -134,16 +157,15 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
                 chained = audit_chain.append(conn, naming.results_schema(c), c, "refusal", context.run.run_id,
                                              {"run_id": context.run.run_id, "runner": config.runner, "query_sha256": digest, "rule": exc.rule,
                                               "datasets": adhoc.datasets_named(loaded, config.sql)})
-            raise dg.Failure(
-                f"query refused: {exc}",
-                metadata={"runner": config.runner, "rule": exc.rule, "query_sha256": digest, "query": adhoc.hashable(config.sql),
-                          "datasets": ", ".join(adhoc.datasets_named(loaded, config.sql)), "audit_chain_sha256": chained.chain_sha256},
-            ) from None
+            yield refusal(context, f"query refused: {exc}", rule=exc.rule, runner=config.runner, query_sha256=digest,
+                          query=adhoc.hashable(config.sql), datasets=", ".join(adhoc.datasets_named(loaded, config.sql)),
+                          audit_chain_sha256=chained.chain_sha256)
+            return
         context.log.info(
             f"ad-hoc query of {config.runner}: {len(result.rows)} rows released (threshold {checked.min_distinct_units}"
             + (f"; {result.suppressed} withheld by the difference check)" if result.suppressed else ")")
         )
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
             metadata={
                 "runner": config.runner,
                 "query": adhoc.hashable(config.sql),

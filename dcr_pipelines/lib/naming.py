@@ -60,7 +60,10 @@ def party_token_column(party: str) -> str:
     return f"{party}_token"
 
 
-# Dagster asset keys: [collab, stage, name]
+# Dagster asset keys: [collab, stage, name]. The UI labels a node with its last part only, so
+# that part is unique within a collaboration and says what the asset is:
+#   raw/retailer__customers__uploads  ->  private/retailer__customers__normalised  ->  staging/retailer__customers__secure
+#   analysis/tier_reach__pre_noise    ->  results/tier_reach (the release)
 
 
 def grants_key(collab: str) -> list[str]:
@@ -68,11 +71,11 @@ def grants_key(collab: str) -> list[str]:
 
 
 def raw_key(collab: str, party: str, dataset: str) -> list[str]:
-    return [collab, "raw", f"{party}__{dataset}"]
+    return [collab, "raw", f"{party}__{dataset}__uploads"]
 
 
 def staging_key(collab: str, party: str, dataset: str) -> list[str]:
-    return [collab, "staging", f"{party}__{dataset}"]
+    return [collab, "staging", f"{party}__{dataset}__secure"]
 
 
 def normalised_key(collab: str, party: str, dataset: str) -> list[str]:
@@ -95,8 +98,11 @@ def matched_key(collab: str, dataset: str) -> list[str]:
     return [collab, "analysis", f"matched_{dataset}"]
 
 
+PRE_NOISE_SUFFIX = "__pre_noise"
+
+
 def analysis_key(collab: str, query: str) -> list[str]:
-    return [collab, "analysis", query]
+    return [collab, "analysis", f"{query}{PRE_NOISE_SUFFIX}"]
 
 
 def release_key(collab: str, query: str) -> list[str]:

@@ -67,8 +67,6 @@ def activate(settings: Settings | None = None) -> Runtime:
             "DCR_PG_USER": warehouse.user,
             "DCR_PG_DBNAME": warehouse.dbname,
             "DBT_ENV_SECRET_PG_PASSWORD": warehouse.password,
-            # dagster-postgres is written for psycopg2; SQLAlchemy 2.1 would pick psycopg 3.
-            "DCR_DAGSTER_PG_URL": dagster_url.replace("postgresql://", "postgresql+psycopg2://", 1),
             "DAGSTER_HOME": str(dagster_home),
             "DBT_PROFILES_DIR": str(settings.dbt_source),  # the checkout's profiles.yml (read only); runs pass their project's own
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
@@ -77,6 +75,29 @@ def activate(settings: Settings | None = None) -> Runtime:
     if development_secrets_allowed(embedded):
         _load_development_secrets(settings.home / "secrets.env")
     return Runtime(settings, warehouse, dagster_url, embedded)
+
+
+DOTENV_KEYS = ("DCR_HOME", "DAGSTER_HOME")
+
+
+def record_in_dotenv(settings: Settings, root: Path = PROJECT_ROOT) -> Path | None:
+    """Name the deployment in the checkout's ``.env`` (git ignores it), where Dagster's own tools read it.
+
+    ``dg dev``, ``dg list defs`` and ``dagster asset materialize`` run from the repository
+    root then use this deployment's ``DAGSTER_HOME``. Only a deployment whose home is inside
+    the checkout is recorded (a test's or another checkout's is not); other lines are kept.
+    """
+    home = settings.home.resolve()
+    if not home.is_relative_to(root.resolve()) or not (root / "pyproject.toml").is_file():
+        return None
+    path = root / ".env"
+    wanted = {"DCR_HOME": str(home), "DAGSTER_HOME": str(home / "dagster_home")}
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.split("=", 1)[0].strip() not in DOTENV_KEYS]
+    text = "\n".join([*kept, *(f"{k}={v}" for k, v in wanted.items())]) + "\n"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path
 
 
 def development_secrets_allowed(embedded: bool) -> bool:

@@ -177,7 +177,7 @@ def test_refused_runs_fail_name_the_rule_and_are_logged(collab, runner: str, sql
     assert not outcome.success
     assert outcome.failure.startswith("query refused:") and rule in outcome.failure
     logged = [e for e in entries(dg.DagsterInstance.get(), collab["loaded"]) if e["run_id"] == outcome.run_id]
-    assert logged and logged[0]["kind"] == "refused or failed" and rule in logged[0]["metadata"]["message"]
+    assert logged and logged[0]["kind"] == "refused" and rule in logged[0]["metadata"]["message"]
 
 
 def test_case_is_allowed_where_every_dataset_allows_it(collab) -> None:  # type: ignore[no-untyped-def]

@@ -69,24 +69,24 @@ def test_the_export_covers_every_stage_with_what_a_reviewer_needs(audited: dict[
     assert [r["user"] for r in releases] == ["alice@retail.example", "bob@ads.example"]
     ingests = [e for e in entries if e["asset"].startswith(f"{COLLAB}/raw/") and e["kind"] == "materialization"]
     rows = {"purchases": 500, "impressions": 500, "customers": 250}  # customers: one row per retailer customer
-    assert all(e["metadata"]["row_count"] == rows[e["asset"].split("__")[-1]] and len(e["metadata"]["checksum_sha256"]) == 64 for e in ingests)
+    assert all(e["metadata"]["row_count"] == rows[e["asset"].split("__")[1]] and len(e["metadata"]["checksum_sha256"]) == 64 for e in ingests)
     matched = [e for e in entries if e["asset"] == f"{COLLAB}/matching/cross_reference"]
     assert matched and matched[0]["metadata"]["matched"] == 125
-    refused = [e for e in entries if e["kind"] == "refused or failed" and e["asset"].endswith("campaign_reach")]
+    refused = [e for e in entries if e["kind"] == "refused" and e["asset"].endswith("campaign_reach")]
     assert refused and "cannot cover query campaign_reach" in refused[-1]["metadata"]["message"] and refused[-1]["user"] == "bob@ads.example"
     ad_hoc = [e for e in entries if e["asset"].endswith("ad_hoc")]
-    assert [e["kind"] for e in ad_hoc] == ["materialization", "refused or failed"]
+    assert [e["kind"] for e in ad_hoc] == ["materialization", "refused"]
     assert ad_hoc[1]["metadata"]["runner"] == "ad_network" and ad_hoc[1]["metadata"]["query"] == "select * from customers"
 
 
 def test_a_party_exports_only_entries_that_touch_its_data(audited: dict[str, Any]) -> None:
     mine = trail.entries(audited["instance"], audited["loaded"], party="retailer")
     assets = {e["asset"] for e in mine}
-    assert f"{COLLAB}/raw/retailer__purchases" in assets and f"{COLLAB}/results/campaign_reach" in assets
+    assert f"{COLLAB}/raw/retailer__purchases__uploads" in assets and f"{COLLAB}/results/campaign_reach" in assets
     assert not any("ad_network__" in a for a in assets)
     # Ad-hoc runs over the retailer's data, refused ones too, with runner and SQL; not the ad network's runs over its own table.
     ad_hoc = [e for e in mine if e["asset"].endswith("ad_hoc")]
-    assert [(e["kind"], e["metadata"]["runner"], e["metadata"]["query"]) for e in ad_hoc] == [("refused or failed", "ad_network", "select * from customers")]
+    assert [(e["kind"], e["metadata"]["runner"], e["metadata"]["query"]) for e in ad_hoc] == [("refused", "ad_network", "select * from customers")]
     # Nothing the policy does not release to it: the other party's row counts, the size of the exchange.
     for e in mine:
         assert not any(k == "input_rows_ad_network" or k == "bytes_exchanged" for k in e["metadata"]), e

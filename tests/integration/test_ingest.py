@@ -142,7 +142,7 @@ def test_parquet_uploads_load_and_a_truncated_one_is_refused(formats: dict[str, 
     data = _parquet_bytes(tmp_path, rows=5)
     ok, _ = _upload(formats, "formats", "retailer", "purchases", "good.parquet", data)
     assert ok.success, ok.failure
-    assert ok.metadata["formats/raw/retailer__purchases"]["row_count"] == 5
+    assert ok.metadata["formats/raw/retailer__purchases__uploads"]["row_count"] == 5
     before = _state(formats["url"], "formats", "retailer", "purchases")
     bad, _ = _upload(formats, "formats", "retailer", "purchases", "truncated.parquet", data[: len(data) // 2])
     assert not bad.success and "not a valid Parquet file" in (bad.failure or "")
@@ -176,7 +176,7 @@ def test_a_new_version_replaces_the_old_and_earlier_versions_stay_listed(formats
 def test_the_upload_check_and_profile_show_in_dagster(formats: dict[str, Any], tmp_path: Path) -> None:
     outcome, _ = _upload(formats, "formats", "retailer", "purchases", "profiled.parquet", _parquet_bytes(tmp_path, rows=11))
     assert outcome.success
-    meta = outcome.metadata["formats/raw/retailer__purchases"]
+    meta = outcome.metadata["formats/raw/retailer__purchases__uploads"]
     assert meta["null_fractions"] == {"customer_email": 0.0, "purchase_value": 0.0, "purchase_date": 0.0, "store_region": 0.0}
     assert meta["duplicate_rows"] == 0
     evaluations = [
@@ -213,5 +213,5 @@ def test_the_landing_sensor_launches_an_ingest_for_each_new_file_only(formats: d
         again = sensor(context)
     assert [r.run_key for r in getattr(again, "run_requests", [])] == [runs[0].run_key], "the waiting upload keeps its run key (launched once)"
     outcome = materialize(formats["defs"], [naming.raw_key("formats", "retailer", "purchases")], instance=instance, run_config=runs[0].run_config)
-    assert outcome.success and outcome.metadata["formats/raw/retailer__purchases"]["row_count"] == 4
+    assert outcome.success and outcome.metadata["formats/raw/retailer__purchases__uploads"]["row_count"] == 4
     (folder / ".partial.parquet").unlink()

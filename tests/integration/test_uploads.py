@@ -461,7 +461,7 @@ def test_appended_files_are_partitions_whose_union_is_the_dataset(env: dict[str,
     # The rest of the pipeline reads the union: a collaboration run leaves the partitioned dataset to its own runs.
     from dcr_pipelines.runner import collaboration_keys
 
-    assert ["uploads", "raw", "ad_network__impressions"] not in collaboration_keys(defs, "uploads")
+    assert ["uploads", "raw", "ad_network__impressions__uploads"] not in collaboration_keys(defs, "uploads")
 
 
 def _materializations(instance: dg.DagsterInstance, key: dg.AssetKey) -> list[Any]:

@@ -229,6 +229,8 @@ class Budget(Strict):
     epsilon: float = Field(gt=0)
     delta: float = Field(default=0.0, ge=0, lt=1)
     period_days: int | None = Field(default=None, ge=1)
+    # Warn (budget sensor, run tag, log) once the remaining epsilon falls under this; default a fifth of the budget.
+    warn_below: float | None = Field(default=None, ge=0)
 
     @field_validator("epsilon")
     @classmethod
@@ -236,6 +238,16 @@ class Budget(Strict):
         if not math.isfinite(value):
             raise ValueError("epsilon must be finite")
         return value
+
+    @model_validator(mode="after")
+    def _warning_under_budget(self) -> Budget:
+        if self.warn_below is not None and self.warn_below >= self.epsilon:
+            raise ValueError(f"warn_below ({self.warn_below:g}) must be under the budget's epsilon ({self.epsilon:g})")
+        return self
+
+    @property
+    def warning_level(self) -> float:
+        return self.epsilon / 5 if self.warn_below is None else self.warn_below
 
 
 class Approval(Strict):
