@@ -88,7 +88,43 @@ def _collaboration(runtime: Any, name: str) -> Any:
         fail(f"{first}" + (f" (and {len(exc.issues) - 1} more; run `dcr policy check`)" if len(exc.issues) > 1 else ""), 2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def usage_line(exc: click.UsageError) -> str:
+    """Click's usage error as the one line every `dcr` error is: the cause, then where the command's help is."""
+    names: list[str] = []
+    ctx = exc.ctx
+    while ctx is not None and ctx.parent is not None:  # the root's name is however dcr was started (python -m ...)
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    message = " ".join(exc.format_message().split()).removesuffix(".")
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    return f"{message} (see `{' '.join(['dcr', *reversed(names)])} --help`)"
+
+
+class DcrGroup(click.Group):
+    """The `dcr` group: a usage mistake (missing option, unknown flag, bad value) is one `error:` line and exit code 2,
+    not click's usage block; `--help` and a group called without its command still print the help."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,  # type: ignore[override]
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name or "dcr", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `dcr db`: the group's help, as click prints it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            fail(usage_line(exc), 2)
+        except click.ClickException as exc:
+            fail(" ".join(exc.format_message().split()), exc.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        # Without standalone mode click returns the command's value, or the code of a ctx.exit() (e.g. after --help).
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=DcrGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """An open-source data clean room.
 

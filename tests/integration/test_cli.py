@@ -96,3 +96,23 @@ def test_a_refused_upload_prints_one_error_line_and_keeps_the_original(runtime, 
     assert lines[0].endswith("the current data is unchanged")
     assert "expect_column_values_to_be_in_set on store_region: 1 row(s) broke it (rows 1)" in lines[0]
     assert "zoe@example.com" not in proc.stderr and bad.is_file()
+
+
+USAGE_MISTAKES = [
+    (["audit", "demo", "--since", "yesterday"], "audit", "invalid value for '--since': 'yesterday'"),
+    (["query", "run", "demo", "select 1"], "query run", "missing option '--as'"),
+    (["release", "demo", "campaign_reach", "--no-such-flag"], "release", "no such option '--no-such-flag'"),
+    (["budget"], "budget", "missing argument 'COLLAB'"),
+    (["db", "roles", "demo", "--format", "xml"], "db roles", "invalid value for '--format': 'xml' is not one of 'table', 'json'"),
+    (["no-such-command"], "", "no such command 'no-such-command'"),
+]
+
+
+@pytest.mark.parametrize(("args", "command", "cause"), USAGE_MISTAKES, ids=[" ".join(a) for a, _, _ in USAGE_MISTAKES])
+def test_a_usage_mistake_is_one_error_line_with_exit_code_2(args: list[str], command: str, cause: str) -> None:
+    proc = run(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Usage:" not in proc.stderr
+    see = f"(see `dcr {command} --help`)" if command else "(see `dcr --help`)"
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {cause}") and proc.stderr.rstrip().endswith(see), proc.stderr
