@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 from rich.table import Table
@@ -13,6 +14,13 @@ from ._common import _collaboration, _definitions, _instance, _run_log, _runtime
 @main.group()
 def query() -> None:
     """Ad-hoc SQL under the analysis rules."""
+
+
+def _known_member(loaded: Any, party: str) -> None:
+    """An unknown --as is a usage mistake (exit 2), not a refusal by the rules."""
+    members = loaded.collaboration.members
+    if party not in members:
+        fail(f"{loaded.name} has no member {party!r} (members: {', '.join(members)}); give one of them with --as", 2)
 
 
 @query.command("check")
@@ -42,6 +50,7 @@ def query_check(collab: str, party: str, sql_text: str) -> None:
         loaded = load_collaboration(folder)
     except PolicyError as exc:
         fail(str(exc.issues[0]), 2)
+    _known_member(loaded, party)
     try:
         checked = adhoc.check(loaded, party, sql_text)
     except adhoc.QueryRefused as exc:
@@ -75,7 +84,7 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
     from ..services import adhoc as adhoc_service
 
     runtime = _runtime()
-    _collaboration(runtime, collab)  # a policy mistake or unknown name stops here, exit 2
+    _known_member(_collaboration(runtime, collab), party)  # a policy mistake or unknown name stops here, exit 2
     defs = _definitions(runtime)
     with err.status("checking and running the query through Dagster..."):
         outcome = materialize(defs, [naming.ad_hoc_key(collab)], instance=_instance(), run_config=ad_hoc_run_config(collab, party, sql_text),

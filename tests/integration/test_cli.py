@@ -116,3 +116,10 @@ def test_a_usage_mistake_is_one_error_line_with_exit_code_2(args: list[str], com
     see = f"(see `dcr {command} --help`)" if command else "(see `dcr --help`)"
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"error: {cause}") and proc.stderr.rstrip().endswith(see), proc.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_an_unknown_member_is_a_usage_mistake_naming_the_members(runtime, command: str) -> None:  # type: ignore[no-untyped-def]
+    proc = run("query", command, "demo", "--as", "nobody", "select campaign_id, count(*) from impressions group by 1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: demo has no member 'nobody' (members: retailer, ad_network); give one of them with --as\n"
