@@ -240,14 +240,14 @@ def _print_overlap(runtime: Any, loaded: Any, fmt: str = "table") -> None:
     mode = loaded.collaboration.matching.overlap_release
     if mode == "withheld":
         if fmt == "json":
-            out.print_json(data={"collaboration": collab, "overlap_release": "withheld", "releases": []})
+            out.print_json(data={"collaboration": collab, "overlap_release": "withheld", "status": "withheld by policy", "releases": []})
         else:
             out.print(f"{collab}: the overlap is withheld by policy (matching.overlap_release: withheld)")
         return
     with connect(runtime.warehouse.url()) as conn:
         rows = [(r.release_id, r.matched_people, r.ci_low, r.ci_high) for r in results.overlap_releases(conn, collab)]
     if fmt == "json":
-        out.print_json(data={"collaboration": collab, "overlap_release": mode,
+        out.print_json(data={"collaboration": collab, "overlap_release": mode, "status": "released" if rows else "none released yet",
                              "releases": [{"release_id": r[0], "matched_people": r[1], "ci_low": r[2], "ci_high": r[3]} for r in rows]})
         return
     if not rows:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from dcr_pipelines.lib.policy.approve import approve_all
+from dcr_pipelines.lib.settings import PROJECT_ROOT
 
 DCR = [sys.executable, "-m", "dcr_pipelines.cli"]
 COMMANDS = [
@@ -123,3 +131,34 @@ def test_an_unknown_member_is_a_usage_mistake_naming_the_members(runtime, comman
     proc = run("query", command, "demo", "--as", "nobody", "select campaign_id, count(*) from impressions group by 1")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == "error: demo has no member 'nobody' (members: retailer, ad_network); give one of them with --as\n"
+
+
+def _home_copy(root: Path, name: str, overlap_release: str) -> None:
+    """demo_home under a name of its own (so no earlier test released its overlap), with overlap_release set."""
+    folder = root / name
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo_home", folder)
+    collab = folder / "collaboration.yaml"
+    text = collab.read_text().replace("name: demo_home", f"name: {name}", 1)
+    assert "  overlap_release: dp " in text
+    collab.write_text(text.replace("  overlap_release: dp ", f"  overlap_release: {overlap_release} ", 1))
+    approve_all(folder)
+
+
+def test_overlap_format_json_prints_json_in_every_case(e2e: dict[str, Any], tmp_path: Path) -> None:
+    root = tmp_path / "policies"
+    _home_copy(root, "ovl_withheld", "withheld")
+    _home_copy(root, "ovl_none", "dp")
+
+    def overlap(collab: str, policies: Path) -> dict[str, Any]:
+        proc = subprocess.run([*DCR, "overlap", collab, "--format", "json"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "DCR_POLICIES": str(policies)})
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)  # nothing but the JSON document on stdout
+
+    withheld = overlap("ovl_withheld", root)
+    assert withheld == {"collaboration": "ovl_withheld", "overlap_release": "withheld", "status": "withheld by policy", "releases": []}
+    none = overlap("ovl_none", root)
+    assert none == {"collaboration": "ovl_none", "overlap_release": "dp", "status": "none released yet", "releases": []}
+    released = overlap("e2e", e2e["root"])  # the session's run of e2e matched its parties: the exact count is released
+    assert released["overlap_release"] == "exact" and released["status"] == "released"
+    assert released["releases"] and all(r["matched_people"] > 0 and r["ci_low"] is None for r in released["releases"])
