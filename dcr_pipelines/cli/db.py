@@ -112,6 +112,12 @@ def db_roles(collab: str, fmt: str) -> None:
     for role, row in grid.items():
         table.add_row(role.removeprefix(f"dcr_{collab}_"), *(row[s].cell() for s in schemas))
     out.print(table)
+    out.print(ROLES_LEGEND, markup=False, soft_wrap=True)
+
+
+ROLES_LEGEND = ("cells: write = may create tables and write every table; read = may select every table; "
+                "read N/M = may select N of the schema's M tables (e.g. only the releases it receives); "
+                "usage = may see the schema but read no table; - = nothing. Roles are dcr_<collab>_<name>, schemas <collab>_<name>.")
 
 
 @main.command()

@@ -198,7 +198,7 @@ def _budget_sensor(loaded: LoadedCollaboration) -> dg.SensorDefinition:
 
 def _tag_latest_release_run(instance: dg.DagsterInstance, collab: str, queries: list[str], message: str) -> None:
     keys = {dg.AssetKey(naming.release_key(collab, q)) for q in queries}
-    for run in instance.get_runs(dg.RunsFilter(job_name=job_names(collab)["releases"], statuses=[dg.DagsterRunStatus.SUCCESS]), limit=50):
+    for run in instance.get_runs(dg.RunsFilter(tags={"dcr/collaboration": collab}, statuses=[dg.DagsterRunStatus.SUCCESS]), limit=100):
         if run.asset_selection and run.asset_selection & keys:
             instance.add_run_tags(run.run_id, {BUDGET_LOW_TAG: message})
             return

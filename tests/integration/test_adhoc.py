@@ -172,12 +172,17 @@ def test_list_rule_returns_distinct_values_over_the_overlap(collab) -> None:  # 
         ("retailer", f"select c.loyalty_tier, count(*) {JOIN} group by 1", "member abilities"),
     ],
 )
-def test_refused_runs_fail_name_the_rule_and_are_logged(collab, runner: str, sql_text: str, rule: str) -> None:  # type: ignore[no-untyped-def]
+def test_refused_queries_name_the_rule_are_logged_and_are_not_failed_runs(collab, runner: str, sql_text: str, rule: str) -> None:  # type: ignore[no-untyped-def]
     outcome, _ = _run(collab, sql_text, runner)
-    assert not outcome.success
+    assert not outcome.success and outcome.refused
     assert outcome.failure.startswith("query refused:") and rule in outcome.failure
     logged = [e for e in entries(dg.DagsterInstance.get(), collab["loaded"]) if e["run_id"] == outcome.run_id]
     assert logged and logged[0]["kind"] == "refused" and rule in logged[0]["metadata"]["message"]
+    assert logged[0]["metadata"]["runner"] == runner
+    # An expected outcome: a green run of the collaboration's ad-hoc job, nothing materialized.
+    run = dg.DagsterInstance.get().get_run_by_id(outcome.run_id)
+    assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS and run.job_name == f"{COLLAB}__ad_hoc"
+    assert not outcome.metadata
 
 
 def test_case_is_allowed_where_every_dataset_allows_it(collab) -> None:  # type: ignore[no-untyped-def]

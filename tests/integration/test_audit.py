@@ -209,3 +209,38 @@ def test_verify_detects_an_edited_or_deleted_dagster_event(audited: dict[str, An
         finally:
             conn.execute(f"insert into event_logs ({', '.join(columns)}) values ({', '.join(['%s'] * len(columns))})", saved)
     assert _problems(audited) == []
+
+
+def test_a_refused_release_is_a_green_run_with_an_observation_not_a_materialization(audited: dict[str, Any]) -> None:
+    entries = trail.entries(audited["instance"], audited["loaded"])
+    refused = [e for e in entries if e["kind"] == "refused" and e["asset"].endswith("results/campaign_reach")]
+    assert refused and refused[-1]["metadata"]["rule"] == "budget"
+    run = audited["instance"].get_run_by_id(refused[-1]["run_id"])
+    assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
+    assert not [e for e in entries if e["kind"] == "materialization" and e["run_id"] == run.run_id and e["asset"].endswith("results/campaign_reach")]
+
+
+def test_the_budget_sensor_warns_once_in_its_tick_on_the_asset_pages_and_on_the_release_run(audited: dict[str, Any]) -> None:
+    from dcr_pipelines.defs.automation import _budget_sensor
+    from dcr_pipelines.defs.common import BUDGET_LOW_TAG
+    from dcr_pipelines.defs.resources import WarehouseResource
+
+    loaded = audited["loaded"]
+    (budget,) = loaded.collaboration.budgets
+    warned = dataclasses.replace(loaded, collaboration=loaded.collaboration.model_copy(
+        update={"budgets": [budget.model_copy(update={"warn_below": budget.epsilon * 0.99})]}))
+    quiet = dataclasses.replace(loaded, collaboration=loaded.collaboration.model_copy(
+        update={"budgets": [budget.model_copy(update={"warn_below": 0.0})]}))
+    resources = {"warehouse": WarehouseResource(url=audited["url"])}
+    with dg.build_sensor_context(instance=audited["instance"], resources=resources) as context:
+        result = _budget_sensor(quiet).evaluate_tick(context)
+    assert not result.run_requests and "more budget left" in (result.skip_message or "")
+    with dg.build_sensor_context(instance=audited["instance"], resources=resources) as context:
+        first = _budget_sensor(warned).evaluate_tick(context)
+    assert not first.run_requests and "privacy budget low" in (first.skip_message or "") and budget.consumer in first.skip_message
+    assert [e.asset_key for e in first.asset_events] == [dg.AssetKey(naming.release_key(COLLAB, "campaign_reach"))]
+    tagged = audited["instance"].get_runs(dg.RunsFilter(tags={"dcr/collaboration": COLLAB}), limit=100)
+    assert any(BUDGET_LOW_TAG in r.tags and budget.consumer in r.tags[BUDGET_LOW_TAG] for r in tagged)
+    with dg.build_sensor_context(instance=audited["instance"], resources=resources, cursor=first.cursor) as context:
+        again = _budget_sensor(warned).evaluate_tick(context)
+    assert "privacy budget low" in (again.skip_message or "") and not again.asset_events  # nothing new spent: no repeated events

@@ -162,3 +162,15 @@ def test_overlap_format_json_prints_json_in_every_case(e2e: dict[str, Any], tmp_
     released = overlap("e2e", e2e["root"])  # the session's run of e2e matched its parties: the exact count is released
     assert released["overlap_release"] == "exact" and released["status"] == "released"
     assert released["releases"] and all(r["matched_people"] > 0 and r["ci_low"] is None for r in released["releases"])
+
+
+def test_db_roles_prints_a_legend_of_its_cells(e2e: dict[str, Any]) -> None:
+    import re
+
+    proc = subprocess.run([*DCR, "db", "roles", "e2e"], capture_output=True, text=True, timeout=300, env={**os.environ, "DCR_POLICIES": str(e2e["root"])})
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\bread \d+/\d+\b", proc.stdout), proc.stdout  # a partial cell is there (a reader of some releases only) ...
+    legend = proc.stdout.strip().splitlines()[-1]
+    assert legend.startswith("cells: ")  # ... and the line below the table says what each kind of cell means
+    for term in ("write = ", "read = ", "read N/M = may select N of the schema's M tables", "usage = ", "- = nothing"):
+        assert term in legend, legend

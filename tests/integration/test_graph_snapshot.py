@@ -92,3 +92,28 @@ def test_a_broken_collaboration_is_reported_and_the_others_load(tmp_path: Path, 
     assert "collaboration.yaml:" in (sensors["cron_typo__policy_broken"].description or "")
     assert "simulated defect" in (sensors["demo_home__policy_broken"].description or "")
     assert "demo__landing_files" in sensors
+
+
+def test_each_kind_of_run_goes_through_its_collaboration_job(demo_defs) -> None:  # type: ignore[no-untyped-def]
+    from dcr_pipelines.lib import naming
+    from dcr_pipelines.runner import collaboration_keys, job_for, release_keys
+
+    assert job_for(demo_defs, collaboration_keys(demo_defs, "demo")).name == "demo__all"
+    assert job_for(demo_defs, release_keys(demo_defs, "demo")).name == "demo__releases"
+    assert job_for(demo_defs, [naming.release_key("demo", "tier_reach")]).name == "demo__releases"
+    assert job_for(demo_defs, [naming.ad_hoc_key("demo")]).name == "demo__ad_hoc"
+    assert job_for(demo_defs, [naming.raw_key("demo", "ad_network", "impressions")]).name == "demo__ad_network__impressions__uploads"
+    assert job_for(demo_defs, [naming.raw_key("demo", "retailer", "customers")]).name == "demo__all"
+    # A selection no single job holds (a test's mix of stages and releases) falls back to Dagster's implicit job.
+    assert job_for(demo_defs, [naming.grants_key("demo"), naming.release_key("demo", "tier_reach")]).name.startswith("__ASSET_JOB")
+
+
+def test_every_sensor_and_schedule_targets_a_named_job(demo_defs) -> None:  # type: ignore[no-untyped-def]
+    names = {j.name for j in demo_defs.jobs}
+    for sensor in demo_defs.sensors:
+        if sensor.name.endswith("__budget_watch") or sensor.name.endswith("__policy_broken"):
+            continue  # they launch nothing
+        targets = {t.job_name for t in sensor.targets}
+        assert targets and targets <= names, sensor.name
+    for schedule in demo_defs.schedules or []:
+        assert schedule.job_name in names or schedule.job_name.endswith("_job"), schedule.name

@@ -122,10 +122,30 @@ def _mark_their_own_people(files: demo_data.DemoFiles) -> None:
 
 
 def test_the_operator_waits_for_the_home_party_then_completes_the_match(ctx: dict[str, Any]) -> None:
-    assert not ctx["first"].success
+    assert not ctx["first"].success and ctx["first"].waiting
     assert "waiting for the PSI answer" in ctx["first"].failure and "dcr psi respond" in ctx["first"].failure
     assert len(ctx["requests"]) == 1
     assert ctx["second"].success, ctx["second"].failure
+
+
+def test_waiting_for_the_home_party_is_a_green_run_with_an_observation(ctx: dict[str, Any]) -> None:
+    instance = dg.DagsterInstance.get()
+    run = instance.get_run_by_id(ctx["first"].run_id)
+    assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
+    observed = instance.fetch_observations(dg.AssetKey(naming.cross_reference_key(COLLAB)), limit=50).records
+    waits = [r for r in observed if r.run_id == ctx["first"].run_id]
+    assert waits and waits[0].asset_observation.metadata["outcome"].value == "waiting"
+    assert waits[0].asset_observation.metadata["waiting_for"].value == "ad_network"
+
+
+def test_a_psi_message_landing_launches_the_pipeline_job_once(ctx: dict[str, Any]) -> None:
+    sensor = next(s for s in ctx["defs"].sensors if s.name == f"{COLLAB}__psi_answers")
+    assert sensor.job_name == f"{COLLAB}__all"
+    with dg.build_sensor_context(instance=dg.DagsterInstance.get()) as context:
+        requests = sensor.evaluate_tick(context).run_requests or []
+    landed = sorted(p.name for p in ctx["psi_folder"].glob("*.dcrpsi"))
+    assert any("response" in name for name in landed)
+    assert sorted(r.run_key.split(":")[0] for r in requests) == landed  # one run per message file (run keys: once each)
 
 
 def test_matches_equal_the_plain_intersection_with_each_partys_token(ctx: dict[str, Any]) -> None:
