@@ -105,7 +105,7 @@ class DcrGroup(click.Group):
     """The `dcr` group: a usage mistake (missing option, unknown flag, bad value) is one `error:` line and exit code 2,
     not click's usage block; `--help` and a group called without its command still print the help."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,  # type: ignore[override]
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ..lib.text import plural
 from ._common import _collaboration, _definitions, _runtime, fail, main, out
 
 
@@ -74,9 +75,9 @@ def db_migrate(show_status: bool) -> None:
                 fail(str(exc), 2)
             for a in applied:
                 out.print(f"applied {a.scope} {a.version:04d}_{a.name}", markup=False)
-            out.print(f"schema up to date ({len(applied)} migration(s) applied now)")
+            out.print(f"schema up to date ({plural(len(applied), 'migration')} applied now)")
             if issues:  # the collaborations that did not load were not migrated: say so, and fail
-                fail(f"{len(issues)} policy mistake(s), those collaborations were not migrated; first: {issues[0]} (run `dcr policy check`)", 2)
+                fail(f"{plural(len(issues), 'policy mistake')}: those collaborations were not migrated; first: {issues[0]} (run `dcr policy check`)", 2)
             return
         for scope_name, version, name, applied_at in migrations.status(conn):
             out.print(f"{scope_name}\t{version:04d}_{name}\t{applied_at[:19]}", markup=False, soft_wrap=True)

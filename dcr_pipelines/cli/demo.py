@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ..lib.text import plural
 from ._common import (
     _collaboration,
     _definitions,
@@ -47,8 +48,8 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
     except ValueError as exc:
         fail(str(exc), 2)
     out.print(
-        f"generated {rows:,} rows per party: {files.retailer_customers:,} retailer customers, "
-        f"{files.ad_network_users:,} ad network users, {files.shared_people:,} shared"
+        f"generated {plural(rows, 'row')} per party: {plural(files.retailer_customers, 'retailer customer')}, "
+        f"{plural(files.ad_network_users, 'ad network user')}, {files.shared_people:,} shared"
     )
     if at_home:
         _demo_home_prepare(runtime, loaded, generated_at)

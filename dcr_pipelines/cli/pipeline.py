@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..lib.text import plural
 from ._common import (
     INFRASTRUCTURE,
     _collaboration,
@@ -90,10 +91,11 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
         meta = outcome.metadata.get("/".join(key), {})
         extra = ""
         if decided.duplicate_rows:
-            extra = (f"; {decided.dropped_rows:,} duplicate row(s) dropped" if decided.dropped_rows
-                     else f"; {decided.duplicate_rows:,} row(s) repeat an earlier row (kept)")
-        total = f", {meta['row_count']:,} rows in the dataset" if ds.mode == "append" and meta else ""
-        out.print(f"{where}: upload #{decided.seq} accepted as version {decided.version}, {decided.row_count:,} rows{total}{extra}")
+            extra = (f"; {plural(decided.dropped_rows, 'duplicate row')} dropped" if decided.dropped_rows
+                     else f"; {plural(decided.duplicate_rows, 'row')} "
+                          f"{'repeats' if decided.duplicate_rows == 1 else 'repeat'} an earlier row (kept)")
+        total = f", {plural(meta['row_count'], 'row')} in the dataset" if ds.mode == "append" and meta else ""
+        out.print(f"{where}: upload #{decided.seq} accepted as version {decided.version}, {plural(decided.row_count or 0, 'row')}{total}{extra}")
     elif decided.state == "duplicate":
         out.print(f"{where}: upload #{decided.seq} unchanged (already loaded): {decided.reason}")
     elif decided.state in ("queued", "processing"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..lib.text import plural
 from ._common import err, fail, main, out
 
 
@@ -33,7 +34,7 @@ def policy_check(path: Path | None) -> None:
     for issue in issues:
         err.print(f"error: {issue}", markup=False, soft_wrap=True)
     for collab in loaded:
-        out.print(f"ok: {collab.name} ({len(collab.collaboration.datasets)} datasets, {len(collab.queries)} queries)")
+        out.print(f"ok: {collab.name} ({plural(len(collab.collaboration.datasets), 'dataset')}, {plural(len(collab.queries), 'query')})")
     if issues:
         sys.exit(2)
 
@@ -70,7 +71,7 @@ def policy_render(collab: str, out_dir: Path) -> None:
         dbt_codegen.write_rendered(out_dir, files)
     except OSError as exc:
         fail(f"--out {out_dir}: cannot write the models there ({exc.strerror or exc})", 2)
-    out.print(f"{len(files)} files written to {out_dir}", markup=False)
+    out.print(f"{plural(len(files), 'file')} written to {out_dir}", markup=False)
 
 
 @policy.command("hash")

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..lib.text import plural
 from ._common import fail, main, out
 
 
@@ -87,7 +88,7 @@ def psi_prepare(collab: str, party: str, key_path: Path, datasets: tuple[str, ..
         fail(str(exc), 2)
     for done in prepared:
         dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(done.rejected.items())) or "none"
-        out.print(f"{done.dataset}: {done.rows_out:,} of {done.rows_in:,} rows tokenised -> {done.output} (dropped: {dropped})")
+        out.print(f"{done.dataset}: {done.rows_out:,} of {plural(done.rows_in, 'row')} tokenised -> {done.output} (dropped: {dropped})")
     out.print(f"setup message: {setup} (give it to the operator; upload the tokenised files as usual)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
+from ..lib.text import plural
 from ._common import _collaboration, _instance, _runtime, fail, main, out
 
 
@@ -89,5 +90,5 @@ def withdraw(collab: str, party: str, dataset: str, upload: int) -> None:
     from ..store import uploads as queue
 
     instance.delete_dynamic_partition(partitions_name(collab, party, dataset), queue.partition_key(upload))
-    out.print(f"{collab}/{party}/{dataset}: upload #{upload} withdrawn; version {version.version} has {version.row_count:,} rows "
-              f"from {len(version.parts)} file(s); the next `dcr run {collab}` rebuilds what read it")
+    out.print(f"{collab}/{party}/{dataset}: upload #{upload} withdrawn; version {version.version} has {plural(version.row_count, 'row')} "
+              f"from {plural(len(version.parts), 'file')}; the next `dcr run {collab}` rebuilds what read it")

@@ -67,3 +67,9 @@ def test_policy_render_writes_the_models_and_never_replaces_a_folder_of_other_fi
         refused = subprocess.run([*dcr, str(out)], capture_output=True, text=True)
         assert refused.returncode == 2 and refused.stderr.startswith("error: --out ") and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_policy_check_counts_agree_with_their_nouns() -> None:
+    done = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "policy", "check", str(PROJECT_ROOT / "policies")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ok: demo_home (3 datasets, 1 query)\n" in done.stdout and "ok: demo (3 datasets, 3 queries)\n" in done.stdout, done.stdout
