@@ -249,7 +249,7 @@ def land_copy(conn: psycopg.Connection, t: Target, source: Path) -> Upload:
     """Copy ``source`` (a user's file, outside the landing tree) straight into the queue as a new upload."""
     seq = queue.next_seq(conn)
     t.queue_dir.mkdir(parents=True, exist_ok=True)
-    name = source.name
+    name = given_name(conn, t, source.name)
     partial = t.queue_dir / f".{queue.stored_name(seq, name)}.{os.getpid()}.part"
     digest, size = hashlib.sha256(), 0
     try:
@@ -265,6 +265,24 @@ def land_copy(conn: psycopg.Connection, t: Target, source: Path) -> Upload:
         partial.unlink(missing_ok=True)
         raise
     return queue.register(conn, seq, t.collaboration, t.party, t.dataset, name, checksum=digest.hexdigest(), size_bytes=size)
+
+
+def given_name(conn: psycopg.Connection, t: Target, name: str) -> str:
+    """The name the party gave a file, without an earlier upload's queue number.
+
+    A file sent again from the landing tree's own folders (a quarantined file moved back into the inbox once fixed,
+    an accepted one uploaded again) is still called ``<seq>__<name>``; claimed as it is, it would be stored as
+    ``<new seq>__<seq>__<name>``. When the prefix is the number of an earlier upload of this dataset with that very
+    name, it is dropped, so a stored name carries one number. Any other name (``20260301__export.csv``) is kept.
+    """
+    parsed = queue.parse_stored_name(name)
+    if parsed is None:
+        return name
+    earlier = queue.get(conn, parsed[0])
+    if earlier is not None and (earlier.collaboration, earlier.party, earlier.dataset, earlier.file_name) == (
+            t.collaboration, t.party, t.dataset, parsed[1]):
+        return parsed[1]
+    return name
 
 
 def claim_inbox(conn: psycopg.Connection, t: Target, only: Path | None = None) -> list[Upload]:
@@ -290,6 +308,7 @@ def claim_inbox(conn: psycopg.Connection, t: Target, only: Path | None = None) -
         seq = queue.next_seq(conn)
         folder = t.quarantine_dir if reason else t.queue_dir
         folder.mkdir(parents=True, exist_ok=True)
+        name = given_name(conn, t, name)
         try:
             os.rename(source, folder / queue.stored_name(seq, name))
         except FileNotFoundError:

@@ -155,6 +155,33 @@ def test_same_named_uploads_at_the_same_instant_are_all_kept(env: dict[str, Any]
     assert state(t)[1] == expected_rows[newest.checksum]
 
 
+
+def test_a_file_sent_again_from_quarantine_carries_one_upload_number(env: dict[str, Any], tmp_path: Path) -> None:
+    t = target(env, tmp_path)
+    drop(t, "bad.csv", HEADER + "zoe@example.com,12.5,2026-03-01,middle\n")
+    run(t)
+    first = uploads_of(t)[-1]
+    quarantined = t.quarantine_dir / first.stored_name
+    assert first.state == "quarantined" and quarantined.name == f"{first.seq:08d}__bad.csv"
+    assert sorted(p.name for p in t.quarantine_dir.iterdir()) == [quarantined.name, f"{quarantined.name}.report.json"]
+    # The party fixes the file where it lies and moves it back into the inbox, name and all.
+    quarantined.write_text(HEADER + rows(2))
+    os.replace(quarantined, t.inbox / quarantined.name)
+    run(t)
+    again = uploads_of(t)[-1]
+    assert again.seq > first.seq and again.file_name == "bad.csv" and again.state == "accepted", again
+    assert [p.name for p in t.accepted_dir.iterdir()] == [f"{again.seq:08d}__bad.csv"]
+    # The same through `dcr ingest` (a copy into the queue), from a copy of the accepted file.
+    resent = _file(tmp_path, f"{again.seq:08d}__bad.csv", HEADER + rows(3))
+    with psycopg.connect(t.database_url, autocommit=True) as conn:
+        copied = ingest.land_copy(conn, t, resent)
+    assert copied.file_name == "bad.csv" and (t.queue_dir / f"{copied.seq:08d}__bad.csv").is_file()
+    # A prefix that is not an earlier upload of this dataset with that name is the party's own: kept.
+    drop(t, "20260301__bad.csv", HEADER + rows(4))
+    run(t)
+    own = uploads_of(t)[-1]
+    assert own.file_name == "20260301__bad.csv" and (t.accepted_dir / f"{own.seq:08d}__20260301__bad.csv").is_file()
+
 # --- hostile files: one line, quarantined, the next run unaffected --------------------------------------------
 
 GOOD = HEADER + rows(6)
