@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -141,7 +142,6 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     """
     from ..lib import naming
     from ..lib.params import ParameterError, validate_params
-    from ..lib.privacy.mechanisms import plan_key_selection, plan_release, release_cost
     from ..runner import materialize, release_run_config
 
     runtime = _runtime()
@@ -164,17 +164,7 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
                   "no epsilon is charged")
         return
     if dry_run:
-        plans = plan_release(approved.spec)
-        selection = plan_key_selection(approved.spec)
-        for p in plans:
-            out.print(f"{p.column}: sensitivity {p.sensitivity:g}, laplace scale {p.scale:.4g}, epsilon {p.epsilon:.4g}, 95% accuracy +/-{p.accuracy:.4g}")
-        if selection is not None:
-            out.print(
-                f"{selection.metric}: key selection, laplace scale {selection.scale:.4g}, threshold {selection.threshold}, "
-                f"epsilon {selection.epsilon:.4g}, delta {selection.delta:.3g}"
-            )
-        epsilon, delta = release_cost(plans, selection)
-        out.print(f"release would cost epsilon {epsilon:.4g}" + (f" and delta {delta:.3g}" if delta else "") + f" of {approved.spec.consumer}'s budget")
+        _dry_run(runtime, loaded, approved)
         return
     defs = _definitions(runtime)
     with err.status(f"running {query} and releasing it through Dagster..."):
@@ -199,3 +189,36 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
         release_chart(_release_rows(runtime, loaded, query, meta["release_id"]), list(spec.dimensions), list(spec.metrics),
                       f"{collab}/{query} release {meta['release_id']}", chart)
         err.print(f"chart written to {chart}")
+
+
+def _dry_run(runtime: Any, loaded: Any, approved: Any) -> None:
+    """Print the noise plan and the cost of a DP release against the consumer's remaining budget; refuse (exit 1) if it does not fit."""
+    from ..lib.database import connect
+    from ..lib.policy.models import MetricKind
+    from ..services import budget as budget_service
+
+    with connect(runtime.warehouse.url()) as conn:
+        planned = budget_service.dry_run(conn, loaded, approved)
+    for p in planned.plans:
+        out.print(f"{p.column}: sensitivity {p.sensitivity:g}, laplace scale {p.scale:.4g}, epsilon {p.epsilon:.4g}, 95% accuracy +/-{p.accuracy:.4g}")
+    if planned.selection is not None:
+        s = planned.selection
+        out.print(f"{s.metric}: key selection, laplace scale {s.scale:.4g}, threshold {s.threshold}, epsilon {s.epsilon:.4g}, delta {s.delta:.3g}")
+    by_column = {p.column: p for p in planned.plans}
+    for name, metric in approved.spec.metrics.items():
+        if metric.aggregate == MetricKind.AVG:
+            total, count = by_column[f"{name}__sum"], by_column[f"{name}__count"]
+            out.print(f"{name}: an average, released as noisy sum / noisy count: epsilon {total.epsilon:.4g} (sum) + {count.epsilon:.4g} (count) "
+                      f"= {total.epsilon + count.epsilon:.4g}; its 95% interval comes from the two parts' intervals")
+    status, consumer = planned.status, approved.spec.consumer
+    window = f" (rolling {status.period_days}-day window)" if status.period_days else ""
+    when = f"; it refreshes at {status.refreshes_at:%Y-%m-%d %H:%M} UTC" if status.refreshes_at else ""
+    if not planned.fits:
+        short = (f"epsilon {planned.epsilon:.4g}, and {consumer} has {status.remaining:.4g} of {status.total:.4g} left"
+                 if planned.epsilon > status.remaining + 1e-12 else
+                 f"delta {planned.delta:.3g}, and {consumer} has delta {status.delta_remaining:.3g} of {status.delta_total:.3g} left")
+        fail(f"the release of {approved.name} would cost {short}{window}{when}: it does not fit, nothing was run or charged "
+             "(an identical earlier request is still answered from the store, free)")
+    out.print(f"release would cost epsilon {planned.epsilon:.4g}" + (f" and delta {planned.delta:.3g}" if planned.delta else "")
+              + f" of {consumer}'s budget: {status.remaining:.4g} of {status.total:.4g} left now, {planned.remaining_after:.4g} after it{window}",
+              soft_wrap=True)

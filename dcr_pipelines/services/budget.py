@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..lib import naming
-from ..lib.policy import LoadedCollaboration
-from ..lib.privacy.mechanisms import plan_key_selection, plan_release, release_cost
+from ..lib.policy import ApprovedQuery, LoadedCollaboration
+from ..lib.privacy.mechanisms import KeySelectionPlan, NoisePlan, plan_key_selection, plan_release, release_cost
 from ..store import Connection, ledger, results
+from .release import consumer_budget
 
 
 def report(conn: Connection, loaded: LoadedCollaboration, consumer: str | None = None) -> dict[str, Any]:
@@ -33,3 +35,32 @@ def report(conn: Connection, loaded: LoadedCollaboration, consumer: str | None =
         for owner in owners_of.get(query_name, []):
             out["owners"].setdefault(owner, []).append({"consumer": who, "query": query_name, "releases": count, "epsilon": total})
     return out
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a DP release of one query would cost, against what its consumer has left now."""
+
+    plans: list[NoisePlan]
+    selection: KeySelectionPlan | None
+    epsilon: float
+    delta: float
+    status: ledger.BudgetStatus
+
+    @property
+    def fits(self) -> bool:
+        """The same test the release itself makes (store/ledger.release), before it draws any noise."""
+        return self.epsilon <= self.status.remaining + 1e-12 and (self.delta == 0 or self.delta <= self.status.delta_remaining + 1e-18)
+
+    @property
+    def remaining_after(self) -> float:
+        return max(0.0, self.status.remaining - self.epsilon)
+
+
+def dry_run(conn: Connection, loaded: LoadedCollaboration, query: ApprovedQuery) -> DryRun:
+    """Plan ``query``'s noise and read its consumer's remaining budget; draws nothing, charges nothing."""
+    plans = plan_release(query.spec)
+    selection = plan_key_selection(query.spec)
+    epsilon, delta = release_cost(plans, selection)
+    status = ledger.budget_status(conn, naming.results_schema(loaded.name), consumer_budget(loaded, query.spec.consumer))
+    return DryRun(plans, selection, epsilon, delta, status)

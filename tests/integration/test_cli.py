@@ -174,3 +174,30 @@ def test_db_roles_prints_a_legend_of_its_cells(e2e: dict[str, Any]) -> None:
     assert legend.startswith("cells: ")  # ... and the line below the table says what each kind of cell means
     for term in ("write = ", "read = ", "read N/M = may select N of the schema's M tables", "usage = ", "- = nothing"):
         assert term in legend, legend
+
+
+def test_dry_run_reads_the_remaining_budget_and_refuses_what_does_not_fit(runtime, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from .conftest import make_collaboration
+
+    root = tmp_path / "policies"
+    make_collaboration(root, "dry_small", groups=3, budget=0.5)  # campaign_reach costs epsilon 1
+    avg = make_collaboration(root, "dry_avg", groups=3, budget=4.0)
+    spec = avg / "queries" / "campaign_reach.yaml"
+    old = "spend: {aggregate: sum, column: spend, bounds: [0, 300], epsilon_share: 2}"
+    assert old in spec.read_text()
+    spec.write_text(spec.read_text().replace(old, "spend: {aggregate: avg, column: spend, bounds: [0, 300], epsilon_share: 2}"))
+    approve_all(avg)
+    env = {**os.environ, "DCR_POLICIES": str(root)}
+
+    refused = subprocess.run([*DCR, "release", "dry_small", "campaign_reach", "--dry-run"], capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 1, refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and refused.stderr.startswith(
+        "error: the release of campaign_reach would cost epsilon 1, and ad_network has 0.5 of 0.5 left (rolling 30-day window)"), refused.stderr
+    assert "nothing was run or charged" in refused.stderr and "left now" not in refused.stdout
+
+    fits = subprocess.run([*DCR, "release", "dry_avg", "campaign_reach", "--dry-run"], capture_output=True, text=True, timeout=300, env=env)
+    assert fits.returncode == 0, fits.stderr
+    assert "release would cost epsilon 1 of ad_network's budget: 4 of 4 left now, 3 after it (rolling 30-day window)" in fits.stdout
+    # The average's share (2/3 of epsilon 1) is split evenly between its noisy sum and its noisy count.
+    assert "spend: an average, released as noisy sum / noisy count: epsilon 0.3333 (sum) + 0.3333 (count) = 0.6667" in fits.stdout, fits.stdout
+    assert "spend__sum: sensitivity 900" in fits.stdout and "spend__count: sensitivity 3" in fits.stdout
