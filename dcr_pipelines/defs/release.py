@@ -14,6 +14,7 @@ from ..lib.params import ParameterError, validate_params
 from ..lib.policy import LoadedCollaboration
 from ..services import adhoc as adhoc_service
 from ..services import ingest as ingest_lib
+from ..services import release_checks
 from ..services.release import ReleaseRefused, release_query
 from ..store import analysis as store_analysis
 from ..store import audit_chain, ledger, stages
@@ -38,6 +39,8 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         tags={"dcr/stage": "results", "dcr/consumer": spec.consumer, "dcr/release": spec.release, "dcr/rule": spec.rule},
         owners=[f"team:{spec.consumer}"],
         output_required=False,  # a refused request materializes nothing and is not a failed run
+        check_specs=[dg.AssetCheckSpec(name, asset=naming.release_key(c, query_name), description=release_checks.DESCRIPTIONS[name])
+                     for name in release_checks.names_for(query)],
         description=f"Release of {query_name}, {mechanism}, for {', '.join(spec.receivers)}"
         + (f"; charged to {spec.consumer}'s budget" if spec.rule == "dp" else "")
         + f". Only on request (config: params){' or by a schedule' if spec.release == 'scheduled' else ''}. "
@@ -81,6 +84,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                     return
                 except ledger.ReleaseFailed as exc:
                     raise dg.Failure(str(exc)) from None
+                checked = release_checks.check_release(conn, loaded, query, stored, None if cached else key)
         status = stored.budget
         context.log.info(
             f"{query_name}: release {stored.release_id} {'(stored result, no charge)' if stored.cached else f'charged epsilon {stored.epsilon:.4g}'}; "
@@ -112,7 +116,9 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                    if spec.rule == "threshold" and not stored.cached else {}),
                 **_audit_metadata(stored),
                 "exports": ", ".join(f"{r}/{query_name}/{stored.release_id}.csv|parquet" for r in spec.receivers),
-            }
+            },
+            check_results=[dg.AssetCheckResult(check_name=o.name, passed=o.passed, description=o.detail, metadata=o.metadata,
+                                               severity=dg.AssetCheckSeverity.ERROR) for o in checked],
         )
 
     return release

@@ -268,6 +268,11 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
     )
 
 
+def _test(name: str, description: str, **arguments: Any) -> dict[str, Any]:
+    """A dbt data test with its description (dbt's own field, and ``meta.description``, which dagster-dbt shows on the asset check)."""
+    return {name: {**arguments, "description": description, "config": {"meta": {"description": description}}}}
+
+
 def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
     """Sources (uploads, cross-reference) and tests as asset checks on every generated model."""
     c = loaded.name
@@ -290,16 +295,19 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
     models: list[dict[str, Any]] = []
     for name, ds in collab.datasets.items():
         match_col = matching_column(loaded, ds)
-        token_tests: list[Any] = ["not_null"]
+        token = n.token_column(match_col)
+        token_tests: list[Any] = [_test("not_null", f"Every row of {ds.owner}'s secure {name} has a keyed {token} to match on.")]
         if ds.columns[match_col].unique:
-            token_tests.append("unique")
+            token_tests.append(_test("unique", f"{token} is unique in {ds.owner}'s {name}, as its contract declares {match_col} unique."))
         allowed = [n.token_column(col) for col in ds.identifier_columns] + list(ds.shared_columns)
         models.append(
             {
                 "name": n.staging_model(c, ds.owner, name),
                 "description": f"Secure table of {ds.owner}'s {name}: shared columns and keyed tokens only.",
-                "data_tests": [{"dcr_only_columns": {"allowed": allowed}}],
-                "columns": [{"name": n.token_column(match_col), "data_tests": token_tests}],
+                "data_tests": [_test("dcr_only_columns", f"Only shared columns and keyed tokens of {ds.owner}'s {name} leave its raw "
+                                     "schema: no raw identifier, no undeclared column (privacy-critical, blocks what is downstream).",
+                                     allowed=allowed)],
+                "columns": [{"name": token, "data_tests": token_tests}],
             }
         )
         models.append(
@@ -312,7 +320,7 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
             {
                 "name": n.matched_model(c, name),
                 "description": f"{name} joined to the cross-reference: match_id and shared columns.",
-                "columns": [{"name": "match_id", "data_tests": ["not_null"]}],
+                "columns": [{"name": "match_id", "data_tests": [_test("not_null", f"Every matched row of {name} carries a match_id from the cross-reference.")]}],
             }
         )
     for party in loaded.parties():
@@ -322,7 +330,8 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
             {
                 "name": n.identities_model(c, party),
                 "description": f"{party}'s distinct (token, normalised identifier) pairs: the PSI input (party-private).",
-                "columns": [{"name": "token", "data_tests": ["not_null", "unique"]}],
+                "columns": [{"name": "token", "data_tests": [_test("not_null", f"Every PSI input token of {party} is set."),
+                                                             _test("unique", f"Each PSI input token of {party} appears once (one row per person).")]}],
             }
         )
     for query in loaded.queries.values():

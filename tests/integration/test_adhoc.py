@@ -236,3 +236,25 @@ def test_threshold_rule_release_equals_plain_aggregate_minus_small_groups(collab
     assert 0 < len(kept) < len(expected)
     got.columns.name = None
     _same(got[["campaign_id", "loyalty_tier", "buyers", "lifetime_value"]], kept, ["campaign_id", "loyalty_tier"])
+    # Its asset checks ran with it: the threshold re-read from the pre-noise table, the release in the audit chain.
+    instance = dg.DagsterInstance.get()
+    for name in ("threshold_respected", "release_in_audit_chain"):
+        key = dg.AssetCheckKey(dg.AssetKey(naming.release_key(COLLAB, "tier_reach")), name)
+        (record,) = instance.event_log_storage.get_asset_check_execution_history(key, limit=1)
+        assert record.run_id == outcome.run_id and record.event.dagster_event.event_specific_data.passed, name
+    # The released table itself is on the asset page, counts as integers.
+    preview = meta["released_values"]
+    assert "| campaign_id | loyalty_tier | buyers | lifetime_value |" in preview
+    assert all(f"| {int(b)} |" in preview for b in kept["buyers"]) and ".0 |" not in preview
+    # The threshold check is a second look: a group under the threshold in the released rows fails it.
+    from dcr_pipelines.services import release_checks
+    from dcr_pipelines.store import analysis as store_analysis
+    from dcr_pipelines.store import ledger
+
+    small = expected[expected["buyers"] < 25].iloc[0]
+    with psycopg.connect(collab["url"]) as conn:
+        request = store_analysis.built_for(conn, COLLAB, "tier_reach")
+        forged = ledger.StoredRelease("forged", False, 0.0, [{"campaign_id": small["campaign_id"], "loyalty_tier": small["loyalty_tier"],
+                                                              "metric": "buyers", "value": 1.0}], None)  # type: ignore[arg-type]
+        verdict = release_checks.check_release(conn, collab["loaded"], collab["loaded"].queries["tier_reach"], forged, request)[0]
+    assert verdict.name == "threshold_respected" and not verdict.passed and "under 25 people" in verdict.detail

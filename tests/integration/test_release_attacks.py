@@ -160,3 +160,31 @@ def test_released_results_are_exported_for_each_receiver_only(e2e: dict[str, Any
     assert (exports / "ad_network" / "campaign_reach" / f"{release_id}.csv").is_file()
     assert (exports / "ad_network" / "campaign_reach" / f"{release_id}.parquet").is_file()
     assert not (exports / "retailer").exists(), "retailer does not receive campaign_reach in e2e"
+
+
+def test_the_release_checks_catch_an_overspent_budget_and_a_release_missing_from_the_chain(e2e: dict[str, Any]) -> None:
+    from dcr_pipelines.lib.policy.models import Budget
+    from dcr_pipelines.services import release_checks
+    from dcr_pipelines.store import results
+
+    # Other tests of this module spend under a generous budget (key selection); the check is run against that one.
+    loaded = load_collaboration(e2e["root"] / COLLAB)
+    loaded = dataclasses.replace(loaded, collaboration=loaded.collaboration.model_copy(
+        update={"budgets": (Budget(consumer="ad_network", epsilon=1e6, delta=1e-3),)}))
+    query = loaded.queries["campaign_reach"]
+    release_id = e2e["outcome"].metadata[f"{COLLAB}/results/campaign_reach"]["release_id"]
+    with psycopg.connect(e2e["url"]) as conn:
+        stored_now = results.latest_release(conn, COLLAB, "campaign_reach", release_id)
+        assert stored_now is not None
+        stored = ledger.StoredRelease(release_id, True, stored_now.epsilon, stored_now.rows, None)  # type: ignore[arg-type]
+        clean = release_checks.check_release(conn, loaded, query, stored, None)
+        assert [(o.name, o.passed) for o in clean] == [("budget_respected", True), ("release_in_audit_chain", True)], clean
+        # An entry the ledger never allowed (over the budget's epsilon), inside a transaction rolled back after.
+        conn.execute(f'insert into "{naming.results_schema(COLLAB)}".budget_ledger (consumer, query_name, release_id, epsilon) '
+                     "values ('ad_network', 'campaign_reach', 'forged', 2e6)")
+        budget, chain = release_checks.check_release(conn, loaded, query, stored, None)
+        assert not budget.passed and "spent epsilon" in budget.detail and chain.passed
+        conn.rollback()
+        missing = dataclasses.replace(stored, release_id="20990101T000000-deadbeef")
+        _, chain = release_checks.check_release(conn, loaded, query, missing, None)
+        assert not chain.passed and "no entry in the audit chain" in chain.detail
