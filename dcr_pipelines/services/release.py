@@ -18,10 +18,13 @@ from ..lib.policy import ApprovedQuery, LoadedCollaboration
 from ..lib.policy.models import Budget, MetricKind
 from ..lib.privacy import difference
 from ..lib.privacy.mechanisms import (
+    ALPHA,
     KeySelectionPlan,
     NoisePlan,
     add_noise,
     dp_accuracy_of_threshold,
+    half_width,
+    mean_interval,
     needs_key_selection,
     plan_count,
     plan_key_selection,
@@ -92,6 +95,11 @@ def _noised_rows(
         cells = [c for c in cells if KEY_SEPARATOR.join(str(c[d]) for d in dims) in selected]
         accuracy[selection.metric] = dp_accuracy_of_threshold(selection)
     noised = {p.column: add_noise(p, [c[p.column] for c in cells]) for p in plans}
+    by_column = {p.column: p for p in plans}
+    mean_halves = {  # 97.5% half-widths of each average's sum and count: together a 95% interval of the ratio
+        name: (half_width(by_column[f"{name}__sum"], ALPHA / 2), half_width(by_column[f"{name}__count"], ALPHA / 2))
+        for name, m in query.spec.metrics.items() if m.aggregate == MetricKind.AVG
+    }
     if selection is not None:
         noised[selection.metric] = [selected[KEY_SEPARATOR.join(str(c[d]) for d in dims)] for c in cells]
     rows: list[dict[str, Any]] = []
@@ -99,20 +107,19 @@ def _noised_rows(
         for metric_name, metric in query.spec.metrics.items():
             row = {d: cell[d] for d in dims}
             value: float | None
-            half: float | None
-            if metric.aggregate in (MetricKind.COUNT_UNITS, MetricKind.COUNT):
-                value, half = noised[metric_name][i], accuracy[metric_name]
-            elif metric.aggregate == MetricKind.SUM:
-                value, half = noised[f"{metric_name}__sum"][i], accuracy[f"{metric_name}__sum"]
-            else:
+            interval: tuple[float, float] | None = None
+            if metric.aggregate in (MetricKind.COUNT_UNITS, MetricKind.COUNT, MetricKind.SUM):
+                column = metric_name if metric.aggregate != MetricKind.SUM else f"{metric_name}__sum"
+                value, half = noised[column][i], accuracy[column]
+                if half is not None:
+                    interval = (value - half, value + half)
+            else:  # an average: noisy sum / noisy count clamped to the bounds, its interval from both parts' (post-processing)
+                assert metric.bounds is not None
                 total, count = noised[f"{metric_name}__sum"][i], noised[f"{metric_name}__count"][i]
-                value, half = (total / count if count >= 1 else None), None
-            row.update(
-                metric=metric_name,
-                value=value,
-                ci_low=None if value is None or half is None else value - half,
-                ci_high=None if value is None or half is None else value + half,
-            )
+                value = min(max(total / count, metric.bounds[0]), metric.bounds[1]) if count >= 1 else None
+                if value is not None:
+                    interval = mean_interval(total, mean_halves[metric_name][0], count, mean_halves[metric_name][1], metric.bounds)
+            row.update(metric=metric_name, value=value, ci_low=interval[0] if interval else None, ci_high=interval[1] if interval else None)
             rows.append(row)
     return rows
 

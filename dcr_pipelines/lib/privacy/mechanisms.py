@@ -9,7 +9,9 @@ group cells by at most (L1):
 - count of persons (count_units): g
 - count of rows (count):           g * k
 - sum of a clamped column (sum):   g * k * max(|L|, |U|)
-- average (avg):                   a sum and a count, each noised
+- average (avg):                   a sum and a count, each noised (half the metric's epsilon each);
+                                   released as their ratio, clamped to the bounds, with the interval
+                                   of :func:`mean_interval`
 
 opendp finds the Laplace scale for each metric's share of epsilon and maps
 the sensitivity to the epsilon actually spent; counts use the discrete
@@ -164,6 +166,35 @@ def plan_release(spec: QuerySpec) -> list[NoisePlan]:
             if metric.aggregate == MetricKind.AVG:
                 plans.append(_plan_one(name, f"{name}__count", True, g * k, epsilon / 2))
     return plans
+
+
+def half_width(plan: NoisePlan, alpha: float = ALPHA) -> float:
+    """Half-width of the ``1 - alpha`` interval of one value noised by ``plan`` (opendp's accuracy of its scale)."""
+    if plan.integer:
+        return float(dp.discrete_laplacian_scale_to_accuracy(plan.scale, alpha))
+    return float(dp.laplacian_scale_to_accuracy(plan.scale, alpha))
+
+
+def mean_interval(total: float, total_half: float, count: float, count_half: float, bounds: tuple[float, float]) -> tuple[float, float]:
+    """A 95% interval of an average released as noisy sum / noisy count, from the two parts' intervals.
+
+    Post-processing of values already released, no new access to the data. ``total_half`` and ``count_half`` are
+    the half-widths of *97.5%* intervals of the noisy sum and the noisy count (:func:`half_width` with ``ALPHA / 2``):
+    both contain the true values at once with probability at least 95% (union bound). The true average
+    ``S / C`` of a sum ``S`` in ``[s_low, s_high]`` over a count ``C`` in ``[c_low, c_high]`` with ``c_low > 0`` lies
+    between ``min(s_low / c_low, s_low / c_high)`` and ``max(s_high / c_low, s_high / c_high)`` (for non-negative
+    sums: ``[s_low / c_high, s_high / c_low]``); that range is clamped to the metric's bounds, which hold every
+    clamped value and so their average. When ``c_low <= 0`` the count may be zero and the interval is the bounds.
+    The interval always contains the released value ``total / count`` clamped to the bounds.
+    """
+    low_bound, high_bound = float(bounds[0]), float(bounds[1])
+    c_low, c_high = count - count_half, count + count_half
+    if c_low <= 0:
+        return low_bound, high_bound
+    s_low, s_high = total - total_half, total + total_half
+    low = min(s_low / c_low, s_low / c_high)
+    high = max(s_high / c_low, s_high / c_high)
+    return min(max(low, low_bound), high_bound), max(min(high, high_bound), low_bound)
 
 
 def release_cost(plans: Sequence[NoisePlan], selection: KeySelectionPlan | None = None) -> tuple[float, float]:
