@@ -121,6 +121,64 @@ ROLES_LEGEND = ("cells: write = may create tables and write every table; read = 
                 "usage = may see the schema but read no table; - = nothing. Roles are dcr_<collab>_<name>, schemas <collab>_<name>.")
 
 
+@db.command("drop")
+@click.argument("collab")
+@click.option("--yes", is_flag=True, help="Drop without asking (required when not on a terminal).")
+def db_drop(collab: str, yes: bool) -> None:
+    """Remove COLLAB from the database: its schemas, its server-wide roles (dcr_COLLAB_*) and its dcr_meta rows.
+
+    \b
+    Roles outlive a dropped database; this removes them. Dagster's run
+    history and the files under DCR_HOME (landing, exports) are kept. The
+    policy folder is not touched: while it exists, the next `dcr run COLLAB`
+    creates everything again.
+    Example:
+      dcr db drop demo --yes
+    """
+    import re
+
+    from ..lib.database import connect
+    from ..lib.policy import PolicyError, load_collaboration
+    from ..lib.policy.models import NAME_PATTERN
+    from ..store import teardown
+
+    if not re.fullmatch(NAME_PATTERN, collab):
+        fail(f"{collab!r} is not a collaboration name: lowercase letters, digits and _ only", 2)
+    runtime = _runtime()
+    policies = runtime.settings.policies
+    folder = policies / collab
+    parties: list[str] = []
+    if (folder / "collaboration.yaml").is_file():
+        try:
+            parties = list(load_collaboration(folder).parties())
+        except PolicyError:
+            parties = []  # a broken policy does not stop the drop: parties are found by the schemas' names
+    others = [p.name for p in policies.iterdir() if (p / "collaboration.yaml").is_file()] if policies.is_dir() else []
+    with connect(runtime.warehouse.url()) as conn:
+        planned = teardown.plan(conn, collab, parties, others)
+        if planned.empty:
+            if folder.is_dir():
+                out.print(f"nothing of {collab} in the database {runtime.warehouse.redacted()}: no schema, role or bookkeeping to drop",
+                          markup=False, soft_wrap=True)
+                return
+            fail(f"no collaboration {collab!r}: nothing of it in the database and no folder under {policies}", 2)
+        rows = sum(planned.meta_rows.values())
+        what = (f"{plural(len(planned.schemas), 'schema')} ({', '.join(planned.schemas) or '-'}), "
+                f"{plural(len(planned.roles), 'role')} ({', '.join(planned.roles) or '-'}) and {plural(rows, 'bookkeeping row')} of {collab}")
+        if not yes:
+            if not sys.stdin.isatty():
+                fail(f"dcr db drop {collab} would drop {what}, with every table and release in them: add --yes to confirm "
+                     "(not asked: no terminal)", 2)
+            click.confirm(f"drop {what}? Releases, the budget ledger and the audit chain in them are lost", abort=True)
+        done = teardown.drop(conn, planned)
+    out.print(f"{collab}: dropped {plural(len(done.schemas), 'schema')}, {plural(len(done.roles), 'role')} and "
+              f"{plural(done.meta_rows, 'bookkeeping row')}", markup=False, soft_wrap=True)
+    for role, why in done.kept_roles.items():
+        out.print(f"warning: role {role} kept: {why} (run `dcr db drop {collab}` against that database too)", markup=False, soft_wrap=True)
+    if folder.is_dir():
+        out.print(f"note: {folder} is still there: the next `dcr run {collab}` creates the collaboration again; remove the folder "
+                  "(through git) to retire it", markup=False, soft_wrap=True)
+
 @main.command()
 @click.option("--port", default=3000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
