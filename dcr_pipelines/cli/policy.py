@@ -39,6 +39,39 @@ def policy_check(path: Path | None) -> None:
         sys.exit(2)
 
 
+@policy.command("new")
+@click.argument("name")
+@click.option("--parties", metavar="A,B[,...]", help="The members that bring data, comma-separated (default: party_a,party_b); "
+              "the first one runs queries.")
+def policy_new(name: str, parties: str | None) -> None:
+    """Create the collaboration folder NAME under the policies folder, with every file it needs.
+
+    collaboration.yaml (members, one dataset per party, matching, budget,
+    approvals), one differentially private query (queries/overview.sql and
+    .yaml) and each party's protections/<party>.json, every YAML field
+    commented. `dcr policy check` accepts it as it is; edit it, then each
+    party approves the result with `dcr policy approve NAME --as PARTY`.
+
+    \b
+    Example:
+      dcr policy new retail_media --parties retailer,publisher
+    """
+    from ..lib.policy.scaffold import ScaffoldError, create, parse_parties
+    from ..lib.settings import Settings
+
+    root = Settings.from_env().policies
+    try:
+        folder = create(root, name, parse_parties(parties))
+    except ScaffoldError as exc:
+        fail(str(exc), 2)
+    except OSError as exc:
+        fail(f"cannot write {root / name}: {exc.strerror or exc}", 2)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        out.print(f"wrote {path}", markup=False, soft_wrap=True)
+    out.print(f"{name}: ready for `dcr policy check`; edit the files, then each party approves: "
+              f"`dcr policy approve {name} --as PARTY`", markup=False, soft_wrap=True)
+
+
 @policy.command("render")
 @click.argument("collab")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),

@@ -19,7 +19,7 @@ DCR = [sys.executable, "-m", "dcr_pipelines.cli"]
 COMMANDS = [
     [], ["demo"], ["policy"], ["policy", "check"], ["policy", "hash"], ["ingest"], ["run"], ["release"],
     ["query"], ["query", "check"], ["query", "run"], ["budget"], ["audit"], ["db"], ["db", "url"], ["ui"],
-    ["psi"], ["psi", "keygen"], ["psi", "prepare"], ["psi", "respond"],
+    ["psi"], ["psi", "keygen"], ["psi", "prepare"], ["psi", "respond"], ["policy", "new"], ["db", "drop"], ["db", "roles"],
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -73,3 +74,42 @@ def test_policy_check_counts_agree_with_their_nouns() -> None:
     done = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "policy", "check", str(PROJECT_ROOT / "policies")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "ok: demo_home (3 datasets, 1 query)\n" in done.stdout and "ok: demo (3 datasets, 3 queries)\n" in done.stdout, done.stdout
+
+
+def test_policy_new_scaffolds_a_collaboration_that_passes_the_check_and_never_overwrites(tmp_path: Path) -> None:
+    root = tmp_path / "policies"
+    env = {**os.environ, "DCR_POLICIES": str(root), "DCR_HOME": str(tmp_path / "home")}
+
+    def dcr(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+    made = dcr("policy", "new", "retail_media", "--parties", "retailer,publisher,bank")
+    assert made.returncode == 0, made.stderr
+    folder = root / "retail_media"
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == ["collaboration.yaml", "protections/bank.json", "protections/publisher.json", "protections/retailer.json",
+                     "queries/overview.sql", "queries/overview.yaml"]
+    checked = dcr("policy", "check")
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == "ok: retail_media (3 datasets, 1 query)\n"
+    loaded = load_collaboration(folder)
+    assert list(loaded.collaboration.members) == ["retailer", "publisher", "bank"] and loaded.parties() == ("retailer", "publisher", "bank")
+    # Every field written out carries a comment saying what it is (keys that only open a block, and the approval
+    # entries under the commented `approvals:`, aside).
+    for path in (folder / "collaboration.yaml", folder / "queries" / "overview.yaml"):
+        bare = [line for line in path.read_text().splitlines()
+                if line.strip() and not line.strip().startswith(("#", "- member:", "sha256:")) and not line.rstrip().endswith(":")
+                and " #" not in line]
+        assert bare == [], f"{path.name}: fields without a comment: {bare}"
+
+    for args, message in (
+        (("policy", "new", "retail_media"), f"error: {folder} already exists"),
+        (("policy", "new", "Retail-Media"), "error: 'Retail-Media' is not a collaboration name"),
+        (("policy", "new", "solo", "--parties", "retailer"), "error: --parties: a collaboration needs at least two parties"),
+        (("policy", "new", "twice", "--parties", "a,a"), "error: --parties: a, a names a party twice"),
+        (("policy", "new", "bad_party", "--parties", "retailer,Pub"), "error: --parties: 'Pub' is not a member name"),
+    ):
+        refused = dcr(*args)
+        assert refused.returncode == 2 and refused.stderr.startswith(message) and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["retail_media"], "a refused scaffold left something behind"
+    assert load_collaboration(folder).policy_sha256 == loaded.policy_sha256, "the existing collaboration was changed"
