@@ -95,7 +95,7 @@ def materialize(
     for event in result.get_asset_observation_events():
         observed = {k: v.value for k, v in event.asset_observation_data.asset_observation.metadata.items()}
         if observed.get("outcome") in ("refused", "waiting"):
-            expected[event.asset_key.to_user_string()] = observed
+            expected[event.asset_key.to_user_string() if event.asset_key else ""] = observed
     refused = [o for o in expected.values() if o["outcome"] == "refused"]
     waiting = [o for o in expected.values() if o["outcome"] == "waiting"]
     if not result.success:
@@ -123,7 +123,7 @@ def job_for(defs: dg.Definitions, selection: Sequence[Sequence[str]]) -> dg.JobD
                 job = defs.resolve_job_def(name)
             except Exception:  # noqa: S112 (a collaboration built without that job: try the next)
                 continue
-            if keys <= job.asset_layer.executable_asset_keys:
+            if keys <= set(job.asset_layer.executable_asset_keys):
                 return job
     return defs.resolve_implicit_global_asset_job_def()
 

@@ -85,6 +85,8 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, an
     from ..defs import audit as trail
     from ..lib.database import connect
 
+    if anchors and not verify:
+        fail("--anchor is a chain head to check: it takes --verify (dcr audit COLLAB --verify --anchor FILE)", 2)
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
     if party is not None and party not in loaded.collaboration.members:

@@ -28,7 +28,6 @@ from .release import _ad_hoc_asset, _release_asset
 
 def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path, exports: Path, dbt_project: Path) -> dg.Definitions:
     """Every asset, job, schedule and sensor of one collaboration."""
-    c = loaded.name
     assets: list[dg.AssetsDefinition] = [_grants_asset(loaded)]
     assets += [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]
     assets.append(_dbt_stage(loaded, manifest, "staging", dbt_project))

@@ -84,7 +84,7 @@ def _assemble_buckets(conn: Any, loaded: LoadedCollaboration, inputs: list[match
     return matching.MatchResult(parties, rows, counts, exchanged, len(matched))
 
 
-class WaitingForParty(Exception):  # noqa: N818 (an expected state, not an error)
+class WaitingForParty(Exception):
     """A party that keeps its identifiers at home has not sent its PSI message yet: matching waits, nothing fails."""
 
     def __init__(self, parties: list[str], message: str) -> None:

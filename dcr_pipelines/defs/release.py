@@ -19,7 +19,16 @@ from ..services.release import ReleaseRefused, release_query
 from ..store import analysis as store_analysis
 from ..store import audit_chain, ledger, stages
 from ..store import matching as store_matching
-from .common import AdHocConfig, CollaborationTranslator, ReleaseConfig, _audit_metadata, analysis_lock_name, release_preview, request_key, warn_budget
+from .common import (
+    AdHocConfig,
+    CollaborationTranslator,
+    ReleaseConfig,
+    _audit_metadata,
+    analysis_lock_name,
+    release_preview,
+    request_key,
+    warn_budget,
+)
 from .resources import WarehouseResource
 
 

@@ -201,3 +201,12 @@ def test_dry_run_reads_the_remaining_budget_and_refuses_what_does_not_fit(runtim
     # The average's share (2/3 of epsilon 1) is split evenly between its noisy sum and its noisy count.
     assert "spend: an average, released as noisy sum / noisy count: epsilon 0.3333 (sum) + 0.3333 (count) = 0.6667" in fits.stdout, fits.stdout
     assert "spend__sum: sensitivity 900" in fits.stdout and "spend__count: sensitivity 3" in fits.stdout
+
+
+
+def test_audit_anchor_without_verify_is_refused(tmp_path: Path) -> None:
+    anchor = tmp_path / "head.anchor.json"
+    anchor.write_text('{"collaboration": "demo", "seq": 1, "chain_sha256": "00"}')
+    proc = run("audit", "demo", "--anchor", str(anchor))
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr == "error: --anchor is a chain head to check: it takes --verify (dcr audit COLLAB --verify --anchor FILE)\n"

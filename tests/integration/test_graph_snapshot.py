@@ -117,3 +117,12 @@ def test_every_sensor_and_schedule_targets_a_named_job(demo_defs) -> None:  # ty
         assert targets and targets <= names, sensor.name
     for schedule in demo_defs.schedules or []:
         assert schedule.job_name in names or schedule.job_name.endswith("_job"), schedule.name
+
+
+def test_every_asset_has_a_label_of_its_own_within_its_collaboration(demo_defs) -> None:  # type: ignore[no-untyped-def]
+    # The UI labels a node with the key's last part: raw, staging and results of one dataset or query must differ there.
+    by_collab: dict[str, list[str]] = {}
+    for key in demo_defs.resolve_asset_graph().get_all_asset_keys():
+        by_collab.setdefault(key.path[0], []).append(key.path[-1])
+    for collab, labels in by_collab.items():
+        assert len(labels) == len(set(labels)), (collab, sorted(label for label in labels if labels.count(label) > 1))
