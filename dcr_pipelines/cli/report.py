@@ -160,3 +160,36 @@ def overlap(collab: str, fmt: str) -> None:
     """
     runtime = _runtime()
     _print_overlap(runtime, _collaboration(runtime, collab), fmt)
+
+
+@main.command("report")
+@click.argument("collab")
+@click.option("--as", "member", required=True, help="The member the report is for: it shows only what this member may see.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder to write index.html, charts and the chain head into.")
+def member_report(collab: str, member: str, out_dir: Path) -> None:
+    """Write MEMBER's own report of COLLAB as a static HTML page: its releases with charts and intervals, its budget,
+    every query over its data (runner and SQL), its uploads and their validation, and the audit chain head to keep.
+
+    \b
+    Example:
+      dcr report demo --as retailer --out reports/retailer
+    """
+    from ..defs import audit as trail
+    from ..lib import member_report as page
+    from ..lib.database import connect
+    from ..services import member_report as gathered
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    if member not in loaded.collaboration.members:
+        fail(f"{collab} has no member {member!r} (members: {', '.join(loaded.collaboration.members)})", 2)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "index.html").is_file():
+        fail(f"{out_dir} has files that are not a report; give an empty or new folder (nothing was written)", 2)
+    activity = trail.entries(_instance(), loaded, party=member)
+    with connect(runtime.warehouse.url()) as conn:
+        view = gathered.gather(conn, loaded, member, activity)
+    try:
+        written = page.write(view, loaded, out_dir)
+    except OSError as exc:
+        fail(f"{exc.filename or out_dir}: {exc.strerror or exc}; nothing usable was written (choose a writable folder)", 2)
+    out.print(f"{collab}: report for {member} written to {written} ({len(view.releases)} release(s), {len(view.uploads)} upload(s))", markup=False)

@@ -51,6 +51,17 @@ def latest_release(conn: psycopg.Connection, collab: str, query_name: str, relea
     return StoredRelease(str(row[0]), list(row[1]), float(row[2]), dict(row[3]), row[4])
 
 
+def recent_releases(conn: psycopg.Connection, collab: str, query_name: str, limit: int = 10) -> list[StoredRelease]:
+    """A query's releases, newest first."""
+    schema = _schema(conn, collab)
+    rows = conn.execute(
+        sql.SQL("select release_id, rows, epsilon, params, released_at from {} where query_name = %s order by released_at desc limit %s").format(
+            sql.Identifier(schema, "releases")),
+        (query_name, limit),
+    ).fetchall()
+    return [StoredRelease(str(r[0]), list(r[1]), float(r[2]), dict(r[3]), r[4]) for r in rows]
+
+
 def release_rows(conn: psycopg.Connection, collab: str, release_id: str) -> list[dict[str, Any]]:
     schema = _schema(conn, collab)
     row = conn.execute(sql.SQL("select rows from {} where release_id = %s").format(sql.Identifier(schema, "releases")), (release_id,)).fetchone()
