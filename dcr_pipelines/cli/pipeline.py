@@ -176,8 +176,8 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     meta = outcome.metadata["/".join(naming.release_key(collab, query))]
     if fmt == "json":
         rows = _release_rows(runtime, loaded, query, meta["release_id"])
-        out.print_json(data={"release_id": meta["release_id"], "cached": meta["cached"], "epsilon_charged": meta["epsilon_charged"],
-                             "epsilon_remaining": meta["epsilon_remaining"], "params": meta["params"], "rows": rows})
+        out.print_json(data={"release_id": meta["release_id"], "cached": meta["cached"], "epsilon_charged": meta.get("epsilon_charged", 0.0),
+                             "epsilon_remaining": meta.get("epsilon_remaining"), "params": meta["params"], "rows": rows})
     else:
         if meta["cached"]:
             out.print("identical release found (same query, parameters and data): returning it, no budget charged")

@@ -99,16 +99,15 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
             f"{query_name}: release {stored.release_id} {'(stored result, no charge)' if stored.cached else f'charged epsilon {stored.epsilon:.4g}'}; "
             f"{spec.consumer} has {status.remaining:.4g} of {status.total:.4g} left"
         )
-        warn_budget(context, loaded, spec.consumer, status.remaining, status.total)
+        if spec.rule == "dp":
+            warn_budget(context, loaded, spec.consumer, status.remaining, status.total)
         yield dg.MaterializeResult(
             metadata={
                 **release_preview(loaded, query_name, stored.rows),
                 "release_id": stored.release_id,
                 "cached": stored.cached,
-                "epsilon_charged": 0.0 if stored.cached else stored.epsilon,
-                "epsilon_of_release": stored.epsilon,
-                "epsilon_remaining": status.remaining,
-                "epsilon_budget": status.total,
+                **({"epsilon_charged": 0.0 if stored.cached else stored.epsilon, "epsilon_of_release": stored.epsilon,
+                    "epsilon_remaining": status.remaining, "epsilon_budget": status.total} if spec.rule == "dp" else {}),
                 "consumer": spec.consumer,
                 "receivers": ", ".join(spec.receivers),
                 "params": dg.MetadataValue.json(params),

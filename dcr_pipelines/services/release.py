@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,18 @@ def _noised_rows(
                     interval = mean_interval(total, mean_halves[metric_name][0], count, mean_halves[metric_name][1], metric.bounds)
             row.update(metric=metric_name, value=value, ci_low=interval[0] if interval else None, ci_high=interval[1] if interval else None)
             rows.append(row)
+    return whole_counts(query.spec, rows)
+
+
+def whole_counts(spec: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Counts of people or rows are released as whole numbers (post-processing): the value rounded, its 95% interval
+    widened to the whole numbers around it (floor, ceiling) so that it still covers what it did."""
+    counts = {name for name, m in spec.metrics.items() if m.aggregate in (MetricKind.COUNT_UNITS, MetricKind.COUNT)}
+    for row in rows:
+        if row["metric"] in counts and row["value"] is not None:
+            row["value"] = round(row["value"])
+            if row.get("ci_low") is not None and row.get("ci_high") is not None:
+                row["ci_low"], row["ci_high"] = math.floor(row["ci_low"]), math.ceil(row["ci_high"])
     return rows
 
 
@@ -263,7 +276,7 @@ def _release_thresholded(
                     count = float(cell[f"{name}__count"])
                     value = float(cell[f"{name}__sum"]) / count if count else None
                 out.append({**{d: str(cell[d]) for d in dims}, "metric": name, "value": value, "ci_low": None, "ci_high": None})
-        return out
+        return whole_counts(spec, out)
 
     schema = naming.results_schema(loaded.name)
     ledger.ensure_tables(conn, schema)

@@ -1,0 +1,36 @@
+"""Released values as people read them: counts whole, amounts with two decimals, intervals beside them."""
+
+from __future__ import annotations
+
+from dcr_pipelines.lib.policy.models import MetricKind, QuerySpec
+from dcr_pipelines.lib.presentation import format_cell, format_value, release_table
+from dcr_pipelines.services.release import whole_counts
+
+SPEC = QuerySpec.model_validate({
+    "consumer": "ad_network", "receivers": ["ad_network"], "rule": "dp", "privacy": {"epsilon": 1.0},
+    "dimensions": {"region": {"domain": ["north", "south"]}},
+    "metrics": {"buyers": {"aggregate": "count_units"}, "spend": {"aggregate": "avg", "column": "v", "bounds": [0, 100]}},
+    "contribution": {"max_groups_per_unit": 1, "max_rows_per_group": 1},
+})
+
+
+def test_a_count_is_a_whole_number_everywhere_and_an_amount_keeps_two_decimals() -> None:
+    assert format_value(MetricKind.COUNT_UNITS, 251.0) == "251" and format_value(MetricKind.COUNT, 1234.6) == "1,235"
+    assert format_value(MetricKind.AVG, 12.5) == "12.50" and format_value(MetricKind.SUM, None) == "-"
+    assert format_cell(MetricKind.COUNT_UNITS, {"value": 10.2, "ci_low": -3.7, "ci_high": 24.1}) == "10 [-4, 24]"
+
+
+def test_whole_counts_rounds_counts_and_widens_their_intervals_to_whole_numbers_only() -> None:
+    rows = [{"region": "north", "metric": "buyers", "value": 10.6, "ci_low": -3.2, "ci_high": 24.4},
+            {"region": "north", "metric": "spend", "value": 10.6, "ci_low": 3.2, "ci_high": 24.4}]
+    buyers, spend = whole_counts(SPEC, rows)
+    assert (buyers["value"], buyers["ci_low"], buyers["ci_high"]) == (11, -4, 25) and isinstance(buyers["value"], int)
+    assert (spend["value"], spend["ci_low"], spend["ci_high"]) == (10.6, 3.2, 24.4)
+
+
+def test_the_release_table_has_one_row_per_group_and_says_what_its_brackets_are() -> None:
+    rows = [{"region": r, "metric": m, "value": v, "ci_low": v - 1, "ci_high": v + 1} for r in ("north", "south") for m, v in (("buyers", 5), ("spend", 2.5))]
+    table = release_table(SPEC, rows)
+    assert table.headers == ["region", "buyers (95% interval)", "spend (95% interval)"]
+    assert table.rows == [["north", "5 [4, 6]", "2.50 [1.50, 3.50]"], ["south", "5 [4, 6]", "2.50 [1.50, 3.50]"]]
+    assert "95% interval" in table.note and table.markdown().startswith("| region | buyers (95% interval) |")
