@@ -13,10 +13,12 @@ from ..lib.text import plural
 from ._common import (
     _collaboration,
     _definitions,
+    _instance,
     _print_overlap,
     _print_releases,
     _release_all,
     _run_collaboration,
+    _run_log,
     _runtime,
     fail,
     main,
@@ -64,6 +66,7 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
         _run_collaboration(defs, loaded)
     _release_all(defs, loaded)  # the demo asks for every release explicitly, with the default parameters
     _print_releases(runtime, loaded)
+    _example_ad_hoc(defs, loaded)
     if loaded.collaboration.matching.overlap_release != "withheld":
         _print_overlap(runtime, loaded)
     out.print(f"done in {time.perf_counter() - started:.1f}s; open the asset graph with `make ui`")
@@ -124,3 +127,25 @@ def _demo_home_respond(runtime: Any, loaded: Any, generated_at: Path) -> None:
         for request in sorted((runtime.settings.exports / c / party / "psi").glob(f"*request*{home_psi.SUFFIX}")):
             answer = home_psi.respond(keys, request, c, party, runtime.settings.landing / c / party / "_psi")
             out.print(f"{party} (at home) answered {request.name} -> {answer.name}")
+
+
+EXAMPLE_AD_HOC = ("ad_network", "select i.campaign_id, c.loyalty_tier, count(distinct c.customer_email) as buyers "
+                  "from impressions as i inner join customers as c on c.customer_email = i.user_email group by 1, 2")
+
+
+def _example_ad_hoc(defs: Any, loaded: Any) -> None:
+    """The README's ad-hoc example, run once so that every asset of the demo has been materialized (and shows how)."""
+    from ..lib import naming
+    from ..runner import ad_hoc_run_config, materialize
+
+    runner, sql_text = EXAMPLE_AD_HOC
+    if not {"impressions", "customers"} <= set(loaded.collaboration.datasets) or runner not in loaded.collaboration.members:
+        return
+    outcome = materialize(defs, [naming.ad_hoc_key(loaded.name)], instance=_instance(), run_config=ad_hoc_run_config(loaded.name, runner, sql_text),
+                          stdout_log=_run_log())
+    meta = outcome.metadata.get("/".join(naming.ad_hoc_key(loaded.name)), {})
+    if outcome.success:
+        out.print(f"ad-hoc query of {runner} (buyers per campaign and loyalty tier, thresholded): {plural(int(meta.get('rows', 0)), 'row')}; "
+                  f"ask your own with `dcr query run {loaded.name} --as {runner} \"SQL\"`", markup=False)
+    else:
+        out.print(f"note: the example ad-hoc query was not answered: {outcome.failure}", markup=False)
