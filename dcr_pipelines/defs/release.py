@@ -40,6 +40,11 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
     model = naming.query_model(c, query_name)
     mechanism = f"differentially private (opendp, epsilon {spec.privacy.epsilon})" if spec.privacy else f"thresholded (groups under {spec.min_distinct_units} people removed, no noise)"
 
+    def refused_checks(warehouse: WarehouseResource) -> Iterator[dg.AssetCheckResult]:
+        """A refused request still answers its checks (Dagster expects every declared check of a step that ran)."""
+        with warehouse.connect() as conn:
+            yield from _check_results(release_checks.check_refusal(conn, loaded, query))
+
     @dg.asset(
         key=naming.release_key(c, query_name),
         deps=[dg.AssetKey(naming.analysis_key(c, query_name))],
@@ -60,6 +65,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
             params = validate_params(query, config.params)
         except ParameterError as exc:
             yield refusal(context, f"release refused, nothing ran: {exc}", rule="parameters", consumer=spec.consumer)
+            yield from refused_checks(warehouse)
             return
         # Build and release under one lock: the pre-noise table read is the one built for this request.
         with advisory_lock(warehouse.url, analysis_lock_name(c)):
@@ -87,9 +93,11 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                                            run_id=context.run.run_id)
                 except ledger.BudgetExhausted as exc:
                     yield refusal(context, f"release refused: {exc}", rule="budget", consumer=spec.consumer, params=params)
+                    yield from refused_checks(warehouse)
                     return
                 except ReleaseRefused as exc:
                     yield refusal(context, f"release refused: {exc}", rule="release", consumer=spec.consumer, params=params)
+                    yield from refused_checks(warehouse)
                     return
                 except ledger.ReleaseFailed as exc:
                     raise dg.Failure(str(exc)) from None
@@ -125,11 +133,15 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 **_audit_metadata(stored),
                 "exports": ", ".join(f"{r}/{query_name}/{stored.release_id}.csv|parquet" for r in spec.receivers),
             },
-            check_results=[dg.AssetCheckResult(check_name=o.name, passed=o.passed, description=o.detail, metadata=o.metadata,
-                                               severity=dg.AssetCheckSeverity.ERROR) for o in checked],
+            check_results=_check_results(checked),
         )
 
     return release
+
+
+def _check_results(outcomes: list[release_checks.CheckOutcome]) -> list[dg.AssetCheckResult]:
+    return [dg.AssetCheckResult(check_name=o.name, passed=o.passed, description=o.detail, metadata=o.metadata, severity=dg.AssetCheckSeverity.ERROR)
+            for o in outcomes]
 
 
 def refusal(context: dg.AssetExecutionContext, message: str, *, rule: str, **details: Any) -> dg.AssetObservation:

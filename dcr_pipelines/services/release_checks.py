@@ -52,6 +52,16 @@ def check_release(conn: psycopg.Connection, loaded: LoadedCollaboration, query: 
     return out
 
 
+def check_refusal(conn: psycopg.Connection, loaded: LoadedCollaboration, query: ApprovedQuery) -> list[CheckOutcome]:
+    """The same checks after a refused request: nothing was released, the budget and the chain are still checked for real."""
+    first = (CheckOutcome(THRESHOLD_CHECK, True, "request refused: nothing was released") if query.spec.rule == "threshold"
+             else _budget(conn, loaded, query))
+    problems = audit.verify_chain(audit_chain.chain(conn, naming.results_schema(loaded.name)))
+    chain = (CheckOutcome(CHAIN_CHECK, False, f"the audit chain is broken: {problems[0]}", {"problems": len(problems)}) if problems
+             else CheckOutcome(CHAIN_CHECK, True, "request refused: nothing was released; the chain's links are intact"))
+    return [first, chain]
+
+
 def _threshold(conn: psycopg.Connection, loaded: LoadedCollaboration, query: ApprovedQuery, stored: ledger.StoredRelease,
                request: str | None) -> CheckOutcome:
     spec, dims = query.spec, list(query.spec.dimensions)

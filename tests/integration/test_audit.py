@@ -218,6 +218,12 @@ def test_a_refused_release_is_a_green_run_with_an_observation_not_a_materializat
     run = audited["instance"].get_run_by_id(refused[-1]["run_id"])
     assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
     assert not [e for e in entries if e["kind"] == "materialization" and e["run_id"] == run.run_id and e["asset"].endswith("results/campaign_reach")]
+    # Its checks answered anyway: the budget held, the chain is intact.
+    for name in ("budget_respected", "release_in_audit_chain"):
+        key = dg.AssetCheckKey(dg.AssetKey(naming.release_key(COLLAB, "campaign_reach")), name)
+        records = audited["instance"].event_log_storage.get_asset_check_execution_history(key, limit=20)
+        mine = [r for r in records if r.run_id == run.run_id]
+        assert mine and mine[0].event.dagster_event.event_specific_data.passed, name
 
 
 def test_the_budget_sensor_warns_once_in_its_tick_on_the_asset_pages_and_on_the_release_run(audited: dict[str, Any]) -> None:
