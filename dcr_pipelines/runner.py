@@ -109,15 +109,13 @@ def materialize(
 def job_for(defs: dg.Definitions, selection: Sequence[Sequence[str]]) -> dg.JobDefinition:
     """The collaboration's own job that holds every selected asset (so runs show on its job page and timeline);
     Dagster's implicit asset job only for a selection no single job holds (several collaborations, a test's mix)."""
-    from .defs.automation import job_names
-
     keys = {dg.AssetKey(list(k)) for k in selection}
     collabs = {k.path[0] for k in keys}
     if len(collabs) == 1:
         (c,) = collabs
-        names = [job_names(c)[n] for n in ("ad_hoc", "releases")]
+        names = [naming.job_names(c)[n] for n in ("ad_hoc", "releases")]
         names += sorted(j.name for j in defs.jobs or [] if j.name.startswith(f"{c}__") and j.name.endswith("__uploads"))
-        names.append(job_names(c)["pipeline"])
+        names.append(naming.job_names(c)["pipeline"])
         for name in names:
             try:
                 job = defs.resolve_job_def(name)

@@ -166,7 +166,9 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     if dry_run:
         _dry_run(runtime, loaded, approved)
         return
-    defs = _definitions(runtime)
+    from ..defs.release import release_definitions
+
+    defs = release_definitions(loaded, runtime.settings, runtime.warehouse.url())  # this collaboration's releases only
     with err.status(f"running {query} and releasing it through Dagster..."):
         outcome = materialize(
             defs, [naming.release_key(collab, query)], instance=_instance(), run_config=release_run_config(collab, query, values), stdout_log=_run_log()

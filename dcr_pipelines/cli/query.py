@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ._common import _collaboration, _definitions, _instance, _run_log, _runtime, err, fail, main, out
+from ._common import _collaboration, _instance, _run_log, _runtime, err, fail, main, out
 
 
 @main.group()
@@ -84,8 +84,11 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
     from ..services import adhoc as adhoc_service
 
     runtime = _runtime()
-    _known_member(_collaboration(runtime, collab), party)  # a policy mistake or unknown name stops here, exit 2
-    defs = _definitions(runtime)
+    loaded = _collaboration(runtime, collab)  # a policy mistake or unknown name stops here, exit 2
+    _known_member(loaded, party)
+    from ..defs.ad_hoc import ad_hoc_definitions
+
+    defs = ad_hoc_definitions(loaded, runtime.warehouse.url())  # this collaboration's ad-hoc asset only: no dbt to load
     with err.status("checking and running the query through Dagster..."):
         outcome = materialize(defs, [naming.ad_hoc_key(collab)], instance=_instance(), run_config=ad_hoc_run_config(collab, party, sql_text),
                               stdout_log=_run_log())

@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 
 from ..lib import home_psi, naming
+from ..lib.naming import job_names, uploads_job_name
 from ..lib.policy import LoadedCollaboration, PolicyError, load_collaboration
 from ..store import ledger
 from .common import BUDGET_LOW_TAG, PSI_FOLDER, landing_folder
@@ -25,15 +26,6 @@ def pipeline_selection(collab: str, appended: list[dg.AssetKey] | None = None) -
     which spend budget or hand out results and so run only when someone asks, and appended uploads (one run per file)."""
     selection = dg.AssetSelection.groups(collab) - dg.AssetSelection.tag("dcr/stage", "results") - dg.AssetSelection.tag("dcr/stage", "ad_hoc")
     return selection - dg.AssetSelection.assets(*appended) if appended else selection
-
-
-def job_names(collab: str) -> dict[str, str]:
-    """Every run of a collaboration goes through one of its jobs (see runner.materialize), never Dagster's implicit one."""
-    return {"pipeline": f"{collab}__all", "releases": f"{collab}__releases", "ad_hoc": f"{collab}__ad_hoc"}
-
-
-def uploads_job_name(collab: str, party: str, dataset: str) -> str:
-    return f"{collab}__{party}__{dataset}__uploads"
 
 
 def collaboration_jobs(loaded: LoadedCollaboration) -> list[Any]:

@@ -18,12 +18,13 @@ import dagster as dg
 
 from ..lib.policy import LoadedCollaboration
 from .access import _grants_asset
+from .ad_hoc import _ad_hoc_asset
 from .automation import _budget_sensor, _policy_sensor, _psi_answer_sensor, _schedules, collaboration_jobs
 from .common import audit_metadata, landing_folder  # noqa: F401 (used by the CLI and the audit trail)
 from .dbt_stages import _dbt_stage
 from .ingest import _ingest_asset, _landing_sensor
 from .matching import _bucket_asset, _cross_reference_asset
-from .release import _ad_hoc_asset, _release_asset
+from .release import _release_asset
 
 
 def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any], landing: Path, exports: Path, dbt_project: Path) -> dg.Definitions:
@@ -35,7 +36,7 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
         assets.extend(_bucket_asset(loaded, b) for b in range(loaded.collaboration.matching.buckets))
     assets.append(_cross_reference_asset(loaded, landing, exports))
     assets.append(_dbt_stage(loaded, manifest, "analysis", dbt_project))
-    assets.extend(_release_asset(loaded, q, exports, manifest) for q in loaded.queries)
+    assets.extend(_release_asset(loaded, q, exports, lambda: (dbt_project, manifest)) for q in loaded.queries)
     assets.append(_ad_hoc_asset(loaded))
     jobs = {job.name: job for job in collaboration_jobs(loaded)}
     sensors = [_landing_sensor(loaded, landing, jobs), _policy_sensor(loaded), _budget_sensor(loaded)]

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import dagster as dg
-from dagster_dbt import DagsterDbtTranslator
 
 from ..lib.policy import ApprovedQuery, LoadedCollaboration
 from ..lib.presentation import release_table
@@ -41,24 +40,6 @@ class AdHocConfig(dg.Config):
 
     runner: str = ""
     sql: str = ""
-
-
-class CollaborationTranslator(DagsterDbtTranslator):
-    """Keys, groups and owners of generated models come from their ``meta.dcr`` block."""
-
-    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: Any) -> dg.AssetSpec:
-        spec = super().get_asset_spec(manifest, unique_id, project)
-        props = manifest.get("nodes", {}).get(unique_id) or manifest.get("sources", {}).get(unique_id) or {}
-        meta = props.get("meta", {}).get("dcr") or props.get("config", {}).get("meta", {}).get("dcr")
-        if not meta:
-            return spec
-        key = dg.AssetKey(meta["asset_key"])
-        collab = key.path[0]
-        tags = {"dcr/stage": meta.get("stage") or "source"}
-        if meta.get("owner"):
-            tags["dcr/party"] = meta["owner"]
-        owners = [f"team:{meta['owner']}"] if meta.get("owner") else ["team:operator"]
-        return spec.replace_attributes(key=key, group_name=collab, tags={**spec.tags, **tags}, owners=owners)
 
 
 UPLOAD_CHECK = "upload_contract"

@@ -13,10 +13,12 @@ import filecmp
 import hashlib
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from dagster_dbt import DbtCliResource, DbtProject
+import dagster as dg
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject
 from dagster_dbt.dbt_project import DbtProjectPreparer
 
 from ..lib import dbt_codegen
@@ -101,3 +103,21 @@ def prepare_project(source: Path, deployment: Path, collaborations: Sequence[Loa
             return project
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class CollaborationTranslator(DagsterDbtTranslator):
+    """Keys, groups and owners of generated models come from their ``meta.dcr`` block."""
+
+    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: Any) -> dg.AssetSpec:
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        props = manifest.get("nodes", {}).get(unique_id) or manifest.get("sources", {}).get(unique_id) or {}
+        meta = props.get("meta", {}).get("dcr") or props.get("config", {}).get("meta", {}).get("dcr")
+        if not meta:
+            return spec
+        key = dg.AssetKey(meta["asset_key"])
+        collab = key.path[0]
+        tags = {"dcr/stage": meta.get("stage") or "source"}
+        if meta.get("owner"):
+            tags["dcr/party"] = meta["owner"]
+        owners = [f"team:{meta['owner']}"] if meta.get("owner") else ["team:operator"]
+        return spec.replace_attributes(key=key, group_name=collab, tags={**spec.tags, **tags}, owners=owners)

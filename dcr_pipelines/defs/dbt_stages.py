@@ -20,7 +20,8 @@ from ..services import ingest as ingest_lib
 from ..store import analysis as store_analysis
 from ..store import matching as store_matching
 from ..store import stages
-from .common import AnalysisConfig, CollaborationTranslator, T, _digest, analysis_lock_name, request_key
+from .common import AnalysisConfig, T, _digest, analysis_lock_name, request_key
+from .dbt_project import CollaborationTranslator
 from .dbt_project import hand_written_digest as _hand_written_digest
 from .resources import SecretsResource, WarehouseResource
 

@@ -16,10 +16,10 @@ from typing import Any
 import dagster as dg
 
 from ..lib import naming
+from ..lib.naming import job_names, uploads_job_name
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
 from ..store import uploads as queue
-from .automation import job_names, uploads_job_name
 from .common import UPLOAD_CHECK, UploadConfig
 from .resources import WarehouseResource
 

@@ -1,27 +1,24 @@
-"""Releases on request (bound to their parameters) and ad-hoc queries."""
+"""Releases on request, bound to their parameters."""
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DbtCliResource
 
-from ..lib import adhoc, naming
+from ..lib import naming
 from ..lib.database import advisory_lock
 from ..lib.params import ParameterError, validate_params
 from ..lib.policy import LoadedCollaboration
-from ..services import adhoc as adhoc_service
 from ..services import ingest as ingest_lib
 from ..services import release_checks
 from ..services.release import ReleaseRefused, release_query
 from ..store import analysis as store_analysis
-from ..store import audit_chain, ledger, stages
+from ..store import ledger, stages
 from ..store import matching as store_matching
+from .ad_hoc import refusal
 from .common import (
-    AdHocConfig,
-    CollaborationTranslator,
     ReleaseConfig,
     _audit_metadata,
     analysis_lock_name,
@@ -31,12 +28,13 @@ from .common import (
 )
 from .resources import WarehouseResource
 
+DbtProjectOf = Callable[[], tuple[Path, Mapping[str, Any]]]  # the prepared dbt project and its manifest, when a rebuild needs them
 
-def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, manifest: Mapping[str, Any]) -> dg.AssetsDefinition:
+
+def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, dbt_project: DbtProjectOf) -> dg.AssetsDefinition:
     c = loaded.name
     query = loaded.queries[query_name]
     spec = query.spec
-    translator = CollaborationTranslator()
     model = naming.query_model(c, query_name)
     mechanism = f"differentially private (opendp, epsilon {spec.privacy.epsilon})" if spec.privacy else f"thresholded (groups under {spec.min_distinct_units} people removed, no noise)"
 
@@ -60,7 +58,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         + f". Only on request (config: params){' or by a schedule' if spec.release == 'scheduled' else ''}. "
         "A refused request (parameters, budget, a rule) is recorded as an observation naming the reason. " + (spec.description or ""),
     )
-    def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource, dbt: DbtCliResource) -> Iterator[Any]:
+    def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource) -> Iterator[Any]:
         try:
             params = validate_params(query, config.params)
         except ParameterError as exc:
@@ -78,9 +76,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 context.log.info(f"{query_name}: building its pre-noise table for this request ({json.dumps(params)})")
                 with warehouse.connect() as conn:
                     store_analysis.record_requests(conn, c, {query_name: (params, key)})
-                invocation = dbt.cli(["build", "--select", model], manifest=manifest, dagster_dbt_translator=translator, raise_on_error=False)
-                invocation.wait()
-                if not invocation.is_successful():
+                if not _build_model(model, dbt_project):
                     raise dg.Failure(f"the pre-noise table of {query_name} could not be built for this request; nothing was released or charged (run log: dbt)")
                 with warehouse.connect() as conn:
                     store_analysis.record_built(conn, c, {query_name: (params, key)}, versions)
@@ -144,70 +140,37 @@ def _check_results(outcomes: list[release_checks.CheckOutcome]) -> list[dg.Asset
             for o in outcomes]
 
 
-def refusal(context: dg.AssetExecutionContext, message: str, *, rule: str, **details: Any) -> dg.AssetObservation:
-    """An expected outcome, recorded as what it is: an observation naming the rule (the run stays green; `dcr` reports it)."""
-    context.log.warning(message)
-    return dg.AssetObservation(
-        asset_key=context.asset_key,
-        description=message,
-        metadata={"outcome": "refused", "message": message, "rule": rule,
-                  **{k: (dg.MetadataValue.json(v) if isinstance(v, dict | list) else v) for k, v in details.items()}},
-    )
+def _build_model(model: str, dbt_project: DbtProjectOf) -> bool:
+    """dbt build of one pre-noise model. dagster-dbt is imported here, only when a request needs a rebuild
+    (a stored release, the common case of `dcr release`, loads no dbt at all)."""
+    from dagster_dbt import DbtCliResource
+
+    from .dbt_project import CollaborationTranslator, dbt_executable
+
+    project, manifest = dbt_project()
+    dbt = DbtCliResource(project_dir=str(project), profiles_dir=str(project), dbt_executable=str(dbt_executable()))
+    invocation = dbt.cli(["build", "--select", model], manifest=manifest, dagster_dbt_translator=CollaborationTranslator(), raise_on_error=False)
+    invocation.wait()
+    return bool(invocation.is_successful())
 
 
-def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
+def release_definitions(loaded: LoadedCollaboration, settings: Any, warehouse_url: str) -> dg.Definitions:
+    """Just one collaboration's releases, their job and the warehouse: what `dcr release` needs. The same runs as
+    through the full definitions (asset keys, job, checks, event log); the dbt project is prepared only if a
+    request's pre-noise table must be rebuilt."""
+    import json
+
+    from ..lib.policy import check_policies
+
+    def prepared() -> tuple[Path, Mapping[str, Any]]:
+        from .dbt_project import prepare_project, project_dir
+
+        every, _ = check_policies(settings.policies)  # the project holds every collaboration's models
+        project = prepare_project(settings.dbt_source, project_dir(settings.dbt_project, settings.policies), every)
+        return project.project_dir, json.loads(project.manifest_path.read_text())
+
     c = loaded.name
-    open_datasets = [name for name, ds in loaded.collaboration.datasets.items() if ds.analysis_rule.ad_hoc]
-
-    @dg.asset(
-        key=naming.ad_hoc_key(c),
-        deps=[dg.AssetKey(naming.matched_key(c, name)) for name in open_datasets] or [dg.AssetKey(naming.cross_reference_key(c))],
-        group_name=c,
-        kinds={"postgres", "sql"},
-        tags={"dcr/stage": "ad_hoc"},
-        owners=["team:operator"],
-        output_required=False,  # a refused query materializes nothing and is not a failed run
-        description=f"Ad-hoc SQL of a member with the run_queries ability, checked against the analysis rules of "
-        f"{', '.join(open_datasets) or 'no dataset (none allows ad-hoc SQL)'}, rewritten onto the matched views and thresholded; "
-        "each run stores its rows for its runner only. A refused query is an observation naming the rule (not a failed run). "
-        "Run with `dcr query run`.",
-    )
-    def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> Iterator[Any]:
-        digest = adhoc.query_sha256(config.sql)
-        try:
-            checked = adhoc.check(loaded, config.runner, config.sql)
-            with warehouse.connect() as conn:
-                result = adhoc_service.execute(conn, loaded, checked, context.run.run_id, config.sql)
-        except adhoc.QueryRefused as exc:
-            with warehouse.connect() as conn:  # refusals are in the audit chain too
-                chained = audit_chain.append(conn, naming.results_schema(c), c, "refusal", context.run.run_id,
-                                             {"run_id": context.run.run_id, "runner": config.runner, "query_sha256": digest, "rule": exc.rule,
-                                              "datasets": adhoc.datasets_named(loaded, config.sql)})
-            yield refusal(context, f"query refused: {exc}", rule=exc.rule, runner=config.runner, query_sha256=digest,
-                          query=adhoc.hashable(config.sql), datasets=", ".join(adhoc.datasets_named(loaded, config.sql)),
-                          audit_chain_sha256=chained.chain_sha256)
-            return
-        context.log.info(
-            f"ad-hoc query of {config.runner}: {len(result.rows)} rows released (threshold {checked.min_distinct_units}"
-            + (f"; {result.suppressed} withheld by the difference check)" if result.suppressed else ")")
-        )
-        yield dg.MaterializeResult(
-            metadata={
-                "runner": config.runner,
-                "query": adhoc.hashable(config.sql),
-                "query_sha256": digest,
-                "kind": checked.kind,
-                "datasets": ", ".join(checked.datasets),
-                "rules": dg.MetadataValue.json(list(checked.rules)),
-                "min_distinct_units": checked.min_distinct_units,
-                "rows": dg.MetadataValue.int(len(result.rows)),
-                "suppressed_rows": dg.MetadataValue.int(result.suppressed),
-                "audit_chain_sha256": result.audit_chain_sha256,
-                "suppressed_because": dg.MetadataValue.json(result.reasons),
-                "difference_checks": loaded.collaboration.difference_checks.enabled,
-                "columns": ", ".join(checked.columns),
-                "policy_sha256": loaded.policy_sha256,
-            }
-        )
-
-    return ad_hoc
+    job = dg.define_asset_job(naming.job_names(c)["releases"], selection=dg.AssetSelection.groups(c) & dg.AssetSelection.tag("dcr/stage", "results"),
+                              tags={"dcr/collaboration": c})
+    return dg.Definitions(assets=[_release_asset(loaded, q, settings.exports, prepared) for q in loaded.queries], jobs=[job],
+                          resources={"warehouse": WarehouseResource(url=warehouse_url)}, executor=dg.in_process_executor)

@@ -111,3 +111,14 @@ def release_key(collab: str, query: str) -> list[str]:
 
 def ad_hoc_key(collab: str) -> list[str]:
     return [collab, "results", "ad_hoc"]
+
+
+# Dagster job names: every run of a collaboration goes through one of its jobs (runner.job_for).
+
+
+def job_names(collab: str) -> dict[str, str]:
+    return {"pipeline": f"{collab}__all", "releases": f"{collab}__releases", "ad_hoc": f"{collab}__ad_hoc"}
+
+
+def uploads_job_name(collab: str, party: str, dataset: str) -> str:
+    return f"{collab}__{party}__{dataset}__uploads"

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import psycopg
 from psycopg import sql
 
@@ -357,6 +356,8 @@ def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, match
 
 def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: ApprovedQuery, export_dir: Path) -> list[Path]:
     """Write the release as CSV and Parquet into each receiver's folder (idempotent)."""
+    import pandas as pd  # only for the export files: a stored release or a refusal does not pay for its import
+
     frame = pd.DataFrame(stored.rows)
     frame.insert(0, "release_id", stored.release_id)
     written = []

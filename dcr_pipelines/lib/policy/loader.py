@@ -176,13 +176,38 @@ def _validation_issues(exc: ValidationError, path: Path, data: Any) -> list[Poli
 # --- loading ---------------------------------------------------------------------
 
 
+_LOADED: dict[tuple[str, bool, str], LoadedCollaboration | PolicyError] = {}
+
+
+def _folder_digest(folder: Path) -> str:
+    """Every file of a policy folder, by content: a verdict is reused only for exactly these bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def load_collaboration(folder: Path, *, approvals: bool = True) -> LoadedCollaboration:
     """Parse and cross-check ``folder``; raise ``PolicyError`` listing every mistake found.
 
     ``approvals=False`` skips only the approval checks (query hashes and
     protections): `dcr policy approve` loads a policy that is yet to be approved.
+    A process loads the same bytes once (parsing YAML with positions is slow; a command loads its policy several times).
     """
     folder = Path(folder)
+    key = (str(folder.resolve()), approvals, _folder_digest(folder) if folder.is_dir() else "")
+    if key not in _LOADED:
+        try:
+            _LOADED[key] = _load_collaboration(folder, approvals=approvals)
+        except PolicyError as exc:
+            _LOADED[key] = exc
+    found = _LOADED[key]
+    if isinstance(found, PolicyError):
+        raise PolicyError(list(found.issues))
+    return found
+
+
+def _load_collaboration(folder: Path, *, approvals: bool = True) -> LoadedCollaboration:
     collab_path = folder / COLLABORATION_FILE
     if not collab_path.is_file():
         raise PolicyError([PolicyIssue(collab_path, None, None, "", "file not found")])
@@ -345,8 +370,10 @@ def _expectation_problem(name: str, kwargs: dict[str, Any], columns: dict[str, A
 
 
 def _expectation_cache() -> Path | None:
-    home = os.environ.get("DCR_HOME")
-    return Path(home) / "cache" / "expectations.json" if home else None
+    """The deployment's verdict cache (the default home's too: `dcr query check` does not start the database)."""
+    from ..settings import Settings
+
+    return Settings.from_env().home / "cache" / "expectations.json"
 
 
 def _checked_expectation(name: str, kwargs: dict[str, Any]) -> str | None:

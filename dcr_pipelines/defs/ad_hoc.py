@@ -1,0 +1,98 @@
+"""Ad-hoc SQL of a member, as an asset; and the few definitions `dcr query run` needs (no dbt, no other collaboration).
+
+A refusal (of a query here, of a release in defs/release.py) is an expected outcome: an
+observation naming the rule, and a green run.
+"""
+
+from collections.abc import Iterator
+from typing import Any
+
+import dagster as dg
+
+from ..lib import adhoc, naming
+from ..lib.policy import LoadedCollaboration
+from ..services import adhoc as adhoc_service
+from ..store import audit_chain
+from .common import AdHocConfig
+from .resources import WarehouseResource
+
+
+def refusal(context: dg.AssetExecutionContext, message: str, *, rule: str, **details: Any) -> dg.AssetObservation:
+    """An expected outcome, recorded as what it is: an observation naming the rule (the run stays green; `dcr` reports it)."""
+    context.log.warning(message)
+    return dg.AssetObservation(
+        asset_key=context.asset_key,
+        description=message,
+        metadata={"outcome": "refused", "message": message, "rule": rule,
+                  **{k: (dg.MetadataValue.json(v) if isinstance(v, dict | list) else v) for k, v in details.items()}},
+    )
+
+
+def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
+    c = loaded.name
+    open_datasets = [name for name, ds in loaded.collaboration.datasets.items() if ds.analysis_rule.ad_hoc]
+
+    @dg.asset(
+        key=naming.ad_hoc_key(c),
+        deps=[dg.AssetKey(naming.matched_key(c, name)) for name in open_datasets] or [dg.AssetKey(naming.cross_reference_key(c))],
+        group_name=c,
+        kinds={"postgres", "sql"},
+        tags={"dcr/stage": "ad_hoc"},
+        owners=["team:operator"],
+        output_required=False,  # a refused query materializes nothing and is not a failed run
+        description=f"Ad-hoc SQL of a member with the run_queries ability, checked against the analysis rules of "
+        f"{', '.join(open_datasets) or 'no dataset (none allows ad-hoc SQL)'}, rewritten onto the matched views and thresholded; "
+        "each run stores its rows for its runner only. A refused query is an observation naming the rule (not a failed run). "
+        "Run with `dcr query run`.",
+    )
+    def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> Iterator[Any]:
+        digest = adhoc.query_sha256(config.sql)
+        try:
+            checked = adhoc.check(loaded, config.runner, config.sql)
+            with warehouse.connect() as conn:
+                result = adhoc_service.execute(conn, loaded, checked, context.run.run_id, config.sql)
+        except adhoc.QueryRefused as exc:
+            with warehouse.connect() as conn:  # refusals are in the audit chain too
+                chained = audit_chain.append(conn, naming.results_schema(c), c, "refusal", context.run.run_id,
+                                             {"run_id": context.run.run_id, "runner": config.runner, "query_sha256": digest, "rule": exc.rule,
+                                              "datasets": adhoc.datasets_named(loaded, config.sql)})
+            yield refusal(context, f"query refused: {exc}", rule=exc.rule, runner=config.runner, query_sha256=digest,
+                          query=adhoc.hashable(config.sql), datasets=", ".join(adhoc.datasets_named(loaded, config.sql)),
+                          audit_chain_sha256=chained.chain_sha256)
+            return
+        context.log.info(
+            f"ad-hoc query of {config.runner}: {len(result.rows)} rows released (threshold {checked.min_distinct_units}"
+            + (f"; {result.suppressed} withheld by the difference check)" if result.suppressed else ")")
+        )
+        yield dg.MaterializeResult(
+            metadata={
+                "runner": config.runner,
+                "query": adhoc.hashable(config.sql),
+                "query_sha256": digest,
+                "kind": checked.kind,
+                "datasets": ", ".join(checked.datasets),
+                "rules": dg.MetadataValue.json(list(checked.rules)),
+                "min_distinct_units": checked.min_distinct_units,
+                "rows": dg.MetadataValue.int(len(result.rows)),
+                "suppressed_rows": dg.MetadataValue.int(result.suppressed),
+                "audit_chain_sha256": result.audit_chain_sha256,
+                "suppressed_because": dg.MetadataValue.json(result.reasons),
+                "difference_checks": loaded.collaboration.difference_checks.enabled,
+                "columns": ", ".join(checked.columns),
+                "policy_sha256": loaded.policy_sha256,
+            }
+        )
+
+    return ad_hoc
+
+
+def ad_hoc_definitions(loaded: LoadedCollaboration, warehouse_url: str) -> dg.Definitions:
+    """Just the ad-hoc asset of one collaboration, its job and the warehouse: what an ad-hoc run needs.
+
+    The run is the same as through the full definitions (same asset key, job name, event log, audit
+    chain), without loading dbt or every collaboration first (a second, not four, before the query starts).
+    """
+    job = dg.define_asset_job(naming.job_names(loaded.name)["ad_hoc"], selection=dg.AssetSelection.assets(dg.AssetKey(naming.ad_hoc_key(loaded.name))),
+                              tags={"dcr/collaboration": loaded.name})
+    return dg.Definitions(assets=[_ad_hoc_asset(loaded)], jobs=[job], resources={"warehouse": WarehouseResource(url=warehouse_url)},
+                          executor=dg.in_process_executor)
