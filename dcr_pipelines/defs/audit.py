@@ -10,6 +10,7 @@ the chain against the releases table.
 
 import datetime as dt
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dagster as dg
@@ -50,33 +51,34 @@ def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt
     """Audit entries of a collaboration, oldest first."""
     c = loaded.name
     out: list[dict[str, Any]] = []
-    runs: dict[str, dg.DagsterRun | None] = {}
 
-    def who(run_id: str) -> str:
-        if run_id not in runs:
-            runs[run_id] = instance.get_run_by_id(run_id)
-        run = runs[run_id]
-        return run.tags.get(USER_TAG, "") if run else ""
+    def events(key: dg.AssetKey, kind: str) -> list[tuple[str, Any]]:
+        fetch = instance.fetch_materializations if kind == "materialization" else instance.fetch_observations
+        found, cursor = [], None
+        while True:
+            result = fetch(key, limit=500, cursor=cursor, ascending=True)
+            found += [(kind, record) for record in result.records]
+            if not result.has_more:
+                return found
+            cursor = result.cursor
 
-    for key in instance.get_asset_keys(prefix=[c]):
-        for kind, fetch in (("materialization", instance.fetch_materializations), ("observation", instance.fetch_observations)):
-            cursor = None
-            while True:
-                result = fetch(key, limit=500, cursor=cursor, ascending=True)
-                for record in result.records:
-                    event = record.event_log_entry.dagster_event
-                    data = event.event_specific_data if event else None
-                    payload = getattr(data, "materialization", None) or getattr(data, "asset_observation", None)
-                    metadata = _plain(payload.metadata if payload else {})
-                    out.append({
-                        "time": dt.datetime.fromtimestamp(record.timestamp, dt.UTC).isoformat(),
-                        "kind": metadata.get("outcome") if metadata.get("outcome") in EXPECTED_OUTCOMES else kind,
-                        "asset": key.to_user_string(), "run_id": record.run_id, "user": who(record.run_id),
-                        "metadata": metadata,
-                    })
-                if not result.has_more:
-                    break
-                cursor = result.cursor
+    # One query per asset and kind, each on its own connection: run them side by side (I/O, not CPU).
+    keys = [(key, kind) for key in instance.get_asset_keys(prefix=[c]) for kind in ("materialization", "observation")]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        fetched = [item for batch in pool.map(lambda kk: events(*kk), keys) for item in batch]
+    run_ids = sorted({record.run_id for _, record in fetched if record.run_id})
+    users = {run.run_id: run.tags.get(USER_TAG, "") for run in instance.get_runs(dg.RunsFilter(run_ids=run_ids))} if run_ids else {}
+    for kind, record in fetched:
+        event = record.event_log_entry.dagster_event
+        data = event.event_specific_data if event else None
+        payload = getattr(data, "materialization", None) or getattr(data, "asset_observation", None)
+        metadata = _plain(payload.metadata if payload else {})
+        out.append({
+            "time": dt.datetime.fromtimestamp(record.timestamp, dt.UTC).isoformat(),
+            "kind": metadata.get("outcome") if metadata.get("outcome") in EXPECTED_OUTCOMES else kind,
+            "asset": (payload.asset_key if payload else record.asset_key).to_user_string(), "run_id": record.run_id,
+            "user": users.get(record.run_id, ""), "metadata": metadata,
+        })
     for run_record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=2000):
         for log in instance.all_logs(run_record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
             step = log.step_key or ""
