@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/psi.py --size 100000
 	$(BIN)/python benchmarks/end_to_end.py --rows 100000
 	$(BIN)/python benchmarks/executors.py --rows 10000
+	$(BIN)/python benchmarks/interactive.py
 
 # Debian's Chromium for the browser test (skipped, with the reason, when it is absent). Needs root.
 browser:
