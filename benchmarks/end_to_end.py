@@ -128,7 +128,13 @@ def prepare(rows: int) -> tuple[Path, Any, Any, Any, Any]:
     policies = home / "policies"
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", policies / COLLAB)
     collab_file = policies / COLLAB / "collaboration.yaml"
-    collab_file.write_text(collab_file.read_text().replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 1000.0"))
+    # A large budget (the benchmark releases repeatedly) and impressions as one file (replace mode), as in earlier runs;
+    # every party approves the copy's looser protections, as a real collaboration would have to.
+    collab_file.write_text(collab_file.read_text().replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 1000.0")
+                           .replace("mode: append", "mode: replace"))
+    from dcr_pipelines.lib.policy.approve import approve_all
+
+    approve_all(policies / COLLAB)
     settings = dataclasses.replace(runtime.settings, policies=policies)
     os.environ["DCR_POLICIES"] = str(policies)
     ensure_development_secrets(settings.home, secret_names(settings))
