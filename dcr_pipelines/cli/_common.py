@@ -33,6 +33,8 @@ def _runtime() -> Any:
         return runtime
     except EmbeddedServerError as exc:
         fail(str(exc), INFRASTRUCTURE)
+    except ValueError as exc:  # a malformed DCR_DATABASE_URL / DCR_DAGSTER_DATABASE_URL
+        fail(f"{exc}: set DCR_DATABASE_URL to postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE, or unset it for the embedded server", 2)
     except PermissionError as exc:
         fail(f"permission denied on {exc.filename}: DCR_HOME must be writable by this user (or point DCR_HOME elsewhere)", INFRASTRUCTURE)
     except OSError as exc:
@@ -163,13 +165,13 @@ def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]]
     return outcome.metadata
 
 
-def _release_all(defs: Any, loaded: Any) -> None:
-    """Release every approved query with its default parameters (what `dcr demo` asks for)."""
+def _release_all(defs: Any, loaded: Any) -> dict[str, str]:
+    """Release every approved query with its default parameters (what `dcr demo` asks for); the release of each query."""
     from ..runner import materialize, release_keys
 
     keys = release_keys(defs, loaded.name)
     if not keys:
-        return
+        return {}
     with out.status(f"releasing {len(keys)} approved quer{'y' if len(keys) == 1 else 'ies'} through Dagster..."):
         outcome = materialize(defs, keys, instance=_instance(), stdout_log=_run_log())
     if not outcome.success:
@@ -177,6 +179,7 @@ def _release_all(defs: Any, loaded: Any) -> None:
     for key, meta in outcome.metadata.items():
         if meta.get("cached"):
             out.print(f"{key}: identical release found (same query, parameters and data versions): stored result returned, no budget charged")
+    return {key.rsplit("/", 1)[1]: str(meta["release_id"]) for key, meta in outcome.metadata.items() if meta.get("release_id")}
 
 
 def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str | None = None) -> None:
@@ -199,7 +202,8 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
 
     rid, rows, epsilon, params = stored.release_id, stored.rows, stored.epsilon, stored.params
     shown = release_table(query.spec, rows)
-    table = Table(title=f"{loaded.name}/{query_name}, release {rid}, params {json.dumps(params)}", title_justify="left")
+    out.print(f"{loaded.name}/{query_name}, release {rid}, params {json.dumps(params)}", markup=False, soft_wrap=True)
+    table = Table()
     for i, header in enumerate(shown.headers):
         table.add_column(header, justify="right" if i >= len(query.spec.dimensions) else "left")
     for row in shown.rows:
@@ -209,7 +213,7 @@ def _print_release(runtime: Any, loaded: Any, query_name: str, release_id: str |
         out.print(f"threshold rule: exact values, groups with fewer than {query.spec.min_distinct_units} distinct people removed; no budget charged")
         return
     out.print(
-        f"epsilon of this release: {epsilon:.3g}; {query.spec.consumer} has spent {status.spent:.3g} "
+        f"epsilon of this release: {epsilon:.3g}; {query.spec.consumer} has now spent {status.spent:.3g} "
         f"and has {status.remaining:.3g} of {status.total:.3g} left"
         + (f" (rolling {status.period_days}-day window)" if status.period_days else ""),
         soft_wrap=True,
@@ -224,9 +228,10 @@ def _release_rows(runtime: Any, loaded: Any, query_name: str, release_id: str) -
         return results.release_rows(conn, loaded.name, release_id)
 
 
-def _print_releases(runtime: Any, loaded: Any) -> None:
+def _print_releases(runtime: Any, loaded: Any, releases: dict[str, str] | None = None) -> None:
+    """Each query's release: the one this command asked for (``releases``), else the newest."""
     for query_name in loaded.queries:
-        _print_release(runtime, loaded, query_name)
+        _print_release(runtime, loaded, query_name, (releases or {}).get(query_name))
 
 
 # --- policy ------------------------------------------------------------------------
@@ -248,7 +253,9 @@ def _print_overlap(runtime: Any, loaded: Any, fmt: str = "table") -> None:
         rows = [(r.release_id, r.matched_people, r.ci_low, r.ci_high) for r in results.overlap_releases(conn, collab)]
     if fmt == "json":
         out.print_json(data={"collaboration": collab, "overlap_release": mode, "status": "released" if rows else "none released yet",
-                             "releases": [{"release_id": r[0], "matched_people": r[1], "ci_low": r[2], "ci_high": r[3]} for r in rows]})
+                             "releases": [{"release_id": r[0], "matched_people": round(r[1]),  # a count of people: a whole number
+                                           "ci_low": None if r[2] is None else round(r[2], 2), "ci_high": None if r[3] is None else round(r[3], 2)}
+                                          for r in rows]})
         return
     if not rows:
         out.print(f"{collab}: no overlap released yet (run the matching stage)")

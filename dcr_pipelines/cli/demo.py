@@ -64,8 +64,8 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
         _run_collaboration(defs, loaded)
     elif not at_home:
         _run_collaboration(defs, loaded)
-    _release_all(defs, loaded)  # the demo asks for every release explicitly, with the default parameters
-    _print_releases(runtime, loaded)
+    released = _release_all(defs, loaded)  # the demo asks for every release explicitly, with the default parameters
+    _print_releases(runtime, loaded, released)
     _example_ad_hoc(defs, loaded)
     if loaded.collaboration.matching.overlap_release != "withheld":
         _print_overlap(runtime, loaded)
@@ -135,12 +135,16 @@ EXAMPLE_AD_HOC = ("ad_network", "select i.campaign_id, c.loyalty_tier, count(dis
 
 def _example_ad_hoc(defs: Any, loaded: Any) -> None:
     """The README's ad-hoc example, run once so that every asset of the demo has been materialized (and shows how)."""
-    from ..lib import naming
+    from ..lib import adhoc, naming
     from ..runner import ad_hoc_run_config, materialize
 
     runner, sql_text = EXAMPLE_AD_HOC
     if not {"impressions", "customers"} <= set(loaded.collaboration.datasets) or runner not in loaded.collaboration.members:
         return
+    try:
+        adhoc.check(loaded, runner, sql_text)
+    except adhoc.QueryRefused:
+        return  # this collaboration's rules do not allow it (e.g. demo_home: approved queries only); nothing to show
     outcome = materialize(defs, [naming.ad_hoc_key(loaded.name)], instance=_instance(), run_config=ad_hoc_run_config(loaded.name, runner, sql_text),
                           stdout_log=_run_log())
     meta = outcome.metadata.get("/".join(naming.ad_hoc_key(loaded.name)), {})

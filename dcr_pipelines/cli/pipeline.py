@@ -144,6 +144,10 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     from ..lib.params import ParameterError, validate_params
     from ..runner import materialize, release_run_config
 
+    if chart is not None and chart.suffix.lower() != ".png":
+        fail(f"--chart {chart}: the chart is a PNG; give a file name ending in .png", 2)
+    if chart is not None and not chart.resolve().parent.is_dir():
+        fail(f"--chart {chart}: folder {chart.resolve().parent} does not exist; create it or choose another", 2)
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
     if query not in loaded.queries:
@@ -184,6 +188,11 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
         if meta["cached"]:
             out.print("identical release found (same query, parameters and data): returning it, no budget charged")
         _print_release(runtime, loaded, query, meta["release_id"])
+    budget = next((b for b in loaded.collaboration.budgets if b.consumer == approved.spec.consumer), None)
+    remaining = meta.get("epsilon_remaining")
+    if approved.spec.rule == "dp" and budget is not None and remaining is not None and remaining < budget.warning_level:
+        err.print(f"warning: {approved.spec.consumer}'s privacy budget is low: epsilon {remaining:.3g} of {budget.epsilon:g} left "
+                  f"(under warn_below {budget.warning_level:.3g})", markup=False, soft_wrap=True)
     if chart is not None:
         from ..lib.chart import release_chart
 

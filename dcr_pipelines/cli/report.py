@@ -139,7 +139,8 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, an
     table = Table(title=f"audit trail of {collab}" + (f" touching {party}" if party else "") + " (Dagster event log)", title_justify="left")
     for column in ("time (UTC)", "kind", "asset", "run", "user", "details"):
         table.add_column(column)
-    keep = ("version", "row_count", "rows_staged", "matched", "release_id", "epsilon_charged", "epsilon_remaining", "cached", "receivers", "message")
+    keep = ("version", "row_count", "rows_staged", "matched", "release_id", "epsilon_charged", "epsilon_remaining", "cached", "receivers",
+            "runner", "rows", "suppressed_rows", "message")
     for e in entries:
         details = ", ".join(f"{k}={e['metadata'][k]}" for k in keep if k in e["metadata"])
         table.add_row(e["time"][:19], e["kind"], e["asset"], e["run_id"][:8], e["user"], details)

@@ -46,6 +46,8 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         "Run with `dcr query run`.",
     )
     def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> Iterator[Any]:
+        if not config.runner.strip() or not config.sql.strip():  # launched without a request (e.g. from the UI): nothing to check or chain
+            raise dg.Failure("an ad-hoc run needs config: {runner: MEMBER, sql: \"SELECT ...\"}; use `dcr query run COLLAB --as MEMBER \"SQL\"`")
         digest = adhoc.query_sha256(config.sql)
         try:
             checked = adhoc.check(loaded, config.runner, config.sql)

@@ -71,22 +71,32 @@ def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
     return digest.hexdigest()
 
 
-def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str) -> Iterator[dg.MaterializeResult]:
-    """An unchanged stage: its models are reported as not recomputed, and its dbt checks are not run, so this run
-    yields no evaluation for them and Dagster records them as skipped (their last verdict stays with the run that made it)."""
-    context.log.info(f"{stage}: inputs, keys and SQL unchanged since the last build; dbt not run, its checks skipped")
+def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """An unchanged stage: its models are reported as not recomputed, and dbt does not run. Each of its checks
+    carries over its last verdict (the build these inputs made), so blocking checks still gate what is downstream:
+    a check with no passing verdict on record fails here and blocks."""
+    context.log.info(f"{stage}: inputs, keys and SQL unchanged since the last build; dbt not run, its checks carried over")
     selected = context.selected_asset_keys
     deps = context.assets_def.asset_deps
     order = TopologicalSorter({k: {d for d in deps.get(k, ()) if d in selected} for k in selected}).static_order()  # upstream first
-    skipped = sorted(f"{c.asset_key.to_user_string()}:{c.name}" for c in context.selected_asset_check_keys)
     for key in order:
         yield dg.MaterializeResult(
             asset_key=key,
             metadata={"recomputed": False, "stage_digest": digest,
-                      "checks_skipped": dg.MetadataValue.int(sum(1 for c in context.selected_asset_check_keys if c.asset_key == key))},
+                      "checks_carried_over": dg.MetadataValue.int(sum(1 for c in context.selected_asset_check_keys if c.asset_key == key))},
         )
-    if skipped:
-        context.log.info(f"{stage}: {len(skipped)} dbt check(s) not run (they ran, and passed, when the stage was built from these inputs)")
+    for check in sorted(context.selected_asset_check_keys, key=lambda k: (k.asset_key.to_user_string(), k.name)):
+        history = context.instance.event_log_storage.get_asset_check_execution_history(check, limit=5)
+        evaluated = [(r, getattr(r.event.dagster_event.event_specific_data, "passed", None)) for r in history
+                     if r.event is not None and r.event.dagster_event is not None]
+        last, verdict = next(((r, v) for r, v in evaluated if v is not None), (None, None))
+        passed = bool(verdict)
+        yield dg.AssetCheckResult(
+            asset_key=check.asset_key, check_name=check.name, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
+            description=(f"unchanged since run {last.run_id[:8]}: its verdict carried over (dbt not run)" if passed and last is not None
+                         else "no passing verdict on record for these inputs: blocked until the stage is rebuilt"),
+            metadata={"carried_over_from_run": last.run_id if last is not None else "", "recomputed": False},
+        )
 
 
 def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: str, dbt_project: Path) -> dg.AssetsDefinition:

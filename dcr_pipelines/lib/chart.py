@@ -32,8 +32,9 @@ def release_chart(rows: Sequence[Mapping[str, Any]], dimensions: Sequence[str], 
         ax.set_ylabel(metric)
         ax.axhline(0, color="black", linewidth=0.5)
         if second:
-            ax.legend(title=second, fontsize="small", ncols=min(4, len(series)))
-    axes[0, 0].set_title(title + "\n(bars: released values; whiskers: 95% intervals)")
+            ax.legend(title=second, fontsize="small", ncols=min(4, len(series)), loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside, not over, the bars
+    has_intervals = any(r.get("ci_low") is not None for r in rows)
+    axes[0, 0].set_title(title + ("\n(bars: released values; whiskers: 95% intervals)" if has_intervals else "\n(exact values: no noise, no interval)"))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

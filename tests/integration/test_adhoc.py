@@ -243,9 +243,10 @@ def test_threshold_rule_release_equals_plain_aggregate_minus_small_groups(collab
         (record,) = instance.event_log_storage.get_asset_check_execution_history(key, limit=1)
         assert record.run_id == outcome.run_id and record.event.dagster_event.event_specific_data.passed, name
     # The released table itself is on the asset page, counts as integers.
-    preview = meta["released_values"]
-    assert "| campaign_id | loyalty_tier | buyers | lifetime_value |" in preview
-    assert all(f"| {int(b)} |" in preview for b in kept["buyers"]) and ".0 |" not in preview
+    preview = [record.data for record in meta["released_values"].records]
+    assert preview and set(preview[0]) == {"campaign_id", "loyalty_tier", "buyers", "lifetime_value"}
+    assert sorted(int(r["buyers"]) for r in preview) == sorted(int(b) for b in kept["buyers"]) and all(r["buyers"].isdigit() for r in preview)
+    assert meta["about_these_values"].startswith("Threshold rule: exact values")
     # The threshold check is a second look: a group under the threshold in the released rows fails it.
     from dcr_pipelines.services import release_checks
     from dcr_pipelines.store import analysis as store_analysis
@@ -258,3 +259,14 @@ def test_threshold_rule_release_equals_plain_aggregate_minus_small_groups(collab
                                                               "metric": "buyers", "value": 1.0}], None)  # type: ignore[arg-type]
         verdict = release_checks.check_release(conn, collab["loaded"], collab["loaded"].queries["tier_reach"], forged, request)[0]
     assert verdict.name == "threshold_respected" and not verdict.passed and "under 25 people" in verdict.detail
+
+
+def test_an_ad_hoc_run_without_a_query_fails_and_chains_nothing(collab) -> None:  # type: ignore[no-untyped-def]
+    from dcr_pipelines.store import audit_chain
+
+    with psycopg.connect(collab["url"]) as conn:
+        before = len(audit_chain.chain(conn, naming.results_schema(COLLAB)))
+    outcome = materialize(collab["defs"], [naming.ad_hoc_key(COLLAB)], instance=dg.DagsterInstance.get(), run_config=ad_hoc_run_config(COLLAB, "", ""))
+    assert not outcome.success and not outcome.refused and "needs config" in (outcome.failure or "")
+    with psycopg.connect(collab["url"]) as conn:
+        assert len(audit_chain.chain(conn, naming.results_schema(COLLAB))) == before

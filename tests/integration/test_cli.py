@@ -210,3 +210,23 @@ def test_audit_anchor_without_verify_is_refused(tmp_path: Path) -> None:
     proc = run("audit", "demo", "--anchor", str(anchor))
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert proc.stderr == "error: --anchor is a chain head to check: it takes --verify (dcr audit COLLAB --verify --anchor FILE)\n"
+
+
+def test_the_demo_prints_the_releases_it_asked_for_not_a_later_request(runtime) -> None:  # type: ignore[no-untyped-def]
+    assert run("demo", "--rows", "1000").returncode == 0
+    other = run("release", "demo", "tier_reach", "--param", "since=2026-01-05")
+    assert other.returncode == 0 and '"since": "2026-01-05"' in other.stdout
+    again = run("demo", "--rows", "1000")
+    assert again.returncode == 0, again.stderr
+    shown = again.stdout.split("demo/tier_reach, release", 1)[1].splitlines()[0]
+    assert '"since": "2026-01-01"' in shown and "2026-01-05" not in shown
+    assert "Blocking asset check" not in again.stdout + again.stderr  # an unchanged stage's checks carry their verdicts
+
+
+def test_a_bad_chart_path_or_database_url_is_one_line_before_anything_runs(runtime, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for chart, said in ((tmp_path / "reach.txt", "ending in .png"), (tmp_path / "missing" / "reach.png", "does not exist")):
+        proc = run("release", "demo", "campaign_reach", "--chart", str(chart))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and said in proc.stderr, proc.stderr
+    assert not (tmp_path / "missing").exists()
+    bad = subprocess.run([*DCR, "budget", "demo"], capture_output=True, text=True, timeout=300, env={**os.environ, "DCR_DATABASE_URL": "not-a-url"})
+    assert bad.returncode == 2 and bad.stderr.startswith("error: not a PostgreSQL URL") and bad.stderr.count("\n") == 1
