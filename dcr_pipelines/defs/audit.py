@@ -24,7 +24,12 @@ EXPECTED_OUTCOMES = ("refused", "waiting")  # observations of a refused request 
 
 
 def _plain(metadata: Any) -> dict[str, Any]:
-    return {k: getattr(v, "value", v) for k, v in (metadata or {}).items()}
+    """Metadata as plain JSON values (a table, such as a release's released_values, as a list of rows)."""
+    out = {}
+    for k, v in (metadata or {}).items():
+        value = getattr(v, "value", v)
+        out[k] = [dict(r.data) for r in value.records] if isinstance(value, dg.TableMetadataValue) else value
+    return out
 
 
 def touches(loaded: LoadedCollaboration, asset: str, party: str, metadata: dict[str, Any] | None = None) -> bool:
