@@ -15,42 +15,26 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, Postgr
 from ..lib.runtime import activate
 
 
-def _dagster_url() -> str:
-    # dagster-postgres is written for psycopg2; SQLAlchemy 2.1 would pick psycopg 3.
-    return activate().dagster_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+class _DeploymentURL:
+    """No configuration: the URL is the deployment's (dagster-postgres is written for psycopg2; SQLAlchemy 2.1 would pick psycopg 3)."""
+
+    @classmethod
+    def config_type(cls) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_config_value(cls, inst_data: Any, config_value: Any) -> Any:
+        url = activate().dagster_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+        return cls(postgres_url=url, inst_data=inst_data)  # type: ignore[call-arg]
 
 
-class DeploymentRunStorage(PostgresRunStorage):
+class DeploymentRunStorage(_DeploymentURL, PostgresRunStorage):
     """Runs and their tags."""
 
-    @classmethod
-    def config_type(cls) -> dict[str, Any]:
-        return {}
 
-    @classmethod
-    def from_config_value(cls, inst_data: Any, config_value: Any) -> "DeploymentRunStorage":
-        return cls(postgres_url=_dagster_url(), inst_data=inst_data)
-
-
-class DeploymentEventLogStorage(PostgresEventLogStorage):
+class DeploymentEventLogStorage(_DeploymentURL, PostgresEventLogStorage):
     """The event log: materializations, observations, check results (the audit trail reads it)."""
 
-    @classmethod
-    def config_type(cls) -> dict[str, Any]:
-        return {}
 
-    @classmethod
-    def from_config_value(cls, inst_data: Any, config_value: Any) -> "DeploymentEventLogStorage":
-        return cls(postgres_url=_dagster_url(), inst_data=inst_data)
-
-
-class DeploymentScheduleStorage(PostgresScheduleStorage):
+class DeploymentScheduleStorage(_DeploymentURL, PostgresScheduleStorage):
     """Schedule and sensor state (ticks, cursors)."""
-
-    @classmethod
-    def config_type(cls) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_config_value(cls, inst_data: Any, config_value: Any) -> "DeploymentScheduleStorage":
-        return cls(postgres_url=_dagster_url(), inst_data=inst_data)

@@ -106,3 +106,17 @@ def expected_campaign_reach(files: demo_data.DemoFiles, since: str = "2026-01-01
     return out.reset_index()
 
 
+
+
+def checkout_copy(tmp_path: Path, dotenv: str | None = None) -> Path:
+    """The checkout as `dg` sees it, without the developer's own `.env` (which names their deployment, not the test's);
+    ``dotenv``: the `.env` to put there instead."""
+    root = tmp_path / "checkout"
+    root.mkdir()
+    for name in ("pyproject.toml", "workspace.yaml", "dagster.yaml"):
+        shutil.copyfile(PROJECT_ROOT / name, root / name)
+    for name in (".venv", "dcr_pipelines", "dbt_project", "policies"):
+        (root / name).symlink_to(PROJECT_ROOT / name)
+    if dotenv is not None:
+        (root / ".env").write_text(dotenv)
+    return root

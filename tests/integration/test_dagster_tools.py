@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,8 @@ import dagster as dg
 import pytest
 
 from dcr_pipelines.lib.runtime import record_in_dotenv
-from dcr_pipelines.lib.settings import PROJECT_ROOT
+
+from .conftest import checkout_copy
 
 pytestmark = pytest.mark.slow
 DG = str(Path(sys.executable).with_name("dg"))
@@ -20,14 +20,7 @@ DG = str(Path(sys.executable).with_name("dg"))
 
 def _project(tmp_path: Path, home: Path) -> Path:
     """A checkout as a user has it after `make demo`: the project files and a `.env` naming the deployment."""
-    root = tmp_path / "checkout"
-    root.mkdir()
-    for name in ("pyproject.toml", "workspace.yaml", "dagster.yaml"):
-        shutil.copyfile(PROJECT_ROOT / name, root / name)
-    for name in (".venv", "dcr_pipelines", "dbt_project", "policies"):
-        (root / name).symlink_to(PROJECT_ROOT / name)
-    (root / ".env").write_text(f"DCR_HOME={home}\nDAGSTER_HOME={home / 'dagster_home'}\n")
-    return root
+    return checkout_copy(tmp_path, f"DCR_HOME={home}\nDAGSTER_HOME={home / 'dagster_home'}\n")
 
 
 def _bare_env() -> dict[str, str]:

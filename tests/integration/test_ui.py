@@ -17,7 +17,8 @@ import pytest
 
 from dcr_pipelines.definitions import build_definitions
 from dcr_pipelines.lib import naming
-from dcr_pipelines.lib.settings import PROJECT_ROOT
+
+from .conftest import checkout_copy
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -86,17 +87,6 @@ def _dcr(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(Path(sys.executable).with_name("dcr")), *args], capture_output=True, text=True, timeout=600)
 
 
-def _project_copy(tmp_path: Path) -> Path:
-    """The checkout as `dg dev` sees it, minus its `.env` (which names a developer's own deployment, not the test's)."""
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("pyproject.toml", "workspace.yaml", "dagster.yaml"):
-        shutil.copyfile(PROJECT_ROOT / name, root / name)
-    for name in (".venv", "dcr_pipelines", "dbt_project", "policies"):
-        (root / name).symlink_to(PROJECT_ROOT / name)
-    return root
-
-
 NO_BROWSER = ("Chromium is not installed and could not be (`make test` installs Debian's chromium with apt-get when it runs as root); "
               "the browser test needs it")
 
@@ -116,7 +106,7 @@ def test_the_ui_shows_lineage_released_tables_automation_and_refusals_as_green_r
     port = _free_port()
     ui = subprocess.Popen(
         [str(Path(sys.executable).with_name("dg")), "dev", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=_project_copy(tmp_path), env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=checkout_copy(tmp_path), env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     shots = runtime.settings.home / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
