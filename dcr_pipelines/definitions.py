@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import dagster as dg
-from dagster_dbt import DbtCliResource
 
 from .defs.collaboration import build_collaboration
-from .defs.dbt_project import dbt_executable, prepare_project, project_dir
+from .defs.dbt_project import prepare_project, project_dir
+from .defs.dbt_runner import DbtRunnerResource
 from .defs.resources import SecretsResource, WarehouseResource
 from .lib.policy import check_policies
 from .lib.runtime import activate, development_secrets_allowed, ensure_development_secrets, secret_env_name
@@ -46,7 +46,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         resources={
             "warehouse": WarehouseResource(url=dg.EnvVar("DCR_WAREHOUSE_URL")),
             "secrets": SecretsResource(),
-            "dbt": DbtCliResource(project_dir=str(project.project_dir), profiles_dir=str(project.project_dir), dbt_executable=str(dbt_executable())),
+            "dbt": DbtRunnerResource(project_dir=str(project.project_dir)),
         },
         sensors=[_broken_policy_sensor(name, problems) for name, problems in sorted(broken.items())],
     )

@@ -12,32 +12,25 @@ import fcntl
 import filecmp
 import hashlib
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject
+from dagster_dbt import DagsterDbtTranslator, DbtProject
 from dagster_dbt.dbt_project import DbtProjectPreparer
 
 from ..lib import dbt_codegen
 from ..lib.policy import LoadedCollaboration
+from . import dbt_runner
 
 HAND_WRITTEN = ("dbt_project.yml", "profiles.yml")
 MACROS = "macros"
-STAMP = "dcr_manifest.sha256"
+STAMP = dbt_runner.STAMP
 
 
 class DbtParseError(RuntimeError):
     """dbt could not parse the generated project."""
-
-
-def dbt_executable() -> Path:
-    """The dbt installed beside this interpreter (the project's venv), whatever PATH says, through ``dcr-dbt``
-    (it dies with the run's process: a killed run leaves no dbt writing on)."""
-    wrapper = Path(sys.executable).with_name("dcr-dbt")
-    return wrapper if wrapper.is_file() else Path(sys.executable).with_name("dbt")
 
 
 def hand_written_digest(project_dir: Path) -> str:
@@ -76,13 +69,12 @@ class PolicyModelsPreparer(DbtProjectPreparer):
         stamp = project.project_dir / project.target_path / STAMP
         if project.manifest_path.is_file() and stamp.is_file() and stamp.read_text().strip() == stamp_value:
             return
-        dbt = DbtCliResource(project_dir=project, dbt_executable=str(dbt_executable()))
-        invocation = dbt.cli(["parse", "--quiet"], target_path=project.target_path, raise_on_error=False)
-        invocation.wait()
-        if not invocation.is_successful():
-            error = invocation.get_error()
-            raise DbtParseError(f"dbt parse failed in {project.project_dir}: {error}")
+        try:
+            manifest = dbt_runner.parse(Path(project.project_dir), write_json=True)
+        except dbt_runner.DbtRunError as exc:
+            raise DbtParseError(str(exc)) from None
         stamp.write_text(stamp_value)
+        dbt_runner.remember(Path(project.project_dir), stamp_value, manifest)
 
 
 def project_dir(dbt_root: Path, policies: Path) -> Path:

@@ -2,14 +2,13 @@
 
 import hashlib
 import hmac
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DbtCliResource, dbt_assets
+from dagster_dbt import dbt_assets
 
 from ..lib import dbt_codegen, naming
 from ..lib.database import advisory_lock
@@ -20,28 +19,11 @@ from ..services import ingest as ingest_lib
 from ..store import analysis as store_analysis
 from ..store import matching as store_matching
 from ..store import stages
-from .common import AnalysisConfig, T, _digest, analysis_lock_name, request_key
+from .common import AnalysisConfig, _digest, analysis_lock_name, request_key
 from .dbt_project import CollaborationTranslator
 from .dbt_project import hand_written_digest as _hand_written_digest
+from .dbt_runner import DbtRunnerResource
 from .resources import SecretsResource, WarehouseResource
-
-
-def _spawn_with_env(extra: Mapping[str, str], start: Callable[[], T]) -> T:
-    """Run ``start`` (which spawns a subprocess) with ``extra`` in the environment, then restore it.
-
-    The subprocess copies the environment when it starts; this process keeps
-    the values only for the instant of the spawn.
-    """
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        return start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> Iterator[dg.AssetObservation]:
@@ -106,17 +88,18 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
     code = _code_digest(loaded, dbt_project)
     relations = _stage_relations(manifest, c, stage)
 
+    select = f"tag:dcr_{c},tag:dcr_{stage}"
     if stage == "staging":
 
-        @dbt_assets(manifest=manifest, select=f"tag:dcr_{c},tag:dcr_staging", name=f"{c}__staging", dagster_dbt_translator=translator)
+        @dbt_assets(manifest=manifest, select=select, name=f"{c}__staging", dagster_dbt_translator=translator)
         def staging(
-            context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
+            context: dg.AssetExecutionContext, dbt: DbtRunnerResource, warehouse: WarehouseResource, secrets: SecretsResource
         ) -> Iterator[Any]:
             with advisory_lock(warehouse.url, f"dcr-stage:{c}:staging"):  # one dbt build of a stage at a time; the next one skips
                 yield from _staging(context, dbt, warehouse, secrets)
 
         def _staging(
-            context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource, secrets: SecretsResource
+            context: dg.AssetExecutionContext, dbt: DbtRunnerResource, warehouse: WarehouseResource, secrets: SecretsResource
         ) -> Iterator[Any]:
             keys = {p: secrets.hmac_key(c, p) for p in loaded.parties() if not loaded.at_home(p)}
             with warehouse.connect() as conn:
@@ -132,9 +115,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                     yield from _skipped(context, "staging", digest)
                     return
             pads = {p: hmac_pads(k) for p, k in keys.items()}
-            options = " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), pgoptions(pads)]))
-            invocation = _spawn_with_env({"PGOPTIONS": options}, lambda: dbt.cli(["build"], context=context))
-            yield from invocation.stream()
+            yield from dbt.build_stage(context, manifest, select, translator, env={"PGOPTIONS": pgoptions(pads)})
             yield from _rejections(warehouse, loaded)
             if context.selected_asset_keys == context.assets_def.keys:  # a partial build does not vouch for the whole stage
                 with warehouse.connect() as conn:
@@ -142,12 +123,12 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
 
         return staging
 
-    @dbt_assets(manifest=manifest, select=f"tag:dcr_{c},tag:dcr_analysis", name=f"{c}__analysis", dagster_dbt_translator=translator)
-    def analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtCliResource, warehouse: WarehouseResource) -> Iterator[Any]:
+    @dbt_assets(manifest=manifest, select=select, name=f"{c}__analysis", dagster_dbt_translator=translator)
+    def analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtRunnerResource, warehouse: WarehouseResource) -> Iterator[Any]:
         with advisory_lock(warehouse.url, analysis_lock_name(c)):
             yield from _analysis(context, config, dbt, warehouse)
 
-    def _analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtCliResource, warehouse: WarehouseResource) -> Iterator[Any]:
+    def _analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtRunnerResource, warehouse: WarehouseResource) -> Iterator[Any]:
         try:
             params = {name: validate_params(q, config.params.get(name, {})) for name, q in loaded.queries.items()}
             unknown = sorted(set(config.params) - set(loaded.queries))
@@ -167,7 +148,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
         requests = {q: request_key(query, params[q], versions, match) for q, query in loaded.queries.items()}
         with warehouse.connect() as conn:
             store_analysis.record_requests(conn, c, {q: (params[q], requests[q]) for q in loaded.queries})
-        yield from dbt.cli(["build"], context=context).stream()
+        yield from dbt.build_stage(context, manifest, select, translator)
         built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
         with warehouse.connect() as conn:
             store_analysis.record_built(conn, c, {q: (params[q], requests[q]) for q in built}, versions)

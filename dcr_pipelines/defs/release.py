@@ -141,17 +141,12 @@ def _check_results(outcomes: list[release_checks.CheckOutcome]) -> list[dg.Asset
 
 
 def _build_model(model: str, dbt_project: DbtProjectOf) -> bool:
-    """dbt build of one pre-noise model. dagster-dbt is imported here, only when a request needs a rebuild
+    """dbt build of one pre-noise model, in this process. dbt is imported here, only when a request needs a rebuild
     (a stored release, the common case of `dcr release`, loads no dbt at all)."""
-    from dagster_dbt import DbtCliResource
+    from . import dbt_runner
 
-    from .dbt_project import CollaborationTranslator, dbt_executable
-
-    project, manifest = dbt_project()
-    dbt = DbtCliResource(project_dir=str(project), profiles_dir=str(project), dbt_executable=str(dbt_executable()))
-    invocation = dbt.cli(["build", "--select", model], manifest=manifest, dagster_dbt_translator=CollaborationTranslator(), raise_on_error=False)
-    invocation.wait()
-    return bool(invocation.is_successful())
+    project, _ = dbt_project()
+    return dbt_runner.build(Path(project), ["--select", model], label=f"release-{model}").success
 
 
 def release_definitions(loaded: LoadedCollaboration, settings: Any, warehouse_url: str) -> dg.Definitions:
