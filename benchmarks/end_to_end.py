@@ -8,8 +8,11 @@ On a fresh embedded PostgreSQL under a temporary DCR_HOME:
    through Dagster (ingest + validation, dbt staging, PSI matching, dbt
    analysis, the three releases), with each step's wall time;
 2. re-run with nothing changed;
-3. re-run after 1% new rows in the ad network's upload;
-4. the no-privacy baseline on the same data and database: COPY the three
+3. re-run after 1% new rows: the ad network appends a file of new impressions
+   (append mode: one upload partition, validated alone);
+4. the same three runs again in a second copy with ``matching.key_epoch: 7d``
+   (keys and blinded sets kept: only new identities are blinded);
+5. the no-privacy baseline on the same data and database: COPY the three
    files, join on the plain normalised email, compute the same aggregates in SQL.
 
 Writes ``benchmarks/results/end_to_end_<rows>.json``. Peak memory: this
@@ -70,24 +73,34 @@ def _peak_mb() -> dict[str, float]:
     return {"this_process_mb": round(own, 1), "largest_child_mb": round(children, 1)}
 
 
-def _stage_times(instance: Any, run_id: str) -> dict[str, float]:
+def _stage_times(instance: Any, run_id: str, collab: str) -> dict[str, float]:
     stats = instance.get_run_step_stats(run_id)
-    return {s.step_key.removeprefix(f"{COLLAB}__"): round((s.end_time or 0) - (s.start_time or 0), 2) for s in stats if s.end_time}
+    return {s.step_key.removeprefix(f"{collab}__"): round((s.end_time or 0) - (s.start_time or 0), 2) for s in stats if s.end_time}
 
 
-def _run(defs: Any, keys: list[list[str]], label: str) -> dict[str, Any]:
+def _run(defs: Any, collab: str, label: str) -> dict[str, Any]:
+    """What `dcr run --release` does: one run per waiting append-mode upload, then one run of the rest."""
     import dagster as dg
 
-    from dcr_pipelines.runner import analysis_run_config, materialize
+    from dcr_pipelines.lib.policy import load_collaboration
+    from dcr_pipelines.runner import analysis_run_config, collaboration_keys, ingest_uploads, materialize
 
     instance = dg.DagsterInstance.get()
+    log = Path(os.environ["DCR_HOME"]) / "logs" / "runs.log"  # dbt output off the terminal
+    loaded = load_collaboration(Path(os.environ["DCR_POLICIES"]) / collab)
     started = time.perf_counter()
-    outcome = materialize(defs, keys, instance=instance, run_config=analysis_run_config(COLLAB, {}),
-                          stdout_log=Path(os.environ["DCR_HOME"]) / "logs" / "runs.log")  # dbt output off the terminal
+    stages: dict[str, float] = {}
+    for upload in ingest_uploads(defs, loaded, Path(os.environ["DCR_LANDING"]), os.environ["DCR_WAREHOUSE_URL"], instance=instance, stdout_log=log):
+        if not upload.success:
+            raise SystemExit(f"{label} failed: {upload.failure}")
+        for k, v in _stage_times(instance, upload.run_id, collab).items():
+            stages[k] = round(stages.get(k, 0.0) + v, 2)
+    outcome = materialize(defs, collaboration_keys(defs, collab, releases=True), instance=instance,
+                          run_config=analysis_run_config(collab, {}), stdout_log=log)
     wall = time.perf_counter() - started
     if not outcome.success:
         raise SystemExit(f"{label} failed: {outcome.failure}")
-    stages = _stage_times(instance, outcome.run_id)
+    stages.update(_stage_times(instance, outcome.run_id, collab))
     print(f"{label}: {wall:.1f} s  " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
     return {"wall_s": round(wall, 2), "stages_s": stages}
 
@@ -114,39 +127,45 @@ def _baseline(url: str, files: Any) -> dict[str, Any]:
     return {"wall_s": round(total, 2), "load_s": round(loaded, 2), "queries_s": times}
 
 
+EPOCH_COLLAB = "bench_epoch"
+
+
 def prepare(rows: int) -> tuple[Path, Any, Any, Any, Any]:
-    """A temporary DCR_HOME with the embedded PostgreSQL, the ``bench`` copy of the demo and its generated, landed uploads."""
+    """A temporary DCR_HOME with the embedded PostgreSQL, two copies of the demo (``bench``: fresh PSI keys every run;
+    ``bench_epoch``: a 7-day key epoch) and their generated, landed uploads."""
     home = Path(tempfile.mkdtemp(prefix="dcr-bench-"))
     os.environ["DCR_HOME"] = str(home)
     os.environ.pop("DCR_DATABASE_URL", None)
     from dcr_pipelines.definitions import secret_names
     from dcr_pipelines.lib import demo_data
+    from dcr_pipelines.lib.policy.approve import approve_all
     from dcr_pipelines.lib.runtime import activate, ensure_development_secrets
     from dcr_pipelines.lib.settings import PROJECT_ROOT
 
     runtime = activate()
     policies = home / "policies"
-    shutil.copytree(PROJECT_ROOT / "policies" / "demo", policies / COLLAB)
-    collab_file = policies / COLLAB / "collaboration.yaml"
-    # A large budget (the benchmark releases repeatedly) and impressions as one file (replace mode), as in earlier runs;
-    # every party approves the copy's looser protections, as a real collaboration would have to.
-    collab_file.write_text(collab_file.read_text().replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 1000.0")
-                           .replace("mode: append", "mode: replace"))
-    from dcr_pipelines.lib.policy.approve import approve_all
-
-    approve_all(policies / COLLAB)
+    for collab, epoch in ((COLLAB, "run"), (EPOCH_COLLAB, "7d")):
+        shutil.copytree(PROJECT_ROOT / "policies" / "demo", policies / collab)
+        collab_file = policies / collab / "collaboration.yaml"
+        # A large budget (the benchmark releases repeatedly); every party approves the copy's looser protections,
+        # as a real collaboration would have to.
+        collab_file.write_text(collab_file.read_text().replace("name: demo", f"name: {collab}").replace("epsilon: 10.0", "epsilon: 1000.0")
+                               .replace("  padding: false\n", f"  padding: false\n  key_epoch: {epoch}\n"))
+        assert f"key_epoch: {epoch}" in collab_file.read_text()
+        approve_all(policies / collab)
     settings = dataclasses.replace(runtime.settings, policies=policies)
     os.environ["DCR_POLICIES"] = str(policies)
     ensure_development_secrets(settings.home, secret_names(settings))
     files = demo_data.generate(home / "generated", rows=rows, overlap=0.3, seed=7)
 
-    def land() -> None:
-        for path in files.uploads:
-            target = settings.landing / COLLAB / path.parent.parent.name / path.parent.name / path.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
+    def land(paths: list[Path]) -> None:
+        for collab in (COLLAB, EPOCH_COLLAB):
+            for path in paths:
+                target = settings.landing / collab / path.parent.parent.name / path.parent.name / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
 
-    land()
+    land(list(files.uploads))
     return home, runtime, settings, files, land
 
 
@@ -160,35 +179,40 @@ def main() -> None:
     from dcr_pipelines.lib import demo_data
     from dcr_pipelines.lib.database import stop_embedded
     from dcr_pipelines.lib.settings import PROJECT_ROOT
-    from dcr_pipelines.runner import collaboration_keys
 
     home, runtime, settings, files, land = prepare(args.rows)
     try:
         defs = build_definitions(settings)
-        keys = collaboration_keys(defs, COLLAB, releases=True)
-        full = _run(defs, keys, "full run")
-        again = _run(defs, keys, "re-run, nothing changed")
-        # 1% new rows in the ad network's upload (new impressions of existing and new users)
+        # 1% new rows for the ad network: a second impressions file (new impressions of existing and new users)
         extra = max(1, args.rows // 100)
         more = demo_data.generate(home / "more", rows=extra * 2, overlap=0.3, seed=99)
-        with files.impressions.open("a") as handle, more.impressions.open() as new:
-            next(new)
+        appended = files.impressions.with_name("impressions_more.csv")
+        with more.impressions.open() as new, appended.open("w") as handle:
+            handle.write(next(new))
             for _, line in zip(range(extra), new, strict=False):
                 handle.write(line)
-        land()
-        incremental = _run(defs, keys, "re-run after 1% new impressions")
+        runs: dict[str, Any] = {}
+        for collab in (COLLAB, EPOCH_COLLAB):
+            tag = "" if collab == COLLAB else " (key epoch 7d)"
+            full = _run(defs, collab, "full run" + tag)
+            again = _run(defs, collab, "re-run, nothing changed" + tag)
+            land_one(settings, collab, appended)
+            incremental = _run(defs, collab, "re-run after 1% new impressions" + tag)
+            runs[collab] = {"full_run": full, "rerun_unchanged": again, "rerun_after_1pct_new_rows": incremental,
+                            "ratio_1pct_rerun_to_full": round(incremental["wall_s"] / full["wall_s"], 3)}
         baseline = _baseline(runtime.warehouse.url(), files)
+        full = runs[COLLAB]["full_run"]
         matching = full["stages_s"].get("matching__cross_reference", 0.0)
         result = {
             "rows_per_party": args.rows,
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
-            "full_run": full,
-            "rerun_unchanged": again,
-            "rerun_after_1pct_new_rows": incremental,
+            **runs[COLLAB],
+            "key_epoch_7d": runs[EPOCH_COLLAB],
             "baseline_no_privacy": baseline,
             "ratio_total_to_baseline": round(full["wall_s"] / baseline["wall_s"], 2),
             "ratio_total_minus_matching_to_baseline": round((full["wall_s"] - matching) / baseline["wall_s"], 2),
-            "ratio_1pct_rerun_to_full": round(incremental["wall_s"] / full["wall_s"], 3),
+            "ratio_1pct_rerun_to_full": runs[COLLAB]["ratio_1pct_rerun_to_full"],
+            "ratio_1pct_rerun_to_full_key_epoch": runs[EPOCH_COLLAB]["ratio_1pct_rerun_to_full"],
             "peak_memory": _peak_mb(),
         }
         out = PROJECT_ROOT / "benchmarks" / "results" / f"end_to_end_{args.rows}.json"
@@ -199,6 +223,13 @@ def main() -> None:
         stop_embedded(home)
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def land_one(settings: Any, collab: str, path: Path) -> None:
+    """Land one more file for the ad network's impressions (append mode: it becomes its own upload partition)."""
+    target = settings.landing / collab / "ad_network" / "impressions" / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, target)
 
 
 if __name__ == "__main__":

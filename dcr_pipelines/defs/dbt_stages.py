@@ -45,6 +45,23 @@ def _stage_relations(manifest: Mapping[str, Any], collab: str, stage: str) -> li
     )
 
 
+def _model_of(manifest: Mapping[str, Any], key: dg.AssetKey) -> str | None:
+    """The dbt model behind an asset key of a stage (through the ``meta.dcr.asset_key`` the code generator writes)."""
+    for node in manifest.get("nodes", {}).values():
+        meta = (node.get("config", {}).get("meta") or node.get("meta") or {}).get("dcr") or {}
+        if meta.get("asset_key") == list(key.path):
+            return str(node["name"])
+    return None
+
+
+def _dataset_relations(manifest: Mapping[str, Any], collab: str, dataset: str, loaded: LoadedCollaboration) -> list[str]:
+    """schema.alias of one dataset's staging models (they must still exist for it to be left as it is)."""
+    owner = loaded.collaboration.datasets[dataset].owner
+    names = {naming.normalised_model(collab, owner, dataset), naming.staging_model(collab, owner, dataset), naming.identities_model(collab, owner)}
+    return sorted(f"{n['schema']}.{n.get('alias') or n['name']}" for n in manifest.get("nodes", {}).values()
+                  if n.get("resource_type") == "model" and n.get("name") in names)
+
+
 def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
     """The SQL a collaboration's dbt stages run: its generated models and the hand-written macros."""
     digest = hashlib.sha256(_hand_written_digest(dbt_project).encode())
@@ -53,12 +70,14 @@ def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
     return digest.hexdigest()
 
 
-def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    """An unchanged stage: its models are reported as not recomputed, and dbt does not run. Each of its checks
-    carries over its last verdict (the build these inputs made), so blocking checks still gate what is downstream:
-    a check with no passing verdict on record fails here and blocks."""
-    context.log.info(f"{stage}: inputs, keys and SQL unchanged since the last build; dbt not run, its checks carried over")
-    selected = context.selected_asset_keys
+def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str,
+             only: set[dg.AssetKey] | None = None) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """An unchanged stage (or the unchanged models ``only`` of it): its models are reported as not recomputed, and dbt
+    does not run them. Each of their checks carries over its last verdict (the build these inputs made), so blocking
+    checks still gate what is downstream: a check with no passing verdict on record fails here and blocks."""
+    if only is None:
+        context.log.info(f"{stage}: inputs, keys and SQL unchanged since the last build; dbt not run, its checks carried over")
+    selected = context.selected_asset_keys if only is None else context.selected_asset_keys & only
     deps = context.assets_def.asset_deps
     order = TopologicalSorter({k: {d for d in deps.get(k, ()) if d in selected} for k in selected}).static_order()  # upstream first
     for key in order:
@@ -67,7 +86,7 @@ def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str) -> Iter
             metadata={"recomputed": False, "stage_digest": digest,
                       "checks_carried_over": dg.MetadataValue.int(sum(1 for c in context.selected_asset_check_keys if c.asset_key == key))},
         )
-    for check in sorted(context.selected_asset_check_keys, key=lambda k: (k.asset_key.to_user_string(), k.name)):
+    for check in sorted((k for k in context.selected_asset_check_keys if k.asset_key in selected), key=lambda k: (k.asset_key.to_user_string(), k.name)):
         history = context.instance.event_log_storage.get_asset_check_execution_history(check, limit=5)
         evaluated = [(r, getattr(r.event.dagster_event.event_specific_data, "passed", None)) for r in history
                      if r.event is not None and r.event.dagster_event is not None]
@@ -115,11 +134,32 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                     yield from _skipped(context, "staging", digest)
                     return
             pads = {p: hmac_pads(k) for p, k in keys.items()}
-            yield from dbt.build_stage(context, manifest, select, translator, env={"PGOPTIONS": pgoptions(pads)})
+            env = {"PGOPTIONS": pgoptions(pads)}
+            whole = context.selected_asset_keys == context.assets_def.keys
+            # Per dataset: what its models read (its upload version, its owner's key) and run. Only the changed ones are built.
+            parts = {name: _digest(code, loaded.policy_sha256, versions.get(f"{ds.owner}.{name}"), key_ids.get(ds.owner))
+                     for name, ds in loaded.collaboration.datasets.items()}
+            with warehouse.connect() as conn:
+                unchanged = {name for name, d in parts.items()
+                             if stages.can_skip(conn, c, f"staging/{name}", d, _dataset_relations(manifest, c, name, loaded))}
+            changed = set(parts) - unchanged
+            if whole and unchanged and changed:
+                owners = {loaded.collaboration.datasets[n].owner for n in changed}
+                build = {naming.normalised_model(c, loaded.collaboration.datasets[n].owner, n) for n in changed}
+                build |= {naming.staging_model(c, loaded.collaboration.datasets[n].owner, n) for n in changed}
+                build |= {naming.identities_model(c, o) for o in owners}
+                keep = {k for k in context.assets_def.keys if _model_of(manifest, k) not in build}
+                context.log.info(f"staging: {', '.join(sorted(changed))} changed; {', '.join(sorted(unchanged))} unchanged and not rebuilt")
+                yield from _skipped(context, "staging", digest, only=keep)
+                yield from dbt.build_stage(context, manifest, select, translator, env=env, models=sorted(build))
+            else:
+                yield from dbt.build_stage(context, manifest, select, translator, env=env)
             yield from _rejections(warehouse, loaded)
-            if context.selected_asset_keys == context.assets_def.keys:  # a partial build does not vouch for the whole stage
+            if whole:  # a partial build does not vouch for the whole stage
                 with warehouse.connect() as conn:
                     stages.record_build(conn, c, "staging", digest)
+                    for name, d in parts.items():
+                        stages.record_build(conn, c, f"staging/{name}", d)
 
         return staging
 

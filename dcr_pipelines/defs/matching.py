@@ -6,7 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from ..lib import home_psi, matching, naming
+from ..lib import home_psi, matching, naming, psi_epoch
 from ..lib.database import advisory_lock
 from ..lib.policy import LoadedCollaboration
 from ..services.release import release_overlap
@@ -192,11 +192,17 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
             )
         client_input = next(inp for inp in inputs if inp.party == client)
         home = _home_matches(loaded, setups, client_input, secrets.pairing_key(c), landing, exports)
-        if loaded.collaboration.matching.bucket_steps:
+        spec = loaded.collaboration.matching
+        epoch_metadata: dict[str, Any] = {"key_epoch": spec.key_epoch}
+        if spec.bucket_steps:
             with warehouse.connect() as conn:
                 result = _assemble_buckets(conn, loaded, inputs, home)
+        elif spec.key_epoch_seconds() and not home:
+            result, epoch_metadata = _match_in_epoch(warehouse, inputs, spec.key_epoch_seconds(), spec.padding)
         else:
-            result = matching.match(inputs, client, buckets=buckets, padding=loaded.collaboration.matching.padding, home=home)
+            with warehouse.connect() as conn:
+                store_matching.end_epoch(conn, c)  # keys of an earlier epoch setting do not outlive it
+            result = matching.match(inputs, client, buckets=buckets, padding=spec.padding, home=home)
         with warehouse.connect() as conn:
             store_matching.write_cross_reference(conn, c, result, digest, client)
             overlap = _release_overlap(context, conn, loaded, result.matched, digest)
@@ -213,10 +219,26 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
                 "buckets": buckets,
                 "home_parties": ", ".join(at_home) or "none",
                 "bytes_exchanged": dg.MetadataValue.int(result.bytes_exchanged),
+                **epoch_metadata,
                 "policy_sha256": loaded.policy_sha256,
             },
             data_version=dg.DataVersion(digest),
         )
+
+    def _match_in_epoch(warehouse: WarehouseResource, inputs: list[matching.PartyInput], seconds: int,
+                        padding: bool) -> tuple[matching.MatchResult, dict[str, Any]]:
+        """The match inside the current key epoch (a new one if it ended or the parties changed): only changed identities are blinded."""
+        config = psi_epoch.config_of(inputs, client)
+        with warehouse.connect() as conn:
+            state = store_matching.load_epoch(conn, c, config, seconds)
+            new = state is None
+            if state is None:
+                state = psi_epoch.new_state(inputs, client)
+            result, change = psi_epoch.match_in_epoch(inputs, client, state, padding=padding)
+            store_matching.save_epoch(conn, c, state, change, new)
+        return result, {"key_epoch": loaded.collaboration.matching.key_epoch, "key_epoch_started": new,
+                        "identities_blinded": dg.MetadataValue.int(change.blinded),
+                        "scalar_multiplications": dg.MetadataValue.int(change.multiplications)}
 
     return cross_reference
 

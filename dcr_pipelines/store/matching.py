@@ -8,7 +8,7 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from ..lib import matching, naming
+from ..lib import matching, naming, psi_epoch
 from ..lib.policy import LoadedCollaboration
 from ..store import access
 from . import migrations
@@ -107,3 +107,49 @@ def bucket_pairs(conn: psycopg.Connection, loaded: LoadedCollaboration, columns:
     pairs = conn.execute(sql.SQL("select {} from {} order by bucket").format(sql.SQL(", ").join(map(sql.Identifier, columns)), pairs_table)).fetchall()
     row = conn.execute(sql.SQL("select coalesce(sum(bytes_exchanged), 0) from {}").format(builds)).fetchone()
     return [tuple(p) for p in pairs], int(row[0]) if row else 0
+
+
+def load_epoch(conn: psycopg.Connection, collab: str, config: str, length_seconds: int) -> psi_epoch.EpochState | None:
+    """The current key epoch, if one is running for this configuration and younger than ``length_seconds``;
+    otherwise its keys and values are deleted (the epoch ended) and None is returned."""
+    schema = naming.matching_schema(collab)
+    migrations.ensure(conn, "matching", schema)
+    epoch, values = sql.Identifier(schema, "psi_epoch"), sql.Identifier(schema, "psi_epoch_values")
+    rows = conn.execute(sql.SQL("select party, psi_key, config, extract(epoch from now() - started_at) from {}").format(epoch)).fetchall()
+    if rows and all(r[2] == config and float(r[3]) < length_seconds for r in rows):
+        state = psi_epoch.EpochState(config, {str(r[0]): bytes(r[1]) for r in rows})
+        for owner, peer, token, value in conn.execute(sql.SQL("select owner, peer, token, value from {}").format(values)):
+            state.doubles.setdefault((owner, peer), {})[token] = bytes(value)
+        return state
+    end_epoch(conn, collab)
+    return None
+
+
+def end_epoch(conn: psycopg.Connection, collab: str) -> None:
+    """Delete the epoch's keys and blinded values (a new epoch, or key_epoch: run)."""
+    schema = naming.matching_schema(collab)
+    migrations.ensure(conn, "matching", schema)
+    with conn.transaction():
+        conn.execute(sql.SQL("delete from {}").format(sql.Identifier(schema, "psi_epoch_values")))
+        conn.execute(sql.SQL("delete from {}").format(sql.Identifier(schema, "psi_epoch")))
+
+
+def save_epoch(conn: psycopg.Connection, collab: str, state: psi_epoch.EpochState, change: psi_epoch.EpochChange, new: bool) -> None:
+    """Persist one match's change to the epoch (its keys too when the epoch is new), in one transaction."""
+    schema = naming.matching_schema(collab)
+    epoch, values = sql.Identifier(schema, "psi_epoch"), sql.Identifier(schema, "psi_epoch_values")
+    with conn.transaction():
+        if new:
+            conn.execute(sql.SQL("delete from {}").format(values))
+            conn.execute(sql.SQL("delete from {}").format(epoch))
+            with conn.cursor().copy(sql.SQL("copy {} (party, psi_key, config) from stdin").format(epoch)) as copy:
+                for party, key in sorted(state.keys.items()):
+                    copy.write_row((party, key, state.config))
+        if change.removed:
+            owners = sorted({o for o, _ in change.removed})
+            for owner in owners:
+                conn.execute(sql.SQL("delete from {} where owner = %s and token = any(%s)").format(values),
+                             (owner, [t for o, t in change.removed if o == owner]))
+        with conn.cursor().copy(sql.SQL("copy {} (owner, peer, token, value) from stdin").format(values)) as copy:
+            for row in change.added:
+                copy.write_row(row)

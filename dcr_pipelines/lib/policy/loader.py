@@ -306,6 +306,9 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
                   "the client's half runs at the operator, who completes the match")
     if parties and parties <= set(home):
         issue(("matching", "home_parties"), "at least one party must upload identifiers to the operator and act as the matching client")
+    if collab.matching.key_epoch != "run" and (home or collab.matching.bucket_steps):
+        issue(("matching", "key_epoch"), "key epochs keep the blinded sets at the operator: they need every party's identifiers there "
+              "(no home_parties) and one matching step (bucket_steps: false); use key_epoch: run")
     for i, budget in enumerate(collab.budgets):
         if budget.consumer not in members:
             issue(("budgets", i, "consumer"), f"unknown member {budget.consumer!r}")

@@ -97,6 +97,16 @@ class MatchingSpec(Strict):
     overlap_epsilon: float = Field(default=0.1, gt=0, le=10)  # per release of the overlap size
     overlap_budget: float = Field(default=1.0, gt=0)  # epsilon of all overlap releases in any 30 days
     home_parties: tuple[Name, ...] = ()
+    # How long the parties' PSI keys live. "run": fresh keys for every match (nothing links across runs). A duration
+    # ("12h", "7d"): the keys and every party's blinded set are kept for that long, and a new match blinds and compares
+    # only the identities that changed (docs/operations.md says what the parties could link across runs of one epoch).
+    key_epoch: str = Field(default="run", pattern=r"^(run|[1-9][0-9]{0,3}[hd])$")
+
+    def key_epoch_seconds(self) -> int:
+        """0 for "run", else the epoch's length in seconds."""
+        if self.key_epoch == "run":
+            return 0
+        return int(self.key_epoch[:-1]) * (3600 if self.key_epoch.endswith("h") else 86400)
 
 
 class FileFormat(Strict):

@@ -1,0 +1,135 @@
+"""Matching inside a key epoch: keys and blinded sets kept, so a new match does elliptic-curve work only for changed identities.
+
+The commutative cipher behind our PSI: ``blind(k, x) = H(x)^k`` and
+``reblind(j, blind(k, x)) == blind(k*j, x)``. Within an epoch every party
+keeps one key. For the client C and each other party S the state holds
+``H(x)^(kC*kS)`` for every identity x of C and of S (C's items reblinded by
+S, S's items reblinded by C). Equal values are the same identity, so the
+intersection and the pairing of tokens are a lookup; a new run blinds and
+reblinds only the identities added since the last one (two scalar
+multiplications each) and drops the removed ones.
+
+Each blinding runs in worker processes given only that party's key and
+that party's items; the halves exchange blinded values only. The state lives
+in the operator's matching schema, which no member role can read, and is
+deleted when the epoch ends (its keys with it). With ``key_epoch: run`` none
+of this is used: every match draws fresh keys, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .matching import MatchResult, PartyInput, _padding_rows
+from .psi import blind, new_key, reblind
+
+
+@dataclass
+class EpochState:
+    """One epoch: each party's key, and per (owner, peer) the doubly blinded value of each of the owner's tokens."""
+
+    config: str
+    keys: dict[str, bytes]
+    doubles: dict[tuple[str, str], dict[str, bytes]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EpochChange:
+    """What one match changed in the state: new (owner, peer, token, value) rows and removed (owner, token) pairs."""
+
+    added: list[tuple[str, str, str, bytes]]
+    removed: set[tuple[str, str]]
+    new_epoch: bool
+    blinded: int  # identities blinded this run
+    multiplications: int  # scalar multiplications this run (a blinding, and a reblinding per peer)
+
+
+def config_of(inputs: Sequence[PartyInput], client: str) -> str:
+    """What an epoch is bound to: the client and the set of parties (another set starts a new epoch)."""
+    return hashlib.sha256(f"client={client};parties={','.join(sorted(i.party for i in inputs))};v1".encode()).hexdigest()
+
+
+def new_state(inputs: Sequence[PartyInput], client: str) -> EpochState:
+    return EpochState(config_of(inputs, client), {inp.party: new_key() for inp in inputs})
+
+
+def _chunks(items: list[Any], parts: int) -> list[list[Any]]:
+    size = max(1, -(-len(items) // max(1, parts)))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _map(pool: ProcessPoolExecutor | None, fn: Callable[[bytes, Any], list[bytes]], key: bytes, items: list[Any], parts: int) -> list[bytes]:
+    if not items:
+        return []
+    if pool is None:
+        return list(fn(key, items))
+    out: list[bytes] = []
+    for part in pool.map(fn, [key] * len(chunks := _chunks(items, parts)), chunks):
+        out.extend(part)
+    return out
+
+
+def match_in_epoch(inputs: Sequence[PartyInput], client: str, state: EpochState, *, padding: bool = False,
+                   workers: int | None = None) -> tuple[MatchResult, EpochChange]:
+    """The cross-reference of ``inputs`` using (and updating, in memory) ``state``; the change to persist."""
+    by_party = {inp.party: inp for inp in inputs}
+    servers = [inp for inp in inputs if inp.party != client]
+    pairs = [(client, s.party) for s in servers] + [(s.party, client) for s in servers]  # (owner, peer)
+    added: list[tuple[str, str, str, bytes]] = []
+    removed: set[tuple[str, str]] = set()
+    new_items: dict[tuple[str, str], list[str]] = {}
+    for owner, peer in pairs:
+        have = state.doubles.setdefault((owner, peer), {})
+        current = set(by_party[owner].tokens)
+        for t in [t for t in have if t not in current]:
+            del have[t]
+            removed.add((owner, t))
+        new_items[(owner, peer)] = [t for t in by_party[owner].tokens if t not in have]
+    # Each party blinds its new identities once (the client's serve every server), then the peer reblinds them.
+    to_blind: dict[str, list[str]] = {}
+    for (owner, _), tokens in new_items.items():
+        to_blind[owner] = sorted(set(to_blind.get(owner, [])) | set(tokens))
+    identifier_of = {p: dict(zip(by_party[p].tokens, by_party[p].identifiers, strict=False)) for p in to_blind}
+    blinded_count = sum(len(v) for v in to_blind.values())
+    parts = workers or os.cpu_count() or 1
+    small = blinded_count < 2000  # a worker pool costs more than a few thousand multiplications
+    pool = None if small else ProcessPoolExecutor(max_workers=parts, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        singles = {p: dict(zip(tokens, _map(pool, blind, state.keys[p], [identifier_of[p][t] for t in tokens], parts), strict=True))
+                   for p, tokens in to_blind.items()}
+        for owner, peer in pairs:
+            tokens = new_items[(owner, peer)]
+            doubles = _map(pool, reblind, state.keys[peer], [singles[owner][t] for t in tokens], parts)
+            have = state.doubles[(owner, peer)]
+            for token, value in zip(tokens, doubles, strict=True):
+                have[token] = value
+                added.append((owner, peer, token, value))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    rows: list[tuple[str, ...]] = []
+    lookups = [{v: t for t, v in state.doubles[(s.party, client)].items()} for s in servers]
+    for token in by_party[client].tokens:
+        others = []
+        for s, lookup in zip(servers, lookups, strict=True):
+            hit = lookup.get(state.doubles[(client, s.party)][token])
+            if hit is None:
+                break
+            others.append(hit)
+        else:
+            rows.append((secrets.token_hex(16), token, *others))
+    matched = len(rows)
+    parties = (client, *(s.party for s in servers))
+    if padding:
+        rows.extend(_padding_rows(parties, [by_party[p].tokens for p in parties], {tok for row in rows for tok in row[1:]}))
+        rows.sort(key=lambda row: row[0])
+    counts = {inp.party: len(inp.identifiers) for inp in inputs}
+    change = EpochChange(added, removed, new_epoch=False, blinded=blinded_count, multiplications=blinded_count + len(added))
+    return MatchResult(parties, rows, counts, bytes_exchanged=sum(len(v) for *_, v in added), matched=matched), change
