@@ -26,11 +26,13 @@ from .dbt_runner import DbtRunnerResource
 from .resources import SecretsResource, WarehouseResource
 
 
-def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> Iterator[dg.AssetObservation]:
-    """Per staged dataset: rows in, rows staged, and identifiers rejected per reason (counts only)."""
+def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration, only: set[str] | None = None) -> Iterator[dg.AssetObservation]:
+    """Per staged dataset (of ``only``, the rebuilt ones): rows in, rows staged, and identifiers rejected per reason (counts only)."""
     with warehouse.connect() as conn:
-        counts = stages.staging_counts(conn, loaded)
+        counts = stages.staging_counts(conn, loaded, only)
     for name, ds in loaded.collaboration.datasets.items():
+        if name not in counts:
+            continue
         yield dg.AssetObservation(asset_key=naming.staging_key(loaded.name, ds.owner, name),
                                   metadata={k: dg.MetadataValue.int(v) for k, v in counts[name].items()})
 
@@ -152,9 +154,10 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 context.log.info(f"staging: {', '.join(sorted(changed))} changed; {', '.join(sorted(unchanged))} unchanged and not rebuilt")
                 yield from _skipped(context, "staging", digest, only=keep)
                 yield from dbt.build_stage(context, manifest, select, translator, env=env, models=sorted(build))
+                yield from _rejections(warehouse, loaded, changed)
             else:
                 yield from dbt.build_stage(context, manifest, select, translator, env=env)
-            yield from _rejections(warehouse, loaded)
+                yield from _rejections(warehouse, loaded)
             if whole:  # a partial build does not vouch for the whole stage
                 with warehouse.connect() as conn:
                     stages.record_build(conn, c, "staging", digest)

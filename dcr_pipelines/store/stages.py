@@ -43,11 +43,15 @@ def forget_build(conn: psycopg.Connection, collab: str, stage: str) -> None:
     conn.execute("delete from dcr_meta.stage_builds where collaboration = %s and stage = %s", (collab, stage))
 
 
-def staging_counts(conn: psycopg.Connection, loaded: LoadedCollaboration) -> dict[str, dict[str, int]]:
-    """Per dataset: rows in, rows staged, and identifiers rejected per reason (``rejected_<column>_<reason>``); counts only."""
+def staging_counts(conn: psycopg.Connection, loaded: LoadedCollaboration, only: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+    """Per dataset (of ``only``, default all): rows in, rows staged, and identifiers rejected per reason
+    (``rejected_<column>_<reason>``); counts only."""
     c = loaded.name
     out: dict[str, dict[str, int]] = {}
+    wanted = set(loaded.collaboration.datasets) if only is None else set(only)
     for name, ds in loaded.collaboration.datasets.items():
+        if name not in wanted:
+            continue
         table = sql.Identifier(naming.raw_schema(c, ds.owner), f"{name}__normalised")
         counts = {
             "rows_in": _count(conn, table),

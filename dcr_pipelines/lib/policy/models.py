@@ -100,7 +100,14 @@ class MatchingSpec(Strict):
     # How long the parties' PSI keys live. "run": fresh keys for every match (nothing links across runs). A duration
     # ("12h", "7d"): the keys and every party's blinded set are kept for that long, and a new match blinds and compares
     # only the identities that changed (docs/operations.md says what the parties could link across runs of one epoch).
-    key_epoch: str = Field(default="run", pattern=r"^(run|[1-9][0-9]{0,3}[hd])$")
+    key_epoch: str = "run"
+
+    @field_validator("key_epoch")
+    @classmethod
+    def _epoch_is_run_or_a_duration(cls, value: str) -> str:
+        if not re.fullmatch(r"run|[1-9][0-9]{0,3}[hd]", value):
+            raise ValueError(f"{value!r} is not a key epoch: use run, or a duration in hours or days such as 12h or 7d")
+        return value
 
     def key_epoch_seconds(self) -> int:
         """0 for "run", else the epoch's length in seconds."""
