@@ -356,10 +356,17 @@ def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, match
 
 def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: ApprovedQuery, export_dir: Path) -> list[Path]:
     """Write the release as CSV and Parquet into each receiver's folder (idempotent)."""
-    import pandas as pd  # only for the export files: a stored release or a refusal does not pay for its import
+    frame: Any = None
 
-    frame = pd.DataFrame(stored.rows)
-    frame.insert(0, "release_id", stored.release_id)
+    def table() -> Any:  # pandas only to write a file: a release already exported (or a refusal) does not pay for its import
+        nonlocal frame
+        if frame is None:
+            import pandas as pd
+
+            frame = pd.DataFrame(stored.rows)
+            frame.insert(0, "release_id", stored.release_id)
+        return frame
+
     written = []
     head = stored.audit.get("head")
     for receiver in query.spec.receivers:
@@ -369,7 +376,7 @@ def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: App
             path = folder / f"{stored.release_id}.{suffix}"
             if not path.exists():
                 tmp = path.with_name(path.name + ".tmp")
-                frame.to_csv(tmp, index=False) if suffix == "csv" else frame.to_parquet(tmp, index=False)
+                table().to_csv(tmp, index=False) if suffix == "csv" else table().to_parquet(tmp, index=False)
                 tmp.replace(path)
             written.append(path)
         anchor = folder / f"{stored.release_id}.anchor.json"
