@@ -159,7 +159,7 @@ class DbtRunnerResource(dg.ConfigurableResource):
     project_dir: str
 
     def build_stage(self, context: dg.AssetExecutionContext, manifest_json: Mapping[str, Any], select: str, translator: Any,
-                    env: Mapping[str, str] | None = None, models: list[str] | None = None) -> Iterator[Any]:
+                    env: Mapping[str, str] | None = None, models: list[str] | None = None, extra: list[str] | None = None) -> Iterator[Any]:
         """Build what ``context`` selected of ``select`` (or just ``models`` and the tests on them alone); Dagster events
         per model and test; a failed build fails the step (after the events of what did build) with one line per failed node."""
         project = Path(self.project_dir)
@@ -167,6 +167,7 @@ class DbtRunnerResource(dg.ConfigurableResource):
             selection = ["--select", *models, "--indirect-selection", "cautious"]
         else:
             selection = selection_for(context, manifest_json, select, translator)
+        selection = [*selection, *(extra or [])]
         label = context.assets_def.node_def.name
         result = build(project, selection, label=label, env=env)
         yield from dagster_events(result, context, manifest_json, translator)

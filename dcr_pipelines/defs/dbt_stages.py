@@ -64,6 +64,16 @@ def _dataset_relations(manifest: Mapping[str, Any], collab: str, dataset: str, l
                   if n.get("resource_type") == "model" and n.get("name") in names)
 
 
+def _appends_only(conn: Any, loaded: LoadedCollaboration, dataset: str, base: str) -> bool:
+    """Whether the dataset's normalised table can take its new uploads incrementally: built from the same SQL, policy
+    and key (``base``), and every upload it holds still current."""
+    if stages.last_build(conn, loaded.name, f"staging/{dataset}/base") != base:
+        return False
+    owner = loaded.collaboration.datasets[dataset].owner
+    held = stages.held_parts(conn, naming.raw_schema(loaded.name, owner), f"{dataset}__normalised")
+    return held is not None and held <= set(stages.current_parts(conn, loaded.name, owner, dataset))
+
+
 def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
     """The SQL a collaboration's dbt stages run: its generated models and the hand-written macros."""
     digest = hashlib.sha256(_hand_written_digest(dbt_project).encode())
@@ -145,6 +155,15 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 unchanged = {name for name, d in parts.items()
                              if stages.can_skip(conn, c, f"staging/{name}", d, _dataset_relations(manifest, c, name, loaded))}
             changed = set(parts) - unchanged
+            # An append-mode dataset's normalised model is incremental: it hashes only the uploads it does not hold yet,
+            # unless its SQL, policy or key changed or an upload it holds was withdrawn (then everything is rebuilt).
+            base = {name: _digest(code, loaded.policy_sha256, key_ids.get(ds.owner)) for name, ds in loaded.collaboration.datasets.items()}
+            with warehouse.connect() as conn:
+                full = sorted(name for name in changed if dbt_codegen.incremental(loaded, loaded.collaboration.datasets[name])
+                              and not _appends_only(conn, loaded, name, base[name]))
+            extra = ["--full-refresh"] if full else []
+            if full:
+                context.log.info(f"staging: {', '.join(full)} rebuilt from all uploads (SQL, policy or key changed, or an upload was withdrawn)")
             if whole and unchanged and changed:
                 owners = {loaded.collaboration.datasets[n].owner for n in changed}
                 build = {naming.normalised_model(c, loaded.collaboration.datasets[n].owner, n) for n in changed}
@@ -153,16 +172,17 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 keep = {k for k in context.assets_def.keys if _model_of(manifest, k) not in build}
                 context.log.info(f"staging: {', '.join(sorted(changed))} changed; {', '.join(sorted(unchanged))} unchanged and not rebuilt")
                 yield from _skipped(context, "staging", digest, only=keep)
-                yield from dbt.build_stage(context, manifest, select, translator, env=env, models=sorted(build))
+                yield from dbt.build_stage(context, manifest, select, translator, env=env, models=sorted(build), extra=extra)
                 yield from _rejections(warehouse, loaded, changed)
             else:
-                yield from dbt.build_stage(context, manifest, select, translator, env=env)
+                yield from dbt.build_stage(context, manifest, select, translator, env=env, extra=extra)
                 yield from _rejections(warehouse, loaded)
             if whole:  # a partial build does not vouch for the whole stage
                 with warehouse.connect() as conn:
                     stages.record_build(conn, c, "staging", digest)
                     for name, d in parts.items():
                         stages.record_build(conn, c, f"staging/{name}", d)
+                        stages.record_build(conn, c, f"staging/{name}/base", base[name])
 
         return staging
 

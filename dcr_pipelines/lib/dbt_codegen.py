@@ -117,6 +117,9 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
         raw_schema=n.raw_schema(c, p),
         dataset=dataset_name,
         party=p,
+        collab=c,
+        incremental=incremental(loaded, ds),
+        columns=json.dumps(list(ds.columns)),
         identifiers=identifiers,
         shared=list(ds.shared_columns),
         where=" and ".join(row_filter_sql(f) for f in ds.row_filters) or "true",
@@ -124,10 +127,16 @@ def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) 
     )
 
 
+def incremental(loaded: LoadedCollaboration, ds: Dataset) -> bool:
+    """An append-mode dataset tokenised here is normalised upload by upload: a new upload hashes only its own rows."""
+    return ds.mode == "append" and not loaded.at_home(ds.owner)
+
+
 def _normalised_config(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
     """The config block of a party's private ``<dataset>__normalised`` model, whether it tokenises here or arrives tokenised."""
     c, p = loaded.name, ds.owner
     return _config(
+        **({"materialized": "incremental"} if incremental(loaded, ds) else {}),
         schema=n.raw_schema(c, p),
         alias=f"{dataset_name}__normalised",
         tags=[f"dcr_{c}", "dcr_staging"],

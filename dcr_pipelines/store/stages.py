@@ -37,6 +37,22 @@ def record_build(conn: psycopg.Connection, collab: str, stage: str, digest: str)
     )
 
 
+def current_parts(conn: psycopg.Connection, collab: str, party: str, dataset: str) -> list[str]:
+    """The upload tables of a dataset's current version (its view is their union)."""
+    row = conn.execute("select parts from dcr_meta.dataset_versions where collaboration = %s and party = %s and dataset = %s and is_current",
+                       (collab, party, dataset)).fetchone()
+    return list(row[0]) if row and row[0] else []
+
+
+def held_parts(conn: psycopg.Connection, schema: str, table: str) -> set[str] | None:
+    """The upload tables an incremental normalised table holds rows of; None if it does not exist or predates them."""
+    found = conn.execute("select 1 from information_schema.columns where table_schema = %s and table_name = %s and column_name = '_dcr_part'",
+                         (schema, table)).fetchone()
+    if not found:
+        return None
+    return {str(r[0]) for r in conn.execute(sql.SQL("select distinct _dcr_part from {}").format(sql.Identifier(schema, table))).fetchall()}
+
+
 def forget_build(conn: psycopg.Connection, collab: str, stage: str) -> None:
     """The stage's tables no longer match its last recorded build: the next run must not skip it."""
     migrations.ensure(conn, "meta")

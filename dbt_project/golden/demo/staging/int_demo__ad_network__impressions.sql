@@ -1,7 +1,7 @@
-{{ config(schema="demo_raw_ad_network", alias="impressions__normalised", tags=["dcr_demo", "dcr_staging"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "private", "ad_network__impressions__normalised"], "stage": "staging", "owner": "ad_network"}}) }}{% if target.type == 'greenplum' %}{{ config(distributed_by="\"user_email_token\"") }}{% endif %}
+{{ config(materialized="incremental", schema="demo_raw_ad_network", alias="impressions__normalised", tags=["dcr_demo", "dcr_staging"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "private", "ad_network__impressions__normalised"], "stage": "staging", "owner": "ad_network"}}) }}{% if target.type == 'greenplum' %}{{ config(distributed_by="\"user_email_token\"") }}{% endif %}
 
 with source as (
-    select * from {{ source('demo_raw_ad_network', 'impressions') }}
+    {{ dcr_upload_rows(source('demo_raw_ad_network', 'impressions'), 'demo', 'ad_network', 'impressions', ["user_email", "campaign_id", "impression_time"]) }}
 ),
 
 normalised as (
@@ -9,7 +9,8 @@ normalised as (
         "user_email" as "user_email__raw",
         {{ dcr_normalise_identifier('"user_email"', 'email', {"gmail_drop_dots": false, "drop_plus_tag": false}) }} as "user_email",
         "campaign_id",
-        "impression_time"
+        "impression_time",
+        _dcr_part
     from source
     where true
 )
@@ -19,5 +20,6 @@ select
     {{ dcr_identifier_problem('normalised."user_email__raw"', 'email', 'normalised."user_email"') }} as "user_email__problem",
     case when normalised."user_email" is not null then {{ dcr_keyed_token('normalised."user_email"', 'ad_network') }} end as "user_email_token",
     normalised."campaign_id",
-    normalised."impression_time"
+    normalised."impression_time",
+    normalised._dcr_part
 from normalised
