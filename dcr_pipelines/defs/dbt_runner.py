@@ -126,8 +126,10 @@ def build(project: Path, selection: list[str], *, label: str, env: Mapping[str, 
             result = dbtRunner(manifest=manifest, callbacks=[collect]).invoke(args)
     finally:
         shutil.rmtree(target, ignore_errors=True)
-    if result.exception is not None:
-        errors.append(f"dbt: {result.exception}")
+    if isinstance(result.exception, KeyboardInterrupt):
+        errors.append("dbt was interrupted (Ctrl-C or a stop request); what it had not committed was rolled back: run it again")
+    elif result.exception is not None:
+        errors.append(f"dbt: {str(result.exception).strip() or result.exception.__class__.__name__}")
     for node in getattr(result.result, "results", None) or []:
         if str(node.status) in {"error", "fail", "runtime error"}:
             errors.append(f"{node.node.name}: {(node.message or str(node.status)).strip()}")

@@ -179,7 +179,12 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         setups = _home_inputs(loaded, landing)
         buckets = loaded.collaboration.matching.buckets
         digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()])
+        spec = loaded.collaboration.matching
+        epoch_seconds = 0 if (spec.bucket_steps or spec.home_parties) else spec.key_epoch_seconds()
         with warehouse.connect() as conn:
+            # Before anything else, so that it happens on unchanged identities too: an epoch whose time is up, or a
+            # setting without epochs (key_epoch: run, bucket steps), deletes the kept keys and blinded values.
+            store_matching.expire_epoch(conn, c, epoch_seconds)
             previous = store_matching.previous_match(conn, c)
         input_rows = {**{f"input_rows_{inp.party}": dg.MetadataValue.int(len(inp.tokens)) for inp in inputs},
                       **{f"input_rows_{p}": dg.MetadataValue.int(len(m.tokens)) for p, m in setups.items()}}
@@ -192,16 +197,13 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
             )
         client_input = next(inp for inp in inputs if inp.party == client)
         home = _home_matches(loaded, setups, client_input, secrets.pairing_key(c), landing, exports)
-        spec = loaded.collaboration.matching
         epoch_metadata: dict[str, Any] = {"key_epoch": spec.key_epoch}
         if spec.bucket_steps:
             with warehouse.connect() as conn:
                 result = _assemble_buckets(conn, loaded, inputs, home)
-        elif spec.key_epoch_seconds() and not home:
-            result, epoch_metadata = _match_in_epoch(warehouse, inputs, spec.key_epoch_seconds(), spec.padding)
+        elif epoch_seconds and not home:
+            result, epoch_metadata = _match_in_epoch(warehouse, inputs, epoch_seconds, spec.padding)
         else:
-            with warehouse.connect() as conn:
-                store_matching.end_epoch(conn, c)  # keys of an earlier epoch setting do not outlive it
             result = matching.match(inputs, client, buckets=buckets, padding=spec.padding, home=home)
         with warehouse.connect() as conn:
             store_matching.write_cross_reference(conn, c, result, digest, client)

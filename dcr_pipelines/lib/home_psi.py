@@ -23,14 +23,13 @@ import hmac
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from . import psi
 from .identifiers import normalise, token
+from .processes import map_chunks, worker_pool
 
 MAGIC = b"DCRPSI1\n"
 ELEMENT_BYTES = 33  # a compressed P-256 point
@@ -174,20 +173,12 @@ def operator_key(pairing_key: bytes, collaboration: str, party: str, request_id:
 # --- the elliptic-curve work, on every core ------------------------------------------------
 
 
-def _chunks(seq: Sequence[Any], parts: int) -> list[Sequence[Any]]:
-    size = -(-len(seq) // parts)
-    return [seq[i : i + size] for i in range(0, len(seq), size)]
-
-
 def _parallel(fn: Callable[[bytes, Sequence[Any]], list[bytes]], key: bytes, seq: Sequence[Any], workers: int | None) -> list[bytes]:
     lanes = max(1, min(workers or os.cpu_count() or 1, len(seq) // (PARALLEL_FROM // 2) or 1))
     if lanes == 1 or len(seq) < PARALLEL_FROM:
         return fn(key, seq)
-    with ProcessPoolExecutor(max_workers=lanes, mp_context=get_context("spawn")) as pool:
-        out: list[bytes] = []
-        for part in pool.map(fn, [key] * lanes, _chunks(seq, lanes)):
-            out.extend(part)
-        return out
+    with worker_pool(lanes) as pool:
+        return map_chunks(pool, fn, key, seq, lanes)
 
 
 def blind_all(key: bytes, items: Sequence[str], workers: int | None = None) -> list[bytes]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from .home_psi import HomeMatch
+from .processes import die_with_parent
 from .psi import PsiClient, PsiServer
 
 
@@ -117,8 +118,9 @@ def _split(inp: PartyInput, buckets: int) -> list[list[int]]:
     return out
 
 
-def _server_half(conn: Connection, buckets: dict[int, list[str]]) -> None:
+def _server_half(parent: int, conn: Connection, buckets: dict[int, list[str]]) -> None:
     """One party's server half, in its own process: answers requests for its buckets with its own fresh keys."""
+    die_with_parent(parent)
     while (message := conn.recv()) is not None:
         bucket, request, client_size = message
         server = PsiServer()
@@ -127,8 +129,9 @@ def _server_half(conn: Connection, buckets: dict[int, list[str]]) -> None:
     conn.close()
 
 
-def _client_half(conns: list[Connection], buckets: list[tuple[int, list[str]]], results: Connection) -> None:
+def _client_half(parent: int, conns: list[Connection], buckets: list[tuple[int, list[str]]], results: Connection) -> None:
     """The client party's half, in its own process: per bucket, a fresh key, a request to every server, the intersection."""
+    die_with_parent(parent)
     found: dict[int, list[int]] = {}
     exchanged = 0
     for bucket, items in buckets:
@@ -159,10 +162,10 @@ def _run_lanes(client_jobs: list[tuple[int, list[str]]], server_sets: list[dict[
         client_ends = []
         for sets in server_sets:
             client_end, server_end = ctx.Pipe()
-            processes.append(ctx.Process(target=_server_half, args=(server_end, {b: v for b, v in sets.items() if b in mine}), daemon=True))
+            processes.append(ctx.Process(target=_server_half, args=(os.getpid(), server_end, {b: v for b, v in sets.items() if b in mine}), daemon=True))
             client_ends.append(client_end)
         parent_end, child_end = ctx.Pipe(duplex=False)
-        processes.append(ctx.Process(target=_client_half, args=(client_ends, jobs, child_end), daemon=True))
+        processes.append(ctx.Process(target=_client_half, args=(os.getpid(), client_ends, jobs, child_end), daemon=True))
         receivers.append(parent_end)
     for process in processes:
         process.start()

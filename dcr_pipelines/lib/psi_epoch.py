@@ -19,15 +19,13 @@ of this is used: every match draws fresh keys, as before.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import secrets
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from .matching import MatchResult, PartyInput, _padding_rows
+from .processes import map_chunks, worker_pool
 from .psi import blind, new_key, reblind
 
 
@@ -60,22 +58,6 @@ def new_state(inputs: Sequence[PartyInput], client: str) -> EpochState:
     return EpochState(config_of(inputs, client), {inp.party: new_key() for inp in inputs})
 
 
-def _chunks(items: list[Any], parts: int) -> list[list[Any]]:
-    size = max(1, -(-len(items) // max(1, parts)))
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def _map(pool: ProcessPoolExecutor | None, fn: Callable[[bytes, Any], list[bytes]], key: bytes, items: list[Any], parts: int) -> list[bytes]:
-    if not items:
-        return []
-    if pool is None:
-        return list(fn(key, items))
-    out: list[bytes] = []
-    for part in pool.map(fn, [key] * len(chunks := _chunks(items, parts)), chunks):
-        out.extend(part)
-    return out
-
-
 def match_in_epoch(inputs: Sequence[PartyInput], client: str, state: EpochState, *, padding: bool = False,
                    workers: int | None = None) -> tuple[MatchResult, EpochChange]:
     """The cross-reference of ``inputs`` using (and updating, in memory) ``state``; the change to persist."""
@@ -100,13 +82,13 @@ def match_in_epoch(inputs: Sequence[PartyInput], client: str, state: EpochState,
     blinded_count = sum(len(v) for v in to_blind.values())
     parts = workers or os.cpu_count() or 1
     small = blinded_count < 2000  # a worker pool costs more than a few thousand multiplications
-    pool = None if small else ProcessPoolExecutor(max_workers=parts, mp_context=multiprocessing.get_context("spawn"))
+    pool = None if small else worker_pool(parts)
     try:
-        singles = {p: dict(zip(tokens, _map(pool, blind, state.keys[p], [identifier_of[p][t] for t in tokens], parts), strict=True))
+        singles = {p: dict(zip(tokens, map_chunks(pool, blind, state.keys[p], [identifier_of[p][t] for t in tokens], parts), strict=True))
                    for p, tokens in to_blind.items()}
         for owner, peer in pairs:
             tokens = new_items[(owner, peer)]
-            doubles = _map(pool, reblind, state.keys[peer], [singles[owner][t] for t in tokens], parts)
+            doubles = map_chunks(pool, reblind, state.keys[peer], [singles[owner][t] for t in tokens], parts)
             have = state.doubles[(owner, peer)]
             for token, value in zip(tokens, doubles, strict=True):
                 have[token] = value

@@ -654,7 +654,7 @@ def _withdraw(conn: psycopg.Connection, t: Target, seq: int) -> Version:
     upload = queue.get(conn, seq)
     current = current_version(conn, t)
     if upload is None or upload.dataset != t.dataset or upload.collaboration != t.collaboration or upload.party != t.party:
-        raise UploadRejected(f"no upload #{seq} of {t.collaboration}/{t.party}/{t.dataset} (see `dcr uploads {t.collaboration}`)")
+        raise UploadRejected(f"no upload #{seq} of {t.collaboration}/{t.party}/{t.dataset} (see `dcr uploads list {t.collaboration}`)")
     kept = tuple(p for p in (current.parts if current else ()) if not re.fullmatch(re.escape(t.dataset) + rf"__u{seq}(?:_r\d+)?", p))
     if upload.state != "accepted" or current is None or len(kept) == len(current.parts):
         raise UploadRejected(f"upload #{seq} ({upload.file_name}) is {upload.state}, not part of the current data: nothing to withdraw")

@@ -125,6 +125,18 @@ def load_epoch(conn: psycopg.Connection, collab: str, config: str, length_second
     return None
 
 
+def expire_epoch(conn: psycopg.Connection, collab: str, length_seconds: int) -> bool:
+    """End the key epoch (delete its keys and values) if epochs are off (``length_seconds`` 0) or its time is up."""
+    schema = naming.matching_schema(collab)
+    migrations.ensure(conn, "matching", schema)
+    row = conn.execute(sql.SQL("select count(*), coalesce(max(extract(epoch from now() - started_at)), 0) from {}").format(
+        sql.Identifier(schema, "psi_epoch"))).fetchone()
+    if row is None or int(row[0]) == 0 or (length_seconds and float(row[1]) < length_seconds):
+        return False
+    end_epoch(conn, collab)
+    return True
+
+
 def end_epoch(conn: psycopg.Connection, collab: str) -> None:
     """Delete the epoch's keys and blinded values (a new epoch, or key_epoch: run)."""
     schema = naming.matching_schema(collab)

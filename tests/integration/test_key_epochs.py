@@ -106,15 +106,30 @@ def test_a_changed_upload_blinds_only_new_identities_and_rebuilds_only_its_datas
     assert "recomputed" not in outcome.metadata[f"{COLLAB}/private/ad_network__impressions__normalised"]
 
 
-def test_ending_the_epoch_deletes_its_keys_and_values(ctx: dict[str, Any]) -> None:
+def _epoch_rows(url: str) -> tuple[int, int]:
+    with psycopg.connect(url) as conn:
+        counts = [conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(naming.matching_schema(COLLAB), t))).fetchone()
+                  for t in ("psi_epoch", "psi_epoch_values")]
+    return int(counts[0][0]), int(counts[1][0])  # type: ignore[index]
+
+
+def test_an_epoch_whose_time_is_up_is_deleted_even_when_nothing_changed(ctx: dict[str, Any]) -> None:
+    assert _epoch_rows(ctx["url"])[0] == 2
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        conn.execute(sql.SQL("update {} set started_at = now() - interval '8 days'").format(sql.Identifier(naming.matching_schema(COLLAB), "psi_epoch")))
+    outcome = _run(ctx)
+    assert outcome.metadata[f"{COLLAB}/matching/cross_reference"]["recomputed"] is False  # identities unchanged: no PSI work
+    assert _epoch_rows(ctx["url"]) == (0, 0)
+
+
+def test_ending_the_epoch_deletes_its_keys_and_values(ctx: dict[str, Any], tmp_path: Path) -> None:
+    more = pd.read_csv(demo_data.generate(tmp_path / "more", rows=100, overlap=0.5, seed=63).impressions)
+    target = ctx["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions.csv"
+    pd.concat([pd.read_csv(ctx["files"].impressions), more]).to_csv(target, index=False)
+    _run(ctx)  # a new epoch starts with the new identities
+    assert _epoch_rows(ctx["url"])[0] == 2
     path = ctx["folder"] / "collaboration.yaml"
     path.write_text(path.read_text().replace("  key_epoch: 7d\n", "  key_epoch: run\n"))
     approve_all(ctx["folder"])
-    with psycopg.connect(ctx["url"], autocommit=True) as conn:  # a new match is needed for the setting to act
-        conn.execute(sql.SQL("delete from {}").format(sql.Identifier(naming.matching_schema(COLLAB), "cross_reference_builds")))
-    outcome = _run(ctx)
-    assert outcome.metadata[f"{COLLAB}/matching/cross_reference"]["key_epoch"] == "run"
-    with psycopg.connect(ctx["url"]) as conn:
-        for table in ("psi_epoch", "psi_epoch_values"):
-            count = conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(naming.matching_schema(COLLAB), table))).fetchone()
-            assert count is not None and count[0] == 0, table
+    _run(ctx)  # identities unchanged: the cross-reference is kept, the epoch's keys are not
+    assert _epoch_rows(ctx["url"]) == (0, 0)

@@ -58,6 +58,8 @@ MISTAKES = [
     (COLLAB, "  overlap_release: exact   #", "  home_parties: [ad_network]\n  overlap_release: exact   #", "matching.home_parties[0]", "cannot be both the matching client and a home party"),
     (COLLAB, "  overlap_release: exact   #", "  home_parties: [ad_netwrk]\n  overlap_release: exact   #", "matching.home_parties[0]", "home party 'ad_netwrk' is not a member"),
     (COLLAB, "  overlap_release: exact   #", "  key_epoch: 7days\n  overlap_release: exact   #", "matching.key_epoch", "'7days' is not a key epoch: use run"),
+    (COLLAB, "  overlap_release: exact   #", "  key_epoch: 7\n  overlap_release: exact   #", "matching.key_epoch", "7 is not a key epoch: use run"),
+    (COLLAB, "  overlap_release: exact   #", "  key_epoch: 9999d\n  overlap_release: exact   #", "matching.key_epoch", "at most a year"),
     (COLLAB, "  overlap_release: exact   #", "  key_epoch: 7d\n  bucket_steps: true\n  overlap_release: exact   #", "matching.key_epoch", "one matching step (bucket_steps: false)"),
     (COLLAB, "  overlap_release: exact   #", "  overlap_release: withheld   #", "matching.overlap_release", "contradicts the analysis rules: impressions, customers"),
     (COLLAB, "  overlap_release: exact   #", "  overlap_release: dp   #", "matching.overlap_release", "let ad_network count the shared people exactly"),

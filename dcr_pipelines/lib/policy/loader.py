@@ -168,6 +168,8 @@ def _validation_issues(exc: ValidationError, path: Path, data: Any) -> list[Poli
         elif err["type"] == "enum":
             expected = err.get("ctx", {}).get("expected", "")
             message = f"{err['input']!r} is not one of {expected}"
+        elif err["type"] == "value_error":  # our validators' own sentences, without pydantic's "Value error, " prefix
+            message = str(message).removeprefix("Value error, ")
         line, column = locate(data, loc)
         issues.append(PolicyIssue(path, line, column, _dotted(loc), message))
     return issues

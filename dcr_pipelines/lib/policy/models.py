@@ -102,12 +102,14 @@ class MatchingSpec(Strict):
     # only the identities that changed (docs/operations.md says what the parties could link across runs of one epoch).
     key_epoch: str = "run"
 
-    @field_validator("key_epoch")
+    @field_validator("key_epoch", mode="before")
     @classmethod
-    def _epoch_is_run_or_a_duration(cls, value: str) -> str:
-        if not re.fullmatch(r"run|[1-9][0-9]{0,3}[hd]", value):
-            raise ValueError(f"{value!r} is not a key epoch: use run, or a duration in hours or days such as 12h or 7d")
-        return value
+    def _epoch_is_run_or_a_duration(cls, value: Any) -> str:
+        """run, or at most a year in hours (1h-8760h) or days (1d-365d): the longer an epoch, the more a party could link."""
+        match = re.fullmatch(r"run|([1-9][0-9]{0,3})([hd])", value) if isinstance(value, str) else None
+        if match is None or (match.group(1) and int(match.group(1)) > (8760 if match.group(2) == "h" else 365)):
+            raise ValueError(f"{value!r} is not a key epoch: use run, or a duration of at most a year in hours or days, such as 12h or 7d")
+        return str(value)
 
     def key_epoch_seconds(self) -> int:
         """0 for "run", else the epoch's length in seconds."""
