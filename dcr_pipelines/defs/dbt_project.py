@@ -86,7 +86,7 @@ def project_dir(dbt_root: Path, policies: Path) -> Path:
 def prepare_project(source: Path, deployment: Path, collaborations: Sequence[LoadedCollaboration]) -> DbtProject:
     """The deployment's dbt project, with models for ``collaborations`` and a manifest that matches them."""
     deployment.mkdir(parents=True, exist_ok=True)
-    with (deployment / ".dcr_prepare.lock").open("a") as lock:
+    with (deployment / dbt_runner.PREPARE_LOCK).open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             _sync_hand_written(source, deployment)

@@ -3,6 +3,7 @@
 import hashlib
 import hmac
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,27 @@ def _appends_only(conn: Any, loaded: LoadedCollaboration, dataset: str, base: st
     owner = loaded.collaboration.datasets[dataset].owner
     held = stages.held_parts(conn, naming.raw_schema(loaded.name, owner), f"{dataset}__normalised")
     return held is not None and held <= set(stages.current_parts(conn, loaded.name, owner, dataset))
+
+
+@dataclass(frozen=True)
+class _StagingPlan:
+    digests: dict[str, str]  # per dataset: its upload version, its owner's key, the SQL and policy
+    bases: dict[str, str]  # the same without the upload version (what an incremental build must share with the last one)
+    changed: set[str]
+    unchanged: set[str]
+    full: list[str]  # changed append-mode datasets that cannot take their new uploads incrementally
+
+
+def _staging_plan(conn: Any, loaded: LoadedCollaboration, manifest: Mapping[str, Any], code: str, versions: Mapping[str, Any],
+                  key_ids: Mapping[str, str]) -> _StagingPlan:
+    """Which datasets changed since their last staging build, and which of those must be rebuilt from all their uploads."""
+    c, datasets = loaded.name, loaded.collaboration.datasets
+    digests = {name: _digest(code, loaded.policy_sha256, versions.get(f"{ds.owner}.{name}"), key_ids.get(ds.owner)) for name, ds in datasets.items()}
+    bases = {name: _digest(code, loaded.policy_sha256, key_ids.get(ds.owner)) for name, ds in datasets.items()}
+    unchanged = {name for name, d in digests.items() if stages.can_skip(conn, c, f"staging/{name}", d, _dataset_relations(manifest, c, name, loaded))}
+    changed = set(digests) - unchanged
+    full = sorted(n for n in changed if dbt_codegen.incremental(loaded, datasets[n]) and not _appends_only(conn, loaded, n, bases[n]))
+    return _StagingPlan(digests, bases, changed, unchanged, full)
 
 
 def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
@@ -148,19 +170,9 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
             pads = {p: hmac_pads(k) for p, k in keys.items()}
             env = {"PGOPTIONS": pgoptions(pads)}
             whole = context.selected_asset_keys == context.assets_def.keys
-            # Per dataset: what its models read (its upload version, its owner's key) and run. Only the changed ones are built.
-            parts = {name: _digest(code, loaded.policy_sha256, versions.get(f"{ds.owner}.{name}"), key_ids.get(ds.owner))
-                     for name, ds in loaded.collaboration.datasets.items()}
             with warehouse.connect() as conn:
-                unchanged = {name for name, d in parts.items()
-                             if stages.can_skip(conn, c, f"staging/{name}", d, _dataset_relations(manifest, c, name, loaded))}
-            changed = set(parts) - unchanged
-            # An append-mode dataset's normalised model is incremental: it hashes only the uploads it does not hold yet,
-            # unless its SQL, policy or key changed or an upload it holds was withdrawn (then everything is rebuilt).
-            base = {name: _digest(code, loaded.policy_sha256, key_ids.get(ds.owner)) for name, ds in loaded.collaboration.datasets.items()}
-            with warehouse.connect() as conn:
-                full = sorted(name for name in changed if dbt_codegen.incremental(loaded, loaded.collaboration.datasets[name])
-                              and not _appends_only(conn, loaded, name, base[name]))
+                plan = _staging_plan(conn, loaded, manifest, code, versions, key_ids)
+            changed, unchanged, full = plan.changed, plan.unchanged, plan.full
             extra = ["--full-refresh"] if full else []
             if full:
                 context.log.info(f"staging: {', '.join(full)} rebuilt from all uploads (SQL, policy or key changed, or an upload was withdrawn)")
@@ -180,9 +192,9 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
             if whole:  # a partial build does not vouch for the whole stage
                 with warehouse.connect() as conn:
                     stages.record_build(conn, c, "staging", digest)
-                    for name, d in parts.items():
+                    for name, d in plan.digests.items():
                         stages.record_build(conn, c, f"staging/{name}", d)
-                        stages.record_build(conn, c, f"staging/{name}/base", base[name])
+                        stages.record_build(conn, c, f"staging/{name}/base", plan.bases[name])
 
         return staging
 

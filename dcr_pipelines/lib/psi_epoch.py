@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .matching import MatchResult, PartyInput, _padding_rows
+from .matching import MatchResult, PartyInput, assemble
 from .processes import map_chunks, worker_pool
 from .psi import blind, new_key, reblind
 
@@ -44,7 +43,6 @@ class EpochChange:
 
     added: list[tuple[str, str, str, bytes]]
     removed: set[tuple[str, str]]
-    new_epoch: bool
     blinded: int  # identities blinded this run
     multiplications: int  # scalar multiplications this run (a blinding, and a reblinding per peer)
 
@@ -75,9 +73,10 @@ def match_in_epoch(inputs: Sequence[PartyInput], client: str, state: EpochState,
             removed.add((owner, t))
         new_items[(owner, peer)] = [t for t in by_party[owner].tokens if t not in have]
     # Each party blinds its new identities once (the client's serve every server), then the peer reblinds them.
-    to_blind: dict[str, list[str]] = {}
+    wanted: dict[str, set[str]] = {}
     for (owner, _), tokens in new_items.items():
-        to_blind[owner] = sorted(set(to_blind.get(owner, [])) | set(tokens))
+        wanted.setdefault(owner, set()).update(tokens)
+    to_blind = {p: sorted(tokens) for p, tokens in wanted.items()}
     identifier_of = {p: dict(zip(by_party[p].tokens, by_party[p].identifiers, strict=False)) for p in to_blind}
     blinded_count = sum(len(v) for v in to_blind.values())
     parts = workers or os.cpu_count() or 1
@@ -96,22 +95,14 @@ def match_in_epoch(inputs: Sequence[PartyInput], client: str, state: EpochState,
     finally:
         if pool is not None:
             pool.shutdown()
-    rows: list[tuple[str, ...]] = []
+    matched: list[tuple[str, ...]] = []  # (client token, each server's token) per shared person
     lookups = [{v: t for t, v in state.doubles[(s.party, client)].items()} for s in servers]
     for token in by_party[client].tokens:
-        others = []
-        for s, lookup in zip(servers, lookups, strict=True):
-            hit = lookup.get(state.doubles[(client, s.party)][token])
-            if hit is None:
-                break
-            others.append(hit)
-        else:
-            rows.append((secrets.token_hex(16), token, *others))
-    matched = len(rows)
+        others = [lookup.get(state.doubles[(client, s.party)][token]) for s, lookup in zip(servers, lookups, strict=True)]
+        if all(o is not None for o in others):
+            matched.append((token, *(o for o in others if o is not None)))
     parties = (client, *(s.party for s in servers))
-    if padding:
-        rows.extend(_padding_rows(parties, [by_party[p].tokens for p in parties], {tok for row in rows for tok in row[1:]}))
-        rows.sort(key=lambda row: row[0])
+    rows = assemble(parties, matched, [by_party[p].tokens for p in parties], padding)
     counts = {inp.party: len(inp.identifiers) for inp in inputs}
-    change = EpochChange(added, removed, new_epoch=False, blinded=blinded_count, multiplications=blinded_count + len(added))
-    return MatchResult(parties, rows, counts, bytes_exchanged=sum(len(v) for *_, v in added), matched=matched), change
+    change = EpochChange(added, removed, blinded=blinded_count, multiplications=blinded_count + len(added))
+    return MatchResult(parties, rows, counts, bytes_exchanged=sum(len(v) for *_, v in added), matched=len(matched)), change

@@ -82,3 +82,12 @@ def test_a_large_change_uses_worker_processes_and_gives_the_same_people() -> Non
     result, change = psi_epoch.match_in_epoch(inputs, "client", psi_epoch.new_state(inputs, "client"), workers=2)
     assert change.blinded == 5000 and change.multiplications == 10000
     assert _pairs(result, inputs) == _plain(inputs)
+
+
+def test_padding_adds_one_row_per_unmatched_identity() -> None:
+    inputs = [_party("client", {"a@x.org", "b@x.org", "c@x.org"}), _party("s1", {"a@x.org", "d@x.org"})]
+    result, _ = psi_epoch.match_in_epoch(inputs, "client", psi_epoch.new_state(inputs, "client"), padding=True, workers=1)
+    assert result.matched == 1
+    assert len(result.rows) == 1 + 2 + 1  # the shared person, the client's two others, the server's one other
+    real = {t for inp in inputs for t in inp.tokens}
+    assert all(sum(t in real for t in row[1:]) in (1, 2) for row in result.rows)
