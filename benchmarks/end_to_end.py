@@ -15,9 +15,15 @@ On a fresh embedded PostgreSQL under a temporary DCR_HOME:
 5. the no-privacy baseline on the same data and database: COPY the three
    files, join on the plain normalised email, compute the same aggregates in SQL.
 
-Writes ``benchmarks/results/end_to_end_<rows>.json``. Peak memory: this
-process (Dagster, ingest, release) and the largest child (dbt, the PSI
-party processes); the PostgreSQL server is not included.
+``--scale`` (for 10M rows and more) runs only the full run, the re-run with
+nothing changed and the baseline, in the ``bench`` copy (fresh keys; a key
+epoch holds every identity's blinded value in memory).
+
+Writes ``benchmarks/results/end_to_end_<rows>.json``. Peak memory is sampled
+every 0.2 s during each run: the largest single process (the run's own, or a
+PSI party process) and the whole tree; the PostgreSQL server is not included
+(it is not a child of this process: its sorts and hash joins spill to disk).
+Demo data is generated before the runs and outside them.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +80,46 @@ def _peak_mb() -> dict[str, float]:
     return {"this_process_mb": round(own, 1), "largest_child_mb": round(children, 1)}
 
 
+class _MemorySampler:
+    """Peak RSS while the block runs of this process and its descendants (PSI party processes): the largest one and
+    their sum; the embedded PostgreSQL, a descendant too, is reported on its own (its RSS counts shared buffers)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import psutil
+
+        self._me, self._interval, self._stop = psutil.Process(), interval, threading.Event()
+        self.largest_mb = self.tree_mb = self.postgres_mb = 0.0
+        self.largest_name = ""
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            sizes, postgres = [], 0.0
+            for proc in [self._me, *self._me.children(recursive=True)]:
+                try:
+                    rss, name = proc.memory_info().rss / 2**20, proc.name()
+                except psutil.Error:
+                    continue
+                if name.startswith("postgres"):
+                    postgres = max(postgres, rss)
+                    continue
+                sizes.append(rss)
+                if rss > self.largest_mb:
+                    self.largest_mb, self.largest_name = rss, "this process" if proc.pid == self._me.pid else " ".join(proc.cmdline()[-2:])[:60]
+            self.tree_mb, self.postgres_mb = max(self.tree_mb, sum(sizes)), max(self.postgres_mb, postgres)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> _MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _stage_times(instance: Any, run_id: str, collab: str) -> dict[str, float]:
     stats = instance.get_run_step_stats(run_id)
     return {s.step_key.removeprefix(f"{collab}__"): round((s.end_time or 0) - (s.start_time or 0), 2) for s in stats if s.end_time}
@@ -90,19 +137,22 @@ def _run(defs: Any, collab: str, label: str) -> dict[str, Any]:
     loaded = load_collaboration(Path(os.environ["DCR_POLICIES"]) / collab)
     started = time.perf_counter()
     stages: dict[str, float] = {}
-    for upload in ingest_uploads(defs, loaded, Path(os.environ["DCR_LANDING"]), os.environ["DCR_WAREHOUSE_URL"], instance=instance, stdout_log=log):
-        if not upload.success:
-            raise SystemExit(f"{label} failed: {upload.failure}")
-        for k, v in _stage_times(instance, upload.run_id, collab).items():
-            stages[k] = round(stages.get(k, 0.0) + v, 2)
-    outcome = materialize(defs, collaboration_keys(defs, collab, releases=True), instance=instance,
-                          run_config=analysis_run_config(collab, {}), stdout_log=log)
+    with _MemorySampler() as memory:
+        for upload in ingest_uploads(defs, loaded, Path(os.environ["DCR_LANDING"]), os.environ["DCR_WAREHOUSE_URL"], instance=instance, stdout_log=log):
+            if not upload.success:
+                raise SystemExit(f"{label} failed: {upload.failure}")
+            for k, v in _stage_times(instance, upload.run_id, collab).items():
+                stages[k] = round(stages.get(k, 0.0) + v, 2)
+        outcome = materialize(defs, collaboration_keys(defs, collab, releases=True), instance=instance,
+                              run_config=analysis_run_config(collab, {}), stdout_log=log)
     wall = time.perf_counter() - started
     if not outcome.success:
         raise SystemExit(f"{label} failed: {outcome.failure}")
     stages.update(_stage_times(instance, outcome.run_id, collab))
-    print(f"{label}: {wall:.1f} s  " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
-    return {"wall_s": round(wall, 2), "stages_s": stages}
+    peak = {"largest_process_mb": round(memory.largest_mb, 1), "largest_process": memory.largest_name,
+            "process_tree_mb": round(memory.tree_mb, 1), "largest_postgres_process_mb": round(memory.postgres_mb, 1)}
+    print(f"{label}: {wall:.1f} s  " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + f"  peak {peak}", flush=True)
+    return {"wall_s": round(wall, 2), "stages_s": stages, "peak_memory": peak}
 
 
 def _baseline(url: str, files: Any) -> dict[str, Any]:
@@ -130,7 +180,7 @@ def _baseline(url: str, files: Any) -> dict[str, Any]:
 EPOCH_COLLAB = "bench_epoch"
 
 
-def prepare(rows: int) -> tuple[Path, Any, Any, Any, Any]:
+def prepare(rows: int, scale: bool = False) -> tuple[Path, Any, Any, Any, Any]:
     """A temporary DCR_HOME with the embedded PostgreSQL, two copies of the demo (``bench``: fresh PSI keys every run;
     ``bench_epoch``: a 7-day key epoch) and their generated, landed uploads."""
     home = Path(tempfile.mkdtemp(prefix="dcr-bench-"))
@@ -144,7 +194,8 @@ def prepare(rows: int) -> tuple[Path, Any, Any, Any, Any]:
 
     runtime = activate()
     policies = home / "policies"
-    for collab, epoch in ((COLLAB, "run"), (EPOCH_COLLAB, "7d")):
+    copies = ((COLLAB, "run"),) if scale else ((COLLAB, "run"), (EPOCH_COLLAB, "7d"))
+    for collab, epoch in copies:
         shutil.copytree(PROJECT_ROOT / "policies" / "demo", policies / collab)
         collab_file = policies / collab / "collaboration.yaml"
         # A large budget (the benchmark releases repeatedly); every party approves the copy's looser protections,
@@ -159,7 +210,7 @@ def prepare(rows: int) -> tuple[Path, Any, Any, Any, Any]:
     files = demo_data.generate(home / "generated", rows=rows, overlap=0.3, seed=7)
 
     def land(paths: list[Path]) -> None:
-        for collab in (COLLAB, EPOCH_COLLAB):
+        for collab, _ in copies:
             for path in paths:
                 target = settings.landing / collab / path.parent.parent.name / path.parent.name / path.name
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000, help="rows per party")
     parser.add_argument("--keep", action="store_true", help="keep the temporary DCR_HOME")
+    parser.add_argument("--scale", action="store_true", help="full run, unchanged re-run and baseline only (10M rows and more)")
     args = parser.parse_args()
 
     from dcr_pipelines.definitions import build_definitions
@@ -180,7 +232,7 @@ def main() -> None:
     from dcr_pipelines.lib.database import stop_embedded
     from dcr_pipelines.lib.settings import PROJECT_ROOT
 
-    home, runtime, settings, files, land = prepare(args.rows)
+    home, runtime, settings, files, land = prepare(args.rows, args.scale)
     try:
         defs = build_definitions(settings)
         # 1% new rows for the ad network: a second impressions file (new impressions of existing and new users)
@@ -192,7 +244,10 @@ def main() -> None:
             for _, line in zip(range(extra), new, strict=False):
                 handle.write(line)
         runs: dict[str, Any] = {}
-        for collab in (COLLAB, EPOCH_COLLAB):
+        if args.scale:
+            runs[COLLAB] = {"full_run": _run(defs, COLLAB, "full run"), "rerun_unchanged": _run(defs, COLLAB, "re-run, nothing changed")}
+            runs[COLLAB]["matching"] = _matching_metadata(COLLAB)
+        for collab in () if args.scale else (COLLAB, EPOCH_COLLAB):
             tag = "" if collab == COLLAB else " (key epoch 7d)"
             full = _run(defs, collab, "full run" + tag)
             again = _run(defs, collab, "re-run, nothing changed" + tag)
@@ -207,13 +262,14 @@ def main() -> None:
             "rows_per_party": args.rows,
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
             **runs[COLLAB],
-            "key_epoch_7d": runs[EPOCH_COLLAB],
+            **({} if args.scale else {"key_epoch_7d": runs[EPOCH_COLLAB]}),
             "baseline_no_privacy": baseline,
             "ratio_total_to_baseline": round(full["wall_s"] / baseline["wall_s"], 2),
             "ratio_total_minus_matching_to_baseline": round((full["wall_s"] - matching) / baseline["wall_s"], 2),
-            "ratio_1pct_rerun_to_full": runs[COLLAB]["ratio_1pct_rerun_to_full"],
-            "ratio_1pct_rerun_to_full_key_epoch": runs[EPOCH_COLLAB]["ratio_1pct_rerun_to_full"],
-            "peak_memory": _peak_mb(),
+            **({} if args.scale else {
+                "ratio_1pct_rerun_to_full": runs[COLLAB]["ratio_1pct_rerun_to_full"],
+                "ratio_1pct_rerun_to_full_key_epoch": runs[EPOCH_COLLAB]["ratio_1pct_rerun_to_full"]}),
+            "peak_memory": {**full["peak_memory"], "max_rss_over_the_script": _peak_mb()},
         }
         out = PROJECT_ROOT / "benchmarks" / "results" / f"end_to_end_{args.rows}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
@@ -223,6 +279,17 @@ def main() -> None:
         stop_embedded(home)
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def _matching_metadata(collab: str) -> dict[str, Any]:
+    """What the last cross-reference materialization recorded: buckets worked in, matched, rows per party."""
+    import dagster as dg
+
+    from dcr_pipelines.lib import naming
+
+    event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey(naming.cross_reference_key(collab)))
+    meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    return {k: getattr(v, "value", v) for k, v in meta.items() if k in ("work_buckets", "matched", "buckets", "bytes_exchanged") or k.startswith("input_rows")}
 
 
 def land_one(settings: Any, collab: str, path: Path) -> None:

@@ -1,6 +1,6 @@
 """Matching: the cross-reference asset (PSI, parties at home, the overlap release) and the optional bucket steps."""
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,7 @@ from ..lib import home_psi, matching, naming, psi_epoch
 from ..lib.database import advisory_lock
 from ..lib.policy import LoadedCollaboration
 from ..services.release import release_overlap
-from ..store import ledger
+from ..store import ledger, open_connection
 from ..store import matching as store_matching
 from .common import PSI_FOLDER, _audit_metadata, landing_folder
 from .resources import SecretsResource, WarehouseResource
@@ -61,19 +61,23 @@ def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefiniti
     return bucket_step
 
 
+def _stale_buckets(c: str, stale: list[int]) -> dg.Failure:
+    return dg.Failure(
+        f"bucket(s) {', '.join(map(str, stale[:10]))} were matched from other identities than the current ones; "
+        f"materialize {', '.join('/'.join(naming.bucket_key(c, b)) for b in stale[:3])}{' ...' if len(stale) > 3 else ''} first (previous cross-reference kept)"
+    )
+
+
 def _assemble_buckets(conn: Any, loaded: LoadedCollaboration, inputs: list[matching.PartyInput], home: list[home_psi.HomeMatch]) -> matching.MatchResult:
-    """The cross-reference from the bucket steps' matches: every bucket checked against the current identities first."""
+    """The cross-reference from the bucket steps' matches and the home parties' answers (every identity at once)."""
     c, buckets = loaded.name, loaded.collaboration.matching.buckets
     client = loaded.matching_client()
     columns = [naming.party_token_column(inp.party) for inp in inputs]
-    stored = store_matching.bucket_digests(conn, loaded, columns)
+    stored = store_matching.bucket_builds(conn, loaded, columns)
     expected = {b: matching.bucket_digest(part, client, buckets, b) for b, part in enumerate(matching.split(inputs, buckets))}
-    stale = [b for b in range(buckets) if stored.get(b) != expected[b]]
+    stale = [b for b in range(buckets) if stored.get(b, ("", 0))[0] != expected[b]]
     if stale:
-        raise dg.Failure(
-            f"bucket(s) {', '.join(map(str, stale[:10]))} were matched from other identities than the current ones; "
-            f"materialize {', '.join('/'.join(naming.bucket_key(c, b)) for b in stale[:3])}{' ...' if len(stale) > 3 else ''} first (previous cross-reference kept)"
-        )
+        raise _stale_buckets(c, stale)
     pairs, exchanged = store_matching.bucket_pairs(conn, loaded, columns)
     client_input = inputs[0]
     home_by_token = [{client_input.tokens[i]: tok for i, tok in h.by_client_index.items()} for h in home]
@@ -82,6 +86,35 @@ def _assemble_buckets(conn: Any, loaded: LoadedCollaboration, inputs: list[match
     rows = matching.assemble(parties, matched, [*(inp.tokens for inp in inputs), *(h.tokens for h in home)], loaded.collaboration.matching.padding)
     counts = {inp.party: len(inp.identifiers) for inp in inputs} | {h.party: len(h.tokens) for h in home}
     return matching.MatchResult(parties, rows, counts, exchanged, len(matched))
+
+
+def _stored_buckets(url: str, loaded: LoadedCollaboration, parties: list[str],
+                    parts: Iterator[tuple[int, list[matching.PartyInput]]]) -> Generator[matching.BucketMatch]:
+    """The bucket steps' matches a bucket at a time, each checked against its bucket of the current identities first.
+
+    A bucket matched from other identities fails the step once every bucket is checked (all stale ones are named),
+    and nothing of the new cross-reference is kept.
+    """
+    c, buckets, client = loaded.name, loaded.collaboration.matching.buckets, loaded.matching_client()
+    columns = [naming.party_token_column(p) for p in parties]
+    with open_connection(url) as conn:
+        built = store_matching.bucket_builds(conn, loaded, columns)
+    stored = store_matching.stream_bucket_pairs(url, loaded, columns)
+    head = next(stored, None)
+    stale: list[int] = []
+    for bucket, part in parts:
+        pairs: list[tuple[str, ...]] = []
+        if head is not None and head[0] == bucket:
+            pairs, head = head[1], next(stored, None)
+        digest, exchanged = built.get(bucket, ("", 0))
+        if digest != matching.bucket_digest(part, client, buckets, bucket):
+            stale.append(bucket)
+        if not stale:
+            rows = matching.assemble(parties, pairs, [inp.tokens for inp in part], loaded.collaboration.matching.padding)
+            yield matching.BucketMatch(bucket, rows, len(pairs), exchanged)
+    stored.close()
+    if stale:
+        raise _stale_buckets(c, stale)
 
 
 class WaitingForParty(Exception):
@@ -175,57 +208,98 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         yield result
 
     def _cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
-        inputs = store_matching.read_identities(warehouse.url, loaded, at_operator)
         setups = _home_inputs(loaded, landing)
-        buckets = loaded.collaboration.matching.buckets
-        digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()])
         spec = loaded.collaboration.matching
+        buckets = spec.buckets
         epoch_seconds = 0 if (spec.bucket_steps or spec.home_parties) else spec.key_epoch_seconds()
-        with warehouse.connect() as conn:
-            # Before anything else, so that it happens on unchanged identities too: an epoch whose time is up, or a
-            # setting without epochs (key_epoch: run, bucket steps), deletes the kept keys and blinded values.
-            store_matching.expire_epoch(conn, c, epoch_seconds)
-            previous = store_matching.previous_match(conn, c)
-        input_rows = {**{f"input_rows_{inp.party}": dg.MetadataValue.int(len(inp.tokens)) for inp in inputs},
-                      **{f"input_rows_{p}": dg.MetadataValue.int(len(m.tokens)) for p, m in setups.items()}}
-        if previous is not None and previous[0] == digest:
-            context.log.info("identities unchanged since the last match: no PSI work, cross-reference and match_ids kept")
-            return dg.MaterializeResult(
-                metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1]), "input_digest": digest,
-                          **input_rows, "policy_sha256": loaded.policy_sha256},
-                data_version=dg.DataVersion(digest),
-            )
-        client_input = next(inp for inp in inputs if inp.party == client)
-        home = _home_matches(loaded, setups, client_input, secrets.pairing_key(c), landing, exports)
-        epoch_metadata: dict[str, Any] = {"key_epoch": spec.key_epoch}
-        if spec.bucket_steps:
+        with store_matching.identity_snapshot(warehouse.url, loaded, at_operator) as snapshot:
+            # PSI in this step and bucket steps stream the identities bucket by bucket; a key epoch and home
+            # parties work on every identity at once (see docs/operations.md, Scale).
+            streamed = not (setups or epoch_seconds)
+            if streamed:
+                digest, counts = snapshot.digest(client)
+                inputs: list[matching.PartyInput] = []
+            else:
+                inputs = store_matching.read_identities(warehouse.url, loaded, at_operator)
+                digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()])
+                counts = {inp.party: len(inp.tokens) for inp in inputs}
             with warehouse.connect() as conn:
-                result = _assemble_buckets(conn, loaded, inputs, home)
-        elif epoch_seconds and not home:
-            result, epoch_metadata = _match_in_epoch(warehouse, inputs, epoch_seconds, spec.padding)
-        else:
-            result = matching.match(inputs, client, buckets=buckets, padding=spec.padding, home=home)
+                # Before anything else, so that it happens on unchanged identities too: an epoch whose time is up, or a
+                # setting without epochs (key_epoch: run, bucket steps), deletes the kept keys and blinded values.
+                store_matching.expire_epoch(conn, c, epoch_seconds)
+                previous = store_matching.previous_match(conn, c)
+            input_rows = {**{f"input_rows_{p}": dg.MetadataValue.int(n) for p, n in counts.items()},
+                          **{f"input_rows_{p}": dg.MetadataValue.int(len(m.tokens)) for p, m in setups.items()}}
+            if previous is not None and previous[0] == digest:
+                context.log.info("identities unchanged since the last match: no PSI work, cross-reference and match_ids kept")
+                return dg.MaterializeResult(
+                    metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1]), "input_digest": digest,
+                              **input_rows, "policy_sha256": loaded.policy_sha256},
+                    data_version=dg.DataVersion(digest),
+                )
+            epoch_metadata: dict[str, Any] = {"key_epoch": spec.key_epoch}
+            if streamed:
+                matched, written, exchanged, epoch_metadata["work_buckets"] = _match_streamed(context, warehouse, snapshot, counts, digest)
+            else:
+                client_input = next(inp for inp in inputs if inp.party == client)
+                home = _home_matches(loaded, setups, client_input, secrets.pairing_key(c), landing, exports)
+                if spec.bucket_steps:
+                    with warehouse.connect() as conn:
+                        result = _assemble_buckets(conn, loaded, inputs, home)
+                elif epoch_seconds and not home:
+                    result, epoch_metadata = _match_in_epoch(warehouse, inputs, epoch_seconds, spec.padding)
+                else:
+                    result = matching.match(inputs, client, buckets=buckets, padding=spec.padding, home=home)
+                with warehouse.connect() as conn:
+                    store_matching.write_cross_reference(conn, c, result, digest, client)
+                matched, written, exchanged = result.matched, len(result.rows), result.bytes_exchanged
         with warehouse.connect() as conn:
-            store_matching.write_cross_reference(conn, c, result, digest, client)
-            overlap = _release_overlap(context, conn, loaded, result.matched, digest)
-        context.log.info(f"matched {result.matched} people across {len(parties)} parties")
+            overlap = _release_overlap(context, conn, loaded, matched, digest)
+        context.log.info(f"matched {matched} people across {len(parties)} parties")
         return dg.MaterializeResult(
             metadata={
                 **input_rows,
                 **overlap,
-                "matched": dg.MetadataValue.int(result.matched),
-                "cross_reference_rows": dg.MetadataValue.int(len(result.rows)),
+                "matched": dg.MetadataValue.int(matched),
+                "cross_reference_rows": dg.MetadataValue.int(written),
                 "recomputed": True,
                 "input_digest": digest,
                 "psi_client": client,
                 "buckets": buckets,
                 "home_parties": ", ".join(at_home) or "none",
-                "bytes_exchanged": dg.MetadataValue.int(result.bytes_exchanged),
+                "bytes_exchanged": dg.MetadataValue.int(exchanged),
                 **epoch_metadata,
                 "policy_sha256": loaded.policy_sha256,
             },
             data_version=dg.DataVersion(digest),
         )
+
+    def _match_streamed(context: dg.AssetExecutionContext, warehouse: WarehouseResource, snapshot: store_matching.IdentitySnapshot,
+                        counts: dict[str, int], digest: str) -> tuple[int, int, int, int]:
+        """PSI bucket by bucket, each bucket's rows written as it finishes; the new cross-reference replaces the old one at the end.
+
+        Returns (matched, rows written, bytes exchanged, buckets worked in). More buckets than the policy's when a
+        party is large (the result is the same for any count), so no bucket holds more than about
+        ``matching.BUCKET_IDENTITIES`` of a party's identities.
+        """
+        spec = loaded.collaboration.matching
+        work = spec.buckets if spec.bucket_steps else matching.work_buckets(spec.buckets, max(counts.values(), default=0))
+        matched = exchanged = 0
+        with warehouse.connect() as conn, store_matching.replacing_cross_reference(conn, c, at_operator, client) as writer:
+            parts = snapshot.buckets(work)
+            done = (_stored_buckets(warehouse.url, loaded, at_operator, parts) if spec.bucket_steps
+                    else matching.match_buckets(parts, at_operator, matching.lanes_for(work), spec.padding))
+            try:
+                for part in done:
+                    writer.write(part.rows)
+                    matched += part.matched
+                    exchanged += part.bytes_exchanged
+            finally:
+                done.close()
+                parts.close()
+            store_matching.record_build(conn, c, digest, matched)
+        context.log.info(f"{work} buckets, each written as it was {'assembled' if spec.bucket_steps else 'matched'}")
+        return matched, writer.rows, exchanged, work
 
     def _match_in_epoch(warehouse: WarehouseResource, inputs: list[matching.PartyInput], seconds: int,
                         padding: bool) -> tuple[matching.MatchResult, dict[str, Any]]:

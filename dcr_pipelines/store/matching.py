@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -30,6 +33,80 @@ def read_identities(url: str, loaded: LoadedCollaboration, parties: Sequence[str
     return inputs
 
 
+FETCH_ROWS = 50_000  # rows per round trip of a streaming read
+
+
+class IdentitySnapshot:
+    """Every party's identities as they stood when the snapshot began, each read as that party's own role.
+
+    One repeatable-read transaction per party, so the digest and the buckets read from it describe the same rows
+    (a staging run that rebuilds an identity list meanwhile waits for the snapshot to end). Rows are streamed
+    through server-side cursors: no process holds every identity.
+    """
+
+    def __init__(self, url: str, loaded: LoadedCollaboration, parties: Sequence[str], stack: ExitStack) -> None:
+        self._loaded, self.parties = loaded, list(parties)
+        self._conns = {}
+        for party in self.parties:
+            conn = stack.enter_context(psycopg.connect(url))
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.execute("set local work_mem = '64MB'")  # the sorts behind the ordered reads
+            conn.execute(sql.SQL("set local role {}").format(sql.Identifier(access.role_name(loaded.name, party, "staging_loader"))))
+            self._conns[party] = conn
+
+    def _table(self, party: str) -> sql.Identifier:
+        return sql.Identifier(naming.raw_schema(self._loaded.name, party), "identities")
+
+    @contextmanager
+    def _rows(self, party: str, query: sql.Composed) -> Iterator[psycopg.ServerCursor[Any]]:
+        with self._conns[party].cursor(name=f"dcr_identities_{party}") as cur:
+            cur.itersize = FETCH_ROWS
+            cur.execute(query)
+            yield cur
+
+    def digest(self, client: str) -> tuple[str, dict[str, int]]:
+        """``matching.input_digest`` of the identities and each party's count, sorted by the server in code-point
+        order (``collate "C"``), the order ``input_digest`` sorts in."""
+        digest = matching.InputDigest(client, self._loaded.collaboration.matching.buckets)
+        counts = {}
+        for party in sorted(self.parties):
+            query = sql.SQL('select token, identifier from {} order by token collate "C", identifier collate "C"').format(self._table(party))
+            with self._rows(party, query) as cur:
+                counts[party] = digest.party(party, cur)
+        return digest.hexdigest(), counts
+
+    def buckets(self, buckets: int) -> Generator[tuple[int, list[matching.PartyInput]]]:
+        """The identities cut into ``buckets`` hash buckets, one bucket at a time in bucket order, every party's input
+        in ``parties`` order (empty where a party has none in that bucket); read as the consumer asks for the next."""
+        with ExitStack() as stack:
+            streams = []
+            for party in self.parties:
+                query = sql.SQL("select b, token, identifier from (select {} as b, token, identifier from {}) s order by b").format(
+                    sql.SQL(matching.bucket_sql('"identifier"', buckets)), self._table(party))
+                streams.append(itertools.groupby(stack.enter_context(self._rows(party, query)), key=lambda row: int(row[0])))
+            heads = [next(stream, None) for stream in streams]
+            for bucket in range(buckets):
+                part = []
+                for i, party in enumerate(self.parties):
+                    tokens: list[str] = []
+                    identifiers: list[str] = []
+                    head = heads[i]
+                    if head is not None and head[0] == bucket:
+                        for _, token, identifier in head[1]:
+                            tokens.append(token)
+                            identifiers.append(identifier)
+                        heads[i] = next(streams[i], None)
+                    part.append(matching.PartyInput(party, tokens, identifiers))
+                yield bucket, part
+
+
+@contextmanager
+def identity_snapshot(url: str, loaded: LoadedCollaboration, parties: Sequence[str]) -> Iterator[IdentitySnapshot]:
+    """An ``IdentitySnapshot`` of ``parties``' identity lists, open while the block runs."""
+    with ExitStack() as stack:
+        yield IdentitySnapshot(url, loaded, parties, stack)
+
+
 def previous_match(conn: psycopg.Connection, collab: str) -> tuple[str, int, datetime] | None:
     """(input digest, matched count, built at) of the current cross-reference, if one exists."""
     schema = naming.matching_schema(collab)
@@ -40,25 +117,55 @@ def previous_match(conn: psycopg.Connection, collab: str) -> tuple[str, int, dat
     return (str(row[0]), int(row[1]), row[2]) if row else None
 
 
-def write_cross_reference(conn: psycopg.Connection, collab: str, result: matching.MatchResult, digest: str, client: str) -> None:
-    """Swap in a new cross-reference (one random match_id, each party's token, the client's unit) and record its build."""
+class CrossReferenceWriter:
+    """Rows of a new cross-reference, written a bucket at a time into a table that replaces the current one at the end."""
+
+    def __init__(self, conn: psycopg.Connection, table: sql.Identifier, columns: Sequence[str], client_at: int) -> None:
+        self._conn, self._table, self._columns, self._at = conn, table, columns, client_at
+        self.rows = 0
+
+    def write(self, rows: Sequence[Sequence[str]]) -> None:
+        """Append rows (match_id, each party's token); the client's unit number is added here."""
+        copy_sql = sql.SQL("copy {} ({}, unit) from stdin").format(self._table, sql.SQL(", ").join(map(sql.Identifier, self._columns)))
+        with self._conn.cursor().copy(copy_sql) as copy:
+            for row in rows:
+                copy.write_row((*row, matching.unit_of(row[self._at])))
+        self.rows += len(rows)
+
+
+@contextmanager
+def replacing_cross_reference(conn: psycopg.Connection, collab: str, parties: Sequence[str], client: str) -> Iterator[CrossReferenceWriter]:
+    """Write a new cross-reference bucket by bucket; it is swapped in, in the same transaction, when the block ends.
+
+    An error inside the block (a PSI process died, the run was killed) rolls everything back: the current
+    cross-reference and its build record stay as they were. The caller records the build with ``record_build``
+    inside the block.
+    """
     schema = naming.matching_schema(collab)
     migrations.ensure(conn, "matching", schema)
-    columns = ["match_id", *(naming.party_token_column(p) for p in result.parties)]
+    columns = ["match_id", *(naming.party_token_column(p) for p in parties)]
     new = sql.Identifier(schema, "cross_reference__new")
-    at = 1 + result.parties.index(client)
     with conn.transaction():
         conn.execute(sql.SQL("drop table if exists {}").format(new))
         conn.execute(sql.SQL("create table {} ({}, unit bigint not null)").format(
             new, sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns)))
-        with conn.cursor().copy(sql.SQL("copy {} ({}, unit) from stdin").format(new, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
-            for row in result.rows:
-                copy.write_row((*row, matching.unit_of(row[at])))
+        yield CrossReferenceWriter(conn, new, columns, 1 + list(parties).index(client))
         conn.execute(sql.SQL("drop table if exists {} cascade").format(sql.Identifier(schema, "cross_reference")))
         conn.execute(sql.SQL("alter table {} rename to cross_reference").format(new))
         conn.execute(sql.SQL("alter table {} add primary key (match_id)").format(sql.Identifier(schema, "cross_reference")))
-        conn.execute(sql.SQL("insert into {} (input_digest, matched) values (%s, %s)").format(sql.Identifier(schema, "cross_reference_builds")),
-                     (digest, result.matched))
+
+
+def record_build(conn: psycopg.Connection, collab: str, digest: str, matched: int) -> None:
+    """Record what the cross-reference was built from (inside ``replacing_cross_reference``: the same transaction)."""
+    conn.execute(sql.SQL("insert into {} (input_digest, matched) values (%s, %s)").format(
+        sql.Identifier(naming.matching_schema(collab), "cross_reference_builds")), (digest, matched))
+
+
+def write_cross_reference(conn: psycopg.Connection, collab: str, result: matching.MatchResult, digest: str, client: str) -> None:
+    """Swap in a new cross-reference (one random match_id, each party's token, the client's unit) and record its build."""
+    with replacing_cross_reference(conn, collab, result.parties, client) as writer:
+        writer.write(result.rows)
+        record_build(conn, collab, digest, result.matched)
 
 
 def _pairs_table(conn: psycopg.Connection, loaded: LoadedCollaboration, columns: Sequence[str]) -> tuple[sql.Identifier, sql.Identifier]:
@@ -96,9 +203,10 @@ def write_bucket(conn: psycopg.Connection, loaded: LoadedCollaboration, columns:
         )
 
 
-def bucket_digests(conn: psycopg.Connection, loaded: LoadedCollaboration, columns: Sequence[str]) -> dict[int, str]:
+def bucket_builds(conn: psycopg.Connection, loaded: LoadedCollaboration, columns: Sequence[str]) -> dict[int, tuple[str, int]]:
+    """Each built bucket's (input digest, bytes its PSI exchanged)."""
     _, builds = _pairs_table(conn, loaded, columns)
-    return {int(b): str(d) for b, d in conn.execute(sql.SQL("select bucket, input_digest from {}").format(builds)).fetchall()}
+    return {int(b): (str(d), int(n)) for b, d, n in conn.execute(sql.SQL("select bucket, input_digest, bytes_exchanged from {}").format(builds)).fetchall()}
 
 
 def bucket_pairs(conn: psycopg.Connection, loaded: LoadedCollaboration, columns: Sequence[str]) -> tuple[list[tuple[str, ...]], int]:
@@ -107,6 +215,17 @@ def bucket_pairs(conn: psycopg.Connection, loaded: LoadedCollaboration, columns:
     pairs = conn.execute(sql.SQL("select {} from {} order by bucket").format(sql.SQL(", ").join(map(sql.Identifier, columns)), pairs_table)).fetchall()
     row = conn.execute(sql.SQL("select coalesce(sum(bytes_exchanged), 0) from {}").format(builds)).fetchone()
     return [tuple(p) for p in pairs], int(row[0]) if row else 0
+
+
+def stream_bucket_pairs(url: str, loaded: LoadedCollaboration, columns: Sequence[str]) -> Generator[tuple[int, list[tuple[str, ...]]]]:
+    """The bucket steps' pairs one bucket at a time, in bucket order; a bucket without pairs is absent."""
+    with psycopg.connect(url) as conn:
+        pairs_table, _ = _pairs_table(conn, loaded, columns)
+        with conn.transaction(), conn.cursor(name="dcr_bucket_pairs") as cur:
+            cur.itersize = FETCH_ROWS
+            cur.execute(sql.SQL("select bucket, {} from {} order by bucket").format(sql.SQL(", ").join(map(sql.Identifier, columns)), pairs_table))
+            for bucket, rows in itertools.groupby(cur, key=lambda row: int(row[0])):
+                yield bucket, [tuple(r[1:]) for r in rows]
 
 
 def load_epoch(conn: psycopg.Connection, collab: str, config: str, length_seconds: int) -> psi_epoch.EpochState | None:

@@ -109,6 +109,24 @@ def test_a_rerun_does_no_psi_work_in_any_bucket(ctx: dict[str, Any]) -> None:
     assert again.metadata[f"{COLLAB}/matching/cross_reference"]["recomputed"] is False
 
 
+def test_a_bucket_matched_from_older_identities_is_refused_by_name_and_the_cross_reference_kept(ctx: dict[str, Any]) -> None:
+    """The assembly streams the buckets and checks each against its bucket of the current identities; a stale one fails
+    the step naming every stale bucket, and nothing of the new table is kept."""
+    before = _pairs(ctx["url"])
+    schema = naming.matching_schema(COLLAB)
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        conn.execute(sql.SQL("update {} set input_digest = 'older' where bucket in (0, 2)").format(sql.Identifier(schema, "bucket_builds")))
+        conn.execute(sql.SQL("delete from {}").format(sql.Identifier(schema, "cross_reference_builds")))  # the step must assemble again
+    outcome = materialize(ctx["defs"], [naming.cross_reference_key(COLLAB)], instance=dg.DagsterInstance.get())
+    assert not outcome.success
+    assert "bucket(s) 0, 2 were matched from other identities" in str(outcome.failure)
+    assert _pairs(ctx["url"]) == before
+    again = materialize(ctx["defs"], [naming.bucket_key(COLLAB, b) for b in (0, 2)] + [naming.cross_reference_key(COLLAB)],
+                        instance=dg.DagsterInstance.get())
+    assert again.success, again.failure
+    assert _pairs(ctx["url"]) == before == _expected(ctx["files"])
+
+
 def test_buckets_and_releases_spread_over_celery_workers_give_the_same_result(ctx: dict[str, Any], tmp_path: Path) -> None:
     if not _redis_available():
         pytest.skip(f"no Redis broker on {REDIS[0]}:{REDIS[1]} (the CI and development machines run one)")

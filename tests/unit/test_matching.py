@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -110,3 +111,80 @@ def test_padding_hides_the_overlap_size_with_rows_that_join_nothing() -> None:
         assert real >= {t for t in tokens if t in real} and sum(t in real for t in tokens) == 200
         assert all(len(t) == 64 for t in tokens), "forged tokens look like real ones"
     assert sum(row[1] in real and row[2] in real for row in result.rows) == 60
+
+
+def _bucketed(inputs: list[PartyInput], buckets: int) -> list[tuple[int, list[PartyInput]]]:
+    from dcr_pipelines.lib.matching import split
+
+    return list(enumerate(split(inputs, buckets)))
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_matching_bucket_by_bucket_equals_the_plain_intersection_on_random_inputs(trial: int) -> None:
+    """Random party counts, sizes, overlaps, bucket counts (empty buckets and empty parties included), padding on and off."""
+    from dcr_pipelines.lib.matching import match_buckets
+
+    rng = random.Random(100 + trial)
+    people = [f"p{i}@example.com" for i in range(rng.randint(0, 120))] + ["zoë@exämple.de", "李@example.cn"]
+    parties = ["client", *(f"s{k}" for k in range(rng.randint(1, 2)))]
+    held = {p: rng.sample(people, rng.randint(0, len(people))) for p in parties}
+    inputs = [_party(p, held[p]) for p in parties]
+    buckets, padding = rng.choice([1, 3, 8, 40]), rng.random() < 0.5
+    parts = list(match_buckets(_bucketed(inputs, buckets), parties, lanes=rng.randint(1, 2), padding=padding))
+    assert sorted(part.bucket for part in parts) == list(range(buckets))
+    rows = [row for part in parts for row in part.rows]
+
+    real = {t for inp in inputs for t in inp.tokens}
+    result = SimpleNamespace(rows=[row for row in rows if all(t in real for t in row[1:])])  # padding rows hold forged tokens
+    shared = set.intersection(*(set(held[p]) for p in parties))
+    assert _matched_identifiers(result, inputs) == shared
+    assert sum(part.matched for part in parts) == len(shared)
+    assert len({row[0] for row in rows}) == len(rows), "match_ids are unique across buckets"
+    if padding:  # every real token appears exactly once in its party's column, as when the whole is padded at once
+        for column, inp in enumerate(inputs, start=1):
+            real = [row[column] for row in rows if row[column] in set(inp.tokens)]
+            assert sorted(real) == sorted(inp.tokens)
+    else:
+        assert len(rows) == len(shared)
+
+
+def test_psi_jobs_reads_its_jobs_only_as_lanes_free_up() -> None:
+    """The streamed match holds at most one bucket per lane: the job iterator is never read further ahead."""
+    from dcr_pipelines.lib.matching import psi_jobs
+
+    pulled, ahead = 0, 0
+    lanes = 2
+
+    def jobs():  # type: ignore[no-untyped-def]
+        nonlocal pulled
+        for b in range(9):
+            pulled += 1
+            yield b, [f"x{b}-{i}" for i in range(30)], [[f"x{b}-{i}" for i in range(0, 30, 3)]]
+
+    seen = []
+    for yielded, (tag, found, _) in enumerate(psi_jobs(jobs(), servers=1, lanes=lanes), start=1):
+        ahead = max(ahead, pulled - yielded)
+        seen.append((tag, len(found)))
+    assert sorted(seen) == [(b, 10) for b in range(9)]
+    assert ahead <= lanes, f"read {ahead} jobs ahead of the lanes"
+
+
+def test_the_streamed_digest_equals_the_digest_of_inputs_in_memory_and_wants_parties_in_order() -> None:
+    from dcr_pipelines.lib.matching import InputDigest, input_digest
+
+    a, b = _party("a", ["x@e.com", "zoë@e.com", "y@e.com"]), _party("b", ["李@e.cn"])
+    streamed = InputDigest("a", 2)
+    for inp in (a, b):
+        streamed.party(inp.party, sorted(zip(inp.tokens, inp.identifiers, strict=True)))
+    assert streamed.hexdigest() == input_digest([b, a], "a", 2)
+    backwards = InputDigest("a", 2)
+    backwards.party("b", [])
+    with pytest.raises(ValueError, match="name order"):
+        backwards.party("a", [])
+
+
+@pytest.mark.parametrize(("configured", "largest", "expected"), [(1, 0, 1), (2, 10, 2), (1, 250_000, 1), (1, 250_001, 2), (4, 10_000_000, 40), (64, 10_000_000, 64)])
+def test_work_buckets_keep_each_bucket_near_the_target_size(configured: int, largest: int, expected: int) -> None:
+    from dcr_pipelines.lib.matching import work_buckets
+
+    assert work_buckets(configured, largest) == expected
