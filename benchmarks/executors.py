@@ -79,10 +79,10 @@ def main() -> None:
     try:
         defs = build_definitions(settings)
         keys = collaboration_keys(defs, COLLAB, releases=True)
-        first = _run(defs, keys, "load (in-process runner)")
-        noop = _run(defs, keys, "no-op (in-process runner)")
+        first = _run(defs, COLLAB, "load (in-process runner)")
+        noop = _run(defs, COLLAB, "no-op (in-process runner)")
         _reset(runtime.warehouse.url())
-        full = _run(defs, keys, "full (in-process runner)")
+        full = _run(defs, COLLAB, "full (in-process runner)")
         results: dict[str, Any] = {"dcr_runner_in_calling_process": {"noop_s": noop["wall_s"], "full_s": full["wall_s"], "first_load_s": first["wall_s"]}}
         for name, config in EXECUTORS.items():
             noop_s = _execute(config, work)

@@ -26,6 +26,7 @@ from sqlglot import exp
 
 from . import naming as n
 from .identifiers import TOKEN_PATTERN
+from .matching import bucket_sql
 from .policy import ApprovedQuery, LoadedCollaboration
 from .policy.models import Dataset, ParameterType, RowFilter
 
@@ -175,6 +176,8 @@ def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
         if ds.owner == party:
             col = matching_column(loaded, ds)
             datasets.append({"token": n.token_column(col), "column": col, "model": n.normalised_model(c, party, name)})
+    spec = loaded.collaboration.matching
+    steps = {"indexes": [{"columns": ["bucket"]}]} if spec.bucket_steps else {}  # each bucket step reads its rows by index
     return _render(
         "identities.sql.j2",
         config=_config(
@@ -183,8 +186,10 @@ def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
             tags=[f"dcr_{c}", "dcr_staging"],
             meta=_meta(c, n.identities_key(c, party), party, "staging"),
             distributed_by="token",
+            **steps,
         ),
         datasets=datasets,
+        bucket=bucket_sql('"identifier"', spec.buckets) if spec.bucket_steps else None,
     )
 
 

@@ -19,8 +19,9 @@ from . import migrations
 
 def read_identities(url: str, loaded: LoadedCollaboration, parties: Sequence[str], bucket: int | None = None) -> list[matching.PartyInput]:
     """Each party's (token, identifier) pairs, read as that party's own role; only one bucket's if ``bucket`` is given."""
-    c, buckets = loaded.name, loaded.collaboration.matching.buckets
-    where = sql.SQL("where {} = %s").format(sql.SQL(matching.bucket_sql('"identifier"', buckets))) if bucket is not None else sql.SQL("")
+    c = loaded.name
+    # Bucket steps: the identity list holds each pair's bucket, indexed (dbt_codegen.identities_sql)
+    where = sql.SQL("where bucket = %s") if bucket is not None else sql.SQL("")
     inputs = []
     for party in parties:
         with psycopg.connect(url, autocommit=True) as conn:
@@ -78,11 +79,14 @@ class IdentitySnapshot:
     def buckets(self, buckets: int) -> Generator[tuple[int, list[matching.PartyInput]]]:
         """The identities cut into ``buckets`` hash buckets, one bucket at a time in bucket order, every party's input
         in ``parties`` order (empty where a party has none in that bucket); read as the consumer asks for the next."""
+        spec = self._loaded.collaboration.matching
+        # with bucket steps the identity list holds each pair's bucket of the policy's count; otherwise it is computed
+        bucket_of = sql.SQL("bucket") if spec.bucket_steps and buckets == spec.buckets else sql.SQL(matching.bucket_sql('"identifier"', buckets))
         with ExitStack() as stack:
             streams = []
             for party in self.parties:
                 query = sql.SQL("select b, token, identifier from (select {} as b, token, identifier from {}) s order by b").format(
-                    sql.SQL(matching.bucket_sql('"identifier"', buckets)), self._table(party))
+                    bucket_of, self._table(party))
                 streams.append(itertools.groupby(stack.enter_context(self._rows(party, query)), key=lambda row: int(row[0])))
             heads = [next(stream, None) for stream in streams]
             for bucket in range(buckets):

@@ -94,6 +94,18 @@ def test_the_sql_bucket_is_the_python_bucket(runtime) -> None:  # type: ignore[n
             assert [int(b) for _, b in got] == [bucket_of(x, n) for x in ids], n
 
 
+def test_with_bucket_steps_the_identity_lists_hold_each_pairs_bucket_indexed(ctx: dict[str, Any]) -> None:
+    """A bucket step reads its rows by index instead of hashing every identity again (work per step ~ its bucket)."""
+    with psycopg.connect(ctx["url"]) as conn:
+        for party in ("retailer", "ad_network"):
+            table = sql.Identifier(naming.raw_schema(COLLAB, party), "identities")
+            rows = conn.execute(sql.SQL("select identifier, bucket from {}").format(table)).fetchall()
+            assert rows and all(int(b) == bucket_of(i, 3) for i, b in rows)
+            indexes = conn.execute("select indexdef from pg_indexes where schemaname = %s and tablename = 'identities'",
+                                   (naming.raw_schema(COLLAB, party),)).fetchall()
+            assert any("(bucket)" in d for (d,) in indexes), indexes
+
+
 def test_bucket_steps_give_the_plain_intersection_with_each_partys_token(ctx: dict[str, Any]) -> None:
     meta = ctx["outcome"].metadata
     per_bucket = [meta[f"{COLLAB}/matching/bucket_{b:03d}"]["matched"] for b in range(3)]
