@@ -245,8 +245,9 @@ def main() -> None:
                 handle.write(line)
         runs: dict[str, Any] = {}
         if args.scale:
-            runs[COLLAB] = {"full_run": _run(defs, COLLAB, "full run"), "rerun_unchanged": _run(defs, COLLAB, "re-run, nothing changed")}
-            runs[COLLAB]["matching"] = _matching_metadata(COLLAB)
+            full_run = _run(defs, COLLAB, "full run")
+            matched = _matching_metadata(COLLAB)  # the full run's match (the re-run records no work buckets)
+            runs[COLLAB] = {"full_run": full_run, "matching": matched, "rerun_unchanged": _run(defs, COLLAB, "re-run, nothing changed")}
         for collab in () if args.scale else (COLLAB, EPOCH_COLLAB):
             tag = "" if collab == COLLAB else " (key epoch 7d)"
             full = _run(defs, collab, "full run" + tag)
