@@ -10,7 +10,7 @@ BENCH_ROWS ?= 10000000
 
 LINT_STAMP := $(VENV)/.lint-installed
 
-.PHONY: install demo test test-fast lint ui bench browser browser-if-possible clean
+.PHONY: install demo test test-fast lint ui bench bench-scale browser browser-if-possible clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11 to 3.13 is required, found " + sys.version.split()[0]) if not ((3, 11) <= sys.version_info[:2] <= (3, 13)) else None'
@@ -61,8 +61,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py --rows $(BENCH_ROWS)
 	$(BIN)/python benchmarks/psi.py --size 100000
 	$(BIN)/python benchmarks/end_to_end.py --rows 100000
+	$(BIN)/python benchmarks/end_to_end.py --rows 1000000
 	$(BIN)/python benchmarks/executors.py --rows 10000
+	$(BIN)/python benchmarks/celery_buckets.py --rows 400000 --buckets 8
 	$(BIN)/python benchmarks/interactive.py
+
+# Issue 20's scale target: the demo at 10M rows per party, one full run (about 40 minutes on 2 cores) and its peak memory.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/end_to_end.py --rows 10000000 --scale
 
 # Debian's Chromium for the browser test (skipped, with the reason, when it is absent). Needs root.
 browser:

@@ -220,7 +220,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
                 digest, counts = snapshot.digest(client)
                 inputs: list[matching.PartyInput] = []
             else:
-                inputs = store_matching.read_identities(warehouse.url, loaded, at_operator)
+                inputs = snapshot.inputs()
                 digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()])
                 counts = {inp.party: len(inp.tokens) for inp in inputs}
             with warehouse.connect() as conn:

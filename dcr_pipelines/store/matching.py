@@ -76,6 +76,15 @@ class IdentitySnapshot:
                 counts[party] = digest.party(party, cur)
         return digest.hexdigest(), counts
 
+    def inputs(self) -> list[matching.PartyInput]:
+        """Every party's identities at once (a key epoch and parties at home need them so), in ``parties`` order."""
+        out = []
+        for party in self.parties:
+            with self._rows(party, sql.SQL("select token, identifier from {} order by token").format(self._table(party))) as cur:
+                rows = cur.fetchall()
+            out.append(matching.PartyInput(party, [r[0] for r in rows], [r[1] for r in rows]))
+        return out
+
     def buckets(self, buckets: int) -> Generator[tuple[int, list[matching.PartyInput]]]:
         """The identities cut into ``buckets`` hash buckets, one bucket at a time in bucket order, every party's input
         in ``parties`` order (empty where a party has none in that bucket); read as the consumer asks for the next."""
