@@ -16,10 +16,13 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
+import psycopg
 import pytest
+from psycopg import sql
 
 from dcr_pipelines.definitions import build_definitions, secret_names
-from dcr_pipelines.lib import demo_data
+from dcr_pipelines.lib import demo_data, naming
+from dcr_pipelines.lib.identifiers import token
 from dcr_pipelines.lib.policy import load_collaboration, query_sha256
 from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
@@ -120,3 +123,21 @@ def checkout_copy(tmp_path: Path, dotenv: str | None = None) -> Path:
     if dotenv is not None:
         (root / ".env").write_text(dotenv)
     return root
+
+
+def cross_reference_pairs(url: str, collab: str) -> set[tuple[str, str]]:
+    """(retailer token, ad network token) of every cross-reference row of a demo copy."""
+    with psycopg.connect(url) as conn:
+        return set(conn.execute(sql.SQL("select {}, {} from {}").format(
+            sql.Identifier(naming.party_token_column("retailer")), sql.Identifier(naming.party_token_column("ad_network")),
+            sql.Identifier(naming.matching_schema(collab), "cross_reference"))).fetchall())
+
+
+def file_emails(path: Path, column: str) -> set[str]:
+    return set(pd.read_csv(path)[column].dropna().str.strip().str.lower())
+
+
+def expected_pairs(keys: dict[str, str], purchases: Path, customers: Path, impressions: Path) -> set[tuple[str, str]]:
+    """The token pairs of the people both parties hold, computed from the plain files and the parties' HMAC keys."""
+    shared = (file_emails(purchases, "customer_email") | file_emails(customers, "customer_email")) & file_emails(impressions, "user_email")
+    return {(token(bytes.fromhex(keys["retailer"]), e), token(bytes.fromhex(keys["ad_network"]), e)) for e in shared}

@@ -22,12 +22,11 @@ from psycopg import sql
 
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.lib import demo_data, naming
-from dcr_pipelines.lib.identifiers import token
 from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
 
-from .conftest import land, make_collaboration
+from .conftest import cross_reference_pairs, expected_pairs, file_emails, land, make_collaboration
 
 pytestmark = pytest.mark.slow
 COLLAB = "epochs"
@@ -60,27 +59,19 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
 
 
 def _pairs(url: str) -> set[tuple[str, str]]:
-    with psycopg.connect(url) as conn:
-        return set(conn.execute(sql.SQL("select {}, {} from {}").format(
-            sql.Identifier(naming.party_token_column("retailer")), sql.Identifier(naming.party_token_column("ad_network")),
-            sql.Identifier(naming.matching_schema(COLLAB), "cross_reference"))).fetchall())
-
-
-def _emails(path: Path, column: str) -> set[str]:
-    return set(pd.read_csv(path)[column].dropna().str.strip().str.lower())
+    return cross_reference_pairs(url, COLLAB)
 
 
 def _expected(purchases: Path, customers: Path, impressions: Path) -> set[tuple[str, str]]:
-    shared = (_emails(purchases, "customer_email") | _emails(customers, "customer_email")) & _emails(impressions, "user_email")
-    return {(token(bytes.fromhex(KEYS["retailer"]), e), token(bytes.fromhex(KEYS["ad_network"]), e)) for e in shared}
+    return expected_pairs(KEYS, purchases, customers, impressions)
 
 
 def test_the_first_match_of_an_epoch_blinds_everyone_and_matches_the_plain_intersection(ctx: dict[str, Any]) -> None:
     meta = ctx["first"].metadata[f"{COLLAB}/matching/cross_reference"]
     f = ctx["files"]
     assert meta["key_epoch"] == "7d" and meta["key_epoch_started"] is True
-    retailer = _emails(f.purchases, "customer_email") | _emails(f.customers, "customer_email")
-    assert meta["identities_blinded"] == len(retailer) + len(_emails(f.impressions, "user_email"))
+    retailer = file_emails(f.purchases, "customer_email") | file_emails(f.customers, "customer_email")
+    assert meta["identities_blinded"] == len(retailer) + len(file_emails(f.impressions, "user_email"))
     assert _pairs(ctx["url"]) == _expected(f.purchases, f.customers, f.impressions)
 
 
@@ -94,10 +85,10 @@ def test_a_changed_upload_blinds_only_new_identities_and_rebuilds_only_its_datas
     changed.to_csv(new_file, index=False)
     target = ctx["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions.csv"
     target.write_bytes(new_file.read_bytes())
-    before = _emails(f.impressions, "user_email")
+    before = file_emails(f.impressions, "user_email")
     outcome = _run(ctx)
     meta = outcome.metadata[f"{COLLAB}/matching/cross_reference"]
-    after = _emails(new_file, "user_email")
+    after = file_emails(new_file, "user_email")
     assert meta["key_epoch_started"] is False
     assert meta["identities_blinded"] == len(after - before) > 0
     assert _pairs(ctx["url"]) == _expected(f.purchases, f.customers, new_file)

@@ -25,17 +25,15 @@ import pandas as pd
 import psutil
 import psycopg
 import pytest
-from psycopg import sql
 
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.lib import demo_data, matching, naming
-from dcr_pipelines.lib.identifiers import token
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.runtime import ensure_development_secrets, secret_env_name
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
 from dcr_pipelines.store import matching as store_matching
 
-from .conftest import land, make_collaboration
+from .conftest import cross_reference_pairs, expected_pairs, file_emails, land, make_collaboration
 
 pytestmark = pytest.mark.slow
 COLLAB = "streamed"
@@ -81,26 +79,18 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
 
 
 def _pairs(url: str) -> set[tuple[str, str]]:
-    with psycopg.connect(url) as conn:
-        return set(conn.execute(sql.SQL("select {}, {} from {}").format(
-            sql.Identifier(naming.party_token_column("retailer")), sql.Identifier(naming.party_token_column("ad_network")),
-            sql.Identifier(naming.matching_schema(COLLAB), "cross_reference"))).fetchall())
-
-
-def _emails(path: Path, column: str) -> set[str]:
-    return set(pd.read_csv(path)[column].dropna().str.strip().str.lower())
+    return cross_reference_pairs(url, COLLAB)
 
 
 def _expected(purchases: Path, customers: Path, impressions: Path) -> set[tuple[str, str]]:
-    shared = (_emails(purchases, "customer_email") | _emails(customers, "customer_email")) & _emails(impressions, "user_email")
-    return {(token(bytes.fromhex(KEYS["retailer"]), e), token(bytes.fromhex(KEYS["ad_network"]), e)) for e in shared}
+    return expected_pairs(KEYS, purchases, customers, impressions)
 
 
 def test_the_streamed_match_equals_the_plain_intersection(ctx: dict[str, Any]) -> None:
     f = ctx["files"]
     meta = ctx["first"].metadata[f"{COLLAB}/matching/cross_reference"]
     expected = _expected(f.purchases, f.customers, f.impressions)
-    assert {"zoë@exämple.de", "李@example.cn"} <= _emails(f.purchases, "customer_email") & _emails(f.impressions, "user_email")
+    assert {"zoë@exämple.de", "李@example.cn"} <= file_emails(f.purchases, "customer_email") & file_emails(f.impressions, "user_email")
     assert meta["work_buckets"] == 16 and meta["matched"] == len(expected)
     assert _pairs(ctx["url"]) == expected
 
