@@ -63,7 +63,7 @@ def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefiniti
 
 def _stale_buckets(c: str, stale: list[int]) -> dg.Failure:
     return dg.Failure(
-        f"bucket(s) {', '.join(map(str, stale[:10]))} were matched from other identities than the current ones; "
+        f"bucket(s) {', '.join(map(str, stale[:10]))}{f' and {len(stale) - 10} more' if len(stale) > 10 else ''} were matched from other identities than the current ones; "
         f"materialize {', '.join('/'.join(naming.bucket_key(c, b)) for b in stale[:3])}{' ...' if len(stale) > 3 else ''} first (previous cross-reference kept)"
     )
 
@@ -221,7 +221,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
                 inputs: list[matching.PartyInput] = []
             else:
                 inputs = snapshot.inputs()
-                digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()])
+                digest = matching.input_digest(inputs, client, buckets, [m.sha256 for m in setups.values()], spec.padding)
                 counts = {inp.party: len(inp.tokens) for inp in inputs}
             with warehouse.connect() as conn:
                 # Before anything else, so that it happens on unchanged identities too: an epoch whose time is up, or a

@@ -62,8 +62,9 @@ class InputDigest:
     the same order) without holding them; ``input_digest`` is the same digest of inputs held in memory.
     """
 
-    def __init__(self, client: str, buckets: int, home: Iterable[str] = ()) -> None:
-        self._hash = hashlib.sha256(f"client={client};buckets={buckets};v2".encode())  # v2: the cross-reference carries unit numbers
+    def __init__(self, client: str, buckets: int, home: Iterable[str] = (), padding: bool = False) -> None:
+        # v2: the cross-reference carries unit numbers; padding changes the table, so turning it on or off rebuilds it
+        self._hash = hashlib.sha256(f"client={client};buckets={buckets};{'padding;' if padding else ''}v2".encode())
         for setup_sha256 in sorted(home):  # a home party's setup message stands for its identifiers
             self._hash.update(f"\0home={setup_sha256}".encode())
         self._last_party = ""
@@ -84,13 +85,13 @@ class InputDigest:
         return self._hash.hexdigest()
 
 
-def input_digest(inputs: Iterable[PartyInput], client: str, buckets: int, home: Iterable[str] = ()) -> str:
+def input_digest(inputs: Iterable[PartyInput], client: str, buckets: int, home: Iterable[str] = (), padding: bool = False) -> str:
     """What the cross-reference depends on: every party's (token, identifier) pairs and the protocol settings.
 
     Equal digests mean the previous cross-reference is still right, so no
     elliptic-curve work is redone and the match_ids stay as they were.
     """
-    digest = InputDigest(client, buckets, home)
+    digest = InputDigest(client, buckets, home, padding)
     for inp in sorted(inputs, key=lambda i: i.party):
         digest.party(inp.party, sorted(zip(inp.tokens, inp.identifiers, strict=False)))
     return digest.hexdigest()

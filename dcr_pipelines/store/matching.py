@@ -68,7 +68,8 @@ class IdentitySnapshot:
     def digest(self, client: str) -> tuple[str, dict[str, int]]:
         """``matching.input_digest`` of the identities and each party's count, sorted by the server in code-point
         order (``collate "C"``), the order ``input_digest`` sorts in."""
-        digest = matching.InputDigest(client, self._loaded.collaboration.matching.buckets)
+        spec = self._loaded.collaboration.matching
+        digest = matching.InputDigest(client, spec.buckets, padding=spec.padding)
         counts = {}
         for party in sorted(self.parties):
             query = sql.SQL('select token, identifier from {} order by token collate "C", identifier collate "C"').format(self._table(party))

@@ -96,6 +96,7 @@ def test_the_input_digest_changes_with_the_inputs_and_not_with_their_order() -> 
     assert input_digest([a, b], "a", 2) != input_digest([a, _party("b", ["z@e.com"])], "a", 2)
     assert input_digest([a, b], "a", 2) != input_digest([a, b], "a", 3)
     assert input_digest([a, b], "a", 2) != input_digest([a, b], "b", 2)
+    assert input_digest([a, b], "a", 2) != input_digest([a, b], "a", 2, padding=True), "turning padding on must rebuild the table"
 
 
 def test_padding_hides_the_overlap_size_with_rows_that_join_nothing() -> None:
