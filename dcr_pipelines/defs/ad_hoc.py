@@ -12,8 +12,7 @@ import dagster as dg
 from ..lib import adhoc, naming
 from ..lib.policy import LoadedCollaboration
 from ..services import adhoc as adhoc_service
-from ..store import audit_chain
-from .common import AdHocConfig
+from .common import AdHocConfig, audit_metadata
 from .resources import WarehouseResource
 
 
@@ -54,17 +53,33 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
             with warehouse.connect() as conn:
                 result = adhoc_service.execute(conn, loaded, checked, context.run.run_id, config.sql)
         except adhoc.QueryRefused as exc:
-            with warehouse.connect() as conn:  # refusals are in the audit chain too
-                chained = audit_chain.append(conn, naming.results_schema(c), c, "refusal", context.run.run_id,
-                                             {"run_id": context.run.run_id, "runner": config.runner, "query_sha256": digest, "rule": exc.rule,
-                                              "datasets": adhoc.datasets_named(loaded, config.sql)})
+            datasets = adhoc.datasets_named(loaded, config.sql)
+            with warehouse.connect() as conn:  # refusals are in the audit chain too, with their time: they count against the daily cap
+                chained = adhoc_service.record_refusal(conn, loaded, context.run.run_id, config.runner, config.sql, exc.rule, datasets)
             yield refusal(context, f"query refused: {exc}", rule=exc.rule, runner=config.runner, query_sha256=digest,
-                          query=adhoc.hashable(config.sql), datasets=", ".join(adhoc.datasets_named(loaded, config.sql)),
-                          audit_chain_sha256=chained.chain_sha256)
+                          query=adhoc.hashable(config.sql), datasets=", ".join(datasets), audit_chain_sha256=chained.chain_sha256)
             return
-        context.log.info(
-            f"ad-hoc query of {config.runner}: {len(result.rows)} rows released (threshold {checked.min_distinct_units}"
-            + (f"; {result.suppressed} withheld by the difference check)" if result.suppressed else ")")
+        if result.failure:
+            yield refusal(context, f"query failed: {result.failure}", rule="run time", runner=config.runner, query_sha256=digest,
+                          query=adhoc.hashable(config.sql), datasets=", ".join(checked.datasets), audit_chain_sha256=result.audit_chain_sha256)
+            return
+        if checked.dp is not None:
+            context.log.info(f"ad-hoc query of {config.runner} (differential privacy): {len(result.rows)} rows released, "
+                             + ("answered from the store, no charge" if result.cached else f"charged epsilon {result.epsilon:.4g}"))
+        else:
+            context.log.info(
+                f"ad-hoc query of {config.runner}: {len(result.rows)} rows released (threshold {checked.min_distinct_units}"
+                + (f"; the whole result withheld by the difference check)" if result.suppressed else ")")
+            )
+        mode_metadata: dict[str, Any] = (
+            {"mode": "differential privacy (opendp)", "epsilon_charged": result.epsilon, "cached": result.cached, "release_id": result.release_id or "",
+             **({"epsilon_remaining": result.budget.remaining, "epsilon_budget": result.budget.total} if result.budget else {}),
+             **({**audit_metadata(result.release_audit), "ad_hoc_chain_sha256": result.audit_chain_sha256} if result.release_audit
+                else {"audit_chain_sha256": result.audit_chain_sha256})}
+            if checked.dp is not None else
+            {"mode": "exact (thresholded)", "min_distinct_units": checked.min_distinct_units, "suppressed_rows": dg.MetadataValue.int(result.suppressed),
+             "suppressed_because": dg.MetadataValue.json(result.reasons), "difference_checks": loaded.collaboration.difference_checks.enabled,
+             "audit_chain_sha256": result.audit_chain_sha256}
         )
         yield dg.MaterializeResult(
             metadata={
@@ -74,13 +89,9 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
                 "kind": checked.kind,
                 "datasets": ", ".join(checked.datasets),
                 "rules": dg.MetadataValue.json(list(checked.rules)),
-                "min_distinct_units": checked.min_distinct_units,
                 "rows": dg.MetadataValue.int(len(result.rows)),
-                "suppressed_rows": dg.MetadataValue.int(result.suppressed),
-                "audit_chain_sha256": result.audit_chain_sha256,
-                "suppressed_because": dg.MetadataValue.json(result.reasons),
-                "difference_checks": loaded.collaboration.difference_checks.enabled,
-                "columns": ", ".join(checked.columns),
+                **mode_metadata,
+                "columns": ", ".join(result.columns),
                 "policy_sha256": loaded.policy_sha256,
             }
         )

@@ -17,7 +17,7 @@ import dagster as dg
 
 from ..lib import audit, naming
 from ..lib.policy import LoadedCollaboration
-from ..store import Connection, access, audit_chain, ledger
+from ..store import Connection, access, audit_chain, footprints, ledger
 
 USER_TAG = "dcr/user"
 EXPECTED_OUTCOMES = ("refused", "waiting")  # observations of a refused request or a wait for a party: their own kinds, not failures
@@ -124,6 +124,7 @@ def redact(loaded: LoadedCollaboration, entry: dict[str, Any], party: str) -> di
 def release_events(instance: dg.DagsterInstance, loaded: LoadedCollaboration) -> Iterator[dict[str, Any]]:
     """The audit entry of every release materialization, as recorded in the event log."""
     keys = [naming.release_key(loaded.name, name) for name in loaded.queries] + [naming.cross_reference_key(loaded.name)]  # + the overlap release
+    keys.append(naming.ad_hoc_key(loaded.name))  # + differentially private ad-hoc answers
     for path in keys:
         key = dg.AssetKey(path)
         cursor = None
@@ -159,7 +160,8 @@ def reconcile(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedColl
         if run is None or run.status == dg.DagsterRunStatus.SUCCESS:
             continue
         query = row.entry.get("query_name", "")
-        key = naming.cross_reference_key(loaded.name) if query == access.OVERLAP else naming.release_key(loaded.name, query)
+        key = (naming.cross_reference_key(loaded.name) if query == access.OVERLAP
+               else naming.ad_hoc_key(loaded.name) if query.startswith("ad_hoc__") else naming.release_key(loaded.name, query))
         instance.report_runless_asset_event(dg.AssetMaterialization(
             asset_key=key,
             description=f"recovered: release {row.ref} was committed by run {run_id}, which stopped before it could record this event",
@@ -177,10 +179,17 @@ def verify(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedCollabo
     chain = audit_chain.chain(conn, schema)
     return [
         *audit.verify_chain(chain, anchors or []),
-        *audit.verify_tables(chain, audit_chain.evidence(conn, schema)),
+        *audit.verify_tables(chain, _evidence(conn, loaded)),
         *audit.verify_events(chain, release_events(instance, loaded)),
         *audit.verify_referenced(chain, chain_references(instance, loaded)),
     ]
+
+
+def _evidence(conn: Connection, loaded: LoadedCollaboration) -> audit.Evidence:
+    """The tables users read and the people sets the difference checks keep, as they are now."""
+    evidence = audit_chain.evidence(conn, naming.results_schema(loaded.name))
+    evidence.footprints, evidence.footprints_kept_since = footprints.recorded(conn, loaded.name, loaded.collaboration.difference_checks.retention_days)
+    return evidence
 
 
 def chain_references(instance: dg.DagsterInstance, loaded: LoadedCollaboration) -> set[str]:

@@ -93,13 +93,16 @@ class Evidence:
 
     releases: dict[str, dict[str, Any]] = field(default_factory=dict)  # release_id -> fields + rows_sha256 + results_sha256
     charges: dict[str, dict[str, Any]] = field(default_factory=dict)  # ledger entry_id -> fields
-    ad_hoc: dict[str, dict[str, Any]] = field(default_factory=dict)  # run_id -> runner, rows_sha256, ...
+    ad_hoc: dict[str, dict[str, Any]] = field(default_factory=dict)  # run_id -> runner, rows_sha256, ran_at, ...
+    footprints: dict[tuple[str, str], str] = field(default_factory=dict)  # (source, id) -> digest of the people sets kept
+    footprints_kept_since: str | None = None  # people sets of runs before this time may have expired (retention_days)
 
 
 RELEASE_FIELDS = ("release_id", "query_name", "consumer", "receivers", "query_sha256", "params", "input_versions", "epsilon", "delta",
                   "rows_sha256", "results_sha256")
 CHARGE_FIELDS = ("entry_id", "consumer", "query_name", "release_id", "epsilon", "delta", "charged_at")
-AD_HOC_FIELDS = ("run_id", "runner", "query_sha256", "rows", "rows_sha256", "suppressed")
+AD_HOC_FIELDS = ("run_id", "runner", "query_sha256", "rows", "rows_sha256", "suppressed", "ran_at")
+EMPTY_FOOTPRINTS = hashlib.sha256().hexdigest()  # no people set recorded
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -152,6 +155,35 @@ def verify_tables(chain: Sequence[ChainRow], evidence: Evidence) -> list[Problem
         for ref in current:
             if ref not in chained:
                 problems.append(Problem(f"{noun} {ref}", "it is in its table but not in the audit chain (inserted)"))
+    return problems + verify_footprints(chain, evidence)
+
+
+def verify_footprints(chain: Sequence[ChainRow], evidence: Evidence) -> list[Problem]:
+    """The people sets the difference checks compare with, against the digests chained with each run and release.
+
+    A set may be missing only once it is older than the retention window; any other edit, deletion or insertion
+    (which would re-open rows the checks withhold) is a problem.
+    """
+    problems: list[Problem] = []
+    chained: dict[tuple[str, str], ChainRow] = {}
+    for row in chain:
+        source = {"ad_hoc": "ad_hoc", "release": "release"}.get(row.kind)
+        if source and "footprints_sha256" in row.entry:
+            chained[(source, row.ref)] = row
+    for (source, ref), row in chained.items():
+        found = evidence.footprints.get((source, ref), EMPTY_FOOTPRINTS)
+        if found == row.entry["footprints_sha256"]:
+            continue
+        when = str(row.entry.get("ran_at") or row.entry.get("released_at") or "")
+        expired = found == EMPTY_FOOTPRINTS and evidence.footprints_kept_since is not None and when and when < evidence.footprints_kept_since
+        if not expired:
+            noun = "ad-hoc run" if source == "ad_hoc" else "release"
+            problems.append(Problem(f"{noun} {ref}", "the people sets recorded for its difference checks were edited or deleted "
+                                                     "(dcr_meta.released_people differs from the digest chained with it)"))
+    legacy = {(("ad_hoc" if r.kind == "ad_hoc" else "release"), r.ref) for r in chain if r.kind in ("ad_hoc", "release")}
+    for key in evidence.footprints:
+        if key not in chained and key not in legacy:
+            problems.append(Problem(f"{key[0]} {key[1]}", "people sets are recorded for it, but no run or release of the audit chain made them (inserted)"))
     return problems
 
 

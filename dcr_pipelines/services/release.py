@@ -295,6 +295,7 @@ def _release_thresholded(
         receivers=spec.receivers,
         query_sha256=query.sha256,
         run_id=run_id,
+        chained_with=(lambda: {"footprints_sha256": footprints.digest([(i, sets[i]) for i in released])}) if checks.enabled else None,
     )
     if export_dir is not None:
         export(stored, loaded, query, export_dir)

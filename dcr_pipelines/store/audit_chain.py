@@ -128,9 +128,9 @@ def evidence(conn: psycopg.Connection, schema: str) -> Evidence:
     tables = conn.execute("select tablename from pg_tables where schemaname = %s and tablename like 'ad\\_hoc\\_\\_%%'", (schema,)).fetchall()
     for (table,) in tables:
         runner = table.removeprefix("ad_hoc__")
-        for r in conn.execute(sql.SQL("select run_id, query_sha256, rows, suppressed from {}").format(sql.Identifier(schema, table))).fetchall():
+        for r in conn.execute(sql.SQL("select run_id, query_sha256, rows, suppressed, ran_at from {}").format(sql.Identifier(schema, table))).fetchall():
             out.ad_hoc[r[0]] = {"run_id": r[0], "runner": runner, "query_sha256": r[1], "rows": len(r[2]), "rows_sha256": rows_digest(list(r[2])),
-                                "suppressed": int(r[3])}
+                                "suppressed": int(r[3]), "ran_at": timestamp(r[4])}
     return out
 
 

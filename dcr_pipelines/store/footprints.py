@@ -78,6 +78,32 @@ def record(conn: psycopg.Connection, collaboration: str, source: str, source_id:
         )
 
 
+def digest(rows: Sequence[tuple[int, People]]) -> str:
+    """SHA-256 of the people sets recorded for one run or release, as the audit chain keeps it (empty: nothing recorded)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, units in sorted(rows, key=lambda r: r[0]):
+        h.update(f"{n}:{int(units.size)}:".encode())
+        h.update(difference.to_bytes(units))
+    return h.hexdigest()
+
+
+def recorded(conn: psycopg.Connection, collaboration: str, retention_days: int) -> tuple[dict[tuple[str, str], str], str]:
+    """(source, source_id) -> digest of the people sets kept now, and the time before which they may have expired
+    (for ``dcr audit --verify``)."""
+    from ..lib.audit import timestamp
+
+    ensure(conn)
+    since = conn.execute("select now() - make_interval(days => %s)", (retention_days,)).fetchone()[0]  # type: ignore[index]
+    found: dict[tuple[str, str], list[tuple[int, People]]] = {}
+    for source, source_id, row_no, people in conn.execute(
+        f"select source, source_id, row_no, people from {TABLE} where collaboration = %s", (collaboration,)
+    ).fetchall():
+        found.setdefault((source, source_id), []).append((int(row_no), difference.from_bytes(people)))
+    return {key: digest(rows) for key, rows in found.items()}, timestamp(since)
+
+
 def describe(earlier: Earlier, threshold: int) -> str:
     """Why a row was withheld, without saying which people or how many differ."""
     what = "an ad-hoc result" if earlier.source == "ad_hoc" else f"release {earlier.source_id}" if earlier.source == "release" else earlier.source

@@ -127,8 +127,12 @@ def release(
     receivers: Sequence[str] = (),
     query_sha256: str = "",
     run_id: str | None = None,
+    chained_with: Callable[[], dict[str, Any]] | None = None,
 ) -> StoredRelease:
     """Charge ``(cost, delta)`` and store ``draw()``'s noised rows atomically, or return the identical earlier release.
+
+    ``chained_with`` adds fields to the release's audit-chain entry once its rows are stored (a threshold
+    release: the digest of the people sets it recorded).
 
     If anything fails once noise has been drawn, the release is rolled back
     but the charge is still recorded (an error can depend on a noisy value),
@@ -180,6 +184,7 @@ def release(
                     "rows_sha256": audit_chain.stored_rows_digest(conn, schema, release_id),
                     "results_sha256": audit_chain.results_digest(conn, schema, query_name, release_id),
                     "released_at": released_at, "run_id": run_id,
+                    **(chained_with() if chained_with is not None else {}),
                 }
                 chained = audit_chain.append(conn, schema, collaboration, "release", release_id, entry)
                 assert charged is not None

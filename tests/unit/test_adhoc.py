@@ -18,6 +18,8 @@ from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
+from ..policy_edits import exact_customers
+
 EXTRA_MEMBERS = """
   publisher:
     abilities: [provide_data]
@@ -53,7 +55,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     folder = tmp_path_factory.mktemp("policies") / "demo"
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     text = (folder / "collaboration.yaml").read_text()
-    text = text.replace("\nidentity:", EXTRA_MEMBERS + "\nidentity:", 1).replace("\nbudgets:", EXTRA_DATASETS + "\nbudgets:", 1)
+    text = exact_customers(text).replace("\nidentity:", EXTRA_MEMBERS + "\nidentity:", 1).replace("\nbudgets:", EXTRA_DATASETS + "\nbudgets:", 1)
     (folder / "collaboration.yaml").write_text(text)
     approve_all(folder)
     return load_collaboration(folder)

@@ -39,10 +39,11 @@ def _issues(folder: Path) -> list[str]:
 LOOSENING = [
     ("    epsilon: 10.0", "    epsilon: 1000.0", "budgets[0].epsilon", {"retailer", "ad_network"}),
     ("    period_days: 30", "    period_days: 1", "budgets[0].period_days", {"retailer", "ad_network"}),
-    ("      min_distinct_units: 25\n      join_required: true", "      min_distinct_units: 1\n      join_required: true",
-     "datasets.customers.analysis_rule.min_distinct_units", {"retailer"}),
-    ("      min_distinct_units: 25\n      join_required: true", "      min_distinct_units: 25\n      join_required: false",
+    ("      epsilon_per_query: 1.0", "      epsilon_per_query: 5.0", "datasets.customers.analysis_rule.epsilon_per_query", {"retailer"}),
+    ("      key_selection_delta: 1.0e-6", "      key_selection_delta: 1.0e-4", "datasets.customers.analysis_rule.key_selection_delta", {"retailer"}),
+    ("      type: differential_privacy\n      join_required: true", "      type: differential_privacy\n      join_required: false",
      "datasets.customers.analysis_rule.join_required", {"retailer"}),
+    ("      type: differential_privacy\n", "      type: aggregation\n      min_distinct_units: 25\n", "datasets.customers.analysis_rule.type", {"retailer"}),
     ("    analysis_rule: {type: dp}", "    analysis_rule: {type: aggregation, join_operators: [and]}", "datasets.purchases.analysis_rule", {"retailer"}),
     ("lifetime_value: {type: numeric, nullable: false, aggregate: [sum, avg]", "lifetime_value: {type: numeric, nullable: false, aggregate: [sum, avg, max]",
      "datasets.customers.columns.lifetime_value", {"retailer"}),
@@ -54,7 +55,8 @@ LOOSENING = [
 
 TIGHTENING = [
     ("    epsilon: 10.0", "    epsilon: 2.0"),
-    ("      min_distinct_units: 25\n      join_required: true", "      min_distinct_units: 50\n      join_required: true"),
+    ("      epsilon_per_query: 1.0", "      epsilon_per_query: 0.5"),
+    ("      min_distinct_units: 25\n      join_required: false", "      min_distinct_units: 50\n      join_required: false"),
     ("    period_days: 30", "    period_days: 90"),
     ("schedules:", "ad_hoc: {max_queries_per_day: 20}\n\nschedules:"),
     ("  padding: false", "  padding: true"),

@@ -61,7 +61,7 @@ MISTAKES = [
     (COLLAB, "  overlap_release: exact   #", "  key_epoch: 7\n  overlap_release: exact   #", "matching.key_epoch", "7 is not a key epoch: use run"),
     (COLLAB, "  overlap_release: exact   #", "  key_epoch: 9999d\n  overlap_release: exact   #", "matching.key_epoch", "at most a year"),
     (COLLAB, "  overlap_release: exact   #", "  key_epoch: 7d\n  bucket_steps: true\n  overlap_release: exact   #", "matching.key_epoch", "one matching step (bucket_steps: false)"),
-    (COLLAB, "  overlap_release: exact   #", "  overlap_release: withheld   #", "matching.overlap_release", "contradicts the analysis rules: impressions, customers"),
+    (COLLAB, "  overlap_release: exact   #", "  overlap_release: withheld   #", "matching.overlap_release", "contradicts the analysis rules: impressions (aggregation rule)"),
     (COLLAB, "  overlap_release: exact   #", "  overlap_release: dp   #", "matching.overlap_release", "let ad_network count the shared people exactly"),
     (COLLAB, 'cron: "0 3 * * *"', 'cron: "99 * * * *"', "schedules[0].cron", "bad minute"),
     (COLLAB, 'cron: "0 3 * * *"', 'cron: "0 3 31 2 *"', "schedules[0].cron", "bad day-of-month"),

@@ -39,6 +39,7 @@ the analyst's text.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -52,12 +53,14 @@ from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from .. import naming
 from ..policy import LoadedCollaboration
 from ..policy.models import Ability, AggregateFunction, Column, ColumnType, Dataset
+from ..privacy.contribution import DpAggregate, DpQuery
 
 UNITS = "dcr_units"
 PEOPLE = "dcr_people"
 ROW = "dcr_row"
 UNIT_COLUMN = "dcr_unit"  # the stable person number in every matched view (see matching)
-HIDDEN_VIEW_COLUMNS = ("match_id", UNIT_COLUMN)
+ROW_COLUMN = "dcr_row"  # the staged row a matched-view row comes from (exact mode reads each source row once)
+HIDDEN_VIEW_COLUMNS = ("match_id", UNIT_COLUMN, ROW_COLUMN)
 
 # Parsed forms of each scalar function an owner can allow (policy names: models.SCALAR_FUNCTIONS).
 SCALAR_FORMS: dict[type[exp.Expr], str] = {
@@ -68,6 +71,12 @@ SCALAR_FORMS: dict[type[exp.Expr], str] = {
 }
 AGGREGATES: dict[type[exp.Expr], str] = {
     exp.Count: "count", exp.Sum: "sum", exp.Avg: "avg", exp.Min: "min", exp.Max: "max", exp.Stddev: "stddev", exp.Variance: "variance",
+}
+# Functions applied to released aggregates only (phase 2): any runner may use them there, no owner allow-list needed.
+POST_FUNCTIONS: dict[type[exp.Expr], str] = {
+    exp.Sqrt: "sqrt", exp.Ln: "ln", exp.Log: "log", exp.Trunc: "trunc", exp.TimeToStr: "to_char", exp.Extract: "extract",
+    exp.Round: "round", exp.Abs: "abs", exp.Floor: "floor", exp.Ceil: "ceil", exp.Coalesce: "coalesce", exp.Greatest: "greatest",
+    exp.Least: "least", exp.Cast: "cast",
 }
 # Syntax that carries no data access of its own: operators, literals, names.
 NEUTRAL = (
@@ -132,6 +141,12 @@ class CheckedQuery:
     offset: int | None = None
     rules: tuple[str, ...] = field(default=())
     phase1_without_people: str = ""
+    dp: DpQuery | None = None  # set when a dataset read is under the differential_privacy rule: the answer is noised
+
+    @property
+    def mode(self) -> str:
+        """``dp`` (noised, charged to the runner's budget) or ``exact`` (thresholded, per person first)."""
+        return "dp" if self.dp is not None else "exact"
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -164,6 +179,37 @@ class CheckedQuery:
             sql_text += f" offset {self.offset}"
         return sql_text
 
+    def _unnest(self, types: Sequence[str]) -> str:
+        if len(types) != len(self.input_names):
+            raise ValueError(f"phase 2 takes {len(self.input_names)} array types, got {len(types)}")
+        for t in types:
+            if not re.fullmatch(r"[a-z][a-z0-9_ ]*", t):
+                raise ValueError(f"not a type name: {t!r}")
+        arrays = ", ".join(f"%s::{t}[]" for t in types)
+        return f'unnest({arrays}) as "g"({", ".join(chr(34) + n + chr(34) for n in self.input_names)})'
+
+    def select_one(self, types: Sequence[str], expression: str) -> str:
+        """One phase-2 expression (an output or HAVING) over one group, fed as one-element arrays."""
+        return f"select {expression} from {self._unnest(types)}"
+
+    def ordered(self, types: Sequence[str]) -> str:
+        """ORDER BY, LIMIT and OFFSET over outputs already computed: the group number, then one array per output."""
+        if len(types) != len(self.columns) + 1:
+            raise ValueError(f"ordering takes {len(self.columns) + 1} array types, got {len(types)}")
+        for t in types:
+            if not re.fullmatch(r"[a-z][a-z0-9_ ]*", t):
+                raise ValueError(f"not a type name: {t!r}")
+        arrays = ", ".join(f"%s::{t}[]" for t in types)
+        names = ", ".join(f'"{n}"' for n in (ROW, *self.columns))
+        sql_text = f'select * from unnest({arrays}) as "dcr_out"({names})'
+        if self.order:
+            sql_text += " order by " + ", ".join(self.order)
+        if self.limit is not None:
+            sql_text += f" limit {self.limit}"
+        if self.offset is not None:
+            sql_text += f" offset {self.offset}"
+        return sql_text
+
     @property
     def sql(self) -> str:
         """Both statements, for reading (phase 2 with generic array types)."""
@@ -172,8 +218,20 @@ class CheckedQuery:
     def summary(self) -> list[str]:
         lines = [f"tables: {', '.join(f'{t.dataset} ({t.owner}, {t.rule} rule)' for t in self.tables)}"]
         lines += [f"rule: {r}" for r in self.rules]
-        if self.min_distinct_units:
-            lines.append(f"threshold: rows with fewer than {self.min_distinct_units} distinct people are removed (from {self.threshold_from})")
+        if self.dp is not None:
+            dp = self.dp
+            lines.append(f"mode: differential privacy; costs epsilon {dp.epsilon:g}" + (f" and delta {dp.key_selection_delta:g}" if dp.key_selection else "")
+                         + f" of {self.runner}'s budget (an identical query over the same data is answered from the store, free)")
+            lines.append(f"contribution: each person counts in at most {dp.max_groups} group(s) and at most {dp.max_rows} row(s) per group"
+                         + "".join(f"; {a.label} clamped to [{a.lower:g}, {a.upper:g}] per person" for a in dp.aggregates if a.function in ("sum", "avg")))
+            lines.append(f"groups: every combination of the keys' public domains ({dp.cells})" if dp.domains is not None
+                         else "groups: released only if their noised count of people clears opendp's threshold (key selection)")
+            if dp.min_people:
+                lines.append(f"threshold: groups whose noised count of people is under {dp.min_people} are dropped (from {self.threshold_from})")
+        else:
+            lines.append("mode: exact (thresholded, not differentially private); each person counts once per group")
+            if self.min_distinct_units:
+                lines.append(f"threshold: rows with fewer than {self.min_distinct_units} distinct people are removed (from {self.threshold_from})")
         lines.append(f"output columns: {', '.join(self.columns)}")
         return lines
 
@@ -323,6 +381,10 @@ def _check_tables(ctx: _Context, tree: exp.Select) -> None:
     for use in ctx.tables.values():
         if use.rule == kind or (kind == "list" and use.rule == "aggregation" and use.owner == ctx.runner):
             continue  # a list query may join (not output) the runner's own aggregation-rule tables
+        if use.rule == "differential_privacy":
+            if kind == "list":
+                raise QueryRefused("differential_privacy rule", f"dataset {use.dataset} answers only aggregates with noise: SELECT DISTINCT lists row values")
+            continue
         if use.rule == "list":
             raise QueryRefused("list rule", f"dataset {use.dataset} answers only SELECT DISTINCT of its list columns")
         raise QueryRefused("aggregation rule", f"dataset {use.dataset} answers only aggregates: SELECT DISTINCT lists row values (list rule only)")
@@ -361,9 +423,28 @@ def _rules(ctx: _Context) -> dict[str, set[str] | list[str]]:
 # --- node-level checks ---------------------------------------------------------
 
 
+def sql_name(node: exp.Expr) -> str:
+    """A function's name as the analyst wrote it in SQL (TO_CHAR, not sqlglot's TimeToStr)."""
+    if isinstance(node, exp.Anonymous):
+        return str(node.name).lower()
+    text = node.sql(dialect="postgres")
+    head = re.match(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    return head.group(0).lower() if head and "(" in text[: head.end() + 1] else type(node).__name__.lower()
+
+
+def _post_aggregation(node: exp.Expr) -> bool:
+    """Whether ``node`` reads released aggregates only: every column under it is inside an aggregate under it."""
+    if _aggregate_of(node) is not None or not _has_aggregate(node):
+        return False
+    inside = set(node.walk())
+    return all(_aggregate_of(column) in inside for column in node.find_all(exp.Column))
+
+
 def _check_nodes(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | list[str]]) -> None:
     functions = rules["functions"]
     for node in tree.walk():
+        if type(node) in POST_FUNCTIONS and _post_aggregation(node):
+            continue  # sqrt(sum(x)), to_char(min(d), 'YYYY'): runs over released values only (phase 2)
         if isinstance(node, (exp.Div, exp.Mod)) and not _has_aggregate(node):
             divisor = node.expression
             if not (isinstance(divisor, exp.Literal) and divisor.is_number and float(divisor.this) != 0):
@@ -373,9 +454,11 @@ def _check_nodes(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | li
         if isinstance(node, NEUTRAL):
             continue
         if isinstance(node, exp.Anonymous) or (isinstance(node, exp.Func) and type(node) not in SCALAR_FORMS and type(node) not in AGGREGATES):
-            name = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
+            name = sql_name(node)
             if name.startswith(("pg_", "current_")) or name in SETTINGS_FUNCTIONS or "setting" in name:
                 raise QueryRefused("system catalogs and settings", f"function {name} reads the server's state and is not allowed")
+            if type(node) in POST_FUNCTIONS:
+                raise QueryRefused("scalar functions", f"{name} applies to aggregates only, e.g. {name}(sum(x)), not to row values ({_part(node)})")
             raise QueryRefused("scalar functions", f"function {name} is not allowed ({_part(node)})")
         if isinstance(node, exp.Cast) and isinstance(node.this, exp.Literal):
             continue  # a typed literal (date '2026-01-01'): no data is read or converted
@@ -388,7 +471,7 @@ def _check_nodes(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | li
         if type(node) in AGGREGATES:
             continue
         if not isinstance(node, NEUTRAL):
-            raise QueryRefused("syntax", f"{type(node).__name__} is not allowed ({_part(node)})")
+            raise QueryRefused("syntax", f"{sql_name(node).upper()} is not allowed ({_part(node)})")
 
 
 def _input_columns(ctx: _Context) -> dict[str, list[str]]:
@@ -560,7 +643,7 @@ def _is_units(agg: exp.Expr | None, column: exp.Column, spec: Column, rule: str)
     """COUNT(DISTINCT join column) counts matched people: it becomes COUNT(DISTINCT match_id)."""
     return (
         agg is not None and isinstance(agg, exp.Count) and isinstance(agg.this, exp.Distinct)
-        and agg.this.expressions == [column] and spec.join and rule == "aggregation"
+        and agg.this.expressions == [column] and spec.join and rule in ("aggregation", "differential_privacy")
     )
 
 
@@ -803,7 +886,7 @@ def _ptype(ctx: _Context, node: exp.Expr) -> str:
         raise _refuse_pre(node, "arithmetic can overflow on some values")
     if isinstance(node, exp.Interval):
         raise _refuse_pre(node, "interval arithmetic can overflow on some values")
-    raise _refuse_pre(node, f"{type(node).__name__} is not allowed here")
+    raise _refuse_pre(node, f"{sql_name(node).upper()} is not allowed here")
 
 
 def _expect(ctx: _Context, node: exp.Expr, allowed: set[str], why: str | None = None) -> str:
@@ -860,7 +943,7 @@ def _pcond(ctx: _Context, node: exp.Expr) -> None:
     if isinstance(node, (exp.Column, exp.Boolean)):
         _expect(ctx, node, {"boolean"})
         return None
-    raise _refuse_pre(node, f"{type(node).__name__} is not a condition allowed here")
+    raise _refuse_pre(node, f"{sql_name(node).upper()} is not a condition allowed here")
 
 
 def _check_aggregate_argument(ctx: _Context, agg: exp.Expr) -> None:
@@ -900,11 +983,223 @@ def _q(name: str) -> exp.Identifier:
     return exp.to_identifier(name, quoted=True)
 
 
+def _physical(ctx: _Context) -> object:
+    """The transform from the checked tree onto the matched views: tables to views, join columns to match_id."""
+    c = ctx.loaded.name
+
+    def physical(node: exp.Expr) -> exp.Expr:
+        if isinstance(node, exp.Table):
+            alias = node.alias or node.name
+            return exp.Table(this=_q(f"matched_{node.name}"), db=_q(naming.analysis_schema(c)), alias=exp.TableAlias(this=_q(alias)))
+        if isinstance(node, exp.Column):
+            alias, name, spec = _resolve(ctx, node)
+            return exp.Column(this=_q("match_id" if spec.identifier is not None else name), table=_q(alias))
+        return node
+
+    return physical
+
+
+def _source(ctx: _Context, tree: exp.Select, extra: Sequence[exp.Expr] = ()) -> exp.Select:
+    """FROM, joins and WHERE of the query on the matched views (``extra`` conditions are ANDed to WHERE)."""
+    physical = _physical(ctx)
+    from_ = tree.args.get("from") or tree.args.get("from_")
+    assert from_ is not None, "checked queries have a FROM clause"
+    base = exp.Select().from_(from_.this.transform(physical))
+    for join in tree.args.get("joins") or []:
+        base.append("joins", join.transform(physical))
+    where = tree.args.get("where")
+    conditions = ([exp.Paren(this=where.this.transform(physical))] if where is not None else []) + list(extra)
+    if conditions:
+        base = base.where(exp.and_(*conditions))
+    return base
+
+
+def _tables_of(ctx: _Context, node: exp.Expr) -> set[str]:
+    return {_resolve(ctx, column)[0] for column in node.find_all(exp.Column)}
+
+
+def _sql(node: exp.Expr) -> str:
+    return node.sql(dialect="postgres")
+
+
+def _number(value: float) -> str:
+    return f"cast('{float(value)!r}' as numeric)"
+
+
+def _group_clause(count: int) -> str:
+    return f" group by {', '.join(str(i) for i in range(1, count + 1))}" if count else ""
+
+
+def _exact_phase1(ctx: _Context, tree: exp.Select, keys: list[exp.Expr], aggregates: list[exp.Expr], threshold: int) -> tuple[str, str]:
+    """Phase 1 of the exact mode, per person first: a person counts once per group (COUNT(*) and COUNT(x) count people)
+    and every row of a dataset counts once however many rows of other datasets join it (SUM, AVG, STDDEV, VARIANCE
+    read each source row once). Returns the statement with and without the groups' people."""
+    physical = _physical(ctx)
+    first = next(iter(ctx.tables))
+    key_sql = [_sql(k.transform(physical)) for k in keys]
+    items = [f'{k} as "k{i}"' for i, k in enumerate(key_sql, start=1)]
+    items.append(f'{_sql(exp.Column(this=_q(UNIT_COLUMN), table=_q(first)))} as "dcr_u"')
+    outer: list[str] = []
+    for j, agg in enumerate(aggregates, start=1):
+        name = AGGREGATES[type(agg)]
+        inner = agg.this
+        distinct = isinstance(inner, exp.Distinct)
+        if distinct:
+            inner = inner.expressions[0]
+        if isinstance(inner, exp.Star):
+            outer.append('count(distinct "dcr_u")')
+            continue
+        items.append(f'{_sql(inner.transform(physical))} as "v{j}"')
+        if name == "count" and not distinct:
+            outer.append(f'count(distinct "dcr_u") filter (where "v{j}" is not null)')
+        elif distinct or name in ("min", "max"):
+            outer.append(f'{name}({"distinct " if distinct else ""}"v{j}")')
+        else:
+            tables = _tables_of(ctx, inner)
+            if len(tables) != 1:
+                raise QueryRefused(
+                    "aggregation rule, per person",
+                    f"{_part(agg)} must read the columns of one dataset: each row of that dataset counts once per group, "
+                    "however many rows of other datasets join it",
+                )
+            row = _sql(exp.Column(this=_q(ROW_COLUMN), table=_q(tables.pop())))
+            items.append(f'row_number() over (partition by {", ".join([*key_sql, row])}) as "r{j}"')
+            outer.append(f'{"stddev_samp" if name == "stddev" else "var_samp" if name == "variance" else name}("v{j}") filter (where "r{j}" = 1)')
+    source = _source(ctx, tree)
+    source.set("expressions", [sqlglot.parse_one(i, read="postgres") for i in items])
+    groups = [f'"k{i}"' for i in range(1, len(keys) + 1)]
+    head = ", ".join([*groups, *(f'{o} as "a{j}"' for j, o in enumerate(outer, start=1)), f'count(distinct "dcr_u") as "{UNITS}"'])
+    tail = f' from ({_sql(source)}) as "dcr_rows"{_group_clause(len(keys))} having count(distinct "dcr_u") >= {int(threshold)}'
+    without = f"select {head}{tail}"
+    with_people = f'select {head}, array_agg(distinct "dcr_u" order by "dcr_u") as "{PEOPLE}"{tail}'
+    return with_people, without
+
+
+MAX_DOMAIN_CELLS = 10_000
+
+
+def _bounds(ctx: _Context, agg: exp.Expr) -> tuple[float, float]:
+    """The per-person clamp of SUM or AVG: the bounds its dataset's rule declares for the column, or the column's range."""
+    columns = list(agg.find_all(exp.Column))
+    resolved = {(alias, name) for alias, name, _ in (_resolve(ctx, c) for c in columns)}
+    if len(resolved) != 1:
+        raise QueryRefused("differential_privacy rule, bounds",
+                           f"{_part(agg)} must read exactly one column, whose bounds limit what one person adds to a group")
+    alias, name = resolved.pop()
+    ds = ctx.dataset(alias)
+    bound = ds.analysis_rule.bounds.get(name) or ds.columns[name].range
+    if bound is None:
+        raise QueryRefused("differential_privacy rule, bounds", f"{ctx.tables[alias].dataset}.{name} has no declared bounds, so its sum cannot be noised")
+    return float(bound[0]), float(bound[1])
+
+
+def _dp_aggregate(ctx: _Context, agg: exp.Expr, max_rows: int) -> DpAggregate:
+    name = AGGREGATES[type(agg)]
+    inner = agg.this
+    distinct = isinstance(inner, exp.Distinct)
+    label = _part(agg)
+    if name == "count" and distinct:
+        column = inner.expressions[0]
+        if isinstance(column, exp.Column) and _resolve(ctx, column)[2].join:
+            return DpAggregate("count_people", label, 0.0, 1.0)
+        raise QueryRefused("differential_privacy rule, aggregates", f"{label}: COUNT(DISTINCT ...) is noised for people only (COUNT(DISTINCT <join column>))")
+    if name == "count":
+        return DpAggregate("count_rows", label, 0.0, float(max_rows))
+    if name in ("sum", "avg") and not distinct:
+        low, high = _bounds(ctx, agg)
+        return DpAggregate(name, label, low, high)
+    raise QueryRefused("differential_privacy rule, aggregates",
+                       f"{label}: {name.upper()}{'(DISTINCT ...)' if distinct else ''} is not available with noise; use COUNT, SUM or AVG")
+
+
+def _one_row_per_person(ctx: _Context, alias: str) -> bool:
+    ds = ctx.dataset(alias)
+    kind = ctx.loaded.collaboration.identity.kind
+    return any(spec.identifier == kind and spec.unique for spec in ds.columns.values())
+
+
+def _domain(ctx: _Context, key: exp.Expr) -> tuple[str, ...] | None:
+    if not isinstance(key, exp.Column):
+        return None
+    _, _, spec = _resolve(ctx, key)
+    return tuple(spec.allowed_values) if spec.allowed_values else None
+
+
+def _dp_plan(ctx: _Context, tree: exp.Select, keys: list[exp.Expr], aggregates: list[exp.Expr], threshold: int) -> tuple[DpQuery, str]:
+    """The noise plan of a DP query and its phase 1: per group, each aggregate summed over people after each person's
+    contribution was bounded (at most ``max_groups`` groups, each value clamped)."""
+    rules = [ctx.loaded.collaboration.datasets[use.dataset].analysis_rule for use in ctx.tables.values()]
+    dp_rules = [r for r in rules if r.type == "differential_privacy"]
+    max_groups = min(r.max_groups_per_person for r in dp_rules)
+    if all(_one_row_per_person(ctx, alias) for key in keys for alias in _tables_of(ctx, key)) and all(_tables_of(ctx, k) for k in keys):
+        max_groups = 1  # keys read only datasets with one row per person (a unique identifier): one group each (and the SQL holds it to that)
+    max_rows = min(r.max_rows_per_group for r in dp_rules)
+    noised = [_dp_aggregate(ctx, a, max_rows) for a in aggregates]
+    domains = [_domain(ctx, k) for k in keys]
+    public = all(d is not None for d in domains)
+    spec = DpQuery(
+        epsilon=min(r.epsilon_per_query for r in dp_rules),
+        key_selection_delta=min(r.key_selection_delta for r in dp_rules),
+        max_groups=max_groups,
+        max_rows=max_rows,
+        aggregates=tuple(noised),
+        domains=tuple(d for d in domains if d is not None) if public else None,
+        min_people=threshold,
+    )
+    if spec.domains is not None and spec.cells > MAX_DOMAIN_CELLS:
+        raise QueryRefused("differential_privacy rule, groups", f"the public domains of the GROUP BY keys make {spec.cells} groups, more than {MAX_DOMAIN_CELLS}")
+    physical = _physical(ctx)
+    first = next(iter(ctx.tables))
+    key_sql = [_sql(k.transform(physical)) for k in keys]
+    restrict = [sqlglot.parse_one(f"cast({k} as text) in ({', '.join(_literal(v) for v in d)})", read="postgres")
+                for k, d in zip(key_sql, domains, strict=True) if d is not None and public]
+    items = [f'{k} as "k{i}"' for i, k in enumerate(key_sql, start=1)]
+    items.append(f'{_sql(exp.Column(this=_q(UNIT_COLUMN), table=_q(first)))} as "dcr_u"')
+    person: list[str] = []
+    group: list[str] = []
+    for j, (agg, plan) in enumerate(zip(aggregates, noised, strict=True), start=1):
+        inner = agg.this
+        if plan.function == "count_people":
+            person.append(f'1 as "p{j}"')
+            group.append(f'sum("p{j}") as "a{j}"')
+            continue
+        if not isinstance(inner, exp.Star):
+            items.append(f'{_sql(inner.transform(physical))} as "v{j}"')
+        low, high = _number(plan.lower), _number(plan.upper)
+        if plan.function == "count_rows":
+            counted = "count(*)" if isinstance(inner, exp.Star) else f'count("v{j}")'
+            person.append(f'least({counted}, {int(plan.upper)}) as "p{j}"')
+            group.append(f'sum("p{j}") as "a{j}"')
+        elif plan.function == "sum":
+            person.append(f'least(greatest(sum("v{j}"), {low}), {high}) as "p{j}"')
+            group.append(f'coalesce(sum("p{j}"), 0) as "a{j}"')
+        else:
+            person.append(f'least(greatest(avg("v{j}"), {low}), {high}) as "p{j}"')
+            group.append(f'coalesce(sum("p{j}"), 0) as "a{j}__sum", count("p{j}") as "a{j}__n"')
+    source = _source(ctx, tree, restrict)
+    source.set("expressions", [sqlglot.parse_one(i, read="postgres") for i in items])
+    groups = [f'"k{i}"' for i in range(1, len(keys) + 1)]
+    unit = '"dcr_u"'
+    # Which groups a person keeps, past max_groups: the smallest hashes of (person, group), the same in every run.
+    rank = f"row_number() over (partition by {unit} order by md5(row({', '.join([unit, *groups])})::text))"
+    units = f'count(*) as "{UNITS}"'
+    statement = (
+        f'with "dcr_rows" as ({_sql(source)}), '
+        f'"dcr_person" as (select {", ".join([*groups, unit, *person])} from "dcr_rows"{_group_clause(len(keys) + 1)}), '
+        f'"dcr_bounded" as (select *, {rank} as "dcr_rank" from "dcr_person") '
+        f'select {", ".join([*groups, units, *group])} from "dcr_bounded" where "dcr_rank" <= {max_groups}{_group_clause(len(keys))}'
+    )
+    return spec, statement
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _plan(
     ctx: _Context, tree: exp.Select, kind: str, names: list[str], order: list[tuple[str, bool, bool | None]],
     threshold: int, source: str | None, rules: tuple[str, ...],
 ) -> CheckedQuery:
-    c = ctx.loaded.name
     where = tree.args.get("where")
     if where is not None:
         _pcond(ctx, where.this)
@@ -936,40 +1231,13 @@ def _plan(
     outputs = [item.unalias().transform(to_phase2) for item in tree.expressions]
     having = tree.args.get("having")
     having_sql = having.this.transform(to_phase2).sql(dialect="postgres") if having is not None else None
-
-    def physical(node: exp.Expr) -> exp.Expr:
-        if isinstance(node, exp.Table):
-            alias = node.alias or node.name
-            return exp.Table(
-                this=_q(f"matched_{node.name}"), db=_q(naming.analysis_schema(c)), alias=exp.TableAlias(this=_q(alias)),
-            )
-        if isinstance(node, exp.Column):
-            alias, name, spec = _resolve(ctx, node)
-            return exp.Column(this=_q("match_id" if spec.identifier is not None else name), table=_q(alias))
-        return node
-
-    first = next(iter(ctx.tables))
-    base = exp.Select()
-    from_ = tree.args.get("from") or tree.args.get("from_")
-    assert from_ is not None, "checked queries have a FROM clause"
-    base = base.from_(from_.this.transform(physical))
-    for join in tree.args.get("joins") or []:
-        base.append("joins", join.transform(physical))
-    if where is not None:
-        base = base.where(where.this.transform(physical))
-    items: list[exp.Expr] = [exp.alias_(k.transform(physical), f"k{i}", quoted=True) for i, k in enumerate(keys, start=1)]
-    items += [exp.alias_(a.transform(physical), f"a{j}", quoted=True) for j, a in enumerate(aggregates, start=1)]
-    units = exp.Count(this=exp.Distinct(expressions=[exp.Column(this=_q("match_id"), table=_q(first))]))
-    items.append(exp.alias_(units.copy(), UNITS, quoted=True))
-    base = base.select(*items)
-    if keys:
-        base = base.group_by(*[exp.Literal.number(i) for i in range(1, len(keys) + 1)])
-    base = base.having(exp.GTE(this=units, expression=exp.Literal.number(threshold)))
-    without_people = base.sql(dialect="postgres", pretty=True)
-    unit = exp.Column(this=_q(UNIT_COLUMN), table=_q(first))
-    people = sqlglot.parse_one(f"array_agg(distinct {unit.sql(dialect='postgres')} order by {unit.sql(dialect='postgres')})", read="postgres")
-    with_people = base.copy()
-    with_people.set("expressions", [*with_people.expressions, exp.alias_(people, PEOPLE, quoted=True)])
+    dp_mode = any(use.rule == "differential_privacy" for use in ctx.tables.values())
+    dp: DpQuery | None = None
+    if dp_mode:
+        dp, phase1 = _dp_plan(ctx, tree, keys, aggregates, threshold)
+        without_people = phase1
+    else:
+        phase1, without_people = _exact_phase1(ctx, tree, keys, aggregates, threshold)
     order_sql = tuple(
         exp.Ordered(this=exp.column(n, table="dcr_out", quoted=True), desc=desc, nulls_first=nulls).sql(dialect="postgres")
         for n, desc, nulls in order
@@ -982,7 +1250,7 @@ def _plan(
         min_distinct_units=threshold,
         threshold_from=source,
         columns=tuple(names),
-        phase1=with_people.sql(dialect="postgres", pretty=True),
+        phase1=phase1,
         phase1_without_people=without_people,
         keys=len(keys),
         aggregates=len(aggregates),
@@ -992,6 +1260,7 @@ def _plan(
         limit=int(limit.expression.this) if limit is not None else None,
         offset=int(offset.expression.this) if offset is not None else None,
         rules=rules,
+        dp=dp,
     )
 
 

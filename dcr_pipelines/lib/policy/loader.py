@@ -22,7 +22,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
-from .models import Ability, Collaboration, MetricKind, QuerySpec
+from .models import Ability, AggregateFunction, Collaboration, ColumnType, MetricKind, QuerySpec
 
 COLLABORATION_FILE = "collaboration.yaml"
 QUERIES_DIR = "queries"
@@ -287,6 +287,17 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
             issue((*where, "analysis_rule", "type"), "a list rule needs at least one column with 'list: true'")
         if rule.ad_hoc and not any(c.join for c in ds.columns.values()):
             issue((*where, "analysis_rule", "type"), f"an {rule.type} rule needs a join column ('join: true' on the identifier column)")
+        for col, bound in rule.bounds.items():
+            if col not in ds.columns:
+                issue((*where, "analysis_rule", "bounds", col), f"column {col!r} does not exist in dataset {ds_name!r}")
+            elif ds.columns[col].type not in (ColumnType.INTEGER, ColumnType.NUMERIC):
+                issue((*where, "analysis_rule", "bounds", col), f"bounds are for numeric columns; {col!r} is {ds.columns[col].type.value}")
+        if rule.type == "differential_privacy":
+            for col, spec in ds.columns.items():
+                summed = {AggregateFunction.SUM, AggregateFunction.AVG} & set(spec.aggregate)
+                if summed and col not in rule.bounds and spec.range is None:
+                    issue((*where, "analysis_rule", "bounds"), f"column {col!r} may be summed or averaged under differential privacy, so it needs "
+                          f"bounds: add 'bounds: {{{col}: [low, high]}}' (what one person adds to a group at most) or a 'range' on the column")
         if not any(c.identifier == collab.identity.kind for c in ds.columns.values()):
             issue((*where, "columns"), f"no column is an identifier of kind {collab.identity.kind.value!r}, so the dataset cannot be matched")
     parties = {d.owner for d in collab.datasets.values()}
@@ -346,10 +357,10 @@ def exact_counters(collab: Collaboration) -> tuple[list[str], list[str]]:
     """(datasets, members): datasets whose ad-hoc rules let those members count the shared people exactly.
 
     Any aggregation or list rule does: COUNT(DISTINCT join column) of matched rows, or the number of rows of a
-    list query, is the overlap (or a part of it) to the person.
+    list query, is the overlap (or a part of it) to the person. A differential_privacy rule does not: its counts are noised.
     """
     runners = [m for m, member in collab.members.items() if Ability.RUN_QUERIES in member.abilities and Ability.RECEIVE_RESULTS in member.abilities]
-    datasets = [name for name, ds in collab.datasets.items() if ds.analysis_rule.ad_hoc] if runners else []
+    datasets = [name for name, ds in collab.datasets.items() if ds.analysis_rule.exact] if runners else []
     return datasets, runners if datasets else []
 
 

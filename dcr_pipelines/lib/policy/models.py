@@ -172,14 +172,21 @@ class AnalysisRule(Strict):
     """What may be asked of a dataset.
 
     ``dp`` and ``custom``: only approved queries (``dp``: only differentially private ones).
-    ``aggregation`` and ``list``: also ad-hoc SQL, checked against the column roles and these settings.
+    ``differential_privacy``: also ad-hoc SQL, answered with noise and charged to the runner's budget.
+    ``aggregation`` (exact, thresholded) and ``list``: also ad-hoc SQL, checked against the column roles and these settings.
     """
 
-    type: Literal["dp", "aggregation", "list", "custom"] = "dp"
+    type: Literal["dp", "differential_privacy", "aggregation", "list", "custom"] = "dp"
     min_distinct_units: int = Field(default=0, ge=0)
     join_required: bool = True
     scalar_functions: tuple[str, ...] = ()
     join_operators: tuple[Literal["and", "or"], ...] = ("and",)
+    # differential_privacy only: what one ad-hoc query costs and how far one person can move it.
+    epsilon_per_query: float = Field(default=1.0, gt=0, le=10)
+    max_groups_per_person: int = Field(default=1, ge=1, le=1000)
+    max_rows_per_group: int = Field(default=1, ge=1, le=1000)  # COUNT(*) counts at most this many of a person's rows per group
+    key_selection_delta: float = Field(default=1e-6, gt=0, lt=1e-3)  # groups without a public domain: DP key selection
+    bounds: dict[Name, tuple[float, float]] = {}  # per person and group, for SUM and AVG; default: the column's range
 
     @field_validator("scalar_functions")
     @classmethod
@@ -189,8 +196,21 @@ class AnalysisRule(Strict):
             raise ValueError(f"unknown scalar function(s) {', '.join(unknown)}; allowed: {', '.join(SCALAR_FUNCTIONS)}")
         return tuple(f.lower() for f in value)
 
+    @field_validator("bounds")
+    @classmethod
+    def _finite_bounds(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for column, (low, high) in value.items():
+            if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+                raise ValueError(f"bounds of {column} must be finite with low <= high")
+        return value
+
     @property
     def ad_hoc(self) -> bool:
+        return self.type in ("differential_privacy", "aggregation", "list")
+
+    @property
+    def exact(self) -> bool:
+        """Ad-hoc answers without noise (thresholded): the aggregation and list rules."""
         return self.type in ("aggregation", "list")
 
 

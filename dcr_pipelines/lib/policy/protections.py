@@ -25,7 +25,7 @@ from typing import Any
 from .models import Collaboration
 
 FOLDER = "protections"
-RULE_ORDER = {"dp": 0, "custom": 1, "aggregation": 2, "list": 3}  # how much a rule lets out, least first
+RULE_ORDER = {"dp": 0, "custom": 1, "differential_privacy": 2, "aggregation": 3, "list": 4}  # how much a rule lets out, least first
 OVERLAP_ORDER = {"withheld": 0, "dp": 1, "exact": 2}
 
 Path_ = tuple[str | int, ...]
@@ -44,7 +44,9 @@ def document(collab: Collaboration, party: str) -> dict[str, Any]:
                         for c, s in sorted(ds.columns.items())},
             "row_filters": sorted(json.dumps(f.model_dump(mode="json"), sort_keys=True) for f in ds.row_filters),
             "rule": {"type": rule.type, "min_distinct_units": rule.min_distinct_units, "join_required": rule.join_required,
-                     "scalar_functions": sorted(rule.scalar_functions), "join_operators": sorted(rule.join_operators)},
+                     "scalar_functions": sorted(rule.scalar_functions), "join_operators": sorted(rule.join_operators),
+                     **({"epsilon_per_query": rule.epsilon_per_query, "key_selection_delta": rule.key_selection_delta}
+                        if rule.type == "differential_privacy" else {})},
         }
     m = collab.matching
     return {
@@ -105,7 +107,8 @@ def loosened(approved: dict[str, Any], current: dict[str, Any], collab: Collabor
         rule, was_rule = ds["rule"], before["rule"]
         if RULE_ORDER[rule["type"]] > RULE_ORDER[was_rule["type"]]:
             out.append(((*where, "analysis_rule", "type"), f"the analysis rule of {name} goes from {was_rule['type']} to {rule['type']}"))
-        if rule["min_distinct_units"] < was_rule["min_distinct_units"]:
+        noised_now = rule["type"] == "differential_privacy" and was_rule["type"] in ("aggregation", "list")  # noise replaces the exact threshold
+        if rule["min_distinct_units"] < was_rule["min_distinct_units"] and not noised_now:
             out.append(((*where, "analysis_rule", "min_distinct_units"),
                         f"the threshold of {name} goes from {was_rule['min_distinct_units']} to {rule['min_distinct_units']}"))
         if was_rule["join_required"] and not rule["join_required"]:
@@ -114,6 +117,9 @@ def loosened(approved: dict[str, Any], current: dict[str, Any], collab: Collabor
             extra = set(rule[key]) - set(was_rule[key])
             if extra:
                 out.append(((*where, "analysis_rule", key), f"{name} allows {', '.join(sorted(extra))} too"))
+        for key in ("epsilon_per_query", "key_selection_delta"):
+            if key in rule and _more(rule[key], was_rule.get(key, rule[key])):
+                out.append(((*where, "analysis_rule", key), f"the {key} of {name} goes from {was_rule[key]} to {rule[key]}"))
     indexes = {b.consumer: i for i, b in enumerate(collab.budgets)}
     for consumer, budget in current["budgets"].items():
         where = ("budgets", indexes.get(consumer, 0))

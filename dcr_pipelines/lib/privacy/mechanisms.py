@@ -125,14 +125,26 @@ def plan_key_selection(spec: QuerySpec) -> KeySelectionPlan | None:
     metric = spec.metrics[counts[0]]
     total_share = sum(m.epsilon_share for m in spec.metrics.values())
     epsilon = spec.privacy.epsilon * metric.epsilon_share / total_share
-    g = spec.contribution.max_groups_per_unit
-    d_in = (g, g, 1)
-    # The threshold drives delta only, so: the smallest scale whose epsilon fits, then the
-    # smallest threshold whose delta fits at that scale (both maps computed by opendp).
+    return plan_threshold(counts[0], epsilon, delta, spec.contribution.max_groups_per_unit)
+
+
+def plan_threshold(metric: str, epsilon: float, delta: float, max_groups: int, at_least: int = 1) -> KeySelectionPlan:
+    """opendp's Laplace-threshold release of a person count per group, for a person in at most ``max_groups`` groups.
+
+    The threshold drives delta only, so: the smallest scale whose epsilon fits, then the smallest threshold (not
+    below ``at_least``) whose delta fits at that scale; both maps are computed by opendp.
+    """
+    d_in = (max_groups, max_groups, 1)
     scale = dp.binary_search(lambda s: _threshold_measurement(s, (1 << 31) - 1).map(d_in)[0] <= epsilon, bounds=(1e-6, 1e9), T=float)
     threshold = int(dp.binary_search(lambda t: _threshold_measurement(scale, int(t)).check(d_in, (epsilon, delta)), bounds=(1, (1 << 31) - 1), T=int))
+    threshold = max(threshold, at_least)
     spent_eps, spent_delta = _threshold_measurement(scale, threshold).map(d_in)
-    return KeySelectionPlan(counts[0], scale, threshold, g, spent_eps, spent_delta)
+    return KeySelectionPlan(metric, scale, threshold, max_groups, spent_eps, spent_delta)
+
+
+def plan_vector(column: str, integer: bool, sensitivity: float, epsilon: float) -> NoisePlan:
+    """Laplace noise (discrete on integers) for one vector of group cells whose L1 sensitivity is ``sensitivity``."""
+    return _plan_one(column, column, integer, sensitivity, epsilon)
 
 
 def plan_release(spec: QuerySpec) -> list[NoisePlan]:

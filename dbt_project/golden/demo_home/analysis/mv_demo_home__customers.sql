@@ -3,6 +3,7 @@
 select
     xref.match_id,
     xref.unit as dcr_unit,
+    {% if target.type == 'greenplum' %}staged.gp_segment_id::text || ':' || staged.ctid::text{% else %}staged.ctid{% endif %} as dcr_row,
     staged."loyalty_tier",
     staged."age_band",
     staged."lifetime_value"

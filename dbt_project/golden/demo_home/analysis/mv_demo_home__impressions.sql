@@ -3,6 +3,7 @@
 select
     xref.match_id,
     xref.unit as dcr_unit,
+    {% if target.type == 'greenplum' %}staged.gp_segment_id::text || ':' || staged.ctid::text{% else %}staged.ctid{% endif %} as dcr_row,
     staged."campaign_id",
     staged."impression_time"
 from {{ ref('stg_demo_home__ad_network__impressions') }} as staged
