@@ -64,11 +64,16 @@ def query_check(collab: str, party: str, sql_text: str) -> None:
 @click.argument("collab")
 @click.option("--as", "party", required=True, help="The member running the query.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Check the query and show what it would cost (epsilon, budget left, daily cap); run nothing.")
 @click.argument("sql_text", metavar="SQL")
-def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
-    """Check, rewrite and run ad-hoc SQL through Dagster; print the thresholded result.
+def query_run(collab: str, party: str, fmt: str, dry_run: bool, sql_text: str) -> None:
+    """Check, rewrite and run ad-hoc SQL through Dagster; print the result.
 
-    Every run is recorded in the event log, refused or not (`dcr audit`).
+    Under a differential_privacy rule the answer is noised (each noised
+    aggregate with its 95% interval) and charged to the runner's budget; an
+    identical query over the same data is answered from the store, free.
+    Under an aggregation rule it is exact and thresholded. Every run is
+    recorded in the event log and the audit chain, refused or not (`dcr audit`).
 
     \b
     Example:
@@ -86,6 +91,9 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)  # a policy mistake or unknown name stops here, exit 2
     _known_member(loaded, party)
+    if dry_run:
+        _dry_run(runtime, loaded, party, sql_text)
+        return
     from ..defs.ad_hoc import ad_hoc_definitions
 
     defs = ad_hoc_definitions(loaded, runtime.warehouse.url())  # this collaboration's ad-hoc asset only: no dbt to load
@@ -97,10 +105,14 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
     with connect(runtime.warehouse.url()) as conn:
         result = adhoc_service.stored_result(conn, collab, party, outcome.run_id)
     columns, rows = result.columns, result.rows
+    meta = outcome.metadata.get("/".join(naming.ad_hoc_key(collab)), {})
     if fmt == "json":
-        out.print_json(data={"run_id": outcome.run_id, "columns": columns, "rows": rows,
-                             "suppressed_rows": result.suppressed, "suppressed_because": result.reasons})
-    elif fmt == "csv":
+        out.print_json(data={"run_id": outcome.run_id, "mode": result.mode, "columns": columns, "rows": rows,
+                             **({"epsilon_charged": result.epsilon, "answered_from_store": result.cached, "release_id": result.release_id,
+                                 "epsilon_remaining": meta.get("epsilon_remaining")} if result.mode == "dp" else
+                                {"withheld_rows": result.suppressed, "withheld_because": result.reasons})})
+        return
+    if fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -109,11 +121,56 @@ def query_run(collab: str, party: str, fmt: str, sql_text: str) -> None:
         for column in columns:
             table.add_column(column)
         for row in rows:
-            table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
+            table.add_row(*("" if row[c] is None else f"{row[c]:.7g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
         out.print(table)
-        meta = outcome.metadata.get("/".join(naming.ad_hoc_key(collab)), {})
-        if meta.get("min_distinct_units"):
-            out.print(f"rows with fewer than {meta['min_distinct_units']} distinct people were removed")
-        if result.suppressed:
-            out.print(f"{result.suppressed} row{'s' if result.suppressed != 1 else ''} withheld by the difference check: "
-                      + "; ".join(result.reasons), markup=False)
+    say = err.print if fmt == "csv" else out.print
+    if result.mode == "dp":
+        charged = "answered from the store (an identical query over the same data), no charge" if result.cached else f"charged epsilon {result.epsilon:.4g}"
+        left = f"; {party} has {meta['epsilon_remaining']:.4g} of {meta['epsilon_budget']:.4g} left" if "epsilon_remaining" in meta else ""
+        say(f"differential privacy: noised values with 95% intervals (_ci_low, _ci_high); {charged}{left}", markup=False)
+        return
+    if meta.get("min_distinct_units"):
+        say(f"exact: each person counts once per group; rows with fewer than {meta['min_distinct_units']} distinct people were removed")
+    if result.suppressed:
+        say(f"the whole result ({result.suppressed} row{'s' if result.suppressed != 1 else ''}) was withheld by the difference check: "
+            + "; ".join(result.reasons), markup=False)
+
+
+def _dry_run(runtime: Any, loaded: Any, party: str, sql_text: str) -> None:
+    """Check the query and print what it would cost against the runner's budget and daily cap; exit 1 if it does not fit."""
+    from ..lib import adhoc
+    from ..lib.database import connect
+    from ..services import adhoc as adhoc_service
+
+    try:
+        checked = adhoc.check(loaded, party, sql_text)
+        with connect(runtime.warehouse.url()) as conn:
+            planned = adhoc_service.dry_run(conn, loaded, checked, sql_text)
+    except adhoc.QueryRefused as exc:
+        fail(str(exc))
+    for line in checked.summary():
+        out.print(line, markup=False)
+    cap = f"; {planned.runs_today} of {planned.cap} ad-hoc runs in the last 24 hours" if planned.cap is not None else ""
+    if planned.cap is not None and planned.runs_today >= planned.cap:
+        fail(f"{party} has run {planned.cap} ad-hoc queries in the last 24 hours, the most the policy allows: nothing was run (ad_hoc.max_queries_per_day)")
+    if planned.noise is None:
+        out.print(f"exact mode: no privacy budget is spent{cap}", markup=False)
+        return
+    noise, status = planned.noise, planned.status
+    assert status is not None
+    for p in noise.plans:
+        out.print(f"{p.column}: sensitivity {p.sensitivity:g}, laplace scale {p.scale:.4g}, epsilon {p.epsilon:.4g}, 95% accuracy +/-{p.accuracy:.4g}",
+                  markup=False)
+    if noise.selection is not None:
+        s = noise.selection
+        out.print(f"{s.metric}: key selection, laplace scale {s.scale:.4g}, threshold {s.threshold}, epsilon {s.epsilon:.4g}, delta {s.delta:.3g}",
+                  markup=False)
+    if planned.cached:
+        out.print(f"an identical query over the same data was answered before: the stored answer is returned, free{cap}", markup=False)
+        return
+    cost = f"epsilon {noise.epsilon:.4g}" + (f" and delta {noise.delta:.3g}" if noise.delta else "")
+    if not planned.fits:
+        fail(f"the query would cost {cost}, and {party} has epsilon {status.remaining:.4g} of {status.total:.4g}"
+             + (f" and delta {status.delta_remaining:.3g} of {status.delta_total:.3g}" if noise.delta else "") + " left: it does not fit, nothing was run (budget)")
+    out.print(f"the query would cost {cost} of {party}'s budget: {status.remaining:.4g} of {status.total:.4g} left now, "
+              f"{max(0.0, status.remaining - noise.epsilon):.4g} after it{cap}", markup=False)

@@ -141,7 +141,7 @@ def _planned(conn: psycopg.Connection, role: sql.Identifier, timeout_s: int, che
     except psycopg.errors.QueryCanceled:
         raise QueryRefused("resources", f"the query could not be planned within {timeout_s} s") from None
     except psycopg.Error as exc:
-        if exc.sqlstate and exc.sqlstate.startswith("42"):
+        if exc.sqlstate and exc.sqlstate.startswith("42") and exc.sqlstate != "42501":  # (not a permission: that names a relation)
             raise QueryRefused("types", f"PostgreSQL cannot run the query's expressions: {exc.diag.message_primary}") from None
         raise QueryRefused("run time", f"the query failed in the database (SQLSTATE {exc.sqlstate}); details are withheld because they can depend on rows") from None
     return types
@@ -210,6 +210,38 @@ def runner_budget(loaded: LoadedCollaboration, runner: str) -> Budget:
 def dp_cache_key(checked: CheckedQuery, text: str, versions: dict[str, Any]) -> str:
     assert checked.dp is not None
     return ledger.cache_key(f"ad_hoc:{checked.runner}:{query_sha256(text)}", {"epsilon": repr(checked.dp.epsilon)}, versions)
+
+
+@dataclass(frozen=True)
+class AdHocDryRun:
+    """What running a checked query would cost now: its noise (dp), the runner's budget, the daily cap; nothing runs."""
+
+    noise: adhoc_noise.AdHocNoise | None
+    status: ledger.BudgetStatus | None
+    cached: bool  # an identical query over the same data was answered before: the store answers, free
+    runs_today: int
+    cap: int | None
+
+    @property
+    def fits(self) -> bool:
+        if self.cap is not None and self.runs_today >= self.cap:
+            return False
+        if self.noise is None or self.cached:
+            return True
+        assert self.status is not None
+        return self.noise.epsilon <= self.status.remaining + 1e-12 and (self.noise.delta == 0 or self.noise.delta <= self.status.delta_remaining + 1e-18)
+
+
+def dry_run(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, text: str) -> AdHocDryRun:
+    """The cost of running ``checked`` now, against what its runner has left; draws nothing, charges nothing, reads no row."""
+    runs, cap = runs_today(conn, loaded.name, checked.runner), loaded.collaboration.ad_hoc.max_queries_per_day
+    if checked.dp is None:
+        return AdHocDryRun(None, None, False, runs, cap)
+    budget = runner_budget(loaded, checked.runner)
+    schema = naming.results_schema(loaded.name)
+    status = ledger.budget_status(conn, schema, budget)
+    cached = ledger.stored_release_id(conn, schema, dp_cache_key(checked, text, read_versions(conn, loaded, checked.datasets))) is not None
+    return AdHocDryRun(adhoc_noise.plan(checked.dp), status, cached, runs, cap)
 
 
 def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, run_id: str, text: str, timeout_s: int = 120) -> AdHocResult:

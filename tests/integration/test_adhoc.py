@@ -29,6 +29,7 @@ from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
 from dcr_pipelines.services import adhoc as adhoc_service
 
+from ..policy_edits import exact_customers
 from .conftest import land
 
 COLLAB = "adhoc"
@@ -53,7 +54,7 @@ def collab(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = root / COLLAB
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     path = folder / "collaboration.yaml"
-    text = path.read_text().replace("    mode: append", "    mode: replace").replace("name: demo", f"name: {COLLAB}")
+    text = exact_customers(path.read_text()).replace("    mode: append", "    mode: replace").replace("name: demo", f"name: {COLLAB}")
     impressions_rule = (
         "    analysis_rule:  # the ad network's own table: ad-hoc aggregates, thresholded\n"
         "      type: aggregation\n      min_distinct_units: 25\n      join_required: false\n"
@@ -117,14 +118,17 @@ def _same(actual: pd.DataFrame, expected: pd.DataFrame, keys: list[str]) -> None
     pd.testing.assert_frame_equal(actual, expected, check_dtype=False, check_exact=False, rtol=1e-9)
 
 
-def test_aggregation_equals_the_plain_join_minus_rows_under_the_threshold(collab) -> None:  # type: ignore[no-untyped-def]
+def test_exact_aggregates_are_per_person_and_equal_the_plain_join_minus_rows_under_the_threshold(collab) -> None:  # type: ignore[no-untyped-def]
+    """Per person first: COUNT(*) counts people, SUM reads each customer row once however many impressions join it."""
     outcome, got = _run(collab, f"select c.loyalty_tier, c.age_band, count(distinct c.customer_email) as buyers, "
-                                f"count(*) as impressions, sum(c.lifetime_value) as value {JOIN} group by 1, 2")
+                                f"count(*) as rows_counted, sum(c.lifetime_value) as value, avg(c.lifetime_value) as mean {JOIN} group by 1, 2")
     assert outcome.success, outcome.failure
     i, c = _plain(collab)
     joined = i.merge(c, on="email")
-    expected = joined.groupby(["loyalty_tier", "age_band"], as_index=False).agg(
-        buyers=("email", "nunique"), impressions=("email", "size"), value=("lifetime_value", "sum"))
+    assert (joined.groupby("email").size() > 1).any(), "people with several impressions must exist, or the test proves nothing"
+    once = joined.drop_duplicates("email")  # one customer row per person
+    expected = once.groupby(["loyalty_tier", "age_band"], as_index=False).agg(
+        buyers=("email", "nunique"), rows_counted=("email", "size"), value=("lifetime_value", "sum"), mean=("lifetime_value", "mean"))
     kept = expected[expected["buyers"] >= 25]
     assert 0 < len(kept) < len(expected), "the data must put groups on both sides of the threshold"
     _same(got, kept, ["loyalty_tier", "age_band"])
@@ -190,7 +194,7 @@ def test_case_is_allowed_where_every_dataset_allows_it(collab) -> None:  # type:
     i, c = _plain(collab)
     matched = i[i["email"].isin(set(c["email"]))]
     expected = matched.assign(season=matched["campaign_id"].str.startswith("s").map({True: "early", False: "late"})).groupby(
-        "season", as_index=False).agg(n=("email", "size"))
+        "season", as_index=False).agg(n=("email", "nunique"))  # exact mode: COUNT(*) counts people
     assert got is not None
     _same(got, expected, ["season"])
 
@@ -214,8 +218,20 @@ def test_the_analysis_role_cannot_write_even_through_the_checked_query(collab) -
     checked = adhoc.check(collab["loaded"], "ad_network", f"select c.loyalty_tier, count(*) {JOIN} group by 1")
     statement = f'create table "{naming.analysis_schema(COLLAB)}".stolen (x int)'
     tampered = dataclasses.replace(checked, phase1=statement, phase1_without_people=statement)
-    with psycopg.connect(collab["url"], autocommit=True) as conn, pytest.raises(adhoc.QueryRefused, match="run time"):
+    with psycopg.connect(collab["url"], autocommit=True) as conn, pytest.raises(adhoc.QueryRefused):
         adhoc_service.execute(conn, collab["loaded"], tampered, "tampered", "x")
+    # The run's own role, as it is granted: it may read the matched views it names, and write nothing anywhere.
+    with psycopg.connect(collab["url"]) as conn:
+        role = adhoc_service._temporary_role(conn, collab["loaded"], checked)
+        conn.execute(psycopg.sql.SQL("set role {}").format(role))
+        assert conn.execute(f'select count(*) from "{naming.analysis_schema(COLLAB)}".matched_customers').fetchone()[0] > 0
+        for write in (statement, f'insert into "{naming.results_schema(COLLAB)}".audit_chain (kind) values (\'x\')',
+                      f'create table "{naming.results_schema(COLLAB)}".stolen (x int)', "create table public.stolen (x int)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                conn.execute(write)
+        conn.rollback()
+    with psycopg.connect(collab["url"]) as conn:
+        assert conn.execute(f"select to_regclass('\"{naming.analysis_schema(COLLAB)}\".stolen')").fetchone()[0] is None
 
 
 def test_threshold_rule_release_equals_plain_aggregate_minus_small_groups(collab) -> None:  # type: ignore[no-untyped-def]

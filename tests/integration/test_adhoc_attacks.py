@@ -33,6 +33,7 @@ from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
 from dcr_pipelines.services import adhoc as adhoc_service
 
+from ..policy_edits import exact_customers
 from .conftest import land
 from .test_adhoc import forget_history
 
@@ -50,7 +51,7 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     folder = root / COLLAB
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     path = folder / "collaboration.yaml"
-    path.write_text(path.read_text().replace("    mode: append", "    mode: replace").replace("name: demo", f"name: {COLLAB}").replace("\nidentity:", AGENCY + "\nidentity:", 1))
+    path.write_text(exact_customers(path.read_text()).replace("    mode: append", "    mode: replace").replace("name: demo", f"name: {COLLAB}").replace("\nidentity:", AGENCY + "\nidentity:", 1))
     approve_all(folder)
     loaded = load_collaboration(folder)
     settings = dataclasses.replace(runtime.settings, policies=root)

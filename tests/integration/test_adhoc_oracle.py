@@ -42,6 +42,7 @@ from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
 from dcr_pipelines.services import adhoc as adhoc_service
 
+from ..policy_edits import exact_customers
 from .conftest import land
 
 A, B = "oracle_a", "oracle_b"
@@ -57,7 +58,7 @@ def _policy(root: Path, name: str) -> Path:
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     shutil.rmtree(folder / "queries")
     path = folder / "collaboration.yaml"
-    text = path.read_text().replace("    mode: append", "    mode: replace").replace("name: demo", f"name: {name}")
+    text = exact_customers(path.read_text()).replace("    mode: append", "    mode: replace").replace("name: demo", f"name: {name}")
     text = text.split("\napprovals:\n")[0] + "\nschedules: []\n"
     text = text.replace("scalar_functions: [date_trunc, extract, lower, upper, round, coalesce]", f"scalar_functions: {ALL_FUNCTIONS}")
     text = text.replace("aggregate: [sum, avg], range: [0, 1000000]", "aggregate: [count, count_distinct, sum, sum_distinct, avg, min, max, stddev, variance], range: [0, 1000000]")

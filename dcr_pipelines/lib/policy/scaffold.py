@@ -77,7 +77,16 @@ def _datasets(parties: list[str]) -> str:
     shared: [segment, amount]        # non-identifier columns that leave the raw schema (default: all of them)
     row_filters: []                  # e.g. - {{column: amount, op: ">=", value: 0}}; ops = != < <= > >= in not_in is_not_null
     analysis_rule:
-      type: dp                       # dp: only approved, differentially private queries | custom | aggregation | list (ad-hoc SQL)
+      type: differential_privacy     # differential_privacy: approved queries and ad-hoc SQL answered with noise, charged to the
+                                     #   runner's budget | dp: only approved DP queries | custom: only approved queries |
+                                     #   aggregation: exact thresholded ad-hoc SQL (not DP) | list: SELECT DISTINCT lists
+      join_required: true            # ad-hoc SQL must inner-join a table of the runner
+      epsilon_per_query: 1.0         # what one ad-hoc query costs; an identical query over the same data is free
+      max_groups_per_person: 1       # groups one person may count in, per answer (more: more noise per group)
+      max_rows_per_group: 1          # rows of one person COUNT(*) counts per group
+      key_selection_delta: 1.0e-6    # groups without a public domain (allowed_values) are released by DP key selection
+      bounds: {{amount: [0, 1000]}}    # what one person adds to a group's SUM or AVG of the column, at most
+      scalar_functions: [lower, upper, round, date_trunc, extract, coalesce]   # allowed in WHERE, GROUP BY and aggregates
       min_distinct_units: 0          # aggregation/list/threshold: output rows need at least this many distinct people""")
     return "\n".join(out)
 
@@ -120,7 +129,7 @@ datasets:                            # one per party here; a party may own sever
 budgets:                             # privacy budget of each member that runs queries
   - consumer: {consumer}             # needs run_queries
     epsilon: 10.0                    # total epsilon per period
-    delta: 0.0                       # only DP key selection spends delta
+    delta: 1.0e-5                    # only DP key selection spends delta (ad-hoc groups without a public domain)
     period_days: 30                  # rolling window; remove for a budget that never refreshes
 
 approvals:                           # written by `dcr policy approve {name} --as <party>` (again after every change
@@ -134,7 +143,7 @@ difference_checks:                   # thresholded rows whose people differ from
   enabled: true                      # the threshold are withheld
   retention_days: 365                # how long a released row's people are kept for the comparison
 
-ad_hoc: {{}}                          # e.g. {{max_queries_per_day: 200}}: accepted ad-hoc runs per runner in any 24 hours
+ad_hoc: {{}}                          # e.g. {{max_queries_per_day: 200}}: ad-hoc runs per runner in any 24 hours (refused ones too)
 """
 
 
