@@ -1067,7 +1067,7 @@ def _exact_phase1(ctx: _Context, tree: exp.Select, keys: list[exp.Expr], aggrega
             outer.append(f'{"stddev_samp" if name == "stddev" else "var_samp" if name == "variance" else name}("v{j}") filter (where "r{j}" = 1)')
     source = _source(ctx, tree)
     source.set("expressions", [sqlglot.parse_one(i, read="postgres") for i in items])
-    groups = [f'"k{i}"' for i in range(1, len(keys) + 1)]
+    groups = [f'"k{i}" as "k{i}"' for i in range(1, len(keys) + 1)]
     head = ", ".join([*groups, *(f'{o} as "a{j}"' for j, o in enumerate(outer, start=1)), f'count(distinct "dcr_u") as "{UNITS}"'])
     tail = f' from ({_sql(source)}) as "dcr_rows"{_group_clause(len(keys))} having count(distinct "dcr_u") >= {int(threshold)}'
     without = f"select {head}{tail}"
