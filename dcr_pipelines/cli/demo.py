@@ -129,8 +129,8 @@ def _demo_home_respond(runtime: Any, loaded: Any, generated_at: Path) -> None:
             out.print(f"{party} (at home) answered {request.name} -> {answer.name}")
 
 
-EXAMPLE_AD_HOC = ("ad_network", "select i.campaign_id, c.loyalty_tier, count(distinct c.customer_email) as buyers "
-                  "from impressions as i inner join customers as c on c.customer_email = i.user_email group by 1, 2")
+EXAMPLE_AD_HOC = ("ad_network", "select c.loyalty_tier, count(distinct c.customer_email) as buyers, round(avg(c.lifetime_value), 2) as avg_value "
+                  "from impressions as i inner join customers as c on c.customer_email = i.user_email group by 1")
 
 
 def _example_ad_hoc(defs: Any, loaded: Any) -> None:
@@ -149,7 +149,9 @@ def _example_ad_hoc(defs: Any, loaded: Any) -> None:
                           stdout_log=_run_log())
     meta = outcome.metadata.get("/".join(naming.ad_hoc_key(loaded.name)), {})
     if outcome.success:
-        out.print(f"ad-hoc query of {runner} (buyers per campaign and loyalty tier, thresholded): {plural(int(meta.get('rows', 0)), 'row')}; "
+        charged = "answered from the store" if meta.get("cached") else f"charged epsilon {float(meta.get('epsilon_charged', 0)):g}"
+        how = f"differentially private, {charged}" if str(meta.get("mode", "")).startswith("differential") else "exact, thresholded"
+        out.print(f"ad-hoc query of {runner} (buyers and their average lifetime value per loyalty tier, {how}): {plural(int(meta.get('rows', 0)), 'row')}; "
                   f"ask your own with `dcr query run {loaded.name} --as {runner} \"SQL\"`", markup=False)
     else:
         out.print(f"note: the example ad-hoc query was not answered: {outcome.failure}", markup=False)

@@ -179,13 +179,13 @@ def verify(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedCollabo
     chain = audit_chain.chain(conn, schema)
     return [
         *audit.verify_chain(chain, anchors or []),
-        *audit.verify_tables(chain, _evidence(conn, loaded)),
+        *audit.verify_tables(chain, evidence(conn, loaded)),
         *audit.verify_events(chain, release_events(instance, loaded)),
         *audit.verify_referenced(chain, chain_references(instance, loaded)),
     ]
 
 
-def _evidence(conn: Connection, loaded: LoadedCollaboration) -> audit.Evidence:
+def evidence(conn: Connection, loaded: LoadedCollaboration) -> audit.Evidence:
     """The tables users read and the people sets the difference checks keep, as they are now."""
     evidence = audit_chain.evidence(conn, naming.results_schema(loaded.name))
     evidence.footprints, evidence.footprints_kept_since = footprints.recorded(conn, loaded.name, loaded.collaboration.difference_checks.retention_days)

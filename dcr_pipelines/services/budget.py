@@ -31,6 +31,9 @@ def report(conn: Connection, loaded: LoadedCollaboration, consumer: str | None =
             "refreshes_at": s.refreshes_at.isoformat() if s.refreshes_at else None, "releases_that_fit": fits,
         })
     owners_of = {q.name: sorted({loaded.collaboration.datasets[d].owner for d in q.datasets}) for q in loaded.queries.values()}
+    noised = sorted({ds.owner for ds in loaded.collaboration.datasets.values() if ds.analysis_rule.type == "differential_privacy"})
+    for member in loaded.collaboration.members:  # DP ad-hoc SQL is charged as ad_hoc__<runner>: it spends on the owners of noised datasets
+        owners_of[f"ad_hoc__{member}"] = noised
     for who, query_name, count, total in results.spending(conn, loaded.name):
         for owner in owners_of.get(query_name, []):
             out["owners"].setdefault(owner, []).append({"consumer": who, "query": query_name, "releases": count, "epsilon": total})

@@ -126,11 +126,11 @@ TABLES = {
 }
 
 
-def _table_problems(conn: psycopg.Connection, referenced: set[str]) -> list[str]:
+def _table_problems(conn: psycopg.Connection, referenced: set[str], loaded: Any) -> list[str]:
     """What verify finds in the database (the event log, read once, does not change here)."""
     schema = naming.results_schema(COLLAB)
     chain = audit_chain.chain(conn, schema)
-    return [str(p) for p in (*audit.verify_chain(chain), *audit.verify_tables(chain, audit_chain.evidence(conn, schema)),
+    return [str(p) for p in (*audit.verify_chain(chain), *audit.verify_tables(chain, trail.evidence(conn, loaded)),
                              *audit.verify_referenced(chain, referenced))]
 
 
@@ -149,13 +149,35 @@ def test_every_single_row_edit_delete_and_insert_in_every_chained_table_is_detec
                                           ("insert", insert.format(t=t))):
                     with conn.transaction():
                         conn.execute(statement, (ctid,))
-                        found = _table_problems(conn, referenced)
+                        found = _table_problems(conn, referenced, audited["loaded"])
                         assert found, f"{action} of a row of {table} went unnoticed"
                         tried += 1
                         raise psycopg.Rollback()  # undo the tampering
-        assert _table_problems(conn, referenced) == []
+        assert _table_problems(conn, referenced, audited["loaded"]) == []
     assert tried >= 3 * 20
     assert _problems(audited) == []
+
+
+def test_every_edit_deletion_or_insertion_of_the_difference_check_history_is_detected(audited: dict[str, Any]) -> None:
+    """An operator who deletes or edits dcr_meta.released_people would re-open rows the difference checks withhold;
+    the digest chained with each run catches it, and so does a set inserted for a run that never made it."""
+    referenced = trail.chain_references(audited["instance"], audited["loaded"])
+    t = "dcr_meta.released_people"
+    with psycopg.connect(audited["url"], autocommit=True) as conn:
+        rows = [r[0] for r in conn.execute(f"select ctid from {t} where collaboration = %s", (COLLAB,)).fetchall()]
+        assert rows, "the fixture's exact ad-hoc run must have recorded its groups"
+        tampering = [("edit", f"update {t} set people = substring(people from 9) where ctid = %s", (rows[0],)),
+                     ("delete", f"delete from {t} where ctid = %s", (rows[-1],)),
+                     ("delete all", f"delete from {t} where collaboration = %s", (COLLAB,)),
+                     ("insert", f"insert into {t} (collaboration, source, source_id, row_no, size, sample, people) "
+                                f"select collaboration, source, 'forged', row_no, size, sample, people from {t} where ctid = %s", (rows[0],))]
+        for action, statement, args in tampering:
+            with conn.transaction():
+                conn.execute(statement, args)
+                found = _table_problems(conn, referenced, audited["loaded"])
+                assert found and all("people sets" in p for p in found), (action, found)
+                raise psycopg.Rollback()
+        assert _table_problems(conn, referenced, audited["loaded"]) == []
 
 
 def test_a_rewritten_history_is_caught_by_a_head_a_party_saved(audited: dict[str, Any]) -> None:
@@ -179,7 +201,7 @@ def test_a_rewritten_history_is_caught_by_a_head_a_party_saved(audited: dict[str
                          (json.dumps(entry), digest, previous, chained, seq))
             previous = chained
         chain = audit_chain.chain(conn, schema)
-        assert audit.verify_chain(chain) == [] and audit.verify_tables(chain, audit_chain.evidence(conn, schema)) == []
+        assert audit.verify_chain(chain) == [] and audit.verify_tables(chain, trail.evidence(conn, audited["loaded"])) == []
         # ... but not with the head a receiver saved from its export.
         found = [str(p) for p in audit.verify_chain(chain, [saved])]
         assert any("history was rewritten" in p for p in found), found

@@ -61,11 +61,13 @@ def test_query_check_prints_ok_and_the_rules_or_one_refusal_line() -> None:
                 "inner join customers as c on c.customer_email = i.user_email group by 1")
     proc = run("query", "check", "demo", "--as", "ad_network", sql_text)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("ok\n") and "customers (retailer, aggregation rule)" in proc.stdout and "fewer than 25 distinct people" in proc.stdout
+    assert proc.stdout.startswith("ok\n") and "customers (retailer, differential_privacy rule)" in proc.stdout
+    assert "mode: differential privacy; costs epsilon 1 of ad_network's budget" in proc.stdout
+    assert "groups: every combination of the keys' public domains (3)" in proc.stdout
     proc = run("query", "check", "demo", "--as", "ad_network", "select loyalty_tier, count(*) from customers group by 1")
     assert proc.returncode == 1
     assert proc.stderr == ("error: table customers requires an inner join with a table of the query runner (ad_network) "
-                           "(aggregation rule, join_required)\n")
+                           "(differential_privacy rule, join_required)\n")
     proc = run("query", "check", "nope", "--as", "ad_network", "select 1")
     assert proc.returncode == 2 and "no collaboration 'nope'" in proc.stderr
 

@@ -23,8 +23,10 @@ import psycopg
 import pytest
 
 from dcr_pipelines.lib import demo_data, naming
+from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
+from ..policy_edits import exact_customers
 from .conftest import land
 
 COLLAB = "concur"
@@ -54,7 +56,9 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     root = tmp_path_factory.mktemp("concur_policies")
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", root / COLLAB)
     path = root / COLLAB / "collaboration.yaml"
-    path.write_text(path.read_text().replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 2.5"))
+    # customers exact: the two ad-hoc runs spend no budget, so the budget (2.5) is the releases' alone
+    path.write_text(exact_customers(path.read_text()).replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 2.5"))
+    approve_all(root / COLLAB)
     files = demo_data.generate(runtime.settings.home / "generated" / COLLAB, rows=1500, overlap=0.4, seed=17)
     land(files, runtime.settings.landing, COLLAB)
     env = {**os.environ, "DCR_POLICIES": str(root)}
