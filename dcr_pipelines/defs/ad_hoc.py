@@ -69,7 +69,7 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         else:
             context.log.info(
                 f"ad-hoc query of {config.runner}: {len(result.rows)} rows released (threshold {checked.min_distinct_units}"
-                + (f"; the whole result withheld by the difference check)" if result.suppressed else ")")
+                + ("; the whole result withheld by the difference check)" if result.suppressed else ")")
             )
         mode_metadata: dict[str, Any] = (
             {"mode": "differential privacy (opendp)", "epsilon_charged": result.epsilon, "cached": result.cached, "release_id": result.release_id or "",

@@ -23,7 +23,6 @@ import dataclasses
 import itertools
 import math
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any

@@ -39,10 +39,9 @@ the analyst's text.
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import sqlglot
@@ -983,7 +982,7 @@ def _q(name: str) -> exp.Identifier:
     return exp.to_identifier(name, quoted=True)
 
 
-def _physical(ctx: _Context) -> object:
+def _physical(ctx: _Context) -> Callable[[exp.Expr], exp.Expr]:
     """The transform from the checked tree onto the matched views: tables to views, join columns to match_id."""
     c = ctx.loaded.name
 

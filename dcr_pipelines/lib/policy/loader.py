@@ -287,7 +287,7 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
             issue((*where, "analysis_rule", "type"), "a list rule needs at least one column with 'list: true'")
         if rule.ad_hoc and not any(c.join for c in ds.columns.values()):
             issue((*where, "analysis_rule", "type"), f"an {rule.type} rule needs a join column ('join: true' on the identifier column)")
-        for col, bound in rule.bounds.items():
+        for col in rule.bounds:
             if col not in ds.columns:
                 issue((*where, "analysis_rule", "bounds", col), f"column {col!r} does not exist in dataset {ds_name!r}")
             elif ds.columns[col].type not in (ColumnType.INTEGER, ColumnType.NUMERIC):

@@ -31,7 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .contribution import DpQuery
-from .mechanisms import ALPHA, KeySelectionPlan, NoisePlan, add_noise, dp_accuracy_of_threshold, half_width, mean_interval, plan_threshold, plan_vector
+from .mechanisms import (
+    ALPHA,
+    KeySelectionPlan,
+    NoisePlan,
+    add_noise,
+    dp_accuracy_of_threshold,
+    half_width,
+    mean_interval,
+    plan_threshold,
+    plan_vector,
+)
 
 PEOPLE_COLUMN = "dcr_units"  # the count of people per group that phase 1 always returns (checker.UNITS)
 
