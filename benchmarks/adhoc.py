@@ -94,8 +94,9 @@ def _load_people(url: str, people: int) -> int:
     schema = naming.analysis_schema(COLLAB)
     with psycopg.connect(url, autocommit=True) as conn:
         for table in ("matched_impressions", "matched_customers", "matched_customers_exact"):
-            conn.execute(f'drop view if exists "{schema}".{table}')
-            conn.execute(f'drop table if exists "{schema}".{table}')
+            kind = conn.execute("select relkind from pg_class where oid = to_regclass(%s)", (f'"{schema}".{table}',)).fetchone()
+            if kind:
+                conn.execute(f'drop {"view" if kind[0] == "v" else "table"} "{schema}".{table}')
         conn.execute(f"""create table "{schema}".matched_customers as
             select md5(p::text) as match_id, hashtextextended(p::text, 7) as dcr_unit, p::bigint as dcr_row,
                    (array['bronze','bronze','bronze','silver','silver','gold'])[1 + p % 6] as loyalty_tier,

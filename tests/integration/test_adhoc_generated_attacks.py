@@ -354,3 +354,29 @@ def test_the_audit_would_catch_a_mechanism_that_spends_more_than_it_says() -> No
     hits = sum(1 + laplace() >= 0.5 for _ in range(TRIALS))
     false_alarms = sum(laplace() >= 0.5 for _ in range(TRIALS))
     assert _epsilon_lower_bound(hits, false_alarms, TRIALS) > EPSILON
+
+
+def test_dp_phase_one_bounds_each_person_as_the_rule_declares(worlds: dict[str, Any]) -> None:
+    """Before any noise, each group holds the sum over people of each person's bounded contribution: a row count of at
+    most max_rows_per_group (1), one per person, the person's own sum clamped to [0, 2000] (their value times their
+    impressions, so a person with many rows adds at most 2,000), the person's own average; and a person counts in at
+    most max_groups_per_person (6) groups."""
+    text = (f"select i.campaign_id, count(*) as n, count(distinct c.customer_email) as p, sum(c.lifetime_value) as s, avg(c.lifetime_value) as a "
+            f"{DP_JOIN} where i.campaign_id in ('spring_sale', 'summer_launch', 'new_year', 'zz_target') group by 1")
+    got = pre_noise(worlds, text, B)
+    joined = worlds["impressions"].merge(worlds["customers"], on="email")
+    joined = joined[joined["campaign_id"].isin(["spring_sale", "summer_launch", "new_year", "zz_target"])]
+    per = joined.groupby(["campaign_id", "email"]).agg(rows=("email", "size"), value=("lifetime_value", "first")).reset_index()
+    assert (per.groupby("email").size() <= 6).all()  # nobody is capped here: the comparison is exact
+    per["s"] = (per["value"] * per["rows"]).clip(0, 2000)
+    per["a"] = per["value"].clip(0, 2000)
+    expected = per.groupby("campaign_id").agg(n=("rows", lambda r: r.clip(upper=1).sum()), p=("email", "size"), s=("s", "sum"), a=("a", "sum"))
+    assert (per["value"] * per["rows"] > 2000).any(), "someone must be clamped, or the test proves nothing"
+    for campaign, row in expected.iterrows():
+        assert got[(campaign, "a1")] == row["n"] and got[(campaign, "a2")] == row["p"] and got[(campaign, "dcr_units")] == row["p"]
+        assert got[(campaign, "a3")] == pytest.approx(row["s"]) and got[(campaign, "a4__sum")] == pytest.approx(row["a"])
+        assert got[(campaign, "a4__n")] == row["p"]
+    # Over every campaign (eight, with the injected ones) a person counts in at most six groups.
+    every = pre_noise(worlds, f"select i.campaign_id, count(distinct c.customer_email) as p {DP_JOIN} group by 1", B)
+    groups_per_person = worlds["impressions"].merge(worlds["customers"], on="email").groupby("email")["campaign_id"].nunique()
+    assert sum(v for k, v in every.items() if k[-1] == "a1") == groups_per_person.clip(upper=6).sum()

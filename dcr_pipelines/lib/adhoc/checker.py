@@ -667,7 +667,7 @@ def _check_columns(ctx: _Context, tree: exp.Select) -> None:
             if function not in spec.aggregate:
                 allowed = ", ".join(f.value for f in spec.aggregate) or "none"
                 raise QueryRefused(
-                    "aggregation rule, aggregate columns",
+                    f"{rule} rule, aggregate columns",
                     f"{function.value.upper().replace('_', ' ')} of {dataset}.{name} is not allowed (allowed: {allowed})",
                 )
             continue
@@ -681,7 +681,7 @@ def _check_columns(ctx: _Context, tree: exp.Select) -> None:
             continue
         if not spec.dimension:
             role = "an aggregate column: use it inside an allowed aggregate" if spec.aggregate else "not a dimension column"
-            raise QueryRefused("aggregation rule, dimension columns", f"{dataset}.{name} is {role}")
+            raise QueryRefused(f"{rule} rule, dimension columns", f"{dataset}.{name} is {role}")
 
 
 def _check_joins(ctx: _Context, tree: exp.Select, rules: dict[str, set[str] | list[str]]) -> None:
@@ -1009,7 +1009,7 @@ def _source(ctx: _Context, tree: exp.Select, extra: Sequence[exp.Expr] = ()) -> 
     where = tree.args.get("where")
     conditions = ([exp.Paren(this=where.this.transform(physical))] if where is not None else []) + list(extra)
     if conditions:
-        base = base.where(exp.and_(*conditions))
+        base = base.where(exp.and_(*conditions, copy=False), copy=False)
     return base
 
 

@@ -26,6 +26,7 @@ count per group is then released with opendp's Laplace-threshold mechanism
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ def _measurement(integer: bool, scale: float) -> dp.Measurement:
     return dp.m.make_laplace(domain, metric, scale=scale)
 
 
+@functools.lru_cache(maxsize=4096)  # pure: opendp's binary search gives the same scale for the same inputs (tens of ms each)
 def _plan_one(metric: str, column: str, integer: bool, sensitivity: float, epsilon: float) -> NoisePlan:
     d_in: int | float = int(sensitivity) if integer else float(sensitivity)
     scale = dp.binary_search_param(lambda s: _measurement(integer, s), d_in=d_in, d_out=epsilon)
@@ -128,6 +130,7 @@ def plan_key_selection(spec: QuerySpec) -> KeySelectionPlan | None:
     return plan_threshold(counts[0], epsilon, delta, spec.contribution.max_groups_per_unit)
 
 
+@functools.lru_cache(maxsize=1024)
 def plan_threshold(metric: str, epsilon: float, delta: float, max_groups: int, at_least: int = 1) -> KeySelectionPlan:
     """opendp's Laplace-threshold release of a person count per group, for a person in at most ``max_groups`` groups.
 
