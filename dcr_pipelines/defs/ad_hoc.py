@@ -40,9 +40,10 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         owners=["team:operator"],
         output_required=False,  # a refused query materializes nothing and is not a failed run
         description=f"Ad-hoc SQL of a member with the run_queries ability, checked against the analysis rules of "
-        f"{', '.join(open_datasets) or 'no dataset (none allows ad-hoc SQL)'}, rewritten onto the matched views and thresholded; "
-        "each run stores its rows for its runner only. A refused query is an observation naming the rule (not a failed run). "
-        "Run with `dcr query run`.",
+        f"{', '.join(open_datasets) or 'no dataset (none allows ad-hoc SQL)'} and rewritten onto the matched views: answered with "
+        "noise and charged to the runner's budget when a dataset read is under the differential_privacy rule, else exact and "
+        "thresholded, per person; each run stores its rows for its runner only. A refused query is an observation naming the "
+        "rule (not a failed run). Run with `dcr query run`.",
     )
     def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> Iterator[Any]:
         if not config.runner.strip() or not config.sql.strip():  # launched without a request (e.g. from the UI): nothing to check or chain

@@ -297,6 +297,27 @@ def test_a_policy_can_cap_ad_hoc_queries_per_runner_per_day(ctx: dict[str, Any])
     assert ask(ctx, "select i.campaign_id, count(*) from impressions as i group by 1", runner="agency", loaded=capped)[0] == "rows"
 
 
+def test_refused_and_withheld_runs_count_against_the_cap_from_the_audit_chain(ctx: dict[str, Any]) -> None:
+    """Every run counts: a refused query (through the Dagster asset, which chains refusals with their time) and a
+    withheld one, so a runner cannot probe for free. The count is read from the audit chain, not the results table."""
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        before = adhoc_service.runs_today(conn, COLLAB, "ad_network")
+    refused = materialize(ctx["defs"], [naming.ad_hoc_key(COLLAB)], instance=dg.DagsterInstance.get(),
+                          run_config=ad_hoc_run_config(COLLAB, "ad_network", "select * from customers"))
+    assert refused.refused
+    forget_history(ctx["url"], COLLAB)
+    ask(ctx, PAIR[0])
+    assert ask(ctx, PAIR[1])[1].suppressed > 0  # withheld as a whole, and counted
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        assert adhoc_service.runs_today(conn, COLLAB, "ad_network") == before + 3
+        conn.execute(f'delete from "{naming.results_schema(COLLAB)}".ad_hoc__ad_network')  # the results table is not the clock
+        counted = adhoc_service.runs_today(conn, COLLAB, "ad_network")
+        assert counted == before + 3
+    capped = dataclasses.replace(ctx["loaded"], collaboration=ctx["loaded"].collaboration.model_copy(update={"ad_hoc": AdHocLimits(max_queries_per_day=counted)}))
+    kind, message = ask(ctx, "select i.campaign_id, count(*) from impressions as i group by 1", loaded=capped)
+    assert kind == "refused" and "refused and failed ones count too" in message
+
+
 def test_release_time_is_recorded_in_utc(ctx: dict[str, Any]) -> None:
     """The retention window is measured by the database clock: rows older than it are forgotten at the next release."""
     forget_history(ctx["url"], COLLAB)

@@ -161,6 +161,7 @@ def test_buckets_and_releases_spread_over_celery_workers_give_the_same_result(ct
             [celery, "-A", "dagster_celery.app", "worker", "-Q", "dagster", "--pool", "solo", "-l", "INFO", "-n", f"dcr-test-{i}-{os.getpid()}@%h",
              "--without-gossip", "--without-mingle", "--without-heartbeat", "--prefetch-multiplier=1"],
             env=env, stdout=(tmp_path / f"worker{i}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=tmp_path,  # not the checkout: a developer's `.env` there (written by `make demo`) names another deployment
         )
         for i in range(2)
     ]
@@ -171,7 +172,7 @@ def test_buckets_and_releases_spread_over_celery_workers_give_the_same_result(ct
             time.sleep(0.5)
         dagster = str(Path(sys.executable).with_name("dagster"))
         run = subprocess.run([dagster, "job", "execute", "-m", "dcr_pipelines.definitions", "-a", "defs", "-j", f"{COLLAB}__all"],
-                             env=env, capture_output=True, text=True, timeout=900)
+                             env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
         (tmp_path / "run.log").write_text(run.stdout + run.stderr)
         assert run.returncode == 0 and "RUN_SUCCESS" in run.stdout + run.stderr, (run.stdout + run.stderr)[-5000:]  # it exits 0 on a failed run
     finally:
