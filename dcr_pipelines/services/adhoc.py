@@ -176,6 +176,11 @@ def runs_today(conn: psycopg.Connection, collab: str, runner: str) -> int:
     return int(row[0]) if row else 0
 
 
+def _runner_lock(conn: psycopg.Connection, collab: str, runner: str) -> None:
+    """One run of a runner at a time past this point, so that the daily cap counts every run (taken before any other lock)."""
+    conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-adhoc-runner:{collab}:{runner}",))
+
+
 def _check_cap(conn: psycopg.Connection, loaded: LoadedCollaboration, runner: str) -> None:
     cap = loaded.collaboration.ad_hoc.max_queries_per_day
     if cap is not None and runs_today(conn, loaded.name, runner) >= cap:
@@ -251,6 +256,7 @@ def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Chec
     c = loaded.name
     checks = loaded.collaboration.difference_checks
     with conn.transaction():
+        _runner_lock(conn, c, checked.runner)
         footprints.lock(conn, c)
         _check_cap(conn, loaded, checked.runner)
         role = _temporary_role(conn, loaded, checked)
@@ -365,7 +371,9 @@ def _execute_dp(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: 
     schema = naming.results_schema(c)
     columns = dp_columns(checked)
     with conn.transaction():
-        footprints.lock(conn, c)
+        # The runner's lock for the cap, not the footprints lock: a threshold release takes the budget lock and then the
+        # footprints lock, so taking them the other way round here could deadlock with it.
+        _runner_lock(conn, c, checked.runner)
         _check_cap(conn, loaded, checked.runner)
         budget = runner_budget(loaded, checked.runner)
         ledger.ensure_tables(conn, schema)

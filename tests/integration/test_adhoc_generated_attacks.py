@@ -380,3 +380,39 @@ def test_dp_phase_one_bounds_each_person_as_the_rule_declares(worlds: dict[str, 
     every = pre_noise(worlds, f"select i.campaign_id, count(distinct c.customer_email) as p {DP_JOIN} group by 1", B)
     groups_per_person = worlds["impressions"].merge(worlds["customers"], on="email").groupby("email")["campaign_id"].nunique()
     assert sum(v for k, v in every.items() if k[-1] == "a1") == groups_per_person.clip(upper=6).sum()
+
+
+def test_concurrent_dp_queries_never_overspend_the_runners_budget(worlds: dict[str, Any]) -> None:
+    """Eight different DP queries at once against a budget with room for three: exactly three are answered and charged,
+    the rest refused naming the budget; an identical query then is answered from the store at no cost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dcr_pipelines.lib.policy.models import Budget
+    from dcr_pipelines.store import ledger
+
+    loaded = worlds["loaded"][B]
+    with psycopg.connect(worlds["url"]) as conn:
+        spent = ledger.budget_status(conn, naming.results_schema(B), loaded.collaboration.budgets[0]).spent
+    tight = dataclasses.replace(loaded, collaboration=loaded.collaboration.model_copy(
+        update={"budgets": (Budget(consumer="ad_network", epsilon=spent + 3.5, delta=1e-5),)}))
+    texts = [f"select c.loyalty_tier, count(*) as n {DP_JOIN} where {n} = {n} group by 1" for n in range(9001, 9009)]
+
+    def run(text: str) -> tuple[str, Any]:
+        checked = adhoc.check(tight, "ad_network", text)
+        with psycopg.connect(worlds["url"], autocommit=True) as conn:
+            try:
+                return ("rows", adhoc_service.execute(conn, tight, checked, f"race-{next(_runs)}", text))
+            except adhoc.QueryRefused as exc:
+                return ("refused", str(exc))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(run, texts))
+    answered = [r for kind, r in outcomes if kind == "rows"]
+    refused = [r for kind, r in outcomes if kind == "refused"]
+    assert len(answered) == 3 and all(r.epsilon > 0.99 and not r.cached for r in answered)
+    assert len(refused) == 5 and all("privacy budget of ad_network" in m and "(budget)" in m for m in refused)
+    with psycopg.connect(worlds["url"]) as conn:
+        assert ledger.budget_status(conn, naming.results_schema(B), tight.collaboration.budgets[0]).spent == pytest.approx(spent + 3, abs=1e-6)
+    text, first = next((t, r) for t, (kind, r) in zip(texts, outcomes, strict=True) if kind == "rows")
+    kind, again = run(text)
+    assert kind == "rows" and again.cached and again.epsilon == 0 and again.rows == first.rows
