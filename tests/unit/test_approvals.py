@@ -104,3 +104,26 @@ def test_approve_keeps_the_file_as_written_and_refuses_members_without_data(demo
         approve(demo, "agency")
     with pytest.raises(PolicyError, match="unknown member 'mallory'"):
         approve(demo, "mallory")
+
+
+def test_a_second_budget_for_one_consumer_is_an_error_naming_both_entries(demo: Path) -> None:
+    _edit(demo, "    period_days: 30\n", "    period_days: 30\n  - consumer: ad_network\n    epsilon: 1000.0\n")
+    issues = _issues(demo)
+    assert any("budgets[1].consumer" in i and "a second budget for ad_network (the first is budgets[0], line " in i for i in issues), issues
+
+
+def test_moving_a_dataset_to_another_owner_needs_the_previous_owners_approval(demo: Path) -> None:
+    """The analyst's party takes over the customers dataset: only the retailer, which owned it, can allow that."""
+    _edit(demo, "  customers:\n    owner: retailer", "  customers:\n    owner: ad_network")
+    issues = [i for i in _issues(demo) if "loosens what" in i]
+    assert any("datasets.customers.owner" in i and "loosens what retailer approved: customers moves from retailer to ad_network" in i
+               for i in issues), issues
+    approve(demo, "ad_network")
+    assert any("loosens what retailer approved" in i for i in _issues(demo))  # the new owner alone is not enough
+    approve(demo, "retailer")
+    assert not [i for i in _issues(demo) if "loosens" in i]
+
+
+def test_a_lifetime_budget_is_tighter_than_a_window(demo: Path) -> None:
+    _edit(demo, "    period_days: 30\n", "")
+    assert not [i for i in _issues(demo) if "approve" in i]

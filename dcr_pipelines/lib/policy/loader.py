@@ -228,6 +228,13 @@ def _load_collaboration(folder: Path, *, approvals: bool = True) -> LoadedCollab
         issues.append(PolicyIssue(collab_path, line, column, _dotted(where), message))
 
     _check_collaboration(collab, folder, issue)
+    first_budget: dict[str, int] = {}
+    for i, budget in enumerate(collab.budgets):
+        if budget.consumer in first_budget:
+            at = first_budget[budget.consumer]
+            issue(("budgets", i, "consumer"), f"a second budget for {budget.consumer} (the first is budgets[{at}], line {locate(data, ('budgets', at))[0]}); "
+                  "a consumer has one budget: keep one entry")
+        first_budget.setdefault(budget.consumer, i)
 
     queries: dict[str, ApprovedQuery] = {}
     queries_dir = folder / QUERIES_DIR
@@ -581,7 +588,11 @@ def _check_protections(collab: Collaboration, folder: Path, issue: Any) -> None:
     """Each party approved what protects its data; a change that loosens it needs a new approval, tightening does not."""
     from . import protections
 
-    for party in approvers(collab):
+    owners = approvers(collab)
+    # A member that approved protections once is asked again even if it no longer provides data: moving its dataset
+    # to another owner must not bypass it.
+    former = [m for m in collab.members if m not in owners and protections.snapshot_path(folder, m).is_file()]
+    for party in [*owners, *former]:
         path = protections.snapshot_path(folder, party)
         command = f"dcr policy approve {collab.name} --as {party}"
         current = protections.document(collab, party)

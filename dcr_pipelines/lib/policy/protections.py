@@ -89,6 +89,10 @@ def loosened(approved: dict[str, Any], current: dict[str, Any], collab: Collabor
             out.append((("members", name), f"new member {name}"))
         elif set(abilities) - set(before):
             out.append((("members", name, "abilities"), f"{name} gains {', '.join(sorted(set(abilities) - set(before)))}"))
+    for name in approved["datasets"]:
+        if name not in current["datasets"] and name in collab.datasets:
+            out.append((("datasets", name, "owner"), f"{name} moves from {approved['party']} to {collab.datasets[name].owner}, "
+                                                     "who could then loosen its rules alone"))
     for name, ds in current["datasets"].items():
         where: Path_ = ("datasets", name)
         before = approved["datasets"].get(name)
@@ -130,8 +134,10 @@ def loosened(approved: dict[str, Any], current: dict[str, Any], collab: Collabor
         for key in ("epsilon", "delta"):
             if _more(budget[key], before[key]):
                 out.append(((*where, key), f"the {key} of {consumer}'s budget goes from {before[key]} to {budget[key]}"))
-        if budget["period_days"] != before["period_days"] and (before["period_days"] is None or (budget["period_days"] or 0) < before["period_days"]):
-            out.append(((*where, "period_days"), f"{consumer}'s budget refreshes sooner ({before['period_days']} -> {budget['period_days']} days)"))
+        now_days, was_days = budget["period_days"], before["period_days"]
+        if now_days is not None and (was_days is None or now_days < was_days):  # a lifetime budget (no period) is the tightest
+            was = "never (a lifetime budget)" if was_days is None else f"every {was_days} days"
+            out.append(((*where, "period_days"), f"{consumer}'s budget refreshes sooner: {was} -> every {now_days} days"))
     m, was_m = current["matching"], approved["matching"]
     if OVERLAP_ORDER[m["overlap_release"]] > OVERLAP_ORDER[was_m["overlap_release"]]:
         out.append((("matching", "overlap_release"), f"the overlap goes from {was_m['overlap_release']} to {m['overlap_release']}"))
