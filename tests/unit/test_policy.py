@@ -133,3 +133,35 @@ def load_hash_from(text: str) -> str:
         if "sha256:" in line:
             return line.split("sha256:")[1].strip().strip('"')
     raise AssertionError("no approval hash in collaboration.yaml")
+
+
+BOMB = "bomb:\n  l0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(f"  l{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+
+
+@pytest.mark.parametrize(("insert", "message", "line"), [
+    (BOMB, "anchors and aliases", 2),  # ten levels of nine: 3.4 billion strings if expanded; lines after `name:`
+    ("deep: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep", 1),
+    ("pad: '" + "x" * 1_100_000 + "'\n", "larger than 1000 KB", None),
+])
+def test_a_hostile_yaml_file_is_refused_in_under_a_second_with_its_line(policies_copy: Path, insert: str, message: str, line: int | None) -> None:
+    import time
+
+    folder = policies_copy / "demo"
+    path = folder / COLLAB
+    text = path.read_text()
+    line = None if line is None else text[: text.index("name: demo\n")].count("\n") + 1 + line
+    path.write_text(text.replace("name: demo\n", "name: demo\n" + insert, 1))
+    started = time.perf_counter()
+    issues = _issues(folder)
+    assert time.perf_counter() - started < 1.0
+    assert len(issues) == 1 and message in issues[0], issues
+    assert issues[0].startswith(f"{path}:{line}:" if line else f"{path}: "), issues[0]
+
+
+def test_a_hostile_folder_does_not_stop_the_others(policies_copy: Path) -> None:
+    from dcr_pipelines.lib.policy import check_policies
+
+    path = policies_copy / "demo" / COLLAB
+    path.write_text(path.read_text().replace("name: demo\n", "name: demo\n" + BOMB, 1))
+    loaded, issues = check_policies(policies_copy)
+    assert [c.name for c in loaded] == ["demo_home"] and len(issues) == 1 and "aliases" in str(issues[0])

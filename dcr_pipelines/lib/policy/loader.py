@@ -106,10 +106,36 @@ def query_sha256(sql_text: str, spec_text: str) -> str:
 # --- YAML with positions -------------------------------------------------------
 
 
+MAX_POLICY_BYTES = 1_000_000  # the demo's collaboration.yaml is 6 KB
+MAX_POLICY_DEPTH = 32
+
+
+def _screen_yaml(path: Path, text: str, yaml: YAML) -> None:
+    """Refuse what a policy never needs and an attacker would use: aliases (an alias bomb expands a few KB into
+    gigabytes), deep nesting, huge files. Read as parser events, so nothing is built before the refusal."""
+    from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent
+
+    if len(text.encode("utf-8")) > MAX_POLICY_BYTES:
+        raise PolicyError([PolicyIssue(path, None, None, "", f"the file is larger than {MAX_POLICY_BYTES // 1000} KB; a policy file is a few KB")])
+    depth = 0
+    for event in yaml.parse(text):
+        where = event.start_mark
+        if isinstance(event, AliasEvent) or getattr(event, "anchor", None):
+            raise PolicyError([PolicyIssue(path, where.line + 1, where.column + 1, "",
+                                           "YAML anchors and aliases (&name, *name) are not allowed in policy files: write each value out")])
+        if isinstance(event, CollectionStartEvent):
+            depth += 1
+            if depth > MAX_POLICY_DEPTH:
+                raise PolicyError([PolicyIssue(path, where.line + 1, where.column + 1, "", f"nested more than {MAX_POLICY_DEPTH} levels deep")])
+        elif isinstance(event, CollectionEndEvent):
+            depth -= 1
+
+
 def _read_yaml(path: Path) -> tuple[Any, str]:
     text = path.read_text(encoding="utf-8")
     yaml = YAML(typ="rt")
     try:
+        _screen_yaml(path, text, yaml)
         data = yaml.load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
