@@ -68,6 +68,8 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
     try:
         with connect(url) as conn:
             upload = ingest_lib.land_copy(conn, t, file)
+    except (ingest_lib.LandingRefused, ingest_lib.UploadRejected) as exc:
+        fail(f"upload refused, nothing was queued: {exc}", 2)
     except PermissionError as exc:
         fail(f"{exc.filename or file}: permission denied ({file} must be readable and the queue folder {t.queue_dir} writable); "
              "nothing was queued: fix the permissions and run it again", INFRASTRUCTURE)

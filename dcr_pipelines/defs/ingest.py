@@ -73,6 +73,8 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
             yield from _ingest(context, config, warehouse, t)
         except dg.Failure:
             raise
+        except ingest_lib.LandingRefused as exc:
+            raise dg.Failure(f"upload refused, nothing read: {exc}") from None
         except Exception as exc:
             problem = ingest_lib.infrastructure_problem(exc, t)
             if problem is None:

@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -65,6 +66,44 @@ MAX_ATTEMPTS = 3  # processing interrupted this often (killed, crashed): the upl
 IGNORED_PREFIXES = (".", "_")
 IGNORED_SUFFIXES = (".tmp", ".part", ".report.json")
 csv.field_size_limit(MAX_LINE_CHARS + 1)
+
+
+class LandingRefused(Exception):
+    """A folder on a dataset's landing path cannot be trusted (a symbolic link); nothing was read from it."""
+
+
+def contained(t: Target) -> None:
+    """Refuse a landing path with a symbolic link in it (the collaboration's, the party's or the dataset's folder, in
+    the inbox or the queue, accepted and quarantine areas): a party that links its inbox to another party's would
+    take that party's uploads as its own. Links are reported, never followed."""
+    for area in ("", "_uploads", "_accepted", "_quarantine"):
+        path = t.landing
+        for part in ([area] if area else []) + [t.collaboration, t.party, t.dataset]:
+            path = path / part
+            if path.is_symlink():
+                raise LandingRefused(f"landing folder {path} is a symbolic link (to {os.readlink(path)}): landing folders are never followed, "
+                                     "since a linked inbox could take another party's uploads; replace it with a real folder")
+
+
+MAX_NAME_BYTES = 200  # a stored name is "<seq>__<name>" and must stay under the file system's 255 bytes
+
+
+def name_problem(name: str) -> str | None:
+    """Why a file name cannot be stored as it is, or None."""
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        return "it has control characters"
+    if len(encoded) > MAX_NAME_BYTES:
+        return f"it is {len(encoded)} bytes long, more than the {MAX_NAME_BYTES} a stored upload name may have"
+    return None
+
+
+def safe_name(name: str) -> str:
+    """A generated stand-in for an unusable name (stable for the same name)."""
+    return "unusable-name-" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 class UploadRejected(Exception):
@@ -247,6 +286,10 @@ def infrastructure_problem(exc: BaseException, t: Target) -> str | None:
 
 def land_copy(conn: psycopg.Connection, t: Target, source: Path) -> Upload:
     """Copy ``source`` (a user's file, outside the landing tree) straight into the queue as a new upload."""
+    contained(t)
+    problem = name_problem(source.name)
+    if problem:
+        raise UploadRejected(f"the file name {source.name!r} is unusable ({problem}); rename it")
     seq = queue.next_seq(conn)
     t.queue_dir.mkdir(parents=True, exist_ok=True)
     name = given_name(conn, t, source.name)
@@ -287,6 +330,7 @@ def given_name(conn: psycopg.Connection, t: Target, name: str) -> str:
 
 def claim_inbox(conn: psycopg.Connection, t: Target, only: Path | None = None) -> list[Upload]:
     """Move every file waiting in the inbox into the queue (oldest first); odd entries go to quarantine with a reason."""
+    contained(t)
     if not t.inbox.is_dir():
         return []
     entries = []
@@ -302,7 +346,12 @@ def claim_inbox(conn: psycopg.Connection, t: Target, only: Path | None = None) -
     claimed = []
     for _, name in sorted(entries):
         source = t.inbox / name
-        reason = inspect_entry(source)
+        unusable = name_problem(name)
+        if unusable:  # stored under a generated name, the original (escaped) in the report: the next upload still loads
+            reason = f"the file name {name.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')!r} is unusable ({unusable}); rename it"
+            name = safe_name(name)
+        else:
+            reason = inspect_entry(source)
         if reason is None and not accepted_suffix(name, t.spec.format.type):
             reason = f"not a {t.spec.format.type} upload: names end in {', '.join(SUFFIXES[t.spec.format.type])}"
         seq = queue.next_seq(conn)

@@ -113,6 +113,51 @@ def test_a_file_left_by_a_killed_ingest_never_replaces_a_newer_version(env: dict
     assert (t.quarantine_dir / f"{older.stored_name}.report.json").is_file()
 
 
+@pytest.mark.parametrize("linked", ["inbox", "party", "queue"])
+def test_a_linked_landing_folder_is_refused_and_never_followed(env: dict[str, Any], tmp_path: Path, linked: str) -> None:
+    """A party that replaces its inbox (or a folder above it, or its queue folder) with a link to another party's
+    would take that party's uploads as its own: the link is reported and nothing behind it is read or moved."""
+    victim = target(env, tmp_path, collab="victim")
+    theirs = drop(victim, "theirs.csv", HEADER + rows(4))
+    t = target(env, tmp_path, collab="thief")
+    if linked == "inbox":
+        t.inbox.parent.mkdir(parents=True)
+        t.inbox.symlink_to(victim.inbox, target_is_directory=True)
+    elif linked == "party":
+        t.inbox.parent.parent.mkdir(parents=True)
+        t.inbox.parent.symlink_to(victim.inbox.parent, target_is_directory=True)
+    else:
+        drop(t, "mine.csv", HEADER + rows(2))
+        t.queue_dir.parent.mkdir(parents=True)
+        t.queue_dir.symlink_to(victim.inbox, target_is_directory=True)
+    with pytest.raises(ingest.LandingRefused, match="is a symbolic link .* never followed"):
+        run(t)
+    with psycopg.connect(t.database_url, autocommit=True) as conn, pytest.raises(ingest.LandingRefused):
+        ingest.land_copy(conn, t, _file(tmp_path, "direct.csv", HEADER + rows(1)))
+    assert theirs.is_file() and theirs.read_text() == HEADER + rows(4)  # the other party's file is where it was
+    assert uploads_of(t) == [] and state(t) == (None, None, None)
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("x" * 250 + ".csv", "bytes long"),
+    ("bad\x01name.csv", "control characters"),
+    (b"caf\xe9-latin1.csv", "not valid UTF-8"),
+])
+def test_an_unusable_file_name_is_quarantined_under_a_safe_name_and_the_next_upload_loads(env: dict[str, Any], tmp_path: Path, name: Any, why: str) -> None:
+    t = target(env, tmp_path)
+    t.inbox.mkdir(parents=True)
+    raw = name if isinstance(name, bytes) else name.encode()
+    with open(os.path.join(os.fsencode(t.inbox), raw), "wb") as handle:
+        handle.write((HEADER + rows(3)).encode())
+    run(t)
+    (upload,) = uploads_of(t)
+    assert upload.state == "quarantined" and why in (upload.reason or "") and upload.file_name.startswith("unusable-name-")
+    assert (t.quarantine_dir / f"{upload.stored_name}.report.json").is_file()
+    drop(t, "fine.csv", HEADER + rows(5))
+    run(t)
+    assert state(t)[1] == 5
+
+
 def test_of_several_waiting_files_the_newest_is_loaded_and_the_others_are_superseded(env: dict[str, Any], tmp_path: Path) -> None:
     t = target(env, tmp_path)
     with psycopg.connect(t.database_url, autocommit=True) as conn:
