@@ -131,11 +131,34 @@ def _screen_yaml(path: Path, text: str, yaml: YAML) -> None:
             depth -= 1
 
 
+TEMPLATE_MARKERS = ("{{", "{%", "{#")
+
+
+def template_markers(path: Path, text: str) -> list[PolicyIssue]:
+    """Every place a policy file holds text that a template engine would run (Jinja's ``{{``, ``{%``, ``{#``).
+
+    Policy values are data: they reach generated SQL only as quoted literals, identifiers or re-generated
+    expressions (and every brace is made inert there too), so such text is refused rather than trusted.
+    """
+    issues = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        for marker in TEMPLATE_MARKERS:
+            at = line.find(marker)
+            if at >= 0:
+                issues.append(PolicyIssue(path, number, at + 1, "", f"{marker!r} opens a template tag; policy text is data and may not hold "
+                                                                    "template syntax ({{, {%, {#), not even in a comment or a string"))
+                break
+    return issues
+
+
 def _read_yaml(path: Path) -> tuple[Any, str]:
     text = path.read_text(encoding="utf-8")
     yaml = YAML(typ="rt")
     try:
         _screen_yaml(path, text, yaml)
+        markers = template_markers(path, text)
+        if markers:
+            raise PolicyError(markers)
         data = yaml.load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -483,6 +506,9 @@ def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
         issue(("sql",), f"query SQL file {sql_path.name} not found")
         raise PolicyError(issues)
     sql_text = sql_path.read_text(encoding="utf-8")
+    markers = template_markers(sql_path, sql_text)
+    if markers:
+        raise PolicyError([*issues, *markers])
 
     members = collab.members
     if spec.consumer not in members:
