@@ -347,6 +347,7 @@ def claim_inbox(conn: psycopg.Connection, t: Target, only: Path | None = None) -
     for _, name in sorted(entries):
         source = t.inbox / name
         unusable = name_problem(name)
+        reason: str | None
         if unusable:  # stored under a generated name, the original (escaped) in the report: the next upload still loads
             reason = f"the file name {name.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')!r} is unusable ({unusable}); rename it"
             name = safe_name(name)

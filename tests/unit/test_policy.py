@@ -165,3 +165,32 @@ def test_a_hostile_folder_does_not_stop_the_others(policies_copy: Path) -> None:
     path.write_text(path.read_text().replace("name: demo\n", "name: demo\n" + BOMB, 1))
     loaded, issues = check_policies(policies_copy)
     assert [c.name for c in loaded] == ["demo_home"] and len(issues) == 1 and "aliases" in str(issues[0])
+
+
+@pytest.mark.parametrize("query", ["campaign_reach", "region_spend", "tier_reach"])
+def test_a_column_typo_in_an_approved_query_is_found_by_the_check_with_its_place_and_the_nearest_name(policies_copy: Path, query: str) -> None:
+    import random
+    import re
+
+    import sqlglot
+
+    path = policies_copy / "demo" / "queries" / f"{query}.sql"
+    text = path.read_text()
+    columns = [c for c in sqlglot.parse_one(text, read="postgres").find_all(sqlglot.exp.Column)  # a reference, not an output name
+               if c.name != "match_id" and not isinstance(c.parent, (sqlglot.exp.Select, sqlglot.exp.Alias))]
+    victim = random.Random(query).choice(columns)
+    start = int(victim.this.meta["start"])
+    typo = victim.name[:-1]
+    path.write_text(text[:start] + typo + text[start + len(victim.name):])
+    line, column = text.count("\n", 0, start) + 1, start - text.rfind("\n", 0, start)
+    issues = _issues(policies_copy / "demo")
+    assert any(re.search(rf"{query}\.sql:{line}:{column}: column '{typo}' does not exist .* did you mean '{victim.name}'", i) for i in issues), issues
+
+
+def test_a_query_without_dimensions_is_refused(policies_copy: Path) -> None:
+    path = policies_copy / "demo" / "queries" / "region_spend.yaml"
+    text = path.read_text()
+    start = text.index("dimensions:")
+    end = text.index("metrics:")
+    path.write_text(text[:start] + "dimensions: {}\n" + text[end:])
+    assert any("at least one dimension" in i for i in _issues(policies_copy / "demo"))

@@ -433,6 +433,8 @@ class QuerySpec(Strict):
                 raise ValueError("key_selection_delta is a dp setting; a threshold query's groups are thresholded instead")
         if not self.metrics:
             raise ValueError("a query declares at least one metric")
+        if not self.dimensions:
+            raise ValueError("a query declares at least one dimension (a group key of its output)")
         return self
 
 
