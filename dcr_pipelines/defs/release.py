@@ -76,8 +76,11 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 context.log.info(f"{query_name}: building its pre-noise table for this request ({json.dumps(params)})")
                 with warehouse.connect() as conn:
                     store_analysis.record_requests(conn, c, {query_name: (params, key)})
-                if not _build_model(model, dbt_project):
-                    raise dg.Failure(f"the pre-noise table of {query_name} could not be built for this request; nothing was released or charged (run log: dbt)")
+                built = _build_model(model, dbt_project)
+                if not built.success:
+                    context.log.error(f"{query_name}: dbt build of {model} failed: " + "; ".join(built.errors))
+                    raise dg.Failure(f"the pre-noise table of {query_name} could not be built for this request; nothing was released or charged: "
+                                     f"{_policy_cause(built.errors)} (the query is {query.sql_path})")
                 with warehouse.connect() as conn:
                     store_analysis.record_built(conn, c, {query_name: (params, key)}, versions)
                     stages.forget_build(conn, c, "analysis")
@@ -140,13 +143,29 @@ def _check_results(outcomes: list[release_checks.CheckOutcome]) -> list[dg.Asset
             for o in outcomes]
 
 
-def _build_model(model: str, dbt_project: DbtProjectOf) -> bool:
+def _build_model(model: str, dbt_project: DbtProjectOf) -> Any:
     """dbt build of one pre-noise model, in this process. dbt is imported here, only when a request needs a rebuild
     (a stored release, the common case of `dcr release`, loads no dbt at all)."""
     from . import dbt_runner
 
     project, _ = dbt_project()
-    return dbt_runner.build(Path(project), ["--select", model], label=f"release-{model}").success
+    return dbt_runner.build(Path(project), ["--select", model], label=f"release-{model}")
+
+
+# Database messages that depend on the query's text and the declared types only, never on a row: safe to show a consumer.
+_STATIC_CAUSES = ("does not exist", "syntax error", "is ambiguous", "must appear in the GROUP BY", "cannot be matched", "could not identify",
+                  "operator is not unique", "function is not unique", "invalid reference", "has no column")
+
+
+def _policy_cause(errors: list[str]) -> str:
+    """The database's own message where it names the query's mistake (types, names, syntax); otherwise only that it failed:
+    a message about a value (a cast that failed on a row) could quote data, so it stays in the operator's log."""
+    for error in errors:
+        lines = [line.strip() for line in error.splitlines() if line.strip()]
+        cause = next((line for line in lines if any(phrase in line for phrase in _STATIC_CAUSES)), None)
+        if cause:
+            return f"the database says: {cause}"
+    return "the database refused it on the data (the operator's log has its message, which may quote a value)"
 
 
 def release_definitions(loaded: LoadedCollaboration, settings: Any, warehouse_url: str) -> dg.Definitions:

@@ -83,7 +83,7 @@ def collab(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     defs = build_definitions(settings)
     outcome = materialize(defs, collaboration_keys(defs, COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert outcome.success, outcome.failure
-    return {"defs": defs, "files": files, "url": runtime.warehouse.url(), "loaded": loaded}
+    return {"defs": defs, "files": files, "url": runtime.warehouse.url(), "loaded": loaded, "settings": settings}
 
 
 def forget_history(url: str, collab: str = COLLAB) -> None:
@@ -286,3 +286,29 @@ def test_an_ad_hoc_run_without_a_query_fails_and_chains_nothing(collab) -> None:
     assert not outcome.success and not outcome.refused and "needs config" in (outcome.failure or "")
     with psycopg.connect(collab["url"]) as conn:
         assert len(audit_chain.chain(conn, naming.results_schema(COLLAB))) == before
+
+
+def test_a_query_the_database_cannot_build_fails_naming_the_cause_and_the_policy_file(collab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A type mistake the column check cannot see (text compared with a number): the release names the database's own
+    message and the query file, not a log that no longer exists; nothing is released or charged."""
+    from dcr_pipelines.definitions import build_definitions
+
+    folder = collab["loaded"].folder
+    saved = tmp_path / "saved"
+    shutil.copytree(folder, saved)
+    sql_path = folder / "queries" / "tier_reach.sql"
+    try:
+        sql_path.write_text(sql_path.read_text().replace("where exposed.impression_time", "where exposed.campaign_id > 5 and exposed.impression_time"))
+        approve_all(folder)
+        settings = dataclasses.replace(collab["settings"], policies=folder.parent)
+        defs = build_definitions(settings)
+        outcome = materialize(defs, [naming.release_key(COLLAB, "tier_reach")], instance=dg.DagsterInstance.get(),
+                              run_config=analysis_run_config(COLLAB, {"tier_reach": {"since": "2026-02-02"}}))
+        assert not outcome.success
+        message = outcome.failure or ""
+        assert "could not be built for this request; nothing was released or charged" in message
+        assert "the database says: " in message and "operator does not exist: text > integer" in message and str(sql_path) in message
+        assert "run log" not in message
+    finally:
+        shutil.rmtree(folder)
+        shutil.copytree(saved, folder)
