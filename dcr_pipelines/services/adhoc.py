@@ -383,17 +383,19 @@ def _execute_dp(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: 
         noise = adhoc_noise.plan(checked.dp)
         role = _temporary_role(conn, loaded, checked)
         types = _planned(conn, role, timeout_s, checked)
-        groups: list[Any] = []
-        names: list[str] = []
-        if ledger.stored_release_id(conn, schema, key) is None:  # an identical query over the same data reads no row
-            cursor = _as_role(conn, role, timeout_s, checked.phase1)
-            names = [d.name for d in cursor.description or ()]
-            groups = cursor.fetchall()
         made: dict[str, Any] = {}
 
         def draw() -> list[dict[str, Any]]:
-            """Noise (opendp), then the analyst's phase 2 over the noised groups only (post-processing)."""
+            """Phase 1, noise (opendp), then the analyst's phase 2 over the noised groups only (post-processing).
+
+            Called by the ledger once the budget is known to cover the query (a query it cannot cover reads no row)
+            and only for a query not answered before; if anything fails from here on (a timeout of phase 1 included,
+            which could depend on the data), the query is charged anyway.
+            """
             assert checked.dp is not None
+            cursor = _as_role(conn, role, timeout_s, checked.phase1)
+            names = [d.name for d in cursor.description or ()]
+            groups = cursor.fetchall()
             released = adhoc_noise.release(noise, checked.dp, names, groups, checked.keys)
             inputs = [list(range(len(released)))] + [[g.keys[k] for g in released] for k in range(checked.keys)]
             inputs += [[g.values[j] for g in released] for j in range(len(checked.dp.aggregates))]
@@ -423,9 +425,12 @@ def _execute_dp(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: 
             )
         except ledger.BudgetExhausted as exc:
             raise QueryRefused("budget", str(exc)) from None
-        except ledger.ReleaseFailed as exc:  # charged (noise was drawn): the failed run is stored and chained with the charge
-            failed = AdHocResult(columns, [], mode="dp", failure=str(exc))
-            _insert(conn, loaded, checked, run_id, text, columns, [], mode="dp", failure=str(exc))
+        except ledger.ReleaseFailed as exc:  # charged: the failed run is stored and chained with the charge
+            reference = str(exc).rsplit("(reference ", 1)[-1].rstrip(")")
+            message = (f"the query failed in the database or ran longer than {timeout_s} s, and was charged epsilon {noise.epsilon:.4g}: "
+                       f"whether it fails could depend on the data; the operator's log has the details (reference {reference})")
+            failed = AdHocResult(columns, [], mode="dp", failure=message, epsilon=noise.epsilon)
+            _insert(conn, loaded, checked, run_id, text, columns, [], mode="dp", epsilon=noise.epsilon, failure=message)
             chained = _chain(conn, loaded, checked, run_id, text, failed, [])
             _drop_role(conn, role)
             return dataclasses.replace(failed, audit_chain_sha256=chained.chain_sha256)

@@ -259,8 +259,11 @@ def _release_thresholded(
         if checks.enabled:
             footprints.lock(conn, loaded.name)
             verdicts = footprints.check(conn, loaded.name, sets, spec.min_distinct_units, checks.retention_days, source="release", source_id=query.name)
-            released[:] = [v.row for v in verdicts if v.released]
-            withheld[:] = [footprints.describe(v.withheld_because, spec.min_distinct_units) for v in verdicts if v.withheld_because is not None]
+            too_close = [v for v in verdicts if v.withheld_because is not None]
+            # Which group was too close would say which group the person who differs is in: then no group is released.
+            released[:] = [] if too_close else [v.row for v in verdicts]
+            withheld[:] = [footprints.describe(v.withheld_because, spec.min_distinct_units) for v in too_close  # type: ignore[arg-type]
+                           ] + ["the whole release is withheld: which group was too close would tell which group a person is in"] * bool(too_close)
         else:
             released[:] = list(range(len(found)))
         out = []

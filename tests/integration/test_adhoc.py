@@ -29,7 +29,7 @@ from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
 from dcr_pipelines.services import adhoc as adhoc_service
 
-from ..policy_edits import exact_customers
+from ..policy_edits import exact_customers, threshold_tier_reach
 from .conftest import land
 
 COLLAB = "adhoc"
@@ -70,6 +70,7 @@ def collab(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     text = text.replace("    analysis_rule: {type: dp}\n", "    analysis_rule: {type: custom}\n", 1)
     text = text.replace("\nbudgets:", SEGMENTS + "\nbudgets:", 1)
     path.write_text(text)
+    threshold_tier_reach(folder)
     approve_all(folder)
     loaded = load_collaboration(folder)
     assert loaded.collaboration.datasets["purchases"].analysis_rule.type == "custom"

@@ -49,6 +49,7 @@ A, B = "gen_a", "gen_b"
 TESS = "tess.target@example.org"
 TESS_ROWS = [(TESS, "zz_target", "2099-01-01T10:00:00"), (TESS, "zz_target", "2099-01-02T10:00:00")]
 TESS_VALUE = 2000.0
+WHALE, WHALE_VALUE = "whale@example.org", 50000.0
 INJECTED = 16
 EXACT_JOIN = "from impressions as i inner join customers_exact as c on c.customer_email = i.user_email"
 DP_JOIN = "from impressions as i inner join customers as c on c.customer_email = i.user_email"
@@ -97,7 +98,7 @@ def worlds(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     customer_emails = sorted(set(customers["customer_email"].str.strip().str.lower()) - users)
     strangers = [f"stranger{n}@example.net" for n in range(INJECTED // 2)]
     injected = rng.sample(customer_emails, INJECTED // 2) + strangers  # the attacker cannot tell which are customers
-    extra = [*TESS_ROWS]
+    extra = [*TESS_ROWS, *((WHALE, "spring_sale", f"2026-02-0{d}T12:00:00") for d in (1, 2, 3))]
     for n, email in enumerate(injected):
         extra += [(email, "zz_injected", f"2098-{1 + n // 28:02d}-{1 + n % 28:02d}T0{k}:00:00") for k in (1, 2)]
     for name in (A, B):
@@ -105,6 +106,8 @@ def worlds(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         with (settings.landing / name / "ad_network" / "impressions" / files.impressions.name).open("a") as handle:
             handle.writelines(",".join(row) + "\n" for row in extra)
         folder = settings.landing / name / "retailer"
+        with (folder / "customers" / files.customers.name).open("a") as handle:
+            handle.write(f"{WHALE},bronze,35-44,{WHALE_VALUE}\n")  # in both worlds: a value far above the DP bounds
         shutil.copytree(folder / "customers", folder / "customers_exact")
         if name == B:
             for dataset in ("customers", "customers_exact"):
@@ -116,7 +119,8 @@ def worlds(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         assert outcome.success, outcome.failure
     impressions = pd.concat([impressions, pd.DataFrame(extra, columns=["user_email", "campaign_id", "impression_time"])])
     impressions["email"] = impressions["user_email"].str.strip().str.lower()
-    customers = pd.concat([customers, pd.DataFrame([(TESS, "gold", "55+", TESS_VALUE)], columns=list(customers.columns))])
+    customers = pd.concat([customers, pd.DataFrame([(WHALE, "bronze", "35-44", WHALE_VALUE), (TESS, "gold", "55+", TESS_VALUE)],
+                                                   columns=list(customers.columns))])
     customers["email"] = customers["customer_email"].str.strip().str.lower()
     return {"loaded": loaded, "url": runtime.warehouse.url(), "impressions": impressions, "customers": customers, "injected": injected}
 
@@ -358,9 +362,9 @@ def test_the_audit_would_catch_a_mechanism_that_spends_more_than_it_says() -> No
 
 def test_dp_phase_one_bounds_each_person_as_the_rule_declares(worlds: dict[str, Any]) -> None:
     """Before any noise, each group holds the sum over people of each person's bounded contribution: a row count of at
-    most max_rows_per_group (1), one per person, the person's own sum clamped to [0, 2000] (their value times their
-    impressions, so a person with many rows adds at most 2,000), the person's own average; and a person counts in at
-    most max_groups_per_person (6) groups."""
+    most max_rows_per_group (1), one per person, the person's own sum clamped to [0, 2000] (their customer row read once,
+    however many impressions join it; the whale's 50,000 adds 2,000), the person's own average; and a person counts in
+    at most max_groups_per_person (6) groups."""
     text = (f"select i.campaign_id, count(*) as n, count(distinct c.customer_email) as p, sum(c.lifetime_value) as s, avg(c.lifetime_value) as a "
             f"{DP_JOIN} where i.campaign_id in ('spring_sale', 'summer_launch', 'new_year', 'zz_target') group by 1")
     got = pre_noise(worlds, text, B)
@@ -368,10 +372,10 @@ def test_dp_phase_one_bounds_each_person_as_the_rule_declares(worlds: dict[str, 
     joined = joined[joined["campaign_id"].isin(["spring_sale", "summer_launch", "new_year", "zz_target"])]
     per = joined.groupby(["campaign_id", "email"]).agg(rows=("email", "size"), value=("lifetime_value", "first")).reset_index()
     assert (per.groupby("email").size() <= 6).all()  # nobody is capped here: the comparison is exact
-    per["s"] = (per["value"] * per["rows"]).clip(0, 2000)
+    per["s"] = per["value"].clip(0, 2000)  # the person's own value once (one customer row), however many impressions
     per["a"] = per["value"].clip(0, 2000)
     expected = per.groupby("campaign_id").agg(n=("rows", lambda r: r.clip(upper=1).sum()), p=("email", "size"), s=("s", "sum"), a=("a", "sum"))
-    assert (per["value"] * per["rows"] > 2000).any(), "someone must be clamped, or the test proves nothing"
+    assert (per["value"] > 2000).any() and (per["rows"] > 1).any(), "someone must be clamped and someone counted once over rows"
     for campaign, row in expected.iterrows():
         assert got[(campaign, "a1")] == row["n"] and got[(campaign, "a2")] == row["p"] and got[(campaign, "dcr_units")] == row["p"]
         assert got[(campaign, "a3")] == pytest.approx(row["s"]) and got[(campaign, "a4__sum")] == pytest.approx(row["a"])
@@ -416,3 +420,39 @@ def test_concurrent_dp_queries_never_overspend_the_runners_budget(worlds: dict[s
     text, first = next((t, r) for t, (kind, r) in zip(texts, outcomes, strict=True) if kind == "rows")
     kind, again = run(text)
     assert kind == "rows" and again.cached and again.epsilon == 0 and again.rows == first.rows
+
+
+def test_a_dp_query_the_budget_cannot_cover_reads_no_row(worlds: dict[str, Any]) -> None:
+    """Refused by the budget before phase 1: no scan of the data a query names, so how long the refusal takes cannot
+    depend on it (an outside test timed refusals of a self-join to tell customers from others)."""
+    from dcr_pipelines.lib.policy.models import Budget
+    from dcr_pipelines.store import ledger
+
+    loaded = worlds["loaded"][B]
+    with psycopg.connect(worlds["url"]) as conn:
+        spent = ledger.budget_status(conn, naming.results_schema(B), loaded.collaboration.budgets[0]).spent
+    broke = dataclasses.replace(loaded, collaboration=loaded.collaboration.model_copy(
+        update={"budgets": (Budget(consumer="ad_network", epsilon=spent + 0.5, delta=1e-5),)}))
+    staged = f"{naming.staging_schema(B, 'retailer')}.customers"
+
+    def scans(conn: psycopg.Connection) -> int:
+        conn.execute("select pg_stat_force_next_flush()")
+        conn.execute("select 1")
+        conn.execute("select pg_stat_clear_snapshot()")
+        row = conn.execute("select coalesce(seq_scan, 0) + coalesce(idx_scan, 0) from pg_stat_user_tables where relid = %s::regclass", (staged,)).fetchone()
+        return int(row[0]) if row else -1
+
+    with psycopg.connect(worlds["url"], autocommit=True) as conn:
+        for n, loaded_now in ((1, broke), (2, loaded)):
+            text = f"select c.loyalty_tier, count(*) as n {DP_JOIN} where {7700 + n} = {7700 + n} group by 1"
+            before = scans(conn)
+            checked = adhoc.check(loaded_now, "ad_network", text)
+            try:
+                adhoc_service.execute(conn, loaded_now, checked, f"scan-{n}", text)
+                answered = True
+            except adhoc.QueryRefused as exc:
+                assert "(budget)" in str(exc)
+                answered = False
+            after = scans(conn)
+            assert answered == (loaded_now is loaded)
+            assert (after > before) == answered, f"scans of {staged}: {before} -> {after} ({'answered' if answered else 'refused'})"

@@ -78,10 +78,12 @@ def test_query_run_refuses_through_dagster_with_the_rule(runtime) -> None:  # ty
     assert proc.stderr.strip() == "error: query refused: SELECT * is not allowed: name the dimensions and aggregates to output (select *)"
 
 
-def test_threshold_query_dry_run_says_it_costs_no_epsilon(runtime) -> None:  # type: ignore[no-untyped-def]
+def test_a_query_over_a_dp_dataset_is_released_with_noise_and_its_dry_run_shows_the_cost(runtime) -> None:  # type: ignore[no-untyped-def]
+    """tier_reach reads customers, under the differential_privacy rule: a threshold query over it is refused by the policy
+    check, so the demo releases it with noise."""
     proc = run("release", "demo", "tier_reach", "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "threshold rule" in proc.stdout and "no epsilon" in proc.stdout
+    assert "release would cost epsilon 1 of ad_network's budget" in proc.stdout and "lifetime_value: an average" in proc.stdout
 
 
 def test_budget_reports_remaining_and_how_many_releases_fit(runtime) -> None:  # type: ignore[no-untyped-def]
@@ -92,8 +94,9 @@ def test_budget_reports_remaining_and_how_many_releases_fit(runtime) -> None:  #
     report = json.loads(proc.stdout)
     consumer = report["consumers"][0]
     assert consumer["consumer"] == "ad_network" and consumer["epsilon"] == 10.0
-    # epsilon 1 and 0.5 per release; the threshold query tier_reach costs none and is not listed
-    assert consumer["releases_that_fit"] == {"campaign_reach": int(consumer["remaining"] // 1.0), "region_spend": int(consumer["remaining"] // 0.5)}
+    # epsilon 1, 0.5 and 1 per release
+    remaining = consumer["remaining"]
+    assert consumer["releases_that_fit"] == {"campaign_reach": int(remaining // 1.0), "region_spend": int(remaining // 0.5), "tier_reach": int(remaining // 1.0)}
 
 
 def test_a_refused_upload_prints_one_error_line_and_keeps_the_original(runtime, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -26,7 +26,7 @@ from dcr_pipelines.lib import demo_data, naming
 from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
-from ..policy_edits import exact_customers
+from ..policy_edits import exact_customers, threshold_tier_reach
 from .conftest import land
 
 COLLAB = "concur"
@@ -58,6 +58,7 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     path = root / COLLAB / "collaboration.yaml"
     # customers exact: the two ad-hoc runs spend no budget, so the budget (2.5) is the releases' alone
     path.write_text(exact_customers(path.read_text()).replace("name: demo", f"name: {COLLAB}").replace("epsilon: 10.0", "epsilon: 2.5"))
+    threshold_tier_reach(root / COLLAB)
     approve_all(root / COLLAB)
     files = demo_data.generate(runtime.settings.home / "generated" / COLLAB, rows=1500, overlap=0.4, seed=17)
     land(files, runtime.settings.landing, COLLAB)

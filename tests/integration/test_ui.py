@@ -137,19 +137,19 @@ def test_the_ui_shows_lineage_released_tables_automation_and_refusals_as_green_r
             page.goto(f"{base}/assets/demo/staging/retailer__customers__secure")
             page.get_by_text("Secure table of retailer's customers").first.wait_for()
 
-            # A results page shows the released table itself (counts as integers), labelled by its rule, with its checks.
+            # A results page shows the released table itself (counts as whole numbers, each value with its 95% interval),
+            # labelled by its rule, with its checks.
             page.goto(f"{base}/assets/demo/results/tier_reach")
             page.get_by_text("released_values").first.wait_for()
-            page.get_by_text("Threshold rule: exact values").first.wait_for()
+            page.get_by_text("Differentially private (opendp Laplace noise)").first.wait_for()
             body = page.inner_text("body")
-            assert "loyalty_tier" in body and "thresholded (groups under 25 people removed, no noise)" in body
-            assert "Differentially private" not in body
-            table = body.split("released_values", 1)[1].split("Threshold rule", 1)[0]
+            assert "loyalty_tier" in body and "differentially private (opendp, epsilon 1.0)" in body
+            table = body.split("released_values", 1)[1].split("Differentially private", 1)[0]
             counts = [line.split("\t")[2] for line in table.splitlines() if line.count("\t") >= 3 and "buyers" not in line]
-            assert counts and all(c.strip().isdigit() for c in counts), table
+            assert counts and all(c.split(" [")[0].strip().lstrip("-").isdigit() for c in counts), table
             page.screenshot(path=str(shots / "ui-release.png"), full_page=True)
             page.goto(f"{base}/assets/demo/results/tier_reach?view=checks")
-            page.get_by_text("threshold_respected").first.wait_for()
+            page.get_by_text("budget_respected").first.wait_for()
             page.get_by_text("release_in_audit_chain").first.wait_for()
 
             # Automation: the collaboration's sensors, the budget watch among them.

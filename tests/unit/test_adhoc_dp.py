@@ -15,6 +15,8 @@ from dcr_pipelines.lib.privacy import adhoc as adhoc_noise
 from dcr_pipelines.lib.privacy.contribution import DpAggregate, DpQuery
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
+from ..policy_edits import threshold_tier_reach
+
 JOIN = "from impressions as i inner join customers as c on c.customer_email = i.user_email"
 
 
@@ -54,6 +56,8 @@ def test_the_runners_own_exact_table_alone_stays_exact(demo) -> None:  # type: i
     (f"select c.loyalty_tier, sum(distinct c.lifetime_value) {JOIN} group by 1", "DISTINCT"),
     ("select distinct c.loyalty_tier from customers as c inner join impressions as i on i.user_email = c.customer_email", "differential_privacy rule"),
     ("select loyalty_tier, count(*) from customers group by 1", "join_required"),
+    (f"select c.loyalty_tier, count(*) {JOIN} inner join impressions as j on j.user_email = i.user_email group by 1", "read twice"),
+    ("select i.campaign_id, count(*) from impressions as i inner join impressions as j on j.user_email = i.user_email group by 1", "self-join"),
 ])
 def test_what_noise_cannot_bound_is_refused(demo, sql_text: str, why: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(adhoc.QueryRefused) as caught:
@@ -150,3 +154,15 @@ def test_the_demo_scaffold_is_dp_by_default(tmp_path) -> None:  # type: ignore[n
     assert {ds.analysis_rule.type for ds in loaded.collaboration.datasets.values()} == {"differential_privacy"}
     checked = adhoc.check(loaded, "shop", "select m.segment, count(distinct m.email) from shop_records s join media_records m on m.email = s.email group by 1")
     assert checked.mode == "dp"
+
+
+def test_an_approved_threshold_query_may_not_read_a_dp_dataset(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its parameters and the runner's own uploads would make it a tracker (an outside attack read a value exactly)."""
+    from dcr_pipelines.lib.policy import PolicyError
+
+    folder = tmp_path / "demo"
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    threshold_tier_reach(folder)
+    with pytest.raises(PolicyError) as caught:
+        load_collaboration(folder)
+    assert any("(differential_privacy) allows only differentially private releases; set 'rule: dp'" in i.message for i in caught.value.issues)

@@ -250,9 +250,28 @@ class _Context:
         return self.loaded.collaboration.datasets[self.tables[alias].dataset]
 
 
+MAX_QUERY_CHARS = 100_000
+MAX_DEPTH = 64  # nesting of expressions; a deeper query is refused before the parser recurses into it
+
+
 def check(loaded: LoadedCollaboration, runner: str, text: str) -> CheckedQuery:
     """Validate ``text`` as ``runner`` against every rule; return its evaluation plan, or raise ``QueryRefused``."""
     _check_member(loaded, runner)
+    try:
+        return _check(loaded, runner, text)
+    except RecursionError:
+        raise QueryRefused("syntax", f"the query nests more deeply than {MAX_DEPTH} levels; write it flatter") from None
+
+
+def _check(loaded: LoadedCollaboration, runner: str, text: str) -> CheckedQuery:
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryRefused("query text", f"the query is {len(text):,} characters long, more than {MAX_QUERY_CHARS:,}")
+    depth = deepest = 0
+    for ch in text:  # parentheses are the only nesting a SELECT can have this deep; strings count too (conservative)
+        depth += (ch == "(") - (ch == ")")
+        deepest = max(deepest, depth)
+    if deepest > MAX_DEPTH:
+        raise QueryRefused("syntax", f"the query nests more deeply than {MAX_DEPTH} levels of parentheses; write it flatter")
     tree = _parse(text)
     ctx = _Context(loaded, runner)
     _check_structure(tree)
@@ -369,6 +388,9 @@ def _check_tables(ctx: _Context, tree: exp.Select) -> None:
         alias = source.alias or name
         if alias in ctx.tables:
             raise QueryRefused("tables", f"alias {alias} is used twice; give each dataset its own alias")
+        if any(use.dataset == name for use in ctx.tables.values()):
+            raise QueryRefused("joins", f"dataset {name} is read twice: a self-join multiplies one person's rows, and with them how long "
+                                        "the query runs, which would tell whether that person is matched; read each dataset once")
         ds = collab.datasets[name]
         rule = ds.analysis_rule
         if rule.type == "custom":
@@ -1169,12 +1191,19 @@ def _dp_plan(ctx: _Context, tree: exp.Select, keys: list[exp.Expr], aggregates: 
             counted = "count(*)" if isinstance(inner, exp.Star) else f'count("v{j}")'
             person.append(f'least({counted}, {int(plan.upper)}) as "p{j}"')
             group.append(f'sum("p{j}") as "a{j}"')
-        elif plan.function == "sum":
-            person.append(f'least(greatest(sum("v{j}"), {low}), {high}) as "p{j}"')
-            group.append(f'coalesce(sum("p{j}"), 0) as "a{j}"')
         else:
-            person.append(f'least(greatest(avg("v{j}"), {low}), {high}) as "p{j}"')
-            group.append(f'coalesce(sum("p{j}"), 0) as "a{j}__sum", count("p{j}") as "a{j}__n"')
+            # The person's own sum or average reads each row of the column's dataset once, however many rows of other
+            # datasets join it (as in exact mode); then it is clamped.
+            (table,) = _tables_of(ctx, inner)
+            row = _sql(exp.Column(this=_q(ROW_COLUMN), table=_q(table)))
+            items.append(f'row_number() over (partition by {", ".join([*key_sql, row])}) as "r{j}"')
+            once = f'filter (where "r{j}" = 1)'
+            if plan.function == "sum":
+                person.append(f'least(greatest(sum("v{j}") {once}, {low}), {high}) as "p{j}"')
+                group.append(f'coalesce(sum("p{j}"), 0) as "a{j}"')
+            else:
+                person.append(f'least(greatest(avg("v{j}") {once}, {low}), {high}) as "p{j}"')
+                group.append(f'coalesce(sum("p{j}"), 0) as "a{j}__sum", count("p{j}") as "a{j}__n"')
     source = _source(ctx, tree, restrict)
     source.set("expressions", [sqlglot.parse_one(i, read="postgres") for i in items])
     groups = [f'"k{i}"' for i in range(1, len(keys) + 1)]

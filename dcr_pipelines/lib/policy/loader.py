@@ -533,8 +533,9 @@ def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
         if ds_name not in collab.datasets:
             continue
         rule = collab.datasets[ds_name].analysis_rule
-        if rule.type == "dp" and spec.rule != "dp":
-            issue(("rule",), f"query reads {ds_name!r}, whose analysis rule allows only differentially private releases; set 'rule: dp'")
+        if rule.type in ("dp", "differential_privacy") and spec.rule != "dp":
+            issue(("rule",), f"query reads {ds_name!r}, whose analysis rule ({rule.type}) allows only differentially private releases; "
+                  "set 'rule: dp' (an exact threshold query over it could be turned into a tracker by the runner's own uploads)")
         if spec.rule == "threshold" and spec.min_distinct_units < rule.min_distinct_units:
             issue(("min_distinct_units",), f"{ds_name!r} requires at least {rule.min_distinct_units} distinct units per released row (analysis_rule.min_distinct_units)")
     for placeholder in placeholders:

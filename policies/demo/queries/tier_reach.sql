@@ -1,5 +1,5 @@
 -- Shared customers who saw each campaign, by loyalty tier, with their lifetime
--- value. Released without noise: groups under 25 people are removed.
+-- value. customers is under the differential_privacy rule, so only noised releases read it.
 select distinct
     exposed.match_id,
     exposed.campaign_id,

@@ -2,7 +2,7 @@
 
 with unit_rows as (
     /* Shared customers who saw each campaign, by loyalty tier, with their lifetime */
-    /* value. Released without noise: groups under 25 people are removed. */
+    /* value. customers is under the differential_privacy rule, so only noised releases read it. */
     SELECT DISTINCT
       exposed.match_id,
       exposed.campaign_id,
@@ -17,26 +17,18 @@ with unit_rows as (
 
 in_domain as (
     select * from unit_rows
-    where match_id is not null and true
+    where match_id is not null and "campaign_id" in ('spring_sale', 'summer_launch', 'back_to_school', 'black_friday', 'holiday_gifts', 'new_year') and "loyalty_tier" in ('bronze', 'silver', 'gold')
 ),
 
 bounded as (
     {{ dcr_bound_contributions('in_domain', 'match_id', ["campaign_id", "loyalty_tier"], 1, 6) }}
-),
-
-with_units as (
-    select bounded.*, xref.unit as dcr_unit
-    from bounded
-    inner join {{ source('demo_matching', 'cross_reference') }} as xref on xref.match_id = bounded.match_id
 )
 
 select
     "campaign_id", "loyalty_tier",
     count(distinct match_id) as "buyers",
-    coalesce(sum(least(greatest(cast("lifetime_value" as numeric), 0.0), 5000.0)), 0) as "lifetime_value__sum",
+    coalesce(sum(least(greatest(cast("lifetime_value" as numeric), 0.0), 2000.0)), 0) as "lifetime_value__sum",
     count(*) as "lifetime_value__count",
-    count(distinct match_id) as "dcr_units",
-    array_agg(distinct dcr_unit order by dcr_unit) as "dcr_people",
     {{ dcr_request_key('demo', 'tier_reach') }} as "dcr_request"
-from with_units
+from bounded
 group by "campaign_id", "loyalty_tier"
