@@ -70,9 +70,9 @@ def materialize(
     still written to the instance's event log (the UI and ``dcr audit`` read it).
     """
     job = job_for(defs, selection)
-    run_config = _only_selected_ops(defs, selection, run_config or {})
+    run_config = _requested(defs, selection, _only_selected_ops(defs, selection, run_config or {}))
     collabs = sorted({k[0] for k in selection})
-    tags = {"dcr/user": os.environ.get("DCR_USER") or getpass.getuser(), **({"dcr/collaboration": collabs[0]} if len(collabs) == 1 else {}),
+    tags = {"dcr/user": requester(), **({"dcr/collaboration": collabs[0]} if len(collabs) == 1 else {}),
             **process_tags(), **dict(tags or {})}
     config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **dict(run_config or {})}
     with contextlib.ExitStack() as stack:
@@ -150,6 +150,19 @@ def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
     return failed
 
 
+def _requested(defs: dg.Definitions, selection: Sequence[Sequence[str]], run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A `dcr` command is a request by its user: every release it selects carries ``requested_by`` (a release launched
+    from the UI or `dg launch` must say who asks, or it is refused without a charge)."""
+    ops = dict(run_config.get("ops") or {})
+    for key in selection:
+        if len(key) == 3 and key[1] == "results" and key[2] != "ad_hoc":
+            name = defs.resolve_assets_def(dg.AssetKey(list(key))).op.name
+            config = dict((ops.get(name) or {}).get("config") or {})
+            config.setdefault("requested_by", requester())
+            ops[name] = {**(ops.get(name) or {}), "config": config}
+    return {**run_config, "ops": ops} if ops else dict(run_config)
+
+
 def _only_selected_ops(defs: dg.Definitions, selection: Sequence[Sequence[str]], run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Drop op config for steps outside the selection (one config can then serve a run with or without releases)."""
     ops = run_config.get("ops")
@@ -180,16 +193,21 @@ def release_keys(defs: dg.Definitions, collab: str) -> list[list[str]]:
     return [k for k in collaboration_keys(defs, collab, releases=True) if len(k) == 3 and k[1] == "results"]
 
 
+def requester() -> str:
+    """Who is asking: DCR_USER, or the login of the shell (what the run's dcr/user tag and a release's audit entry say)."""
+    return os.environ.get("DCR_USER") or getpass.getuser()
+
+
 def analysis_run_config(collab: str, params_by_query: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
     """Parameters per query for the pre-noise tables and for the releases of those queries (the same request)."""
     ops: dict[str, Any] = {f"{collab}__analysis": {"config": {"params": {q: dict(p) for q, p in params_by_query.items()}}}}
     for query, params in params_by_query.items():
-        ops[op_name(naming.release_key(collab, query))] = {"config": {"params": dict(params)}}
+        ops[op_name(naming.release_key(collab, query))] = {"config": {"params": dict(params), "requested_by": requester()}}
     return {"ops": ops}
 
 
 def release_run_config(collab: str, query: str, params: Mapping[str, str]) -> dict[str, Any]:
-    return {"ops": {op_name(naming.release_key(collab, query)): {"config": {"params": dict(params)}}}}
+    return {"ops": {op_name(naming.release_key(collab, query)): {"config": {"params": dict(params), "requested_by": requester()}}}}
 
 
 def ingest_run_config(collab: str, party: str, dataset: str, path: str = "", upload: int = 0) -> dict[str, Any]:

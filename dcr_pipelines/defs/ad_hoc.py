@@ -47,7 +47,9 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
     )
     def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> Iterator[Any]:
         if not config.runner.strip() or not config.sql.strip():  # launched without a request (e.g. from the UI): nothing to check or chain
-            raise dg.Failure("an ad-hoc run needs config: {runner: MEMBER, sql: \"SELECT ...\"}; use `dcr query run COLLAB --as MEMBER \"SQL\"`")
+            yield refusal(context, "query refused, nothing ran or was charged: an ad-hoc run needs a request, config {runner: MEMBER, sql: \"SELECT ...\"}; "
+                          "use `dcr query run COLLAB --as MEMBER \"SQL\"`", rule="request")
+            return
         digest = adhoc.query_sha256(config.sql)
         try:
             checked = adhoc.check(loaded, config.runner, config.sql)

@@ -74,11 +74,15 @@ def _schedules(loaded: LoadedCollaboration) -> list[dg.ScheduleDefinition]:
         where = f"policies/{c}/collaboration.yaml"
         job = dg.define_asset_job(f"{c}__{schedule.name}_job", selection=selection, tags={"dcr/collaboration": c, "dcr/schedule": schedule.name},
                                   description=f"What schedule {schedule.name} of {where} runs: {schedule.target}.")
+        # The schedule is the request of the releases that opt into it (default parameters): it says so, as a user would.
+        requests = {"__".join(naming.release_key(c, q)): {"config": {"requested_by": f"schedule {c}__{schedule.name}"}}
+                    for q, query in loaded.queries.items() if query.spec.release == "scheduled" and schedule.target != "matching"}
         out.append(
             dg.ScheduleDefinition(
                 name=f"{c}__{schedule.name}",
                 cron_schedule=schedule.cron,
                 job=job,
+                run_config={"ops": requests} if requests else None,
                 description=f"Declared in {where}: {schedule.target} at '{schedule.cron}'.",
             )
         )

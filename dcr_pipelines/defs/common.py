@@ -30,8 +30,11 @@ class AnalysisConfig(dg.Config):
 
 
 class ReleaseConfig(dg.Config):
-    """The request: the query's parameters (its YAML's defaults fill the rest). Each release is computed for exactly these."""
+    """The request: who asks, and the query's parameters (its YAML's defaults fill the rest). Each release is computed for
+    exactly these. A release spends privacy budget, so one launched without ``requested_by`` (a click on "Materialize",
+    `dg launch --assets` with no config) is refused and charges nothing."""
 
+    requested_by: str = ""
     params: dict[str, str] = {}
 
 

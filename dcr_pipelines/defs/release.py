@@ -59,6 +59,12 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         "A refused request (parameters, budget, a rule) is recorded as an observation naming the reason. " + (spec.description or ""),
     )
     def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource) -> Iterator[Any]:
+        if not config.requested_by.strip():
+            yield refusal(context, f"release refused, nothing ran or was charged: a release of {query_name} spends privacy budget, so it runs only "
+                          f"on a request that says who asks (`dcr release {c} {query_name}`, a schedule the query opts into, or a launch "
+                          "with config {requested_by: YOU, params: {...}})", rule="request", consumer=spec.consumer)
+            yield from refused_checks(warehouse)
+            return
         try:
             params = validate_params(query, config.params)
         except ParameterError as exc:
@@ -89,7 +95,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                     raise dg.Failure(f"the pre-noise table of {query_name} was built for another request; nothing was released or charged")
                 try:
                     stored = release_query(conn, loaded, query, params, versions, export_dir=exports, request=None if cached else key,
-                                           run_id=context.run.run_id)
+                                           run_id=context.run.run_id, requested_by=config.requested_by.strip())
                 except ledger.BudgetExhausted as exc:
                     yield refusal(context, f"release refused: {exc}", rule="budget", consumer=spec.consumer, params=params)
                     yield from refused_checks(warehouse)
@@ -118,6 +124,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 "consumer": spec.consumer,
                 "receivers": ", ".join(spec.receivers),
                 "params": dg.MetadataValue.json(params),
+                "requested_by": config.requested_by.strip(),
                 "input_versions": dg.MetadataValue.json(versions),
                 "pre_noise_rebuilt_for_request": rebuild,
                 "query_sha256": query.sha256,

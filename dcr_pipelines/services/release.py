@@ -181,6 +181,7 @@ def release_query(
     export_dir: Path | None = None,
     request: str | None = None,
     run_id: str | None = None,
+    requested_by: str | None = None,
 ) -> ledger.StoredRelease:
     """Release ``query`` with DP noise, charging its consumer's budget (or return the stored identical release).
 
@@ -189,7 +190,7 @@ def release_query(
     With ``request``, every pre-noise row read must have been built for it (``ReleaseRefused`` otherwise).
     """
     if query.spec.rule == "threshold":
-        return _release_thresholded(conn, loaded, query, params, input_versions, export_dir, request, run_id)
+        return _release_thresholded(conn, loaded, query, params, input_versions, export_dir, request, run_id, requested_by)
     plans = plan_release(query.spec)
     selection = plan_key_selection(query.spec)
     budget = consumer_budget(loaded, query.spec.consumer)
@@ -215,6 +216,7 @@ def release_query(
         receivers=query.spec.receivers,
         query_sha256=query.sha256,
         run_id=run_id,
+        requested_by=requested_by,
     )
     if export_dir is not None:
         export(stored, loaded, query, export_dir)
@@ -230,6 +232,7 @@ def _release_thresholded(
     export_dir: Path | None,
     request: str | None = None,
     run_id: str | None = None,
+    requested_by: str | None = None,
 ) -> ledger.StoredRelease:
     spec = query.spec
     dims = list(spec.dimensions)
@@ -298,6 +301,7 @@ def _release_thresholded(
         receivers=spec.receivers,
         query_sha256=query.sha256,
         run_id=run_id,
+        requested_by=requested_by,
         chained_with=(lambda: {"footprints_sha256": footprints.digest([(i, sets[i]) for i in released])}) if checks.enabled else None,
     )
     if export_dir is not None:

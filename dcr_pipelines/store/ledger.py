@@ -128,6 +128,7 @@ def release(
     query_sha256: str = "",
     run_id: str | None = None,
     chained_with: Callable[[], dict[str, Any]] | None = None,
+    requested_by: str | None = None,
 ) -> StoredRelease:
     """Charge ``(cost, delta)`` and store ``draw()``'s noised rows atomically, or return the identical earlier release.
 
@@ -184,6 +185,7 @@ def release(
                     "rows_sha256": audit_chain.stored_rows_digest(conn, schema, release_id),
                     "results_sha256": audit_chain.results_digest(conn, schema, query_name, release_id),
                     "released_at": released_at, "run_id": run_id,
+                    **({"requested_by": requested_by} if requested_by else {}),
                     **(chained_with() if chained_with is not None else {}),
                 }
                 chained = audit_chain.append(conn, schema, collaboration, "release", release_id, entry)

@@ -278,15 +278,41 @@ def test_threshold_rule_release_equals_plain_aggregate_minus_small_groups(collab
     assert verdict.name == "threshold_respected" and not verdict.passed and "under 25 people" in verdict.detail
 
 
-def test_an_ad_hoc_run_without_a_query_fails_and_chains_nothing(collab) -> None:  # type: ignore[no-untyped-def]
+def test_an_ad_hoc_run_without_a_query_is_refused_and_chains_nothing(collab) -> None:  # type: ignore[no-untyped-def]
     from dcr_pipelines.store import audit_chain
 
     with psycopg.connect(collab["url"]) as conn:
         before = len(audit_chain.chain(conn, naming.results_schema(COLLAB)))
     outcome = materialize(collab["defs"], [naming.ad_hoc_key(COLLAB)], instance=dg.DagsterInstance.get(), run_config=ad_hoc_run_config(COLLAB, "", ""))
-    assert not outcome.success and not outcome.refused and "needs config" in (outcome.failure or "")
+    assert outcome.run_success and outcome.refused and "needs a request" in (outcome.failure or "")
     with psycopg.connect(collab["url"]) as conn:
         assert len(audit_chain.chain(conn, naming.results_schema(COLLAB))) == before
+
+
+@pytest.mark.parametrize("query", ["tier_reach", "campaign_reach"])
+def test_a_release_launched_without_a_request_is_refused_and_charges_nothing(collab, query: str) -> None:  # type: ignore[no-untyped-def]
+    """A click on "Materialize" in the UI (or `dg launch --assets`) runs the asset with no config: a release spends
+    budget only on a request that says who asks, so this one is a green, refused run that charges and releases nothing.
+    The same launch with a request is answered, and its audit entry names who asked."""
+    from dcr_pipelines.runner import job_for
+    from dcr_pipelines.store import audit_chain
+
+    key = naming.release_key(COLLAB, query)
+    schema = naming.results_schema(COLLAB)
+    with psycopg.connect(collab["url"]) as conn:
+        chained = len(audit_chain.chain(conn, schema))
+    job = job_for(collab["defs"], [key])
+    bare = job.execute_in_process(instance=dg.DagsterInstance.get(), asset_selection=[dg.AssetKey(key)], raise_on_error=False)
+    assert bare.success and not bare.get_asset_materialization_events()
+    refusal = [e.asset_observation_data.asset_observation.metadata for e in bare.get_asset_observation_events()]
+    assert refusal and refusal[0]["rule"].value == "request" and "spends privacy budget" in refusal[0]["message"].value
+    with psycopg.connect(collab["url"]) as conn:
+        assert len(audit_chain.chain(conn, schema)) == chained  # no release, no charge
+    asked = job.execute_in_process(instance=dg.DagsterInstance.get(), asset_selection=[dg.AssetKey(key)], raise_on_error=False,
+                                   run_config={"ops": {"__".join(key): {"config": {"requested_by": "carol@ads.example", "params": {"since": "2026-02-07"}}}}})
+    assert asked.success and asked.get_asset_materialization_events()
+    meta = asked.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["requested_by"].value == "carol@ads.example" and meta["audit_entry"].value["requested_by"] == "carol@ads.example"
 
 
 def test_a_query_the_database_cannot_build_fails_naming_the_cause_and_the_policy_file(collab, tmp_path) -> None:  # type: ignore[no-untyped-def]

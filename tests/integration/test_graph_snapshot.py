@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from dcr_pipelines.definitions import build_definitions
@@ -126,3 +127,21 @@ def test_every_asset_has_a_label_of_its_own_within_its_collaboration(demo_defs) 
         by_collab.setdefault(key.path[0], []).append(key.path[-1])
     for collab, labels in by_collab.items():
         assert len(labels) == len(set(labels)), (collab, sorted(label for label in labels if labels.count(label) > 1))
+
+
+def test_a_schedule_requests_the_releases_that_opt_into_it_and_says_so(tmp_path: Path) -> None:
+    """A release runs from a schedule only when its query opts in, and the schedule is the request: its run config
+    names it as who asks (a release without a requester is refused)."""
+    from dcr_pipelines.lib.policy.approve import approve_all
+
+    root = tmp_path / "policies"
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", root / "demo")
+    spec = root / "demo" / "queries" / "region_spend.yaml"
+    spec.write_text(spec.read_text() + "release: scheduled\n")
+    approve_all(root / "demo")
+    defs = _definitions(root, private_dbt_project(tmp_path))
+    schedule = next(s for s in defs.schedules or [] if s.name == "demo__nightly_refresh")
+    with dg.build_schedule_context() as context:
+        (request,) = schedule.evaluate_tick(context).run_requests or []
+    ops = request.run_config["ops"]
+    assert ops == {"demo__results__region_spend": {"config": {"requested_by": "schedule demo__nightly_refresh"}}}
