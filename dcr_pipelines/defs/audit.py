@@ -182,7 +182,17 @@ def verify(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedCollabo
         *audit.verify_tables(chain, evidence(conn, loaded)),
         *audit.verify_events(chain, release_events(instance, loaded)),
         *audit.verify_referenced(chain, chain_references(instance, loaded)),
+        *audit.verify_runs(chain, stored_runs(instance, [str(r.entry["run_id"]) for r in chain if r.entry.get("run_id")])),
     ]
+
+
+def stored_runs(instance: dg.DagsterInstance, run_ids: list[str]) -> set[str]:
+    """Which of ``run_ids`` the instance's run storage holds."""
+    found: set[str] = set()
+    for start in range(0, len(run_ids), 500):
+        batch = run_ids[start:start + 500]
+        found |= {r.dagster_run.run_id for r in instance.get_run_records(filters=dg.RunsFilter(run_ids=batch))}
+    return found
 
 
 def evidence(conn: Connection, loaded: LoadedCollaboration) -> audit.Evidence:

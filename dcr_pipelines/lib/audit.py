@@ -213,3 +213,16 @@ def verify_referenced(chain: Sequence[ChainRow], referenced: Iterable[str]) -> l
     present = {row.chain_sha256 for row in chain}
     return [Problem("audit chain", f"the entry with chain hash {h[:12]}... that the Dagster event log recorded is missing (deleted)")
             for h in sorted(set(referenced)) if h and h not in present]
+
+
+def verify_runs(chain: Sequence[ChainRow], stored_runs: Iterable[str]) -> list[Problem]:
+    """Every run the chain names (a release's, an ad-hoc run's, a refusal's) is in Dagster's run storage: a run that went
+    to another storage, or was deleted, leaves the audit trail without its events."""
+    present = set(stored_runs)
+    problems = []
+    for row in chain:
+        run_id = row.entry.get("run_id")
+        if row.kind in ("release", "ad_hoc", "refusal") and run_id and run_id not in present:
+            problems.append(Problem(f"audit entry {row.seq} ({row.kind} {row.ref})",
+                                    f"its run {run_id} is not in the Dagster run storage (deleted, or written to another storage)"))
+    return problems

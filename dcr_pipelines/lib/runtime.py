@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,10 +51,10 @@ def activate(settings: Settings | None = None) -> Runtime:
 
     dagster_home = settings.home / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    write_if_changed(dagster_home / "dagster.yaml", (PROJECT_ROOT / "dagster.yaml").read_text(encoding="utf-8"))
     # Dagster's first-visit newsletter dialog would cover the asset graph; record it as seen.
     (dagster_home / ".nux").mkdir(exist_ok=True)
-    (dagster_home / ".nux" / "nux.yaml").write_text("seen: 1\n")
+    write_if_changed(dagster_home / ".nux" / "nux.yaml", "seen: 1\n")
     os.environ.update(
         {
             "DCR_HOME": str(settings.home),
@@ -77,6 +76,21 @@ def activate(settings: Settings | None = None) -> Runtime:
     return Runtime(settings, warehouse, dagster_url, embedded)
 
 
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` only if it differs, and atomically (a temporary file renamed over it): a process that
+    reads the file while another command starts never sees it empty or half written (a half-written dagster.yaml sent
+    a run to a stray SQLite storage)."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return True
+
+
 DOTENV_KEYS = ("DCR_HOME", "DAGSTER_HOME")
 
 
@@ -95,8 +109,7 @@ def record_in_dotenv(settings: Settings, root: Path = PROJECT_ROOT) -> Path | No
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     kept = [line for line in lines if line.split("=", 1)[0].strip() not in DOTENV_KEYS]
     text = "\n".join([*kept, *(f"{k}={v}" for k, v in wanted.items())]) + "\n"
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
+    write_if_changed(path, text)
     return path
 
 

@@ -272,3 +272,16 @@ def test_the_budget_sensor_warns_once_in_its_tick_on_the_asset_pages_and_on_the_
     with dg.build_sensor_context(instance=audited["instance"], resources=resources, cursor=first.cursor) as context:
         again = _budget_sensor(warned).evaluate_tick(context)
     assert "privacy budget low" in (again.skip_message or "") and not again.asset_events  # nothing new spent: no repeated events
+
+
+def test_zz_a_chained_run_deleted_from_the_run_storage_fails_the_verification(audited: dict[str, Any]) -> None:
+    """Every run the chain names must be in Dagster's run storage (one ad-hoc run once went to a stray SQLite storage).
+    (Named to run last: it deletes a run of the module's collaboration.)"""
+    instance = audited["instance"]
+    assert _problems(audited) == []
+    with psycopg.connect(audited["url"]) as conn:
+        chain = audit_chain.chain(conn, naming.results_schema(COLLAB))
+    run_id = next(row for row in chain if row.kind == "ad_hoc").entry["run_id"]
+    instance.delete_run(run_id)
+    problems = _problems(audited)
+    assert any(run_id in p and "is not in the Dagster run storage" in p for p in problems), problems
