@@ -135,13 +135,15 @@ def process_tags() -> dict[str, str]:
 
 
 def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Mark failed every run still STARTED (or STARTING) whose in-process runner on this host is dead (killed, crashed)."""
+    """Mark failed every run still NOT_STARTED, STARTING or STARTED whose in-process runner on this host is dead (killed,
+    crashed; a kill between creating a run and starting it leaves it NOT_STARTED). Runs without our process tags (queued
+    by the daemon, launched from the UI) are not ours to judge."""
     from .services.ingest import pid_alive
 
     host = socket.gethostname()
     failed = []
-    runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
-                                                   tags={HOST_TAG: host}))
+    statuses = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=statuses, tags={HOST_TAG: host}))
     for run in runs:
         pid = run.tags.get(PID_TAG, "")
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):

@@ -458,7 +458,10 @@ def test_leftover_tables_of_a_killed_load_are_dropped_at_the_next_start(env: dic
     assert state(t)[1] == 3
 
 
-def test_runs_left_started_by_a_dead_process_are_marked_failed(runtime) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("status", [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.NOT_STARTED])
+def test_runs_left_by_a_dead_process_are_marked_failed(runtime, status: dg.DagsterRunStatus) -> None:  # type: ignore[no-untyped-def]
+    """A run left STARTED, or NOT_STARTED (its process was killed between creating and starting it), by a process of
+    this host that is gone is marked failed by the next command; a live process's run is left alone."""
     instance = dg.DagsterInstance.get()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -467,13 +470,12 @@ def test_runs_left_started_by_a_dead_process_are_marked_failed(runtime) -> None:
     runs = {}
     for label, pid in (("dead", dead.pid), ("alive", sleeper.pid)):
         run_id = str(uuid.uuid4())
-        instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", run_id=run_id, status=dg.DagsterRunStatus.STARTED,
-                                       tags={PID_TAG: str(pid), HOST_TAG: host}))
+        instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", run_id=run_id, status=status, tags={PID_TAG: str(pid), HOST_TAG: host}))
         runs[label] = run_id
     try:
         assert runs["dead"] in fail_orphaned_runs(instance)
         assert instance.get_run_by_id(runs["dead"]).status == dg.DagsterRunStatus.FAILURE  # type: ignore[union-attr]
-        assert instance.get_run_by_id(runs["alive"]).status == dg.DagsterRunStatus.STARTED  # type: ignore[union-attr]
+        assert instance.get_run_by_id(runs["alive"]).status == status  # type: ignore[union-attr]
     finally:
         sleeper.kill()
         sleeper.wait()
