@@ -564,7 +564,8 @@ def _process_one(conn: psycopg.Connection, t: Target, upload: Upload, outcome: Q
     version_checksum = checksum if t.spec.mode == "replace" else _chain(current.checksum if current else "", checksum)
     try:
         with conn.transaction():
-            version = _swap(conn, t, parts, version_checksum, total, upload.file_name, upload.seq)
+            version = _swap(conn, t, parts, version_checksum, total, upload.file_name, upload.seq,
+                            _contract_of(t, current, rechecked_all=len(parts) == 1))
             queue.decide(conn, upload.seq, "accepted", None, version=version, row_count=report.row_count,
                          duplicate_rows=duplicates, dropped_rows=dropped)
     except BaseException:
@@ -592,7 +593,17 @@ def _same_content(conn: psycopg.Connection, t: Target, current: Version | None, 
     return f"upload #{row[0]} ({row[1]}), already appended" if row else None
 
 
-def _swap(conn: psycopg.Connection, t: Target, parts: tuple[str, ...], checksum: str, rows: int, file_name: str, upload_seq: int | None) -> int:
+def _contract_of(t: Target, current: Version | None, rechecked_all: bool) -> str | None:
+    """The contract a new version has been checked against: the policy's own only when every part of it was checked
+    under it; otherwise the current version's, so that a changed contract is still applied to the data (by
+    ``revalidate``) and a withdraw or a new appended file cannot carry unchecked rows past it."""
+    if rechecked_all or current is None or current.contract_sha256 == t.contract_sha256:
+        return t.contract_sha256
+    return current.contract_sha256
+
+
+def _swap(conn: psycopg.Connection, t: Target, parts: tuple[str, ...], checksum: str, rows: int, file_name: str, upload_seq: int | None,
+          contract: str | None) -> int:
     """Repoint the dataset's view at ``parts`` and record the version (inside the caller's transaction)."""
     columns = sql.SQL(", ").join(map(sql.Identifier, t.spec.columns))
     union = sql.SQL(" union all ").join(
@@ -610,7 +621,7 @@ def _swap(conn: psycopg.Connection, t: Target, parts: tuple[str, ...], checksum:
     conn.execute(
         "insert into dcr_meta.dataset_versions (collaboration, party, dataset, version, checksum, row_count, file_name, is_current, "
         "parts, upload_seq, contract_sha256) values (%s, %s, %s, %s, %s, %s, %s, true, %s, %s, %s)",
-        (t.collaboration, t.party, t.dataset, version, checksum, rows, file_name, list(parts), upload_seq, t.contract_sha256),
+        (t.collaboration, t.party, t.dataset, version, checksum, rows, file_name, list(parts), upload_seq, contract),
     )
     drop_leftovers(conn, t)
     return version
@@ -642,6 +653,7 @@ def revalidate(conn: psycopg.Connection, t: Target, outcome: QueueOutcome) -> No
             if upload is None or path is None or not path.is_file():
                 raise UploadRejected(f"version {current.version} cannot be re-checked against the changed contract: the accepted file of "
                                      f"{part} is no longer under {t.accepted_dir}; upload the data again")
+            _kept_intact(upload, path)
             table = f"{t.dataset}__u{upload.seq}_r{current.version + 1}"
             built.append(table)
             report, _, _, _ = _build_part(conn, t, path, upload.file_name, table)
@@ -649,7 +661,7 @@ def revalidate(conn: psycopg.Connection, t: Target, outcome: QueueOutcome) -> No
             rows += report.row_count
         with conn.transaction():
             _swap(conn, t, tuple(parts), _chain(current.checksum, "contract:" + t.contract_sha256), rows,
-                  f"{len(parts)} file(s) re-checked", current.upload_seq)
+                  f"{len(parts)} file(s) re-checked", current.upload_seq, t.contract_sha256)
     except UploadRejected as exc:
         for table in built:
             _drop(conn, t.schema, table)
@@ -676,13 +688,15 @@ def _reprocess(conn: psycopg.Connection, t: Target, seq: int) -> Upload:
     path = t.accepted_dir / upload.stored_name
     if not path.is_file():
         raise UploadRejected(f"upload #{seq}: its file is no longer under {t.accepted_dir}; upload it again")
+    _kept_intact(upload, path)
     table = f"{t.dataset}__u{seq}_r{current.version + 1}"
     try:
         report, _, duplicates, dropped = _build_part(conn, t, path, upload.file_name, table)
         previous_rows = int(upload.row_count or 0)
         with conn.transaction():
             version = _swap(conn, t, tuple(table if p == old[0] else p for p in current.parts), _chain(current.checksum, f"reprocess:{seq}"),
-                            current.row_count - previous_rows + report.row_count, upload.file_name, current.upload_seq)
+                            current.row_count - previous_rows + report.row_count, upload.file_name, current.upload_seq,
+                            _contract_of(t, current, rechecked_all=len(current.parts) == 1))
             queue.decide(conn, seq, "accepted", None, version=version, row_count=report.row_count, duplicate_rows=duplicates, dropped_rows=dropped)
     except BaseException:
         _drop(conn, t.schema, table)
@@ -690,6 +704,17 @@ def _reprocess(conn: psycopg.Connection, t: Target, seq: int) -> Upload:
     done = queue.get(conn, seq)
     assert done is not None
     return done
+
+
+def _kept_intact(upload: Upload, path: Path) -> None:
+    """A kept file is the one that was accepted: its checksum is checked before it is read again (a backfill, a changed
+    contract), so an edited or swapped file can never become the dataset under an old upload's name."""
+    if upload.checksum is None:
+        return
+    now, _ = file_checksum(path)
+    if now != upload.checksum:
+        raise UploadRejected(f"the kept file of upload #{upload.seq} ({upload.file_name}) changed since it was accepted (SHA-256 {upload.checksum[:12]}..., "
+                             f"now {now[:12]}...): it is not read again; restore it, or upload the data again")
 
 
 def withdraw(conn: psycopg.Connection, t: Target, seq: int) -> Version:
@@ -712,7 +737,7 @@ def _withdraw(conn: psycopg.Connection, t: Target, seq: int) -> Version:
         raise UploadRejected(f"upload #{seq} ({upload.file_name}) is the dataset's only file: a dataset cannot be emptied; upload its replacement first")
     with conn.transaction():
         _swap(conn, t, kept, _chain(current.checksum, f"withdraw:{seq}"), current.row_count - int(upload.row_count or 0),
-              upload.file_name, current.upload_seq)
+              upload.file_name, current.upload_seq, current.contract_sha256)  # nothing was re-checked: the contract stays
         queue.decide(conn, seq, "withdrawn", f"{upload.file_name}: withdrawn by its party")
     source = t.accepted_dir / upload.stored_name
     target = t.folder("_withdrawn") / upload.stored_name

@@ -442,6 +442,50 @@ def test_a_tightened_contract_is_applied_to_the_current_version_and_says_which_r
     assert not run(wider).revalidated, "checked once per contract"
 
 
+@pytest.mark.parametrize("change", ["withdraw", "append", "backfill"])
+def test_no_change_of_an_appended_dataset_carries_its_rows_past_a_tightened_contract(env: dict[str, Any], tmp_path: Path, change: str) -> None:
+    """After a tightened contract the data breaks, withdrawing one file, appending a new one or re-processing one keeps
+    the breach visible: the new version is recorded against the contract its rows were all checked under, so the
+    changed contract is applied again (an outside test withdrew one upload and got 1,827 rows past allowed values)."""
+    collab = f"u{uuid.uuid4().hex[:10]}"
+    loose = target(env, tmp_path, collab=collab, mode="append")
+    drop(loose, "a.csv", HEADER + rows(10, value=10))  # values 10..19: breaks the tightened range
+    run(loose)
+    drop(loose, "b.csv", HEADER + rows(4, start=100, value=1))  # values 1..4: meets it
+    run(loose)
+    columns = dict(loose.spec.columns)
+    columns["purchase_value"] = columns["purchase_value"].model_copy(update={"range": (0, 15)})
+    tight = target(env, tmp_path, collab=collab, columns=columns, mode="append")
+    assert run(tight).revalidation_failed
+    breaking, meeting = uploads_of(tight)[:2]
+    with psycopg.connect(tight.database_url, autocommit=True) as conn:
+        if change == "withdraw":  # the file that meets the contract goes; the one that breaks it stays
+            ingest.withdraw(conn, tight, meeting.seq)
+        elif change == "backfill":  # re-processing the file that meets it must not certify the other
+            ingest.reprocess(conn, tight, meeting.seq)
+            with pytest.raises(ingest.UploadRejected, match="rule"):
+                ingest.reprocess(conn, tight, breaking.seq)
+    if change == "append":
+        drop(tight, "c.csv", HEADER + rows(5, start=500, value=1))  # meets the new contract itself
+    outcome = run(tight)
+    assert outcome.revalidation_failed and "breaks the changed contract" in outcome.revalidation_failed, change
+    with psycopg.connect(tight.database_url, autocommit=True) as conn:
+        assert ingest.contract_breaches(conn, collab, {"purchases": tight.spec}), "staging must still refuse the dataset"
+
+
+def test_a_kept_file_changed_since_it_was_accepted_is_not_read_again(env: dict[str, Any], tmp_path: Path) -> None:
+    t = target(env, tmp_path, mode="append")
+    drop(t, "a.csv", HEADER + rows(10))
+    run(t)
+    (upload,) = uploads_of(t)
+    kept = t.accepted_dir / upload.stored_name
+    kept.write_text(HEADER + rows(10, value=999))  # swapped under the same name
+    before = state(t)
+    with psycopg.connect(t.database_url, autocommit=True) as conn, pytest.raises(ingest.UploadRejected, match="changed since it was accepted"):
+        ingest.reprocess(conn, t, upload.seq)
+    assert state(t) == before
+
+
 # --- leftovers, orphaned runs ---------------------------------------------------------------------------
 
 
