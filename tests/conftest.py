@@ -52,6 +52,7 @@ def dcr_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ["DCR_HOME"] = str(home)
     os.environ["DCR_LANDING"] = str(home / "landing")
     os.environ["DCR_POLICIES"] = str(PROJECT_ROOT / "policies")
+    os.environ["DCR_SETTLE_SECONDS"] = "0"  # tests write their files whole before they run; the settle test sets its own
     yield home
     stop_embedded(home)
     os.environ.clear()

@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -333,18 +334,20 @@ def claim_inbox(conn: psycopg.Connection, t: Target, only: Path | None = None) -
     contained(t)
     if not t.inbox.is_dir():
         return []
-    entries = []
+    seen: dict[str, tuple[int, int]] = {}
     for entry in os.scandir(t.inbox):
         if entry.name.startswith(IGNORED_PREFIXES) or entry.name.endswith(IGNORED_SUFFIXES):
             continue
         if only is not None and entry.name != only.name:
             continue
         try:
-            entries.append((os.lstat(entry.path).st_mtime_ns, entry.name))
+            info = os.lstat(entry.path)
         except FileNotFoundError:
             continue
+        seen[entry.name] = (info.st_mtime_ns, info.st_size)
+    entries = sorted((mtime, name) for name, (mtime, _) in _settled(t.inbox, seen).items())
     claimed = []
-    for _, name in sorted(entries):
+    for _, name in entries:
         source = t.inbox / name
         unusable = name_problem(name)
         reason: str | None
@@ -370,6 +373,34 @@ def claim_inbox(conn: psycopg.Connection, t: Target, only: Path | None = None) -
             _write_report(t, upload)
         claimed.append(upload)
     return claimed
+
+
+def settle_seconds() -> float:
+    """How long a file must stay unchanged (size and modification time) before it is claimed (DCR_SETTLE_SECONDS, default 2)."""
+    try:
+        return max(0.0, float(os.environ.get("DCR_SETTLE_SECONDS", "2")))
+    except ValueError:
+        return 2.0
+
+
+def _settled(folder: Path, seen: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The entries that have not changed for the settle interval: a file still being written under its final name is
+    left in the inbox for a later pass (it was once loaded in part). Waits at most one interval, once."""
+    settle = settle_seconds()
+    now = time.time_ns()
+    fresh = {n: v for n, v in seen.items() if now - v[0] < settle * 1e9}
+    if not fresh:
+        return seen
+    time.sleep(max(0.0, (max(v[0] for v in fresh.values()) + settle * 1e9 - now) / 1e9))
+    out = {n: v for n, v in seen.items() if n not in fresh}
+    for name, before in fresh.items():
+        try:
+            info = os.lstat(folder / name)
+        except FileNotFoundError:
+            continue
+        if (info.st_mtime_ns, info.st_size) == before:
+            out[name] = before
+    return out
 
 
 def pid_alive(pid: int) -> bool:

@@ -473,6 +473,38 @@ def test_no_change_of_an_appended_dataset_carries_its_rows_past_a_tightened_cont
         assert ingest.contract_breaches(conn, collab, {"purchases": tight.spec}), "staging must still refuse the dataset"
 
 
+def test_a_file_still_being_written_is_not_claimed_until_it_settles(env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A party's upload tool writes under the final name: while it writes, a pass over the inbox leaves the file alone
+    (it was once loaded with half its rows); once it has not changed for the settle interval, it is loaded whole."""
+    import threading
+    import time
+
+    monkeypatch.setenv("DCR_SETTLE_SECONDS", "0.8")
+    t = target(env, tmp_path)
+    t.inbox.mkdir(parents=True)
+    path = t.inbox / "slow.csv"
+    written = threading.Event()
+
+    def writer() -> None:
+        with path.open("w") as handle:
+            handle.write(HEADER)
+            for n in range(12):
+                handle.write(rows(10, start=10 * n))
+                handle.flush()
+                time.sleep(0.25)
+        written.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(0.3)
+    during = run(t)
+    assert not written.is_set(), "the pass must end while the file is still being written (a slower machine: raise the sleeps)"
+    assert uploads_of(t) == [] and during.loaded == [] and path.is_file()
+    thread.join()
+    after = run(t)  # waits for the interval, then claims the whole file
+    assert [u.state for u in uploads_of(t)] == ["accepted"] and state(t)[1] == 120 and after.loaded
+
+
 def test_a_kept_file_changed_since_it_was_accepted_is_not_read_again(env: dict[str, Any], tmp_path: Path) -> None:
     t = target(env, tmp_path, mode="append")
     drop(t, "a.csv", HEADER + rows(10))
