@@ -10,7 +10,8 @@ import contextlib
 import getpass
 import os
 import socket
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,34 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "the run failed (see the Dagster UI for the event log)"
 
 
+class _FilteredStream:
+    """A stream that drops Dagster's own complaints about writing to a storage that has gone away (it writes them to
+    stderr directly): the command reports that once, in one line."""
+
+    NOISE = ("Exception while writing logger call to event log",)
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.NOISE):
+            return len(text)
+        return int(self._stream.write(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _without_storage_noise() -> Iterator[None]:
+    saved = sys.stderr
+    sys.stderr = _FilteredStream(saved)
+    try:
+        yield
+    finally:
+        sys.stderr = saved
+
+
 def op_name(key: Sequence[str]) -> str:
     return "__".join(key)
 
@@ -76,6 +105,7 @@ def materialize(
             **process_tags(), **dict(tags or {})}
     config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **dict(run_config or {})}
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_without_storage_noise())
         if stdout_log is not None:  # dbt's own output, kept for the curious, off the terminal
             stdout_log.parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(stdout_log.open("a", encoding="utf-8"))))

@@ -19,8 +19,27 @@ INFRASTRUCTURE = 3  # exit code: the database, the disk or the file system faile
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
+    if code == 1 and database_lost(message):
+        code = INFRASTRUCTURE  # a step failed because the server went away: the infrastructure, not the request
     err.print(f"error: {message}", markup=False, soft_wrap=True)
     sys.exit(code)
+
+
+_LOST = ("server closed the connection", "terminating connection", "connection refused", "could not connect to server",
+         "connection to server", "the database system is shutting down", "the database system is starting up", "no connection to the server",
+         "consuming input failed", "connection is lost", "connection already closed", "admin_shutdown", "adminshutdown", "57p01", "08006", "08001")
+
+
+def database_lost(text_or_exc: object) -> bool:
+    """Whether an error (or any exception it was raised from) says the database server went away or could not be reached."""
+    seen = 0
+    exc = text_or_exc if isinstance(text_or_exc, BaseException) else None
+    texts = [str(text_or_exc)] if exc is None else []
+    while exc is not None and seen < 20:
+        texts.append(f"{type(exc).__name__} {exc}")
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return any(marker in text.lower() for text in texts for marker in _LOST)
 
 
 def _runtime() -> Any:
@@ -111,6 +130,12 @@ class DcrGroup(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        import logging
+
+        # Libraries' warnings to the root logger (Dagster's storage retries when the database goes away, dozens of lines)
+        # are not for the terminal: dcr prints one line per outcome; the run's own events are in Dagster's event log.
+        if not logging.getLogger().handlers:
+            logging.getLogger().addHandler(logging.NullHandler())
         try:
             code = super().main(args, prog_name or "dcr", complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:  # `dcr db`: the group's help, as click prints it
@@ -122,6 +147,11 @@ class DcrGroup(click.Group):
             fail(" ".join(exc.format_message().split()), exc.exit_code)
         except click.Abort:
             fail("aborted", 1)
+        except Exception as exc:
+            if database_lost(exc):  # the server went away mid-command: one line, not the traceback of every layer above it
+                fail("the connection to the database was lost during the command; what the last completed step committed is kept "
+                     "and nothing half done was recorded: check the database (`dcr db url`) and run the command again", INFRASTRUCTURE)
+            raise
         # Without standalone mode click returns the command's value, or the code of a ctx.exit() (e.g. after --help).
         sys.exit(code if isinstance(code, int) else 0)
 

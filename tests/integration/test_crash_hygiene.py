@@ -142,3 +142,31 @@ def test_a_full_landing_disk_is_one_line_nothing_is_queued_and_the_next_try_work
         subprocess.run(["umount", str(tiny)], check=False)
     proc = dcr(killrun, "ingest", C, "retailer", "purchases", str(big))
     assert proc.returncode == 0 and "accepted as version" in proc.stdout, proc.stderr
+
+
+def test_a_database_lost_mid_command_is_one_line_exit_3_and_the_command_can_be_repeated(tmp_path: Path) -> None:
+    """The embedded server stops while `dcr demo` runs its pipeline (a deployment of its own, so nothing else is
+    touched): one `error:` line, exit 3 (the infrastructure), no traceback and no Dagster retry noise; the same command
+    then runs to the end."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("DCR_DATABASE_URL", "DCR_LANDING", "DAGSTER_HOME", "DCR_WAREHOUSE_URL")},
+           "DCR_HOME": str(tmp_path / "home")}
+    demo = subprocess.Popen([*DCR, "demo", "--rows", "2000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    socket_dir = tmp_path / "home" / "pg"
+    deadline = time.monotonic() + 240
+    started = False
+    while time.monotonic() < deadline and demo.poll() is None and not started:
+        time.sleep(0.5)
+        try:
+            with psycopg.connect(f"postgresql://postgres@/dagster?host={socket_dir}&port=5432", connect_timeout=2) as conn:
+                started = conn.execute("select count(*) from runs where status = 'STARTED'").fetchone()[0] > 0  # type: ignore[index]
+        except psycopg.Error:
+            continue
+    assert started and demo.poll() is None, "the demo must be inside a run when the server stops"
+    stop = subprocess.run([*DCR, "db", "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    out, err = demo.communicate(timeout=300)
+    assert demo.returncode == 3, (out[-2000:], err[-3000:])
+    assert err.count("\n") == 1 and err.startswith("error: the connection to the database was lost during the command"), err[-3000:]
+    again = subprocess.run([*DCR, "demo", "--rows", "2000"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    subprocess.run([*DCR, "db", "stop"], env=env, capture_output=True, text=True, timeout=120)
