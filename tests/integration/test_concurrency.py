@@ -16,8 +16,10 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pandas as pd
 import psycopg
 import pytest
@@ -134,6 +136,35 @@ def test_concurrent_releases_each_answer_their_own_request(ctx: dict[str, Any]) 
     # The two ad-hoc runs at once: both answered, the same rows.
     runs = [got for _, got, _ in answers["ad_hoc"]]
     assert all(r is not None for r in runs) and runs[0]["rows"] == runs[1]["rows"]  # type: ignore[index]
+
+
+def test_concurrent_ad_hoc_runs_all_land_in_the_one_run_storage_and_the_audit_matches_the_chain(ctx: dict[str, Any]) -> None:
+    """Twelve `dcr query run` at once (each starts a deployment: writes of dagster.yaml raced and sent one run to a
+    stray SQLite storage): every run is answered, every chained run is in the one run storage, and `dcr audit --verify`
+    passes. The instance configuration is not rewritten by any of them."""
+    from dcr_pipelines.defs import audit as trail
+    from dcr_pipelines.store import audit_chain
+
+    config = Path(ctx["env"]["DCR_HOME"]) / "dagster_home" / "dagster.yaml" if "DCR_HOME" in ctx["env"] else None
+    stamp = config.stat().st_mtime_ns if config is not None and config.is_file() else None
+    queries = [f"select i.campaign_id, count(*) as n from impressions as i where i.impression_time >= '2026-0{1 + k % 6}-0{1 + k % 9}' group by 1"
+               for k in range(12)]
+    procs = [_start(ctx["env"], "query", "run", COLLAB, "--as", "ad_network", "--format", "json", q) for q in queries]
+    run_ids = []
+    for proc in procs:
+        code, out, err = _finish(proc)
+        _clean(code, err)
+        assert code == 0, err
+        run_ids.append(json.loads(out)["run_id"])
+    instance = dg.DagsterInstance.get()
+    assert trail.stored_runs(instance, run_ids) == set(run_ids)
+    with psycopg.connect(ctx["url"]) as conn:
+        chained = {row.entry["run_id"] for row in audit_chain.chain(conn, naming.results_schema(COLLAB)) if row.kind == "ad_hoc"}
+    assert set(run_ids) <= chained
+    verified = subprocess.run([*DCR, "audit", COLLAB, "--verify"], env=ctx["env"], capture_output=True, text=True, timeout=300)
+    assert verified.returncode == 0, verified.stderr
+    if stamp is not None:
+        assert config is not None and config.stat().st_mtime_ns == stamp, "the instance configuration was rewritten"
 
 
 def test_releases_killed_at_random_instants_leave_the_ledger_and_the_audit_chain_consistent(ctx: dict[str, Any]) -> None:
