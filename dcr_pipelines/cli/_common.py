@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -87,8 +88,31 @@ def _instance() -> Any:
 
     instance = dg.DagsterInstance.get()
     for run_id in fail_orphaned_runs(instance):
-        err.print(f"note: run {run_id} was left STARTED by a process that died; marked failed", markup=False, soft_wrap=True)
+        err.print(f"note: run {run_id} was left unfinished by a process that died; marked failed", markup=False, soft_wrap=True)
+        _export_what_it_committed(instance, run_id)
     return instance
+
+
+def _export_what_it_committed(instance: Any, run_id: str) -> None:
+    """A release committed by a run killed before its exports gets its files now, at the next command."""
+    run = instance.get_run_by_id(run_id)
+    collab = run.tags.get("dcr/collaboration") if run is not None else None
+    if not collab or not os.environ.get("DCR_WAREHOUSE_URL"):
+        return
+    from ..lib.database import connect
+    from ..lib.policy import PolicyError, load_collaboration
+    from ..lib.settings import Settings
+    from ..services.release import export_committed_by
+
+    settings = Settings.from_env()
+    try:
+        loaded = load_collaboration(settings.policies / collab)
+    except PolicyError:
+        return
+    with connect(os.environ["DCR_WAREHOUSE_URL"]) as conn:
+        for release_id in export_committed_by(conn, loaded, run_id, settings.exports):
+            err.print(f"note: release {release_id} was committed by that run before its export files were written; they are written now",
+                      markup=False, soft_wrap=True)
 
 
 def _collaboration(runtime: Any, name: str) -> Any:

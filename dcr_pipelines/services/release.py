@@ -395,3 +395,28 @@ def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: App
             tmp.replace(anchor)
             written.append(anchor)
     return written
+
+
+def export_committed_by(conn: psycopg.Connection, loaded: LoadedCollaboration, run_id: str, export_dir: Path) -> list[str]:
+    """Write the export files of every release ``run_id`` committed (a run killed between its commit and its exports):
+    the release ids whose files were missing and are now written."""
+    from ..store import audit_chain
+
+    schema = naming.results_schema(loaded.name)
+    written: list[str] = []
+    for row in audit_chain.chain(conn, schema):
+        query = loaded.queries.get(str(row.entry.get("query_name")))
+        if row.kind != "release" or row.entry.get("run_id") != run_id or query is None:
+            continue
+        stored = conn.execute(sql.SQL("select rows, epsilon from {} where release_id = %s").format(sql.Identifier(schema, "releases")),
+                              (row.ref,)).fetchone()
+        if stored is None:
+            continue
+        # The anchor its exports carry: the chain as of this release's own entry.
+        release = ledger.StoredRelease(row.ref, True, float(stored[1]), list(stored[0]), None,  # type: ignore[arg-type]
+                                       {"head": {"collaboration": loaded.name, "seq": row.seq, "chain_sha256": row.chain_sha256}})
+        missing = [r for r in query.spec.receivers if not (export_dir / loaded.name / r / query.name / f"{row.ref}.csv").exists()]
+        if missing:
+            export(release, loaded, query, export_dir)
+            written.append(row.ref)
+    return written

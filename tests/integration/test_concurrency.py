@@ -203,3 +203,10 @@ def test_releases_killed_at_random_instants_leave_the_ledger_and_the_audit_chain
         releases = conn.execute(f"select count(*) from {schema}.releases").fetchone()[0]
         spent = conn.execute(f"select coalesce(sum(epsilon), 0) from {schema}.budget_ledger where consumer = 'ad_network'").fetchone()[0]
     assert orphans == 0 and charges == releases and spent <= 2.5 + 1e-9
+    # Every committed release has its export files for every receiver, a killed one's written by the next command.
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        committed = conn.execute(f"select release_id, query_name from {schema}.releases where query_name in ('tier_reach', 'region_spend')").fetchall()
+    exports = Path(ctx["env"]["DCR_HOME"]) / "exports" / COLLAB
+    missing = [(rid, q, r) for rid, q in committed for r in ("ad_network", "retailer")
+               if not all((exports / r / q / f"{rid}.{suffix}").is_file() for suffix in ("csv", "parquet", "anchor.json"))]
+    assert committed and not missing, missing
