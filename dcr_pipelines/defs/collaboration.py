@@ -31,15 +31,17 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     """Every asset, job, schedule and sensor of one collaboration."""
     assets: list[dg.AssetsDefinition] = [_grants_asset(loaded)]
     assets += [_ingest_asset(loaded, name, landing) for name in loaded.collaboration.datasets]
-    assets.append(_dbt_stage(loaded, manifest, "staging", dbt_project))
+    stages = [_dbt_stage(loaded, manifest, "staging", dbt_project)]  # what follows ingest, up to the pre-noise tables
     if loaded.collaboration.matching.bucket_steps:
-        assets.extend(_bucket_asset(loaded, b) for b in range(loaded.collaboration.matching.buckets))
-    assets.append(_cross_reference_asset(loaded, landing, exports))
-    assets.append(_dbt_stage(loaded, manifest, "analysis", dbt_project))
+        stages.extend(_bucket_asset(loaded, b) for b in range(loaded.collaboration.matching.buckets))
+    stages.append(_cross_reference_asset(loaded, landing, exports))
+    stages.append(_dbt_stage(loaded, manifest, "analysis", dbt_project))
+    assets += stages
     assets.extend(_release_asset(loaded, q, exports, lambda: (dbt_project, manifest)) for q in loaded.queries)
     assets.append(_ad_hoc_asset(loaded))
     jobs = {job.name: job for job in collaboration_jobs(loaded)}
-    sensors = [_landing_sensor(loaded, landing, jobs), _policy_sensor(loaded), _budget_sensor(loaded)]
+    downstream = [assets[0].key, *sorted({k for a in stages for k in a.keys})]  # the grants too: cheap, and the stages rely on them
+    sensors = [_landing_sensor(loaded, landing, jobs, downstream), _policy_sensor(loaded), _budget_sensor(loaded)]
     if loaded.collaboration.matching.home_parties:
         sensors.append(_psi_answer_sensor(loaded, landing))
     return dg.Definitions(assets=assets, jobs=list(jobs.values()), sensors=sensors, schedules=_schedules(loaded))

@@ -7,12 +7,15 @@ project's prepare lock) and every build reuses the parsed manifest. dbt's
 result events are turned into Dagster events by dagster-dbt's own converter,
 so the assets, checks and metadata are those of a ``dbt build`` child.
 
-dbt is not re-entrant: one invocation at a time per process (a lock). Its
-connections read libpq's environment when they open; the HMAC pads a staging
-build needs are set in ``PGOPTIONS`` for the invocation only, under that lock,
-and every dbt connection asks the server to check every two seconds that its
-client is still there (``client_connection_check_interval``): a killed run's
-statements are cancelled on the server instead of running on, uncommitted.
+dbt is not re-entrant: one invocation at a time per process (a lock). Every
+build logs in as the collaboration's builder (``store.builder``: not a
+superuser, owns only that collaboration's models); for the invocation, under
+that lock, the process environment holds that login and none of the
+deployment's secrets (keys, the operator's database URLs), so nothing dbt or a
+model could read names a key. Every dbt connection asks the server to check
+every two seconds that its client is still there
+(``client_connection_check_interval``): a killed run's statements are
+cancelled on the server instead of running on, uncommitted.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+
+from ..lib.runtime import SECRET_PREFIX
+from ..store.builder import Login
 
 _LOCK = threading.Lock()
 _PARSED: dict[tuple[str, str], Any] = {}  # (project dir, manifest stamp) -> dbt's parsed Manifest
@@ -49,10 +55,23 @@ class BuildResult:
     errors: list[str]  # "node: message" per failed node, or dbt's own error
 
 
+# Never in the environment of a dbt invocation: the deployment's secrets and the operator's database URLs.
+HIDDEN = ("DCR_DATABASE_URL", "DCR_DAGSTER_DATABASE_URL", "PGPASSWORD", "PGUSER", "PGOPTIONS")
+
+
+def _hidden() -> dict[str, None]:
+    return {k: None for k in os.environ if k.startswith(SECRET_PREFIX) or k in HIDDEN}
+
+
 @contextlib.contextmanager
-def _environment(extra: Mapping[str, str]) -> Iterator[None]:
+def _environment(extra: Mapping[str, str | None]) -> Iterator[None]:
+    """``extra`` set in the environment for the block (None: removed), then the previous values restored."""
     saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
+    for k, v in extra.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
@@ -74,7 +93,7 @@ def parse(project: Path, *, write_json: bool = False) -> Any:
     args = ["parse", *_base_args(project), "--quiet", "--log-path", str(project / "target")]
     if not write_json:
         args.append("--no-write-json")
-    with _LOCK, _environment({"DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}):
+    with _LOCK, _environment({**_hidden(), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}):
         result = dbtRunner().invoke(args)
     if not result.success or result.result is None:
         raise DbtRunError(f"dbt parse failed in {project}: {result.exception or 'see target/dbt.log'}")
@@ -104,8 +123,8 @@ def remember(project: Path, stamp: str, manifest: Any) -> None:
     _PARSED[(str(project), stamp)] = manifest
 
 
-def build(project: Path, selection: list[str], *, label: str, env: Mapping[str, str] | None = None) -> BuildResult:
-    """``dbt build`` of ``selection`` in this process, in a target folder of its own (removed afterwards)."""
+def build(project: Path, selection: list[str], *, label: str, login: Login) -> BuildResult:
+    """``dbt build`` of ``selection`` in this process as ``login``, in a target folder of its own (removed afterwards)."""
     from dbt.cli.main import dbtRunner
     from dbt_common.events.functions import msg_to_dict
 
@@ -118,8 +137,8 @@ def build(project: Path, selection: list[str], *, label: str, env: Mapping[str, 
             events.append(msg_to_dict(msg))
 
     target = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=project / "target"))
-    options = " ".join(filter(None, [os.environ.get("PGOPTIONS", ""), (env or {}).get("PGOPTIONS", ""), CLIENT_CHECK]))
-    extra = {**(env or {}), "PGOPTIONS": options, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    extra: dict[str, str | None] = {**_hidden(), "PGOPTIONS": CLIENT_CHECK, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+                                    "DCR_PG_USER": login.user, "DBT_ENV_SECRET_PG_PASSWORD": login.password}
     args = ["build", *_base_args(project), "--target-path", str(target), "--log-path", str(target), "--no-write-json", *selection]
     try:
         with _LOCK, _environment(extra):
@@ -160,8 +179,8 @@ class DbtRunnerResource(dg.ConfigurableResource):
 
     project_dir: str
 
-    def build_stage(self, context: dg.AssetExecutionContext, manifest_json: Mapping[str, Any], select: str, translator: Any,
-                    env: Mapping[str, str] | None = None, models: list[str] | None = None, extra: list[str] | None = None) -> Iterator[Any]:
+    def build_stage(self, context: dg.AssetExecutionContext, manifest_json: Mapping[str, Any], select: str, translator: Any, login: Login,
+                    models: list[str] | None = None, extra: list[str] | None = None) -> Iterator[Any]:
         """Build what ``context`` selected of ``select`` (or just ``models`` and the tests on them alone); Dagster events
         per model and test; a failed build fails the step (after the events of what did build) with one line per failed node."""
         project = Path(self.project_dir)
@@ -171,7 +190,7 @@ class DbtRunnerResource(dg.ConfigurableResource):
             selection = selection_for(context, manifest_json, select, translator)
         selection = [*selection, *(extra or [])]
         label = context.assets_def.node_def.name
-        result = build(project, selection, label=label, env=env)
+        result = build(project, selection, label=label, login=login)
         yield from dagster_events(result, context, manifest_json, translator)
         if not result.success:
             raise dg.Failure(f"dbt build of {label} failed: " + "; ".join(result.errors or ["see the run's log"]))

@@ -13,13 +13,12 @@ from dagster_dbt import dbt_assets
 
 from ..lib import dbt_codegen, naming
 from ..lib.database import advisory_lock
-from ..lib.keys import hmac_pads, pgoptions
 from ..lib.params import ParameterError, validate_params
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
 from ..store import analysis as store_analysis
+from ..store import builder, stages
 from ..store import matching as store_matching
-from ..store import stages
 from .common import AnalysisConfig, _digest, analysis_lock_name, request_key
 from .dbt_project import CollaborationTranslator
 from .dbt_project import hand_written_digest as _hand_written_digest
@@ -167,8 +166,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 if stages.can_skip(conn, c, "staging", digest, relations):
                     yield from _skipped(context, "staging", digest)
                     return
-            pads = {p: hmac_pads(k) for p, k in keys.items()}
-            env = {"PGOPTIONS": pgoptions(pads)}
+            who = builder.login(c, secrets.pairing_key(c))
             whole = context.selected_asset_keys == context.assets_def.keys
             with warehouse.connect() as conn:
                 plan = _staging_plan(conn, loaded, manifest, code, versions, key_ids)
@@ -176,34 +174,44 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
             extra = ["--full-refresh"] if full else []
             if full:
                 context.log.info(f"staging: {', '.join(full)} rebuilt from all uploads (SQL, policy or key changed, or an upload was withdrawn)")
-            if whole and unchanged and changed:
-                owners = {loaded.collaboration.datasets[n].owner for n in changed}
-                build = {naming.normalised_model(c, loaded.collaboration.datasets[n].owner, n) for n in changed}
-                build |= {naming.staging_model(c, loaded.collaboration.datasets[n].owner, n) for n in changed}
-                build |= {naming.identities_model(c, o) for o in owners}
-                keep = {k for k in context.assets_def.keys if _model_of(manifest, k) not in build}
-                context.log.info(f"staging: {', '.join(sorted(changed))} changed; {', '.join(sorted(unchanged))} unchanged and not rebuilt")
-                yield from _skipped(context, "staging", digest, only=keep)
-                yield from dbt.build_stage(context, manifest, select, translator, env=env, models=sorted(build), extra=extra)
-                yield from _rejections(warehouse, loaded, changed)
-            else:
-                yield from dbt.build_stage(context, manifest, select, translator, env=env, extra=extra)
-                yield from _rejections(warehouse, loaded)
+            # dbt builds as the collaboration's builder login; the parties' keys are usable by it (never readable) only
+            # for this build: the pads are deleted when it ends.
+            with warehouse.connect() as keys_conn:
+                builder.ensure(keys_conn, loaded, who)
+                with builder.open_pads(keys_conn, who, keys):
+                    if whole and unchanged and changed:
+                        owners = {loaded.collaboration.datasets[n].owner for n in changed}
+                        build = {naming.normalised_model(c, loaded.collaboration.datasets[n].owner, n) for n in changed}
+                        build |= {naming.staging_model(c, loaded.collaboration.datasets[n].owner, n) for n in changed}
+                        build |= {naming.identities_model(c, o) for o in owners}
+                        keep = {k for k in context.assets_def.keys if _model_of(manifest, k) not in build}
+                        context.log.info(f"staging: {', '.join(sorted(changed))} changed; {', '.join(sorted(unchanged))} unchanged and not rebuilt")
+                        yield from _skipped(context, "staging", digest, only=keep)
+                        yield from dbt.build_stage(context, manifest, select, translator, who, models=sorted(build), extra=extra)
+                        yield from _rejections(warehouse, loaded, changed)
+                    else:
+                        yield from dbt.build_stage(context, manifest, select, translator, who, extra=extra)
+                        yield from _rejections(warehouse, loaded)
             if whole:  # a partial build does not vouch for the whole stage
                 with warehouse.connect() as conn:
                     stages.record_build(conn, c, "staging", digest)
                     for name, d in plan.digests.items():
                         stages.record_build(conn, c, f"staging/{name}", d)
                         stages.record_build(conn, c, f"staging/{name}/base", plan.bases[name])
+                        # The upload content the staged table now holds: what a release reads (and is labelled with).
+                        owner = loaded.collaboration.datasets[name].owner
+                        stages.record_build(conn, c, f"staging/{name}/input", str(versions.get(f"{owner}.{name}", {}).get("checksum")))
 
         return staging
 
     @dbt_assets(manifest=manifest, select=select, name=f"{c}__analysis", dagster_dbt_translator=translator)
-    def analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtRunnerResource, warehouse: WarehouseResource) -> Iterator[Any]:
+    def analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtRunnerResource, warehouse: WarehouseResource,
+                 secrets: SecretsResource) -> Iterator[Any]:
         with advisory_lock(warehouse.url, analysis_lock_name(c)):
-            yield from _analysis(context, config, dbt, warehouse)
+            yield from _analysis(context, config, dbt, warehouse, secrets)
 
-    def _analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtRunnerResource, warehouse: WarehouseResource) -> Iterator[Any]:
+    def _analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, dbt: DbtRunnerResource, warehouse: WarehouseResource,
+                  secrets: SecretsResource) -> Iterator[Any]:
         try:
             params = {name: validate_params(q, config.params.get(name, {})) for name, q in loaded.queries.items()}
             unknown = sorted(set(config.params) - set(loaded.queries))
@@ -221,9 +229,11 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 yield from _skipped(context, "analysis", digest)
                 return
         requests = {q: request_key(query, params[q], versions, match) for q, query in loaded.queries.items()}
+        who = builder.login(c, secrets.pairing_key(c))
         with warehouse.connect() as conn:
             store_analysis.record_requests(conn, c, {q: (params[q], requests[q]) for q in loaded.queries})
-        yield from dbt.build_stage(context, manifest, select, translator)
+            builder.ensure(conn, loaded, who)
+        yield from dbt.build_stage(context, manifest, select, translator, who)
         built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
         with warehouse.connect() as conn:
             store_analysis.record_built(conn, c, {q: (params[q], requests[q]) for q in built}, versions)

@@ -8,6 +8,8 @@ backfill of a partition re-processes that file. Downstream stages read the
 union of the accepted files.
 """
 
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from ..lib import naming
 from ..lib.naming import job_names, uploads_job_name
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
+from ..store import stages
 from ..store import uploads as queue
 from .common import UPLOAD_CHECK, UploadConfig
 from .resources import WarehouseResource
@@ -177,8 +180,13 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
     return ingest
 
 
-def _landing_sensor(loaded: LoadedCollaboration, landing: Path, jobs_by_name: dict[str, Any]) -> dg.SensorDefinition:
-    """Files in a dataset's landing folder launch its ingest: one run per replace-mode dataset, one per appended file."""
+def _landing_sensor(loaded: LoadedCollaboration, landing: Path, jobs_by_name: dict[str, Any], downstream: list[dg.AssetKey]) -> dg.SensorDefinition:
+    """Files in a dataset's landing folder launch its ingest: one run per replace-mode dataset, one per appended file.
+
+    Then freshness: on a tick with no new file and no upload waiting, if a dataset's current version is not what its
+    staging table was built from (a new upload, a withdraw), one run of ``downstream`` (staging, matching, analysis;
+    never a release) brings the staged data up to date, once per set of current versions (the run key). Stages with
+    nothing changed skip themselves. Until it has run, releases and ad-hoc queries refuse with "stale data"."""
     c = loaded.name
     pipeline = job_names(c)["pipeline"]
     targets = sorted({pipeline if ds.mode == "replace" else uploads_job_name(c, ds.owner, name) for name, ds in loaded.collaboration.datasets.items()})
@@ -188,7 +196,8 @@ def _landing_sensor(loaded: LoadedCollaboration, landing: Path, jobs_by_name: di
         name=f"{c}__landing_files",
         jobs=jobs,
         minimum_interval_seconds=30,
-        description=f"Claims each new file under {landing / c}/<party>/<dataset>/ into the upload queue and launches its ingest.",
+        description=f"Claims each new file under {landing / c}/<party>/<dataset>/ into the upload queue and launches its ingest; "
+        "once nothing waits, refreshes staging, matching and analysis when the staged data are not the current uploads (never a release).",
     )
     def landing_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult | dg.SkipReason:
         declared = {(ds.owner, name) for name, ds in loaded.collaboration.datasets.items()}
@@ -214,8 +223,28 @@ def _landing_sensor(loaded: LoadedCollaboration, landing: Path, jobs_by_name: di
                 newest = waiting[-1]
                 requests.append(dg.RunRequest(run_key=f"{c}/{name}/{newest.seq}", job_name=pipeline, asset_selection=[key],
                                               tags={"dcr/upload": newest.file_name, "dcr/collaboration": c}))
-        if not requests:
-            return dg.SkipReason("no new upload files")
-        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partitions)
+        if requests:
+            return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partitions)
+        return _refresh(loaded, warehouse, downstream)
 
     return landing_sensor
+
+
+def _refresh(loaded: LoadedCollaboration, warehouse: WarehouseResource, downstream: list[dg.AssetKey]) -> dg.SensorResult | dg.SkipReason:
+    """A run of the stages after ingest when the staged data are not the current uploads, and nothing is waiting."""
+    c = loaded.name
+    with warehouse.connect() as conn:
+        if queue.listing(conn, c, states=("queued", "processing")):
+            return dg.SkipReason("no new upload files; uploads are still being ingested (the stages follow once they are in)")
+        current = ingest_lib.current_versions(conn, c)
+        staged = stages.staged_inputs(conn, loaded)
+    missing = sorted(f"{ds.owner}.{name}" for name, ds in loaded.collaboration.datasets.items() if f"{ds.owner}.{name}" not in current)
+    if missing:
+        return dg.SkipReason(f"no new upload files; waiting for a first upload of {', '.join(missing)} before staging")
+    stale = sorted(k for k, v in current.items() if staged.get(k) != v.get("checksum"))
+    if not stale:
+        return dg.SkipReason("no new upload files; the staged data are the current uploads")
+    state = hashlib.sha256(json.dumps({k: v.get("checksum") for k, v in sorted(current.items())}).encode()).hexdigest()[:16]
+    return dg.SensorResult(run_requests=[dg.RunRequest(
+        run_key=f"refresh:{state}", job_name=job_names(c)["pipeline"], asset_selection=downstream,
+        tags={"dcr/collaboration": c, "dcr/refresh": ", ".join(stale), "dcr/user": f"sensor {c}__landing_files"})])

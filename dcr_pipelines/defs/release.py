@@ -15,7 +15,7 @@ from ..services import ingest as ingest_lib
 from ..services import release_checks
 from ..services.release import ReleaseRefused, release_query
 from ..store import analysis as store_analysis
-from ..store import ledger, stages
+from ..store import builder, ledger, stages
 from ..store import matching as store_matching
 from .ad_hoc import refusal
 from .common import (
@@ -26,7 +26,7 @@ from .common import (
     request_key,
     warn_budget,
 )
-from .resources import WarehouseResource
+from .resources import SecretsResource, WarehouseResource
 
 DbtProjectOf = Callable[[], tuple[Path, Mapping[str, Any]]]  # the prepared dbt project and its manifest, when a rebuild needs them
 
@@ -58,7 +58,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         + f". Only on request (config: params){' or by a schedule' if spec.release == 'scheduled' else ''}. "
         "A refused request (parameters, budget, a rule) is recorded as an observation naming the reason. " + (spec.description or ""),
     )
-    def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource) -> Iterator[Any]:
+    def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource, secrets: SecretsResource) -> Iterator[Any]:
         if not config.requested_by.strip():
             yield refusal(context, f"release refused, nothing ran or was charged: a release of {query_name} spends privacy budget, so it runs only "
                           f"on a request that says who asks (`dcr release {c} {query_name}`, a schedule the query opts into, or a launch "
@@ -74,15 +74,30 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         # Build and release under one lock: the pre-noise table read is the one built for this request.
         with advisory_lock(warehouse.url, analysis_lock_name(c)):
             with warehouse.connect() as conn:
-                versions = ingest_lib.current_versions(conn, c)
-                key = request_key(query, params, versions, store_matching.previous_match(conn, c))
+                # What the release reads is the staged data: it is labelled (and cached) by the uploads staging was built
+                # from, and refused while a newer upload has not been staged (it would be stale data under a new label).
+                current = ingest_lib.current_versions(conn, c)
+                staged = stages.staged_inputs(conn, loaded)
+                stale = sorted(k for k, v in current.items() if staged.get(k) != v.get("checksum"))
+                match = store_matching.previous_match(conn, c)
+            if stale:
+                yield refusal(context, f"release refused, nothing was released or charged: {', '.join(stale)} changed since the data was "
+                              f"staged (a newer upload, not yet through staging and matching); run `dcr run {c}` first, then ask again",
+                              rule="stale data", consumer=spec.consumer, params=params)
+                yield from refused_checks(warehouse)
+                return
+            versions: dict[str, Any] = {**{k: {"checksum": v} for k, v in sorted(staged.items())}, "cross_reference": match[0] if match else None}
+            with warehouse.connect() as conn:
+                key = request_key(query, params, versions, match)
                 cached = ledger.stored_release_id(conn, naming.results_schema(c), ledger.cache_key(query.sha256, params, versions))
                 rebuild = cached is None and store_analysis.built_for(conn, c, query_name) != key
             if rebuild:
                 context.log.info(f"{query_name}: building its pre-noise table for this request ({json.dumps(params)})")
+                who = builder.login(c, secrets.pairing_key(c))
                 with warehouse.connect() as conn:
                     store_analysis.record_requests(conn, c, {query_name: (params, key)})
-                built = _build_model(model, dbt_project)
+                    builder.ensure(conn, loaded, who)
+                built = _build_model(model, dbt_project, who)
                 if not built.success:
                     context.log.error(f"{query_name}: dbt build of {model} failed: " + "; ".join(built.errors))
                     raise dg.Failure(f"the pre-noise table of {query_name} could not be built for this request; nothing was released or charged: "
@@ -150,13 +165,13 @@ def _check_results(outcomes: list[release_checks.CheckOutcome]) -> list[dg.Asset
             for o in outcomes]
 
 
-def _build_model(model: str, dbt_project: DbtProjectOf) -> Any:
+def _build_model(model: str, dbt_project: DbtProjectOf, who: builder.Login) -> Any:
     """dbt build of one pre-noise model, in this process. dbt is imported here, only when a request needs a rebuild
     (a stored release, the common case of `dcr release`, loads no dbt at all)."""
     from . import dbt_runner
 
     project, _ = dbt_project()
-    return dbt_runner.build(Path(project), ["--select", model], label=f"release-{model}")
+    return dbt_runner.build(Path(project), ["--select", model], label=f"release-{model}", login=who)
 
 
 # Database messages that depend on the query's text and the declared types only, never on a row: safe to show a consumer.
@@ -194,4 +209,4 @@ def release_definitions(loaded: LoadedCollaboration, settings: Any, warehouse_ur
     job = dg.define_asset_job(naming.job_names(c)["releases"], selection=dg.AssetSelection.groups(c) & dg.AssetSelection.tag("dcr/stage", "results"),
                               tags={"dcr/collaboration": c})
     return dg.Definitions(assets=[_release_asset(loaded, q, settings.exports, prepared) for q in loaded.queries], jobs=[job],
-                          resources={"warehouse": WarehouseResource(url=warehouse_url)}, executor=dg.in_process_executor)
+                          resources={"warehouse": WarehouseResource(url=warehouse_url), "secrets": SecretsResource()}, executor=dg.in_process_executor)

@@ -81,6 +81,17 @@ def check_reachable(conn: Connection, what: str = "DCR_DATABASE_URL", timeout: i
         raise EmbeddedServerError(f"cannot connect to the database {conn.dbname!r} at {where}: {text}; {fix}") from None
 
 
+@contextmanager
+def _without_secrets() -> Iterator[None]:
+    saved = {k: v for k, v in os.environ.items() if k.startswith("DCR_SECRET__")}
+    for k in saved:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def start_embedded(home: Path, wait_seconds: float = 15.0) -> Connection:
     """Start (or reuse) the embedded PostgreSQL 16 under ``home/pg``; it outlives this process.
 
@@ -95,7 +106,8 @@ def start_embedded(home: Path, wait_seconds: float = 15.0) -> Connection:
         deadline = time.monotonic() + wait_seconds
         while True:
             try:
-                server = pgserver.get_server(str(home / "pg"), cleanup_mode=None)
+                with _without_secrets():  # the server (and any server-side read of its environment) never holds a key
+                    server = pgserver.get_server(str(home / "pg"), cleanup_mode=None)
                 break
             except subprocess.CalledProcessError as exc:
                 detail = ((exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")).strip()

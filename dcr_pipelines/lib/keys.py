@@ -2,7 +2,8 @@
 
 HMAC-SHA256(K, m) = SHA256((K' ^ opad) || SHA256((K' ^ ipad) || m)), where
 K' is K zero-padded to the 64-byte block (or SHA256(K) if K is longer).
-Computing the pads here lets the database finish HMAC with core ``sha256()``.
+Computing the pads here lets the database finish HMAC with core ``sha256()``; they reach it only as bound
+parameters of the statement that opens them to a staging build (``store.builder.open_pads``).
 """
 
 from __future__ import annotations
@@ -30,21 +31,3 @@ def hmac_pads(key: bytes) -> HmacPads:
         key = hashlib.sha256(key).digest()
     key = key.ljust(BLOCK, b"\0")
     return HmacPads(bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key))
-
-
-def setting_name(party: str, part: str) -> str:
-    """The session setting the staging SQL reads a party's pad from, e.g. dcr.hmac_retailer_inner."""
-    return f"dcr.hmac_{party}_{part}"
-
-
-def pgoptions(pads_by_party: dict[str, HmacPads]) -> str:
-    """A libpq PGOPTIONS value that gives every session of one dbt process the parties' pads.
-
-    Handed only to the dbt subprocess's environment: the pads never appear in
-    SQL text, a table, a dbt artefact or a log, and vanish with the sessions.
-    """
-    parts = []
-    for party, pads in sorted(pads_by_party.items()):
-        parts.append(f"-c {setting_name(party, 'inner')}={pads.inner.hex()}")
-        parts.append(f"-c {setting_name(party, 'outer')}={pads.outer.hex()}")
-    return " ".join(parts)

@@ -725,7 +725,9 @@ def _reprocess(conn: psycopg.Connection, t: Target, seq: int) -> Upload:
         report, _, duplicates, dropped = _build_part(conn, t, path, upload.file_name, table)
         previous_rows = int(upload.row_count or 0)
         with conn.transaction():
-            version = _swap(conn, t, tuple(table if p == old[0] else p for p in current.parts), _chain(current.checksum, f"reprocess:{seq}"),
+            # The kept file was checked to be the accepted one: the content is the same, so is its checksum (a backfill of the
+            # same file must not look like new data to the releases, which would draw and charge fresh noise).
+            version = _swap(conn, t, tuple(table if p == old[0] else p for p in current.parts), current.checksum,
                             current.row_count - previous_rows + report.row_count, upload.file_name, current.upload_seq,
                             _contract_of(t, current, rechecked_all=len(current.parts) == 1))
             queue.decide(conn, seq, "accepted", None, version=version, row_count=report.row_count, duplicate_rows=duplicates, dropped_rows=dropped)

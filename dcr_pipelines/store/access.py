@@ -12,6 +12,11 @@ Shared: ``dcr_c_matching`` (reads staging tokens, writes the cross-reference),
 ``dcr_c_analysis_builder`` (reads staging and matching, writes pre-noise
 aggregates), ``dcr_c_query_runner`` (reads released results only) and
 ``dcr_c_admin`` (everything of this collaboration). PUBLIC gets nothing.
+
+``dcr_c_builder`` is the one login: dbt builds the collaboration's models as it
+(``store.builder``). It reads the raw schemas and may create its models there
+(never change an upload), writes the staging and analysis schemas, reads the
+cross-reference, and nothing else: no results, no other collaboration, no keys.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from ..lib.policy.models import Ability
 
 OVERLAP = "overlap"  # the results table of the DP overlap release (matching.overlap_release: dp)
 
-Level = Literal["read", "write"]
+Level = Literal["read", "build", "write"]  # build: read the tables, create (and so own) new ones
 MAX_IDENTIFIER = 63
 
 
@@ -44,6 +49,11 @@ def role_name(collab: str, *parts: str) -> str:
     return "_".join(["dcr", collab, *parts])
 
 
+def builder_role(collab: str) -> str:
+    """The login dbt builds the collaboration as (store.builder)."""
+    return role_name(collab, "builder")
+
+
 def roles(loaded: LoadedCollaboration) -> list[str]:
     c = loaded.name
     out = [role_name(c, "admin")]
@@ -53,7 +63,7 @@ def roles(loaded: LoadedCollaboration) -> list[str]:
     for m, member in loaded.collaboration.members.items():
         if m not in loaded.parties() and Ability.RECEIVE_RESULTS in member.abilities:
             out.append(role_name(c, m, "result_reader"))
-    out += [role_name(c, "matching"), role_name(c, "analysis_builder"), role_name(c, "query_runner")]
+    out += [role_name(c, "matching"), role_name(c, "analysis_builder"), role_name(c, "query_runner"), builder_role(c)]
     return out
 
 
@@ -78,6 +88,11 @@ def plan(loaded: LoadedCollaboration) -> list[Grant]:
     grants.append(Grant(role_name(c, "matching"), naming.matching_schema(c), "write"))
     grants.append(Grant(role_name(c, "analysis_builder"), naming.matching_schema(c), "read"))
     grants.append(Grant(role_name(c, "analysis_builder"), naming.analysis_schema(c), "write"))
+    for p in loaded.parties():
+        grants.append(Grant(builder_role(c), naming.raw_schema(c, p), "build"))
+        grants.append(Grant(builder_role(c), naming.staging_schema(c, p), "write"))
+    grants.append(Grant(builder_role(c), naming.matching_schema(c), "read"))
+    grants.append(Grant(builder_role(c), naming.analysis_schema(c), "write"))
     return grants
 
 
@@ -110,25 +125,30 @@ def apply(conn: psycopg.Connection, loaded: LoadedCollaboration) -> int:
             conn.execute(sql.SQL("revoke all on schema {} from public").format(sql.Identifier(schema)))
         for role in roles(loaded):
             _create_role(conn, role)
+            # The operator's session acts as each party's half of the protocol, and sets the builder's defaults below.
+            conn.execute(sql.SQL("grant {} to current_user").format(sql.Identifier(role)))
         grants = plan(loaded)
+        builder = sql.Identifier(builder_role(loaded.name))
         for g in grants:
             schema_id, role_id = sql.Identifier(g.schema), sql.Identifier(g.role)
+            # Tables the operator creates and tables the builder's models create get the same grants.
+            defaults = [sql.SQL("alter default privileges in schema {} ").format(schema_id),
+                        sql.SQL("alter default privileges for role {} in schema {} ").format(builder, schema_id)]
             if g.level == "write":
                 conn.execute(sql.SQL("grant usage, create on schema {} to {}").format(schema_id, role_id))
                 conn.execute(sql.SQL("grant all on all tables in schema {} to {}").format(schema_id, role_id))
-                conn.execute(sql.SQL("alter default privileges in schema {} grant all on tables to {}").format(schema_id, role_id))
+                for d in defaults:
+                    conn.execute(d + sql.SQL("grant all on tables to {}").format(role_id))
             else:
-                conn.execute(sql.SQL("grant usage on schema {} to {}").format(schema_id, role_id))
+                conn.execute(sql.SQL("grant usage{} on schema {} to {}").format(sql.SQL(", create" if g.level == "build" else ""), schema_id, role_id))
                 conn.execute(sql.SQL("grant select on all tables in schema {} to {}").format(schema_id, role_id))
-                conn.execute(sql.SQL("alter default privileges in schema {} grant select on tables to {}").format(schema_id, role_id))
+                for d in defaults:
+                    conn.execute(d + sql.SQL("grant select on tables to {}").format(role_id))
         results = naming.results_schema(loaded.name)
         for query_name in [*loaded.queries, *([OVERLAP] if loaded.collaboration.matching.overlap_release != "withheld" else [])]:
             for reader in result_readers(loaded, query_name):
                 conn.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(results), sql.Identifier(reader)))
             grant_results(conn, loaded, query_name)
-        # The operator's session must be able to act as each party's half of the protocol.
-        for role in roles(loaded):
-            conn.execute(sql.SQL("grant {} to current_user").format(sql.Identifier(role)))
     return len(grants)
 
 

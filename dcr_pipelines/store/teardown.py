@@ -23,7 +23,7 @@ from . import access, migrations
 
 # dcr_meta tables with a collaboration column: every row of the collaboration goes with it.
 META_TABLES = ("uploads", "dataset_versions", "stage_builds", "query_requests", "released_people")
-_FIXED_ROLES = ("admin", "matching", "analysis_builder", "query_runner")
+_FIXED_ROLES = ("admin", "matching", "analysis_builder", "query_runner", "builder")
 _PARTY_ROLES = ("raw_owner", "staging_loader", "result_reader")
 
 
@@ -116,6 +116,8 @@ def drop(conn: psycopg.Connection, planned: DropPlan) -> DropOutcome:
             scopes = [migrations.scope("results", naming.results_schema(collab)), migrations.scope("analysis", naming.analysis_schema(collab)),
                       migrations.scope("matching", naming.matching_schema(collab))]
             conn.execute(sql.SQL("delete from {} where scope = any(%s)").format(sql.Identifier(migrations.META_SCHEMA, migrations.TRACKER)), (scopes,))
+        if conn.execute("select to_regclass('dcr_keys.hmac_pads')").fetchone()[0] is not None:  # type: ignore[index]
+            conn.execute("delete from dcr_keys.hmac_pads where login = %s", (access.builder_role(collab),))  # a killed build's
     for role in planned.roles:
         ident = sql.Identifier(role)
         try:

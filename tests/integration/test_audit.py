@@ -62,7 +62,8 @@ def test_the_export_covers_every_stage_with_what_a_reviewer_needs(audited: dict[
     for meta in (first, second):
         assert meta["query_sha256"] == audited["loaded"].queries["campaign_reach"].sha256
         assert {a["member"] for a in meta["approvals"]} == {"retailer", "ad_network"}
-        assert set(meta["input_versions"]) == {"retailer.purchases", "retailer.customers", "ad_network.impressions"}  # every upload: all feed the matching
+        # every staged upload (all feed the matching) and the cross-reference: what the release read
+        assert set(meta["input_versions"]) == {"retailer.purchases", "retailer.customers", "ad_network.impressions", "cross_reference"}
         assert meta["epsilon_charged"] == pytest.approx(1.0, abs=0.05) and meta["receivers"] == "ad_network, retailer"
         assert meta["policy_sha256"] == audited["loaded"].policy_sha256
     assert first["params"] == {"since": "2026-01-01"} and second["params"] == {"since": "2026-02-01"}

@@ -1,0 +1,128 @@
+"""The login dbt builds a collaboration as, and keys its models may use but never read.
+
+Each collaboration ``c`` has a login role ``dcr_c_builder``: not a superuser, no CREATEDB or CREATEROLE, owning only
+the models dbt builds in that collaboration's schemas (see ``access.plan`` for what it may read and write). Policy
+text never reaches a template engine (``lib.policy``), and even a model that did something unexpected runs with
+this login's rights: it cannot read a file or a process environment of the server, another collaboration's
+schemas, or the keys.
+
+Keys: a staging build opens the parties' HMAC pads to the builder for its own duration (``open_pads``): rows of
+``dcr_keys.hmac_pads`` keyed by the builder login, readable only by ``dcr_keyholder``; the models call
+``dcr_keys.keyed_token(party, value)`` (security definer), which returns tokens, never the pads. The pads are
+deleted when the build ends (and overwritten by the next build if a killed one left them). No key is ever in the
+dbt process's environment, a session setting, SQL text or an artefact.
+
+The builder's password is derived from the collaboration's pairing key (an HMAC of a fixed label): nothing new to
+provision, a rotated pairing key rotates it, and the password tells nothing about the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from ..lib import naming
+from ..lib.keys import hmac_pads
+from ..lib.policy import LoadedCollaboration
+from . import access, migrations
+
+KEYS_SCHEMA = "dcr_keys"
+META_READS = ("query_requests", "dataset_versions")  # what the macros read (dcr_param, dcr_upload_rows)
+DBT_SUFFIXES = ("", "__dbt_tmp", "__dbt_backup")  # a model's relation, and what dbt-postgres swaps it through
+
+
+@dataclass(frozen=True)
+class Login:
+    user: str
+    password: str
+
+    def __repr__(self) -> str:  # never print the password
+        return f"Login({self.user!r}, <redacted>)"
+
+
+def login_name(collab: str) -> str:
+    return access.builder_role(collab)
+
+
+def login(collab: str, pairing_key: bytes) -> Login:
+    return Login(login_name(collab), hmac.new(pairing_key, f"dcr-builder-login:{collab}".encode(), hashlib.sha256).hexdigest())
+
+
+def model_schemas(loaded: LoadedCollaboration) -> list[str]:
+    """The schemas dbt writes models into: each party's raw (normalised, identities) and staging, and the analysis."""
+    c = loaded.name
+    return [s for p in loaded.parties() for s in (naming.raw_schema(c, p), naming.staging_schema(c, p))] + [naming.analysis_schema(c)]
+
+
+def model_relations(loaded: LoadedCollaboration) -> set[tuple[str, str]]:
+    """(schema, relation) of every model dbt builds for the collaboration (the aliases of ``lib.dbt_codegen``)."""
+    c = loaded.name
+    out = {(naming.raw_schema(c, p), "identities") for p in loaded.parties()}
+    for name, ds in loaded.collaboration.datasets.items():
+        out |= {(naming.raw_schema(c, ds.owner), f"{name}__normalised"), (naming.staging_schema(c, ds.owner), name),
+                (naming.analysis_schema(c), f"matched_{name}")}
+    out |= {(naming.analysis_schema(c), f"query_{q}") for q in loaded.queries}
+    return {(schema, rel + suffix) for schema, rel in out for suffix in DBT_SUFFIXES}
+
+
+def ensure(conn: psycopg.Connection, loaded: LoadedCollaboration, who: Login) -> None:
+    """Create or update the builder login and hand it the collaboration's models built before it existed; idempotent.
+
+    The grants are the grants asset's (``access.apply``, first in every pipeline run); applied here too when the builder
+    lacks them (a deployment from before the builder existed, asked for a release before its next pipeline run)."""
+    migrations.ensure(conn, "meta")
+    role = sql.Identifier(who.user)
+    schemas = model_schemas(loaded)
+    exists = conn.execute("select 1 from pg_roles where rolname = %s", (who.user,)).fetchone() is not None
+    granted = exists and conn.execute("select count(*) from pg_namespace n where n.nspname = any(%s) and has_schema_privilege(%s, n.oid, 'CREATE')",
+                                      (schemas, who.user)).fetchone() == (len(schemas),)
+    if not granted:
+        access.apply(conn, loaded)
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-grants:{loaded.name}",))
+        if conn.execute("select 1 from pg_roles where rolname = %s", (who.user,)).fetchone() is None:
+            conn.execute(sql.SQL("create role {} login nosuperuser nocreatedb nocreaterole noinherit noreplication nobypassrls").format(role))
+        conn.execute(sql.SQL("alter role {} login nosuperuser nocreatedb nocreaterole noreplication nobypassrls password {}")
+                     .format(role, sql.Literal(who.password)))
+        conn.execute(sql.SQL("grant {} to current_user").format(role))  # the operator may grant on (and drop) its models
+        conn.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(KEYS_SCHEMA), role))
+        conn.execute(sql.SQL("grant execute on function {}(text, text) to {}").format(sql.Identifier(KEYS_SCHEMA, "keyed_token"), role))
+        # The request being built and the current upload tables: its own collaboration's rows only (row-level security).
+        conn.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(migrations.META_SCHEMA), role))
+        for table in META_READS:
+            conn.execute(sql.SQL("grant select on {} to {}").format(sql.Identifier(migrations.META_SCHEMA, table), role))
+        # Models built before the builder existed (by the operator's login) become the builder's, so dbt can replace them.
+        rows = conn.execute(
+            "select n.nspname, c.relname, c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+            "where n.nspname = any(%s) and c.relkind in ('r', 'v', 'm', 'p') and pg_get_userbyid(c.relowner) <> %s",
+            (schemas, who.user),
+        ).fetchall()
+        models = model_relations(loaded)
+        for schema, name, kind in rows:
+            if (schema, name) in models:
+                what = sql.SQL("view" if kind == "v" else "materialized view" if kind == "m" else "table")
+                conn.execute(sql.SQL("alter {} {} owner to {}").format(what, sql.Identifier(schema, name), role))
+
+
+@contextlib.contextmanager
+def open_pads(conn: psycopg.Connection, who: Login, keys: Mapping[str, bytes]) -> Iterator[None]:
+    """The parties' HMAC pads usable (not readable) by ``who`` for the duration of the block; deleted afterwards."""
+    migrations.ensure(conn, "meta")
+    table = sql.Identifier(KEYS_SCHEMA, "hmac_pads")
+    with conn.transaction():
+        conn.execute(sql.SQL("delete from {} where login = %s").format(table), (who.user,))
+        for party, key in sorted(keys.items()):
+            pads = hmac_pads(key)
+            conn.execute(sql.SQL("insert into {} (login, party, inner_pad, outer_pad) values (%s, %s, %s, %s)").format(table),
+                         (who.user, party, pads.inner, pads.outer))
+    try:
+        yield
+    finally:
+        with conn.transaction():
+            conn.execute(sql.SQL("delete from {} where login = %s").format(table), (who.user,))

@@ -1,0 +1,123 @@
+"""A release is built from exactly the data it names: an upload that has not been staged yet is never answered under
+its label, and a later release over the staged new data is not taken for the earlier one.
+
+(An outside test ingested a changed file through the landing sensor: the next release was labelled with the new upload
+but counted the old staged rows, and after `dcr run` the store kept serving that answer as "identical".)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import psycopg
+import pytest
+
+from dcr_pipelines.definitions import build_definitions, secret_names
+from dcr_pipelines.lib import demo_data, naming
+from dcr_pipelines.lib.runtime import ensure_development_secrets
+from dcr_pipelines.runner import analysis_run_config, collaboration_keys, ingest_run_config, materialize
+
+from .conftest import land, make_collaboration
+
+pytestmark = pytest.mark.slow
+COLLAB = "fresh"
+
+
+@pytest.fixture(scope="module")
+def fresh(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("fresh_policies")
+    make_collaboration(root, COLLAB, groups=3, budget=100.0)
+    settings = dataclasses.replace(runtime.settings, policies=root)
+    ensure_development_secrets(settings.home, secret_names(settings))
+    files = demo_data.generate(settings.home / "generated" / COLLAB, rows=1_200, overlap=0.5, seed=13)
+    land(files, settings.landing, COLLAB)
+    defs = build_definitions(settings)
+    assert materialize(defs, collaboration_keys(defs, COLLAB), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {})).success
+    return {"defs": defs, "files": files, "settings": settings, "url": runtime.warehouse.url()}
+
+
+def _release(fresh: dict[str, Any]) -> Any:
+    return materialize(fresh["defs"], [naming.release_key(COLLAB, "campaign_reach")], instance=dg.DagsterInstance.get())
+
+
+def _charges(fresh: dict[str, Any]) -> int:
+    with psycopg.connect(fresh["url"]) as conn:
+        return int(conn.execute(f"select count(*) from {naming.results_schema(COLLAB)}.budget_ledger").fetchone()[0])  # type: ignore[index]
+
+
+def test_an_upload_not_yet_staged_is_never_answered_and_the_new_staged_data_is_not_taken_for_the_old(fresh: dict[str, Any]) -> None:
+    first = _release(fresh)
+    assert first.success, first.failure
+    meta = first.metadata["/".join(naming.release_key(COLLAB, "campaign_reach"))]
+    charges = _charges(fresh)
+    # A changed purchases file is ingested on its own (as the landing sensor does), not staged.
+    changed = pd.read_csv(fresh["files"].purchases)
+    changed["purchase_value"] = changed["purchase_value"] * 3
+    path = fresh["settings"].landing / COLLAB / "retailer" / "purchases" / "purchases_v2.csv"
+    changed.to_csv(path, index=False)
+    ingested = materialize(fresh["defs"], [naming.raw_key(COLLAB, "retailer", "purchases")], instance=dg.DagsterInstance.get(),
+                           run_config=ingest_run_config(COLLAB, "retailer", "purchases"))
+    assert ingested.success, ingested.failure
+    stale = _release(fresh)
+    assert stale.run_success and stale.refused and "retailer.purchases changed since the data was staged" in (stale.failure or "")
+    assert _charges(fresh) == charges, "a refused release charges nothing"
+    # Once the pipeline has staged it, the release is a new one, labelled with the new upload, over the new values.
+    assert materialize(fresh["defs"], collaboration_keys(fresh["defs"], COLLAB), instance=dg.DagsterInstance.get(),
+                       run_config=analysis_run_config(COLLAB, {})).success
+    second = _release(fresh)
+    assert second.success, second.failure
+    meta2 = second.metadata["/".join(naming.release_key(COLLAB, "campaign_reach"))]
+    assert not meta2["cached"] and meta2["release_id"] != meta["release_id"] and _charges(fresh) == charges + 1
+    assert meta2["input_versions"]["retailer.purchases"] != meta["input_versions"]["retailer.purchases"]
+    assert meta2["input_versions"]["ad_network.impressions"] == meta["input_versions"]["ad_network.impressions"]
+    # The same request again is the same data: answered from the store, free.
+    third = _release(fresh)
+    meta3 = third.metadata["/".join(naming.release_key(COLLAB, "campaign_reach"))]
+    assert meta3["cached"] and meta3["release_id"] == meta2["release_id"] and _charges(fresh) == charges + 1
+
+
+def _landing_tick(fresh: dict[str, Any]) -> Any:
+    from dcr_pipelines.defs.resources import WarehouseResource
+
+    sensor = fresh["defs"].resolve_sensor_def(f"{COLLAB}__landing_files")
+    with dg.build_sensor_context(instance=dg.DagsterInstance.get(), resources={"warehouse": WarehouseResource(url=fresh["url"])}) as context:
+        return sensor.evaluate_tick(context)
+
+
+def test_the_landing_sensor_brings_the_stages_up_to_date_after_an_upload_and_never_releases(fresh: dict[str, Any]) -> None:
+    """The sensor's uploads lead to fresh answers: once a new upload is in and nothing waits, the sensor asks for one run
+    of the stages after ingest (staging, matching, analysis), never a release; then the release answers over the new data."""
+    assert "staged data are the current uploads" in _landing_tick(fresh).skip_message
+    changed = pd.read_csv(fresh["files"].impressions)
+    changed = changed[changed.index % 2 == 0]  # half the impressions: a different answer
+    path = fresh["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions_v2.csv"
+    changed.to_csv(path, index=False)
+    first = _landing_tick(fresh)  # a new file: its ingest first, nothing else
+    assert [r.asset_selection for r in first.run_requests] == [[dg.AssetKey(naming.raw_key(COLLAB, "ad_network", "impressions"))]]
+    again = _landing_tick(fresh)  # the upload still waits: the same ingest request (Dagster runs a run key once), no refresh
+    assert [r.run_key for r in again.run_requests] == [r.run_key for r in first.run_requests]
+    ingested = materialize(fresh["defs"], [k.path for k in first.run_requests[0].asset_selection], instance=dg.DagsterInstance.get(),
+                           run_config=ingest_run_config(COLLAB, "ad_network", "impressions"))
+    assert ingested.success, ingested.failure
+    assert _release(fresh).refused, "stale until the stages have run"
+    refresh = _landing_tick(fresh)
+    [request] = refresh.run_requests
+    selected = {tuple(k.path) for k in request.asset_selection}
+    assert tuple(naming.cross_reference_key(COLLAB)) in selected and tuple(naming.analysis_key(COLLAB, "campaign_reach")) in selected
+    assert tuple(naming.staging_key(COLLAB, "ad_network", "impressions")) in selected
+    assert not [k for k in selected if k[1] in ("results", "raw")], "never a release (they spend budget), nor an ingest"
+    assert request.tags["dcr/refresh"] == "ad_network.impressions" and request.run_key.startswith("refresh:")
+    assert _landing_tick(fresh).run_requests[0].run_key == request.run_key, "one run per set of current versions (the run key)"
+    ran = materialize(fresh["defs"], [k.path for k in request.asset_selection], instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    assert ran.success, ran.failure
+    assert "staged data are the current uploads" in _landing_tick(fresh).skip_message
+    released = _release(fresh)
+    assert released.success and not released.refused
+    meta = released.metadata["/".join(naming.release_key(COLLAB, "campaign_reach"))]
+    with psycopg.connect(fresh["url"]) as conn:
+        current = conn.execute("select checksum from dcr_meta.dataset_versions where collaboration = %s and party = 'ad_network' "
+                               "and dataset = 'impressions' and is_current", (COLLAB,)).fetchone()
+    assert meta["input_versions"]["ad_network.impressions"] == {"checksum": current[0]}, "labelled with, and built from, the new upload"
