@@ -26,7 +26,9 @@ def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int
     Example:
       dcr uploads list demo --dataset impressions
     """
+    from ..defs.ingest import target
     from ..lib.database import connect
+    from ..services import ingest as ingest_lib
     from ..store import uploads as queue
 
     runtime = _runtime()
@@ -46,6 +48,23 @@ def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int
         table.add_row(str(u.seq), f"{u.party}/{u.dataset}", u.file_name, u.landed_at.strftime("%Y-%m-%d %H:%M:%S"), u.state,
                       "" if u.version is None else str(u.version), "" if u.row_count is None else f"{u.row_count:,}", dups, u.reason or "")
     out.print(table)
+    # What each dataset is now (a withdraw, an appended file or a changed contract makes a version no upload row shows),
+    # and whether the staged data the answers read are that version yet.
+    with connect(runtime.warehouse.url()) as conn:
+        stale = set(ingest_lib.stale_datasets(conn, loaded))
+        now = {name: ingest_lib.current_version(conn, target(loaded, name, runtime.settings.landing, runtime.warehouse.url()))
+               for name, ds in sorted(loaded.collaboration.datasets.items()) if (party is None or ds.owner == party) and (dataset is None or name == dataset)}
+    current = Table(title=f"{collab}: current data", title_justify="left")
+    for column in ("party/dataset", "version", "rows", "files", "staged"):
+        current.add_column(column, justify="right" if column in ("version", "rows", "files") else "left")
+    for name, version in now.items():
+        owner = loaded.collaboration.datasets[name].owner
+        if version is None:
+            current.add_row(f"{owner}/{name}", "", "", "", "no upload yet")
+            continue
+        staged = f"not yet: answers refuse (stale data) until `dcr run {collab}`" if f"{owner}.{name}" in stale else "yes"
+        current.add_row(f"{owner}/{name}", str(version.version), f"{version.row_count:,}", str(len(version.parts)), staged)
+    out.print(current)
 
 
 @uploads.command()
@@ -91,4 +110,5 @@ def withdraw(collab: str, party: str, dataset: str, upload: int) -> None:
 
     instance.delete_dynamic_partition(partitions_name(collab, party, dataset), queue.partition_key(upload))
     out.print(f"{collab}/{party}/{dataset}: upload #{upload} withdrawn; version {version.version} has {plural(version.row_count, 'row')} "
-              f"from {plural(len(version.parts), 'file')}; the next `dcr run {collab}` rebuilds what read it")
+              f"from {plural(len(version.parts), 'file')}; releases and queries refuse (stale data) until `dcr run {collab}` (or the landing "
+              "sensor) rebuilds what read it")

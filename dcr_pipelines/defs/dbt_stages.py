@@ -26,6 +26,12 @@ from .dbt_runner import DbtRunnerResource
 from .resources import SecretsResource, WarehouseResource
 
 
+def _record_inputs(conn: Any, loaded: LoadedCollaboration, versions: Mapping[str, Any]) -> None:
+    """The upload content each staged table now holds: what a release or an ad-hoc query reads (and is labelled with)."""
+    for name, ds in loaded.collaboration.datasets.items():
+        stages.record_build(conn, loaded.name, f"staging/{name}/input", str(versions.get(f"{ds.owner}.{name}", {}).get("checksum")))
+
+
 def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration, only: set[str] | None = None) -> Iterator[dg.AssetObservation]:
     """Per staged dataset (of ``only``, the rebuilt ones): rows in, rows staged, and identifiers rejected per reason (counts only)."""
     with warehouse.connect() as conn:
@@ -164,6 +170,8 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 key_ids = {p: hmac.new(k, b"dcr-stage-digest", hashlib.sha256).hexdigest() for p, k in keys.items()}
                 digest = _digest(code, loaded.policy_sha256, versions, key_ids)
                 if stages.can_skip(conn, c, "staging", digest, relations):
+                    # Unchanged inputs (the digest holds the current versions): the staged tables hold the current uploads.
+                    _record_inputs(conn, loaded, versions)
                     yield from _skipped(context, "staging", digest)
                     return
             who = builder.login(c, secrets.pairing_key(c))
@@ -198,9 +206,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                     for name, d in plan.digests.items():
                         stages.record_build(conn, c, f"staging/{name}", d)
                         stages.record_build(conn, c, f"staging/{name}/base", plan.bases[name])
-                        # The upload content the staged table now holds: what a release reads (and is labelled with).
-                        owner = loaded.collaboration.datasets[name].owner
-                        stages.record_build(conn, c, f"staging/{name}/input", str(versions.get(f"{owner}.{name}", {}).get("checksum")))
+                    _record_inputs(conn, loaded, versions)
 
         return staging
 

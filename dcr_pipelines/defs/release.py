@@ -76,9 +76,8 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
             with warehouse.connect() as conn:
                 # What the release reads is the staged data: it is labelled (and cached) by the uploads staging was built
                 # from, and refused while a newer upload has not been staged (it would be stale data under a new label).
-                current = ingest_lib.current_versions(conn, c)
+                stale = ingest_lib.stale_datasets(conn, loaded)
                 staged = stages.staged_inputs(conn, loaded)
-                stale = sorted(k for k, v in current.items() if staged.get(k) != v.get("checksum"))
                 match = store_matching.previous_match(conn, c)
             if stale:
                 yield refusal(context, f"release refused, nothing was released or charged: {', '.join(stale)} changed since the data was "

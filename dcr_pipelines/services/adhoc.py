@@ -50,6 +50,7 @@ from ..lib.privacy import adhoc as adhoc_noise
 from ..lib.privacy import difference
 from ..store import access, audit_chain, footprints, ledger, migrations, stages
 from ..store import matching as store_matching
+from . import ingest as ingest_lib
 
 CAP_RULE = "ad_hoc.max_queries_per_day"
 
@@ -239,6 +240,7 @@ class AdHocDryRun:
 
 def dry_run(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, text: str) -> AdHocDryRun:
     """The cost of running ``checked`` now, against what its runner has left; draws nothing, charges nothing, reads no row."""
+    refuse_stale(conn, loaded)
     runs, cap = runs_today(conn, loaded.name, checked.runner), loaded.collaboration.ad_hoc.max_queries_per_day
     if checked.dp is None:
         return AdHocDryRun(None, None, False, runs, cap)
@@ -249,8 +251,17 @@ def dry_run(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Chec
     return AdHocDryRun(adhoc_noise.plan(checked.dp), status, cached, runs, cap)
 
 
+def refuse_stale(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
+    """No answer from staged data a newer upload or a withdraw has replaced (it would use rows that are no longer the data)."""
+    stale = ingest_lib.stale_datasets(conn, loaded)
+    if stale:
+        raise QueryRefused("stale data", f"{', '.join(stale)} changed since the data was staged (a newer upload or a withdraw, not yet through "
+                           f"staging and matching); nothing was read or charged: run `dcr run {loaded.name}` first, then ask again")
+
+
 def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, run_id: str, text: str, timeout_s: int = 120) -> AdHocResult:
     """Run a checked query (see the module docstring); store its rows for the runner only; return them."""
+    refuse_stale(conn, loaded)
     if checked.dp is not None:
         return _execute_dp(conn, loaded, checked, run_id, text, timeout_s)
     c = loaded.name

@@ -225,6 +225,16 @@ def current_versions(conn: psycopg.Connection, collaboration: str) -> dict[str, 
     return {f"{p}.{d}": {"version": v, "checksum": c} for p, d, v, c in rows}
 
 
+def stale_datasets(conn: psycopg.Connection, loaded: Any) -> list[str]:
+    """``party.dataset`` of every dataset whose current upload is not what its staging table was built from (a newer
+    upload or a withdraw not yet staged): an answer over the staged data would be labelled with data it does not hold."""
+    from ..store import stages
+
+    current = current_versions(conn, loaded.name)
+    staged = stages.staged_inputs(conn, loaded)
+    return sorted(k for k, v in current.items() if staged.get(k) != v.get("checksum"))
+
+
 def versions(conn: psycopg.Connection, collaboration: str, party: str, dataset: str) -> list[dict[str, Any]]:
     """Every accepted version of a dataset, newest first (the audit trail of uploads)."""
     ensure_meta(conn)
@@ -768,8 +778,11 @@ def _withdraw(conn: psycopg.Connection, t: Target, seq: int) -> Version:
         raise UploadRejected(f"upload #{seq} ({upload.file_name}) is {upload.state}, not part of the current data: nothing to withdraw")
     if not kept:
         raise UploadRejected(f"upload #{seq} ({upload.file_name}) is the dataset's only file: a dataset cannot be emptied; upload its replacement first")
+    # The rows the new version holds, counted (not the version's count less the file's: under `duplicates: drop` the two
+    # need not add up, and a count that is wrong in the audit trail is worse than a count that costs a scan).
+    rows = sum(int(conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(t.schema, p))).fetchone()[0]) for p in kept)  # type: ignore[index, misc]
     with conn.transaction():
-        _swap(conn, t, kept, _chain(current.checksum, f"withdraw:{seq}"), current.row_count - int(upload.row_count or 0),
+        _swap(conn, t, kept, _chain(current.checksum, f"withdraw:{seq}"), rows,
               upload.file_name, current.upload_seq, current.contract_sha256)  # nothing was re-checked: the contract stays
         queue.decide(conn, seq, "withdrawn", f"{upload.file_name}: withdrawn by its party")
     source = t.accepted_dir / upload.stored_name

@@ -170,3 +170,22 @@ def test_a_database_lost_mid_command_is_one_line_exit_3_and_the_command_can_be_r
     again = subprocess.run([*DCR, "demo", "--rows", "2000"], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     subprocess.run([*DCR, "db", "stop"], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_uploads_list_shows_each_datasets_current_version_and_whether_answers_read_it_yet(killrun: dict[str, Any]) -> None:
+    """A new upload makes a version the staged data do not hold yet: `dcr uploads list` says so (and that answers refuse
+    until `dcr run`), with the version's real row count; after the run it says the staged data are that version."""
+    assert dcr(killrun, "run", C, timeout=600).returncode == 0  # whatever waits in the landing folder is in
+    big = killrun["tmp"] / "listed.csv"
+    big.write_text(CSV + "".join(f"l{i}@example.com,{i % 90},2026-02-01,north\n" for i in range(321)))
+    proc = dcr(killrun, "ingest", C, "retailer", "purchases", str(big))
+    assert proc.returncode == 0, proc.stderr
+    listed = dcr(killrun, "uploads", "list", C, "--dataset", "purchases")
+    assert listed.returncode == 0, listed.stderr
+    current = listed.stdout.split("current data", 1)[1]
+    line = next(x for x in current.splitlines() if "retailer/purchases" in x)
+    assert " 321 " in line and "not yet" in line and f"dcr run {C}" in current, listed.stdout
+    assert dcr(killrun, "run", C, timeout=600).returncode == 0
+    listed = dcr(killrun, "uploads", "list", C)
+    current = listed.stdout.split("current data", 1)[1]
+    assert "not yet" not in current and current.count(" yes") == 3, listed.stdout

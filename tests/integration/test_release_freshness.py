@@ -18,7 +18,7 @@ import pytest
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.lib import demo_data, naming
 from dcr_pipelines.lib.runtime import ensure_development_secrets
-from dcr_pipelines.runner import analysis_run_config, collaboration_keys, ingest_run_config, materialize
+from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, ingest_run_config, materialize
 
 from .conftest import land, make_collaboration
 
@@ -64,6 +64,12 @@ def test_an_upload_not_yet_staged_is_never_answered_and_the_new_staged_data_is_n
     stale = _release(fresh)
     assert stale.run_success and stale.refused and "retailer.purchases changed since the data was staged" in (stale.failure or "")
     assert _charges(fresh) == charges, "a refused release charges nothing"
+    # Ad-hoc SQL reads the same staged data: refused the same way, exact or differentially private.
+    for sql_text in ("select i.campaign_id, count(*) as n from impressions as i group by 1", "select c.loyalty_tier, count(*) as n from impressions as i inner join customers as c on c.customer_email = i.user_email group by 1"):
+        asked = materialize(fresh["defs"], [naming.ad_hoc_key(COLLAB)], instance=dg.DagsterInstance.get(),
+                            run_config=ad_hoc_run_config(COLLAB, "ad_network", sql_text))
+        assert asked.refused and "retailer.purchases changed since the data was staged" in (asked.failure or "") and "(stale data)" in asked.failure
+    assert _charges(fresh) == charges
     # Once the pipeline has staged it, the release is a new one, labelled with the new upload, over the new values.
     assert materialize(fresh["defs"], collaboration_keys(fresh["defs"], COLLAB), instance=dg.DagsterInstance.get(),
                        run_config=analysis_run_config(COLLAB, {})).success

@@ -409,6 +409,28 @@ def test_duplicates_count_the_extra_copies_and_keep_drop_reject_do_what_they_say
     assert "duplicates: reject" in (rejected.reason or "")
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_withdraw_under_duplicates_drop_records_and_reports_the_rows_the_dataset_really_has(env: dict[str, Any], tmp_path: Path, seed: int) -> None:
+    """Files with repeated rows (inside a file and across files) appended under `duplicates: drop`; withdrawing one
+    leaves a version whose recorded count is the count of its rows (it used to subtract a count that did not add up)."""
+    rng = random.Random(seed)
+    t = target(env, tmp_path, mode="append", duplicates="drop", max_duplicate_fraction=0.9)
+    files = []
+    for k in range(3):
+        lines = rows(rng.randint(10, 30), start=rng.randint(0, 20)).splitlines(keepends=True)
+        lines += [rng.choice(lines) for _ in range(rng.randint(1, 8))]
+        rng.shuffle(lines)
+        files.append(drop(t, f"part{k}.csv", HEADER + "".join(lines)).name)
+        run(t)
+    accepted = [u for u in uploads_of(t) if u.state == "accepted"]
+    assert len(accepted) >= 2
+    gone = rng.choice(accepted)
+    with psycopg.connect(t.database_url, autocommit=True) as conn:
+        version = ingest.withdraw(conn, t, gone.seq)
+        real = conn.execute(f'select count(*) from "{t.schema}"."{t.dataset}"').fetchone()[0]
+    assert version.row_count == real == state(t)[1]
+
+
 # --- a changed contract re-checks the data already loaded ---------------------------------------------------
 
 
