@@ -14,6 +14,7 @@ def _grants_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=naming.grants_key(c),
+        code_version=loaded.policy_sha256[:16],
         group_name=c,
         kinds={"postgres"},
         tags={"dcr/stage": "access"},

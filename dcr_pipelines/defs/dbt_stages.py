@@ -109,6 +109,17 @@ def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
     return digest.hexdigest()
 
 
+def _versioned(events: Iterator[Any], digest: str) -> Iterator[Any]:
+    """dbt's outputs with the stage digest (the inputs' versions, the policy, the SQL and the keys) as their Dagster data
+    version: what downstream assets, the UI's staleness and a skipped build all agree on."""
+    for event in events:
+        if isinstance(event, dg.Output):
+            yield dg.Output(value=event.value, output_name=event.output_name, metadata=event.metadata, data_version=dg.DataVersion(digest),
+                            tags=event.tags)
+        else:
+            yield event
+
+
 def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str,
              only: set[dg.AssetKey] | None = None) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """An unchanged stage (or the unchanged models ``only`` of it): its models are reported as not recomputed, and dbt
@@ -122,6 +133,7 @@ def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str,
     for key in order:
         yield dg.MaterializeResult(
             asset_key=key,
+            data_version=dg.DataVersion(digest),
             metadata={"recomputed": False, "stage_digest": digest,
                       "checks_carried_over": dg.MetadataValue.int(sum(1 for c in context.selected_asset_check_keys if c.asset_key == key))},
         )
@@ -195,10 +207,10 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                         keep = {k for k in context.assets_def.keys if _model_of(manifest, k) not in build}
                         context.log.info(f"staging: {', '.join(sorted(changed))} changed; {', '.join(sorted(unchanged))} unchanged and not rebuilt")
                         yield from _skipped(context, "staging", digest, only=keep)
-                        yield from dbt.build_stage(context, manifest, select, translator, who, models=sorted(build), extra=extra)
+                        yield from _versioned(dbt.build_stage(context, manifest, select, translator, who, models=sorted(build), extra=extra), digest)
                         yield from _rejections(warehouse, loaded, changed)
                     else:
-                        yield from dbt.build_stage(context, manifest, select, translator, who, extra=extra)
+                        yield from _versioned(dbt.build_stage(context, manifest, select, translator, who, extra=extra), digest)
                         yield from _rejections(warehouse, loaded)
             if whole:  # a partial build does not vouch for the whole stage
                 with warehouse.connect() as conn:
@@ -239,7 +251,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
         with warehouse.connect() as conn:
             store_analysis.record_requests(conn, c, {q: (params[q], requests[q]) for q in loaded.queries})
             builder.ensure(conn, loaded, who)
-        yield from dbt.build_stage(context, manifest, select, translator, who)
+        yield from _versioned(dbt.build_stage(context, manifest, select, translator, who), digest)
         built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
         with warehouse.connect() as conn:
             store_analysis.record_built(conn, c, {q: (params[q], requests[q]) for q in built}, versions)

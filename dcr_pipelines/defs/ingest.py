@@ -54,6 +54,7 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
 
     @dg.asset(
         key=key,
+        code_version=hashlib.sha256(ds.model_dump_json().encode()).hexdigest()[:16],  # the contract: a changed one re-checks the data
         deps=[dg.AssetKey(naming.grants_key(c))],
         group_name=c,
         kinds={"postgres", ds.format.type},

@@ -1,5 +1,6 @@
 """Matching: the cross-reference asset (PSI, parties at home, the overlap release) and the optional bucket steps."""
 
+import hashlib
 from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ from .common import PSI_FOLDER, _audit_metadata, landing_folder
 from .resources import SecretsResource, WarehouseResource
 
 
+def _matching_code_version(loaded: LoadedCollaboration) -> str:
+    """What decides the matching besides its inputs: the identity kind and the matching spec of the policy."""
+    spec = loaded.collaboration.identity.model_dump_json() + loaded.collaboration.matching.model_dump_json()
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
 def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefinition:
     """One hash bucket of the PSI as its own step, so a distributed executor can run buckets on different workers."""
     c = loaded.name
@@ -25,6 +32,7 @@ def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefiniti
 
     @dg.asset(
         key=naming.bucket_key(c, bucket),
+        code_version=_matching_code_version(loaded),
         deps=[dg.AssetKey(naming.identities_key(c, p)) for p in at_operator],
         group_name=c,
         kinds={"postgres", "python"},
@@ -186,6 +194,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
 
     @dg.asset(
         key=naming.cross_reference_key(c),
+        code_version=_matching_code_version(loaded),
         deps=[dg.AssetKey(naming.identities_key(c, p)) for p in at_operator] + [dg.AssetKey(k) for k in home_deps + bucket_keys],
         group_name=c,
         kinds={"postgres", "python"},

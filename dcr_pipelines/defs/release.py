@@ -45,6 +45,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
 
     @dg.asset(
         key=naming.release_key(c, query_name),
+        code_version=query.sha256[:16],
         deps=[dg.AssetKey(naming.analysis_key(c, query_name))],
         group_name=c,
         kinds={"postgres", "opendp"} if spec.rule == "dp" else {"postgres", "python"},

@@ -85,6 +85,22 @@ def test_an_upload_not_yet_staged_is_never_answered_and_the_new_staged_data_is_n
     assert meta3["cached"] and meta3["release_id"] == meta2["release_id"] and _charges(fresh) == charges + 1
 
 
+def _dagster_causes(fresh: dict[str, Any], key: list[str]) -> list[tuple[str, list[str] | None, str | None]]:
+    """Dagster's own verdict on an asset, from the data and code versions in its event log (what the UI shows):
+    (status, the asset that is the root cause, why) per root cause; [("FRESH", None, None)] when fresh."""
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._time import get_current_datetime
+
+    instance = dg.DagsterInstance.get()
+    graph = fresh["defs"].resolve_asset_graph()
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None), instance=instance, asset_graph=graph)
+    resolver = CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+    status = resolver.get_status(dg.AssetKey(key)).value
+    causes = resolver.get_stale_root_causes(dg.AssetKey(key))
+    return [(status, list(c.key.asset_key.path), c.reason) for c in causes] or [(status, None, None)]
+
+
 def _landing_tick(fresh: dict[str, Any]) -> Any:
     from dcr_pipelines.defs.resources import WarehouseResource
 
@@ -109,6 +125,12 @@ def test_the_landing_sensor_brings_the_stages_up_to_date_after_an_upload_and_nev
                            run_config=ingest_run_config(COLLAB, "ad_network", "impressions"))
     assert ingested.success, ingested.failure
     assert _release(fresh).refused, "stale until the stages have run"
+    # Dagster's data versions say the same: every stage that read the upload is stale, from the upload's new version.
+    # Dagster's data versions say the same: the stage that read the upload is stale, caused by the upload's new version
+    # (later stages carry versions of their own, so Dagster names the first one; the release check refuses for all).
+    causes = _dagster_causes(fresh, naming.normalised_key(COLLAB, "ad_network", "impressions"))
+    assert causes == [("STALE", naming.raw_key(COLLAB, "ad_network", "impressions"), "has a new data version")], causes
+    assert _dagster_causes(fresh, naming.normalised_key(COLLAB, "retailer", "customers")) == [("FRESH", None, None)], "a stage that did not read it is not"
     refresh = _landing_tick(fresh)
     [request] = refresh.run_requests
     selected = {tuple(k.path) for k in request.asset_selection}
@@ -120,6 +142,9 @@ def test_the_landing_sensor_brings_the_stages_up_to_date_after_an_upload_and_nev
     ran = materialize(fresh["defs"], [k.path for k in request.asset_selection], instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert ran.success, ran.failure
     assert "staged data are the current uploads" in _landing_tick(fresh).skip_message
+    for key in (naming.normalised_key(COLLAB, "ad_network", "impressions"), naming.staging_key(COLLAB, "ad_network", "impressions"),
+                naming.cross_reference_key(COLLAB), naming.analysis_key(COLLAB, "campaign_reach")):
+        assert _dagster_causes(fresh, key) == [("FRESH", None, None)], key
     released = _release(fresh)
     assert released.success and not released.refused
     meta = released.metadata["/".join(naming.release_key(COLLAB, "campaign_reach"))]
