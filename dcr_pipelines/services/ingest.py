@@ -600,6 +600,16 @@ def _process_one(conn: psycopg.Connection, t: Target, upload: Upload, outcome: Q
         _drop(conn, t.schema, table)
         outcome.decided.append(_finish(conn, t, upload, "quarantined", str(exc), exc.report))
         return
+    except psycopg.Error as exc:
+        problem = infrastructure_problem(exc, t)
+        if problem is None or isinstance(exc, psycopg.OperationalError) and not (exc.sqlstate or "").startswith("53"):
+            raise  # a lost connection cannot requeue; the next start finds the upload processing and retries it
+        # Not the file's fault (the server is out of disk or memory): back in the queue, this attempt not counted
+        # towards the interrupted-attempts limit, the partial table dropped, the reason on record.
+        with suppress(psycopg.Error):
+            _drop(conn, t.schema, table)
+        queue.requeue(conn, upload.seq, problem)
+        raise
     parts = (table,) if t.spec.mode == "replace" or current is None else (*current.parts, table)
     total = report.row_count + (current.row_count if t.spec.mode == "append" and current is not None else 0)
     version_checksum = checksum if t.spec.mode == "replace" else _chain(current.checksum if current else "", checksum)

@@ -126,6 +126,12 @@ def begin(conn: psycopg.Connection, seq: int, checksum: str, size_bytes: int) ->
     return found
 
 
+def requeue(conn: psycopg.Connection, seq: int, reason: str) -> None:
+    """Put a processing upload back in the queue after a failure that was not its own (the attempt does not count)."""
+    conn.execute("update dcr_meta.uploads set state = 'queued', attempts = greatest(attempts - 1, 0), reason = %s where seq = %s and state = 'processing'",
+                 (reason, seq))
+
+
 def decide(conn: psycopg.Connection, seq: int, state: str, reason: str | None = None, **fields: Any) -> None:
     """Move an upload to a terminal state (in the caller's transaction: with the version swap, for ``accepted``)."""
     assert state in TERMINAL, state

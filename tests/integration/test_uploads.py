@@ -431,6 +431,58 @@ def test_a_withdraw_under_duplicates_drop_records_and_reports_the_rows_the_datas
     assert version.row_count == real == state(t)[1]
 
 
+def test_a_database_out_of_disk_keeps_the_upload_queued_says_so_and_the_next_try_loads_it(env: dict[str, Any], tmp_path: Path,
+                                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL runs out of disk while loading an upload (its tables are put on a tiny filesystem): the upload goes back
+    to the queue with the reason, is never counted as an interrupted attempt (so never quarantined for it, however often
+    it happens), the current data are untouched; once there is space, the same upload loads."""
+    tiny = Path(f"/tmp/dcr-tiny-{uuid.uuid4().hex[:8]}")  # where the server's own user can reach it (pytest's folders are 0700)
+    tiny.mkdir()
+    with psycopg.connect(env["url"], autocommit=True) as conn:
+        data_dir = Path(conn.execute("show data_directory").fetchone()[0])  # type: ignore[index]
+        superuser = conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()[0]  # type: ignore[index]
+    if os.geteuid() != 0 or not data_dir.is_dir() or not superuser:
+        tiny.rmdir()
+        pytest.skip("needs root and a local database server whose login is a superuser (a tablespace on a tiny filesystem)")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(tiny)], capture_output=True).returncode != 0:
+        tiny.rmdir()
+        pytest.skip("cannot mount a tiny tmpfs here: the database-out-of-disk path is not exercised")
+    space = f"tiny_{uuid.uuid4().hex[:8]}"
+    try:
+        os.chown(tiny, data_dir.stat().st_uid, data_dir.stat().st_gid)
+        with psycopg.connect(env["url"], autocommit=True) as conn:
+            conn.execute(f"create tablespace {space} location '{tiny}'")
+        t = target(env, tmp_path / "landing")
+        drop(t, "small.csv", HEADER + rows(5))
+        run(t)
+        before = state(t)
+        # Every table the ingest creates now goes to the tiny filesystem (libpq's PGOPTIONS: every connection of this process).
+        monkeypatch.setenv("PGOPTIONS", f"-c default_tablespace={space}")
+        full = t
+        drop(full, "big.csv", HEADER + rows(40_000))
+        for attempt in range(1, ingest.MAX_ATTEMPTS + 2):  # more often than the interrupted-attempts limit
+            with psycopg.connect(full.database_url, autocommit=True) as conn, pytest.raises(psycopg.errors.DiskFull):
+                ingest.process_queue(conn, full)
+            big = next(u for u in uploads_of(t) if u.file_name == "big.csv")
+            assert big.state == "queued" and big.attempts == 0, (attempt, big)
+            assert "ran out of resources" in (big.reason or "") and "stays queued" in (big.reason or "")
+            assert state(t) == before, "the current data are untouched"
+        assert (t.queue_dir / big.stored_name).is_file(), "the file is still in the queue"
+        subprocess.run(["mount", "-o", "remount,size=64m", str(tiny)], check=True)
+        outcome = run(full)
+        assert [u.state for u in outcome.decided if u.file_name == "big.csv"] == ["accepted"]
+        assert state(t)[0] == before[0] + 1 and state(t)[1] == (before[1] + 40_000 if t.spec.mode == "append" else 40_000)
+        monkeypatch.delenv("PGOPTIONS")
+        with psycopg.connect(env["url"], autocommit=True) as conn:  # the tables leave the tiny filesystem before it goes
+            for schema, table in conn.execute("select schemaname, tablename from pg_tables where tablespace = %s", (space,)).fetchall():
+                conn.execute(f'alter table "{schema}"."{table}" set tablespace pg_default')
+    finally:
+        with psycopg.connect(env["url"], autocommit=True) as conn, contextlib.suppress(psycopg.Error):
+            conn.execute(f"drop tablespace if exists {space}")
+        subprocess.run(["umount", str(tiny)], check=False)
+        tiny.rmdir()
+
+
 # --- a changed contract re-checks the data already loaded ---------------------------------------------------
 
 
