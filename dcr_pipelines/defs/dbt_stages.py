@@ -109,6 +109,15 @@ def _code_digest(loaded: LoadedCollaboration, dbt_project: Path) -> str:
     return digest.hexdigest()
 
 
+def _sealed(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> None:
+    """After a build, before anything reads it: the dbt login made its models and nothing else (store.builder.verify)."""
+    with warehouse.connect() as conn:
+        try:
+            builder.verify(conn, loaded)
+        except builder.BuilderTampered as exc:
+            raise dg.Failure(str(exc)) from None
+
+
 def _versioned(events: Iterator[Any], digest: str) -> Iterator[Any]:
     """dbt's outputs with the stage digest (the inputs' versions, the policy, the SQL and the keys) as their Dagster data
     version: what downstream assets, the UI's staleness and a skipped build all agree on."""
@@ -208,9 +217,11 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                         context.log.info(f"staging: {', '.join(sorted(changed))} changed; {', '.join(sorted(unchanged))} unchanged and not rebuilt")
                         yield from _skipped(context, "staging", digest, only=keep)
                         yield from _versioned(dbt.build_stage(context, manifest, select, translator, who, models=sorted(build), extra=extra), digest)
+                        _sealed(warehouse, loaded)
                         yield from _rejections(warehouse, loaded, changed)
                     else:
                         yield from _versioned(dbt.build_stage(context, manifest, select, translator, who, extra=extra), digest)
+                        _sealed(warehouse, loaded)
                         yield from _rejections(warehouse, loaded)
             if whole:  # a partial build does not vouch for the whole stage
                 with warehouse.connect() as conn:
@@ -252,6 +263,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
             store_analysis.record_requests(conn, c, {q: (params[q], requests[q]) for q in loaded.queries})
             builder.ensure(conn, loaded, who)
         yield from _versioned(dbt.build_stage(context, manifest, select, translator, who), digest)
+        _sealed(warehouse, loaded)
         built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
         with warehouse.connect() as conn:
             store_analysis.record_built(conn, c, {q: (params[q], requests[q]) for q in built}, versions)

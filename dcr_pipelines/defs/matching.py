@@ -11,10 +11,18 @@ from ..lib import home_psi, matching, naming, psi_epoch
 from ..lib.database import advisory_lock
 from ..lib.policy import LoadedCollaboration
 from ..services.release import release_overlap
-from ..store import ledger, open_connection
+from ..store import builder, ledger, open_connection
 from ..store import matching as store_matching
 from .common import PSI_FOLDER, _audit_metadata, landing_folder
 from .resources import SecretsResource, WarehouseResource
+
+
+def _sealed(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> None:
+    with open_connection(warehouse.url) as conn:
+        try:
+            builder.verify(conn, loaded)
+        except builder.BuilderTampered as exc:
+            raise dg.Failure(str(exc)) from None
 
 
 def _matching_code_version(loaded: LoadedCollaboration) -> str:
@@ -42,6 +50,7 @@ def _bucket_asset(loaded: LoadedCollaboration, bucket: int) -> dg.AssetsDefiniti
         "Each bucket is its own step (matching.bucket_steps), so Celery or Kubernetes workers can share them.",
     )
     def bucket_step(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
+        _sealed(warehouse, loaded)
         inputs = store_matching.read_identities(warehouse.url, loaded, at_operator, bucket)
         digest = matching.bucket_digest(inputs, client, buckets, bucket)
         columns = [naming.party_token_column(p) for p in at_operator]
@@ -206,6 +215,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         + (f" {', '.join(at_home)} keep their identifiers at home and answer with `dcr psi` message files." if at_home else ""),
     )
     def cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> Iterator[Any]:
+        _sealed(warehouse, loaded)  # the identity lists are the dbt login's models: nothing else of it runs as their readers
         with advisory_lock(warehouse.url, f"dcr-matching:{c}"):  # two runs at once: the second finds the identities matched
             try:
                 result = _cross_reference(context, warehouse, secrets)

@@ -109,6 +109,10 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 if cached is None and store_analysis.built_for(conn, c, query_name) != key:
                     raise dg.Failure(f"the pre-noise table of {query_name} was built for another request; nothing was released or charged")
                 try:
+                    builder.verify(conn, loaded)  # the pre-noise table is the dbt login's: nothing else of it runs as this reader
+                except builder.BuilderTampered as exc:
+                    raise dg.Failure(str(exc)) from None
+                try:
                     stored = release_query(conn, loaded, query, params, versions, export_dir=exports, request=None if cached else key,
                                            run_id=context.run.run_id, requested_by=config.requested_by.strip())
                 except ledger.BudgetExhausted as exc:

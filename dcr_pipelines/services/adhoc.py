@@ -48,7 +48,7 @@ from ..lib.policy import LoadedCollaboration
 from ..lib.policy.models import Budget
 from ..lib.privacy import adhoc as adhoc_noise
 from ..lib.privacy import difference
-from ..store import access, audit_chain, footprints, ledger, migrations, stages
+from ..store import access, audit_chain, builder, footprints, ledger, migrations, stages
 from ..store import matching as store_matching
 from . import ingest as ingest_lib
 
@@ -240,7 +240,7 @@ class AdHocDryRun:
 
 def dry_run(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, text: str) -> AdHocDryRun:
     """The cost of running ``checked`` now, against what its runner has left; draws nothing, charges nothing, reads no row."""
-    refuse_stale(conn, loaded)
+    refuse_unready(conn, loaded)
     runs, cap = runs_today(conn, loaded.name, checked.runner), loaded.collaboration.ad_hoc.max_queries_per_day
     if checked.dp is None:
         return AdHocDryRun(None, None, False, runs, cap)
@@ -251,8 +251,12 @@ def dry_run(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Chec
     return AdHocDryRun(adhoc_noise.plan(checked.dp), status, cached, runs, cap)
 
 
-def refuse_stale(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
+def refuse_unready(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
     """No answer from staged data a newer upload or a withdraw has replaced (it would use rows that are no longer the data)."""
+    try:
+        builder.verify(conn, loaded)  # the matched views are the dbt login's: nothing else of it runs as the query's reader
+    except builder.BuilderTampered as exc:
+        raise QueryRefused("integrity", str(exc)) from None
     stale = ingest_lib.stale_datasets(conn, loaded)
     if stale:
         raise QueryRefused("stale data", f"{', '.join(stale)} changed since the data was staged (a newer upload or a withdraw, not yet through "
@@ -261,7 +265,7 @@ def refuse_stale(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
 
 def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, run_id: str, text: str, timeout_s: int = 120) -> AdHocResult:
     """Run a checked query (see the module docstring); store its rows for the runner only; return them."""
-    refuse_stale(conn, loaded)
+    refuse_unready(conn, loaded)
     if checked.dp is not None:
         return _execute_dp(conn, loaded, checked, run_id, text, timeout_s)
     c = loaded.name

@@ -13,10 +13,10 @@ Shared: ``dcr_c_matching`` (reads staging tokens, writes the cross-reference),
 aggregates), ``dcr_c_query_runner`` (reads released results only) and
 ``dcr_c_admin`` (everything of this collaboration). PUBLIC gets nothing.
 
-``dcr_c_builder`` is the one login: dbt builds the collaboration's models as it
-(``store.builder``). It reads the raw schemas and may create its models there
-(never change an upload), writes the staging and analysis schemas, reads the
-cross-reference, and nothing else: no results, no other collaboration, no keys.
+``dcr_c_dbt_login`` is the one login: dbt builds the collaboration's models as it
+(``store.builder``). It may create its models in the raw, staging and analysis
+schemas and reads what is there (never changes a table it does not own), reads
+the cross-reference, and nothing else: no results, no other collaboration, no keys.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def role_name(collab: str, *parts: str) -> str:
 
 def builder_role(collab: str) -> str:
     """The login dbt builds the collaboration as (store.builder)."""
-    return role_name(collab, "builder")
+    return role_name(collab, "dbt_login")  # no other role kind ends so: no collaboration's name can make it another's role
 
 
 def roles(loaded: LoadedCollaboration) -> list[str]:
@@ -88,11 +88,13 @@ def plan(loaded: LoadedCollaboration) -> list[Grant]:
     grants.append(Grant(role_name(c, "matching"), naming.matching_schema(c), "write"))
     grants.append(Grant(role_name(c, "analysis_builder"), naming.matching_schema(c), "read"))
     grants.append(Grant(role_name(c, "analysis_builder"), naming.analysis_schema(c), "write"))
+    # The builder creates (and so owns) its models and reads what they read; on a table it does not own it gets SELECT
+    # and nothing else (no TRIGGER, no writes): nothing it makes can run when the operator writes its own tables.
     for p in loaded.parties():
         grants.append(Grant(builder_role(c), naming.raw_schema(c, p), "build"))
-        grants.append(Grant(builder_role(c), naming.staging_schema(c, p), "write"))
+        grants.append(Grant(builder_role(c), naming.staging_schema(c, p), "build"))
     grants.append(Grant(builder_role(c), naming.matching_schema(c), "read"))
-    grants.append(Grant(builder_role(c), naming.analysis_schema(c), "write"))
+    grants.append(Grant(builder_role(c), naming.analysis_schema(c), "build"))
     return grants
 
 

@@ -1,6 +1,6 @@
 """The login dbt builds a collaboration as, and keys its models may use but never read.
 
-Each collaboration ``c`` has a login role ``dcr_c_builder``: not a superuser, no CREATEDB or CREATEROLE, owning only
+Each collaboration ``c`` has a login role ``dcr_c_dbt_login``: not a superuser, no CREATEDB or CREATEROLE, owning only
 the models dbt builds in that collaboration's schemas (see ``access.plan`` for what it may read and write). Policy
 text never reaches a template engine (``lib.policy``), and even a model that did something unexpected runs with
 this login's rights: it cannot read a file or a process environment of the server, another collaboration's
@@ -60,6 +60,10 @@ def model_schemas(loaded: LoadedCollaboration) -> list[str]:
     return [s for p in loaded.parties() for s in (naming.raw_schema(c, p), naming.staging_schema(c, p))] + [naming.analysis_schema(c)]
 
 
+class BuilderTampered(RuntimeError):
+    """The builder login has made or holds something a model never makes; nothing of it is read."""
+
+
 def model_relations(loaded: LoadedCollaboration) -> set[tuple[str, str]]:
     """(schema, relation) of every model dbt builds for the collaboration (the aliases of ``lib.dbt_codegen``)."""
     c = loaded.name
@@ -87,9 +91,17 @@ def ensure(conn: psycopg.Connection, loaded: LoadedCollaboration, who: Login) ->
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-grants:{loaded.name}",))
         if conn.execute("select 1 from pg_roles where rolname = %s", (who.user,)).fetchone() is None:
-            conn.execute(sql.SQL("create role {} login nosuperuser nocreatedb nocreaterole noinherit noreplication nobypassrls").format(role))
-        conn.execute(sql.SQL("alter role {} login nosuperuser nocreatedb nocreaterole noreplication nobypassrls password {}")
-                     .format(role, sql.Literal(who.password)))
+            conn.execute(sql.SQL("create role {} login noinherit").format(role))  # no attribute beyond LOGIN (the defaults)
+        # Only LOGIN and the password change here (an operator that is not a superuser may not name the other attributes);
+        # a role of this name with any power, or a member of any role, is refused instead of used.
+        conn.execute(sql.SQL("alter role {} login password {}").format(role, sql.Literal(who.password)))
+        power = conn.execute(
+            "select rolsuper or rolcreatedb or rolcreaterole or rolreplication or rolbypassrls, "
+            "exists (select 1 from pg_auth_members m where m.member = r.oid) from pg_roles r where rolname = %s", (who.user,)).fetchone()
+        if power is None or power[0] or power[1]:
+            raise BuilderTampered(f"role {who.user} exists with attributes or memberships a dbt login must not have (superuser, createdb, "
+                                  "createrole, replication, bypassrls, or a member of another role): nothing was built; drop the role "
+                                  f"(`dcr db drop {loaded.name}`, or DROP ROLE) and run again")
         conn.execute(sql.SQL("grant {} to current_user").format(role))  # the operator may grant on (and drop) its models
         conn.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(KEYS_SCHEMA), role))
         conn.execute(sql.SQL("grant execute on function {}(text, text) to {}").format(sql.Identifier(KEYS_SCHEMA, "keyed_token"), role))
@@ -126,3 +138,38 @@ def open_pads(conn: psycopg.Connection, who: Login, keys: Mapping[str, bytes]) -
     finally:
         with conn.transaction():
             conn.execute(sql.SQL("delete from {} where login = %s").format(table), (who.user,))
+
+
+def verify(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
+    """Before the operator reads what the builder built, and after every build: the builder owns its models (tables, and
+    the matched views) and nothing else, with no function, trigger, rule or row policy anywhere in the collaboration's
+    schemas. A view or a policy calling a function of the builder's would run that function as whoever reads it."""
+    who = login_name(loaded.name)
+    row = conn.execute("select oid from pg_roles where rolname = %s", (who,)).fetchone()
+    if row is None:
+        return
+    oid = row[0]
+    schemas = [*model_schemas(loaded), naming.matching_schema(loaded.name), naming.results_schema(loaded.name)]
+    found: list[str] = []
+    found += [f"function {n}.{f}" for n, f in conn.execute(
+        "select n.nspname, p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace where p.proowner = %s", (oid,)).fetchall()]
+    models = model_relations(loaded)
+    for schema, name, kind, secured in conn.execute(
+            "select n.nspname, c.relname, c.relkind, c.relrowsecurity from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+            "where c.relowner = %s and c.relpersistence <> 't' and c.relkind not in ('i', 'I', 'S', 't', 'c')", (oid,)).fetchall():
+        expected = "v" if name.startswith("matched_") else "r"
+        if (schema, name) not in models or kind != expected or secured:
+            found.append(f"relation {schema}.{name} (kind {kind}{', row security' if secured else ''})")
+    found += [f"trigger {t} on {n}.{c}" for t, n, c in conn.execute(
+        "select t.tgname, n.nspname, c.relname from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace "
+        "where not t.tgisinternal and n.nspname = any(%s)", (schemas,)).fetchall()]
+    found += [f"rule {r} on {n}.{c}" for r, n, c in conn.execute(
+        "select r.rulename, n.nspname, c.relname from pg_rewrite r join pg_class c on c.oid = r.ev_class join pg_namespace n on n.oid = c.relnamespace "
+        "where r.rulename <> '_RETURN' and n.nspname = any(%s)", (schemas,)).fetchall()]
+    found += [f"row policy {p} on {n}.{c}" for p, n, c in conn.execute(
+        "select p.polname, n.nspname, c.relname from pg_policy p join pg_class c on c.oid = p.polrelid join pg_namespace n on n.oid = c.relnamespace "
+        "where n.nspname = any(%s)", (schemas,)).fetchall()]
+    if found:
+        raise BuilderTampered(f"{loaded.name}: the dbt login {who} made or holds what no model makes ({'; '.join(sorted(found)[:5])}"
+                              f"{'; ...' if len(found) > 5 else ''}); nothing was read from its models. Investigate, drop those objects, "
+                              f"then `dcr run {loaded.name}`")

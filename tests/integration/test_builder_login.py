@@ -146,3 +146,56 @@ def test_during_a_build_the_key_is_usable_never_readable_and_dbt_sees_no_secret(
         owner = conn.execute("select pg_get_userbyid(relowner) from pg_class where oid = to_regclass(%s)",
                              (f"{naming.raw_schema(COLLAB, 'retailer')}.customers__normalised",)).fetchone()
     assert owner == (who.user,), "the model dbt rebuilt is the builder's"
+
+
+def test_nothing_the_builder_could_make_runs_as_a_reader_it_is_refused_before_any_read(e2e: dict[str, Any]) -> None:
+    """The dbt login cannot put a trigger on (or write) the operator's tables; a function, trigger or extra relation it
+    makes is found before the operator reads its models (a view calling it would run as the reader): releases, ad-hoc
+    queries and matching refuse with one line naming it, and go on once it is gone."""
+    from dcr_pipelines.runner import ad_hoc_run_config, materialize
+
+    analysis = naming.analysis_schema(COLLAB)
+    loaded = load_collaboration(e2e["root"] / COLLAB)
+    with _as_builder(e2e["url"]) as conn:
+        operator_table = conn.execute("select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = %s "
+                                      "and c.relkind = 'r' and pg_get_userbyid(c.relowner) <> session_user limit 1", (analysis,)).fetchone()
+        assert operator_table is not None, "the operator keeps a table of its own in the analysis schema"
+        conn.execute(f'create function "{analysis}".t() returns trigger language plpgsql as $$ begin return new; end $$')
+        try:
+            _refused(conn, f'create trigger t before insert on "{analysis}"."{operator_table[0]}" for each row execute function "{analysis}".t()')
+            _refused(conn, f'delete from "{analysis}"."{operator_table[0]}"')
+            with psycopg.connect(e2e["url"]) as operator, pytest.raises(builder.BuilderTampered) as caught:
+                builder.verify(operator, loaded)
+            assert f"function {analysis}.t" in str(caught.value) and "nothing was read" in str(caught.value)
+            import dagster as dg
+
+            asked = materialize(e2e["defs"], [naming.ad_hoc_key(COLLAB)], instance=dg.DagsterInstance.get(),
+                                run_config=ad_hoc_run_config(COLLAB, "ad_network", "select i.campaign_id, count(*) as n from impressions as i group by 1"))
+            assert asked.refused and "(integrity)" in (asked.failure or "") and f"function {analysis}.t" in (asked.failure or "")
+            conn.execute(f'create table "{analysis}".extra (x int)')
+            with psycopg.connect(e2e["url"]) as operator, pytest.raises(builder.BuilderTampered) as caught:
+                builder.verify(operator, loaded)
+            assert f"relation {analysis}.extra" in str(caught.value)
+        finally:
+            conn.execute(f'drop table if exists "{analysis}".extra')
+            conn.execute(f'drop function if exists "{analysis}".t()')
+    with psycopg.connect(e2e["url"]) as operator:
+        builder.verify(operator, loaded)  # gone: nothing to refuse
+
+
+def test_no_collaboration_name_makes_its_dbt_login_another_collaborations_role() -> None:
+    """`dcr_<c>_dbt_login` ends in a suffix no other role kind has: collaboration x_analysis's login is not x's
+    analysis_builder group (a collision the first naming had)."""
+    import random
+
+    rng = random.Random(4)
+    names = ["x", "x_analysis", "x_matching", "a_b", "a", "b", "dbt", "x_dbt", *("".join(rng.choice("ab_") for _ in range(rng.randint(1, 6))).strip("_") or "a" for _ in range(200))]
+    kinds = ["admin", "matching", "analysis_builder", "query_runner", "dbt_login"]
+    owners: dict[str, str] = {}
+    for c in set(names):
+        roles = [access.role_name(c, k) for k in kinds if k != "dbt_login"]
+        roles += [access.role_name(c, p, k) for p in ("r", "ad", "a_b") for k in ("raw_owner", "staging_loader", "result_reader")]
+        for role in roles:
+            owners.setdefault(role, c)
+    for c in set(names):
+        assert owners.get(access.builder_role(c), c) == c, (c, access.builder_role(c))

@@ -139,7 +139,7 @@ def test_concurrent_releases_each_answer_their_own_request(ctx: dict[str, Any]) 
 
 
 def test_concurrent_ad_hoc_runs_all_land_in_the_one_run_storage_and_the_audit_matches_the_chain(ctx: dict[str, Any]) -> None:
-    """Twelve `dcr query run` at once (each starts a deployment: writes of dagster.yaml raced and sent one run to a
+    """Twenty `dcr query run` at once (each starts a deployment: writes of dagster.yaml raced and sent one run to a
     stray SQLite storage): every run is answered, every chained run is in the one run storage, and `dcr audit --verify`
     passes. The instance configuration is not rewritten by any of them."""
     from dcr_pipelines.defs import audit as trail
@@ -147,8 +147,8 @@ def test_concurrent_ad_hoc_runs_all_land_in_the_one_run_storage_and_the_audit_ma
 
     config = Path(ctx["env"]["DCR_HOME"]) / "dagster_home" / "dagster.yaml" if "DCR_HOME" in ctx["env"] else None
     stamp = config.stat().st_mtime_ns if config is not None and config.is_file() else None
-    queries = [f"select i.campaign_id, count(*) as n from impressions as i where i.impression_time >= '2026-0{1 + k % 6}-0{1 + k % 9}' group by 1"
-               for k in range(12)]
+    queries = [f"select i.campaign_id, count(*) as n from impressions as i where i.impression_time >= '2026-0{1 + k % 6}-{1 + k:02d}' group by 1"
+               for k in range(20)]
     procs = [_start(ctx["env"], "query", "run", COLLAB, "--as", "ad_network", "--format", "json", q) for q in queries]
     run_ids = []
     for proc in procs:

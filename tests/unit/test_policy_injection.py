@@ -133,3 +133,24 @@ def _plain(sql: str) -> str:
     import re
 
     return re.sub(r"<(\w+)>", r"\1_stub", sql)
+
+
+@pytest.mark.parametrize(("inserted", "said"), [
+    ("length(dcr_keys.keyed_token('retailer', match_id))", "schema-qualified function"),
+    ("length(keyed_token('retailer', match_id))", "function keyed_token()"),
+    ("length(current_setting('dcr.hmac_retailer_inner'))", "function current_setting()"),
+    ("length(pg_read_file('/proc/self/environ'))", "function pg_read_file()"),
+    ("(select count(*) from dcr_keys.hmac_pads)", "refer to datasets by their logical name, not 'dcr_keys.hmac_pads'"),
+    ("(select count(*) from dcr_meta.uploads)", "refer to datasets by their logical name, not 'dcr_meta.uploads'"),
+])
+def test_an_approved_query_cannot_reach_the_platform_even_if_a_reviewer_let_it_through(tmp_path: Path, inserted: str, said: str) -> None:
+    """Keys, session settings, server files and the operator's tables are not the datasets: `policy check` refuses an
+    approved query that names them, before any model is generated (dbt would run it as the collaboration's dbt login)."""
+    folder = tmp_path / "demo"
+    shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
+    path = folder / "queries" / "campaign_reach.sql"
+    path.write_text(path.read_text().replace("sum(purchase_value) as spend", f"sum(purchase_value) + {inserted} as spend", 1))
+    with pytest.raises(PolicyError) as caught:
+        load_collaboration(folder)
+    found = [i for i in caught.value.issues if i.file == path and said in i.message]
+    assert found, caught.value.issues

@@ -358,10 +358,12 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
         if not any(c.identifier == collab.identity.kind for c in ds.columns.values()):
             issue((*where, "columns"), f"no column is an identifier of kind {collab.identity.kind.value!r}, so the dataset cannot be matched")
     parties = {d.owner for d in collab.datasets.values()}
-    for party in sorted(parties):
-        longest = f"dcr_{collab.name}_{party}_staging_loader"
+    for member in sorted(collab.members):  # every role the grants make (a longer name would be cut, and two could become one)
+        longest = f"dcr_{collab.name}_{member}_staging_loader"
         if len(longest) > 63:
-            issue(("members", party), f"role name {longest!r} exceeds PostgreSQL's 63 characters; shorten the collaboration or member name")
+            issue(("members", member), f"role name {longest!r} exceeds PostgreSQL's 63 characters; shorten the collaboration or member name")
+    if len(f"dcr_{collab.name}_analysis_builder") > 63:
+        issue(("name",), f"role name 'dcr_{collab.name}_analysis_builder' exceeds PostgreSQL's 63 characters; shorten the collaboration name")
     if len(parties) < 2:
         issue(("datasets",), "a collaboration needs datasets from at least two members")
     client = collab.matching.client
@@ -614,6 +616,9 @@ _SQL_TYPES = {ColumnType.TEXT: "text", ColumnType.INTEGER: "bigint", ColumnType.
               ColumnType.TIMESTAMP: "timestamp", ColumnType.BOOLEAN: "boolean"}
 
 
+_PLATFORM_FUNCTIONS = frozenset({"keyed_token", "current_setting", "set_config", "current_user", "session_user", "dblink", "lo_import", "lo_export"})
+
+
 def _compile_query(sql_text: str, sql_path: Path, collab: Collaboration, issues: list[PolicyIssue]) -> None:
     """Resolve every column of an approved query against the columns its datasets show it (the shared columns and
     match_id), as the database will: a typo is found here, with its line, column and the nearest name, not at release."""
@@ -623,6 +628,19 @@ def _compile_query(sql_text: str, sql_path: Path, collab: Collaboration, issues:
     from sqlglot.optimizer.qualify import qualify
 
     tree = sqlglot.parse_one(sql_text, read="postgres")
+    # An approved query reads its datasets and calls SQL's functions; nothing of the platform (the token function, session
+    # settings, server files, the operator's tables) even if a reviewer let it through.
+    for part in tree.walk():
+        what = None
+        if isinstance(part, sqlglot.exp.Dot) and isinstance(part.expression, sqlglot.exp.Func):
+            what = f"the schema-qualified function {part.sql(dialect='postgres')!r}: approved queries call SQL's own functions only"
+        elif isinstance(part, sqlglot.exp.Anonymous) and (str(part.name).lower() in _PLATFORM_FUNCTIONS or str(part.name).lower().startswith("pg_")):
+            what = f"function {str(part.name).lower()}(): it reads the platform (keys, settings, server files), not the datasets"
+        elif isinstance(part, sqlglot.exp.Table) and (part.args.get("db") is not None or part.args.get("catalog") is not None):
+            what = f"table {part.sql(dialect='postgres')!r}: approved queries read their datasets by name, never a schema of the platform"
+        if what is not None:
+            issues.append(PolicyIssue(sql_path, None, None, "", f"the query uses {what}"))
+            return
     schema: dict[str, object] = {name: {"match_id": "text", **{c: _SQL_TYPES[ds.columns[c].type] for c in ds.shared_columns if c in ds.columns}}
               for name, ds in collab.datasets.items()}
     try:

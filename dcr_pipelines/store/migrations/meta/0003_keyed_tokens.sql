@@ -1,6 +1,6 @@
 -- Keyed tokens without key material in reach of a model.
 --
--- dbt builds a collaboration as its own login (dcr_<collab>_builder: not a superuser, owns only that collaboration's
+-- dbt builds a collaboration as its own login (dcr_<collab>_dbt_login: not a superuser, owns only that collaboration's
 -- models). Its models compute HMAC tokens by calling dcr_keys.keyed_token(party, value), which runs as the NOLOGIN
 -- role dcr_keyholder and reads the party's padded key from dcr_keys.hmac_pads; the builder may call the function but
 -- may not read the table, the schema's other objects or the function's owner. A row exists only while a staging
@@ -61,7 +61,7 @@ revoke all on function dcr_keys.keyed_token(text, text) from public;
 -- operator's login owns the tables and is not subject to it). Grants to each builder are made with its login.
 alter table dcr_meta.query_requests enable row level security;
 create policy builder_reads_its_collaboration on dcr_meta.query_requests for select
-    using (current_user = 'dcr_' || collaboration || '_builder');
+    using (current_user = 'dcr_' || collaboration || '_dbt_login');
 alter table dcr_meta.dataset_versions enable row level security;
 create policy builder_reads_its_collaboration on dcr_meta.dataset_versions for select
-    using (current_user = 'dcr_' || collaboration || '_builder');
+    using (current_user = 'dcr_' || collaboration || '_dbt_login');
