@@ -204,6 +204,13 @@ def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]]
                                    stdout_log=_run_log()):
             if not done.success:  # a refused file is the party's to fix, not a failed pipeline
                 out.print(f"warning: {done.failure}", markup=False)
+    from ..defs import freshness
+    from ..lib.database import connect
+
+    with connect(os.environ["DCR_WAREHOUSE_URL"]) as conn:  # a version a dead command did not record: recorded, so staging rebuilds it
+        for k in freshness.record_missing(_instance(), conn, loaded, Settings.from_env().landing):
+            out.print(f"note: {k}: the warehouse's current version was missing from the event log (a command stopped before recording it); "
+                      "recorded now", markup=False, soft_wrap=True)
     keys = collaboration_keys(defs, loaded.name)
     with out.status(f"materializing {len(keys)} assets of {loaded.name} through Dagster..."):
         outcome = materialize(

@@ -138,6 +138,7 @@ def query_run(collab: str, party: str, fmt: str, dry_run: bool, sql_text: str) -
 
 def _dry_run(runtime: Any, loaded: Any, party: str, sql_text: str) -> None:
     """Check the query and print what it would cost against the runner's budget and daily cap; exit 1 if it does not fit."""
+    from ..defs import freshness
     from ..lib import adhoc
     from ..lib.database import connect
     from ..services import adhoc as adhoc_service
@@ -145,7 +146,7 @@ def _dry_run(runtime: Any, loaded: Any, party: str, sql_text: str) -> None:
     try:
         checked = adhoc.check(loaded, party, sql_text)
         with connect(runtime.warehouse.url()) as conn:
-            planned = adhoc_service.dry_run(conn, loaded, checked, sql_text)
+            planned = adhoc_service.dry_run(conn, loaded, checked, sql_text, freshness.staged(_instance(), conn, loaded))
     except adhoc.QueryRefused as exc:
         fail(str(exc))
     for line in checked.summary():

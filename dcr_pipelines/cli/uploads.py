@@ -50,8 +50,10 @@ def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int
     out.print(table)
     # What each dataset is now (a withdraw, an appended file or a changed contract makes a version no upload row shows),
     # and whether the staged data the answers read are that version yet.
+    from ..defs import freshness
+
     with connect(runtime.warehouse.url()) as conn:
-        stale = set(ingest_lib.stale_datasets(conn, loaded))
+        stale = set(freshness.staged(_instance(), conn, loaded).stale)
         now = {name: ingest_lib.current_version(conn, target(loaded, name, runtime.settings.landing, runtime.warehouse.url()))
                for name, ds in sorted(loaded.collaboration.datasets.items()) if (party is None or ds.owner == party) and (dataset is None or name == dataset)}
     current = Table(title=f"{collab}: current data", title_justify="left")
@@ -79,10 +81,7 @@ def withdraw(collab: str, party: str, dataset: str, upload: int) -> None:
     Example:
       dcr uploads withdraw demo ad_network impressions 7
     """
-    import dagster as dg
-
     from ..defs.ingest import partitions_name, target
-    from ..lib import naming
     from ..lib.database import connect
     from ..services import ingest as ingest_lib
 
@@ -98,16 +97,15 @@ def withdraw(collab: str, party: str, dataset: str, upload: int) -> None:
             version = ingest_lib.withdraw(conn, t, upload)
     except ingest_lib.UploadRejected as exc:
         fail(str(exc), 2)
-    instance = _instance()
-    key = dg.AssetKey(naming.raw_key(collab, party, dataset))
-    # The event log records the withdrawal (an observation of the dataset's new version), then the partition goes.
-    instance.report_runless_asset_event(dg.AssetObservation(
-        asset_key=key,
-        metadata={"withdrawn_upload": upload, "version": version.version, "row_count": dg.MetadataValue.int(version.row_count),
-                  "checksum_sha256": version.checksum, "files_in_version": len(version.parts)},
-    ))
+    from ..defs import freshness
     from ..store import uploads as queue
 
+    # The event log records the withdrawal: a materialization of the withdrawn file's partition whose data version is
+    # the dataset's new content, which staging's provenance no longer matches (stale until it is rebuilt). Then the
+    # partition goes.
+    instance = _instance()
+    freshness.record_version(instance, collab, party, dataset, version, partition=queue.partition_key(upload),
+                             why=f"upload #{upload} withdrawn", withdrawn_upload=upload)
     instance.delete_dynamic_partition(partitions_name(collab, party, dataset), queue.partition_key(upload))
     out.print(f"{collab}/{party}/{dataset}: upload #{upload} withdrawn; version {version.version} has {plural(version.row_count, 'row')} "
               f"from {plural(len(version.parts), 'file')}; releases and queries refuse (stale data) until `dcr run {collab}` (or the landing "

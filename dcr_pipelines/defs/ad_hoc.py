@@ -12,6 +12,7 @@ import dagster as dg
 from ..lib import adhoc, naming
 from ..lib.policy import LoadedCollaboration
 from ..services import adhoc as adhoc_service
+from . import freshness
 from .common import AdHocConfig, audit_metadata
 from .resources import WarehouseResource
 
@@ -54,7 +55,7 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         try:
             checked = adhoc.check(loaded, config.runner, config.sql)
             with warehouse.connect() as conn:
-                result = adhoc_service.execute(conn, loaded, checked, context.run.run_id, config.sql)
+                result = adhoc_service.execute(conn, loaded, checked, context.run.run_id, config.sql, freshness.staged(context.instance, conn, loaded))
         except adhoc.QueryRefused as exc:
             datasets = adhoc.datasets_named(loaded, config.sql)
             with warehouse.connect() as conn:  # refusals are in the audit chain too, with their time: they count against the daily cap

@@ -26,12 +26,6 @@ from .dbt_runner import DbtRunnerResource
 from .resources import SecretsResource, WarehouseResource
 
 
-def _record_inputs(conn: Any, loaded: LoadedCollaboration, versions: Mapping[str, Any]) -> None:
-    """The upload content each staged table now holds: what a release or an ad-hoc query reads (and is labelled with)."""
-    for name, ds in loaded.collaboration.datasets.items():
-        stages.record_build(conn, loaded.name, f"staging/{name}/input", str(versions.get(f"{ds.owner}.{name}", {}).get("checksum")))
-
-
 def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration, only: set[str] | None = None) -> Iterator[dg.AssetObservation]:
     """Per staged dataset (of ``only``, the rebuilt ones): rows in, rows staged, and identifiers rejected per reason (counts only)."""
     with warehouse.connect() as conn:
@@ -191,8 +185,8 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 key_ids = {p: hmac.new(k, b"dcr-stage-digest", hashlib.sha256).hexdigest() for p, k in keys.items()}
                 digest = _digest(code, loaded.policy_sha256, versions, key_ids)
                 if stages.can_skip(conn, c, "staging", digest, relations):
-                    # Unchanged inputs (the digest holds the current versions): the staged tables hold the current uploads.
-                    _record_inputs(conn, loaded, versions)
+                    # Unchanged inputs (the digest holds the current versions): the staged tables hold the current uploads,
+                    # and this materialization's provenance says so (it points at the raw asset's latest event).
                     yield from _skipped(context, "staging", digest)
                     return
             who = builder.login(c, secrets.pairing_key(c))
@@ -229,7 +223,6 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                     for name, d in plan.digests.items():
                         stages.record_build(conn, c, f"staging/{name}", d)
                         stages.record_build(conn, c, f"staging/{name}/base", plan.bases[name])
-                    _record_inputs(conn, loaded, versions)
 
         return staging
 

@@ -21,7 +21,6 @@ from ..lib import naming
 from ..lib.naming import job_names, uploads_job_name
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
-from ..store import stages
 from ..store import uploads as queue
 from .common import UPLOAD_CHECK, UploadConfig
 from .resources import WarehouseResource
@@ -226,26 +225,30 @@ def _landing_sensor(loaded: LoadedCollaboration, landing: Path, jobs_by_name: di
                                               tags={"dcr/upload": newest.file_name, "dcr/collaboration": c}))
         if requests:
             return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=partitions)
-        return _refresh(loaded, warehouse, downstream)
+        return _refresh(context, loaded, warehouse, landing, downstream)
 
     return landing_sensor
 
 
-def _refresh(loaded: LoadedCollaboration, warehouse: WarehouseResource, downstream: list[dg.AssetKey]) -> dg.SensorResult | dg.SkipReason:
-    """A run of the stages after ingest when the staged data are not the current uploads, and nothing is waiting."""
+def _refresh(context: dg.SensorEvaluationContext, loaded: LoadedCollaboration, warehouse: WarehouseResource, landing: Path,
+             downstream: list[dg.AssetKey]) -> dg.SensorResult | dg.SkipReason:
+    """A run of the stages after ingest when the staged data are not the current uploads (Dagster's data versions: the
+    raw asset's latest against what staging's provenance says it read), and nothing is waiting."""
+    from . import freshness
+
     c = loaded.name
     with warehouse.connect() as conn:
         if queue.listing(conn, c, states=("queued", "processing")):
             return dg.SkipReason("no new upload files; uploads are still being ingested (the stages follow once they are in)")
-        current = ingest_lib.current_versions(conn, c)
-        staged = stages.staged_inputs(conn, loaded)
-    missing = sorted(f"{ds.owner}.{name}" for name, ds in loaded.collaboration.datasets.items() if f"{ds.owner}.{name}" not in current)
+        for k in freshness.record_missing(context.instance, conn, loaded, landing):
+            context.log.warning(f"{k}: the warehouse's current version was missing from the event log (a command stopped before recording it); recorded now")
+        staged = freshness.staged(context.instance, conn, loaded)
+    missing = sorted(f"{ds.owner}.{name}" for name, ds in loaded.collaboration.datasets.items() if f"{ds.owner}.{name}" not in staged.warehouse)
     if missing:
         return dg.SkipReason(f"no new upload files; waiting for a first upload of {', '.join(missing)} before staging")
-    stale = sorted(k for k, v in current.items() if staged.get(k) != v.get("checksum"))
-    if not stale:
+    if not staged.stale:
         return dg.SkipReason("no new upload files; the staged data are the current uploads")
-    state = hashlib.sha256(json.dumps({k: v.get("checksum") for k, v in sorted(current.items())}).encode()).hexdigest()[:16]
+    state = hashlib.sha256(json.dumps(staged.recorded, sort_keys=True).encode()).hexdigest()[:16]
     return dg.SensorResult(run_requests=[dg.RunRequest(
         run_key=f"refresh:{state}", job_name=job_names(c)["pipeline"], asset_selection=downstream,
-        tags={"dcr/collaboration": c, "dcr/refresh": ", ".join(stale), "dcr/user": f"sensor {c}__landing_files"})])
+        tags={"dcr/collaboration": c, "dcr/refresh": ", ".join(staged.stale), "dcr/user": f"sensor {c}__landing_files"})])

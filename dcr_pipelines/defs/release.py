@@ -11,12 +11,12 @@ from ..lib import naming
 from ..lib.database import advisory_lock
 from ..lib.params import ParameterError, validate_params
 from ..lib.policy import LoadedCollaboration
-from ..services import ingest as ingest_lib
 from ..services import release_checks
 from ..services.release import ReleaseRefused, release_query
 from ..store import analysis as store_analysis
 from ..store import builder, ledger, stages
 from ..store import matching as store_matching
+from . import freshness
 from .ad_hoc import refusal
 from .common import (
     ReleaseConfig,
@@ -75,18 +75,18 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         # Build and release under one lock: the pre-noise table read is the one built for this request.
         with advisory_lock(warehouse.url, analysis_lock_name(c)):
             with warehouse.connect() as conn:
-                # What the release reads is the staged data: it is labelled (and cached) by the uploads staging was built
-                # from, and refused while a newer upload has not been staged (it would be stale data under a new label).
-                stale = ingest_lib.stale_datasets(conn, loaded)
-                staged = stages.staged_inputs(conn, loaded)
+                # What the release reads is the staged data: it is labelled (and cached) by the upload versions staging was
+                # built from, as Dagster's provenance records them, and refused while the event log holds a newer version
+                # (it would be stale data under a new label).
+                staged = freshness.staged(context.instance, conn, loaded)
                 match = store_matching.previous_match(conn, c)
-            if stale:
-                yield refusal(context, f"release refused, nothing was released or charged: {', '.join(stale)} changed since the data was "
-                              f"staged (a newer upload, not yet through staging and matching); run `dcr run {c}` first, then ask again",
+            if staged.stale:
+                yield refusal(context, f"release refused, nothing was released or charged: {', '.join(staged.stale)} changed since the data was "
+                              f"staged ({staged.describe()}); run `dcr run {c}` first, then ask again",
                               rule="stale data", consumer=spec.consumer, params=params)
                 yield from refused_checks(warehouse)
                 return
-            versions: dict[str, Any] = {**{k: {"checksum": v} for k, v in sorted(staged.items())}, "cross_reference": match[0] if match else None}
+            versions: dict[str, Any] = {**staged.versions(), "cross_reference": match[0] if match else None}
             with warehouse.connect() as conn:
                 key = request_key(query, params, versions, match)
                 cached = ledger.stored_release_id(conn, naming.results_schema(c), ledger.cache_key(query.sha256, params, versions))

@@ -238,9 +238,9 @@ class AdHocDryRun:
         return self.noise.epsilon <= self.status.remaining + 1e-12 and (self.noise.delta == 0 or self.noise.delta <= self.status.delta_remaining + 1e-18)
 
 
-def dry_run(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, text: str) -> AdHocDryRun:
+def dry_run(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, text: str, staged: ingest_lib.Staged) -> AdHocDryRun:
     """The cost of running ``checked`` now, against what its runner has left; draws nothing, charges nothing, reads no row."""
-    refuse_unready(conn, loaded)
+    refuse_unready(conn, loaded, staged)
     runs, cap = runs_today(conn, loaded.name, checked.runner), loaded.collaboration.ad_hoc.max_queries_per_day
     if checked.dp is None:
         return AdHocDryRun(None, None, False, runs, cap)
@@ -251,21 +251,22 @@ def dry_run(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Chec
     return AdHocDryRun(adhoc_noise.plan(checked.dp), status, cached, runs, cap)
 
 
-def refuse_unready(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
-    """No answer from staged data a newer upload or a withdraw has replaced (it would use rows that are no longer the data)."""
+def refuse_unready(conn: psycopg.Connection, loaded: LoadedCollaboration, staged: ingest_lib.Staged) -> None:
+    """No answer from staged data a newer upload or a withdraw has replaced (it would use rows that are no longer the
+    data); ``staged`` is Dagster's record of what staging was built from (``defs/freshness.py``)."""
     try:
         builder.verify(conn, loaded)  # the matched views are the dbt login's: nothing else of it runs as the query's reader
     except builder.BuilderTampered as exc:
         raise QueryRefused("integrity", str(exc)) from None
-    stale = ingest_lib.stale_datasets(conn, loaded)
-    if stale:
-        raise QueryRefused("stale data", f"{', '.join(stale)} changed since the data was staged (a newer upload or a withdraw, not yet through "
-                           f"staging and matching); nothing was read or charged: run `dcr run {loaded.name}` first, then ask again")
+    if staged.stale:
+        raise QueryRefused("stale data", f"{', '.join(staged.stale)} changed since the data was staged ({staged.describe()}); nothing was "
+                           f"read or charged: run `dcr run {loaded.name}` first, then ask again")
 
 
-def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, run_id: str, text: str, timeout_s: int = 120) -> AdHocResult:
+def execute(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: CheckedQuery, run_id: str, text: str, staged: ingest_lib.Staged,
+            timeout_s: int = 120) -> AdHocResult:
     """Run a checked query (see the module docstring); store its rows for the runner only; return them."""
-    refuse_unready(conn, loaded)
+    refuse_unready(conn, loaded, staged)
     if checked.dp is not None:
         return _execute_dp(conn, loaded, checked, run_id, text, timeout_s)
     c = loaded.name

@@ -225,14 +225,42 @@ def current_versions(conn: psycopg.Connection, collaboration: str) -> dict[str, 
     return {f"{p}.{d}": {"version": v, "checksum": c} for p, d, v, c in rows}
 
 
-def stale_datasets(conn: psycopg.Connection, loaded: Any) -> list[str]:
-    """``party.dataset`` of every dataset whose current upload is not what its staging table was built from (a newer
-    upload or a withdraw not yet staged): an answer over the staged data would be labelled with data it does not hold."""
-    from ..store import stages
+@dataclass(frozen=True)
+class Staged:
+    """What the staged data are, per ``party.dataset``, as Dagster's event log records it (see ``defs/freshness.py``).
 
-    current = current_versions(conn, loaded.name)
-    staged = stages.staged_inputs(conn, loaded)
-    return sorted(k for k, v in current.items() if staged.get(k) != v.get("checksum"))
+    ``read``: the data version (upload-content checksum) of the upload event the dataset's staging materialization was
+    built from (its provenance). ``recorded``: the raw asset's latest data version in the event log. ``warehouse``: the
+    current version's checksum in ``dcr_meta.dataset_versions``, a consistency check only: the event log must have
+    recorded every version the warehouse holds."""
+
+    read: dict[str, str | None]
+    recorded: dict[str, str | None]
+    warehouse: dict[str, str]
+
+    def reason(self, key: str) -> str | None:
+        if self.recorded.get(key) != self.warehouse[key]:
+            return "a version the event log has not recorded (a command that changed it stopped before recording it)"
+        if self.read.get(key) != self.recorded.get(key):
+            return "a newer upload or a withdraw, not yet through staging"
+        return None
+
+    @property
+    def stale(self) -> list[str]:
+        """``party.dataset`` of every dataset the staged data are not the current version of: an answer over them would
+        be labelled with data it does not hold."""
+        return sorted(k for k in self.warehouse if self.reason(k))
+
+    def versions(self) -> dict[str, dict[str, str | None]]:
+        """What an answer over the staged data reads, per dataset: the content checksum staging was built from."""
+        return {k: {"checksum": self.read.get(k)} for k in sorted(self.warehouse)}
+
+    def describe(self) -> str:
+        """The stale datasets and why, for a refusal."""
+        by_reason: dict[str, list[str]] = {}
+        for k in self.stale:
+            by_reason.setdefault(str(self.reason(k)), []).append(k)
+        return "; ".join(f"{', '.join(keys)}: {why}" for why, keys in by_reason.items())
 
 
 def versions(conn: psycopg.Connection, collaboration: str, party: str, dataset: str) -> list[dict[str, Any]]:

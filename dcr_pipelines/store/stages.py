@@ -86,12 +86,3 @@ def staging_counts(conn: psycopg.Connection, loaded: LoadedCollaboration, only: 
 def _count(conn: psycopg.Connection, table: sql.Identifier) -> int:
     row = conn.execute(sql.SQL("select count(*) from {}").format(table)).fetchone()
     return int(row[0]) if row else 0
-
-
-def staged_inputs(conn: psycopg.Connection, loaded: LoadedCollaboration) -> dict[str, str | None]:
-    """``party.dataset`` -> the checksum of the upload content each dataset's staging table was last built from (None:
-    never recorded). What a release over the staged data actually reads."""
-    migrations.ensure(conn, "meta")
-    rows: dict[str, str] = dict(conn.execute("select stage, digest from dcr_meta.stage_builds where collaboration = %s and stage like 'staging/%%/input'",
-                             (loaded.name,)).fetchall())
-    return {f"{ds.owner}.{name}": rows.get(f"staging/{name}/input") for name, ds in loaded.collaboration.datasets.items()}

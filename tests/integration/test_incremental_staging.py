@@ -122,3 +122,63 @@ def _first_seq(conn: psycopg.Connection) -> int:
                        "and state = 'accepted'", (COLLAB,)).fetchone()
     assert row is not None and row[0] is not None
     return int(row[0])
+
+
+def _staged(ctx: dict[str, Any]) -> Any:
+    from dcr_pipelines.defs import freshness
+
+    with psycopg.connect(ctx["url"]) as conn:
+        return freshness.staged(dg.DagsterInstance.get(), conn, ctx["loaded"])
+
+
+def test_staleness_of_an_append_dataset_is_read_from_the_event_log_whatever_its_number_of_files(ctx: dict[str, Any]) -> None:
+    """Append mode: a withdraw is a raw event whose data version is the dataset's new content, and staging's provenance
+    no longer matches it. Dagster's own stale-status resolver ignores a partitioned dependency with 100 or more
+    partitions; the gate does not: with 120 partitions, the same content again is fresh and new content is stale."""
+    from dcr_pipelines.defs import freshness
+    from dcr_pipelines.defs.ingest import partitions_name
+
+    _drop(ctx, "may.csv", impressions(10, 100))
+    _run(ctx)
+    assert not _staged(ctx).stale
+    instance = dg.DagsterInstance.get()
+    t = ingest.Target(COLLAB, "ad_network", "impressions", ctx["loaded"].collaboration.datasets["impressions"],
+                      naming.raw_schema(COLLAB, "ad_network"), ctx["landing"], ctx["url"])
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        gone = _first_seq(conn)
+        version = ingest.withdraw(conn, t, gone)
+    assert _staged(ctx).stale == ["ad_network.impressions"], "the warehouse changed, the event log does not know yet"
+    from dcr_pipelines.store import uploads as queue
+
+    freshness.record_version(instance, COLLAB, "ad_network", "impressions", version, partition=queue.partition_key(gone), why="test withdraw")
+    staged = _staged(ctx)
+    assert staged.stale == ["ad_network.impressions"] and "not yet through staging" in (staged.reason("ad_network.impressions") or "")
+    _run(ctx)
+    staged = _staged(ctx)
+    assert not staged.stale and staged.read["ad_network.impressions"] == version.checksum
+
+    # 120 files' worth of partitions, each re-recorded with the content already staged: one data version, fresh.
+    name = partitions_name(COLLAB, "ad_network", "impressions")
+    extra = [f"upload-{900000 + i}" for i in range(120)]
+    instance.add_dynamic_partitions(name, extra)
+    for key in extra:
+        freshness.record_version(instance, COLLAB, "ad_network", "impressions", version, partition=key, why="test: same content")
+    assert not _staged(ctx).stale
+    # New content on one of them: stale for the gate, while Dagster's resolver skips a dependency this wide.
+    newer = dataclasses.replace(version, checksum="f" * 64)
+    freshness.record_version(instance, COLLAB, "ad_network", "impressions", newer, partition=extra[-1], why="test: new content")
+    assert _staged(ctx).stale == ["ad_network.impressions"]
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._time import get_current_datetime
+
+    graph = build_definitions(ctx["settings"]).resolve_asset_graph()
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None), instance=instance, asset_graph=graph)
+    resolver = CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+    assert resolver.get_status(dg.AssetKey(naming.normalised_key(COLLAB, "ad_network", "impressions"))).value == "FRESH", \
+        "Dagster's resolver does not look past 100 partitions (why the gate applies the rule itself)"
+    # Put back: the recorded content is the warehouse's again.
+    freshness.record_version(instance, COLLAB, "ad_network", "impressions", version, partition=extra[-1], why="test: restored")
+    for key in extra:
+        instance.delete_dynamic_partition(name, key)
+    assert not _staged(ctx).stale

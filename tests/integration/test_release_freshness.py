@@ -152,3 +152,78 @@ def test_the_landing_sensor_brings_the_stages_up_to_date_after_an_upload_and_nev
         current = conn.execute("select checksum from dcr_meta.dataset_versions where collaboration = %s and party = 'ad_network' "
                                "and dataset = 'impressions' and is_current", (COLLAB,)).fetchone()
     assert meta["input_versions"]["ad_network.impressions"] == {"checksum": current[0]}, "labelled with, and built from, the new upload"
+
+
+def _staged(fresh: dict[str, Any]) -> Any:
+    from dcr_pipelines.defs import freshness
+    from dcr_pipelines.lib.policy import load_collaboration
+
+    loaded = load_collaboration(fresh["settings"].policies / COLLAB)
+    with psycopg.connect(fresh["url"]) as conn:
+        return freshness.staged(dg.DagsterInstance.get(), conn, loaded)
+
+
+def test_the_same_content_again_is_the_same_data_version_fresh_and_free(fresh: dict[str, Any]) -> None:
+    """A re-delivered file with the content already loaded is a new raw event with the same data version (the content
+    checksum): nothing is stale, and the same request is answered from the store without a charge."""
+    assert materialize(fresh["defs"], collaboration_keys(fresh["defs"], COLLAB), instance=dg.DagsterInstance.get(),
+                       run_config=analysis_run_config(COLLAB, {})).success
+    first = _release(fresh)
+    assert first.success, first.failure
+    charges = _charges(fresh)
+    instance = dg.DagsterInstance.get()
+    raw = dg.AssetKey(naming.raw_key(COLLAB, "retailer", "customers"))
+    before = instance.get_latest_data_version_record(raw, False)
+    again = fresh["settings"].landing / COLLAB / "retailer" / "customers" / "customers_again.csv"
+    again.write_bytes(fresh["files"].customers.read_bytes())
+    assert materialize(fresh["defs"], [raw.path], instance=instance, run_config=ingest_run_config(COLLAB, "retailer", "customers")).success
+    after = instance.get_latest_data_version_record(raw, False)
+    assert after.storage_id > before.storage_id, "the ingest is a new event in the log"
+    assert after.event_log_entry.tags["dagster/data_version"] == before.event_log_entry.tags["dagster/data_version"]
+    assert not _staged(fresh).stale
+    second = _release(fresh)
+    meta = second.metadata["/".join(naming.release_key(COLLAB, "campaign_reach"))]
+    assert second.success and meta["cached"] and _charges(fresh) == charges, "identical content: the stored answer, free"
+
+
+def test_a_version_the_event_log_never_recorded_is_refused_until_recorded_and_staged(fresh: dict[str, Any]) -> None:
+    """The warehouse changed and the command that changed it died before its Dagster event (here: the service called
+    without Dagster). The gate, which reads the event log, does not take the staged data for current: the release and
+    ad-hoc SQL refuse naming the cause; the landing sensor records the version as the raw asset's data version and asks
+    for the stages; after them the release is labelled with the new content."""
+    from dcr_pipelines.defs.ingest import target
+    from dcr_pipelines.lib.policy import load_collaboration
+    from dcr_pipelines.services import ingest as ingest_lib
+
+    loaded = load_collaboration(fresh["settings"].policies / COLLAB)
+    changed = pd.read_csv(fresh["files"].customers)
+    changed = changed[changed.index % 3 != 0]
+    (fresh["settings"].landing / COLLAB / "retailer" / "customers" / "customers_v3.csv").write_text(changed.to_csv(index=False))
+    t = target(loaded, "customers", fresh["settings"].landing, fresh["url"])
+    with psycopg.connect(fresh["url"], autocommit=True) as conn:
+        ingest_lib.intake(conn, t)
+        outcome = ingest_lib.process_queue(conn, t)
+        assert outcome.loaded, "the new version is in the warehouse"
+        current = ingest_lib.current_version(conn, t)
+    staged = _staged(fresh)
+    assert staged.stale == ["retailer.customers"] and "event log has not recorded" in (staged.reason("retailer.customers") or "")
+    charges = _charges(fresh)
+    refused = _release(fresh)
+    assert refused.refused and "retailer.customers changed since the data was staged" in (refused.failure or "")
+    asked = materialize(fresh["defs"], [naming.ad_hoc_key(COLLAB)], instance=dg.DagsterInstance.get(),
+                        run_config=ad_hoc_run_config(COLLAB, "ad_network", "select i.campaign_id, count(*) as n from impressions as i group by 1"))
+    assert asked.refused and "(stale data)" in (asked.failure or "")
+    assert _charges(fresh) == charges
+    tick = _landing_tick(fresh)
+    [request] = tick.run_requests
+    assert request.tags["dcr/refresh"] == "retailer.customers"
+    recorded = dg.DagsterInstance.get().get_latest_data_version_record(dg.AssetKey(naming.raw_key(COLLAB, "retailer", "customers")), False)
+    assert recorded.event_log_entry.tags["dagster/data_version"] == current.checksum, "recorded as the raw asset's data version"
+    assert recorded.event_log_entry.run_id == "", "a runless event: no run made it"
+    ran = materialize(fresh["defs"], [k.path for k in request.asset_selection], instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
+    assert ran.success, ran.failure
+    assert not _staged(fresh).stale
+    released = _release(fresh)
+    assert released.success and not released.refused, released.failure
+    meta = released.metadata["/".join(naming.release_key(COLLAB, "campaign_reach"))]
+    assert meta["input_versions"]["retailer.customers"] == {"checksum": current.checksum}
