@@ -675,13 +675,23 @@ def test_appended_files_are_partitions_whose_union_is_the_dataset(env: dict[str,
     backfill = materialize(defs, [naming.raw_key("uploads", "ad_network", "impressions")], instance=instance, partition_key=files["march.csv"].partition_key)
     assert backfill.success, backfill.failure
     assert state(t)[0] == version + 1 and state(t)[1] == 55
-    # Withdrawing a file removes exactly its rows.
+    # Withdrawing a file (`dcr uploads withdraw`) removes exactly its rows; the event log records it as a materialization
+    # of the file's partition whose data version is the dataset's new content (what staging's provenance is compared
+    # with), then the partition goes.
+    proc = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "uploads", "withdraw", "uploads", "ad_network", "impressions",
+                           str(files["april.csv"].seq)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DCR_POLICIES": str(env["root"]), "DCR_LANDING": str(landing)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"upload #{files['april.csv'].seq} withdrawn" in proc.stdout and "35 rows" in proc.stdout, proc.stdout
     with psycopg.connect(env["url"], autocommit=True) as conn:
-        withdrawn = ingest.withdraw(conn, t, files["april.csv"].seq)
-        assert withdrawn.row_count == 35
         emails = {r[0] for r in conn.execute(f'select user_email from "{t.schema}".impressions').fetchall()}
+        checksum = conn.execute("select checksum from dcr_meta.dataset_versions where collaboration = 'uploads' and dataset = 'impressions' "
+                                "and is_current").fetchone()[0]
     assert emails == {f"v{i}@example.com" for i in [*range(30), *range(50, 55)]}
     assert next(u for u in uploads_of(t) if u.file_name == "april.csv").state == "withdrawn"
+    latest = instance.get_latest_data_version_record(key, False)
+    assert latest.partition_key == files["april.csv"].partition_key and latest.event_log_entry.tags["dagster/data_version"] == checksum
+    assert files["april.csv"].partition_key not in instance.get_dynamic_partitions(name)
     # The rest of the pipeline reads the union: a collaboration run leaves the partitioned dataset to its own runs.
     from dcr_pipelines.runner import collaboration_keys
 
