@@ -6,7 +6,7 @@ infrastructure failed (database unreachable or missing, disk full,
 permission denied): nothing was changed, run it again once fixed.
 """
 
-from . import db, demo, pipeline, policy, psi, query, report, uploads
+from . import db, demo, member, pipeline, policy, psi, query, report, uploads
 from ._common import main
 
-__all__ = ["db", "demo", "main", "pipeline", "policy", "psi", "query", "report", "uploads"]
+__all__ = ["db", "demo", "main", "member", "pipeline", "policy", "psi", "query", "report", "uploads"]

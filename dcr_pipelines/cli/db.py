@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 
 from ..lib.text import plural
-from ._common import _collaboration, _definitions, _runtime, fail, main, out
+from ._common import INFRASTRUCTURE, _collaboration, _definitions, _runtime, fail, main, out
 
 
 @main.group()
@@ -27,6 +27,37 @@ def db_url() -> None:
       DCR_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/cleanroom dcr db url
     """
     out.print(_runtime().warehouse.redacted(), markup=False, soft_wrap=True)
+
+
+@db.command("listen")
+@click.option("--port", type=int, help="The TCP port member logins connect to.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on (0.0.0.0: every interface).")
+@click.option("--off", is_flag=True, help="Listen on the socket only again.")
+def db_listen(port: int | None, host: str, off: bool) -> None:
+    """Let member logins reach the embedded PostgreSQL over TCP (SCRAM-SHA-256 passwords; nobody else is admitted over TCP).
+
+    The server restarts to listen (running commands lose their connections; restart `dcr ui`). It keeps listening at
+    every later start until `--off`. An external database's own pg_hba.conf and listen_addresses decide this instead.
+
+    \b
+    Example:
+      dcr db listen --port 5433
+    """
+    from ..lib.database import EmbeddedServerError, listen
+    from ..lib.settings import Settings
+
+    settings = Settings.from_env()
+    if settings.external_database_url:
+        fail("the database is external (DCR_DATABASE_URL): let member logins in with its own listen_addresses and pg_hba.conf "
+             "(the lines to add are in the README, Members)", 2)
+    if not off and port is None:
+        fail("give --port PORT (or --off)", 2)
+    try:
+        listen(settings.home, None if off else host, None if off else port)
+    except EmbeddedServerError as exc:
+        fail(str(exc), INFRASTRUCTURE)
+    out.print("embedded PostgreSQL: socket only" if off else f"embedded PostgreSQL: listening on {host}:{port} for member logins "
+              "(SCRAM-SHA-256; no TLS: reach it over a VPN or an SSH tunnel across networks)", markup=False, soft_wrap=True)
 
 
 @db.command("stop")

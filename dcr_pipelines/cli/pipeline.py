@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.table import Table
 
 from ..lib.text import plural
 from ._common import (
@@ -134,7 +136,9 @@ def run(collab: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Show the epsilon the release would cost and run nothing.")
 @click.option("--chart", type=click.Path(path_type=Path), help="Also write a PNG chart of the released values with their intervals.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, chart: Path | None, fmt: str) -> None:
+@click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`): "
+              "ask as that member (the query's consumer); or set DCR_MEMBER_URL.")
+def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, chart: Path | None, fmt: str, credentials_path: Path | None) -> None:
     """Run approved QUERY of COLLAB and release it (with differential privacy, or thresholded under the threshold rule).
 
     \b
@@ -145,7 +149,18 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     from ..lib import naming
     from ..lib.params import ParameterError, validate_params
     from ..runner import materialize, release_run_config
+    from .member import ask, credentials
 
+    creds = credentials(credentials_path)
+    if creds:
+        if dry_run or chart is not None:
+            fail("--dry-run and --chart are not available through a member login yet", 2)
+        supplied_params = dict(item.split("=", 1) for item in params if "=" in item)
+        if len(supplied_params) != len(params):
+            fail(f"--param {next(i for i in params if '=' not in i)!r}: expected NAME=VALUE", 2)
+        done = ask(creds, collab, "release", {"query": query, "params": supplied_params})
+        _print_member_release(collab, query, done.answer, fmt)
+        return
     if chart is not None and chart.suffix.lower() != ".png":
         fail(f"--chart {chart}: the chart is a PNG; give a file name ending in .png", 2)
     if chart is not None and not chart.resolve().parent.is_dir():
@@ -235,3 +250,24 @@ def _dry_run(runtime: Any, loaded: Any, approved: Any) -> None:
     out.print(f"release would cost epsilon {planned.epsilon:.4g}" + (f" and delta {planned.delta:.3g}" if planned.delta else "")
               + f" of {consumer}'s budget: {status.remaining:.4g} of {status.total:.4g} left now, {planned.remaining_after:.4g} after it{window}",
               soft_wrap=True)
+
+
+def _print_member_release(collab: str, query: str, answer: dict[str, Any], fmt: str) -> None:
+    """A release answered to a member's request: its rows (each noised value with its interval) and what it cost."""
+    if fmt == "json":
+        out.print_json(data=answer)
+        return
+    if answer.get("cached"):
+        out.print("identical release found (same query, parameters and data): returning it, no budget charged")
+    rows = list(answer.get("rows") or [])
+    out.print(f"{collab}/{query}, release {answer['release_id']}, params {json.dumps(answer.get('params') or {})}", markup=False, soft_wrap=True)
+    table = Table()
+    columns = list(rows[0]) if rows else []
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row[c] is None else f"{row[c]:.7g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+    out.print(table)
+    if answer.get("epsilon_remaining") is not None:
+        out.print(f"charged epsilon {float(answer.get('epsilon_charged') or 0):.4g}; {float(answer['epsilon_remaining']):.4g} of "
+                  f"{float(answer.get('epsilon_budget') or 0):.4g} left", markup=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -25,9 +26,11 @@ def _known_member(loaded: Any, party: str) -> None:
 
 @query.command("check")
 @click.argument("collab")
-@click.option("--as", "party", required=True, help="The member running the query.")
+@click.option("--as", "party", help="The operator, checking for a member (a member's own login needs no --as).")
+@click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`); "
+              "or set DCR_MEMBER_URL.")
 @click.argument("sql_text", metavar="SQL")
-def query_check(collab: str, party: str, sql_text: str) -> None:
+def query_check(collab: str, party: str | None, credentials_path: Path | None, sql_text: str) -> None:
     """Check ad-hoc SQL against every rule of the datasets it reads; run nothing.
 
     Prints "ok" with the tables and rules involved, or the refusal naming the
@@ -41,7 +44,18 @@ def query_check(collab: str, party: str, sql_text: str) -> None:
     from ..lib import adhoc
     from ..lib.policy import PolicyError, load_collaboration
     from ..lib.settings import Settings
+    from .member import ask, credentials, refuse_as
 
+    creds = credentials(credentials_path)
+    refuse_as(party, creds)
+    if creds:
+        done = ask(creds, collab, "query_check", {"sql": sql_text})
+        out.print("ok")
+        for line in done.answer["summary"]:
+            out.print(f"  {line}", markup=False)
+        return
+    if not party:
+        fail("give --credentials FILE (a member's login) or, as the operator, --as MEMBER", 2)
     settings = Settings.from_env()
     folder = settings.policies / collab
     if not folder.is_dir():
@@ -62,11 +76,13 @@ def query_check(collab: str, party: str, sql_text: str) -> None:
 
 @query.command("run")
 @click.argument("collab")
-@click.option("--as", "party", required=True, help="The member running the query.")
+@click.option("--as", "party", help="The operator, running for a member (a member's own login needs no --as).")
+@click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`); "
+              "or set DCR_MEMBER_URL.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Check the query and show what it would cost (epsilon, budget left, daily cap); run nothing.")
 @click.argument("sql_text", metavar="SQL")
-def query_run(collab: str, party: str, fmt: str, dry_run: bool, sql_text: str) -> None:
+def query_run(collab: str, party: str | None, credentials_path: Path | None, fmt: str, dry_run: bool, sql_text: str) -> None:
     """Check, rewrite and run ad-hoc SQL through Dagster; print the result.
 
     Under a differential_privacy rule the answer is noised (each noised
@@ -81,20 +97,29 @@ def query_run(collab: str, party: str, fmt: str, dry_run: bool, sql_text: str) -
         round(avg(c.lifetime_value), 2) as avg_value from impressions as i
         inner join customers as c on c.customer_email = i.user_email group by c.loyalty_tier"
     """
-    import csv
-
     from ..lib import naming
     from ..lib.database import connect
     from ..runner import ad_hoc_run_config, materialize
     from ..services import adhoc as adhoc_service
+    from .member import ask, credentials, refuse_as
 
+    creds = credentials(credentials_path)
+    refuse_as(party, creds)
+    if creds:
+        if dry_run:
+            fail("--dry-run through a member login is not available yet: `dcr query check` checks the query; `dcr budget` shows what is left", 2)
+        done = ask(creds, collab, "query_run", {"sql": sql_text})
+        print_answer(collab, done.member, done.answer, fmt)
+        return
+    if not party:
+        fail("give --credentials FILE (a member's login) or, as the operator, --as MEMBER", 2)
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)  # a policy mistake or unknown name stops here, exit 2
     _known_member(loaded, party)
     if dry_run:
         _dry_run(runtime, loaded, party, sql_text)
         return
-    from ..defs.ad_hoc import ad_hoc_definitions
+    from ..defs.ad_hoc import ad_hoc_definitions, answer_of
 
     defs = ad_hoc_definitions(loaded, runtime.warehouse.url())  # this collaboration's ad-hoc asset only: no dbt to load
     with err.status("checking and running the query through Dagster..."):
@@ -104,36 +129,42 @@ def query_run(collab: str, party: str, fmt: str, dry_run: bool, sql_text: str) -
         fail(outcome.failure or "the query failed")
     with connect(runtime.warehouse.url()) as conn:
         result = adhoc_service.stored_result(conn, collab, party, outcome.run_id)
-    columns, rows = result.columns, result.rows
-    meta = outcome.metadata.get("/".join(naming.ad_hoc_key(collab)), {})
+    print_answer(collab, party, answer_of(result, outcome.metadata.get("/".join(naming.ad_hoc_key(collab)), {}), outcome.run_id), fmt)
+
+
+def print_answer(collab: str, party: str, answer: dict[str, Any], fmt: str) -> None:
+    """An ad-hoc answer as `dcr query run` prints it (the same whether the operator's process or a member request ran it)."""
+    import csv
+
+    columns, rows = list(answer["columns"]), list(answer["rows"])
     if fmt == "json":
-        out.print_json(data={"run_id": outcome.run_id, "mode": result.mode, "columns": columns, "rows": rows,
-                             **({"epsilon_charged": result.epsilon, "answered_from_store": result.cached, "release_id": result.release_id,
-                                 "epsilon_remaining": meta.get("epsilon_remaining")} if result.mode == "dp" else
-                                {"withheld_rows": result.suppressed, "withheld_because": result.reasons})})
+        out.print_json(data=answer)
         return
     if fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     else:
-        table = Table(title=f"{collab}: ad-hoc query of {party} (run {outcome.run_id[:8]})")
+        table = Table(title=f"{collab}: ad-hoc query of {party} (run {str(answer['run_id'])[:8]})")
         for column in columns:
             table.add_column(column)
         for row in rows:
             table.add_row(*("" if row[c] is None else f"{row[c]:.7g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
         out.print(table)
     say = err.print if fmt == "csv" else out.print
-    if result.mode == "dp":
-        charged = "answered from the store (an identical query over the same data), no charge" if result.cached else f"charged epsilon {result.epsilon:.4g}"
-        left = f"; {party} has {meta['epsilon_remaining']:.4g} of {meta['epsilon_budget']:.4g} left" if "epsilon_remaining" in meta else ""
+    if answer["mode"] == "dp":
+        charged = ("answered from the store (an identical query over the same data), no charge" if answer.get("answered_from_store")
+                   else f"charged epsilon {answer['epsilon_charged']:.4g}")
+        left = (f"; {party} has {answer['epsilon_remaining']:.4g} of {answer['epsilon_budget']:.4g} left"
+                if answer.get("epsilon_remaining") is not None and answer.get("epsilon_budget") is not None else "")
         say(f"differential privacy: noised values with 95% intervals (_ci_low, _ci_high); {charged}{left}", markup=False)
         return
-    if meta.get("min_distinct_units"):
-        say(f"exact: each person counts once per group; rows with fewer than {meta['min_distinct_units']} distinct people were removed")
-    if result.suppressed:
-        say(f"the whole result ({result.suppressed} row{'s' if result.suppressed != 1 else ''}) was withheld by the difference check: "
-            + "; ".join(result.reasons), markup=False)
+    if answer.get("min_distinct_units"):
+        say(f"exact: each person counts once per group; rows with fewer than {answer['min_distinct_units']} distinct people were removed")
+    if answer.get("withheld_rows"):
+        n = answer["withheld_rows"]
+        say(f"the whole result ({n} row{'s' if n != 1 else ''}) was withheld by the difference check: "
+            + "; ".join(answer.get("withheld_because") or []), markup=False)
 
 
 def _dry_run(runtime: Any, loaded: Any, party: str, sql_text: str) -> None:

@@ -17,22 +17,32 @@ from ._common import _collaboration, _instance, _print_overlap, _runtime, err, f
 @click.argument("collab")
 @click.option("--consumer", help="Only this consumer's budget.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def budget(collab: str, consumer: str | None, fmt: str) -> None:
+@click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`): "
+              "that member's own budget; or set DCR_MEMBER_URL.")
+def budget(collab: str, consumer: str | None, fmt: str, credentials_path: Path | None) -> None:
     """Show each consumer's privacy budget, how many more releases fit, and who spends on each owner's data.
 
     \b
     Example:
       dcr budget demo --consumer ad_network
     """
-    from ..lib.database import connect
-    from ..services import budget as budget_service
+    from .member import ask, credentials
 
-    runtime = _runtime()
-    loaded = _collaboration(runtime, collab)
-    if consumer and not any(b.consumer == consumer for b in loaded.collaboration.budgets):
-        fail(f"{collab} has no budget for {consumer!r}", 2)
-    with connect(runtime.warehouse.url()) as conn:
-        report = budget_service.report(conn, loaded, consumer)
+    creds = credentials(credentials_path)
+    if creds:
+        if consumer:
+            fail("--consumer is the operator's: a member login sees its own budget only", 2)
+        report = ask(creds, collab, "budget", {}).answer
+    else:
+        from ..lib.database import connect
+        from ..services import budget as budget_service
+
+        runtime = _runtime()
+        loaded = _collaboration(runtime, collab)
+        if consumer and not any(b.consumer == consumer for b in loaded.collaboration.budgets):
+            fail(f"{collab} has no budget for {consumer!r}", 2)
+        with connect(runtime.warehouse.url()) as conn:
+            report = budget_service.report(conn, loaded, consumer)
     if fmt == "json":
         out.print_json(data=report)
         return

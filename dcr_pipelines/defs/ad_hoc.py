@@ -12,6 +12,7 @@ import dagster as dg
 from ..lib import adhoc, naming
 from ..lib.policy import LoadedCollaboration
 from ..services import adhoc as adhoc_service
+from ..store import member_requests
 from . import freshness
 from .common import AdHocConfig, audit_metadata
 from .resources import WarehouseResource
@@ -26,6 +27,14 @@ def refusal(context: dg.AssetExecutionContext, message: str, *, rule: str, **det
         metadata={"outcome": "refused", "message": message, "rule": rule,
                   **{k: (dg.MetadataValue.json(v) if isinstance(v, dict | list) else v) for k, v in details.items()}},
     )
+
+
+def answer_of(result: Any, meta: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """What a member's `dcr query run` prints (and `--format json` shows): the stored result with its mode's notes."""
+    return {"run_id": run_id, "mode": result.mode, "columns": result.columns, "rows": result.rows,
+            **({"epsilon_charged": result.epsilon, "answered_from_store": result.cached, "release_id": result.release_id,
+                "epsilon_remaining": meta.get("epsilon_remaining"), "epsilon_budget": meta.get("epsilon_budget")} if result.mode == "dp" else
+               {"withheld_rows": result.suppressed, "withheld_because": result.reasons, "min_distinct_units": meta.get("min_distinct_units")})}
 
 
 def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
@@ -47,6 +56,38 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         "rule (not a failed run). Run with `dcr query run`.",
     )
     def ad_hoc(context: dg.AssetExecutionContext, config: AdHocConfig, warehouse: WarehouseResource) -> Iterator[Any]:
+        if not config.request:
+            yield from _ad_hoc(context, config.runner, config.sql, warehouse)
+            return
+        # A member's request (a row its login wrote): the runner is the member the row names, never the run's config.
+        with warehouse.connect() as conn:
+            try:
+                asked = member_requests.claim(conn, config.request, c, "query_run", context.run.run_id)
+            except LookupError as exc:
+                raise dg.Failure(str(exc)) from None
+        runner, sql_text = asked.member, str(asked.payload.get("sql") or "")
+        context.log.info(f"member request #{asked.id} of {asked.login} ({runner})")
+        try:
+            for event in _ad_hoc(context, runner, sql_text, warehouse):
+                if isinstance(event, dg.AssetObservation) and event.metadata.get("outcome") == dg.MetadataValue.text("refused"):
+                    message = event.metadata["message"].value
+                    with warehouse.connect() as conn:
+                        member_requests.finish(conn, asked.id, "refused", reason=str(message), run_id=context.run.run_id)
+                elif isinstance(event, dg.MaterializeResult):
+                    with warehouse.connect() as conn:
+                        result = adhoc_service.stored_result(conn, c, runner, context.run.run_id)
+                        member_requests.finish(conn, asked.id, "answered", run_id=context.run.run_id,
+                                               answer=answer_of(result, {k: getattr(v, "value", v) for k, v in (event.metadata or {}).items()},
+                                                                context.run.run_id))
+                yield event
+        except BaseException as exc:
+            with warehouse.connect() as conn:
+                member_requests.finish(conn, asked.id, "failed", reason=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                                       run_id=context.run.run_id)
+            raise
+
+    def _ad_hoc(context: dg.AssetExecutionContext, runner: str, sql_text: str, warehouse: WarehouseResource) -> Iterator[Any]:
+        config = AdHocConfig(runner=runner, sql=sql_text)
         if not config.runner.strip() or not config.sql.strip():  # launched without a request (e.g. from the UI): nothing to check or chain
             yield refusal(context, "query refused, nothing ran or was charged: an ad-hoc run needs a request, config {runner: MEMBER, sql: \"SELECT ...\"}; "
                           "use `dcr query run COLLAB --as MEMBER \"SQL\"`", rule="request")

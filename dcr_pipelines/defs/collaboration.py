@@ -16,6 +16,7 @@ from typing import Any
 
 import dagster as dg
 
+from ..lib.naming import job_names
 from ..lib.policy import LoadedCollaboration
 from .access import _grants_asset
 from .ad_hoc import _ad_hoc_asset
@@ -24,6 +25,7 @@ from .common import audit_metadata, landing_folder  # noqa: F401 (used by the CL
 from .dbt_stages import _dbt_stage
 from .ingest import _ingest_asset, _landing_sensor
 from .matching import _bucket_asset, _cross_reference_asset
+from .member_requests import request_sensor
 from .release import _release_asset
 
 
@@ -41,7 +43,8 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     assets.append(_ad_hoc_asset(loaded))
     jobs = {job.name: job for job in collaboration_jobs(loaded)}
     downstream = [assets[0].key, *sorted({k for a in stages for k in a.keys})]  # the grants too: cheap, and the stages rely on them
-    sensors = [_landing_sensor(loaded, landing, jobs, downstream), _policy_sensor(loaded), _budget_sensor(loaded)]
+    sensors = [_landing_sensor(loaded, landing, jobs, downstream), _policy_sensor(loaded), _budget_sensor(loaded),
+               request_sensor(loaded, [jobs[job_names(loaded.name)["ad_hoc"]], jobs[job_names(loaded.name)["releases"]]])]
     if loaded.collaboration.matching.home_parties:
         sensors.append(_psi_answer_sensor(loaded, landing))
     return dg.Definitions(assets=assets, jobs=list(jobs.values()), sensors=sensors, schedules=_schedules(loaded))

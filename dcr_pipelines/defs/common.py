@@ -36,6 +36,7 @@ class ReleaseConfig(dg.Config):
 
     requested_by: str = ""
     params: dict[str, str] = {}
+    request: int = 0  # a member's request row (dcr_meta.member_requests): its login asks, its params are used
 
 
 class AdHocConfig(dg.Config):
@@ -43,6 +44,7 @@ class AdHocConfig(dg.Config):
 
     runner: str = ""
     sql: str = ""
+    request: int = 0  # a member's request row (dcr_meta.member_requests): its member runs its SQL, runner/sql are not read
 
 
 UPLOAD_CHECK = "upload_contract"

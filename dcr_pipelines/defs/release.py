@@ -14,8 +14,9 @@ from ..lib.policy import LoadedCollaboration
 from ..services import release_checks
 from ..services.release import ReleaseRefused, release_query
 from ..store import analysis as store_analysis
-from ..store import builder, ledger, stages
+from ..store import builder, ledger, member_requests, stages
 from ..store import matching as store_matching
+from ..store import results as store_results
 from . import freshness
 from .ad_hoc import refusal
 from .common import (
@@ -60,6 +61,47 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         "A refused request (parameters, budget, a rule) is recorded as an observation naming the reason. " + (spec.description or ""),
     )
     def release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource, secrets: SecretsResource) -> Iterator[Any]:
+        if not config.request:
+            yield from _release(context, config, warehouse, secrets)
+            return
+        # A member's request (a row its login wrote): only the query's consumer asks for it (it spends that budget).
+        with warehouse.connect() as conn:
+            try:
+                asked = member_requests.claim(conn, config.request, c, "release", context.run.run_id)
+            except LookupError as exc:
+                raise dg.Failure(str(exc)) from None
+        context.log.info(f"member request #{asked.id} of {asked.login} ({asked.member})")
+        if asked.member != spec.consumer:
+            message = (f"release refused, nothing ran or was charged: {query_name} is released to {spec.consumer}, who spends its budget; "
+                       f"{asked.member} receives each release {spec.consumer} asks for (its results table)" if asked.member in spec.receivers else
+                       f"release refused, nothing ran or was charged: {query_name} is {spec.consumer}'s to ask for (it spends {spec.consumer}'s budget)")
+            with warehouse.connect() as conn:
+                member_requests.finish(conn, asked.id, "refused", reason=message, run_id=context.run.run_id)
+            yield refusal(context, message, rule="request", consumer=spec.consumer)
+            yield from refused_checks(warehouse)
+            return
+        params = {str(k): str(v) for k, v in dict(asked.payload.get("params") or {}).items()}
+        try:
+            for event in _release(context, ReleaseConfig(requested_by=f"{asked.member} (login {asked.login})", params=params), warehouse, secrets):
+                if isinstance(event, dg.AssetObservation) and event.metadata.get("outcome") == dg.MetadataValue.text("refused"):
+                    with warehouse.connect() as conn:
+                        member_requests.finish(conn, asked.id, "refused", reason=str(event.metadata["message"].value), run_id=context.run.run_id)
+                elif isinstance(event, dg.MaterializeResult):
+                    meta = {k: getattr(v, "value", v) for k, v in (event.metadata or {}).items()}
+                    with warehouse.connect() as conn:
+                        rows = store_results.release_rows(conn, c, str(meta["release_id"]))
+                        member_requests.finish(conn, asked.id, "answered", run_id=context.run.run_id, answer={
+                            "release_id": meta["release_id"], "cached": meta["cached"], "epsilon_charged": meta.get("epsilon_charged", 0.0),
+                            "epsilon_remaining": meta.get("epsilon_remaining"), "epsilon_budget": meta.get("epsilon_budget"),
+                            "params": meta.get("params"), "rows": rows})
+                yield event
+        except BaseException as exc:
+            with warehouse.connect() as conn:
+                member_requests.finish(conn, asked.id, "failed", reason=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                                       run_id=context.run.run_id)
+            raise
+
+    def _release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource, secrets: SecretsResource) -> Iterator[Any]:
         if not config.requested_by.strip():
             yield refusal(context, f"release refused, nothing ran or was charged: a release of {query_name} spends privacy budget, so it runs only "
                           f"on a request that says who asks (`dcr release {c} {query_name}`, a schedule the query opts into, or a launch "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,8 +11,9 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import psycopg
@@ -123,7 +125,91 @@ def start_embedded(home: Path, wait_seconds: float = 15.0) -> Connection:
                         "(was .dcr/ removed while it ran?). Stop it with `dcr db stop`, or wait a minute and retry."
                     ) from None
                 time.sleep(1)
-    return Connection.from_url(server.get_uri())
+        info = server.get_postmaster_info()
+        if listening(home) is not None and not info.hostname:  # asked to listen on TCP, and started without it (pgserver's start)
+            info = _restart_listening(home, info)
+    conn = Connection.from_url(info.get_uri())
+    return replace(conn, port=info.port) if info.port else conn
+
+
+# --- TCP for member logins ------------------------------------------------------------------------------------------
+# The embedded server listens on a Unix socket only (trust: the operator's processes). `dcr db listen` asks it to
+# listen on TCP too, for member logins (`dcr member add`): the request is a file in the home, honoured at every start,
+# and pg_hba.conf admits over TCP only members of the group dcr_member_logins, to the warehouse database, with
+# SCRAM-SHA-256 passwords; every other TCP connection is rejected (the operator and the dbt login included).
+
+LISTEN_FILE = "pg_listen.json"
+MEMBER_GROUP = "dcr_member_logins"
+
+
+def listening(home: Path) -> tuple[str, int] | None:
+    """(host, port) the embedded server was asked to listen on for member logins, or None (socket only)."""
+    path = home / LISTEN_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return str(data["host"]), int(data["port"])
+
+
+def hba_rules() -> str:
+    return (
+        "# Written by dcr (lib/database.py): the operator on the socket; member logins over TCP, nobody else.\n"
+        "local all all trust\n"
+        f"host {WAREHOUSE_DB} +{MEMBER_GROUP} 0.0.0.0/0 scram-sha-256\n"
+        f"host {WAREHOUSE_DB} +{MEMBER_GROUP} ::/0 scram-sha-256\n"
+        "host all all 0.0.0.0/0 reject\n"
+        "host all all ::/0 reject\n"
+    )
+
+
+def listen(home: Path, host: str | None, port: int | None) -> None:
+    """Ask the embedded server to listen on ``host:port`` for member logins (None: the socket only again) and restart it
+    so if it does not already (running commands lose their connections; the socket's port is the TCP port)."""
+    path = home / LISTEN_FILE
+    if host is None or port is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(json.dumps({"host": host, "port": port}) + "\n", encoding="utf-8")
+    start_embedded(home)
+    info = _postmaster(home)
+    if (info.hostname or None, info.port or 5432) != (host, port or 5432):
+        _restart_listening(home, info)
+
+
+def _postmaster(home: Path) -> Any:
+    from pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(home / "pg")
+    if info is None:
+        raise EmbeddedServerError(f"the embedded PostgreSQL under {home / 'pg'} is not running; `dcr db url` starts it")
+    return info
+
+
+def _restart_listening(home: Path, info: Any) -> Any:
+    """Restart the embedded server with the listening ``home`` asks for (pg_hba.conf rewritten first); its new postmaster info."""
+    import pgserver
+
+    pgdata = home / "pg"
+    wanted = listening(home)
+    hba = pgdata / "pg_hba.conf"
+    owner = pgdata.stat()
+    hba.write_text(hba_rules(), encoding="utf-8")
+    os.chown(hba, owner.st_uid, owner.st_gid)
+    socket_dir = info.socket_dir or pgdata
+    options = [f'-h "{wanted[0]}"' if wanted else '-h ""', f"-p {wanted[1] if wanted else 5432}", f"-k {socket_dir}"]
+    bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs the server as this user when started by root
+    args = [str(bin_dir / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "-l", str(pgdata / "log"), "restart"]
+    for option in options:
+        args += ["-o", option]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, user=user, check=False)
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        where = f"{wanted[0]}:{wanted[1]}" if wanted else "the socket only"
+        raise EmbeddedServerError(f"the embedded PostgreSQL under {pgdata} did not restart listening on {where} "
+                                  f"({detail[-1] if detail else done.returncode}); see {pgdata / 'log'}: if the port is taken, "
+                                  "`dcr db listen --port` another one")
+    return _postmaster(home)
 
 
 def stop_embedded(home: Path, timeout: float = 10.0) -> bool:

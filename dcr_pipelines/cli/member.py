@@ -1,0 +1,239 @@
+"""`dcr member` (the operator makes member logins), `dcr serve` (answers members' requests), and the member's side:
+commands that act as a member take their identity from a member login (`--credentials FILE` or DCR_MEMBER_URL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import click
+from rich.table import Table
+
+from ._common import INFRASTRUCTURE, _collaboration, _instance, _run_log, _runtime, err, fail, main, out
+
+MEMBER_URL = "DCR_MEMBER_URL"
+
+
+@main.group()
+def member() -> None:
+    """Member logins: each member signs in as itself (the operator makes, lists, rotates and revokes them)."""
+
+
+def _write_credentials(path: Path, collab: str, member_name: str, login: str, url: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump({"collaboration": collab, "member": member_name, "login": login, "url": url}, handle, indent=2)
+        handle.write("\n")
+    partial.replace(path)
+
+
+def _member_url(runtime: Any, login: str, password: str, host: str | None, port: int | None) -> str:
+    from ..lib.database import listening
+
+    if runtime.embedded:
+        listen = listening(runtime.settings.home)
+        if listen is None and (host is None or port is None):
+            fail("the embedded database listens on its socket only: `dcr db listen --port PORT` first (member logins connect over TCP), "
+                 "or give --host and --port of a TCP route to it", 2)
+        host = host or (listen[0] if listen else None)
+        port = port or (listen[1] if listen else None)
+    else:
+        host = host or runtime.warehouse.host
+        port = port or runtime.warehouse.port
+    return f"postgresql://{quote(login, safe='')}:{quote(password, safe='')}@{host}:{port}/{runtime.warehouse.dbname}"
+
+
+@member.command("add")
+@click.argument("collab")
+@click.argument("member_name", metavar="MEMBER")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), help="Where to write the member's credentials file (default "
+              "DCR_HOME/members/COLLAB/MEMBER.json, mode 0600).")
+@click.option("--host", help="The host name members reach the database at (default: the listening address).")
+@click.option("--port", type=int, help="The port members reach the database at (default: the listening port).")
+def member_add(collab: str, member_name: str, out_path: Path | None, host: str | None, port: int | None) -> None:
+    """Make MEMBER's database login and write its credentials file (give it to the member, privately).
+
+    \b
+    Example:
+      dcr db listen --port 5433 && dcr member add demo ad_network
+    """
+    from ..lib.database import connect
+    from ..store import members
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    with connect(runtime.warehouse.url()) as conn:
+        try:
+            login, password = members.add(conn, loaded, member_name)
+        except members.MemberError as exc:
+            fail(str(exc), 2)
+    path = out_path or runtime.settings.home / "members" / collab / f"{member_name}.json"
+    _write_credentials(path, collab, member_name, login, _member_url(runtime, login, password, host, port))
+    out.print(f"{member_name} of {collab}: login {login} made; credentials in {path} (mode 0600: give it to {member_name} privately; "
+              f"it is the only copy of the password)", markup=False, soft_wrap=True)
+    out.print(f"the member runs: dcr query run {collab} --credentials {path.name} \"SELECT ...\"", markup=False, soft_wrap=True)
+
+
+@member.command("rotate")
+@click.argument("collab")
+@click.argument("member_name", metavar="MEMBER")
+@click.option("--out", "out_path", type=click.Path(path_type=Path))
+@click.option("--host")
+@click.option("--port", type=int)
+def member_rotate(collab: str, member_name: str, out_path: Path | None, host: str | None, port: int | None) -> None:
+    """A new password for MEMBER's login (the old one and its sessions end); a new credentials file."""
+    from ..lib.database import connect
+    from ..store import members
+
+    runtime = _runtime()
+    _collaboration(runtime, collab)
+    with connect(runtime.warehouse.url()) as conn:
+        try:
+            login, password = members.rotate(conn, collab, member_name)
+        except members.MemberError as exc:
+            fail(str(exc), 2)
+    path = out_path or runtime.settings.home / "members" / collab / f"{member_name}.json"
+    _write_credentials(path, collab, member_name, login, _member_url(runtime, login, password, host, port))
+    out.print(f"{member_name} of {collab}: new password for {login}; credentials in {path}", markup=False, soft_wrap=True)
+
+
+@member.command("revoke")
+@click.argument("collab")
+@click.argument("member_name", metavar="MEMBER")
+def member_revoke(collab: str, member_name: str) -> None:
+    """Drop MEMBER's login: it can no longer connect (open sessions end); its requests and answers stay in the audit."""
+    from ..lib.database import connect
+    from ..store import members
+
+    runtime = _runtime()
+    with connect(runtime.warehouse.url()) as conn:
+        try:
+            login = members.revoke(conn, collab, member_name)
+        except members.MemberError as exc:
+            fail(str(exc), 2)
+    default = runtime.settings.home / "members" / collab / f"{member_name}.json"
+    default.unlink(missing_ok=True)
+    out.print(f"{member_name} of {collab}: login {login} revoked", markup=False)
+
+
+@member.command("list")
+@click.argument("collab")
+def member_list(collab: str) -> None:
+    """The member logins of COLLAB."""
+    from ..lib.database import connect
+    from ..store import members
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    with connect(runtime.warehouse.url()) as conn:
+        logins = {m.member: m for m in members.listing(conn, collab)}
+    table = Table(title=f"{collab}: member logins", title_justify="left")
+    for column in ("member", "login", "made", "password rotated"):
+        table.add_column(column)
+    for name in loaded.collaboration.members:
+        m = logins.get(name)
+        table.add_row(name, m.login if m else "(none: `dcr member add`)", f"{m.created_at:%Y-%m-%d %H:%M}" if m else "",
+                      f"{m.rotated_at:%Y-%m-%d %H:%M}" if m and m.rotated_at else "")
+    out.print(table)
+
+
+@main.command()
+@click.argument("collab")
+@click.option("--once", is_flag=True, help="Answer what is waiting, then stop.")
+def serve(collab: str, once: bool) -> None:
+    """Answer COLLAB's member requests as they arrive, in this process (the member_requests sensor's loop, without the daemon).
+
+    \b
+    Example:
+      dcr serve demo
+    """
+    from ..defs.ad_hoc import ad_hoc_definitions
+    from ..defs.member_requests import serve as serve_loop
+    from ..defs.release import release_definitions
+    from ..lib.naming import job_names
+    from ..runner import materialize
+
+    runtime = _runtime()
+    loaded = _collaboration(runtime, collab)
+    url = runtime.warehouse.url()
+    names = job_names(collab)
+    cache: dict[str, Any] = {}
+
+    def defs_for(job: str) -> Any:
+        if job not in cache:
+            cache[job] = ad_hoc_definitions(loaded, url) if job == names["ad_hoc"] else release_definitions(loaded, runtime.settings, url)
+        return cache[job]
+
+    def log(run: Any, outcome: Any) -> None:
+        what = "answered" if outcome.success else ("refused" if outcome.refused else "failed")
+        err.print(f"request #{run.tags['dcr/request']} of {run.tags['dcr/member']}: {what} (run {outcome.run_id})", markup=False, soft_wrap=True)
+
+    idle = {"seen": False}
+
+    def stop() -> bool:
+        if once and idle["seen"]:
+            return True
+        idle["seen"] = True
+        return False
+
+    err.print(f"answering {collab}'s member requests (Ctrl-C stops)" if not once else f"answering {collab}'s waiting member requests",
+              markup=False)
+    try:
+        for _ in serve_loop(defs_for, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k), stop=stop, log=log):
+            idle["seen"] = False
+    except KeyboardInterrupt:
+        return
+
+
+# --- the member's side ------------------------------------------------------------------------------------------------
+
+def credentials(path: Path | None) -> dict[str, str] | None:
+    """The member login to act as: ``--credentials FILE``, else DCR_MEMBER_URL (with DCR_MEMBER_COLLABORATION unknown), else None."""
+    if path is not None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            fail(f"--credentials {path}: no such file (the operator writes it with `dcr member add`)", 2)
+        except (OSError, ValueError) as exc:
+            fail(f"--credentials {path}: not a credentials file ({exc})", 2)
+        if not isinstance(data, dict) or not {"url", "collaboration", "member"} <= set(data):
+            fail(f"--credentials {path}: not a credentials file (expected url, collaboration and member)", 2)
+        return {k: str(v) for k, v in data.items()}
+    url = os.environ.get(MEMBER_URL)
+    return {"url": url} if url else None
+
+
+def ask(creds: dict[str, str], collab: str, kind: str, payload: dict[str, Any], timeout_s: float = 600.0) -> Any:
+    """Submit a request as the member login and wait for its answer; the request row (answered), or one error line."""
+    from ..store import member_requests
+
+    if creds.get("collaboration") and creds["collaboration"] != collab:
+        fail(f"these credentials are {creds.get('member')}'s of {creds['collaboration']}, not of {collab}", 2)
+
+    def progress(request: Any) -> None:
+        what = "waiting for the operator's Dagster" if request.state == "pending" else f"running (run {request.run_id})"
+        err.print(f"request #{request.id}: {what}...", markup=False)
+
+    try:
+        done = member_requests.ask(creds["url"], collab, kind, payload, timeout_s, progress if sys.stderr.isatty() else None)
+    except member_requests.Unreachable as exc:
+        fail(str(exc), INFRASTRUCTURE)
+    except member_requests.RequestError as exc:
+        fail(str(exc))
+    if done.state == "refused":
+        fail(done.reason or "refused")
+    if done.state == "failed":
+        fail(f"request #{done.id} failed: {done.reason}")
+    return done
+
+
+def refuse_as(party: str | None, creds: dict[str, str] | None) -> None:
+    if party and creds:
+        fail("--as is the operator's, with no credentials: a member login acts as its own member only; drop --as", 2)

@@ -1,0 +1,212 @@
+"""Members act under their own logins, over TCP: requests are rows, answers are rows only the asker reads.
+
+A deployment of its own (its own embedded PostgreSQL, listening on a free port for member logins), the operator's
+`dcr` for operator tasks and `dcr serve` answering, and each member's `dcr` run with nothing but its credentials
+file (no DCR_* variable, no policy folder, no socket). Then a generated matrix: every table of the warehouse, every
+role, every other member's rows, tried as each login.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from dcr_pipelines.lib import demo_data, naming
+
+from .conftest import land, make_collaboration
+
+pytestmark = pytest.mark.slow
+C = "mem"
+DCR = [sys.executable, "-m", "dcr_pipelines.cli"]
+DP_SQL = ("select c.loyalty_tier, count(distinct c.customer_email) as buyers from impressions as i "
+          "inner join customers as c on c.customer_email = i.user_email group by c.loyalty_tier")
+EXACT_SQL = "select i.campaign_id, count(*) as n from impressions as i group by 1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("members_home")
+    root = tmp_path_factory.mktemp("members_policies")
+    make_collaboration(root, C, groups=24, budget=20.0)
+    landing = home / "landing"
+    land(demo_data.generate(home / "generated", rows=1_200, overlap=0.5, seed=29), landing, C)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DCR_", "DAGSTER_", "DBT_", "PG"))}
+    env.update({"DCR_HOME": str(home), "DCR_LANDING": str(landing), "DCR_POLICIES": str(root), "DCR_SETTLE_SECONDS": "0"})
+    port = _free_port()
+
+    def operator(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*DCR, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+    for args in (["db", "listen", "--port", str(port)], ["run", C]):
+        done = operator(*args)
+        assert done.returncode == 0, done.stderr
+    creds = {}
+    for member in ("ad_network", "retailer"):
+        path = home / f"{member}.json"
+        done = operator("member", "add", C, member, "--out", str(path))
+        assert done.returncode == 0, done.stderr
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        creds[member] = json.loads(path.read_text())
+    serve = subprocess.Popen([*DCR, "serve", C], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    operator_url = f"postgresql://postgres@/dcr?host={home / 'pg'}&port={port}"
+    try:
+        yield {"home": home, "env": env, "port": port, "creds": creds, "operator": operator, "operator_url": operator_url,
+               "files": {m: home / f"{m}.json" for m in creds}}
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        subprocess.run([*DCR, "db", "stop"], env=env, capture_output=True, timeout=60, check=False)
+
+
+def member_dcr(deployment: dict[str, Any], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The member's own machine: nothing but its credentials file (no DCR_* variable, no policies, no socket)."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(deployment["home"] / "member_home"), "LANG": "C.UTF-8"}
+    return subprocess.run([*DCR, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=deployment["home"])
+
+
+def test_a_member_runs_its_query_with_its_login_and_reads_the_same_answer_from_any_postgresql_client(deployment: dict[str, Any]) -> None:
+    creds = str(deployment["files"]["ad_network"])
+    done = member_dcr(deployment, "query", "run", C, "--credentials", creds, "--format", "json", EXACT_SQL)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["mode"] == "exact" and answer["columns"] == ["campaign_id", "n"] and answer["rows"], answer
+    # The same rows through a plain PostgreSQL connection as the member's login (a BI tool): its own answers table.
+    with psycopg.connect(deployment["creds"]["ad_network"]["url"]) as conn:
+        table = sql.Identifier(naming.results_schema(C), "ad_hoc__ad_network")
+        stored = conn.execute(sql.SQL("select rows from {} where run_id = %s").format(table), (answer["run_id"],)).fetchone()
+    assert stored is not None and stored[0] == answer["rows"]
+    # The run is the member's in Dagster's storage: tagged with its login, through the operator's own `dcr audit`.
+    audit = deployment["operator"]("audit", C, "--format", "jsonl")
+    assert audit.returncode == 0, audit.stderr
+    assert deployment["creds"]["ad_network"]["login"] in audit.stdout and answer["run_id"] in audit.stdout
+    # A DP query is charged to the member who asked, and its budget is its own.
+    dp = member_dcr(deployment, "query", "run", C, "--credentials", creds, "--format", "json", DP_SQL)
+    assert dp.returncode == 0, dp.stderr
+    charged = json.loads(dp.stdout)
+    assert charged["mode"] == "dp" and charged["epsilon_charged"] > 0
+    budget = member_dcr(deployment, "budget", C, "--credentials", creds, "--format", "json")
+    assert budget.returncode == 0, budget.stderr
+    report = json.loads(budget.stdout)
+    assert [c["consumer"] for c in report["consumers"]] == ["ad_network"]
+    assert abs(report["consumers"][0]["remaining"] - charged["epsilon_remaining"]) < 1e-9
+
+
+def test_a_refusal_and_a_wrong_member_are_one_error_line(deployment: dict[str, Any]) -> None:
+    retailer = str(deployment["files"]["retailer"])
+    refused = member_dcr(deployment, "query", "run", C, "--credentials", retailer, EXACT_SQL)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: "), refused.stderr
+    assert "run_queries" in refused.stderr or "may not run" in refused.stderr, refused.stderr
+    # The retailer receives campaign_reach but does not spend for it: asking for a release is refused, nothing charged.
+    release = member_dcr(deployment, "release", C, "campaign_reach", "--credentials", retailer)
+    assert release.returncode == 1 and "ad_network's to ask for" not in release.stderr and "is released to ad_network" in release.stderr, release.stderr
+    asked = member_dcr(deployment, "release", C, "campaign_reach", "--credentials", str(deployment["files"]["ad_network"]), "--format", "json")
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["rows"]
+    with_as = member_dcr(deployment, "query", "run", C, "--credentials", retailer, "--as", "ad_network", EXACT_SQL)
+    assert with_as.returncode == 2 and "drop --as" in with_as.stderr
+    other = member_dcr(deployment, "budget", "demo", "--credentials", retailer)
+    assert other.returncode == 2 and "not of demo" in other.stderr
+
+
+def _tables(url: str) -> list[tuple[str, str]]:
+    with psycopg.connect(url) as conn:
+        return [(s, t) for s, t in conn.execute(
+            "select table_schema, table_name from information_schema.tables where table_schema like %s or table_schema in ('dcr_meta', 'dcr_keys') "
+            "order by 1, 2", (f"{C}\\_%",)).fetchall()]
+
+
+def _readable(url: str, schema: str, table: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            conn.execute(sql.SQL("select * from {} limit 1").format(sql.Identifier(schema, table)))
+            return True
+        except psycopg.errors.InsufficientPrivilege:
+            return False
+
+
+def test_every_table_of_the_warehouse_is_closed_to_each_member_login_but_its_own_answers(deployment: dict[str, Any]) -> None:
+    """The generated matrix: every table of the collaboration's schemas, of dcr_meta and of dcr_keys, read as each login."""
+    results = naming.results_schema(C)
+    tables = _tables(deployment["operator_url"])
+    assert len(tables) > 20, tables
+    for member, creds in deployment["creds"].items():
+        # What the member may read: the released results of the query it receives (campaign_reach), the overlap release,
+        # its own ad-hoc answers, its own request rows. Nothing else, in any schema.
+        allowed = {(results, "campaign_reach"), (results, "overlap"), (results, f"ad_hoc__{member}"), ("dcr_meta", "member_requests")}
+        readable = {(s, t) for s, t in tables if _readable(creds["url"], s, t)}
+        assert readable <= allowed, f"{member} reads {sorted(readable - allowed)}"
+        assert ("dcr_meta", "member_requests") in readable
+
+
+def test_a_login_cannot_become_another_member_nor_act_or_read_for_one(deployment: dict[str, Any]) -> None:
+    retailer, ad_network = deployment["creds"]["retailer"], deployment["creds"]["ad_network"]
+    roles = [f"dcr_{C}_ad_network_result_reader", ad_network["login"], f"dcr_{C}_admin", f"dcr_{C}_query_runner", f"dcr_{C}_dbt_login",
+             f"dcr_{C}_analysis_builder", "dcr_keyholder", "dcr_request_desk", "postgres"]
+    with psycopg.connect(retailer["url"], autocommit=True) as conn:
+        for role in roles:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(sql.SQL("set role {}").format(sql.Identifier(role)))
+        # No request can name another member: the function takes none; the member is the session's login.
+        request = conn.execute("select dcr_meta.submit_request(%s, 'budget', '{\"member\": \"ad_network\"}'::jsonb)", (C,)).fetchone()[0]  # type: ignore[index]
+        row = conn.execute("select member from dcr_meta.member_requests where id = %s", (request,)).fetchone()
+        assert row == ("retailer",)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select dcr_meta.submit_request('demo', 'budget', '{}'::jsonb)")
+        for statement in ("insert into dcr_meta.member_requests (collaboration, member, kind, payload) values ('mem', 'ad_network', 'budget', '{}')",
+                          "update dcr_meta.member_requests set member = 'ad_network'", "delete from dcr_meta.member_requests",
+                          "select dcr_keys.keyed_token('retailer', 'a@example.com')", "select * from dcr_meta.member_logins"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+        # The other member's requests and answers are not there for this login.
+        theirs = conn.execute("select count(*) from dcr_meta.member_requests where member = 'ad_network'").fetchone()
+        assert theirs == (0,)
+    with psycopg.connect(ad_network["url"], autocommit=True) as conn:
+        assert conn.execute("select count(*) from dcr_meta.member_requests where member = 'ad_network'").fetchone()[0] > 0  # type: ignore[index]
+
+
+def test_over_tcp_only_member_logins_get_in_and_only_to_the_warehouse(deployment: dict[str, Any]) -> None:
+    port = deployment["port"]
+    login = deployment["creds"]["retailer"]["url"]
+    for url in (f"postgresql://postgres@127.0.0.1:{port}/dcr", f"postgresql://dcr_{C}_dbt_login@127.0.0.1:{port}/dcr",
+                login.replace("/dcr", "/dagster"), login.rsplit(":", 1)[0].rsplit(":", 1)[0] + f":wrong@127.0.0.1:{port}/dcr"):
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(url, connect_timeout=5).close()
+
+
+def test_a_revoked_login_is_out_at_once(deployment: dict[str, Any]) -> None:
+    done = deployment["operator"]("member", "add", C, "retailer")
+    assert done.returncode == 2 and "has a login already" in done.stderr
+    rotated = deployment["operator"]("member", "rotate", C, "retailer", "--out", str(deployment["home"] / "retailer2.json"))
+    assert rotated.returncode == 0, rotated.stderr
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(deployment["creds"]["retailer"]["url"], connect_timeout=5).close()
+    fresh = json.loads((deployment["home"] / "retailer2.json").read_text())
+    psycopg.connect(fresh["url"], connect_timeout=5).close()
+    revoked = deployment["operator"]("member", "revoke", C, "retailer")
+    assert revoked.returncode == 0, revoked.stderr
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(fresh["url"], connect_timeout=5).close()
+    gone = member_dcr(deployment, "budget", C, "--credentials", str(deployment["home"] / "retailer2.json"))
+    assert gone.returncode == 3 and gone.stderr.startswith("error: cannot reach the clean room") and gone.stderr.count("\n") == 1, gone.stderr
+    listed = deployment["operator"]("member", "list", C)
+    assert "(none: `dcr member add`)" in listed.stdout and deployment["creds"]["ad_network"]["login"] in listed.stdout
