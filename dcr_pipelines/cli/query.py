@@ -55,7 +55,7 @@ def query_check(collab: str, party: str | None, credentials_path: Path | None, s
             out.print(f"  {line}", markup=False)
         return
     if not party:
-        fail("give --credentials FILE (a member's login) or, as the operator, --as MEMBER", 2)
+        raise click.UsageError("missing option '--as' (the operator, for a member) or '--credentials FILE' (a member's own login)")
     settings = Settings.from_env()
     folder = settings.policies / collab
     if not folder.is_dir():
@@ -112,7 +112,7 @@ def query_run(collab: str, party: str | None, credentials_path: Path | None, fmt
         print_answer(collab, done.member, done.answer, fmt)
         return
     if not party:
-        fail("give --credentials FILE (a member's login) or, as the operator, --as MEMBER", 2)
+        raise click.UsageError("missing option '--as' (the operator, for a member) or '--credentials FILE' (a member's own login)")
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)  # a policy mistake or unknown name stops here, exit 2
     _known_member(loaded, party)

@@ -68,8 +68,10 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         with warehouse.connect() as conn:
             try:
                 asked = member_requests.claim(conn, config.request, c, "release", context.run.run_id)
-            except LookupError as exc:
-                raise dg.Failure(str(exc)) from None
+            except LookupError as exc:  # taken by another run (the sensor and `dcr serve` both on), or not this kind: nothing to do
+                context.log.info(f"nothing done: {exc}")
+                yield from refused_checks(warehouse)
+                return
         context.log.info(f"member request #{asked.id} of {asked.login} ({asked.member})")
         if asked.member != spec.consumer:
             message = (f"release refused, nothing ran or was charged: {query_name} is released to {spec.consumer}, who spends its budget; "

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from dcr_pipelines.definitions import build_definitions, secret_names
+from dcr_pipelines.defs import freshness
 from dcr_pipelines.defs.audit import entries
 from dcr_pipelines.lib import adhoc, demo_data, naming
 from dcr_pipelines.lib.policy import load_collaboration
@@ -220,7 +221,7 @@ def test_the_analysis_role_cannot_write_even_through_the_checked_query(collab) -
     statement = f'create table "{naming.analysis_schema(COLLAB)}".stolen (x int)'
     tampered = dataclasses.replace(checked, phase1=statement, phase1_without_people=statement)
     with psycopg.connect(collab["url"], autocommit=True) as conn, pytest.raises(adhoc.QueryRefused):
-        adhoc_service.execute(conn, collab["loaded"], tampered, "tampered", "x")
+        adhoc_service.execute(conn, collab["loaded"], tampered, "tampered", "x", freshness.staged(dg.DagsterInstance.get(), conn, collab["loaded"]))
     # The run's own role, as it is granted: it may read the matched views it names, and write nothing anywhere.
     with psycopg.connect(collab["url"]) as conn:
         role = adhoc_service._temporary_role(conn, collab["loaded"], checked)
