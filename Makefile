@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/dcr db listen --port auto
 	$(BIN)/dcr demo --rows $(ROWS) --overlap $(OVERLAP) --seed $(SEED)
 
 # One worker per core (xdist), a test module stays on one worker; each worker has its own deployment home

@@ -30,10 +30,10 @@ def db_url() -> None:
 
 
 @db.command("listen")
-@click.option("--port", type=int, help="The TCP port member logins connect to.")
+@click.option("--port", help="The TCP port member logins connect to; `auto`: the one it listens on already, else the first free from 5433.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on (0.0.0.0: every interface).")
 @click.option("--off", is_flag=True, help="Listen on the socket only again.")
-def db_listen(port: int | None, host: str, off: bool) -> None:
+def db_listen(port: str | None, host: str, off: bool) -> None:
     """Let member logins reach the embedded PostgreSQL over TCP (SCRAM-SHA-256 passwords; nobody else is admitted over TCP).
 
     The server restarts to listen (running commands lose their connections; restart `dcr ui`). It keeps listening at
@@ -43,7 +43,7 @@ def db_listen(port: int | None, host: str, off: bool) -> None:
     Example:
       dcr db listen --port 5433
     """
-    from ..lib.database import EmbeddedServerError, listen
+    from ..lib.database import EmbeddedServerError, listen, listening
     from ..lib.settings import Settings
 
     settings = Settings.from_env()
@@ -51,13 +51,31 @@ def db_listen(port: int | None, host: str, off: bool) -> None:
         fail("the database is external (DCR_DATABASE_URL): let member logins in with its own listen_addresses and pg_hba.conf "
              "(the lines to add are in the README, Members)", 2)
     if not off and port is None:
-        fail("give --port PORT (or --off)", 2)
+        fail("give --port PORT (or --port auto, or --off)", 2)
+    number: int | None = None
+    if port == "auto":
+        current = listening(settings.home)
+        number = current[1] if current else _first_free(host, 5433)
+    elif port is not None and not port.isdigit():
+        fail(f"--port {port!r}: a port number or auto", 2)
+    elif port is not None:
+        number = int(port)
     try:
-        listen(settings.home, None if off else host, None if off else port)
+        listen(settings.home, None if off else host, None if off else number)
     except EmbeddedServerError as exc:
         fail(str(exc), INFRASTRUCTURE)
-    out.print("embedded PostgreSQL: socket only" if off else f"embedded PostgreSQL: listening on {host}:{port} for member logins "
+    out.print("embedded PostgreSQL: socket only" if off else f"embedded PostgreSQL: listening on {host}:{number} for member logins "
               "(SCRAM-SHA-256; no TLS: reach it over a VPN or an SSH tunnel across networks)", markup=False, soft_wrap=True)
+
+
+def _first_free(host: str, start: int) -> int:
+    import socket
+
+    for port in range(start, start + 100):
+        with socket.socket() as probe:
+            if probe.connect_ex((host if host != "0.0.0.0" else "127.0.0.1", port)) != 0:  # noqa: S104 (compared, not bound)
+                return port
+    fail(f"no free port from {start} to {start + 99} on {host}: give --port", 2)
 
 
 @db.command("stop")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
         _run_collaboration(defs, loaded)
     released = _release_all(defs, loaded)  # the demo asks for every release explicitly, with the default parameters
     _print_releases(runtime, loaded, released)
-    _example_ad_hoc(defs, loaded)
+    _example_ad_hoc(runtime, defs, loaded)
     if loaded.collaboration.matching.overlap_release != "withheld":
         _print_overlap(runtime, loaded)
     out.print(f"done in {time.perf_counter() - started:.1f}s; open the asset graph with `make ui`")
@@ -133,10 +134,14 @@ EXAMPLE_AD_HOC = ("ad_network", "select c.loyalty_tier, count(distinct c.custome
                   "from impressions as i inner join customers as c on c.customer_email = i.user_email group by 1")
 
 
-def _example_ad_hoc(defs: Any, loaded: Any) -> None:
-    """The README's ad-hoc example, run once so that every asset of the demo has been materialized (and shows how)."""
-    from ..lib import adhoc, naming
-    from ..runner import ad_hoc_run_config, materialize
+def _example_ad_hoc(runtime: Any, defs: Any, loaded: Any) -> None:
+    """The README's ad-hoc example, asked the way a member asks: through the runner's own login (made here, with a
+    credentials file per member), as a request row this process answers like `dcr serve`; so every asset of the demo
+    has been materialized, and the member path shown."""
+    from ..defs.member_requests import serve
+    from ..lib import adhoc
+    from ..runner import materialize
+    from ..store import member_requests
 
     runner, sql_text = EXAMPLE_AD_HOC
     if not {"impressions", "customers"} <= set(loaded.collaboration.datasets) or runner not in loaded.collaboration.members:
@@ -145,13 +150,53 @@ def _example_ad_hoc(defs: Any, loaded: Any) -> None:
         adhoc.check(loaded, runner, sql_text)
     except adhoc.QueryRefused:
         return  # this collaboration's rules do not allow it (e.g. demo_home: approved queries only); nothing to show
-    outcome = materialize(defs, [naming.ad_hoc_key(loaded.name)], instance=_instance(), run_config=ad_hoc_run_config(loaded.name, runner, sql_text),
-                          stdout_log=_run_log())
-    meta = outcome.metadata.get("/".join(naming.ad_hoc_key(loaded.name)), {})
-    if outcome.success:
-        charged = "answered from the store" if meta.get("cached") else f"charged epsilon {float(meta.get('epsilon_charged', 0)):g}"
-        how = f"differentially private, {charged}" if str(meta.get("mode", "")).startswith("differential") else "exact, thresholded"
-        out.print(f"ad-hoc query of {runner} (buyers and their average lifetime value per loyalty tier, {how}): {plural(int(meta.get('rows', 0)), 'row')}; "
-                  f"ask your own with `dcr query run {loaded.name} --as {runner} \"SQL\"`", markup=False)
-    else:
-        out.print(f"note: the example ad-hoc query was not answered: {outcome.failure}", markup=False)
+    files = _member_logins(runtime, loaded)
+    creds = json.loads(files[runner].read_text(encoding="utf-8"))
+    url = runtime.warehouse.url()
+    try:
+        with member_requests.connect(creds["url"]) as conn:  # the member's login, over TCP
+            asked = member_requests.submit(conn, loaded.name, "query_run", {"sql": sql_text})
+            for done in serve(lambda _job: defs, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k)):
+                if done == asked:
+                    break
+            answer = member_requests.wait(conn, asked, 60)
+    except member_requests.RequestError as exc:
+        out.print(f"note: the example ad-hoc query was not answered: {exc}", markup=False)
+        return
+    if answer.state != "answered":
+        out.print(f"note: the example ad-hoc query was {answer.state}: {answer.reason}", markup=False)
+        return
+    result = answer.answer or {}
+    charged = "answered from the store" if result.get("answered_from_store") else f"charged epsilon {float(result.get('epsilon_charged') or 0):g}"
+    how = f"differentially private, {charged}" if result.get("mode") == "dp" else "exact, thresholded"
+    out.print(f"ad-hoc query of {runner} through its own login {creds['login']} (buyers and their average lifetime value per loyalty tier, {how}): "
+              f"{plural(len(result.get('rows') or []), 'row')}; each member asks its own with "
+              f"`dcr query run {loaded.name} --credentials {files[runner]} \"SQL\"` while `dcr serve {loaded.name}` (or the "
+              f"{loaded.name}__member_requests sensor) answers", markup=False, soft_wrap=True)
+
+
+def _member_logins(runtime: Any, loaded: Any) -> dict[str, Path]:
+    """A login and a credentials file per member of the demo (made once; each run writes new passwords, so the files
+    follow the server's current address)."""
+    from dataclasses import replace
+
+    from ..lib.database import connect, listening
+    from ..store import members
+    from .member import _member_url, _write_credentials
+
+    folder = runtime.settings.home / "members" / loaded.name
+    files = {}
+    with connect(runtime.warehouse.url()) as conn:
+        made = {m.member for m in members.listing(conn, loaded.name)}
+        for name in loaded.collaboration.members:
+            path = folder / f"{name}.json"
+            files[name] = path
+            login, password = members.rotate(conn, loaded.name, name) if name in made else members.add(conn, loaded, name)
+            # Over TCP when the server listens for members (`dcr db listen`, as `make demo` does); else this machine's socket.
+            url = (_member_url(runtime, login, password, None, None) if listening(runtime.settings.home) or not runtime.embedded
+                   else replace(runtime.warehouse, user=login, password="").url())
+            _write_credentials(path, loaded.name, name, login, url)
+    how = "" if listening(runtime.settings.home) or not runtime.embedded else " (this machine's socket only: `dcr db listen --port auto` for TCP)"
+    out.print(f"member logins: {', '.join(sorted(files))}; credentials in {folder}{how}", markup=False, soft_wrap=True)
+    return files
+

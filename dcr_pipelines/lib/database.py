@@ -109,7 +109,7 @@ def start_embedded(home: Path, wait_seconds: float = 15.0) -> Connection:
         while True:
             try:
                 with _without_secrets():  # the server (and any server-side read of its environment) never holds a key
-                    server = pgserver.get_server(str(home / "pg"), cleanup_mode=None)
+                    pgserver.get_server(str(home / "pg"), cleanup_mode=None)
                 break
             except subprocess.CalledProcessError as exc:
                 detail = ((exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")).strip()
@@ -125,7 +125,8 @@ def start_embedded(home: Path, wait_seconds: float = 15.0) -> Connection:
                         "(was .dcr/ removed while it ran?). Stop it with `dcr db stop`, or wait a minute and retry."
                     ) from None
                 time.sleep(1)
-        info = server.get_postmaster_info()
+        # From postmaster.pid, not the server object: pgserver keeps the info of the start it saw in this process.
+        info = _postmaster(home)
         if listening(home) is not None and not info.hostname:  # asked to listen on TCP, and started without it (pgserver's start)
             info = _restart_listening(home, info)
     conn = Connection.from_url(info.get_uri())
