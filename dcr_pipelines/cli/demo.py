@@ -156,7 +156,8 @@ def _example_ad_hoc(runtime: Any, defs: Any, loaded: Any) -> None:
     try:
         with member_requests.connect(creds["url"]) as conn:  # the member's login, over TCP
             asked = member_requests.submit(conn, loaded.name, "query_run", {"sql": sql_text})
-            for done in serve(lambda _job: defs, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k)):
+            for done in serve(lambda _job: defs, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k),
+                              runtime.settings.landing):
                 if done == asked:
                     break
             answer = member_requests.wait(conn, asked, 60)

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import click
 from rich.table import Table
 
-from ._common import INFRASTRUCTURE, _collaboration, _instance, _run_log, _runtime, err, fail, main, out
+from ._common import INFRASTRUCTURE, _collaboration, _definitions, _instance, _run_log, _runtime, err, fail, main, out
 
 MEMBER_URL = "DCR_MEMBER_URL"
 
@@ -168,7 +168,8 @@ def serve(collab: str, once: bool) -> None:
 
     def defs_for(job: str) -> Any:
         if job not in cache:
-            cache[job] = ad_hoc_definitions(loaded, url) if job == names["ad_hoc"] else release_definitions(loaded, runtime.settings, url)
+            cache[job] = (ad_hoc_definitions(loaded, url) if job == names["ad_hoc"] else release_definitions(loaded, runtime.settings, url)
+                          if job == names["releases"] else _definitions(runtime))  # an upload's ingest: the whole collaboration
         return cache[job]
 
     def log(run: Any, outcome: Any) -> None:
@@ -186,7 +187,8 @@ def serve(collab: str, once: bool) -> None:
     err.print(f"answering {collab}'s member requests (Ctrl-C stops)" if not once else f"answering {collab}'s waiting member requests",
               markup=False)
     try:
-        for _ in serve_loop(defs_for, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k), stop=stop, log=log):
+        for _ in serve_loop(defs_for, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k),
+                            runtime.settings.landing, stop=stop, log=log):
             idle["seen"] = False
     except KeyboardInterrupt:
         return
@@ -237,3 +239,48 @@ def ask(creds: dict[str, str], collab: str, kind: str, payload: dict[str, Any], 
 def refuse_as(party: str | None, creds: dict[str, str] | None) -> None:
     if party and creds:
         fail("--as is the operator's, with no credentials: a member login acts as its own member only; drop --as", 2)
+
+
+@main.command()
+@click.argument("collab")
+@click.argument("dataset")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="Your credentials file (`dcr member add`); "
+              "or set DCR_MEMBER_URL.")
+def upload(collab: str, dataset: str, file: Path, credentials_path: Path | None) -> None:
+    """(A member) send FILE as the next file of your DATASET: streamed over your login into its upload queue, validated
+    and loaded by the operator's Dagster; prints the decision. No shared folder is needed.
+
+    \b
+    Example:
+      dcr upload demo purchases ./purchases.csv --credentials retailer.json
+    """
+    from ..store import member_requests
+
+    creds = credentials(credentials_path)
+    if not creds:
+        fail("`dcr upload` is a member's command: give --credentials FILE (or set DCR_MEMBER_URL); the operator uploads with `dcr ingest`", 2)
+    if creds.get("collaboration") and creds["collaboration"] != collab:
+        fail(f"these credentials are {creds.get('member')}'s of {creds['collaboration']}, not of {collab}", 2)
+    if not file.exists():
+        fail(f"{file}: no such file", 2)
+    if not file.is_file():
+        fail(f"{file}: not a regular file (a directory, pipe or device cannot be uploaded)", 2)
+
+    def progress(request: Any) -> None:
+        err.print(f"request #{request.id}: {'waiting for the operator' if request.state == 'pending' else 'validating and loading'}...", markup=False)
+
+    try:
+        done = member_requests.send_file(creds["url"], collab, dataset, file, 3600.0, progress if sys.stderr.isatty() else None)
+    except member_requests.Unreachable as exc:
+        fail(str(exc), INFRASTRUCTURE)
+    except member_requests.RequestError as exc:
+        fail(str(exc))
+    if done.state != "answered":
+        fail(done.reason or f"upload {done.state}")
+    answer = done.answer or {}
+    where = f"{collab}/{done.member}/{answer.get('dataset', dataset)}"
+    if answer.get("state") == "duplicate":
+        out.print(f"{where}: upload #{answer['upload']} unchanged (already loaded): {answer.get('reason')}", markup=False)
+    else:
+        out.print(f"{where}: upload #{answer['upload']} accepted as version {answer.get('version')}, {answer.get('rows') or 0:,} rows", markup=False)

@@ -16,7 +16,6 @@ from typing import Any
 
 import dagster as dg
 
-from ..lib.naming import job_names
 from ..lib.policy import LoadedCollaboration
 from .access import _grants_asset
 from .ad_hoc import _ad_hoc_asset
@@ -44,7 +43,7 @@ def build_collaboration(loaded: LoadedCollaboration, manifest: Mapping[str, Any]
     jobs = {job.name: job for job in collaboration_jobs(loaded)}
     downstream = [assets[0].key, *sorted({k for a in stages for k in a.keys})]  # the grants too: cheap, and the stages rely on them
     sensors = [_landing_sensor(loaded, landing, jobs, downstream), _policy_sensor(loaded), _budget_sensor(loaded),
-               request_sensor(loaded, [jobs[job_names(loaded.name)["ad_hoc"]], jobs[job_names(loaded.name)["releases"]]])]
+               request_sensor(loaded, list(jobs.values()), landing)]
     if loaded.collaboration.matching.home_parties:
         sensors.append(_psi_answer_sensor(loaded, landing))
     return dg.Definitions(assets=assets, jobs=list(jobs.values()), sensors=sensors, schedules=_schedules(loaded))

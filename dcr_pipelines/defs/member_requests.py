@@ -12,14 +12,16 @@ A member login writes a request row (``store.member_requests``). Each tick:
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from ..lib import adhoc, naming
-from ..lib.naming import job_names
+from ..lib.naming import job_names, uploads_job_name
 from ..lib.policy import LoadedCollaboration
 from ..services import budget as budget_service
 from ..store import member_requests
@@ -62,28 +64,99 @@ def _answer_now(conn: Any, loaded: LoadedCollaboration, request: member_requests
     member_requests.finish(conn, request.id, "answered", answer={"summary": checked.summary()})
 
 
-def tick(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, cursor: int) -> tuple[list[dg.RunRequest], int]:
+def tick(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, cursor: int, landing: Path) -> tuple[list[dg.RunRequest], int]:
     """One evaluation: run requests for the new work requests, answers for the rest; the new cursor."""
     c = loaded.name
     runs: list[dg.RunRequest] = []
     for request in member_requests.pending(conn, c, after=cursor):
         cursor = max(cursor, request.id)
-        if request.kind in ("budget", "query_check"):
+        if request.kind == "upload":
+            run = _land(instance, conn, loaded, request, landing)
+            runs += [run] if run is not None else []
+        elif request.kind in ("budget", "query_check"):
             _answer_now(conn, loaded, request)
         elif request.kind == "release" and str(request.payload.get("query")) not in loaded.queries:
             member_requests.finish(conn, request.id, "refused", reason=f"{c} has no approved query {request.payload.get('query')!r} "
                                    f"(queries: {', '.join(loaded.queries) or 'none'})")
         else:
             runs.append(run_request(loaded, request))
+    _answer_uploads(instance, conn, loaded)
     _sweep(instance, conn, c, cursor)
     return runs, cursor
+
+
+def _land(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, request: member_requests.Request, landing: Path) -> dg.RunRequest | None:
+    """A member's streamed file into its dataset's upload queue (as `dcr ingest` does), and the run that ingests it."""
+    from ..lib.upload_files import SUFFIXES, accepted_suffix
+    from ..services import ingest as ingest_lib
+    from .ingest import partitions_name, target
+
+    c = loaded.name
+    name = str(request.payload.get("dataset"))
+    ds = loaded.collaboration.datasets.get(name)
+    refuse = None
+    if ds is None:
+        refuse = f"upload refused, nothing was queued: {c} declares no dataset {name!r} (datasets: {', '.join(loaded.collaboration.datasets)})"
+    elif ds.owner != request.member:
+        refuse = f"upload refused, nothing was queued: dataset {name} is {ds.owner}'s; {request.member} uploads only its own datasets"
+    elif not accepted_suffix(str(request.payload.get("file_name")), ds.format.type):
+        refuse = f"upload refused, nothing was queued: dataset {name} takes {ds.format.type} files ({', '.join(SUFFIXES[ds.format.type])})"
+    if refuse or ds is None:
+        member_requests.finish(conn, request.id, "refused", reason=refuse)
+        return None
+    t = target(loaded, name, landing, "")
+    with tempfile.TemporaryDirectory(prefix="dcr-member-upload-") as folder:
+        try:
+            path = member_requests.assemble(conn, request, Path(folder))
+            upload = ingest_lib.land_copy(conn, t, path)
+        except (ValueError, ingest_lib.LandingRefused, ingest_lib.UploadRejected) as exc:
+            member_requests.finish(conn, request.id, "refused", reason=f"upload refused, nothing was queued: {exc}")
+            return None
+    member_requests.mark_landed(conn, request.id, upload.seq)
+    key = dg.AssetKey(naming.raw_key(c, ds.owner, name))
+    tags = {"dcr/collaboration": c, "dcr/user": request.login, "dcr/member": request.member, REQUEST_TAG: str(request.id),
+            "dcr/upload": upload.file_name}
+    if ds.mode == "append":
+        instance.add_dynamic_partitions(partitions_name(c, ds.owner, name), [upload.partition_key])
+        return dg.RunRequest(run_key=f"member-request:{request.id}", job_name=uploads_job_name(c, ds.owner, name), asset_selection=[key],
+                             partition_key=upload.partition_key, tags=tags)
+    return dg.RunRequest(run_key=f"member-request:{request.id}", job_name=job_names(c)["pipeline"], asset_selection=[key],
+                         run_config={"ops": {_op(list(key.path)): {"config": {"path": "", "upload": upload.seq}}}}, tags=tags)
+
+
+def _answer_uploads(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration) -> None:
+    """An upload request is answered once its file is decided (accepted, unchanged, or refused with the reason); if its
+    run ended with the file still queued (the database failed), the member is told it waits for the next run."""
+    from ..store import uploads as queue
+
+    for request in member_requests.launched_uploads(conn, loaded.name):
+        seq = int((request.answer or {}).get("upload") or 0)
+        upload = queue.get(conn, seq) if seq else None
+        if upload is None:
+            continue
+        if upload.state in ("queued", "processing"):
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: str(request.id), "dcr/collaboration": loaded.name}), limit=5)
+            if runs and all(r.status in FINISHED for r in runs):
+                member_requests.finish(conn, request.id, "failed", run_id=runs[0].run_id,
+                                       reason=f"upload #{upload.seq} is queued but its run {runs[0].run_id} did not process it; the operator's next "
+                                       "run (or the landing sensor) does: nothing needs sending again")
+            continue
+        answer = {"upload": upload.seq, "state": upload.state, "version": upload.version, "rows": upload.row_count,
+                  "duplicate_rows": upload.duplicate_rows, "dropped_rows": upload.dropped_rows, "reason": upload.reason,
+                  "dataset": upload.dataset, "file_name": upload.file_name}
+        if upload.state in ("accepted", "duplicate"):
+            member_requests.finish(conn, request.id, "answered", answer=answer)
+        else:
+            member_requests.finish(conn, request.id, "refused", answer=answer,
+                                   reason=f"upload #{upload.seq} {upload.state}: {upload.reason}; the current data is unchanged")
+    member_requests.drop_stale_chunks(conn)
 
 
 def _sweep(instance: dg.DagsterInstance, conn: Any, collab: str, cursor: int) -> None:
     """A launched request whose run has finished without answering (killed, failed before its asset ran) is failed."""
     for request in member_requests.unfinished(conn, collab):
-        if request.id > cursor or time.time() - request.asked_at.timestamp() < 2:
-            continue
+        if request.id > cursor or request.kind == "upload" or time.time() - request.asked_at.timestamp() < 2:
+            continue  # (an upload is answered from its file's decision, below)
         runs = instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: str(request.id), "dcr/collaboration": collab}), limit=5)
         ended = [r for r in runs if r.status in FINISHED]
         if ended and len(ended) == len(runs):
@@ -92,7 +165,7 @@ def _sweep(instance: dg.DagsterInstance, conn: Any, collab: str, cursor: int) ->
                                    "in the Dagster UI; ask again")
 
 
-def request_sensor(loaded: LoadedCollaboration, jobs: list[Any]) -> dg.SensorDefinition:
+def request_sensor(loaded: LoadedCollaboration, jobs: list[Any], landing: Path) -> dg.SensorDefinition:
     c = loaded.name
 
     @dg.sensor(
@@ -104,24 +177,25 @@ def request_sensor(loaded: LoadedCollaboration, jobs: list[Any]) -> dg.SensorDef
     )
     def member_requests_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> dg.SensorResult:
         with warehouse.connect() as conn:
-            runs, cursor = tick(context.instance, conn, loaded, int(context.cursor or 0))
+            runs, cursor = tick(context.instance, conn, loaded, int(context.cursor or 0), landing)
         return dg.SensorResult(run_requests=runs, cursor=str(cursor))
 
     return member_requests_sensor
 
 
 def serve(defs_for: Any, loaded: LoadedCollaboration, warehouse_url: str, instance: dg.DagsterInstance,
-          materialize: Any, stop: Any = None, log: Any = None) -> Iterator[int]:
+          materialize: Any, landing: Path, stop: Any = None, log: Any = None) -> Iterator[int]:
     """The sensor's loop in this process, woken by the requests' notifications: each request's run executed here (a
     warm process answers in a fraction of a cold command's time). Yields each request id it ran."""
     cursor = 0
     with member_requests.listening(warehouse_url) as wait:
         while stop is None or not stop():
             with member_requests.connect(warehouse_url) as conn:
-                runs, cursor = tick(instance, conn, loaded, cursor)
+                runs, cursor = tick(instance, conn, loaded, cursor, landing)
             for run in runs:
                 selection = [list(k.path) for k in run.asset_selection or []]
-                outcome = materialize(defs_for(run.job_name), selection, instance=instance, run_config=run.run_config, tags=run.tags)
+                outcome = materialize(defs_for(run.job_name), selection, instance=instance, run_config=run.run_config, tags=run.tags,
+                                      partition_key=run.partition_key)
                 if log is not None:
                     log(run, outcome)
                 yield int(run.tags[REQUEST_TAG])

@@ -10,12 +10,15 @@ the row :func:`launched`, then :func:`finish` writes the answer (or the refusal,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,7 +26,8 @@ from psycopg.types.json import Jsonb
 
 from . import migrations
 
-KINDS = ("query_run", "query_check", "release", "budget")
+KINDS = ("query_run", "query_check", "release", "budget", "upload")
+CHUNK = 1 << 20  # bytes per upload chunk
 DONE = ("answered", "refused", "failed")
 
 
@@ -70,6 +74,28 @@ def ask(url: str, collab: str, kind: str, payload: dict[str, Any], timeout_s: fl
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split("failed: ")[-1].replace("FATAL:", "").strip()
         raise Unreachable(f"cannot reach the clean room with these credentials: {text}; check the URL and the password (the operator "
                           "makes a new one with `dcr member rotate`), and that the operator's database accepts members (`dcr db listen`)") from None
+
+
+def send_file(url: str, collab: str, dataset: str, path: Path, timeout_s: float,
+              progress: Callable[[Request], None] | None = None) -> Request:
+    """Stream ``path`` in chunks as the member login of ``url``, then ask for it as an upload of ``dataset``; the answer."""
+    token = uuid.uuid4()
+    digest, size, seq = hashlib.sha256(), 0, 0
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="dcr-member") as conn:
+            with path.open("rb") as handle, conn.pipeline():
+                while block := handle.read(CHUNK):
+                    digest.update(block)
+                    size += len(block)
+                    conn.execute("select dcr_meta.upload_chunk(%s, %s, %s)", (token, seq, block))
+                    seq += 1
+            payload = {"dataset": dataset, "file_name": path.name, "token": str(token), "chunks": seq, "size": size, "sha256": digest.hexdigest()}
+            return wait(conn, submit(conn, collab, "upload", payload), timeout_s, progress)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise RequestError(f"{exc.diag.message_primary or exc}; check your credentials") from None
+    except psycopg.OperationalError as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split("failed: ")[-1].replace("FATAL:", "").strip()
+        raise Unreachable(f"cannot reach the clean room with these credentials: {text}; nothing was uploaded") from None
 
 
 def submit(conn: psycopg.Connection, collab: str, kind: str, payload: dict[str, Any]) -> int:
@@ -176,3 +202,45 @@ def for_member(conn: psycopg.Connection, collab: str, member: str, limit: int = 
     rows = conn.execute(f"select {_COLUMNS}, login from dcr_meta.member_requests where collaboration = %s and member = %s "
                         "order by id desc limit %s", (collab, member, limit)).fetchall()
     return [_request(r[:-1], r[-1]) for r in rows]
+
+
+def assemble(conn: psycopg.Connection, request: Request, into: Path) -> Path:
+    """The file of an upload request, from the chunks its own login streamed under its token (checked against the size and
+    SHA-256 the request states), written to ``into``/file name; the chunks are deleted. ValueError names what is wrong."""
+    payload = request.payload
+    token, chunks = str(payload.get("token") or ""), int(payload.get("chunks") or 0)
+    target = into / Path(str(payload.get("file_name") or "upload")).name
+    digest, size, seen = hashlib.sha256(), 0, 0
+    try:
+        with conn.transaction(), target.open("wb") as out, conn.cursor(name=f"chunks_{request.id}") as cur:
+            cur.execute("select seq, data from dcr_meta.member_upload_chunks where token = %s::uuid and login = %s order by seq", (token, request.login))
+            for seq, data in cur:
+                if seq != seen:
+                    raise ValueError(f"chunk {seen} of the upload is missing")
+                out.write(data)
+                digest.update(data)
+                size += len(data)
+                seen += 1
+    except psycopg.errors.InvalidTextRepresentation:
+        raise ValueError("the upload's token is not a UUID") from None
+    if seen != chunks or size != int(payload.get("size") or -1) or digest.hexdigest() != payload.get("sha256"):
+        raise ValueError(f"the upload arrived incomplete or changed ({seen} of {chunks} chunks, {size} bytes): send it again")
+    conn.execute("delete from dcr_meta.member_upload_chunks where token = %s::uuid and login = %s", (token, request.login))
+    return target
+
+
+def mark_landed(conn: psycopg.Connection, request_id: int, upload_seq: int) -> None:
+    conn.execute("update dcr_meta.member_requests set state = 'launched', answer = %s where id = %s and state = 'pending'",
+                 (Jsonb({"upload": upload_seq}), request_id))
+
+
+def launched_uploads(conn: psycopg.Connection, collab: str) -> list[Request]:
+    rows = conn.execute(f"select {_COLUMNS}, login from dcr_meta.member_requests where collaboration = %s and kind = 'upload' "
+                        "and state = 'launched' order by id", (collab,)).fetchall()
+    return [_request(r[:-1], r[-1]) for r in rows]
+
+
+def drop_stale_chunks(conn: psycopg.Connection, older_than_hours: int = 24) -> int:
+    """Chunks no request took (a client that died mid-upload) are deleted after a day."""
+    return conn.execute("delete from dcr_meta.member_upload_chunks where written_at < now() - make_interval(hours => %s)",
+                        (older_than_hours,)).rowcount

@@ -43,7 +43,7 @@ def _free_port() -> int:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("members_home")
     root = tmp_path_factory.mktemp("members_policies")
-    make_collaboration(root, C, groups=24, budget=20.0)
+    make_collaboration(root, C, groups=24, budget=20.0, receivers="[ad_network]")
     landing = home / "landing"
     land(demo_data.generate(home / "generated", rows=1_200, overlap=0.5, seed=29), landing, C)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DCR_", "DAGSTER_", "DBT_", "PG"))}
@@ -115,9 +115,9 @@ def test_a_refusal_and_a_wrong_member_are_one_error_line(deployment: dict[str, A
     refused = member_dcr(deployment, "query", "run", C, "--credentials", retailer, EXACT_SQL)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: "), refused.stderr
     assert "run_queries" in refused.stderr or "may not run" in refused.stderr, refused.stderr
-    # The retailer receives campaign_reach but does not spend for it: asking for a release is refused, nothing charged.
+    # The retailer neither receives campaign_reach nor spends for it: asking for a release is refused, nothing charged.
     release = member_dcr(deployment, "release", C, "campaign_reach", "--credentials", retailer)
-    assert release.returncode == 1 and "ad_network's to ask for" not in release.stderr and "is released to ad_network" in release.stderr, release.stderr
+    assert release.returncode == 1 and "campaign_reach is ad_network's to ask for" in release.stderr, release.stderr
     asked = member_dcr(deployment, "release", C, "campaign_reach", "--credentials", str(deployment["files"]["ad_network"]), "--format", "json")
     assert asked.returncode == 0, asked.stderr
     assert json.loads(asked.stdout)["rows"]
@@ -151,7 +151,8 @@ def test_every_table_of_the_warehouse_is_closed_to_each_member_login_but_its_own
     for member, creds in deployment["creds"].items():
         # What the member may read: the released results of the query it receives (campaign_reach), the overlap release,
         # its own ad-hoc answers, its own request rows. Nothing else, in any schema.
-        allowed = {(results, "campaign_reach"), (results, "overlap"), (results, f"ad_hoc__{member}"), ("dcr_meta", "member_requests")}
+        allowed = {(results, "overlap"), (results, f"ad_hoc__{member}"), ("dcr_meta", "member_requests")}
+        allowed |= {(results, "campaign_reach")} if member == "ad_network" else set()  # the only receiver of campaign_reach
         readable = {(s, t) for s, t in tables if _readable(creds["url"], s, t)}
         assert readable <= allowed, f"{member} reads {sorted(readable - allowed)}"
         assert ("dcr_meta", "member_requests") in readable
@@ -190,6 +191,27 @@ def test_over_tcp_only_member_logins_get_in_and_only_to_the_warehouse(deployment
                 login.replace("/dcr", "/dagster"), login.rsplit(":", 1)[0].rsplit(":", 1)[0] + f":wrong@127.0.0.1:{port}/dcr"):
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(url, connect_timeout=5).close()
+
+
+def test_a_member_uploads_its_own_dataset_through_its_login_and_only_its_own(deployment: dict[str, Any]) -> None:
+    """No shared folder: the file is streamed over the login, queued, validated and loaded by the operator's Dagster."""
+    retailer = str(deployment["files"]["retailer"])
+    good = deployment["home"] / "purchases_march.csv"
+    good.write_text("customer_email,purchase_value,purchase_date,store_region\n"
+                    + "".join(f"m{i}@example.com,{10 + i},2026-03-{1 + i % 27:02d},north\n" for i in range(300)))
+    done = member_dcr(deployment, "upload", C, "purchases", str(good), "--credentials", retailer)
+    assert done.returncode == 0, done.stderr
+    assert f"{C}/retailer/purchases: upload #" in done.stdout and "accepted as version" in done.stdout and "300 rows" in done.stdout, done.stdout
+    listed = deployment["operator"]("uploads", "list", C, "--dataset", "purchases")
+    assert "purchases_march.csv" in listed.stdout and "accepted" in listed.stdout, listed.stdout
+    bad = deployment["home"] / "purchases_bad.csv"
+    bad.write_text("customer_email,purchase_value,purchase_date\na@example.com,1,2026-02-01\n")
+    refused = member_dcr(deployment, "upload", C, "purchases", str(bad), "--credentials", retailer)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "quarantined" in refused.stderr and "store_region" in refused.stderr, refused.stderr
+    theirs = member_dcr(deployment, "upload", C, "impressions", str(good), "--credentials", retailer)
+    assert theirs.returncode == 1 and "is ad_network's" in theirs.stderr, theirs.stderr
+    with psycopg.connect(deployment["creds"]["retailer"]["url"], autocommit=True) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("select * from dcr_meta.member_upload_chunks")
 
 
 def test_a_revoked_login_is_out_at_once(deployment: dict[str, Any]) -> None:

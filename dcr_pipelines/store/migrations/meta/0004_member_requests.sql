@@ -43,7 +43,7 @@ create table if not exists dcr_meta.member_requests (
     login name not null default session_user,
     collaboration text not null,
     member text not null,
-    kind text not null check (kind in ('query_run', 'query_check', 'release', 'budget')),
+    kind text not null check (kind in ('query_run', 'query_check', 'release', 'budget', 'upload')),
     payload jsonb not null,
     state text not null default 'pending' check (state in ('pending', 'launched', 'answered', 'refused', 'failed')),
     run_id text,
@@ -81,8 +81,8 @@ begin
         raise exception 'login % is no member login of collaboration %', session_user, p_collaboration
             using errcode = '42501';
     end if;
-    if p_kind is null or p_kind not in ('query_run', 'query_check', 'release', 'budget') then
-        raise exception 'unknown request kind %: one of query_run, query_check, release, budget', p_kind using errcode = '22023';
+    if p_kind is null or p_kind not in ('query_run', 'query_check', 'release', 'budget', 'upload') then
+        raise exception 'unknown request kind %: one of query_run, query_check, release, budget, upload', p_kind using errcode = '22023';
     end if;
     if p_payload is null or jsonb_typeof(p_payload) <> 'object' or length(p_payload::text) > 100000 then
         raise exception 'a request payload is a JSON object of at most 100000 characters' using errcode = '22023';
@@ -101,3 +101,35 @@ $$;
 alter function dcr_meta.submit_request(text, text, jsonb) owner to dcr_request_desk;
 revoke all on function dcr_meta.submit_request(text, text, jsonb) from public;
 grant execute on function dcr_meta.submit_request(text, text, jsonb) to dcr_member_logins;
+
+-- An upload is streamed first, in chunks under a token the client draws, then asked for with a request naming the
+-- token: the operator's side assembles the chunks of that token written by that same login into a file of the
+-- dataset's upload queue. A login writes chunks only through this function (it reads none, and no one else's).
+create table if not exists dcr_meta.member_upload_chunks (
+    token uuid not null,
+    login name not null,
+    seq int not null,
+    data bytea not null,
+    written_at timestamptz not null default now(),
+    primary key (token, seq)
+);
+revoke all on dcr_meta.member_upload_chunks from public;
+grant insert on dcr_meta.member_upload_chunks to dcr_request_desk;
+
+create or replace function dcr_meta.upload_chunk(p_token uuid, p_seq int, p_data bytea) returns void
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if not exists (select 1 from dcr_meta.member_logins l where l.login = session_user) then
+        raise exception 'login % is no member login', session_user using errcode = '42501';
+    end if;
+    if p_data is null or octet_length(p_data) > 8388608 or p_seq is null or p_seq < 0 or p_seq >= 100000 then
+        raise exception 'an upload chunk is at most 8 MiB, numbered 0 to 99999' using errcode = '22023';
+    end if;
+    insert into dcr_meta.member_upload_chunks (token, login, seq, data) values (p_token, session_user, p_seq, p_data);
+end
+$$;
+alter function dcr_meta.upload_chunk(uuid, int, bytea) owner to dcr_request_desk;
+revoke all on function dcr_meta.upload_chunk(uuid, int, bytea) from public;
+grant execute on function dcr_meta.upload_chunk(uuid, int, bytea) to dcr_member_logins;
