@@ -58,6 +58,16 @@ QUESTIONS = {
 COUNT = "select count(distinct c.customer_email) as buyers from impressions as i inner join customers as c on c.customer_email = i.user_email where {n} = {n}"
 
 
+def staged_now(conn: Any, loaded: Any) -> Any:
+    """What the staged data were built from, as Dagster's event log records it (the gate's input)."""
+    import dagster as dg
+
+    from dcr_pipelines.defs import freshness
+
+    return freshness.staged(dg.DagsterInstance.get(), conn, loaded)
+
+
+
 def _setup() -> tuple[Path, Any, Any]:
     home = Path(tempfile.mkdtemp(prefix="dcr-bench-adhoc-"))
     os.environ["DCR_HOME"] = str(home)
@@ -122,7 +132,7 @@ def _run(conn: Any, loaded: Any, text: str, tag: str) -> tuple[float, Any]:
 
     started = time.perf_counter()
     checked = adhoc.check(loaded, "ad_network", text)
-    result = adhoc_service.execute(conn, loaded, checked, tag, text)
+    result = adhoc_service.execute(conn, loaded, checked, tag, text, staged_now(conn, loaded))
     return time.perf_counter() - started, result
 
 

@@ -45,6 +45,16 @@ JOIN = "from impressions as i inner join customers as c on c.customer_email = i.
 AGENCY = "\n  agency:\n    abilities: [run_queries, receive_results]\n"
 
 
+def staged_now(conn: Any, loaded: Any) -> Any:
+    """What the staged data were built from, as Dagster's event log records it (the gate's input)."""
+    import dagster as dg
+
+    from dcr_pipelines.defs import freshness
+
+    return freshness.staged(dg.DagsterInstance.get(), conn, loaded)
+
+
+
 @pytest.fixture(scope="module")
 def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("attack_policies")
@@ -90,7 +100,7 @@ def ask(ctx: dict[str, Any], text: str, runner: str = "ad_network", loaded: Load
     try:
         checked = adhoc.check(loaded, runner, text)
         with psycopg.connect(ctx["url"], autocommit=True) as conn:
-            return ("rows", adhoc_service.execute(conn, loaded, checked, f"attack-{next(_runs)}", text))
+            return ("rows", adhoc_service.execute(conn, loaded, checked, f"attack-{next(_runs)}", text, staged_now(conn, loaded)))
     except adhoc.QueryRefused as exc:
         return ("refused", str(exc))
 
@@ -264,7 +274,7 @@ def test_ad_hoc_sql_runs_as_a_role_that_reads_only_the_matched_views_it_names(ct
     statement = f"select * from {relation} limit 1"
     tampered = dataclasses.replace(checked, phase1=statement, phase1_without_people=statement)
     with psycopg.connect(ctx["url"], autocommit=True) as conn, pytest.raises(adhoc.QueryRefused, match="SQLSTATE 42501"):
-        adhoc_service.execute(conn, ctx["loaded"], tampered, f"tampered-{next(_runs)}", "x")
+        adhoc_service.execute(conn, ctx["loaded"], tampered, f"tampered-{next(_runs)}", "x", staged_now(conn, ctx["loaded"]))
     # and the role is gone with its transaction
     with psycopg.connect(ctx["url"], autocommit=True) as conn:
         assert conn.execute("select count(*) from pg_roles where rolname like %s", (f"dcr_{COLLAB}_adhoc_%",)).fetchone()[0] == 0

@@ -70,6 +70,16 @@ EXACT_COPY = """
 """
 
 
+def staged_now(conn: Any, loaded: Any) -> Any:
+    """What the staged data were built from, as Dagster's event log records it (the gate's input)."""
+    import dagster as dg
+
+    from dcr_pipelines.defs import freshness
+
+    return freshness.staged(dg.DagsterInstance.get(), conn, loaded)
+
+
+
 def _policy(root: Path, name: str) -> Path:
     folder = root / name
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
@@ -134,7 +144,7 @@ def ask(worlds: dict[str, Any], text: str, world: str = B) -> tuple[str, Any]:
     try:
         checked = adhoc.check(loaded, "ad_network", text)
         with psycopg.connect(worlds["url"], autocommit=True) as conn:
-            return ("rows", adhoc_service.execute(conn, loaded, checked, f"generated-{world}-{next(_runs)}", text))
+            return ("rows", adhoc_service.execute(conn, loaded, checked, f"generated-{world}-{next(_runs)}", text, staged_now(conn, loaded)))
     except adhoc.QueryRefused as exc:
         return ("refused", str(exc))
 
@@ -405,7 +415,7 @@ def test_concurrent_dp_queries_never_overspend_the_runners_budget(worlds: dict[s
         checked = adhoc.check(tight, "ad_network", text)
         with psycopg.connect(worlds["url"], autocommit=True) as conn:
             try:
-                return ("rows", adhoc_service.execute(conn, tight, checked, f"race-{next(_runs)}", text))
+                return ("rows", adhoc_service.execute(conn, tight, checked, f"race-{next(_runs)}", text, staged_now(conn, tight)))
             except adhoc.QueryRefused as exc:
                 return ("refused", str(exc))
 
@@ -448,7 +458,7 @@ def test_a_dp_query_the_budget_cannot_cover_reads_no_row(worlds: dict[str, Any])
             before = scans(conn)
             checked = adhoc.check(loaded_now, "ad_network", text)
             try:
-                adhoc_service.execute(conn, loaded_now, checked, f"scan-{n}", text)
+                adhoc_service.execute(conn, loaded_now, checked, f"scan-{n}", text, staged_now(conn, loaded_now))
                 answered = True
             except adhoc.QueryRefused as exc:
                 assert "(budget)" in str(exc)

@@ -53,6 +53,16 @@ COMPARABLE = 500
 ALL_FUNCTIONS = "[lower, upper, trim, length, substring, concat, round, abs, floor, ceil, coalesce, greatest, least, date_trunc, extract, cast, case]"
 
 
+def staged_now(conn: Any, loaded: Any) -> Any:
+    """What the staged data were built from, as Dagster's event log records it (the gate's input)."""
+    import dagster as dg
+
+    from dcr_pipelines.defs import freshness
+
+    return freshness.staged(dg.DagsterInstance.get(), conn, loaded)
+
+
+
 def _policy(root: Path, name: str) -> Path:
     folder = root / name
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
@@ -198,7 +208,7 @@ def answer(conn: psycopg.Connection, loaded: LoadedCollaboration, text: str, tag
     """What the analyst gets: the rows, or the one-line refusal or error."""
     try:
         checked = adhoc.check(loaded, "ad_network", text)
-        result = adhoc_service.execute(conn, loaded, checked, tag, text)
+        result = adhoc_service.execute(conn, loaded, checked, tag, text, staged_now(conn, loaded))
     except adhoc.QueryRefused as exc:
         return ("refused", str(exc))
     return ("rows", _rows_key(result.rows))
