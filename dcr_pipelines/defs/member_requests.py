@@ -104,6 +104,8 @@ def _land(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, 
     if refuse or ds is None:
         member_requests.finish(conn, request.id, "refused", reason=refuse)
         return None
+    if not member_requests.take(conn, request.id):
+        return None  # the sensor and `dcr serve` both on: the other one has it
     t = target(loaded, name, landing, "")
     with tempfile.TemporaryDirectory(prefix="dcr-member-upload-") as folder:
         try:

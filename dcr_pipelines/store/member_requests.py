@@ -229,9 +229,13 @@ def assemble(conn: psycopg.Connection, request: Request, into: Path) -> Path:
     return target
 
 
+def take(conn: psycopg.Connection, request_id: int) -> bool:
+    """Take a pending request for the work done outside a run (an upload's landing): once, whoever ticks first."""
+    return conn.execute("update dcr_meta.member_requests set state = 'launched' where id = %s and state = 'pending'", (request_id,)).rowcount == 1
+
+
 def mark_landed(conn: psycopg.Connection, request_id: int, upload_seq: int) -> None:
-    conn.execute("update dcr_meta.member_requests set state = 'launched', answer = %s where id = %s and state = 'pending'",
-                 (Jsonb({"upload": upload_seq}), request_id))
+    conn.execute("update dcr_meta.member_requests set answer = %s where id = %s and state = 'launched'", (Jsonb({"upload": upload_seq}), request_id))
 
 
 def launched_uploads(conn: psycopg.Connection, collab: str) -> list[Request]:

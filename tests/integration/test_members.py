@@ -231,3 +231,14 @@ def test_a_revoked_login_is_out_at_once(deployment: dict[str, Any]) -> None:
     assert gone.returncode == 3 and gone.stderr.startswith("error: cannot reach the clean room") and gone.stderr.count("\n") == 1, gone.stderr
     listed = deployment["operator"]("member", "list", C)
     assert "(none: `dcr member add`)" in listed.stdout and deployment["creds"]["ad_network"]["login"] in listed.stdout
+
+
+def test_dropping_the_collaboration_drops_its_member_logins(deployment: dict[str, Any]) -> None:
+    dropped = deployment["operator"]("db", "drop", C, "--yes")
+    assert dropped.returncode == 0, dropped.stderr
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(deployment["creds"]["ad_network"]["url"], connect_timeout=5).close()
+    with psycopg.connect(deployment["operator_url"]) as conn:
+        assert conn.execute("select count(*) from pg_roles where rolname like %s", (f"dcr\\_{C}\\_%",)).fetchone() == (0,)
+        assert conn.execute("select count(*) from dcr_meta.member_logins where collaboration = %s", (C,)).fetchone() == (0,)
+        assert conn.execute("select count(*) from dcr_meta.member_requests where collaboration = %s", (C,)).fetchone() == (0,)
