@@ -224,7 +224,7 @@ def ask(creds: dict[str, str], collab: str, kind: str, payload: dict[str, Any], 
         err.print(f"request #{request.id}: {what}...", markup=False)
 
     try:
-        done = member_requests.ask(creds["url"], collab, kind, payload, timeout_s, progress if sys.stderr.isatty() else None)
+        done = member_requests.ask(creds["url"], collab, kind, payload, timeout_s, progress if sys.stderr.isatty() else None, note=_note)
     except member_requests.Unreachable as exc:
         fail(str(exc), INFRASTRUCTURE)
     except member_requests.RequestError as exc:
@@ -234,6 +234,10 @@ def ask(creds: dict[str, str], collab: str, kind: str, payload: dict[str, Any], 
     if done.state == "failed":
         fail(f"request #{done.id} failed: {done.reason}")
     return done
+
+
+def _note(message: str) -> None:
+    err.print(f"note: {message}", markup=False, soft_wrap=True)
 
 
 def refuse_as(party: str | None, creds: dict[str, str] | None) -> None:
@@ -271,7 +275,7 @@ def upload(collab: str, dataset: str, file: Path, credentials_path: Path | None)
         err.print(f"request #{request.id}: {'waiting for the operator' if request.state == 'pending' else 'validating and loading'}...", markup=False)
 
     try:
-        done = member_requests.send_file(creds["url"], collab, dataset, file, 3600.0, progress if sys.stderr.isatty() else None)
+        done = member_requests.send_file(creds["url"], collab, dataset, file, 3600.0, progress if sys.stderr.isatty() else None, note=_note)
     except member_requests.Unreachable as exc:
         fail(str(exc), INFRASTRUCTURE)
     except member_requests.RequestError as exc:

@@ -70,19 +70,35 @@ def tick(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, c
     runs: list[dg.RunRequest] = []
     for request in member_requests.pending(conn, c, after=cursor):
         cursor = max(cursor, request.id)
-        if request.kind == "upload":
-            run = _land(instance, conn, loaded, request, landing)
-            runs += [run] if run is not None else []
-        elif request.kind in ("budget", "query_check"):
-            _answer_now(conn, loaded, request)
-        elif request.kind == "release" and str(request.payload.get("query")) not in loaded.queries:
-            member_requests.finish(conn, request.id, "refused", reason=f"{c} has no approved query {request.payload.get('query')!r} "
-                                   f"(queries: {', '.join(loaded.queries) or 'none'})")
-        else:
-            runs.append(run_request(loaded, request))
+        try:
+            runs += _one(instance, conn, loaded, request, landing)
+        except Exception as exc:  # one request must never stop the others (nor the loop that answers them)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            member_requests.finish(conn, request.id, "failed", reason=f"request #{request.id} could not be handled ({type(exc).__name__}: {first}); "
+                                   "the operator can see it in the request sensor's log")
     _answer_uploads(instance, conn, loaded)
     _sweep(instance, conn, c, cursor)
     return runs, cursor
+
+
+def _one(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, request: member_requests.Request, landing: Path) -> list[dg.RunRequest]:
+    c = loaded.name
+    runs: list[dg.RunRequest] = []
+    if request.payload.get(member_requests.MALFORMED):
+        member_requests.finish(conn, request.id, "refused", reason="the request's payload could not be read (a flat JSON object is expected)")
+    elif request.kind == "query_run" and not isinstance(request.payload.get("sql"), str):
+        member_requests.finish(conn, request.id, "refused", reason="query refused, nothing ran: the request has no SQL text")
+    elif request.kind == "upload":
+        run = _land(instance, conn, loaded, request, landing)
+        runs += [run] if run is not None else []
+    elif request.kind in ("budget", "query_check"):
+        _answer_now(conn, loaded, request)
+    elif request.kind == "release" and str(request.payload.get("query")) not in loaded.queries:
+        member_requests.finish(conn, request.id, "refused", reason=f"{c} has no approved query {request.payload.get('query')!r} "
+                               f"(queries: {', '.join(loaded.queries) or 'none'})")
+    else:
+        runs.append(run_request(loaded, request))
+    return runs
 
 
 def _land(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, request: member_requests.Request, landing: Path) -> dg.RunRequest | None:
@@ -102,6 +118,7 @@ def _land(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, 
     elif not accepted_suffix(str(request.payload.get("file_name")), ds.format.type):
         refuse = f"upload refused, nothing was queued: dataset {name} takes {ds.format.type} files ({', '.join(SUFFIXES[ds.format.type])})"
     if refuse or ds is None:
+        member_requests.drop_chunks(conn, request)
         member_requests.finish(conn, request.id, "refused", reason=refuse)
         return None
     if not member_requests.take(conn, request.id):
@@ -112,6 +129,7 @@ def _land(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, 
             path = member_requests.assemble(conn, request, Path(folder))
             upload = ingest_lib.land_copy(conn, t, path)
         except (ValueError, ingest_lib.LandingRefused, ingest_lib.UploadRejected) as exc:
+            member_requests.drop_chunks(conn, request)
             member_requests.finish(conn, request.id, "refused", reason=f"upload refused, nothing was queued: {exc}")
             return None
     member_requests.mark_landed(conn, request.id, upload.seq)
@@ -135,6 +153,8 @@ def _answer_uploads(instance: dg.DagsterInstance, conn: Any, loaded: LoadedColla
         seq = int((request.answer or {}).get("upload") or 0)
         upload = queue.get(conn, seq) if seq else None
         if upload is None:
+            if not seq and time.time() - request.asked_at.timestamp() > 600:  # taken, then the process died before queueing it
+                member_requests.finish(conn, request.id, "failed", reason="the upload was interrupted before it was queued; send it again")
             continue
         if upload.state in ("queued", "processing"):
             runs = instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: str(request.id), "dcr/collaboration": loaded.name}), limit=5)

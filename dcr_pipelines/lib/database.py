@@ -167,6 +167,7 @@ def listen(home: Path, host: str | None, port: int | None) -> None:
     """Ask the embedded server to listen on ``host:port`` for member logins (None: the socket only again) and restart it
     so if it does not already (running commands lose their connections; the socket's port is the TCP port)."""
     path = home / LISTEN_FILE
+    home.mkdir(parents=True, exist_ok=True)
     if host is None or port is None:
         path.unlink(missing_ok=True)
     else:

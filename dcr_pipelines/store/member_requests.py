@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,12 +47,27 @@ class Request:
     login: str = ""
 
 
-_COLUMNS = "id, collaboration, member, kind, payload, state, run_id, answer, reason, asked_at, answered_at"
+MALFORMED = "_malformed"  # the payload key a request whose payload could not be read gets instead of it
+
+
+def _json(text: str | None) -> Any:
+    """A member's JSON, read defensively: one unreadable row (too deep for the reader, say) must not stop the others."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return {MALFORMED: True}
+    return value if isinstance(value, dict) else {MALFORMED: True}
 
 
 def _request(row: Any, login: str = "") -> Request:
-    return Request(id=row[0], collaboration=row[1], member=row[2], kind=row[3], payload=row[4], state=row[5], run_id=row[6], answer=row[7],
-                   reason=row[8], asked_at=row[9], answered_at=row[10], login=login)
+    return Request(id=row[0], collaboration=row[1], member=row[2], kind=row[3], payload=_json(row[4]) or {}, state=row[5], run_id=row[6],
+                   answer=_json(row[7]), reason=row[8], asked_at=row[9], answered_at=row[10], login=login)
+
+
+# Payloads and answers are read as text and parsed here (psycopg's jsonb reader would raise on the first deep one).
+_COLUMNS = "id, collaboration, member, kind, payload::text, state, run_id, answer::text, reason, asked_at, answered_at"
 
 
 # --- member side ----------------------------------------------------------------------------------------------------
@@ -65,11 +80,12 @@ class Unreachable(RequestError):
     """The member's login could not connect."""
 
 
-def ask(url: str, collab: str, kind: str, payload: dict[str, Any], timeout_s: float, progress: Callable[[Request], None] | None = None) -> Request:
+def ask(url: str, collab: str, kind: str, payload: dict[str, Any], timeout_s: float, progress: Callable[[Request], None] | None = None,
+        note: Callable[[str], None] | None = None) -> Request:
     """Connect as the member login of ``url``, submit, and wait for the answer."""
     try:
         with psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="dcr-member") as conn:
-            return wait(conn, submit(conn, collab, kind, payload), timeout_s, progress)
+            return wait(conn, submit(conn, collab, kind, payload), timeout_s, progress, note=note)
     except psycopg.OperationalError as exc:
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split("failed: ")[-1].replace("FATAL:", "").strip()
         raise Unreachable(f"cannot reach the clean room with these credentials: {text}; check the URL and the password (the operator "
@@ -77,7 +93,7 @@ def ask(url: str, collab: str, kind: str, payload: dict[str, Any], timeout_s: fl
 
 
 def send_file(url: str, collab: str, dataset: str, path: Path, timeout_s: float,
-              progress: Callable[[Request], None] | None = None) -> Request:
+              progress: Callable[[Request], None] | None = None, note: Callable[[str], None] | None = None) -> Request:
     """Stream ``path`` in chunks as the member login of ``url``, then ask for it as an upload of ``dataset``; the answer."""
     token = uuid.uuid4()
     digest, size, seq = hashlib.sha256(), 0, 0
@@ -90,7 +106,7 @@ def send_file(url: str, collab: str, dataset: str, path: Path, timeout_s: float,
                     conn.execute("select dcr_meta.upload_chunk(%s, %s, %s)", (token, seq, block))
                     seq += 1
             payload = {"dataset": dataset, "file_name": path.name, "token": str(token), "chunks": seq, "size": size, "sha256": digest.hexdigest()}
-            return wait(conn, submit(conn, collab, "upload", payload), timeout_s, progress)
+            return wait(conn, submit(conn, collab, "upload", payload), timeout_s, progress, note=note)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise RequestError(f"{exc.diag.message_primary or exc}; check your credentials") from None
     except psycopg.OperationalError as exc:
@@ -117,11 +133,16 @@ def get(conn: psycopg.Connection, request_id: int) -> Request | None:
     return _request(row) if row else None
 
 
+NOTE_AFTER_S = 15.0
+
+
 def wait(conn: psycopg.Connection, request_id: int, timeout_s: float, progress: Callable[[Request], None] | None = None,
-         interval_s: float = 0.1) -> Request:
-    """Poll until the request is done (its answer, refusal or failure); RequestError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    seen = ""
+         interval_s: float = 0.1, note: Callable[[str], None] | None = None) -> Request:
+    """Poll until the request is done (its answer, refusal or failure); RequestError after ``timeout_s``. ``note`` is
+    told once when it has waited :data:`NOTE_AFTER_S` without being picked up."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    seen, noted = "", False
     while True:
         request = get(conn, request_id)
         if request is None:
@@ -131,6 +152,10 @@ def wait(conn: psycopg.Connection, request_id: int, timeout_s: float, progress: 
         if progress is not None and request.state != seen:
             progress(request)
             seen = request.state
+        if not noted and request.state == "pending" and time.monotonic() - started > NOTE_AFTER_S and note is not None:
+            note(f"request #{request_id} is still waiting after {NOTE_AFTER_S:.0f} s: the operator's request sensor (or `dcr serve`) "
+                 f"may not be running; waiting up to {timeout_s:.0f} s")
+            noted = True
         if time.monotonic() > deadline:
             raise RequestError(f"request #{request_id} is still {request.state} after {timeout_s:.0f} s: the operator's request sensor "
                                "(or `dcr serve`) may not be running; ask the operator, then wait for it with the same command")
@@ -208,8 +233,11 @@ def assemble(conn: psycopg.Connection, request: Request, into: Path) -> Path:
     """The file of an upload request, from the chunks its own login streamed under its token (checked against the size and
     SHA-256 the request states), written to ``into``/file name; the chunks are deleted. ValueError names what is wrong."""
     payload = request.payload
-    token, chunks = str(payload.get("token") or ""), int(payload.get("chunks") or 0)
-    target = into / Path(str(payload.get("file_name") or "upload")).name
+    token, chunks = str(payload.get("token") or ""), payload.get("chunks")
+    name = Path(str(payload.get("file_name") or "upload")).name
+    if len(name.encode()) > 200:
+        raise ValueError(f"the file name is {len(name.encode())} bytes long; at most 200 (rename the file)")
+    target = into / name
     digest, size, seen = hashlib.sha256(), 0, 0
     try:
         with conn.transaction(), target.open("wb") as out, conn.cursor(name=f"chunks_{request.id}") as cur:
@@ -223,7 +251,9 @@ def assemble(conn: psycopg.Connection, request: Request, into: Path) -> Path:
                 seen += 1
     except psycopg.errors.InvalidTextRepresentation:
         raise ValueError("the upload's token is not a UUID") from None
-    if seen != chunks or size != int(payload.get("size") or -1) or digest.hexdigest() != payload.get("sha256"):
+    except OSError as exc:
+        raise ValueError(f"the file could not be written as {name!r} ({exc.strerror or exc}); rename it") from None
+    if seen != chunks or size != payload.get("size") or digest.hexdigest() != payload.get("sha256"):
         raise ValueError(f"the upload arrived incomplete or changed ({seen} of {chunks} chunks, {size} bytes): send it again")
     conn.execute("delete from dcr_meta.member_upload_chunks where token = %s::uuid and login = %s", (token, request.login))
     return target
@@ -248,3 +278,9 @@ def drop_stale_chunks(conn: psycopg.Connection, older_than_hours: int = 24) -> i
     """Chunks no request took (a client that died mid-upload) are deleted after a day."""
     return conn.execute("delete from dcr_meta.member_upload_chunks where written_at < now() - make_interval(hours => %s)",
                         (older_than_hours,)).rowcount
+
+
+def drop_chunks(conn: psycopg.Connection, request: Request) -> None:
+    """The chunks of a refused upload request go at once."""
+    with suppress(psycopg.errors.InvalidTextRepresentation):
+        conn.execute("delete from dcr_meta.member_upload_chunks where token = %s::uuid and login = %s", (str(request.payload.get("token")), request.login))

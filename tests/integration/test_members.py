@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -212,6 +213,55 @@ def test_a_member_uploads_its_own_dataset_through_its_login_and_only_its_own(dep
     assert theirs.returncode == 1 and "is ad_network's" in theirs.stderr, theirs.stderr
     with psycopg.connect(deployment["creds"]["retailer"]["url"], autocommit=True) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("select * from dcr_meta.member_upload_chunks")
+
+
+def _payloads() -> list[tuple[str, dict[str, Any]]]:
+    """Requests as a member's raw SQL can make them: a wrong type or shape in every field of every kind."""
+    import uuid
+
+    odd: list[Any] = [None, 5, -1, 1.5, True, "", "x" * 5000, "../../etc/passwd", "D" * 300 + ".csv", "a\u0000b"[:1], "1"]
+    out: list[tuple[str, dict[str, Any]]] = []
+    fields = {"query_run": ["sql"], "query_check": ["sql"], "release": ["query", "params"], "budget": ["anything"],
+              "upload": ["dataset", "file_name", "token", "chunks", "size", "sha256"]}
+    base = {"upload": {"dataset": "purchases", "file_name": "p.csv", "token": str(uuid.uuid4()), "chunks": 1, "size": 1, "sha256": "0" * 64},
+            "release": {"query": "campaign_reach", "params": {}}, "query_run": {"sql": EXACT_SQL}, "query_check": {"sql": EXACT_SQL}, "budget": {}}
+    for kind, names in fields.items():
+        for name in names:
+            for value in odd:
+                out.append((kind, {**base[kind], name: value}))
+    return out
+
+
+def test_no_request_a_member_can_write_stops_the_answering_loop_or_stays_unanswered(deployment: dict[str, Any]) -> None:
+    """Every field of every kind with a wrong value (generated), plus payloads too deep for a JSON reader: each ends
+    answered, refused or failed, and the loop answers the next request as before."""
+    url = deployment["creds"]["ad_network"]["url"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        for depth in (900, 3000):
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                conn.execute("select dcr_meta.submit_request(%s, 'budget', %s::jsonb)", (C, '{"x":' + "[" * depth + "]" * depth + "}"))
+        for statement in ("select lo_create(0)", "select lo_from_bytea(0, 'x')"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+        asked = []
+        for kind, payload in _payloads():
+            while True:  # at most 20 waiting per login: wait for room
+                try:
+                    asked.append(conn.execute("select dcr_meta.submit_request(%s, %s, %s::jsonb)", (C, kind, json.dumps(payload))).fetchone()[0])  # type: ignore[index]
+                    break
+                except psycopg.errors.ConfigurationLimitExceeded:
+                    time.sleep(0.5)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            waiting = conn.execute("select count(*) from dcr_meta.member_requests where id = any(%s) and state in ('pending', 'launched')",
+                                   (asked,)).fetchone()[0]  # type: ignore[index]
+            if not waiting:
+                break
+            time.sleep(1)
+        states = dict(conn.execute("select state, count(*) from dcr_meta.member_requests where id = any(%s) group by 1", (asked,)).fetchall())
+    assert set(states) <= {"answered", "refused", "failed"}, states
+    budget = member_dcr(deployment, "budget", C, "--credentials", str(deployment["files"]["ad_network"]), "--format", "json")
+    assert budget.returncode == 0, budget.stderr
 
 
 def test_a_revoked_login_is_out_at_once(deployment: dict[str, Any]) -> None:

@@ -87,6 +87,14 @@ begin
     if p_payload is null or jsonb_typeof(p_payload) <> 'object' or length(p_payload::text) > 100000 then
         raise exception 'a request payload is a JSON object of at most 100000 characters' using errcode = '22023';
     end if;
+    -- Flat: every value a string, number, boolean or null, but "params", an object of such values (nothing nested
+    -- deeper reaches the operator's side, whose JSON reader has a recursion limit).
+    if exists (select 1 from jsonb_each(p_payload) e
+                where jsonb_typeof(e.value) in ('object', 'array')
+                  and not (e.key = 'params' and jsonb_typeof(e.value) = 'object'
+                           and not exists (select 1 from jsonb_each(e.value) p where jsonb_typeof(p.value) in ('object', 'array')))) then
+        raise exception 'a request payload is flat: strings, numbers, booleans and nulls (and params, an object of them)' using errcode = '22023';
+    end if;
     select count(*) into waiting from dcr_meta.member_requests r
      where r.login = session_user and r.state in ('pending', 'launched');
     if waiting >= 20 then
@@ -110,11 +118,13 @@ create table if not exists dcr_meta.member_upload_chunks (
     login name not null,
     seq int not null,
     data bytea not null,
+    size int not null,
     written_at timestamptz not null default now(),
     primary key (token, seq)
 );
+create index if not exists member_upload_chunks_login on dcr_meta.member_upload_chunks (login);
 revoke all on dcr_meta.member_upload_chunks from public;
-grant insert on dcr_meta.member_upload_chunks to dcr_request_desk;
+grant select, insert on dcr_meta.member_upload_chunks to dcr_request_desk;
 
 create or replace function dcr_meta.upload_chunk(p_token uuid, p_seq int, p_data bytea) returns void
 language plpgsql volatile security definer
@@ -127,9 +137,24 @@ begin
     if p_data is null or octet_length(p_data) > 8388608 or p_seq is null or p_seq < 0 or p_seq >= 100000 then
         raise exception 'an upload chunk is at most 8 MiB, numbered 0 to 99999' using errcode = '22023';
     end if;
-    insert into dcr_meta.member_upload_chunks (token, login, seq, data) values (p_token, session_user, p_seq, p_data);
+    -- At most 2 GiB of chunks per login not yet taken by a request (a member cannot fill the server's disk).
+    if (select coalesce(sum(c.size), 0) from dcr_meta.member_upload_chunks c where c.login = session_user) + octet_length(p_data) > 2147483648 then
+        raise exception 'login % has 2 GiB of upload chunks waiting: ask for the upload they make (or wait a day for them to expire)', session_user
+            using errcode = '53400';
+    end if;
+    insert into dcr_meta.member_upload_chunks (token, login, seq, data, size) values (p_token, session_user, p_seq, p_data, octet_length(p_data));
 end
 $$;
 alter function dcr_meta.upload_chunk(uuid, int, bytea) owner to dcr_request_desk;
 revoke all on function dcr_meta.upload_chunk(uuid, int, bytea) from public;
 grant execute on function dcr_meta.upload_chunk(uuid, int, bytea) to dcr_member_logins;
+
+-- Large objects outlive a session and are counted nowhere: no role but the superuser creates them in this database
+-- (an operator without the right to change that is told, and the rest of the migration stands).
+do $$
+begin
+    revoke execute on function pg_catalog.lo_create(oid), pg_catalog.lo_creat(integer), pg_catalog.lo_from_bytea(oid, bytea) from public;
+exception when insufficient_privilege then
+    raise notice 'large objects stay creatable by every role of this database (only their owner may revoke it)';
+end
+$$;
