@@ -150,7 +150,14 @@ def _example_ad_hoc(runtime: Any, defs: Any, loaded: Any) -> None:
         adhoc.check(loaded, runner, sql_text)
     except adhoc.QueryRefused:
         return  # this collaboration's rules do not allow it (e.g. demo_home: approved queries only); nothing to show
-    files = _member_logins(runtime, loaded)
+    from ..store.members import MemberError
+
+    try:
+        files = _member_logins(runtime, loaded)
+    except MemberError as exc:  # e.g. another database of the same server made these names (roles are per server)
+        out.print(f"note: no member logins ({exc}); the example ad-hoc query runs as the operator's, for {runner}", markup=False, soft_wrap=True)
+        _operator_ad_hoc(defs, loaded, runner, sql_text)
+        return
     creds = json.loads(files[runner].read_text(encoding="utf-8"))
     url = runtime.warehouse.url()
     try:
@@ -201,3 +208,15 @@ def _member_logins(runtime: Any, loaded: Any) -> dict[str, Path]:
     out.print(f"member logins: {', '.join(sorted(files))}; credentials in {folder}{how}", markup=False, soft_wrap=True)
     return files
 
+
+def _operator_ad_hoc(defs: Any, loaded: Any, runner: str, sql_text: str) -> None:
+    from ..lib import naming
+    from ..runner import ad_hoc_run_config, materialize
+
+    outcome = materialize(defs, [naming.ad_hoc_key(loaded.name)], instance=_instance(), run_config=ad_hoc_run_config(loaded.name, runner, sql_text),
+                          stdout_log=_run_log())
+    meta = outcome.metadata.get("/".join(naming.ad_hoc_key(loaded.name)), {})
+    if outcome.success:
+        out.print(f"ad-hoc query of {runner}: {plural(int(meta.get('rows', 0)), 'row')}", markup=False)
+    else:
+        out.print(f"note: the example ad-hoc query was not answered: {outcome.failure}", markup=False)
