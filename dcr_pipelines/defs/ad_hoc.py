@@ -15,6 +15,7 @@ from ..services import adhoc as adhoc_service
 from ..store import member_requests
 from . import freshness
 from .common import AdHocConfig, audit_metadata
+from .member_requests import relay
 from .resources import WarehouseResource
 
 
@@ -68,24 +69,8 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
                 return
         runner, sql_text = asked.member, str(asked.payload.get("sql") or "")
         context.log.info(f"member request #{asked.id} of {asked.login} ({runner})")
-        try:
-            for event in _ad_hoc(context, runner, sql_text, warehouse):
-                if isinstance(event, dg.AssetObservation) and event.metadata.get("outcome") == dg.MetadataValue.text("refused"):
-                    message = event.metadata["message"].value
-                    with warehouse.connect() as conn:
-                        member_requests.finish(conn, asked.id, "refused", reason=str(message), run_id=context.run.run_id)
-                elif isinstance(event, dg.MaterializeResult):
-                    with warehouse.connect() as conn:
-                        result = adhoc_service.stored_result(conn, c, runner, context.run.run_id)
-                        member_requests.finish(conn, asked.id, "answered", run_id=context.run.run_id,
-                                               answer=answer_of(result, {k: getattr(v, "value", v) for k, v in (event.metadata or {}).items()},
-                                                                context.run.run_id))
-                yield event
-        except BaseException as exc:
-            with warehouse.connect() as conn:
-                member_requests.finish(conn, asked.id, "failed", reason=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                                       run_id=context.run.run_id)
-            raise
+        yield from relay(context, warehouse, asked.id, _ad_hoc(context, runner, sql_text, warehouse),
+                         lambda conn, meta: answer_of(adhoc_service.stored_result(conn, c, runner, context.run.run_id), meta, context.run.run_id))
 
     def _ad_hoc(context: dg.AssetExecutionContext, runner: str, sql_text: str, warehouse: WarehouseResource) -> Iterator[Any]:
         config = AdHocConfig(runner=runner, sql=sql_text)

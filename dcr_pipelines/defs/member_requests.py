@@ -35,6 +35,27 @@ def _op(key: list[str]) -> str:
     return "__".join(key)
 
 
+def relay(context: Any, warehouse: WarehouseResource, request_id: int, events: Iterator[Any], answer: Any) -> Iterator[Any]:
+    """The events of a run doing a member's request, passed on; the request row gets the outcome: a refusal's message, the
+    answer (``answer(conn, metadata)`` on the materialization), or the failure's first line."""
+    run_id = context.run.run_id
+    try:
+        for event in events:
+            if isinstance(event, dg.AssetObservation) and event.metadata.get("outcome") == dg.MetadataValue.text("refused"):
+                with warehouse.connect() as conn:
+                    member_requests.finish(conn, request_id, "refused", reason=str(event.metadata["message"].value), run_id=run_id)
+            elif isinstance(event, dg.MaterializeResult):
+                meta = {k: getattr(v, "value", v) for k, v in (event.metadata or {}).items()}
+                with warehouse.connect() as conn:
+                    member_requests.finish(conn, request_id, "answered", run_id=run_id, answer=answer(conn, meta))
+            yield event
+    except BaseException as exc:
+        with warehouse.connect() as conn:
+            member_requests.finish(conn, request_id, "failed", run_id=run_id,
+                                   reason=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise
+
+
 def run_request(loaded: LoadedCollaboration, request: member_requests.Request) -> dg.RunRequest:
     c = loaded.name
     if request.kind == "query_run":

@@ -27,6 +27,7 @@ from .common import (
     request_key,
     warn_budget,
 )
+from .member_requests import relay
 from .resources import SecretsResource, WarehouseResource
 
 DbtProjectOf = Callable[[], tuple[Path, Mapping[str, Any]]]  # the prepared dbt project and its manifest, when a rebuild needs them
@@ -83,25 +84,13 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
             yield from refused_checks(warehouse)
             return
         params = {str(k): str(v) for k, v in dict(asked.payload.get("params") or {}).items()}
-        try:
-            for event in _release(context, ReleaseConfig(requested_by=f"{asked.member} (login {asked.login})", params=params), warehouse, secrets):
-                if isinstance(event, dg.AssetObservation) and event.metadata.get("outcome") == dg.MetadataValue.text("refused"):
-                    with warehouse.connect() as conn:
-                        member_requests.finish(conn, asked.id, "refused", reason=str(event.metadata["message"].value), run_id=context.run.run_id)
-                elif isinstance(event, dg.MaterializeResult):
-                    meta = {k: getattr(v, "value", v) for k, v in (event.metadata or {}).items()}
-                    with warehouse.connect() as conn:
-                        rows = store_results.release_rows(conn, c, str(meta["release_id"]))
-                        member_requests.finish(conn, asked.id, "answered", run_id=context.run.run_id, answer={
-                            "release_id": meta["release_id"], "cached": meta["cached"], "epsilon_charged": meta.get("epsilon_charged", 0.0),
-                            "epsilon_remaining": meta.get("epsilon_remaining"), "epsilon_budget": meta.get("epsilon_budget"),
-                            "params": meta.get("params"), "rows": rows})
-                yield event
-        except BaseException as exc:
-            with warehouse.connect() as conn:
-                member_requests.finish(conn, asked.id, "failed", reason=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                                       run_id=context.run.run_id)
-            raise
+        def answer(conn: Any, meta: dict[str, Any]) -> dict[str, Any]:
+            return {"release_id": meta["release_id"], "cached": meta["cached"], "epsilon_charged": meta.get("epsilon_charged", 0.0),
+                    "epsilon_remaining": meta.get("epsilon_remaining"), "epsilon_budget": meta.get("epsilon_budget"),
+                    "params": meta.get("params"), "rows": store_results.release_rows(conn, c, str(meta["release_id"]))}
+
+        yield from relay(context, warehouse, asked.id,
+                         _release(context, ReleaseConfig(requested_by=f"{asked.member} (login {asked.login})", params=params), warehouse, secrets), answer)
 
     def _release(context: dg.AssetExecutionContext, config: ReleaseConfig, warehouse: WarehouseResource, secrets: SecretsResource) -> Iterator[Any]:
         if not config.requested_by.strip():
