@@ -115,7 +115,7 @@ def _export_what_it_committed(instance: Any, run_id: str) -> None:
                       markup=False, soft_wrap=True)
 
 
-def _collaboration(runtime: Any, name: str) -> Any:
+def _collaboration(runtime: Any, name: str, approvals: bool = True) -> Any:
     import re
 
     from ..lib.policy import PolicyError, load_collaboration
@@ -125,7 +125,7 @@ def _collaboration(runtime: Any, name: str) -> Any:
         fail(f"{name!r} is not a collaboration name: lowercase letters, digits and _ only, as the folder under {runtime.settings.policies}", 2)
     folder = runtime.settings.policies / name
     try:
-        return load_collaboration(folder)
+        return load_collaboration(folder, approvals=approvals)
     except PolicyError as exc:
         first = exc.issues[0]
         if not folder.is_dir():

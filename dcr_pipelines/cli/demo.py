@@ -65,9 +65,11 @@ def demo(rows: int, overlap: float, seed: int, collab: str) -> None:
         _run_collaboration(defs, loaded)
     elif not at_home:
         _run_collaboration(defs, loaded)
+    logins = _members_sign_in(runtime, loaded) if _shows_ad_hoc(loaded) else None  # before any release: their approvals count
     released = _release_all(defs, loaded)  # the demo asks for every release explicitly, with the default parameters
     _print_releases(runtime, loaded, released)
-    _example_ad_hoc(runtime, defs, loaded)
+    if _shows_ad_hoc(loaded):
+        _example_ad_hoc(runtime, defs, loaded, logins)
     if loaded.collaboration.matching.overlap_release != "withheld":
         _print_overlap(runtime, loaded)
     out.print(f"done in {time.perf_counter() - started:.1f}s; open the asset graph with `make ui`")
@@ -134,28 +136,69 @@ EXAMPLE_AD_HOC = ("ad_network", "select c.loyalty_tier, count(distinct c.custome
                   "from impressions as i inner join customers as c on c.customer_email = i.user_email group by 1")
 
 
-def _example_ad_hoc(runtime: Any, defs: Any, loaded: Any) -> None:
-    """The README's ad-hoc example, asked the way a member asks: through the runner's own login (made here, with a
-    credentials file per member), as a request row this process answers like `dcr serve`; so every asset of the demo
-    has been materialized, and the member path shown."""
-    from ..defs.member_requests import serve
+def _shows_ad_hoc(loaded: Any) -> bool:
+    """The collaboration's rules allow the README's ad-hoc example (demo_home's do not: approved queries only)."""
     from ..lib import adhoc
-    from ..runner import materialize
-    from ..store import member_requests
 
     runner, sql_text = EXAMPLE_AD_HOC
     if not {"impressions", "customers"} <= set(loaded.collaboration.datasets) or runner not in loaded.collaboration.members:
-        return
+        return False
     try:
         adhoc.check(loaded, runner, sql_text)
     except adhoc.QueryRefused:
-        return  # this collaboration's rules do not allow it (e.g. demo_home: approved queries only); nothing to show
+        return False
+    return True
+
+
+def _members_sign_in(runtime: Any, loaded: Any) -> dict[str, Path] | None:
+    """A login per member (credentials files under DCR_HOME/members), and each party's approval made through its own
+    login, as members do (`dcr policy approve COLLAB --credentials FILE`): once a member has a login, only that counts.
+    None when logins cannot be made here (then everything runs as the operator's, as before logins existed)."""
+    from ..defs.member_requests import tick
+    from ..lib.policy import load_collaboration
+    from ..lib.policy.approve import approval_payload
+    from ..lib.policy.loader import approvers
+    from ..store import member_requests
     from ..store.members import MemberError
 
     try:
         files = _member_logins(runtime, loaded)
     except MemberError as exc:  # e.g. another database of the same server made these names (roles are per server)
-        out.print(f"note: no member logins ({exc}); the example ad-hoc query runs as the operator's, for {runner}", markup=False, soft_wrap=True)
+        out.print(f"note: no member logins ({exc}); the demo acts as the operator, for every member", markup=False, soft_wrap=True)
+        return None
+    payload = approval_payload(load_collaboration(loaded.folder, approvals=False))
+    asked, approved = {}, []
+    try:
+        for party in approvers(loaded.collaboration):
+            creds = json.loads(files[party].read_text(encoding="utf-8"))
+            with member_requests.connect(creds["url"]) as conn:
+                asked[party] = (creds, member_requests.submit(conn, loaded.name, "approve", payload))
+        with member_requests.connect(runtime.warehouse.url()) as conn:
+            tick(_instance(), conn, loaded, 0, runtime.settings.landing)
+        for party, (creds, request_id) in asked.items():
+            with member_requests.connect(creds["url"]) as conn:
+                done = member_requests.wait(conn, request_id, 30)
+            if done.state == "answered":
+                approved.append(party)
+            else:
+                out.print(f"note: {party}'s approval through its login was {done.state}: {done.reason}", markup=False, soft_wrap=True)
+    except member_requests.RequestError as exc:
+        out.print(f"note: the parties' approvals through their logins were not answered: {exc}", markup=False, soft_wrap=True)
+    out.print(f"approved through their own logins: {', '.join(sorted(approved)) or 'none'} (each member: `dcr policy approve {loaded.name} "
+              f"--credentials FILE`)", markup=False, soft_wrap=True)
+    return files
+
+
+def _example_ad_hoc(runtime: Any, defs: Any, loaded: Any, files: dict[str, Path] | None) -> None:
+    """The README's ad-hoc example, asked the way a member asks: through the runner's own login, as a request row this
+    process answers like `dcr serve`; so every asset of the demo has been materialized, and the member path shown."""
+    from ..defs.member_requests import serve
+    from ..runner import materialize
+    from ..store import member_requests
+
+    runner, sql_text = EXAMPLE_AD_HOC
+    if files is None:
+        out.print(f"note: the example ad-hoc query runs as the operator's, for {runner}", markup=False, soft_wrap=True)
         _operator_ad_hoc(defs, loaded, runner, sql_text)
         return
     creds = json.loads(files[runner].read_text(encoding="utf-8"))
@@ -163,7 +206,7 @@ def _example_ad_hoc(runtime: Any, defs: Any, loaded: Any) -> None:
     try:
         with member_requests.connect(creds["url"]) as conn:  # the member's login, over TCP
             asked = member_requests.submit(conn, loaded.name, "query_run", {"sql": sql_text})
-            for done in serve(lambda _job: defs, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k),
+            for done in serve(lambda _job, _loaded: defs, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k),
                               runtime.settings.landing):
                 if done == asked:
                     break

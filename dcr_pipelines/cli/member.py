@@ -68,7 +68,7 @@ def member_add(collab: str, member_name: str, out_path: Path | None, host: str |
     from ..store import members
 
     runtime = _runtime()
-    loaded = _collaboration(runtime, collab)
+    loaded = _collaboration(runtime, collab, approvals=False)  # members log in before they approve (they approve through their login)
     with connect(runtime.warehouse.url()) as conn:
         try:
             login, password = members.add(conn, loaded, member_name)
@@ -93,7 +93,7 @@ def member_rotate(collab: str, member_name: str, out_path: Path | None, host: st
     from ..store import members
 
     runtime = _runtime()
-    _collaboration(runtime, collab)
+    _collaboration(runtime, collab, approvals=False)
     with connect(runtime.warehouse.url()) as conn:
         try:
             login, password = members.rotate(conn, collab, member_name)
@@ -131,7 +131,7 @@ def member_list(collab: str) -> None:
     from ..store import members
 
     runtime = _runtime()
-    loaded = _collaboration(runtime, collab)
+    loaded = _collaboration(runtime, collab, approvals=False)
     with connect(runtime.warehouse.url()) as conn:
         logins = {m.member: m for m in members.listing(conn, collab)}
     table = Table(title=f"{collab}: member logins", title_justify="left")
@@ -158,19 +158,27 @@ def serve(collab: str, once: bool) -> None:
     from ..defs.member_requests import serve as serve_loop
     from ..defs.release import release_definitions
     from ..lib.naming import job_names
+    from ..lib.policy import PolicyError, load_collaboration
     from ..runner import materialize
 
     runtime = _runtime()
-    loaded = _collaboration(runtime, collab)
+    loaded = _collaboration(runtime, collab, approvals=False)
+    unapproved = None
+    try:
+        loaded = load_collaboration(loaded.folder)
+    except PolicyError as exc:  # not approved yet: the members' approvals are what it waits for (nothing else is answered)
+        unapproved = str(exc.issues[0])
+        err.print(f"note: {collab} is not approved by every party yet ({unapproved}); answering approvals only", markup=False, soft_wrap=True)
     url = runtime.warehouse.url()
     names = job_names(collab)
-    cache: dict[str, Any] = {}
+    cache: dict[tuple[str, int], Any] = {}
 
-    def defs_for(job: str) -> Any:
-        if job not in cache:
-            cache[job] = (ad_hoc_definitions(loaded, url) if job == names["ad_hoc"] else release_definitions(loaded, runtime.settings, url)
-                          if job == names["releases"] else _definitions(runtime))  # an upload's ingest: the whole collaboration
-        return cache[job]
+    def defs_for(job: str, current: Any) -> Any:
+        if (job, id(current)) not in cache:
+            cache[(job, id(current))] = (ad_hoc_definitions(current, url) if job == names["ad_hoc"] else
+                                         release_definitions(current, runtime.settings, url) if job == names["releases"] else
+                                         _definitions(runtime))  # an upload's ingest: the whole collaboration
+        return cache[(job, id(current))]
 
     def log(run: Any, outcome: Any) -> None:
         what = "answered" if outcome.success else ("refused" if outcome.refused else "failed")
@@ -188,7 +196,7 @@ def serve(collab: str, once: bool) -> None:
               markup=False)
     try:
         for _ in serve_loop(defs_for, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k),
-                            runtime.settings.landing, stop=stop, log=log):
+                            runtime.settings.landing, stop=stop, log=log, unapproved=unapproved):
             idle["seen"] = False
     except KeyboardInterrupt:
         return

@@ -151,20 +151,28 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     from ..runner import materialize, release_run_config
     from .member import ask, credentials
 
-    creds = credentials(credentials_path)
-    if creds:
-        if dry_run or chart is not None:
-            fail("--dry-run and --chart are not available through a member login yet", 2)
-        supplied_params = dict(item.split("=", 1) for item in params if "=" in item)
-        if len(supplied_params) != len(params):
-            fail(f"--param {next(i for i in params if '=' not in i)!r}: expected NAME=VALUE", 2)
-        done = ask(creds, collab, "release", {"query": query, "params": supplied_params})
-        _print_member_release(collab, query, done.answer, fmt)
-        return
     if chart is not None and chart.suffix.lower() != ".png":
         fail(f"--chart {chart}: the chart is a PNG; give a file name ending in .png", 2)
     if chart is not None and not chart.resolve().parent.is_dir():
         fail(f"--chart {chart}: folder {chart.resolve().parent} does not exist; create it or choose another", 2)
+    creds = credentials(credentials_path)
+    if creds:
+        supplied_params = dict(item.split("=", 1) for item in params if "=" in item)
+        if len(supplied_params) != len(params):
+            fail(f"--param {next(i for i in params if '=' not in i)!r}: expected NAME=VALUE", 2)
+        done = ask(creds, collab, "release", {"query": query, "params": supplied_params, **({"dry_run": True} if dry_run else {})})
+        if dry_run:
+            _print_member_dry_run(query, done.answer)
+            return
+        _print_member_release(collab, query, done.answer, fmt)
+        if chart is not None:
+            from ..lib.chart import release_chart
+
+            answer = done.answer
+            release_chart(answer["rows"], list(answer.get("dimensions") or []), list(answer.get("metrics") or []),
+                          f"{collab}/{query} release {answer['release_id']}", chart)
+            err.print(f"chart written to {chart}")
+        return
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)
     if query not in loaded.queries:
@@ -222,34 +230,46 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
 def _dry_run(runtime: Any, loaded: Any, approved: Any) -> None:
     """Print the noise plan and the cost of a DP release against the consumer's remaining budget; refuse (exit 1) if it does not fit."""
     from ..lib.database import connect
-    from ..lib.policy.models import MetricKind
     from ..services import budget as budget_service
 
     with connect(runtime.warehouse.url()) as conn:
         planned = budget_service.dry_run(conn, loaded, approved)
+    _print_dry_run(planned, approved.name, approved.spec.consumer, budget_service.averages(approved))
+
+
+def _print_dry_run(planned: Any, name: str, consumer: str, averaged: list[str]) -> None:
     for p in planned.plans:
         out.print(f"{p.column}: sensitivity {p.sensitivity:g}, laplace scale {p.scale:.4g}, epsilon {p.epsilon:.4g}, 95% accuracy +/-{p.accuracy:.4g}")
     if planned.selection is not None:
         s = planned.selection
         out.print(f"{s.metric}: key selection, laplace scale {s.scale:.4g}, threshold {s.threshold}, epsilon {s.epsilon:.4g}, delta {s.delta:.3g}")
     by_column = {p.column: p for p in planned.plans}
-    for name, metric in approved.spec.metrics.items():
-        if metric.aggregate == MetricKind.AVG:
-            total, count = by_column[f"{name}__sum"], by_column[f"{name}__count"]
-            out.print(f"{name}: an average, released as noisy sum / noisy count: epsilon {total.epsilon:.4g} (sum) + {count.epsilon:.4g} (count) "
-                      f"= {total.epsilon + count.epsilon:.4g}; its 95% interval comes from the two parts' intervals")
-    status, consumer = planned.status, approved.spec.consumer
+    for metric in averaged:
+        total, count = by_column[f"{metric}__sum"], by_column[f"{metric}__count"]
+        out.print(f"{metric}: an average, released as noisy sum / noisy count: epsilon {total.epsilon:.4g} (sum) + {count.epsilon:.4g} (count) "
+                  f"= {total.epsilon + count.epsilon:.4g}; its 95% interval comes from the two parts' intervals")
+    status = planned.status
     window = f" (rolling {status.period_days}-day window)" if status.period_days else ""
     when = f"; it refreshes at {status.refreshes_at:%Y-%m-%d %H:%M} UTC" if status.refreshes_at else ""
     if not planned.fits:
         short = (f"epsilon {planned.epsilon:.4g}, and {consumer} has {status.remaining:.4g} of {status.total:.4g} left"
                  if planned.epsilon > status.remaining + 1e-12 else
                  f"delta {planned.delta:.3g}, and {consumer} has delta {status.delta_remaining:.3g} of {status.delta_total:.3g} left")
-        fail(f"the release of {approved.name} would cost {short}{window}{when}: it does not fit, nothing was run or charged "
+        fail(f"the release of {name} would cost {short}{window}{when}: it does not fit, nothing was run or charged "
              "(an identical earlier request is still answered from the store, free)")
     out.print(f"release would cost epsilon {planned.epsilon:.4g}" + (f" and delta {planned.delta:.3g}" if planned.delta else "")
               + f" of {consumer}'s budget: {status.remaining:.4g} of {status.total:.4g} left now, {planned.remaining_after:.4g} after it{window}",
               soft_wrap=True)
+
+
+def _print_member_dry_run(query: str, answer: dict[str, Any]) -> None:
+    from ..services.budget import DryRun
+
+    if answer.get("rule") == "threshold":
+        out.print(f"threshold rule: exact values, groups with fewer than {answer.get('min_distinct_units')} distinct people removed; "
+                  "no epsilon is charged")
+        return
+    _print_dry_run(DryRun.from_json(answer["plan"]), query, str(answer.get("consumer")), list(answer.get("averages") or []))
 
 
 def _print_member_release(collab: str, query: str, answer: dict[str, Any], fmt: str) -> None:

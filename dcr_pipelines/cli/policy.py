@@ -132,24 +132,44 @@ def policy_hash(collab: str) -> None:
 
 @policy.command("approve")
 @click.argument("collab")
-@click.option("--as", "member", required=True, help="The member approving (a member that provides data).")
-def policy_approve(collab: str, member: str) -> None:
-    """Approve, as MEMBER, the current hash of every query of COLLAB and what protects MEMBER's data.
+@click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="Your credentials file (`dcr member add`): "
+              "approve as yourself, through your login; or set DCR_MEMBER_URL.")
+@click.option("--folder", "reviewed", type=click.Path(path_type=Path, file_okay=False), help="With --credentials: your reviewed copy of "
+              "COLLAB's policy folder (default: COLLAB under DCR_POLICIES, or this installation's policies/).")
+@click.option("--as", "member", help="The operator, approving for a member that has no login (a member with a login approves only through it).")
+def policy_approve(collab: str, credentials_path: Path | None, reviewed: Path | None, member: str | None) -> None:
+    """Approve the current hash of every query of COLLAB and what protects your data.
 
-    Writes MEMBER's entries under `approvals:` in collaboration.yaml and
-    protections/MEMBER.json; review the change in git like any other.
+    A member with a login approves through it: the hashes of its own copy of
+    the policy (the one it reviewed) are sent to the operator, who records the
+    approval in the audit chain under the member's login and writes it into
+    collaboration.yaml and protections/MEMBER.json, when the operator's copy
+    is the same. With --as (the operator, for a member without a login), it
+    writes MEMBER's entries into the files only; review them in git.
 
     \b
-    Example:
+    Examples:
+      dcr policy approve demo --credentials retailer.json --folder ./policies/demo
       dcr policy approve demo --as retailer
     """
     from ..lib.policy import PolicyError
     from ..lib.policy.approve import NothingToApprove, approve
     from ..lib.settings import Settings
+    from .member import credentials, refuse_as
 
+    creds = credentials(credentials_path)
+    refuse_as(member, creds)
     folder = Settings.from_env().policies / collab
+    if creds:
+        _approve_through_login(creds, collab, reviewed or folder)
+        return
+    if reviewed is not None:
+        fail("--folder goes with --credentials (the member's reviewed copy); the operator approves its own policies folder", 2)
+    if not member:
+        raise click.UsageError("missing option '--credentials FILE' (a member's own login) or '--as' (the operator, for a member without a login)")
     if not (folder / "collaboration.yaml").is_file():
         fail(f"no collaboration {collab!r} under {folder.parent}", 2)
+    _refuse_member_with_login(collab, member)
     try:
         done = approve(folder, member)
     except PolicyError as exc:
@@ -159,6 +179,40 @@ def policy_approve(collab: str, member: str) -> None:
     for name, digest in done.queries.items():
         out.print(f"{name}: {member} approves sha256 {digest}")
     out.print(f"protections of {member}'s data: sha256 {done.protections_sha256} ({done.protections_path})")
+
+
+def _refuse_member_with_login(collab: str, member: str) -> None:
+    """The operator approves for a member only while it has no login: one with a login approves through it (this is the
+    courtesy; the guarantee is that releases and ad-hoc queries count only its login's approval, ``store.approvals``)."""
+    from ..store import members
+    from ._common import _runtime
+
+    login = members.login_of(_runtime().warehouse.url(), collab, member)
+    if login is not None:
+        fail(f"{member} has a member login ({login}): it approves only through it (`dcr policy approve {collab} --credentials "
+             f"{member}.json`, on its own machine); an approval written with --as would not count", 2)
+
+
+def _approve_through_login(creds: dict[str, str], collab: str, folder: Path) -> None:
+    from ..lib.policy import PolicyError, load_collaboration
+    from ..lib.policy.approve import approval_payload
+    from .member import ask
+
+    if not (folder / "collaboration.yaml").is_file():
+        fail(f"no copy of {collab}'s policy at {folder} (no collaboration.yaml): you approve the copy you reviewed; give its folder "
+             "with --folder", 2)
+    try:
+        loaded = load_collaboration(folder, approvals=False)
+    except PolicyError as exc:
+        fail(f"your copy of the policy does not load: {exc.issues[0]}", 2)
+    done = ask(creds, collab, "approve", approval_payload(loaded))
+    answer = done.answer or {}
+    who = done.member
+    for name, digest in sorted((answer.get("queries") or {}).items()):
+        out.print(f"{name}: {who} approves sha256 {digest}", markup=False)
+    out.print(f"protections of {who}'s data: sha256 {answer.get('protections_sha256')}", markup=False)
+    out.print(f"recorded in {collab}'s audit chain under login {creds.get('login') or 'yours'} (entry {answer.get('audit_seq')}, chain sha256 "
+              f"{str(answer.get('audit_chain_sha256'))[:12]}...)", markup=False, soft_wrap=True)
 
 
 # --- stages ------------------------------------------------------------------------

@@ -175,16 +175,31 @@ def overlap(collab: str, fmt: str) -> None:
 
 @main.command("report")
 @click.argument("collab")
-@click.option("--as", "member", required=True, help="The member the report is for: it shows only what this member may see.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder to write index.html, charts and the chain head into.")
-def member_report(collab: str, member: str, out_dir: Path) -> None:
-    """Write MEMBER's own report of COLLAB as a static HTML page: its releases with charts and intervals, its budget,
+@click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="Your credentials file (`dcr member add`): "
+              "your own report, through your login; or set DCR_MEMBER_URL.")
+@click.option("--as", "member", help="The operator, writing the report of a member: it shows only what this member may see.")
+def member_report(collab: str, out_dir: Path, credentials_path: Path | None, member: str | None) -> None:
+    """Write a member's own report of COLLAB as a static HTML page: its releases with charts and intervals, its budget,
     every query over its data (runner and SQL), its uploads and their validation, and the audit chain head to keep.
 
     \b
-    Example:
+    Examples:
+      dcr report demo --credentials retailer.json --out reports/retailer
       dcr report demo --as retailer --out reports/retailer
     """
+    from .member import credentials, refuse_as
+
+    creds = credentials(credentials_path)
+    refuse_as(member, creds)
+    if not creds and not member:
+        raise click.UsageError("missing option '--credentials FILE' (a member's own login) or '--as' (the operator, for a member)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "index.html").is_file():
+        fail(f"{out_dir} has files that are not a report; give an empty or new folder (nothing was written)", 2)
+    if creds:
+        _report_through_login(creds, collab, out_dir)
+        return
+    assert member is not None
     from ..defs import audit as trail
     from ..lib import member_report as page
     from ..lib.database import connect
@@ -194,8 +209,6 @@ def member_report(collab: str, member: str, out_dir: Path) -> None:
     loaded = _collaboration(runtime, collab)
     if member not in loaded.collaboration.members:
         fail(f"{collab} has no member {member!r} (members: {', '.join(loaded.collaboration.members)})", 2)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "index.html").is_file():
-        fail(f"{out_dir} has files that are not a report; give an empty or new folder (nothing was written)", 2)
     activity = trail.entries(_instance(), loaded, party=member)
     with connect(runtime.warehouse.url()) as conn:
         view = gathered.gather(conn, loaded, member, activity)
@@ -204,3 +217,27 @@ def member_report(collab: str, member: str, out_dir: Path) -> None:
     except OSError as exc:
         fail(f"{exc.filename or out_dir}: {exc.strerror or exc}; nothing usable was written (choose a writable folder)", 2)
     out.print(f"{collab}: report for {member} written to {written} ({len(view.releases)} release(s), {len(view.uploads)} upload(s))", markup=False)
+
+
+def _report_through_login(creds: dict[str, str], collab: str, out_dir: Path) -> None:
+    """The member's report, made by the operator's side from what the member may see and written here, file by file."""
+    import base64
+    from pathlib import PurePosixPath
+
+    from .member import ask
+
+    done = ask(creds, collab, "report", {})
+    answer = done.answer or {}
+    files = answer["files"] if isinstance(answer.get("files"), dict) else {}
+    try:
+        for name, data in sorted(files.items()):
+            relative = PurePosixPath(str(name))
+            if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+                fail(f"the answer names a file outside the report folder ({name!r}); nothing more was written", 1)
+            target = out_dir.joinpath(*relative.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(str(data)))
+    except OSError as exc:
+        fail(f"{exc.filename or out_dir}: {exc.strerror or exc}; nothing usable was written (choose a writable folder)", 2)
+    out.print(f"{collab}: report for {done.member} written to {out_dir / 'index.html'} ({answer.get('releases', 0)} release(s), "
+              f"{answer.get('uploads', 0)} upload(s))", markup=False)

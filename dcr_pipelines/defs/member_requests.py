@@ -6,7 +6,8 @@ A member login writes a request row (``store.member_requests``). Each tick:
   ``member-request:<id>`` (Dagster launches a run key once) and tags ``dcr/user`` (the login), ``dcr/member`` and
   ``dcr/request``; the run takes the row (``request`` in its config), does the work as for the operator's own command,
   and writes the answer, the refusal or the failure into the row;
-- ``budget`` and ``query_check`` read and spend nothing: they are answered in the tick;
+- ``budget``, ``query_check``, a release's dry run (``dry_run`` in its payload), ``report`` (the member's own report,
+  its files in the answer) and ``approve`` (``store.approvals``) read and spend nothing: they are answered in the tick;
 - a request whose run ended without answering (killed, failed before it started) is marked failed with the run's id.
 """
 
@@ -85,13 +86,19 @@ def _answer_now(conn: Any, loaded: LoadedCollaboration, request: member_requests
     member_requests.finish(conn, request.id, "answered", answer={"summary": checked.summary()})
 
 
-def tick(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, cursor: int, landing: Path) -> tuple[list[dg.RunRequest], int]:
-    """One evaluation: run requests for the new work requests, answers for the rest; the new cursor."""
+def tick(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, cursor: int, landing: Path,
+         unapproved: str | None = None) -> tuple[list[dg.RunRequest], int]:
+    """One evaluation: run requests for the new work requests, answers for the rest; the new cursor. ``unapproved``: why
+    ``loaded`` (then loaded without its approvals) is not approved yet; only approvals are answered until it is."""
     c = loaded.name
     runs: list[dg.RunRequest] = []
     for request in member_requests.pending(conn, c, after=cursor):
         cursor = max(cursor, request.id)
         try:
+            if unapproved and request.kind != "approve" and not request.payload.get(member_requests.MALFORMED):
+                member_requests.finish(conn, request.id, "refused", reason=f"{c} is not approved by every party yet ({unapproved}); until it "
+                                       "is, only approvals (`dcr policy approve`) are answered")
+                continue
             runs += _one(instance, conn, loaded, request, landing)
         except Exception as exc:  # one request must never stop the others (nor the loop that answers them)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -114,12 +121,93 @@ def _one(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, r
         runs += [run] if run is not None else []
     elif request.kind in ("budget", "query_check"):
         _answer_now(conn, loaded, request)
+    elif request.kind == "approve":
+        _approve(conn, loaded, request)
+    elif request.kind == "report":
+        _report(instance, conn, loaded, request)
+    elif request.kind == "release" and request.payload.get("dry_run") is True and str(request.payload.get("query")) in loaded.queries:
+        _dry_run(conn, loaded, request)
     elif request.kind == "release" and str(request.payload.get("query")) not in loaded.queries:
         member_requests.finish(conn, request.id, "refused", reason=f"{c} has no approved query {request.payload.get('query')!r} "
                                f"(queries: {', '.join(loaded.queries) or 'none'})")
     else:
         runs.append(run_request(loaded, request))
     return runs
+
+
+def _approve(conn: Any, loaded: LoadedCollaboration, request: member_requests.Request) -> None:
+    """A member approves the operator's policy as it is now, if that is what its own copy holds: recorded in the policy
+    files (for git review) and in the audit chain under its login (``store.approvals``), or refused with the difference."""
+    from ..lib.policy import PolicyError, load_collaboration
+    from ..lib.policy.approve import NothingToApprove, approval_payload, approve
+    from ..lib.policy.loader import approvers
+    from ..store import approvals
+
+    c, member = loaded.name, request.member
+    try:
+        current = load_collaboration(loaded.folder, approvals=False)  # the operator's copy, as it is now
+    except PolicyError as exc:
+        member_requests.finish(conn, request.id, "refused", reason=f"approval refused, nothing was recorded: the operator's policy of {c} does "
+                               f"not load ({exc.issues[0]}); the operator fixes it first")
+        return
+    if member not in approvers(current.collaboration):
+        member_requests.finish(conn, request.id, "refused", reason=f"approval refused, nothing was recorded: {member} provides no data to {c}, "
+                               "so no query or protection waits for its approval")
+        return
+    ours = approval_payload(current)
+    theirs = {str(k): v for k, v in request.payload.items()}
+    counted = {k for k in set(ours) | set(theirs) if k.startswith("query:")} | {f"protections:{member}"}
+    differ = sorted(k for k in counted if ours.get(k) != theirs.get(k))
+    if differ:
+        first = differ[0]
+        what = "what protects your data" if first.startswith("protections:") else f"query {first.removeprefix('query:')!r}"
+        mine, yours = str(ours.get(first) or "(none)"), str(theirs.get(first) or "(none)")
+        member_requests.finish(conn, request.id, "refused", reason=(
+            f"approval refused, nothing was recorded: your copy of {c}'s policy is not the operator's: {what} is sha256 {yours[:12]} in yours, "
+            f"{mine[:12]} in the operator's" + (f" (and {len(differ) - 1} more difference(s))" if len(differ) > 1 else "")
+            + "; get the reviewed policy (git pull), check it, and approve again"))
+        return
+    try:
+        approve(loaded.folder, member)
+    except (PolicyError, NothingToApprove) as exc:
+        reason = str(exc.issues[0]) if isinstance(exc, PolicyError) else str(exc)
+        member_requests.finish(conn, request.id, "refused", reason=f"approval refused, nothing was recorded: {reason}")
+        return
+    row = approvals.record(conn, current, member, request.login, request.id, {k: v for k, v in ours.items() if k in counted})
+    member_requests.finish(conn, request.id, "answered", answer={
+        "queries": {k.removeprefix("query:"): v for k, v in ours.items() if k.startswith("query:")},
+        "protections_sha256": ours[f"protections:{member}"], "audit_seq": row.seq, "audit_chain_sha256": row.chain_sha256})
+
+
+def _report(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, request: member_requests.Request) -> None:
+    """The member's own report (what `dcr report --as` writes for it), its files in the answer for its client to write."""
+    import base64
+
+    from ..lib import member_report as page
+    from ..services import member_report as gathered
+    from . import audit as trail
+
+    view = gathered.gather(conn, loaded, request.member, trail.entries(instance, loaded, party=request.member))
+    with tempfile.TemporaryDirectory(prefix="dcr-member-report-") as folder:
+        page.write(view, loaded, Path(folder))
+        files = {str(p.relative_to(folder)): base64.b64encode(p.read_bytes()).decode() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    member_requests.finish(conn, request.id, "answered", answer={"files": files, "releases": len(view.releases), "uploads": len(view.uploads)})
+
+
+def _dry_run(conn: Any, loaded: LoadedCollaboration, request: member_requests.Request) -> None:
+    """What a release the member asks for would cost it (its consumer's budget: the member's own), drawing nothing."""
+    query = loaded.queries[str(request.payload.get("query"))]
+    spec = query.spec
+    if request.member != spec.consumer:
+        member_requests.finish(conn, request.id, "refused", reason=f"dry run refused: {query.name} is {spec.consumer}'s to ask for (it spends "
+                               f"{spec.consumer}'s budget)")
+        return
+    answer: dict[str, Any] = {"rule": spec.rule, "consumer": spec.consumer}
+    if spec.rule == "threshold":
+        answer["min_distinct_units"] = spec.min_distinct_units
+    else:
+        answer |= {"plan": budget_service.dry_run(conn, loaded, query).to_json(), "averages": budget_service.averages(query)}
+    member_requests.finish(conn, request.id, "answered", answer=answer)
 
 
 def _land(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, request: member_requests.Request, landing: Path) -> dg.RunRequest | None:
@@ -227,17 +315,26 @@ def request_sensor(loaded: LoadedCollaboration, jobs: list[Any], landing: Path) 
 
 
 def serve(defs_for: Any, loaded: LoadedCollaboration, warehouse_url: str, instance: dg.DagsterInstance,
-          materialize: Any, landing: Path, stop: Any = None, log: Any = None) -> Iterator[int]:
+          materialize: Any, landing: Path, stop: Any = None, log: Any = None, unapproved: str | None = None) -> Iterator[int]:
     """The sensor's loop in this process, woken by the requests' notifications: each request's run executed here (a
-    warm process answers in a fraction of a cold command's time). Yields each request id it ran."""
+    warm process answers in a fraction of a cold command's time). Yields each request id it ran. ``defs_for(job,
+    loaded)`` gives the definitions a run of ``job`` needs. While ``unapproved``, only approvals are answered; once the
+    members' approvals make the policy load, everything is."""
+    from ..lib.policy import PolicyError, load_collaboration
+
     cursor = 0
     with member_requests.listening(warehouse_url) as wait:
         while stop is None or not stop():
             with member_requests.connect(warehouse_url) as conn:
-                runs, cursor = tick(instance, conn, loaded, cursor, landing)
+                runs, cursor = tick(instance, conn, loaded, cursor, landing, unapproved)
+            if unapproved:
+                try:
+                    loaded, unapproved = load_collaboration(loaded.folder), None
+                except PolicyError as exc:
+                    unapproved = str(exc.issues[0])
             for run in runs:
                 selection = [list(k.path) for k in run.asset_selection or []]
-                outcome = materialize(defs_for(run.job_name), selection, instance=instance, run_config=run.run_config, tags=run.tags,
+                outcome = materialize(defs_for(run.job_name, loaded), selection, instance=instance, run_config=run.run_config, tags=run.tags,
                                       partition_key=run.partition_key)
                 if log is not None:
                     log(run, outcome)

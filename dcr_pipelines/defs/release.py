@@ -14,6 +14,7 @@ from ..lib.policy import LoadedCollaboration
 from ..services import release_checks
 from ..services.release import ReleaseRefused, release_query
 from ..store import analysis as store_analysis
+from ..store import approvals as store_approvals
 from ..store import builder, ledger, member_requests, stages
 from ..store import matching as store_matching
 from ..store import results as store_results
@@ -87,7 +88,8 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         def answer(conn: Any, meta: dict[str, Any]) -> dict[str, Any]:
             return {"release_id": meta["release_id"], "cached": meta["cached"], "epsilon_charged": meta.get("epsilon_charged", 0.0),
                     "epsilon_remaining": meta.get("epsilon_remaining"), "epsilon_budget": meta.get("epsilon_budget"),
-                    "params": meta.get("params"), "rows": store_results.release_rows(conn, c, str(meta["release_id"]))}
+                    "params": meta.get("params"), "rows": store_results.release_rows(conn, c, str(meta["release_id"])),
+                    "dimensions": list(spec.dimensions), "metrics": list(spec.metrics)}
 
         yield from relay(context, warehouse, asked.id,
                          _release(context, ReleaseConfig(requested_by=f"{asked.member} (login {asked.login})", params=params), warehouse, secrets), answer)
@@ -113,6 +115,12 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 # (it would be stale data under a new label).
                 staged = freshness.staged(context.instance, conn, loaded)
                 match = store_matching.previous_match(conn, c)
+                unapproved = store_approvals.unbacked(conn, loaded, query_name)
+            if unapproved:
+                yield refusal(context, f"release refused, nothing was released or charged: {unapproved[0]}", rule="approval",
+                              consumer=spec.consumer, params=params)
+                yield from refused_checks(warehouse)
+                return
             if staged.stale:
                 yield refusal(context, f"release refused, nothing was released or charged: {', '.join(staged.stale)} changed since the data was "
                               f"staged ({staged.describe()}); run `dcr run {c}` first, then ask again",

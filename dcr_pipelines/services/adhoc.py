@@ -48,7 +48,7 @@ from ..lib.policy import LoadedCollaboration
 from ..lib.policy.models import Budget
 from ..lib.privacy import adhoc as adhoc_noise
 from ..lib.privacy import difference
-from ..store import access, audit_chain, builder, footprints, ledger, migrations, stages
+from ..store import access, approvals, audit_chain, builder, footprints, ledger, migrations, stages
 from ..store import matching as store_matching
 from . import ingest as ingest_lib
 
@@ -258,6 +258,9 @@ def refuse_unready(conn: psycopg.Connection, loaded: LoadedCollaboration, staged
         builder.verify(conn, loaded)  # the matched views are the dbt login's: nothing else of it runs as the query's reader
     except builder.BuilderTampered as exc:
         raise QueryRefused("integrity", str(exc)) from None
+    unapproved = approvals.unbacked(conn, loaded)
+    if unapproved:
+        raise QueryRefused("approval", f"{unapproved[0]}; nothing was read or charged")
     if staged.stale:
         raise QueryRefused("stale data", f"{', '.join(staged.stale)} changed since the data was staged ({staged.describe()}); nothing was "
                            f"read or charged: run `dcr run {loaded.name}` first, then ask again")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime as dt
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..lib import naming
@@ -58,6 +59,27 @@ class DryRun:
     @property
     def remaining_after(self) -> float:
         return max(0.0, self.status.remaining - self.epsilon)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (a member's dry run is answered in its request row, and printed by its own client)."""
+        status = asdict(self.status)
+        status["refreshes_at"] = self.status.refreshes_at.isoformat() if self.status.refreshes_at else None
+        return {"plans": [asdict(p) for p in self.plans], "selection": asdict(self.selection) if self.selection else None,
+                "epsilon": self.epsilon, "delta": self.delta, "status": status}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DryRun:
+        status = dict(data["status"])
+        status["refreshes_at"] = dt.datetime.fromisoformat(status["refreshes_at"]) if status.get("refreshes_at") else None
+        return cls([NoisePlan(**p) for p in data["plans"]], KeySelectionPlan(**data["selection"]) if data.get("selection") else None,
+                   float(data["epsilon"]), float(data["delta"]), ledger.BudgetStatus(**status))
+
+
+def averages(query: ApprovedQuery) -> list[str]:
+    """The metrics of ``query`` released as a noisy sum over a noisy count (a dry run shows both parts)."""
+    from ..lib.policy.models import MetricKind
+
+    return [name for name, metric in query.spec.metrics.items() if metric.aggregate == MetricKind.AVG]
 
 
 def dry_run(conn: Connection, loaded: LoadedCollaboration, query: ApprovedQuery) -> DryRun:

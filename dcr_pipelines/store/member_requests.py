@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 
 from . import migrations
 
-KINDS = ("query_run", "query_check", "release", "budget", "upload")
+KINDS = ("query_run", "query_check", "release", "budget", "upload", "approve", "report")
 CHUNK = 1 << 20  # bytes per upload chunk
 DONE = ("answered", "refused", "failed")
 

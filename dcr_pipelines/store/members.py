@@ -144,3 +144,13 @@ def listing(conn: psycopg.Connection, collab: str) -> list[MemberLogin]:
 def drop_all(conn: psycopg.Connection, collab: str) -> list[str]:
     """Teardown: every member login of ``collab`` dropped."""
     return [revoke(conn, collab, m.member) for m in listing(conn, collab)]
+
+
+def login_of(url: str, collab: str, member: str) -> str | None:
+    """``member``'s login, None if it has none (or the database is down: the approval files then count for no member
+    with a login anyway, see ``store.approvals``)."""
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return next((m.login for m in listing(conn, collab) if m.member == member), None)
+    except psycopg.OperationalError:
+        return None

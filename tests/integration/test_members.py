@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,9 +67,16 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         creds[member] = json.loads(path.read_text())
     serve = subprocess.Popen([*DCR, "serve", C], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     operator_url = f"postgresql://postgres@/dcr?host={home / 'pg'}&port={port}"
+    reviewed = home / "reviewed" / C  # the members' reviewed copy of the policy (their git clone)
+    shutil.copytree(root / C, reviewed)
+    deployment = {"home": home, "env": env, "port": port, "creds": creds, "operator": operator, "operator_url": operator_url,
+                  "files": {m: home / f"{m}.json" for m in creds}, "policy": root / C, "reviewed": reviewed}
     try:
-        yield {"home": home, "env": env, "port": port, "creds": creds, "operator": operator, "operator_url": operator_url,
-               "files": {m: home / f"{m}.json" for m in creds}}
+        for member in creds:  # once a member has a login, only its login's approval counts
+            done = member_dcr(deployment, "policy", "approve", C, "--credentials", str(deployment["files"][member]), "--folder", str(reviewed))
+            assert done.returncode == 0, done.stderr
+            assert "recorded in" in done.stdout and "audit chain" in done.stdout, done.stdout
+        yield deployment
     finally:
         serve.send_signal(signal.SIGINT)
         try:
@@ -126,6 +134,96 @@ def test_a_refusal_and_a_wrong_member_are_one_error_line(deployment: dict[str, A
     assert with_as.returncode == 2 and "drop --as" in with_as.stderr
     other = member_dcr(deployment, "budget", "demo", "--credentials", retailer)
     assert other.returncode == 2 and "not of demo" in other.stderr
+
+
+def _spent(deployment: dict[str, Any]) -> float:
+    done = deployment["operator"]("budget", C, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    return float(json.loads(done.stdout)["consumers"][0]["spent"])
+
+
+def _member_approves(deployment: dict[str, Any], member: str) -> subprocess.CompletedProcess[str]:
+    return member_dcr(deployment, "policy", "approve", C, "--credentials", str(deployment["files"][member]), "--folder", str(deployment["reviewed"]))
+
+
+def _one_error(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert done.returncode == code and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
+
+
+def test_only_an_approval_made_through_the_members_own_login_counts(deployment: dict[str, Any]) -> None:
+    """Every other way to an approval fails: the operator's --as, the files edited by hand, a copy the member did not
+    review, one member's approval standing for another's, an audit entry written by the operator; a loosening of what
+    a member approved stops ad-hoc queries too, a tightening does not."""
+    from dcr_pipelines.lib.policy.approve import approve_all
+    from dcr_pipelines.store import audit_chain
+
+    operator, policy, reviewed = deployment["operator"], deployment["policy"], deployment["reviewed"]
+    _one_error(operator("policy", "approve", C, "--as", "retailer"), 2, "approves only through it")
+    sql_file, spec_file = policy / "queries" / "campaign_reach.sql", policy / "collaboration.yaml"
+    original_sql, original_spec = sql_file.read_text(), spec_file.read_text()
+    try:
+        sql_file.write_text(original_sql + "\n-- changed after the members approved\n")
+        approve_all(policy)  # the files now say every party approved the new hash
+        spent = _spent(deployment)
+        _one_error(operator("release", C, "campaign_reach"), 1, "approval", "login has not approved query 'campaign_reach' as it is now")
+        assert _spent(deployment) == spent
+        # A member approving a copy that is not the operator's (the one it reviewed, before the change): nothing recorded.
+        _one_error(_member_approves(deployment, "ad_network"), 1, "your copy of mem's policy is not the operator's", "query 'campaign_reach'")
+        shutil.copy(sql_file, reviewed / "queries" / "campaign_reach.sql")  # the member pulls and reviews the change
+        assert _member_approves(deployment, "ad_network").returncode == 0
+        # One member's approval is not another's, nor is an entry the operator writes into the chain for it.
+        _one_error(operator("release", C, "campaign_reach"), 1, "retailer's login has not approved query 'campaign_reach'")
+        with psycopg.connect(deployment["operator_url"], autocommit=True) as conn:
+            schema = naming.results_schema(C)
+            theirs = audit_chain.chain(conn, schema)[-1]
+            assert theirs.kind == "approval" and theirs.ref == "ad_network"
+            forged = {**theirs.entry, "member": "retailer", "login": deployment["creds"]["retailer"]["login"]}
+            audit_chain.append(conn, schema, C, "approval", "retailer", forged)
+        _one_error(operator("release", C, "campaign_reach"), 1, "retailer has a member login, so only an approval made through it counts")
+        assert _member_approves(deployment, "retailer").returncode == 0
+        released = operator("release", C, "campaign_reach", "--format", "json")
+        assert released.returncode == 0, released.stderr
+        assert _spent(deployment) > spent
+        # What protects a member's data: loosened (a bigger budget) stops ad-hoc SQL until it approves; tightened does not.
+        for epsilon, refused in (("40.0", True), ("19.0", False)):
+            spec_file.write_text(original_spec.replace("    epsilon: 20.0", f"    epsilon: {epsilon}"))
+            approve_all(policy)
+            asked = operator("query", "run", C, "--as", "ad_network", DP_SQL)
+            if refused:
+                _one_error(asked, 1, "approved through its login", "the epsilon of ad_network's budget goes from 20.0 to 40.0")
+            else:
+                assert asked.returncode == 0, asked.stderr
+    finally:
+        sql_file.write_text(original_sql)
+        spec_file.write_text(original_spec)
+        approve_all(policy)
+        shutil.copy(sql_file, reviewed / "queries" / "campaign_reach.sql")
+        for member in ("ad_network", "retailer"):
+            assert _member_approves(deployment, member).returncode == 0
+    assert operator("audit", C, "--verify").returncode == 0
+
+
+def test_a_member_reads_its_report_and_plans_a_release_through_its_login(deployment: dict[str, Any]) -> None:
+    ad_network, retailer = str(deployment["files"]["ad_network"]), str(deployment["files"]["retailer"])
+    spent = _spent(deployment)
+    planned = member_dcr(deployment, "release", C, "campaign_reach", "--dry-run", "--credentials", ad_network)
+    assert planned.returncode == 0, planned.stderr
+    assert "release would cost epsilon" in planned.stdout and "of ad_network's budget" in planned.stdout
+    assert _spent(deployment) == spent
+    _one_error(member_dcr(deployment, "release", C, "campaign_reach", "--dry-run", "--credentials", retailer), 1, "ad_network's to ask for")
+    home = deployment["home"]
+    mine = member_dcr(deployment, "report", C, "--credentials", ad_network, "--out", str(home / "report_login"))
+    assert mine.returncode == 0, mine.stderr
+    operators = deployment["operator"]("report", C, "--as", "ad_network", "--out", str(home / "report_operator"))
+    assert operators.returncode == 0, operators.stderr
+    files = sorted(str(p.relative_to(home / "report_login")) for p in (home / "report_login").rglob("*") if p.is_file())
+    assert "index.html" in files and files == sorted(str(p.relative_to(home / "report_operator"))
+                                                    for p in (home / "report_operator").rglob("*") if p.is_file())
+    page = (home / "report_login" / "index.html").read_text()
+    assert "campaign_reach" in page and "ad_network" in page
+    _one_error(member_dcr(deployment, "report", C, "--credentials", ad_network, "--as", "retailer", "--out", str(home / "r3")), 2, "drop --as")
 
 
 def _tables(url: str) -> list[tuple[str, str]]:
@@ -222,9 +320,11 @@ def _payloads() -> list[tuple[str, dict[str, Any]]]:
     odd: list[Any] = [None, 5, -1, 1.5, True, "", "x" * 5000, "../../etc/passwd", "D" * 300 + ".csv", "a\u0000b"[:1], "1"]
     out: list[tuple[str, dict[str, Any]]] = []
     fields = {"query_run": ["sql"], "query_check": ["sql"], "release": ["query", "params"], "budget": ["anything"],
-              "upload": ["dataset", "file_name", "token", "chunks", "size", "sha256"]}
+              "upload": ["dataset", "file_name", "token", "chunks", "size", "sha256"], "approve": ["query:campaign_reach", "protections:retailer"],
+              "report": ["anything"]}
     base = {"upload": {"dataset": "purchases", "file_name": "p.csv", "token": str(uuid.uuid4()), "chunks": 1, "size": 1, "sha256": "0" * 64},
-            "release": {"query": "campaign_reach", "params": {}}, "query_run": {"sql": EXACT_SQL}, "query_check": {"sql": EXACT_SQL}, "budget": {}}
+            "release": {"query": "campaign_reach", "params": {}}, "query_run": {"sql": EXACT_SQL}, "query_check": {"sql": EXACT_SQL}, "budget": {},
+            "approve": {"query:campaign_reach": "0" * 64, "protections:retailer": "0" * 64}, "report": {}}
     for kind, names in fields.items():
         for name in names:
             for value in odd:

@@ -18,7 +18,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from . import protections
-from .loader import COLLABORATION_FILE, PolicyError, PolicyIssue, approvers, load_collaboration
+from .loader import COLLABORATION_FILE, LoadedCollaboration, PolicyError, PolicyIssue, approvers, load_collaboration
 
 
 class NothingToApprove(ValueError):
@@ -77,3 +77,15 @@ def approve_all(folder: Path) -> list[Approval]:
     """Every party approves (tests and demos that build a collaboration on the fly)."""
     collab = load_collaboration(folder, approvals=False).collaboration
     return [approve(folder, party) for party in approvers(collab)]
+
+
+def approval_payload(loaded: LoadedCollaboration) -> dict[str, str]:
+    """What a member approves in ``loaded`` (loaded without its approvals), as the flat request a member login sends:
+    ``query:NAME`` -> the query's SHA-256 for every query, and ``protections:PARTY`` -> the digest of what protects each
+    party's data (the member's own is the one that counts; its client need not know which member its login is). The
+    member computes it from its own reviewed copy of the policy, the operator's side from its copy; the approval is
+    recorded only when the two agree."""
+    payload = {f"query:{name}": query.sha256 for name, query in loaded.queries.items()}
+    for party in approvers(loaded.collaboration):
+        payload[f"protections:{party}"] = protections.digest(protections.document(loaded.collaboration, party))
+    return payload
