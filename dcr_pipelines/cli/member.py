@@ -14,6 +14,7 @@ from urllib.parse import quote
 import click
 from rich.table import Table
 
+from ..lib.text import plural
 from ._common import INFRASTRUCTURE, _collaboration, _definitions, _instance, _run_log, _runtime, err, fail, main, out
 
 MEMBER_URL = "DCR_MEMBER_URL"
@@ -160,6 +161,7 @@ def serve(collab: str, once: bool) -> None:
     from ..lib.naming import job_names
     from ..lib.policy import PolicyError, load_collaboration
     from ..runner import materialize
+    from ..store import member_requests
 
     runtime = _runtime()
     loaded = _collaboration(runtime, collab, approvals=False)
@@ -192,12 +194,19 @@ def serve(collab: str, once: bool) -> None:
         idle["seen"] = True
         return False
 
-    err.print(f"answering {collab}'s member requests (Ctrl-C stops)" if not once else f"answering {collab}'s waiting member requests",
-              markup=False)
+    def ready(recovered: list[int]) -> None:
+        if recovered:
+            err.print(f"{plural(len(recovered), 'request')} failed ({', '.join(f'#{r}' for r in recovered)}): the `dcr serve` answering "
+                      "had stopped before it answered (their members are told to ask again)", markup=False, soft_wrap=True)
+        err.print(f"answering {collab}'s member requests (Ctrl-C stops)" if not once else f"answering {collab}'s waiting member requests",
+                  markup=False)
+
     try:
         for _ in serve_loop(defs_for, loaded, url, _instance(), lambda *a, **k: materialize(*a, stdout_log=_run_log(), **k),
-                            runtime.settings.landing, stop=stop, log=log, unapproved=unapproved):
+                            runtime.settings.landing, stop=stop, log=log, unapproved=unapproved, ready=ready):
             idle["seen"] = False
+    except member_requests.Busy as exc:
+        fail(str(exc))
     except KeyboardInterrupt:
         return
 

@@ -29,6 +29,7 @@ from ..store import member_requests
 from .resources import WarehouseResource
 
 REQUEST_TAG = "dcr/request"
+ANSWERER_TAG = "dcr/answerer"  # "serve": the run executed in a `dcr serve` process (not launched by the daemon)
 FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
@@ -296,6 +297,25 @@ def _sweep(instance: dg.DagsterInstance, conn: Any, collab: str, cursor: int) ->
                                    "in the Dagster UI; ask again")
 
 
+def recover(instance: dg.DagsterInstance, conn: Any, collab: str) -> list[int]:
+    """At the start of `dcr serve` (the one answerer of ``collab``, see ``listening``): the runs an earlier, killed
+    `dcr serve` was executing never finish by themselves; each is marked failed in Dagster's storage (if the start of
+    this process has not done so already), and a request one of them had taken is failed (an upload's is answered from
+    its file's state by the next tick; a request still pending is simply done again). Returns the requests failed."""
+    failed = []
+    for request in member_requests.unfinished(conn, collab):
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: str(request.id), "dcr/collaboration": collab, ANSWERER_TAG: "serve"}))
+        for run in runs:
+            if run.status not in FINISHED:
+                instance.report_run_failed(run, message="the `dcr serve` process executing this run stopped before it finished")
+        if runs and request.kind != "upload" and request.state == "launched":
+            member_requests.finish(conn, request.id, "failed", run_id=runs[0].run_id,
+                                   reason=f"the process answering request #{request.id} stopped before it answered (run {runs[0].run_id}); "
+                                   "ask again (what was charged, if anything, is answered from the store, free)")
+            failed.append(request.id)
+    return failed
+
+
 def request_sensor(loaded: LoadedCollaboration, jobs: list[Any], landing: Path) -> dg.SensorDefinition:
     c = loaded.name
 
@@ -315,7 +335,8 @@ def request_sensor(loaded: LoadedCollaboration, jobs: list[Any], landing: Path) 
 
 
 def serve(defs_for: Any, loaded: LoadedCollaboration, warehouse_url: str, instance: dg.DagsterInstance,
-          materialize: Any, landing: Path, stop: Any = None, log: Any = None, unapproved: str | None = None) -> Iterator[int]:
+          materialize: Any, landing: Path, stop: Any = None, log: Any = None, unapproved: str | None = None,
+          ready: Any = None) -> Iterator[int]:
     """The sensor's loop in this process, woken by the requests' notifications: each request's run executed here (a
     warm process answers in a fraction of a cold command's time). Yields each request id it ran. ``defs_for(job,
     loaded)`` gives the definitions a run of ``job`` needs. While ``unapproved``, only approvals are answered; once the
@@ -323,7 +344,11 @@ def serve(defs_for: Any, loaded: LoadedCollaboration, warehouse_url: str, instan
     from ..lib.policy import PolicyError, load_collaboration
 
     cursor = 0
-    with member_requests.listening(warehouse_url) as wait:
+    with member_requests.listening(warehouse_url, loaded.name) as wait:
+        with member_requests.connect(warehouse_url) as conn:
+            recovered = recover(instance, conn, loaded.name)
+        if ready is not None:
+            ready(recovered)
         while stop is None or not stop():
             with member_requests.connect(warehouse_url) as conn:
                 runs, cursor = tick(instance, conn, loaded, cursor, landing, unapproved)
@@ -334,8 +359,8 @@ def serve(defs_for: Any, loaded: LoadedCollaboration, warehouse_url: str, instan
                     unapproved = str(exc.issues[0])
             for run in runs:
                 selection = [list(k.path) for k in run.asset_selection or []]
-                outcome = materialize(defs_for(run.job_name, loaded), selection, instance=instance, run_config=run.run_config, tags=run.tags,
-                                      partition_key=run.partition_key)
+                outcome = materialize(defs_for(run.job_name, loaded), selection, instance=instance, run_config=run.run_config,
+                                      tags={**run.tags, ANSWERER_TAG: "serve"}, partition_key=run.partition_key)
                 if log is not None:
                     log(run, outcome)
                 yield int(run.tags[REQUEST_TAG])

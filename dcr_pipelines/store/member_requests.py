@@ -80,6 +80,10 @@ class Unreachable(RequestError):
     """The member's login could not connect."""
 
 
+class Busy(RequestError):
+    """Another process answers this collaboration's requests (`dcr serve` runs once per collaboration)."""
+
+
 def ask(url: str, collab: str, kind: str, payload: dict[str, Any], timeout_s: float, progress: Callable[[Request], None] | None = None,
         note: Callable[[str], None] | None = None) -> Request:
     """Connect as the member login of ``url``, submit, and wait for the answer."""
@@ -166,9 +170,13 @@ def wait(conn: psycopg.Connection, request_id: int, timeout_s: float, progress: 
 # --- operator side --------------------------------------------------------------------------------------------------
 
 @contextmanager
-def listening(url: str) -> Iterator[Callable[[float], None]]:
-    """A function that waits until a request is submitted (the submit function's notification) or ``timeout`` passes."""
+def listening(url: str, collab: str | None = None) -> Iterator[Callable[[float], None]]:
+    """A function that waits until a request is submitted (the submit function's notification) or ``timeout`` passes.
+    With ``collab``: the one answerer of that collaboration in this process (a session lock, gone with the process;
+    :class:`Busy` if another process holds it)."""
     with psycopg.connect(url, autocommit=True) as listener:
+        if collab is not None and not listener.execute("select pg_try_advisory_lock(hashtext(%s))", (f"dcr-serve:{collab}",)).fetchone()[0]:  # type: ignore[index]
+            raise Busy(f"another `dcr serve {collab}` answers {collab}'s member requests already (stop it first, or let it answer)")
         listener.execute("listen dcr_member_requests")
 
         def wait(timeout: float) -> None:

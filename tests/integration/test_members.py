@@ -65,12 +65,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         assert done.returncode == 0, done.stderr
         assert oct(path.stat().st_mode & 0o777) == "0o600"
         creds[member] = json.loads(path.read_text())
-    serve = subprocess.Popen([*DCR, "serve", C], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def start_serve() -> subprocess.Popen[str]:
+        with (home / "serve.log").open("a") as log:  # what each answerer said, for a failing test to show
+            return subprocess.Popen([*DCR, "serve", C], env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+
+    serving = [start_serve()]
     operator_url = f"postgresql://postgres@/dcr?host={home / 'pg'}&port={port}"
     reviewed = home / "reviewed" / C  # the members' reviewed copy of the policy (their git clone)
     shutil.copytree(root / C, reviewed)
     deployment = {"home": home, "env": env, "port": port, "creds": creds, "operator": operator, "operator_url": operator_url,
-                  "files": {m: home / f"{m}.json" for m in creds}, "policy": root / C, "reviewed": reviewed}
+                  "files": {m: home / f"{m}.json" for m in creds}, "policy": root / C, "reviewed": reviewed,
+                  "serving": serving, "start_serve": start_serve}
     try:
         for member in creds:  # once a member has a login, only its login's approval counts
             done = member_dcr(deployment, "policy", "approve", C, "--credentials", str(deployment["files"][member]), "--folder", str(reviewed))
@@ -78,11 +83,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             assert "recorded in" in done.stdout and "audit chain" in done.stdout, done.stdout
         yield deployment
     finally:
-        serve.send_signal(signal.SIGINT)
+        serving[0].send_signal(signal.SIGINT)
         try:
-            serve.wait(timeout=30)
+            serving[0].wait(timeout=30)
         except subprocess.TimeoutExpired:
-            serve.kill()
+            serving[0].kill()
         subprocess.run([*DCR, "db", "stop"], env=env, capture_output=True, timeout=60, check=False)
 
 
@@ -224,6 +229,44 @@ def test_a_member_reads_its_report_and_plans_a_release_through_its_login(deploym
     page = (home / "report_login" / "index.html").read_text()
     assert "campaign_reach" in page and "ad_network" in page
     _one_error(member_dcr(deployment, "report", C, "--credentials", ad_network, "--as", "retailer", "--out", str(home / "r3")), 2, "drop --as")
+
+
+def test_an_answerer_killed_at_any_instant_leaves_no_request_waiting_and_charges_at_most_once(deployment: dict[str, Any]) -> None:
+    """`dcr serve` killed (SIGKILL) at random instants of a DP ad-hoc request, then started again: every request ends
+    answered or failed within a bound (the restarted answerer fails the runs the dead one left), asking again answers
+    it, a second answerer is refused, and the runner is charged at most once per query."""
+    import random
+
+    from dcr_pipelines.store import member_requests
+
+    rng = random.Random(31)
+    url = deployment["creds"]["ad_network"]["url"]
+    serving = deployment["serving"]
+    second = subprocess.run([*DCR, "serve", C, "--once"], env=deployment["env"], capture_output=True, text=True, timeout=120)
+    _one_error(second, 1, "answers mem's member requests already")
+    for trial in range(4):
+        text = DP_SQL.replace("as buyers", f"as buyers_{trial}")
+        spent = _spent(deployment)
+        with psycopg.connect(url, autocommit=True) as conn:
+            asked = member_requests.submit(conn, C, "query_run", {"sql": text})
+            time.sleep(rng.uniform(0.0, 5.0))
+            serving[0].kill()
+            serving[0].wait(timeout=30)
+            serving[0] = deployment["start_serve"]()
+            try:
+                done = member_requests.wait(conn, asked, 180)
+            except member_requests.RequestError as exc:
+                raise AssertionError(f"{exc}; the answerers said: {(deployment['home'] / 'serve.log').read_text()[-3000:]}") from None
+        assert done.state in ("answered", "failed"), done
+        if done.state == "failed":
+            assert "ask again" in (done.reason or ""), done.reason
+            again = member_dcr(deployment, "query", "run", C, "--credentials", str(deployment["files"]["ad_network"]), "--format", "json", text)
+            assert again.returncode == 0, again.stderr
+        assert _spent(deployment) - spent <= 1.0 + 1e-9  # epsilon_per_query 1.0: one charge at most
+    with psycopg.connect(deployment["operator_url"]) as conn:
+        waiting = conn.execute("select count(*) from dcr_meta.member_requests where collaboration = %s and state in ('pending', 'launched')",
+                               (C,)).fetchone()
+    assert waiting == (0,)
 
 
 def _tables(url: str) -> list[tuple[str, str]]:
