@@ -29,6 +29,7 @@ from ..store import member_requests
 from .resources import WarehouseResource
 
 REQUEST_TAG = "dcr/request"
+MAX_RUNTIME_TAG, MAX_RUNTIME_S = "dagster/max_runtime", 1800  # run monitoring fails a member's run stuck longer than this
 ANSWERER_TAG = "dcr/answerer"  # "serve": the run executed in a `dcr serve` process (not launched by the daemon)
 FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
@@ -67,7 +68,8 @@ def run_request(loaded: LoadedCollaboration, request: member_requests.Request) -
     return dg.RunRequest(
         run_key=f"member-request:{request.id}", job_name=job, asset_selection=[dg.AssetKey(key)],
         run_config={"ops": {_op(key): {"config": {"request": request.id}}}},
-        tags={"dcr/collaboration": c, "dcr/user": request.login, "dcr/member": request.member, REQUEST_TAG: str(request.id)},
+        tags={"dcr/collaboration": c, "dcr/user": request.login, "dcr/member": request.member, REQUEST_TAG: str(request.id),
+              MAX_RUNTIME_TAG: str(MAX_RUNTIME_S)},
     )
 
 
