@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from . import casemap
+
 _EMAIL = re.compile(r"^[^@ \t\n\r\v\f]+@[^@ \t\n\r\v\f]+\.[^@ \t\n\r\v\f]+$")  # POSIX [:space:], ASCII
 _PHONE_CHARS = re.compile(r"^[+]?[0-9 ().-]+$")
 _E164 = re.compile(r"^[+][1-9][0-9]{7,14}$")
@@ -23,18 +25,12 @@ TOKEN_PATTERN = r"^[0-9a-f]{64}$"  # noqa: S105 (a token format, not a password)
 
 
 def _lower(text: str) -> str:
-    """Character by character, as PostgreSQL's lower() under a UTF-8 locale: no final-sigma rule, one character in, one out.
-
-    Python's str.lower() applies Unicode's full, context-sensitive mapping
-    (final sigma; U+0130 becomes two characters); the simple mapping of
-    U+0130 is the first of them.
-    """
-    return "".join(ch.lower()[0] for ch in text)
+    """The fixed case table (``casemap``), as the SQL applies it with translate(): never the locale's lower()."""
+    return casemap.lower(text)
 
 
 def _upper(text: str) -> str:
-    """As PostgreSQL's upper(): a character whose only uppercase is several characters (ß, ﬁ) stays as it is."""
-    return "".join(up if len(up := ch.upper()) == 1 else ch for ch in text)
+    return casemap.upper(text)
 
 
 def normalise(raw: str | None, kind: str, options: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -8,7 +8,7 @@
 
 {% macro postgres__dcr_normalise_identifier(column, kind, options) -%}
 {%- if kind == 'email' -%}
-    {%- set e = "lower(btrim(" ~ column ~ ", ' ' || chr(9) || chr(10) || chr(13)))" -%}
+    {%- set e = dcr_lower("btrim(" ~ column ~ ", ' ' || chr(9) || chr(10) || chr(13))") -%}
     {%- set local = "split_part(" ~ e ~ ", '@', 1)" -%}
     {%- set domain = "split_part(" ~ e ~ ", '@', 2)" -%}
     {%- if options.get('drop_plus_tag') -%}
@@ -17,7 +17,9 @@
     {%- if options.get('gmail_drop_dots') -%}
         {%- set local = "case when " ~ domain ~ " in ('gmail.com', 'googlemail.com') then replace(" ~ local ~ ", '.', '') else " ~ local ~ " end" -%}
     {%- endif -%}
-    case when {{ e }} ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$'
+    {#- ASCII white space only (POSIX [:space:] would follow the server's locale) -#}
+    {%- set part = "[^@ ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13) || ']+" -%}
+    case when {{ e }} ~ ('^{{ part }}@{{ part }}\.{{ part }}$')
         then {{ local }} || '@' || {{ domain }} end
 {%- elif kind == 'phone' -%}
     {%- set raw = "btrim(" ~ column ~ ")" -%}
@@ -34,7 +36,8 @@
         then {{ e164 }} end
 {%- else -%}
     {%- set trimmed = "btrim(" ~ column ~ ")" -%}
-    {%- set cased = "lower(" ~ trimmed ~ ")" if options.get('case') == 'lower' else ("upper(" ~ trimmed ~ ")" if options.get('case') == 'upper' else trimmed) -%}
-    case when {{ trimmed }} <> '' then {{ cased }} end
+    {%- set cased = dcr_lower(trimmed) if options.get('case') == 'lower' else (dcr_upper(trimmed) if options.get('case') == 'upper' else trimmed) -%}
+    {#- blank once tabs and line breaks are trimmed too is missing, as identifier_problem says (and Python) -#}
+    case when btrim({{ column }}, ' ' || chr(9) || chr(10) || chr(13)) <> '' then {{ cased }} end
 {%- endif -%}
 {%- endmacro %}
