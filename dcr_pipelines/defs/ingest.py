@@ -35,7 +35,7 @@ def partitions_name(collab: str, party: str, dataset: str) -> str:
 def target(loaded: LoadedCollaboration, dataset_name: str, landing: Path, url: str) -> ingest_lib.Target:
     ds = loaded.collaboration.datasets[dataset_name]
     return ingest_lib.Target(loaded.name, ds.owner, dataset_name, ds, naming.raw_schema(loaded.name, ds.owner), landing, url,
-                             tokenised=loaded.at_home(ds.owner))
+                             tokenised=loaded.at_home(ds.owner), phone_region=loaded.collaboration.identity.phone_default_country)
 
 
 def _rejections(outcome: ingest_lib.QueueOutcome) -> list[dict[str, Any]]:

@@ -107,18 +107,16 @@ def identifier_options(loaded: LoadedCollaboration, kind: str) -> dict[str, Any]
     if kind == "email":
         return {"gmail_drop_dots": identity.email.gmail_drop_dots, "drop_plus_tag": identity.email.drop_plus_tag}
     if kind == "phone":
-        return {"country_code": COUNTRY_CALLING_CODES.get(identity.phone_default_country.upper(), "1")}
+        return {"region": identity.phone_default_country.upper()}
     return {"case": identity.customer_id_case}
-
-
-COUNTRY_CALLING_CODES = {"US": "1", "CA": "1", "GB": "44", "DE": "49", "FR": "33", "NL": "31", "ES": "34", "IT": "39", "JP": "81", "AU": "61", "IN": "91", "BR": "55"}
 
 
 def normalised_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
     """Party-private: each identifier normalised, why not (if not), and its keyed token; shared columns."""
     c, p = loaded.name, ds.owner
     id_cols = {col: spec.identifier.value for col, spec in ds.identifier_columns.items() if spec.identifier is not None}
-    identifiers = [{"name": col, "kind": kind, "token": n.token_column(col), "options": json.dumps(identifier_options(loaded, kind))}
+    identifiers = [{"name": col, "kind": kind, "token": n.token_column(col), "options": json.dumps(identifier_options(loaded, kind)),
+                    "region": identifier_options(loaded, kind).get("region", "")}
                    for col, kind in id_cols.items()]
     return _render(
         "tokenised.sql.j2" if loaded.at_home(p) else "normalised.sql.j2",

@@ -15,11 +15,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import phonenumbers
+
 from . import casemap
 
 _EMAIL = re.compile(r"^[^@ \t\n\r\v\f]+@[^@ \t\n\r\v\f]+\.[^@ \t\n\r\v\f]+$")  # POSIX [:space:], ASCII
 _PHONE_CHARS = re.compile(r"^[+]?[0-9 ().-]+$")
-_E164 = re.compile(r"^[+][1-9][0-9]{7,14}$")
 _EMAIL_TRIM = " \t\n\r"
 TOKEN_PATTERN = r"^[0-9a-f]{64}$"  # noqa: S105 (a token format, not a password)
 
@@ -48,27 +49,40 @@ def normalise(raw: str | None, kind: str, options: Mapping[str, Any]) -> tuple[s
             local = local.replace(".", "")
         return f"{local}@{domain}", None
     if kind == "phone":
-        text = raw.strip(" ")
-        digits = re.sub(r"[^0-9]", "", text)
-        if text.startswith("+"):
-            e164 = "+" + digits
-        elif digits.startswith("00"):
-            e164 = "+" + digits[2:]
-        else:
-            e164 = f"+{options.get('country_code', '1')}" + re.sub(r"^0", "", digits)
-        if _PHONE_CHARS.match(text) and _E164.match(e164):
-            return e164, None
-        trimmed = raw.strip(_EMAIL_TRIM)
-        if not _PHONE_CHARS.match(trimmed):
-            return None, "invalid_characters"
-        if not 7 <= len(re.sub(r"[^0-9]", "", trimmed)) <= 15:
-            return None, "invalid_length"
-        return None, "invalid_phone"
+        return phone(raw, str(options.get("region") or "US"))
     text = raw.strip(" ")
     if text == "":
         return None, "missing"
     case = options.get("case")
     return (_lower(text) if case == "lower" else _upper(text) if case == "upper" else text), None
+
+
+PHONE_REASONS = ("invalid_characters", "invalid_length", "invalid_country_code", "invalid_phone")
+
+
+def phone(raw: str, region: str) -> tuple[str | None, str | None]:
+    """A phone number in E.164 by the rules of its numbering plan (the `phonenumbers` library, Google's libphonenumber
+    data): with a leading + or the plan's international prefix it carries its country code; a leading 00 is read as +
+    (the international prefix of most of the world, and of many exports); otherwise ``region``'s plan applies (its
+    trunk prefix dropped: 0 in GB/DE/FR, 1 in the US). Accepted when the length is possible for that plan; letters
+    and other characters than digits, spaces and + ( ) . - are refused (no vanity numbers, no extensions)."""
+    text = raw.strip(_EMAIL_TRIM)
+    if not _PHONE_CHARS.match(text):
+        return None, "invalid_characters"
+    digits = re.sub(r"[^0-9]", "", text)
+    if not 4 <= len(digits) <= 17:
+        return None, "invalid_length"
+    if not text.startswith("+") and digits.startswith("00"):
+        text = "+" + digits[2:]
+    try:
+        number = phonenumbers.parse(text, region.upper())
+    except phonenumbers.NumberParseException as exc:
+        if exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
+            return None, "invalid_country_code"
+        return None, "invalid_length" if exc.error_type != phonenumbers.NumberParseException.NOT_A_NUMBER else "invalid_phone"
+    if not phonenumbers.is_possible_number(number):
+        return None, "invalid_length"
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
 
 
 def token(key: bytes, normalised: str) -> str:

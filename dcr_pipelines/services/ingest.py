@@ -53,10 +53,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..lib import identifiers
 from ..lib.policy.models import ColumnType, Dataset
 from ..lib.upload_files import MAX_LINE_CHARS, SUFFIXES, FileProblem, accepted_suffix, inspect_entry, open_regular, text_lines_blocks
 from ..lib.validation import ROW_NUMBER, ROWS_IN_REPORT, RuleOutcome, ValidationReport, sqlalchemy_url, validate_table
-from ..store import migrations
+from ..store import migrations, phones
 from ..store import uploads as queue
 from ..store.uploads import Upload
 
@@ -127,6 +128,7 @@ class Target:
     landing: Path
     database_url: str
     tokenised: bool = False
+    phone_region: str = "US"  # the collaboration's identity.phone_default_country
 
     def folder(self, area: str = "") -> Path:
         base = self.landing / area if area else self.landing
@@ -583,7 +585,17 @@ def _process_queue(conn: psycopg.Connection, t: Target, only_seq: int | None) ->
     for upload in waiting:
         _process_one(conn, t, upload, outcome)
     revalidate(conn, t, outcome)
+    map_phones(conn, t)
     return outcome
+
+
+def map_phones(conn: psycopg.Connection, t: Target) -> int:
+    """The E.164 form of every phone number of the dataset's current version not mapped yet (``store.phones``); the
+    normalised model joins it. A party matching at home normalises its own numbers (nothing here)."""
+    columns = [c for c, spec in t.spec.identifier_columns.items() if spec.identifier is not None and spec.identifier.value == "phone"]
+    if t.tokenised or not columns or conn.execute("select to_regclass(%s)", (f'"{t.schema}"."{t.dataset}"',)).fetchone()[0] is None:  # type: ignore[index]
+        return 0
+    return sum(phones.map_new(conn, t.schema, t.dataset, c, t.phone_region, identifiers.phone) for c in columns)
 
 
 def _finish(conn: psycopg.Connection, t: Target, upload: Upload, state: str, reason: str | None,

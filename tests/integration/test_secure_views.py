@@ -195,6 +195,8 @@ def test_the_identifier_spec_of_each_kind(runtime, tmp_path: Path) -> None:  # t
     """The documented normalisation (docs/identifiers.md), run as SQL through the real macros."""
     selects = []
     for i, (kind, options, raw, _, _) in enumerate(CASES):
+        if kind == "phone":
+            continue  # normalised in Python at ingest (store/phones.py); the e2e phone test runs them through the pipeline
         literal = "null::text" if raw is None else "'" + raw.replace("'", "''") + "'"
         selects.append(
             f"select {i} as i, {{{{ dcr_normalise_identifier('v', '{kind}', {json.dumps(options)}) }}}} as n, "
@@ -210,7 +212,8 @@ def test_the_identifier_spec_of_each_kind(runtime, tmp_path: Path) -> None:  # t
     with psycopg.connect(runtime.warehouse.url()) as conn:
         got = {i: (n, why) for i, n, why in conn.execute(compiled).fetchall()}
     for i, (kind, options, raw, normalised, reason) in enumerate(CASES):
-        assert got[i] == (normalised, reason), (kind, options, raw)
+        if kind != "phone":
+            assert got[i] == (normalised, reason), (kind, options, raw)
 
 
 def test_a_staging_table_with_a_column_outside_the_shared_list_fails_its_check(e2e: dict[str, Any]) -> None:

@@ -11,10 +11,6 @@
     case
         when {{ raw }} is null or {{ trimmed }} = '' then 'missing'
         when {{ normalised }} is not null then null
-    {%- if kind == 'phone' %}
-        when {{ trimmed }} !~ '^[+]?[0-9 ().-]+$' then 'invalid_characters'
-        when length(regexp_replace({{ trimmed }}, '[^0-9]', '', 'g')) not between 7 and 15 then 'invalid_length'
-    {%- endif %}
         else 'invalid_{{ kind }}'
     end
 {%- endmacro %}

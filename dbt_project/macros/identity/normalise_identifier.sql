@@ -22,18 +22,8 @@
     case when {{ e }} ~ ('^{{ part }}@{{ part }}\.{{ part }}$')
         then {{ local }} || '@' || {{ domain }} end
 {%- elif kind == 'phone' -%}
-    {%- set raw = "btrim(" ~ column ~ ")" -%}
-    {%- set digits = "regexp_replace(" ~ raw ~ ", '[^0-9]', '', 'g')" -%}
-    {%- set cc = options.get('country_code', '1') -%}
-    {%- set e164 -%}
-        case
-            when {{ raw }} like '+%' then '+' || {{ digits }}
-            when {{ digits }} like '00%' then '+' || substr({{ digits }}, 3)
-            else '+{{ cc }}' || regexp_replace({{ digits }}, '^0', '')
-        end
-    {%- endset -%}
-    case when {{ raw }} ~ '^[+]?[0-9 ().-]+$' and ({{ e164 }}) ~ '^[+][1-9][0-9]{7,14}$'
-        then {{ e164 }} end
+    {#- Numbering plans are not SQL: phone numbers are normalised in Python at ingest (store/phones.py) -#}
+    {{ exceptions.raise_compiler_error("phone numbers are normalised by dcr_pipelines/lib/identifiers.py:phone at ingest (store/phones.py), not in SQL") }}
 {%- else -%}
     {%- set trimmed = "btrim(" ~ column ~ ")" -%}
     {%- set cased = dcr_lower(trimmed) if options.get('case') == 'lower' else (dcr_upper(trimmed) if options.get('case') == 'upper' else trimmed) -%}

@@ -82,8 +82,17 @@ class IdentitySpec(Strict):
 
     kind: IdentifierKind = IdentifierKind.EMAIL
     email: EmailRules = EmailRules()
-    phone_default_country: str = "US"
+    phone_default_country: str = "US"  # the numbering plan of numbers written without a country code (ISO 3166 region)
     customer_id_case: Literal["preserve", "lower", "upper"] = "preserve"
+
+    @field_validator("phone_default_country")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        import phonenumbers
+
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a region with a numbering plan: an ISO 3166 code such as US, GB, DE, FR, IN, BR or JP")
+        return value.upper()
 
 
 class MatchingSpec(Strict):
