@@ -223,7 +223,29 @@ def _run_collaboration(defs: Any, loaded: Any, params: dict[str, dict[str, str]]
     if not outcome.success:
         fail(f"run {outcome.run_id} failed: {outcome.failure}")
     out.print(f"run {outcome.run_id}: {len(outcome.metadata)} assets materialized (event log: `make ui` or `dcr audit {loaded.name}`)")
+    _print_identifier_quality(loaded)
     return outcome.metadata
+
+
+def _print_identifier_quality(loaded: Any) -> None:
+    """Per dataset and identifier column: how many were accepted and refused (by reason); a warning above the column's
+    max_invalid_fraction. (The operator's view; each member's report shows its own datasets.)"""
+    import os
+
+    from ..lib.database import connect
+    from ..lib.text import plural
+    from ..store import stages
+
+    with connect(os.environ["DCR_WAREHOUSE_URL"]) as conn:
+        counts = stages.staging_counts(conn, loaded)
+    for line in stages.identifier_quality(loaded, counts):
+        text = (f"identifiers {line.dataset}.{line.column}: {line.accepted:,} accepted, {plural(line.refused, 'refused', 'refused')}"
+                + (f" ({', '.join(f'{reason} {n:,}' for reason, n in line.reasons.items())})" if line.reasons else ""))
+        out.print(text, markup=False, soft_wrap=True)
+        if line.above:
+            err.print(f"warning: {line.dataset}.{line.column}: {line.share:.1%} of its identifiers were refused, above max_invalid_fraction "
+                      f"{line.limit:g}; those people cannot match: ask {line.owner} to fix the export (docs/identifiers.md)",
+                      markup=False, soft_wrap=True)
 
 
 def _release_all(defs: Any, loaded: Any) -> dict[str, str]:

@@ -12,10 +12,12 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
+
 from ..lib import naming
 from ..lib.audit import Anchor
 from ..lib.policy import LoadedCollaboration
-from ..store import Connection, audit_chain, results
+from ..store import Connection, audit_chain, results, stages
 from ..store import uploads as queue
 from . import budget as budget_service
 
@@ -46,6 +48,7 @@ class MemberView:
     uploads: list[queue.Upload]
     activity: list[dict[str, Any]] = field(default_factory=list)
     chain_head: Anchor | None = None
+    identifiers: list[stages.IdentifierQuality] = field(default_factory=list)  # its own datasets' identifiers, accepted and refused
 
 
 def gather(conn: Connection, loaded: LoadedCollaboration, member: str, activity: list[dict[str, Any]], history: int = 10) -> MemberView:
@@ -70,4 +73,15 @@ def gather(conn: Connection, loaded: LoadedCollaboration, member: str, activity:
         releases=releases, earlier_releases=earlier, budget=own, spending_on_its_data=report["owners"].get(member, []),
         uploads=queue.listing(conn, c, member), activity=activity,
         chain_head=audit_chain.head(conn, naming.results_schema(c), c),
+        identifiers=_own_identifiers(conn, loaded, member),
     )
+
+
+def _own_identifiers(conn: Connection, loaded: LoadedCollaboration, member: str) -> list[stages.IdentifierQuality]:
+    own = [name for name, ds in loaded.collaboration.datasets.items() if ds.owner == member]
+    try:
+        counts = stages.staging_counts(conn, loaded, own)
+    except psycopg.errors.UndefinedTable:  # not staged yet: nothing to show
+        conn.rollback()
+        return []
+    return stages.identifier_quality(loaded, counts, owner=member)

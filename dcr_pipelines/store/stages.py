@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
@@ -60,8 +61,8 @@ def forget_build(conn: psycopg.Connection, collab: str, stage: str) -> None:
 
 
 def staging_counts(conn: psycopg.Connection, loaded: LoadedCollaboration, only: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
-    """Per dataset (of ``only``, default all): rows in, rows staged, and identifiers rejected per reason
-    (``rejected_<column>_<reason>``); counts only."""
+    """Per dataset (of ``only``, default all): rows in, rows staged, identifiers accepted (``accepted_<column>``) and
+    rejected per reason (``rejected_<column>_<reason>``); counts only."""
     c = loaded.name
     out: dict[str, dict[str, int]] = {}
     wanted = set(loaded.collaboration.datasets) if only is None else set(only)
@@ -75,11 +76,49 @@ def staging_counts(conn: psycopg.Connection, loaded: LoadedCollaboration, only: 
         }
         for col in ds.identifier_columns:
             problem = sql.Identifier(f"{col}__problem")
+            counts[f"accepted_{col}"] = int(conn.execute(sql.SQL("select count(*) from {t} where {p} is null").format(  # type: ignore[index]
+                p=problem, t=table)).fetchone()[0])
             for reason, count in conn.execute(
                 sql.SQL("select {p}, count(*) from {t} where {p} is not null group by {p} order by 1").format(p=problem, t=table)
             ).fetchall():
                 counts[f"rejected_{col}_{reason}"] = int(count)
         out[name] = counts
+    return out
+
+
+@dataclass(frozen=True)
+class IdentifierQuality:
+    dataset: str
+    owner: str
+    column: str
+    accepted: int
+    reasons: dict[str, int]
+    limit: float
+
+    @property
+    def refused(self) -> int:
+        return sum(self.reasons.values())
+
+    @property
+    def share(self) -> float:
+        total = self.accepted + self.refused
+        return self.refused / total if total else 0.0
+
+    @property
+    def above(self) -> bool:
+        return self.share > self.limit + 1e-12
+
+
+def identifier_quality(loaded: LoadedCollaboration, counts: dict[str, dict[str, int]], owner: str | None = None) -> list[IdentifierQuality]:
+    """``staging_counts`` per identifier column (of ``owner``'s datasets, default all), with the column's limit."""
+    out = []
+    for name, ds in loaded.collaboration.datasets.items():
+        if name not in counts or owner not in (None, ds.owner):
+            continue
+        for col, spec in ds.identifier_columns.items():
+            prefix = f"rejected_{col}_"
+            reasons = {k.removeprefix(prefix): v for k, v in sorted(counts[name].items()) if k.startswith(prefix)}
+            out.append(IdentifierQuality(name, ds.owner, col, counts[name].get(f"accepted_{col}", 0), reasons, float(spec.max_invalid_fraction)))
     return out
 
 

@@ -62,6 +62,11 @@ def test_numbers_written_every_way_match_as_the_numbering_plan_says(tmp_path: Pa
     try:
         ran = dcr("run", "phones")
         assert ran.returncode == 0, ran.stderr
+        # Match quality, visible: accepted and refused by reason, per dataset (no warning: 0.3% is under 5%).
+        assert ("identifiers accounts.phone: 1,000 accepted, 3 refused (invalid_characters 1, invalid_country_code 1, invalid_length 1)"
+                in ran.stdout), ran.stdout
+        assert "identifiers subscribers.msisdn: 1,000 accepted, 0 refused" in ran.stdout, ran.stdout
+        assert "warning" not in ran.stderr, ran.stderr
         overlap = dcr("overlap", "phones", "--format", "json")
         assert overlap.returncode == 0, overlap.stderr
         matched = json.loads(overlap.stdout)["releases"][0]["matched_people"]
@@ -82,5 +87,12 @@ def test_numbers_written_every_way_match_as_the_numbering_plan_says(tmp_path: Pa
         meta = staged[-1]["metadata"]
         assert {k: v for k, v in meta.items() if k.startswith("rejected_phone_")} == {
             "rejected_phone_invalid_characters": 1, "rejected_phone_invalid_length": 1, "rejected_phone_invalid_country_code": 1}
+        # Each party's report shows its own identifiers' quality, and not the other's.
+        for member, own, other in (("bank", "accounts", "subscribers"), ("telecom", "subscribers", "accounts")):
+            written = dcr("report", "phones", "--as", member, "--out", str(tmp_path / member))
+            assert written.returncode == 0, written.stderr
+            page = (tmp_path / member / "index.html").read_text()
+            assert f"<td>{own}</td>" in page and f"<td>{other}</td>" not in page
+        assert "invalid_country_code 1" in (tmp_path / "bank" / "index.html").read_text()
     finally:
         dcr("db", "stop")
