@@ -11,6 +11,7 @@ from ..lib import home_psi, matching, naming, psi_epoch
 from ..lib.database import advisory_lock
 from ..lib.policy import LoadedCollaboration
 from ..services.release import release_overlap
+from ..store import approvals as store_approvals
 from ..store import builder, ledger, open_connection
 from ..store import matching as store_matching
 from .common import PSI_FOLDER, _audit_metadata, landing_folder
@@ -343,6 +344,10 @@ def _release_overlap(context: dg.AssetExecutionContext, conn: Any, loaded: Loade
     spec = loaded.collaboration.matching
     if spec.overlap_release == "withheld":
         return {"overlap_release": "withheld"}
+    unapproved = store_approvals.unbacked(conn, loaded)  # how the overlap is released is part of what each party approves
+    if unapproved:
+        context.log.warning(f"overlap withheld: {unapproved[0]}")
+        return {"overlap_release": f"withheld: {unapproved[0]}"}
     try:
         stored = release_overlap(conn, loaded, matched, digest, run_id=context.run.run_id)
     except ledger.BudgetExhausted as exc:

@@ -13,6 +13,7 @@ A member login writes a request row (``store.member_requests``). Each tick:
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -159,6 +160,12 @@ def _approve(conn: Any, loaded: LoadedCollaboration, request: member_requests.Re
         return
     ours = approval_payload(current)
     theirs = {str(k): v for k, v in request.payload.items()}
+    odd = sorted(k for k, v in theirs.items() if not (k.startswith(("query:", "protections:")) and isinstance(v, str)
+                                                      and re.fullmatch(r"[0-9a-f]{64}", v)))
+    if odd:
+        member_requests.finish(conn, request.id, "refused", reason=f"approval refused, nothing was recorded: {odd[0]!r} is not what "
+                               "`dcr policy approve` sends (query:NAME or protections:PARTY, each a SHA-256 in hex)")
+        return
     counted = {k for k in set(ours) | set(theirs) if k.startswith("query:")} | {f"protections:{member}"}
     differ = sorted(k for k in counted if ours.get(k) != theirs.get(k))
     if differ:
@@ -354,10 +361,12 @@ def serve(defs_for: Any, loaded: LoadedCollaboration, warehouse_url: str, instan
         while stop is None or not stop():
             with member_requests.connect(warehouse_url) as conn:
                 runs, cursor = tick(instance, conn, loaded, cursor, landing, unapproved)
-            if unapproved:
-                try:
-                    loaded, unapproved = load_collaboration(loaded.folder), None
-                except PolicyError as exc:
+            try:  # the policy as the files hold it now (a change, an approval): what the next requests are answered by
+                fresh = load_collaboration(loaded.folder)
+                if unapproved or fresh.policy_sha256 != loaded.policy_sha256:
+                    loaded, unapproved = fresh, None
+            except PolicyError as exc:
+                if unapproved:
                     unapproved = str(exc.issues[0])
             for run in runs:
                 selection = [list(k.path) for k in run.asset_selection or []]

@@ -107,6 +107,11 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
             yield refusal(context, f"release refused, nothing ran: {exc}", rule="parameters", consumer=spec.consumer)
             yield from refused_checks(warehouse)
             return
+        moved = _policy_moved(loaded, query_name)
+        if moved:
+            yield refusal(context, f"release refused, nothing ran or was charged: {moved}", rule="policy", consumer=spec.consumer, params=params)
+            yield from refused_checks(warehouse)
+            return
         # Build and release under one lock: the pre-noise table read is the one built for this request.
         with advisory_lock(warehouse.url, analysis_lock_name(c)):
             with warehouse.connect() as conn:
@@ -203,6 +208,22 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         )
 
     return release
+
+
+def _policy_moved(loaded: LoadedCollaboration, query_name: str) -> str | None:
+    """Why the policy files no longer hold the query this process loaded (its pre-noise model is rendered from the files,
+    its approvals were checked against what was loaded), or None."""
+    from ..lib.policy import PolicyError, load_collaboration
+
+    try:
+        fresh = load_collaboration(loaded.folder)
+    except PolicyError as exc:
+        return f"the policy of {loaded.name} no longer loads ({exc.issues[0]}); fix it, then reload"
+    now = fresh.queries.get(query_name)
+    if now is None or now.sha256 != loaded.queries[query_name].sha256:
+        return (f"{query_name} changed in the policy files since this process loaded it; reload the code location (restart `dcr serve`, "
+                "or Reload in the UI) so that what runs is what was approved")
+    return None
 
 
 def _check_results(outcomes: list[release_checks.CheckOutcome]) -> list[dg.AssetCheckResult]:

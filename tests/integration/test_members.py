@@ -424,6 +424,19 @@ def test_a_revoked_login_is_out_at_once(deployment: dict[str, Any]) -> None:
     assert gone.returncode == 3 and gone.stderr.startswith("error: cannot reach the clean room") and gone.stderr.count("\n") == 1, gone.stderr
     listed = deployment["operator"]("member", "list", C)
     assert "(none: `dcr member add`)" in listed.stdout and deployment["creds"]["ad_network"]["login"] in listed.stdout
+    # A revoked login does not make the policy files count again for the member that approved through it.
+    from dcr_pipelines.lib.policy.approve import approve_all
+
+    spec_file = deployment["policy"] / "collaboration.yaml"
+    original = spec_file.read_text()
+    try:
+        spec_file.write_text(original.replace("    epsilon: 20.0", "    epsilon: 40.0"))
+        approve_all(deployment["policy"])  # the operator may write retailer's approval now (no login): it does not count
+        asked = deployment["operator"]("query", "run", C, "--as", "ad_network", DP_SQL)
+        _one_error(asked, 1, "loosens what retailer approved through its login")
+    finally:
+        spec_file.write_text(original)
+        approve_all(deployment["policy"])
 
 
 def test_dropping_the_collaboration_drops_its_member_logins(deployment: dict[str, Any]) -> None:
