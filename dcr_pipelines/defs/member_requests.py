@@ -126,7 +126,8 @@ def _one(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, r
     elif request.kind in ("budget", "query_check"):
         _answer_now(conn, loaded, request)
     elif request.kind == "approve":
-        _approve(conn, loaded, request)
+        if member_requests.take(conn, request.id):  # once, when the sensor and `dcr serve` both tick: it writes the policy files
+            _approve(conn, loaded, request)
     elif request.kind == "report":
         _report(instance, conn, loaded, request)
     elif request.kind == "release" and request.payload.get("dry_run") is True and str(request.payload.get("query")) in loaded.queries:
@@ -296,6 +297,9 @@ def _answer_uploads(instance: dg.DagsterInstance, conn: Any, loaded: LoadedColla
 def _sweep(instance: dg.DagsterInstance, conn: Any, collab: str, cursor: int) -> None:
     """A launched request whose run has finished without answering (killed, failed before its asset ran) is failed."""
     for request in member_requests.unfinished(conn, collab):
+        if request.kind == "approve" and request.state == "launched" and time.time() - request.asked_at.timestamp() > 600:
+            member_requests.finish(conn, request.id, "failed", reason="the approval was interrupted before it was answered; approve again")
+            continue  # (taken by a process that died before it answered: an approval has no run)
         if request.id > cursor or request.kind == "upload" or time.time() - request.asked_at.timestamp() < 2:
             continue  # (an upload is answered from its file's decision, below)
         runs = instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: str(request.id), "dcr/collaboration": collab}), limit=5)
