@@ -11,6 +11,8 @@ One collaboration owns these PostgreSQL schemas (``demo`` shown):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 def raw_schema(collab: str, party: str) -> str:
     return f"{collab}_raw_{party}"
@@ -44,8 +46,24 @@ def identities_model(collab: str, party: str) -> str:
     return f"idn_{collab}__{party}"
 
 
-def matched_model(collab: str, dataset: str) -> str:
-    return f"mv_{collab}__{dataset}"
+def matched_model(collab: str, dataset: str, overlap: str = "") -> str:
+    return f"mv_{collab}__{dataset}{overlap}"
+
+
+def overlap_suffix(subset: Sequence[str], parties: Sequence[str]) -> str:
+    """How the tables and views of the people shared by ``subset`` are told apart: nothing for every party,
+    ``__<party>__<party>`` (declaration order) for some of them."""
+    return "" if tuple(subset) == tuple(parties) else "".join(f"__{p}" for p in subset)
+
+
+def cross_reference_table(overlap: str = "") -> str:
+    """The matching schema's table of match_ids of the people shared by one set of parties (``overlap_suffix``)."""
+    return f"cross_reference{overlap}"
+
+
+def links_table(overlap: str = "") -> str:
+    """Several identifiers: every token of a matched person (match_id, party, token), what the matched views join on."""
+    return f"cross_reference{overlap}__links"
 
 
 def query_model(collab: str, query: str) -> str:
@@ -94,8 +112,8 @@ def cross_reference_key(collab: str) -> list[str]:
     return [collab, "matching", "cross_reference"]
 
 
-def matched_key(collab: str, dataset: str) -> list[str]:
-    return [collab, "analysis", f"matched_{dataset}"]
+def matched_key(collab: str, dataset: str, overlap: str = "") -> list[str]:
+    return [collab, "analysis", f"matched_{dataset}{overlap}"]
 
 
 PRE_NOISE_SUFFIX = "__pre_noise"

@@ -93,6 +93,25 @@ class LoadedCollaboration:
         """Whether the party keeps its identifiers and keys at home (uploads tokens, runs `dcr psi`)."""
         return party in self.collaboration.matching.home_parties
 
+    def query_parties(self, query: str) -> tuple[str, ...]:
+        """The parties whose shared people a query reads: its declared ``parties`` (in declaration order), else all."""
+        declared = set(self.queries[query].spec.parties)
+        return tuple(p for p in self.parties() if p in declared) if declared else self.parties()
+
+    def overlaps(self) -> tuple[tuple[str, ...], ...]:
+        """Every set of parties a cross-reference is built for: all parties first, then each subset a query reads."""
+        out = [self.parties()]
+        for name in sorted(self.queries):
+            subset = self.query_parties(name)
+            if subset not in out:
+                out.append(subset)
+        return tuple(out)
+
+    def graph_matching(self) -> bool:
+        """Matching on several identifiers or for subsets of the parties (lib/identity_graph.py), not the one-identifier,
+        all-parties protocol of lib/matching.py."""
+        return len(self.collaboration.identity.kinds) > 1 or len(self.overlaps()) > 1
+
 
 def query_sha256(sql_text: str, spec_text: str) -> str:
     """The hash owners approve: SHA-256 over the query's SQL and its YAML spec, byte for byte."""
@@ -355,8 +374,10 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
                 if summed and col not in rule.bounds and spec.range is None:
                     issue((*where, "analysis_rule", "bounds"), f"column {col!r} may be summed or averaged under differential privacy, so it needs "
                           f"bounds: add 'bounds: {{{col}: [low, high]}}' (what one person adds to a group at most) or a 'range' on the column")
-        if not any(c.identifier == collab.identity.kind for c in ds.columns.values()):
-            issue((*where, "columns"), f"no column is an identifier of kind {collab.identity.kind.value!r}, so the dataset cannot be matched")
+        kinds = collab.identity.kinds
+        if not any(c.identifier in kinds for c in ds.columns.values()):
+            named = " or ".join(repr(k.value) for k in kinds)
+            issue((*where, "columns"), f"no column is an identifier of kind {named}, so the dataset cannot be matched")
     parties = {d.owner for d in collab.datasets.values()}
     for member in sorted(collab.members):  # every role the grants make (a longer name would be cut, and two could become one)
         longest = f"dcr_{collab.name}_{member}_staging_loader"
@@ -381,6 +402,10 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
     if collab.matching.key_epoch != "run" and (home or collab.matching.bucket_steps):
         issue(("matching", "key_epoch"), "key epochs keep the blinded sets at the operator: they need every party's identifiers there "
               "(no home_parties) and one matching step (bucket_steps: false); use key_epoch: run")
+    if len(collab.identity.kinds) > 1:
+        for setting, problem in _graph_unsupported(collab):
+            issue(("matching", setting), f"{problem} is not supported with several identifiers yet (identity.{collab.identity.rule}); "
+                  f"remove matching.{setting} or match on one identifier (identity.kind)")
     for i, budget in enumerate(collab.budgets):
         if budget.consumer not in members:
             issue(("budgets", i, "consumer"), f"unknown member {budget.consumer!r}")
@@ -395,6 +420,14 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
         problem = _cron_problem(schedule.cron)
         if problem:
             issue(("schedules", i, "cron"), f"{schedule.cron!r} is not a valid five-field cron expression: {problem}")
+
+
+def _graph_unsupported(collab: Collaboration) -> list[tuple[str, str]]:
+    """Matching settings the several-identifier / party-subset matching does not have yet: (setting, what it is)."""
+    spec = collab.matching
+    found = [("padding", "padding", spec.padding), ("home_parties", "keeping identifiers at home", bool(spec.home_parties)),
+             ("key_epoch", "a key epoch", spec.key_epoch != "run"), ("bucket_steps", "one step per bucket", spec.bucket_steps)]
+    return [(setting, what) for setting, what, on in found if on]
 
 
 def _cron_problem(expression: str) -> str | None:
@@ -529,6 +562,23 @@ def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
         if ds not in collab.datasets:
             line = _line_of(sql_text, ds)
             issues.append(PolicyIssue(sql_path, line, None, "", f"query reads unknown dataset {ds!r} (datasets: {', '.join(collab.datasets)})"))
+    owners = {d.owner for d in collab.datasets.values()}
+    if spec.parties:
+        for i, party in enumerate(spec.parties):
+            if party not in owners:
+                issue(("parties", i), f"{party!r} is not a party (a member that provides a dataset: {', '.join(sorted(owners))})")
+        if len(set(spec.parties)) < 2:
+            issue(("parties",), "a query reads the people shared by at least two parties; list two or more (or leave 'parties' out for all)")
+        for ds in datasets:
+            if ds in collab.datasets and collab.datasets[ds].owner not in spec.parties:
+                issue(("parties",), f"the query reads {ds!r} of {collab.datasets[ds].owner!r}, which is not in its parties; add it")
+        longest = f"cross_reference{''.join(f'__{p}' for p in spec.parties)}__links"
+        if len(longest) > 63:
+            issue(("parties",), f"the table name {longest!r} exceeds PostgreSQL's 63 characters; shorten the party names")
+        if set(spec.parties) < owners:
+            for setting, problem in _graph_unsupported(collab):
+                issue(("parties",), f"a query over some of the parties needs its own cross-reference, and {problem} (matching.{setting}) "
+                      "is not supported for those yet; leave 'parties' out (people in every party) or remove that setting")
     if datasets and all(ds in collab.datasets for ds in datasets) and not issues:
         _compile_query(sql_text, sql_path, collab, issues)
     for ds_name in datasets:

@@ -78,9 +78,16 @@ class EmailRules(Strict):
 
 
 class IdentitySpec(Strict):
-    """Which identifier kind links people across parties, and how it is normalised."""
+    """Which identifier kinds link people across parties, and how they are normalised.
+
+    One kind (``kind``), or several with a match rule: ``any_of`` (people who share any of the identifiers are one
+    person) or ``priority`` (a pair of parties' records matched by an earlier identifier is not matched again by a
+    later one). docs/identifiers.md says how the records become one match_id per person.
+    """
 
     kind: IdentifierKind = IdentifierKind.EMAIL
+    any_of: tuple[IdentifierKind, ...] = ()
+    priority: tuple[IdentifierKind, ...] = ()
     email: EmailRules = EmailRules()
     phone_default_country: str = "US"  # the numbering plan of numbers written without a country code (ISO 3166 region)
     customer_id_case: Literal["preserve", "lower", "upper"] = "preserve"
@@ -93,6 +100,29 @@ class IdentitySpec(Strict):
         if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"{value!r} is not a region with a numbering plan: an ISO 3166 code such as US, GB, DE, FR, IN, BR or JP")
         return value.upper()
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> IdentitySpec:
+        for rule in ("any_of", "priority"):
+            kinds = getattr(self, rule)
+            if kinds and "kind" in self.model_fields_set:
+                raise ValueError(f"declare either 'kind' (one identifier) or '{rule}' (several), not both")
+            if kinds and len(kinds) < 2:
+                raise ValueError(f"'{rule}' lists at least two identifier kinds; for one, use 'kind: {kinds[0].value}'")
+            if len(set(kinds)) != len(kinds):
+                raise ValueError(f"'{rule}' lists an identifier kind twice")
+        if self.any_of and self.priority:
+            raise ValueError("declare one match rule: 'any_of' or 'priority', not both")
+        return self
+
+    @property
+    def kinds(self) -> tuple[IdentifierKind, ...]:
+        """The identifier kinds people are matched on, in priority order."""
+        return self.any_of or self.priority or (self.kind,)
+
+    @property
+    def rule(self) -> Literal["one", "any_of", "priority"]:
+        return "any_of" if self.any_of else "priority" if self.priority else "one"
 
 
 class MatchingSpec(Strict):
@@ -421,6 +451,8 @@ class QuerySpec(Strict):
     contribution: Contribution = Contribution()
     privacy: Privacy | None = None
     min_distinct_units: int = Field(default=0, ge=0)
+    # The parties whose shared people the query reads (its datasets' owners among them); empty: every party.
+    parties: tuple[Name, ...] = ()
     # on_demand: released only when someone asks (dcr release, a UI materialization with its config);
     # scheduled: also by the policy's schedules, with the default parameters.
     release: Literal["on_demand", "scheduled"] = "on_demand"

@@ -1,0 +1,214 @@
+"""Matching on several identifiers, and for some of the parties: one match_id per person for each set of parties.
+
+Each party's identity *records* are the distinct combinations of its tokens and normalised identifiers, one of each
+kind the collaboration matches on (None where a record lacks one), across the party's datasets. For every pair of
+parties that some set needs and every kind, PSI (``matching.psi_jobs``: each half in its own process, a fresh key
+per bucket, only serialized protocol messages between them) tells one of the two which of its identifiers the other
+holds; the operator's step pairs those by identifier into *links* between the two parties' tokens.
+
+A person is a connected group of tokens: the tokens of one record belong together, and links join parties. For a set
+of parties S (every party, or the subset a query reads) only S's records and links count, so the people shared by
+two parties never depend on a third party's data:
+
+- ``one`` and ``any_of``: every link joins (people who share any identifier are one person);
+- ``priority``: kinds in order; a link of a later kind between parties X and Y joins only if, as the groups stood
+  before that kind, neither end's group already holds a token of the other party (a pair matched by email is not
+  matched again by phone).
+
+A group with a token of every party of S is one shared person: a fresh random ``match_id``, one row in S's
+cross-reference (each party's first token, kinds in priority order) and one link row per token, which the matched
+views join on (a row belongs to the person its tokens are in). Nothing here is released: the counts go to the
+operator's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from . import matching
+
+Rule = Literal["one", "any_of", "priority"]
+Pair = tuple[str, str]  # (PSI client party, server party), in the order the pair runs
+
+
+@dataclass(frozen=True)
+class PartyRecords:
+    """One party's distinct identity records: per record, (token, identifier) of each kind in ``kinds`` order."""
+
+    party: str
+    kinds: tuple[str, ...]
+    records: Sequence[tuple[str | None, ...]]  # (token of kinds[0], identifier of kinds[0], token of kinds[1], ...)
+
+    def identities(self, kind: int) -> dict[str, str]:
+        """identifier -> token of one kind (by its index in ``kinds``)."""
+        return {r[2 * kind + 1]: r[2 * kind] for r in self.records if r[2 * kind] is not None}  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """The people shared by one set of parties."""
+
+    parties: tuple[str, ...]
+    rows: list[tuple[str | int, ...]]  # (match_id, first token of each party in ``parties`` order, unit)
+    links: list[tuple[str, str, str]]  # (match_id, party, token): every token of every shared person
+
+    @property
+    def matched(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class GraphResult:
+    overlaps: dict[tuple[str, ...], Overlap]
+    links: dict[tuple[str, str, str], int]  # (party, party, kind) -> identifiers both hold
+    input_counts: dict[str, int]
+    bytes_exchanged: int = 0
+    psi_jobs: int = 0
+
+
+def pairs_needed(overlaps: Iterable[Sequence[str]], client: str) -> list[Pair]:
+    """Every pair of parties inside some set, once, as (PSI client, server): the matching client when in the pair,
+    else the one declared first (sets list parties in declaration order)."""
+    out: list[Pair] = []
+    for subset in overlaps:
+        for i, x in enumerate(subset):
+            for y in subset[i + 1:]:
+                pair = (y, x) if y == client else (x, y)
+                if pair not in out:
+                    out.append(pair)
+    return out
+
+
+def digest(records: Iterable[PartyRecords], client: str, kinds: Sequence[str], rule: Rule,
+           overlaps: Iterable[Sequence[str]], buckets: int) -> str:
+    """What the cross-references depend on: every party's records and the match settings (equal: nothing to redo)."""
+    h = hashlib.sha256(f"graph;client={client};kinds={','.join(kinds)};rule={rule};buckets={buckets};"
+                       f"overlaps={'|'.join(','.join(s) for s in overlaps)};v1".encode())
+    for party in sorted(records, key=lambda r: r.party):
+        h.update(f"\0party={party.party}\0".encode())
+        for record in sorted(tuple(v or "" for v in r) for r in party.records):
+            h.update(("\t".join(record) + "\n").encode())
+    return h.hexdigest()
+
+
+def psi_links(records: Mapping[str, PartyRecords], pairs: Sequence[Pair], kinds: Sequence[str], buckets: int,
+              workers: int | None = None) -> tuple[dict[tuple[str, str, str], list[tuple[str, str]]], int, int]:
+    """PSI of each pair on each kind, hash bucket by bucket: ``{(client, server, kind): [(client token, server token)]}``,
+    bytes exchanged, PSI jobs run."""
+    identities = {(p, k): records[p].identities(i) for p in records for i, k in enumerate(kinds)}
+    largest = max((len(v) for v in identities.values()), default=0)
+    work = matching.work_buckets(buckets, largest)
+
+    def split(values: Iterable[str]) -> list[list[str]]:
+        out: list[list[str]] = [[] for _ in range(work)]
+        for v in sorted(values):
+            out[matching.bucket_of(v, work)].append(v)
+        return out
+
+    jobs = []
+    for x, y in pairs:
+        for kind in kinds:
+            mine, theirs = identities[(x, kind)], identities[(y, kind)]
+            if not mine or not theirs:
+                continue
+            for b, (client_items, server_items) in enumerate(zip(split(mine), split(theirs), strict=True)):
+                if client_items and server_items:
+                    jobs.append(((x, y, kind, b), client_items, [server_items]))
+    links: dict[tuple[str, str, str], list[tuple[str, str]]] = {(x, y, k): [] for x, y in pairs for k in kinds}
+    exchanged = 0
+    by_tag = {tag: items for tag, items, _ in jobs}
+    for tag, found, nbytes in matching.psi_jobs(iter(jobs), 1, matching.lanes_for(len(jobs), workers)):
+        x, y, kind, _ = tag
+        client_items = by_tag[tag]
+        for i in found:
+            identifier = client_items[i]
+            links[(x, y, kind)].append((identities[(x, kind)][identifier], identities[(y, kind)][identifier]))
+        exchanged += nbytes
+    return links, exchanged, len(jobs)
+
+
+class _Groups:
+    """Union-find over (party, token) nodes, with the parties each group holds."""
+
+    def __init__(self) -> None:
+        self.parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def find(self, node: tuple[str, str]) -> tuple[str, str]:
+        self.parent.setdefault(node, node)
+        root = node
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[node] != root:
+            self.parent[node], node = root, self.parent[node]
+        return root
+
+    def union(self, a: tuple[str, str], b: tuple[str, str]) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # deterministic roots
+
+    def parties_by_root(self) -> dict[tuple[str, str], set[str]]:
+        out: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for node in self.parent:
+            out[self.find(node)].add(node[0])
+        return out
+
+
+def resolve(subset: Sequence[str], records: Mapping[str, PartyRecords], links: Mapping[tuple[str, str, str], Sequence[tuple[str, str]]],
+            kinds: Sequence[str], rule: Rule, unit_party: str) -> Overlap:
+    """The people shared by every party of ``subset``, from its parties' records and the links among them only."""
+    members = set(subset)
+    groups = _Groups()
+    kind_of: dict[tuple[str, str], int] = {}
+    for party in subset:
+        for record in records[party].records:
+            tokens = [(party, record[2 * i]) for i in range(len(kinds)) if record[2 * i] is not None]
+            for i in range(len(kinds)):
+                if record[2 * i] is not None:
+                    kind_of.setdefault((party, record[2 * i]), i)  # type: ignore[arg-type]
+            for node in tokens:
+                groups.find(node)  # type: ignore[arg-type]
+            for node in tokens[1:]:
+                groups.union(tokens[0], node)  # type: ignore[arg-type]
+    for kind in kinds:
+        edges = [((x, tx), (y, ty)) for (x, y, k), found in links.items() if k == kind and x in members and y in members for tx, ty in found]
+        if rule == "priority":
+            held = groups.parties_by_root()
+            edges = [(a, b) for a, b in edges if b[0] not in held[groups.find(a)] and a[0] not in held[groups.find(b)]]
+        for a, b in edges:
+            groups.union(a, b)
+    people: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for node in groups.parent:
+        people[groups.find(node)][node[0]].append(node[1])
+    rows: list[tuple[str | int, ...]] = []
+    out_links: list[tuple[str, str, str]] = []
+    for tokens in people.values():
+        if not members <= tokens.keys():
+            continue
+        match_id = secrets.token_hex(16)
+        first = {p: min(tokens[p], key=lambda t, p=p: (kind_of[(p, t)], t)) for p in subset}  # type: ignore[misc]
+        rows.append((match_id, *(first[p] for p in subset), matching.unit_of(first[unit_party])))
+        out_links.extend((match_id, p, t) for p in subset for t in sorted(tokens[p]))
+    rows.sort(key=lambda r: str(r[0]))
+    return Overlap(tuple(subset), rows, out_links)
+
+
+def match(records: Sequence[PartyRecords], overlaps: Sequence[Sequence[str]], client: str, kinds: Sequence[str], rule: Rule,
+          buckets: int = 1, workers: int | None = None) -> GraphResult:
+    """PSI per pair and kind, then each set's shared people (see the module's docstring)."""
+    by_party = {r.party: r for r in records}
+    missing = {p for s in overlaps for p in s} - by_party.keys()
+    if missing:
+        raise ValueError(f"no records of {sorted(missing)}")
+    pairs = pairs_needed(overlaps, client)
+    links, exchanged, jobs = psi_links(by_party, pairs, kinds, buckets, workers)
+    out = {}
+    for subset in overlaps:
+        out[tuple(subset)] = resolve(subset, by_party, links, kinds, rule, client if client in subset else subset[0])
+    counts = {r.party: len(r.records) for r in records}
+    return GraphResult(out, {k: len(v) for k, v in links.items()}, counts, exchanged, jobs)
