@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from ..lib import home_psi, matching, naming, psi_epoch
+from ..lib import home_psi, identity_graph, matching, naming, psi_epoch
 from ..lib.database import advisory_lock
 from ..lib.policy import LoadedCollaboration
 from ..services.release import release_overlap
@@ -29,6 +29,8 @@ def _sealed(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> None:
 def _matching_code_version(loaded: LoadedCollaboration) -> str:
     """What decides the matching besides its inputs: the identity kind and the matching spec of the policy."""
     spec = loaded.collaboration.identity.model_dump_json() + loaded.collaboration.matching.model_dump_json()
+    if loaded.graph_matching():  # the sets of parties that get a cross-reference
+        spec += repr(loaded.overlaps())
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -228,6 +230,8 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
         yield result
 
     def _cross_reference(context: dg.AssetExecutionContext, warehouse: WarehouseResource, secrets: SecretsResource) -> dg.MaterializeResult:
+        if loaded.graph_matching():
+            return _graph_match(context, warehouse)
         setups = _home_inputs(loaded, landing)
         spec = loaded.collaboration.matching
         buckets = spec.buckets
@@ -291,6 +295,37 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
                 **epoch_metadata,
                 "policy_sha256": loaded.policy_sha256,
             },
+            data_version=dg.DataVersion(digest),
+        )
+
+    def _graph_match(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        """Several identifiers or party subsets (lib/identity_graph.py): PSI per pair and kind, a cross-reference per set."""
+        spec, identity = loaded.collaboration.matching, loaded.collaboration.identity
+        kinds, overlaps = [k.value for k in identity.kinds], loaded.overlaps()
+        records = store_matching.read_records(warehouse.url, loaded, parties)
+        digest = identity_graph.digest(records, client, kinds, identity.rule, overlaps, spec.buckets)
+        input_rows = {f"input_records_{r.party}": dg.MetadataValue.int(len(r.records)) for r in records}
+        with warehouse.connect() as conn:
+            previous = store_matching.previous_match(conn, c)
+        if previous is not None and previous[0] == digest:
+            context.log.info("identity records unchanged since the last match: no PSI work, cross-references and match_ids kept")
+            return dg.MaterializeResult(
+                metadata={"recomputed": False, "matched": dg.MetadataValue.int(previous[1]), "input_digest": digest, **input_rows,
+                          "policy_sha256": loaded.policy_sha256},
+                data_version=dg.DataVersion(digest),
+            )
+        result = identity_graph.match(records, overlaps, client, kinds, identity.rule, buckets=spec.buckets)
+        with warehouse.connect() as conn:
+            store_matching.write_overlaps(conn, loaded, result, digest)
+            overlap = _release_overlap(context, conn, loaded, result.overlaps[parties].matched, digest)
+        per_set = {f"matched{naming.overlap_suffix(s, parties) or '_all'}": dg.MetadataValue.int(o.matched) for s, o in result.overlaps.items()}
+        linked = {f"linked_{x}_{y}_{k}": dg.MetadataValue.int(n) for (x, y, k), n in result.links.items()}
+        context.log.info("matched " + ", ".join(f"{o.matched} people of {' and '.join(s)}" for s, o in result.overlaps.items()))
+        return dg.MaterializeResult(
+            metadata={**input_rows, **overlap, "matched": dg.MetadataValue.int(result.overlaps[parties].matched), **per_set, **linked,
+                      "identity_rule": identity.rule, "identifier_kinds": ", ".join(kinds), "recomputed": True, "input_digest": digest,
+                      "psi_client": client, "psi_jobs": dg.MetadataValue.int(result.psi_jobs),
+                      "bytes_exchanged": dg.MetadataValue.int(result.bytes_exchanged), "policy_sha256": loaded.policy_sha256},
             data_version=dg.DataVersion(digest),
         )
 

@@ -166,17 +166,30 @@ def staging_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> 
         ),
         columns=[n.token_column(col) for col in ds.identifier_columns] + list(ds.shared_columns),
         normalised_model=n.normalised_model(c, p, dataset_name),
-        match_token=n.token_column(match_col),
+        match_tokens=[n.token_column(col) for _, col in matching_columns(loaded, ds)],
     )
 
 
+def matching_columns(loaded: LoadedCollaboration, ds: Dataset) -> list[tuple[str, str]]:
+    """(kind, column) of each identifier kind the collaboration matches on that the dataset has, in priority order
+    (a dataset's first column of a kind)."""
+    out = []
+    for kind in loaded.collaboration.identity.kinds:
+        col = next((col for col, spec in ds.columns.items() if spec.identifier == kind), None)
+        if col is not None:
+            out.append((kind.value, col))
+    return out
+
+
 def matching_column(loaded: LoadedCollaboration, ds: Dataset) -> str:
-    kind = loaded.collaboration.identity.kind
-    return next(col for col, spec in ds.columns.items() if spec.identifier == kind)
+    """The dataset's column of the first identifier kind it has (the only one with one kind)."""
+    return matching_columns(loaded, ds)[0][1]
 
 
 def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
     c = loaded.name
+    if loaded.graph_matching():
+        return _identity_records_sql(loaded, party)
     datasets = []
     for name, ds in loaded.collaboration.datasets.items():
         if ds.owner == party:
@@ -199,22 +212,55 @@ def identities_sql(loaded: LoadedCollaboration, party: str) -> str:
     )
 
 
-def matched_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
+def _identity_records_sql(loaded: LoadedCollaboration, party: str) -> str:
+    """Several identifiers or party subsets: the party's distinct identity records, a token and identifier per kind."""
+    c = loaded.name
+    kinds = [k.value for k in loaded.collaboration.identity.kinds]
+    datasets = []
+    for name, ds in loaded.collaboration.datasets.items():
+        if ds.owner == party:
+            have = dict(matching_columns(loaded, ds))
+            datasets.append({"model": n.normalised_model(c, party, name),
+                             "columns": [{"kind": k, "token": n.token_column(have[k]) if k in have else None, "column": have.get(k)} for k in kinds]})
+    return _render(
+        "identity_records.sql.j2",
+        config=_config(
+            schema=n.raw_schema(c, party),
+            alias="identities",
+            tags=[f"dcr_{c}", "dcr_staging"],
+            meta=_meta(c, n.identities_key(c, party), party, "staging"),
+        ),
+        datasets=datasets,
+    )
+
+
+def overlap_of(loaded: LoadedCollaboration, subset: tuple[str, ...]) -> str:
+    """The name suffix of one set of parties' cross-reference, links and matched views."""
+    return n.overlap_suffix(subset, loaded.parties())
+
+
+def matched_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset, subset: tuple[str, ...] | None = None) -> str:
     c, p = loaded.name, ds.owner
+    overlap = overlap_of(loaded, subset or loaded.parties())
+    graph = loaded.graph_matching()
     return _render(
         "matched.sql.j2",
         config=_config(
             schema=n.analysis_schema(c),
-            alias=f"matched_{dataset_name}",
+            alias=f"matched_{dataset_name}{overlap}",
             materialized="view",
             tags=[f"dcr_{c}", "dcr_analysis"],
-            meta=_meta(c, n.matched_key(c, dataset_name), None, "analysis"),
+            meta=_meta(c, n.matched_key(c, dataset_name, overlap), None, "analysis"),
         ),
         shared=list(ds.shared_columns),
         staging_model=n.staging_model(c, p, dataset_name),
         matching_schema=n.matching_schema(c),
+        xref=matching_relation(loaded, n.cross_reference_table(overlap)),
+        links=matching_relation(loaded, n.links_table(overlap)) if graph else None,
+        party=p,
         party_token=n.party_token_column(p),
         match_token=n.token_column(matching_column(loaded, ds)),
+        match_tokens=[n.token_column(col) for _, col in matching_columns(loaded, ds)],
         others=_real_matches_only(loaded, p),
     )
 
@@ -247,7 +293,8 @@ def rewrite_query(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
     # Re-generated from the parsed tree (comments kept for reviewers, neutralised by sqlglot), every brace made inert
     # for dbt's Jinja before the only template calls, ref() and dcr_param(), are put in from names the policy validated.
     rendered = jinja_safe(tree.transform(transform).sql(dialect="postgres", pretty=True))
-    rendered = re.sub(r"\bdcr_ref__(\w+)", lambda m: f"{{{{ ref('{n.matched_model(loaded.name, m.group(1))}') }}}}", rendered)
+    overlap = overlap_of(loaded, loaded.query_parties(query.name))
+    rendered = re.sub(r"\bdcr_ref__(\w+)", lambda m: f"{{{{ ref('{n.matched_model(loaded.name, m.group(1), overlap)}') }}}}", rendered)
 
     def param(match: re.Match[str]) -> str:
         name = match.group(1)
@@ -287,6 +334,7 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
         # groups whose people nearly equal a released group's (difference checks)
         thresholded=spec.rule == "threshold",
         matching_schema=n.matching_schema(c),
+        xref=matching_relation(loaded, n.cross_reference_table(overlap_of(loaded, loaded.query_parties(query.name)))),
     )
 
 
@@ -318,7 +366,9 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
     for name, ds in collab.datasets.items():
         match_col = matching_column(loaded, ds)
         token = n.token_column(match_col)
-        token_tests: list[Any] = [_test("not_null", f"Every row of {ds.owner}'s secure {name} has a keyed {token} to match on.")]
+        token_tests: list[Any] = []
+        if len(matching_columns(loaded, ds)) == 1:  # with several, a row may have any of them
+            token_tests.append(_test("not_null", f"Every row of {ds.owner}'s secure {name} has a keyed {token} to match on."))
         if ds.columns[match_col].unique:
             token_tests.append(_test("unique", f"{token} is unique in {ds.owner}'s {name}, as its contract declares {match_col} unique."))
         allowed = [n.token_column(col) for col in ds.identifier_columns] + list(ds.shared_columns)
@@ -338,15 +388,21 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
                 "description": f"{ds.owner}'s {name} with identifiers normalised and tokenised (party-private).",
             }
         )
-        models.append(
-            {
-                "name": n.matched_model(c, name),
-                "description": f"{name} joined to the cross-reference: match_id and shared columns.",
-                "columns": [{"name": "match_id", "data_tests": [_test("not_null", f"Every matched row of {name} carries a match_id from the cross-reference.")]}],
-            }
-        )
+        for subset in _overlaps_of(loaded, ds.owner):
+            overlap = overlap_of(loaded, subset)
+            models.append(
+                {
+                    "name": n.matched_model(c, name, overlap),
+                    "description": f"{name} joined to the cross-reference{' of ' + ', '.join(subset) if overlap else ''}: match_id and shared columns.",
+                    "columns": [{"name": "match_id", "data_tests": [_test("not_null", f"Every matched row of {name} carries a match_id from the cross-reference.")]}],
+                }
+            )
     for party in loaded.parties():
         if loaded.at_home(party):
+            continue
+        if loaded.graph_matching():
+            models.append({"name": n.identities_model(c, party),
+                           "description": f"{party}'s distinct identity records, a token and normalised identifier per kind: the PSI input (party-private)."})
             continue
         models.append(
             {
@@ -366,6 +422,19 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
     return {"version": 2, "sources": sources, "models": models}
 
 
+def _overlaps_of(loaded: LoadedCollaboration, party: str) -> list[tuple[str, ...]]:
+    """The sets of parties with a cross-reference that ``party`` is in (every party first)."""
+    return [s for s in loaded.overlaps() if party in s]
+
+
+def matching_relation(loaded: LoadedCollaboration, table: str) -> str:
+    """How a model names one of the matching schema's tables. The cross-reference asset writes them all; dbt sources
+    map one to one to asset keys, so only ``cross_reference`` is a source and the others are named directly (their
+    models also name the source in a ``depends_on`` comment, so the lineage stays)."""
+    schema = n.matching_schema(loaded.name)
+    return f"{{{{ source('{schema}', 'cross_reference') }}}}" if table == "cross_reference" else f'"{schema}"."{table}"'
+
+
 def render(loaded: LoadedCollaboration) -> dict[Path, str]:
     """Relative path -> file content for one collaboration."""
     c = loaded.name
@@ -373,7 +442,8 @@ def render(loaded: LoadedCollaboration) -> dict[Path, str]:
     for name, ds in loaded.collaboration.datasets.items():
         files[Path("staging") / f"{n.normalised_model(c, ds.owner, name)}.sql"] = normalised_sql(loaded, name, ds)
         files[Path("staging") / f"{n.staging_model(c, ds.owner, name)}.sql"] = staging_sql(loaded, name, ds)
-        files[Path("analysis") / f"{n.matched_model(c, name)}.sql"] = matched_sql(loaded, name, ds)
+        for subset in _overlaps_of(loaded, ds.owner):
+            files[Path("analysis") / f"{n.matched_model(c, name, overlap_of(loaded, subset))}.sql"] = matched_sql(loaded, name, ds, subset)
     for party in loaded.parties():
         if loaded.at_home(party):  # its PSI input is its setup message, made at home
             continue

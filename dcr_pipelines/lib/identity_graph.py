@@ -167,14 +167,12 @@ def resolve(subset: Sequence[str], records: Mapping[str, PartyRecords], links: M
     kind_of: dict[tuple[str, str], int] = {}
     for party in subset:
         for record in records[party].records:
-            tokens = [(party, record[2 * i]) for i in range(len(kinds)) if record[2 * i] is not None]
-            for i in range(len(kinds)):
-                if record[2 * i] is not None:
-                    kind_of.setdefault((party, record[2 * i]), i)  # type: ignore[arg-type]
-            for node in tokens:
-                groups.find(node)  # type: ignore[arg-type]
-            for node in tokens[1:]:
-                groups.union(tokens[0], node)  # type: ignore[arg-type]
+            nodes = [((party, token), i) for i in range(len(kinds)) if (token := record[2 * i]) is not None]
+            for node, i in nodes:
+                kind_of.setdefault(node, i)
+                groups.find(node)
+            for node, _ in nodes[1:]:
+                groups.union(nodes[0][0], node)
     for kind in kinds:
         edges = [((x, tx), (y, ty)) for (x, y, k), found in links.items() if k == kind and x in members and y in members for tx, ty in found]
         if rule == "priority":
@@ -191,7 +189,7 @@ def resolve(subset: Sequence[str], records: Mapping[str, PartyRecords], links: M
         if not members <= tokens.keys():
             continue
         match_id = secrets.token_hex(16)
-        first = {p: min(tokens[p], key=lambda t, p=p: (kind_of[(p, t)], t)) for p in subset}  # type: ignore[misc]
+        first = {p: min(tokens[p], key=lambda t, p=p: (kind_of[(p, t)], t)) for p in subset}  # type: ignore[misc]  # p bound per party
         rows.append((match_id, *(first[p] for p in subset), matching.unit_of(first[unit_party])))
         out_links.extend((match_id, p, t) for p in subset for t in sorted(tokens[p]))
     rows.sort(key=lambda r: str(r[0]))

@@ -69,8 +69,8 @@ def model_relations(loaded: LoadedCollaboration) -> set[tuple[str, str]]:
     c = loaded.name
     out = {(naming.raw_schema(c, p), "identities") for p in loaded.parties()}
     for name, ds in loaded.collaboration.datasets.items():
-        out |= {(naming.raw_schema(c, ds.owner), f"{name}__normalised"), (naming.staging_schema(c, ds.owner), name),
-                (naming.analysis_schema(c), f"matched_{name}")}
+        out |= {(naming.raw_schema(c, ds.owner), f"{name}__normalised"), (naming.staging_schema(c, ds.owner), name)}
+        out |= {(naming.analysis_schema(c), f"matched_{name}{naming.overlap_suffix(s, loaded.parties())}") for s in loaded.overlaps() if ds.owner in s}
     out |= {(naming.analysis_schema(c), f"query_{q}") for q in loaded.queries}
     return {(schema, rel + suffix) for schema, rel in out for suffix in DBT_SUFFIXES}
 

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..lib import matching, naming, psi_epoch
+from ..lib import identity_graph, matching, naming, psi_epoch
 from ..lib.policy import LoadedCollaboration
 from ..store import access
 from . import migrations
@@ -180,6 +180,47 @@ def write_cross_reference(conn: psycopg.Connection, collab: str, result: matchin
     with replacing_cross_reference(conn, collab, result.parties, client) as writer:
         writer.write(result.rows)
         record_build(conn, collab, digest, result.matched)
+
+
+def read_records(url: str, loaded: LoadedCollaboration, parties: Sequence[str]) -> list[identity_graph.PartyRecords]:
+    """Several identifiers or party subsets: each party's identity records, read as that party's own role."""
+    kinds = tuple(k.value for k in loaded.collaboration.identity.kinds)
+    columns = sql.SQL(", ").join(sql.Identifier(f"{part}__{k}") for k in kinds for part in ("token", "identifier"))
+    out = []
+    for party in parties:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("set role {}").format(sql.Identifier(access.role_name(loaded.name, party, "staging_loader"))))
+            rows = conn.execute(sql.SQL("select {} from {}").format(columns, sql.Identifier(naming.raw_schema(loaded.name, party), "identities"))).fetchall()
+        out.append(identity_graph.PartyRecords(party, kinds, [tuple(r) for r in rows]))
+    return out
+
+
+def write_overlaps(conn: psycopg.Connection, loaded: LoadedCollaboration, result: identity_graph.GraphResult, digest: str) -> None:
+    """Swap in every set of parties' cross-reference and links in one transaction and record the build (an error keeps
+    the current ones)."""
+    c, schema = loaded.name, naming.matching_schema(loaded.name)
+    migrations.ensure(conn, "matching", schema)
+    with conn.transaction():
+        for subset, overlap in result.overlaps.items():
+            suffix = naming.overlap_suffix(subset, loaded.parties())
+            xref, links = naming.cross_reference_table(suffix), naming.links_table(suffix)
+            columns = ["match_id", *(naming.party_token_column(p) for p in subset), "unit"]
+            for table, ddl, cols, rows in (
+                (xref, sql.SQL(", ").join([*(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns[:-1]), sql.SQL("unit bigint not null")]),
+                 columns, overlap.rows),
+                (links, sql.SQL("match_id text not null, party text not null, token text not null"), ["match_id", "party", "token"], overlap.links),
+            ):
+                new = sql.Identifier(schema, f"{table}__new")
+                conn.execute(sql.SQL("drop table if exists {}").format(new))
+                conn.execute(sql.SQL("create table {} ({})").format(new, ddl))
+                with conn.cursor().copy(sql.SQL("copy {} ({}) from stdin").format(new, sql.SQL(", ").join(map(sql.Identifier, cols)))) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                conn.execute(sql.SQL("drop table if exists {} cascade").format(sql.Identifier(schema, table)))
+                conn.execute(sql.SQL("alter table {} rename to {}").format(new, sql.Identifier(table)))
+            conn.execute(sql.SQL("alter table {} add primary key (match_id)").format(sql.Identifier(schema, xref)))
+            conn.execute(sql.SQL("alter table {} add primary key (party, token)").format(sql.Identifier(schema, links)))
+        record_build(conn, c, digest, result.overlaps[loaded.parties()].matched)
 
 
 def _pairs_table(conn: psycopg.Connection, loaded: LoadedCollaboration, columns: Sequence[str]) -> tuple[sql.Identifier, sql.Identifier]:

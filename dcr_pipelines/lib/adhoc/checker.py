@@ -1135,8 +1135,10 @@ def _dp_aggregate(ctx: _Context, agg: exp.Expr, max_rows: int) -> DpAggregate:
 
 def _one_row_per_person(ctx: _Context, alias: str) -> bool:
     ds = ctx.dataset(alias)
-    kind = ctx.loaded.collaboration.identity.kind
-    return any(spec.identifier == kind and spec.unique for spec in ds.columns.values())
+    identity = ctx.loaded.collaboration.identity
+    if len(identity.kinds) > 1:  # people who share any identifier are one: two rows unique by email can be one person
+        return False
+    return any(spec.identifier == identity.kind and spec.unique for spec in ds.columns.values())
 
 
 def _domain(ctx: _Context, key: exp.Expr) -> tuple[str, ...] | None:
