@@ -240,7 +240,8 @@ def _print_identifier_quality(loaded: Any) -> None:
         counts = stages.staging_counts(conn, loaded)
     for line in stages.identifier_quality(loaded, counts):
         text = (f"identifiers {line.dataset}.{line.column}: {line.accepted:,} accepted, {plural(line.refused, 'refused', 'refused')}"
-                + (f" ({', '.join(f'{reason} {n:,}' for reason, n in line.reasons.items())})" if line.reasons else ""))
+                + (f" ({', '.join(f'{reason} {n:,}' for reason, n in line.reasons.items())})" if line.reasons else "")
+                + (f"; {line.changed:,} of those accepted changed by normalisation" if line.changed is not None else ""))
         out.print(text, markup=False, soft_wrap=True)
         if line.above:
             err.print(f"warning: {line.dataset}.{line.column}: {line.share:.1%} of its identifiers were refused, above max_invalid_fraction "

@@ -142,8 +142,9 @@ def incremental(loaded: LoadedCollaboration, ds: Dataset) -> bool:
 def _normalised_config(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> str:
     """The config block of a party's private ``<dataset>__normalised`` model, whether it tokenises here or arrives tokenised."""
     c, p = loaded.name, ds.owner
+    # an incremental model built before a column was added gets the column (null in its earlier rows) instead of failing
     return _config(
-        **({"materialized": "incremental"} if incremental(loaded, ds) else {}),
+        **({"materialized": "incremental", "on_schema_change": "append_new_columns"} if incremental(loaded, ds) else {}),
         schema=n.raw_schema(c, p),
         alias=f"{dataset_name}__normalised",
         tags=[f"dcr_{c}", "dcr_staging"],

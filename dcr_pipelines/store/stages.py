@@ -61,8 +61,9 @@ def forget_build(conn: psycopg.Connection, collab: str, stage: str) -> None:
 
 
 def staging_counts(conn: psycopg.Connection, loaded: LoadedCollaboration, only: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
-    """Per dataset (of ``only``, default all): rows in, rows staged, identifiers accepted (``accepted_<column>``) and
-    rejected per reason (``rejected_<column>_<reason>``); counts only."""
+    """Per dataset (of ``only``, default all): rows in, rows staged, identifiers accepted (``accepted_<column>``),
+    changed by normalisation (``changed_<column>``: case, spaces, a phone number's format) and rejected per reason
+    (``rejected_<column>_<reason>``); counts only."""
     c = loaded.name
     out: dict[str, dict[str, int]] = {}
     wanted = set(loaded.collaboration.datasets) if only is None else set(only)
@@ -78,6 +79,9 @@ def staging_counts(conn: psycopg.Connection, loaded: LoadedCollaboration, only: 
             problem = sql.Identifier(f"{col}__problem")
             counts[f"accepted_{col}"] = int(conn.execute(sql.SQL("select count(*) from {t} where {p} is null").format(  # type: ignore[index]
                 p=problem, t=table)).fetchone()[0])
+            if not loaded.at_home(ds.owner):  # a home party's tokens arrive made; nothing is normalised here
+                counts[f"changed_{col}"] = int(conn.execute(sql.SQL("select count(*) from {t} where {c}").format(  # type: ignore[index]
+                    c=sql.Identifier(f"{col}__changed"), t=table)).fetchone()[0])
             for reason, count in conn.execute(
                 sql.SQL("select {p}, count(*) from {t} where {p} is not null group by {p} order by 1").format(p=problem, t=table)
             ).fetchall():
@@ -94,6 +98,7 @@ class IdentifierQuality:
     accepted: int
     reasons: dict[str, int]
     limit: float
+    changed: int | None = None  # accepted identifiers that normalising changed (None: tokenised at home)
 
     @property
     def refused(self) -> int:
@@ -118,7 +123,8 @@ def identifier_quality(loaded: LoadedCollaboration, counts: dict[str, dict[str, 
         for col, spec in ds.identifier_columns.items():
             prefix = f"rejected_{col}_"
             reasons = {k.removeprefix(prefix): v for k, v in sorted(counts[name].items()) if k.startswith(prefix)}
-            out.append(IdentifierQuality(name, ds.owner, col, counts[name].get(f"accepted_{col}", 0), reasons, float(spec.max_invalid_fraction)))
+            out.append(IdentifierQuality(name, ds.owner, col, counts[name].get(f"accepted_{col}", 0), reasons, float(spec.max_invalid_fraction),
+                                         counts[name].get(f"changed_{col}")))
     return out
 
 

@@ -182,3 +182,26 @@ def test_staleness_of_an_append_dataset_is_read_from_the_event_log_whatever_its_
     for key in extra:
         instance.delete_dynamic_partition(name, key)
     assert not _staged(ctx).stale
+
+
+def test_a_table_normalised_before_a_new_column_gets_it_and_keeps_its_rows(ctx: dict[str, Any]) -> None:
+    """Upgrading: an incremental table built by a version without ``<column>__changed`` gets the column on the next
+    upload (on_schema_change: append_new_columns), its earlier rows untouched (null there), the new rows counted."""
+    from dcr_pipelines.store import stages
+
+    _run(ctx)
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        conn.execute(f'alter table {TABLE} drop column "user_email__changed"')
+    before = _rows(ctx["url"])
+    _drop(ctx, "may.csv", impressions(30, 100))
+    _run(ctx)
+    after = _rows(ctx["url"])
+    _consistent(after)
+    (new_part,) = after["parts"] - before["parts"]
+    assert all(after["xmin"][p] == before["xmin"][p] for p in before["parts"]), "earlier rows were rewritten"
+    with psycopg.connect(ctx["url"]) as conn:
+        flags = conn.execute(f'select _dcr_part, "user_email__changed" from {TABLE}').fetchall()
+        counts = stages.staging_counts(conn, ctx["loaded"], only=["impressions"])["impressions"]
+    assert {flag for part, flag in flags if part != new_part} == {None}
+    assert [flag for part, flag in flags if part == new_part] == [True] * 30  # " V100@Example.com " was trimmed and lowercased
+    assert counts["changed_user_email"] == 30

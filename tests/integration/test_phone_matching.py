@@ -37,6 +37,14 @@ def _written(e164: str, rng: random.Random) -> str:
     ])
 
 
+def _e164(text: str) -> str | None:
+    try:
+        n = phonenumbers.parse(text.strip() if not text.strip().startswith("00") else "+" + text.strip()[2:], "US")
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(n, phonenumbers.PhoneNumberFormat.E164) if phonenumbers.is_possible_number(n) else None
+
+
 def test_numbers_written_every_way_match_as_the_numbering_plan_says(tmp_path: Path) -> None:
     rng = random.Random(32)
     people = sorted({f"+1{rng.choice(AREAS)}{rng.randint(200, 999)}{rng.randint(0, 9999):04d}" for _ in range(1400)})
@@ -67,18 +75,17 @@ def test_numbers_written_every_way_match_as_the_numbering_plan_says(tmp_path: Pa
                 in ran.stdout), ran.stdout
         assert "identifiers subscribers.msisdn: 1,000 accepted, 0 refused" in ran.stdout, ran.stdout
         assert "warning" not in ran.stderr, ran.stderr
+        # Changed by normalisation: every accepted number not written as its E.164 already.
+        for dataset, column, rows in (("accounts", "phone", accounts), ("subscribers", "msisdn", subscribers)):
+            changed = sum(1 for written, _ in rows if written not in bad and written != _e164(written))
+            assert 0 < changed < len(rows)
+            assert f"identifiers {dataset}.{column}: " in ran.stdout and f"; {changed:,} of those accepted changed by normalisation" in ran.stdout, ran.stdout
         overlap = dcr("overlap", "phones", "--format", "json")
         assert overlap.returncode == 0, overlap.stderr
         matched = json.loads(overlap.stdout)["releases"][0]["matched_people"]
         # The reference: pandas over the library's own E.164 of each written number.
-        def e164(text: str) -> str | None:
-            try:
-                n = phonenumbers.parse(text.strip() if not text.strip().startswith("00") else "+" + text.strip()[2:], "US")
-            except phonenumbers.NumberParseException:
-                return None
-            return phonenumbers.format_number(n, phonenumbers.PhoneNumberFormat.E164) if phonenumbers.is_possible_number(n) else None
-        bank = {e164(p) for p, _ in accounts} - {None}
-        telecom = {e164(p) for p, _ in subscribers} - {None}
+        bank = {_e164(p) for p, _ in accounts} - {None}
+        telecom = {_e164(p) for p, _ in subscribers} - {None}
         assert matched == len(bank & telecom) == len(shared)
         audit = dcr("audit", "phones", "--format", "jsonl")
         assert audit.returncode == 0, audit.stderr

@@ -18,6 +18,7 @@ normalised as (
 select
     normalised."customer_email",
     {{ dcr_identifier_problem('normalised."customer_email__raw"', 'email', 'normalised."customer_email"') }} as "customer_email__problem",
+    coalesce(normalised."customer_email" is distinct from normalised."customer_email__raw", false) and normalised."customer_email" is not null as "customer_email__changed",
     case when normalised."customer_email" is not null then {{ dcr_keyed_token('normalised."customer_email"', 'retailer') }} end as "customer_email_token",
     normalised."purchase_value",
     normalised."purchase_date",
