@@ -106,18 +106,26 @@ def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt
     return sorted(out, key=lambda e: e["time"])
 
 
-MATCHING_COUNTS = ("matched", "cross_reference_rows")
+MATCHING_COUNTS = ("matched", "matched_all", "cross_reference_rows")  # the all-party overlap: seen where the policy releases it exactly
+OPERATOR_ONLY = ("bytes_exchanged", "psi_jobs")  # grow with every party's input size
 
 
 def redact(loaded: LoadedCollaboration, entry: dict[str, Any], party: str) -> dict[str, Any]:
-    """An entry as ``party`` may see it: no other party's row counts, and the exact overlap only where the policy releases it."""
+    """An entry as ``party`` may see it: no other party's row or record counts, the exact all-party overlap only where
+    the policy releases it, and never the overlap of some of the parties (``matched__<party>__<party>``) or a pair's
+    links per identifier kind (``linked_<party>_<party>_<kind>``)."""
     meta = entry["metadata"]
     exact = loaded.collaboration.matching.overlap_release == "exact"
-    kept = {
-        k: v for k, v in meta.items()
-        if not (k.startswith("input_rows_") and k != f"input_rows_{party}") and not (k in MATCHING_COUNTS and not exact)
-        and k != "bytes_exchanged"  # proportional to every party's input size
-    }
+
+    def shown(key: str) -> bool:
+        for prefix in ("input_rows_", "input_records_"):
+            if key.startswith(prefix):
+                return key == f"{prefix}{party}"
+        if key in MATCHING_COUNTS:
+            return exact
+        return not (key in OPERATOR_ONLY or key.startswith(("matched__", "linked_")))
+
+    kept = {k: v for k, v in meta.items() if shown(k)}
     return {**entry, "metadata": kept} if len(kept) != len(meta) else entry
 
 

@@ -261,7 +261,8 @@ def matched_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset, sub
         party=p,
         party_token=n.party_token_column(p),
         match_token=n.token_column(matching_column(loaded, ds)),
-        match_tokens=[n.token_column(col) for _, col in matching_columns(loaded, ds)],
+        link_columns=[{"kind": k.value, "token": n.token_column(have[k.value]) if k.value in have else None}
+                      for have in [dict(matching_columns(loaded, ds))] for k in loaded.collaboration.identity.kinds],
         others=_real_matches_only(loaded, p),
     )
 

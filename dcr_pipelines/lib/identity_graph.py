@@ -55,7 +55,7 @@ class Overlap:
 
     parties: tuple[str, ...]
     rows: list[tuple[str | int, ...]]  # (match_id, first token of each party in ``parties`` order, unit)
-    links: list[tuple[str, str, str]]  # (match_id, party, token): every token of every shared person
+    links: list[tuple[str, ...]]  # (match_id, party, token of each kind or ""): every record of every shared person
 
     @property
     def matched(self) -> int:
@@ -132,14 +132,21 @@ def psi_links(records: Mapping[str, PartyRecords], pairs: Sequence[Pair], kinds:
     return links, exchanged, len(jobs)
 
 
+Node = tuple[str, int]  # (party, index of one of its records)
+
+
 class _Groups:
-    """Union-find over (party, token) nodes, with the parties each group holds."""
+    """Union-find over records, with the parties each group holds."""
 
     def __init__(self) -> None:
-        self.parent: dict[tuple[str, str], tuple[str, str]] = {}
+        self.parent: dict[Node, Node] = {}
+        self.held: dict[Node, frozenset[str]] = {}
 
-    def find(self, node: tuple[str, str]) -> tuple[str, str]:
-        self.parent.setdefault(node, node)
+    def add(self, node: Node) -> None:
+        self.parent[node] = node
+        self.held[node] = frozenset((node[0],))
+
+    def find(self, node: Node) -> Node:
         root = node
         while self.parent[root] != root:
             root = self.parent[root]
@@ -147,51 +154,62 @@ class _Groups:
             self.parent[node], node = root, self.parent[node]
         return root
 
-    def union(self, a: tuple[str, str], b: tuple[str, str]) -> None:
+    def union(self, a: Node, b: Node, only_disjoint: bool = False) -> None:
+        """Join the groups of ``a`` and ``b``; with ``only_disjoint``, only if no party has records in both."""
         ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)  # deterministic roots
-
-    def parties_by_root(self) -> dict[tuple[str, str], set[str]]:
-        out: dict[tuple[str, str], set[str]] = defaultdict(set)
-        for node in self.parent:
-            out[self.find(node)].add(node[0])
-        return out
+        if ra == rb or (only_disjoint and self.held[ra] & self.held[rb]):
+            return
+        low, high = min(ra, rb), max(ra, rb)  # deterministic roots
+        self.parent[high] = low
+        self.held[low] |= self.held.pop(high)
 
 
 def resolve(subset: Sequence[str], records: Mapping[str, PartyRecords], links: Mapping[tuple[str, str, str], Sequence[tuple[str, str]]],
             kinds: Sequence[str], rule: Rule, unit_party: str) -> Overlap:
-    """The people shared by every party of ``subset``, from its parties' records and the links among them only."""
-    members = set(subset)
+    """The people shared by every party of ``subset``, from its parties' records and the links among them only.
+
+    The nodes are records. Kind by kind (priority order), records join when they share a token of that kind (two
+    records of one party) or a link of that kind joins their tokens (two parties). Under ``priority`` the first kind
+    joins every such pair; a later kind joins two groups only if no party has records in both, taking its links in a
+    fixed order (parties in ``subset`` order, then tokens), so two records of one party are one person only when they
+    share the first kind's identifier, and a pair of parties' records matched by an earlier kind is not matched again.
+    """
+    members, order = set(subset), {p: i for i, p in enumerate(subset)}
     groups = _Groups()
-    kind_of: dict[tuple[str, str], int] = {}
+    holding: dict[tuple[str, int, str], list[int]] = defaultdict(list)  # (party, kind, token) -> its records
     for party in subset:
-        for record in records[party].records:
-            nodes = [((party, token), i) for i in range(len(kinds)) if (token := record[2 * i]) is not None]
-            for node, i in nodes:
-                kind_of.setdefault(node, i)
-                groups.find(node)
-            for node, _ in nodes[1:]:
-                groups.union(nodes[0][0], node)
-    for kind in kinds:
-        edges = [((x, tx), (y, ty)) for (x, y, k), found in links.items() if k == kind and x in members and y in members for tx, ty in found]
-        if rule == "priority":
-            held = groups.parties_by_root()
-            edges = [(a, b) for a, b in edges if b[0] not in held[groups.find(a)] and a[0] not in held[groups.find(b)]]
-        for a, b in edges:
-            groups.union(a, b)
-    people: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for index, record in enumerate(records[party].records):
+            groups.add((party, index))
+            for kind in range(len(kinds)):
+                if (token := record[2 * kind]) is not None:
+                    holding[(party, kind, token)].append(index)
+    for kind, name in enumerate(kinds):
+        edges: list[tuple[tuple[int, int, str, str], Node, Node]] = []
+        for (party, k, token), held in holding.items():
+            if k == kind:
+                edges.extend(((order[party], order[party], token, token), (party, held[0]), (party, other)) for other in held[1:])
+        for (x, y, link_kind), found in links.items():
+            if link_kind == name and x in members and y in members:
+                for tx, ty in found:
+                    edges.extend(((order[x], order[y], tx, ty), (x, rx), (y, ry)) for rx in holding[(x, kind, tx)] for ry in holding[(y, kind, ty)])
+        only_disjoint = rule == "priority" and kind > 0
+        for _, a, b in sorted(edges) if only_disjoint else edges:
+            groups.union(a, b, only_disjoint)
+    people: dict[Node, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for node in groups.parent:
         people[groups.find(node)][node[0]].append(node[1])
     rows: list[tuple[str | int, ...]] = []
-    out_links: list[tuple[str, str, str]] = []
-    for tokens in people.values():
-        if not members <= tokens.keys():
+    out_links: list[tuple[str, ...]] = []
+    for held_by in people.values():
+        if not members <= held_by.keys():
             continue
         match_id = secrets.token_hex(16)
-        first = {p: min(tokens[p], key=lambda t, p=p: (kind_of[(p, t)], t)) for p in subset}  # type: ignore[misc]  # p bound per party
+        first: dict[str, str] = {}
+        for party in subset:
+            tokens = [(k, record[2 * k]) for i in held_by[party] for k in range(len(kinds)) if (record := records[party].records[i])[2 * k] is not None]
+            first[party] = str(min(tokens)[1])  # the first kind's smallest token
+            out_links.extend((match_id, party, *(records[party].records[i][2 * k] or "" for k in range(len(kinds)))) for i in sorted(held_by[party]))
         rows.append((match_id, *(first[p] for p in subset), matching.unit_of(first[unit_party])))
-        out_links.extend((match_id, p, t) for p in subset for t in sorted(tokens[p]))
     rows.sort(key=lambda r: str(r[0]))
     return Overlap(tuple(subset), rows, out_links)
 

@@ -205,10 +205,11 @@ def write_overlaps(conn: psycopg.Connection, loaded: LoadedCollaboration, result
             suffix = naming.overlap_suffix(subset, loaded.parties())
             xref, links = naming.cross_reference_table(suffix), naming.links_table(suffix)
             columns = ["match_id", *(naming.party_token_column(p) for p in subset), "unit"]
+            link_columns = ["match_id", "party", *(f"token__{k.value}" for k in loaded.collaboration.identity.kinds)]
             for table, ddl, cols, rows in (
                 (xref, sql.SQL(", ").join([*(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns[:-1]), sql.SQL("unit bigint not null")]),
                  columns, overlap.rows),
-                (links, sql.SQL("match_id text not null, party text not null, token text not null"), ["match_id", "party", "token"], overlap.links),
+                (links, sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in link_columns), link_columns, overlap.links),
             ):
                 new = sql.Identifier(schema, f"{table}__new")
                 conn.execute(sql.SQL("drop table if exists {}").format(new))
@@ -219,7 +220,9 @@ def write_overlaps(conn: psycopg.Connection, loaded: LoadedCollaboration, result
                 conn.execute(sql.SQL("drop table if exists {} cascade").format(sql.Identifier(schema, table)))
                 conn.execute(sql.SQL("alter table {} rename to {}").format(new, sql.Identifier(table)))
             conn.execute(sql.SQL("alter table {} add primary key (match_id)").format(sql.Identifier(schema, xref)))
-            conn.execute(sql.SQL("alter table {} add primary key (party, token)").format(sql.Identifier(schema, links)))
+            # one row per record (its token of each kind, "" where it has none): what a matched view's row joins on
+            conn.execute(sql.SQL("alter table {} add primary key ({})").format(
+                sql.Identifier(schema, links), sql.SQL(", ").join(map(sql.Identifier, link_columns[1:]))))
         record_build(conn, c, digest, result.overlaps[loaded.parties()].matched)
 
 

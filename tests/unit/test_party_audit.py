@@ -29,6 +29,24 @@ def test_the_exact_overlap_reaches_a_party_only_where_the_policy_releases_it() -
         assert "matched" not in seen and "cross_reference_rows" not in seen and seen["input_rows_retailer"] == 5000
 
 
+GRAPH_MATCHING = {"asset": "three_parties/matching/cross_reference", "metadata": {
+    "matched": 50, "matched_all": 50, "matched__bank__telecom": 310, "linked_telecom_bank_phone": 300, "linked_bank_airline_email": 120,
+    "input_records_bank": 700, "input_records_telecom": 490, "input_records_airline": 480, "psi_jobs": 8, "bytes_exchanged": 10**5,
+    "identity_rule": "any_of"}}
+
+
+def test_the_overlaps_of_some_parties_and_per_kind_links_reach_no_party() -> None:
+    """Several identifiers and party subsets: whatever overlap_release says, a party sees its own record count only."""
+    loaded = load_collaboration(PROJECT_ROOT / "examples" / "three_parties")
+    for mode in ("exact", "withheld", "dp"):
+        matching = loaded.collaboration.matching.model_copy(update={"overlap_release": mode})
+        policy = dataclasses.replace(loaded, collaboration=loaded.collaboration.model_copy(update={"matching": matching}))
+        for party in ("bank", "telecom", "airline"):
+            seen = redact(policy, GRAPH_MATCHING, party)["metadata"]
+            overlap = {"matched": 50, "matched_all": 50} if mode == "exact" else {}
+            assert seen == {**overlap, f"input_records_{party}": GRAPH_MATCHING["metadata"][f"input_records_{party}"], "identity_rule": "any_of"}
+
+
 def test_ad_hoc_runs_concern_the_runner_and_the_owners_of_the_datasets_they_name() -> None:
     loaded = load_collaboration(PROJECT_ROOT / "policies" / "demo")
     over_customers = {"runner": "ad_network", "datasets": "impressions, customers"}

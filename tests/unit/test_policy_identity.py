@@ -45,7 +45,8 @@ def test_the_example_builds_a_cross_reference_for_every_party_and_for_the_bank_a
     # the airline's flyers have no view of the bank-telecom overlap; the query reads that overlap's views
     assert "analysis/mv_three_parties__flyers__bank__telecom.sql" not in models
     pairs = models["analysis/qry_three_parties__plan_segments.sql"]
-    assert "mv_three_parties__accounts__bank__telecom" in pairs and '"cross_reference__bank__telecom"' in pairs
+    assert "mv_three_parties__accounts__bank__telecom" in pairs and "mv_three_parties__subscribers__bank__telecom" in pairs
+    assert '"cross_reference__bank__telecom__links"' in models["analysis/mv_three_parties__accounts__bank__telecom.sql"]
     assert "mv_three_parties__accounts')" in models["analysis/qry_three_parties__flyer_segments.sql"]
 
 
@@ -75,13 +76,37 @@ def test_an_identity_mistake_names_its_line_and_field(three: Path, old: str, new
     ("parties: [bank]", "parties", "at least two parties"),
     ("parties: [bank, telecm]", "parties[1]", "'telecm' is not a party"),
     ("parties: [bank, airline]", "parties", "reads 'subscribers' of 'telecom', which is not in its parties"),
+    ("rule: dp   # a query over some of the parties is released with noise", "rule", "is released with noise (rule: dp)"),
 ])
 def test_a_query_parties_mistake_names_its_line(three: Path, new: str, field: str, message: str) -> None:
     path = three / "queries" / "plan_segments.yaml"
-    line = _edit(path, "parties: [bank, telecom]", new)
+    if new.startswith("rule:"):  # an exact rule over some of the parties
+        line = _edit(path, new, "rule: threshold\nmin_distinct_units: 10")
+        _edit(path, "privacy:\n  epsilon: 1.0\n", "")
+        _edit(path, "{domain: [prepaid, contract]}", "{}")
+        _edit(path, "{domain: [retail, private]}", "{}")
+    else:
+        line = _edit(path, "parties: [bank, telecom]", new)
     issues = [i for i in _issues(three) if f": {field}: " in i]
     assert any(message in i for i in issues), _issues(three)
     assert any(i.startswith(f"{path}:{line}:") for i in issues), (line, issues)
+
+
+def test_parties_that_share_no_identifier_kind_are_refused(three: Path) -> None:
+    """The telecom knows phone numbers only, the airline emails only: the two alone can match nobody."""
+    _edit(three / "queries" / "plan_segments.yaml", "parties: [bank, telecom]", "parties: [telecom, airline]")
+    _edit(three / "queries" / "plan_segments.sql", "inner join accounts on accounts.match_id", "inner join flyers on flyers.match_id")
+    _edit(three / "queries" / "plan_segments.sql", "accounts.segment", "flyers.status as segment")
+    issues = _issues(three)
+    assert any(": parties: " in i and "share(s) no identifier kind" in i for i in issues), issues
+
+
+def test_a_second_column_of_one_kind_is_refused_with_several_identifiers(three: Path) -> None:
+    path = three / "collaboration.yaml"
+    _edit(path, "      segment: {type: text, nullable: false, dimension: true, allowed_values: [retail, private]}",
+          "      work_email: {type: text, identifier: email, nullable: true}\n      segment: {type: text, nullable: false, dimension: true, allowed_values: [retail, private]}")
+    issues = _issues(three)
+    assert any("datasets.accounts.columns.work_email" in i and "two email identifier columns (email, work_email)" in i for i in issues), issues
 
 
 def test_a_query_over_some_parties_refuses_settings_their_matching_lacks(tmp_path: Path) -> None:

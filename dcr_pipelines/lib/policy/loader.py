@@ -403,6 +403,12 @@ def _check_collaboration(collab: Collaboration, folder: Path, issue: Any) -> Non
         issue(("matching", "key_epoch"), "key epochs keep the blinded sets at the operator: they need every party's identifiers there "
               "(no home_parties) and one matching step (bucket_steps: false); use key_epoch: run")
     if len(collab.identity.kinds) > 1:
+        for ds_name, ds in collab.datasets.items():
+            for kind in collab.identity.kinds:
+                same = [col for col, spec in ds.columns.items() if spec.identifier == kind]
+                if len(same) > 1:
+                    issue(("datasets", ds_name, "columns", same[1]), f"{ds_name} has two {kind.value} identifier columns ({', '.join(same)}); "
+                          "several identifiers match on one column of each kind: drop 'identifier' from the others")
         for setting, problem in _graph_unsupported(collab):
             issue(("matching", setting), f"{problem} is not supported with several identifiers yet (identity.{collab.identity.rule}); "
                   f"remove matching.{setting} or match on one identifier (identity.kind)")
@@ -572,9 +578,26 @@ def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
         for ds in datasets:
             if ds in collab.datasets and collab.datasets[ds].owner not in spec.parties:
                 issue(("parties",), f"the query reads {ds!r} of {collab.datasets[ds].owner!r}, which is not in its parties; add it")
-        longest = f"cross_reference{''.join(f'__{p}' for p in spec.parties)}__links"
-        if len(longest) > 63:
-            issue(("parties",), f"the table name {longest!r} exceeds PostgreSQL's 63 characters; shorten the party names")
+        suffix = "".join(f"__{p}" for p in spec.parties)
+        names = [f"cross_reference{suffix}__links"] + [f"matched_{d}{suffix}" for d, ds in collab.datasets.items() if ds.owner in spec.parties]
+        for long_name in [n for n in names if len(n) > 63][:1]:
+            issue(("parties",), f"the table or view name {long_name!r} exceeds PostgreSQL's 63 characters; shorten the party or dataset names")
+        for party in [p for p in spec.parties if "__" in p][:1]:
+            issue(("parties",), f"party name {party!r} holds '__', which separates the parties in the names of their tables; rename the member")
+        kinds_of = {p: {c.identifier for d in collab.datasets.values() if d.owner == p for c in d.columns.values()
+                        if c.identifier in collab.identity.kinds} for p in spec.parties}
+        reached, todo = set(), [spec.parties[0]]
+        while todo:  # the parties linked to the first through identifier kinds they share
+            party = todo.pop()
+            reached.add(party)
+            todo += [q for q in spec.parties if q not in reached and kinds_of[party] & kinds_of[q]]
+        if len(set(spec.parties)) >= 2 and not set(spec.parties) <= reached:
+            apart = sorted(set(spec.parties) - reached)
+            issue(("parties",), f"{', '.join(apart)} share(s) no identifier kind with {', '.join(sorted(reached))}, so nobody could be matched "
+                  "across these parties; add a party that holds both kinds, or a column of a common kind")
+        if set(spec.parties) < owners and spec.rule != "dp":
+            issue(("rule",), "a query over some of the parties is released with noise (rule: dp): the difference checks that guard "
+                  "exact releases recognise a person through the all-party cross-reference only; set rule: dp, or leave 'parties' out")
         if set(spec.parties) < owners:
             for setting, problem in _graph_unsupported(collab):
                 issue(("parties",), f"a query over some of the parties needs its own cross-reference, and {problem} (matching.{setting}) "
