@@ -55,11 +55,11 @@ def main() -> None:
         subprocess.run([dcr, "demo", "--rows", str(args.rows)], env=env, check=True, capture_output=True, cwd=ROOT)
         reference = best([sys.executable, "-c", "import dagster"], env, args.repeat)
         commands = {
-            "query check": [dcr, "query", "check", "demo", "--as", "ad_network", QUERY],
+            "query check": [dcr, "query", "check", "demo", "--member", "ad_network", QUERY],
             "budget": [dcr, "budget", "demo"],
             "audit": [dcr, "audit", "demo"],
             "overlap": [dcr, "overlap", "demo"],
-            "query run": [dcr, "query", "run", "demo", "--as", "ad_network", QUERY],
+            "query run": [dcr, "query", "run", "demo", "--member", "ad_network", QUERY],
             "release (cached)": [dcr, "release", "demo", "tier_reach"],
             "release (fresh)": [dcr, "release", "demo", "tier_reach", "--param", "since=2026-01-{i}"],  # threshold rule: no budget spent
         }

@@ -6,7 +6,7 @@ A fresh deployment under a temporary DCR_HOME: `dcr db listen --port auto`, `dcr
 answering in the background. The same exact (thresholded) ad-hoc question, its text varied by a literal so that
 nothing is answered from a store, is asked alternately ``--rounds`` times each way, each a whole process:
 
-- operator: `dcr query run demo --as ad_network SQL` (the query runs in that process, through Dagster);
+- operator: `dcr query run demo --member ad_network SQL` (the query runs in that process, through Dagster);
 - member: `dcr query run demo --credentials ad_network.json SQL` with no DCR_* variable (a request row over TCP,
   run by `dcr serve`, the answer read back as the member's login).
 
@@ -60,7 +60,7 @@ def main() -> None:
         timed([*DCR, "query", "run", "demo", "--credentials", str(creds), QUERY.format(i=1)], member_env, home)  # serve is warm
         operator, member = [], []
         for r in range(args.rounds):
-            operator.append(timed([*DCR, "query", "run", "demo", "--as", "ad_network", QUERY.format(i=100 + r)], env, ROOT))
+            operator.append(timed([*DCR, "query", "run", "demo", "--member", "ad_network", QUERY.format(i=100 + r)], env, ROOT))
             member.append(timed([*DCR, "query", "run", "demo", "--credentials", str(creds), QUERY.format(i=200 + r)], member_env, home))
     finally:
         if serve is not None:

@@ -16,6 +16,20 @@ out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty(
 err = Console(file=sys.stderr, highlight=False)
 
 
+class _MemberOption(click.Option):
+    """``--member NAME``, the one name of a member in every command; the names some commands had before (``--as``,
+    ``--party``, ``--consumer``) still work but are not listed."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        return None if record is None else ("--member NAME", record[1])
+
+
+def member_option(help: str, param: str = "member", required: bool = False) -> Any:
+    """The member a command acts for or shows (the operator's; a member's own login needs none)."""
+    return click.option("--member", "--as", "--party", "--consumer", param, cls=_MemberOption, metavar="NAME", required=required, help=help)
+
+
 INFRASTRUCTURE = 3  # exit code: the database, the disk or the file system failed; nothing was changed, run it again once fixed
 
 

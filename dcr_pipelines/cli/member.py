@@ -259,7 +259,7 @@ def _note(message: str) -> None:
 
 def refuse_as(party: str | None, creds: dict[str, str] | None) -> None:
     if party and creds:
-        fail("--as is the operator's, with no credentials: a member login acts as its own member only; drop --as", 2)
+        fail("--member is the operator's, with no credentials: a member login acts as its own member only; drop --member", 2)
 
 
 @main.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..lib.text import plural
-from ._common import err, fail, main, out
+from ._common import err, fail, main, member_option, out
 
 
 @main.group()
@@ -50,7 +50,7 @@ def policy_new(name: str, parties: str | None) -> None:
     approvals), one differentially private query (queries/overview.sql and
     .yaml) and each party's protections/<party>.json, every YAML field
     commented. `dcr policy check` accepts it as it is; edit it, then each
-    party approves the result with `dcr policy approve NAME --as PARTY`.
+    party approves the result with `dcr policy approve NAME --member PARTY`.
 
     \b
     Example:
@@ -69,7 +69,7 @@ def policy_new(name: str, parties: str | None) -> None:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         out.print(f"wrote {path}", markup=False, soft_wrap=True)
     out.print(f"{name}: ready for `dcr policy check`; edit the files, then each party approves: "
-              f"`dcr policy approve {name} --as PARTY`", markup=False, soft_wrap=True)
+              f"`dcr policy approve {name} --member PARTY`", markup=False, soft_wrap=True)
 
 
 @policy.command("render")
@@ -136,7 +136,7 @@ def policy_hash(collab: str) -> None:
               "approve as yourself, through your login; or set DCR_MEMBER_URL.")
 @click.option("--folder", "reviewed", type=click.Path(path_type=Path, file_okay=False), help="With --credentials: your reviewed copy of "
               "COLLAB's policy folder (default: COLLAB under DCR_POLICIES, or this installation's policies/).")
-@click.option("--as", "member", help="The operator, approving for a member that has no login (a member with a login approves only through it).")
+@member_option("The operator, approving for a member that has no login (a member with a login approves only through it).")
 def policy_approve(collab: str, credentials_path: Path | None, reviewed: Path | None, member: str | None) -> None:
     """Approve the current hash of every query of COLLAB and what protects your data.
 
@@ -144,13 +144,13 @@ def policy_approve(collab: str, credentials_path: Path | None, reviewed: Path | 
     the policy (the one it reviewed) are sent to the operator, who records the
     approval in the audit chain under the member's login and writes it into
     collaboration.yaml and protections/MEMBER.json, when the operator's copy
-    is the same. With --as (the operator, for a member without a login), it
+    is the same. With --member (the operator, for a member without a login), it
     writes MEMBER's entries into the files only; review them in git.
 
     \b
     Examples:
       dcr policy approve demo --credentials retailer.json --folder ./policies/demo
-      dcr policy approve demo --as retailer
+      dcr policy approve demo --member retailer
     """
     from ..lib.policy import PolicyError
     from ..lib.policy.approve import NothingToApprove, approve
@@ -166,7 +166,7 @@ def policy_approve(collab: str, credentials_path: Path | None, reviewed: Path | 
     if reviewed is not None:
         fail("--folder goes with --credentials (the member's reviewed copy); the operator approves its own policies folder", 2)
     if not member:
-        raise click.UsageError("missing option '--credentials FILE' (a member's own login) or '--as' (the operator, for a member without a login)")
+        raise click.UsageError("missing option '--credentials FILE' (a member's own login) or '--member' (the operator, for a member without a login)")
     if not (folder / "collaboration.yaml").is_file():
         fail(f"no collaboration {collab!r} under {folder.parent}", 2)
     _refuse_member_with_login(collab, member)
@@ -190,7 +190,7 @@ def _refuse_member_with_login(collab: str, member: str) -> None:
     login = members.login_of(_runtime().warehouse.url(), collab, member)
     if login is not None:
         fail(f"{member} has a member login ({login}): it approves only through it (`dcr policy approve {collab} --credentials "
-             f"{member}.json`, on its own machine); an approval written with --as would not count", 2)
+             f"{member}.json`, on its own machine); an approval written with --member would not count", 2)
 
 
 def _approve_through_login(creds: dict[str, str], collab: str, folder: Path) -> None:

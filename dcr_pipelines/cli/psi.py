@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..lib.text import plural
-from ._common import fail, main, out
+from ._common import fail, main, member_option, out
 
 
 @main.group()
@@ -18,10 +18,10 @@ def psi() -> None:
     \b
     The party keeps its identifiers and keys; it hands the operator files:
       dcr psi keygen --out ad_network.key
-      dcr psi prepare demo_home --party ad_network --key ad_network.key \\
+      dcr psi prepare demo_home --member ad_network --key ad_network.key \\
           --dataset impressions=impressions.csv --out outbox/
       (upload outbox/impressions.csv as usual, give the operator outbox/ad_network-setup.dcrpsi)
-      dcr psi respond demo_home --party ad_network --key ad_network.key \\
+      dcr psi respond demo_home --member ad_network --key ad_network.key \\
           --request ad_network-request-<id>.dcrpsi --out outbox/
     """
 
@@ -60,7 +60,7 @@ def psi_keygen(path: Path) -> None:
 
 @psi.command("prepare")
 @click.argument("collab")
-@click.option("--party", required=True)
+@member_option("The member keeping its identifiers at home (its own machine runs this).", param="party", required=True)
 @click.option("--key", "key_path", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--dataset", "datasets", multiple=True, required=True, metavar="NAME=PATH", help="One of the party's datasets and its file; repeatable.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the tokenised uploads and the setup message.")
@@ -94,7 +94,7 @@ def psi_prepare(collab: str, party: str, key_path: Path, datasets: tuple[str, ..
 
 @psi.command("respond")
 @click.argument("collab")
-@click.option("--party", required=True)
+@member_option("The member keeping its identifiers at home (its own machine runs this).", param="party", required=True)
 @click.option("--key", "key_path", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--request", "request_path", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))

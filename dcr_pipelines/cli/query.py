@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ._common import _collaboration, _instance, _run_log, _runtime, err, fail, main, out
+from ._common import _collaboration, _instance, _run_log, _runtime, err, fail, main, member_option, out
 
 
 @main.group()
@@ -18,15 +18,15 @@ def query() -> None:
 
 
 def _known_member(loaded: Any, party: str) -> None:
-    """An unknown --as is a usage mistake (exit 2), not a refusal by the rules."""
+    """An unknown --member is a usage mistake (exit 2), not a refusal by the rules."""
     members = loaded.collaboration.members
     if party not in members:
-        fail(f"{loaded.name} has no member {party!r} (members: {', '.join(members)}); give one of them with --as", 2)
+        fail(f"{loaded.name} has no member {party!r} (members: {', '.join(members)}); give one of them with --member", 2)
 
 
 @query.command("check")
 @click.argument("collab")
-@click.option("--as", "party", help="The operator, checking for a member (a member's own login needs no --as).")
+@member_option("The operator, checking for a member (a member's own login needs no --member).", param="party")
 @click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`); "
               "or set DCR_MEMBER_URL.")
 @click.argument("sql_text", metavar="SQL")
@@ -38,7 +38,7 @@ def query_check(collab: str, party: str | None, credentials_path: Path | None, s
 
     \b
     Example:
-      dcr query check demo --as ad_network "select i.campaign_id, c.loyalty_tier, count(distinct c.customer_email) as buyers
+      dcr query check demo --member ad_network "select i.campaign_id, c.loyalty_tier, count(distinct c.customer_email) as buyers
         from impressions as i inner join customers as c on c.customer_email = i.user_email group by 1, 2"
     """
     from ..lib import adhoc
@@ -55,7 +55,7 @@ def query_check(collab: str, party: str | None, credentials_path: Path | None, s
             out.print(f"  {line}", markup=False)
         return
     if not party:
-        raise click.UsageError("missing option '--as' (the operator, for a member) or '--credentials FILE' (a member's own login)")
+        raise click.UsageError("missing option '--member' (the operator, for a member) or '--credentials FILE' (a member's own login)")
     settings = Settings.from_env()
     folder = settings.policies / collab
     if not folder.is_dir():
@@ -76,7 +76,7 @@ def query_check(collab: str, party: str | None, credentials_path: Path | None, s
 
 @query.command("run")
 @click.argument("collab")
-@click.option("--as", "party", help="The operator, running for a member (a member's own login needs no --as).")
+@member_option("The operator, running for a member (a member's own login needs no --member).", param="party")
 @click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`); "
               "or set DCR_MEMBER_URL.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
@@ -93,7 +93,7 @@ def query_run(collab: str, party: str | None, credentials_path: Path | None, fmt
 
     \b
     Example:
-      dcr query run demo --as ad_network "select c.loyalty_tier, count(distinct c.customer_email) as buyers,
+      dcr query run demo --member ad_network "select c.loyalty_tier, count(distinct c.customer_email) as buyers,
         round(avg(c.lifetime_value), 2) as avg_value from impressions as i
         inner join customers as c on c.customer_email = i.user_email group by c.loyalty_tier"
     """
@@ -112,7 +112,7 @@ def query_run(collab: str, party: str | None, credentials_path: Path | None, fmt
         print_answer(collab, done.member, done.answer, fmt)
         return
     if not party:
-        raise click.UsageError("missing option '--as' (the operator, for a member) or '--credentials FILE' (a member's own login)")
+        raise click.UsageError("missing option '--member' (the operator, for a member) or '--credentials FILE' (a member's own login)")
     runtime = _runtime()
     loaded = _collaboration(runtime, collab)  # a policy mistake or unknown name stops here, exit 2
     _known_member(loaded, party)

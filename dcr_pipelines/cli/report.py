@@ -10,12 +10,12 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ._common import _collaboration, _instance, _print_overlap, _runtime, err, fail, main, out
+from ._common import _collaboration, _instance, _print_overlap, _runtime, err, fail, main, member_option, out
 
 
 @main.command()
 @click.argument("collab")
-@click.option("--consumer", help="Only this consumer's budget.")
+@member_option("Only this member's budget (the consumer that spends it).", param="consumer")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`): "
               "that member's own budget; or set DCR_MEMBER_URL.")
@@ -24,14 +24,14 @@ def budget(collab: str, consumer: str | None, fmt: str, credentials_path: Path |
 
     \b
     Example:
-      dcr budget demo --consumer ad_network
+      dcr budget demo --member ad_network
     """
     from .member import ask, credentials
 
     creds = credentials(credentials_path)
     if creds:
         if consumer:
-            fail("--consumer is the operator's: a member login sees its own budget only", 2)
+            fail("--member is the operator's: a member login sees its own budget only", 2)
         report = ask(creds, collab, "budget", {}).answer
     else:
         from ..lib.database import connect
@@ -69,7 +69,7 @@ def budget(collab: str, consumer: str | None, fmt: str, credentials_path: Path |
 @click.argument("collab")
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), help="Only entries at or after this date (UTC).")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
-@click.option("--party", help="Only entries that touch this member's data (what a party may export).")
+@member_option("Only entries that touch this member's data (what a party may export).", param="party")
 @click.option("--verify", is_flag=True, help="Check the audit chain against the tables members read and the event log; exit 1 on any problem.")
 @click.option("--anchor", "anchors", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="With --verify: a chain head a party saved (the .anchor.json next to every export); repeatable.")
@@ -85,7 +85,7 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, an
     \b
     Examples:
       dcr audit demo --since 2026-11-01 --format jsonl > audit.jsonl
-      dcr audit demo --party retailer --format csv
+      dcr audit demo --member retailer --format csv
       dcr audit demo --verify --anchor exports/demo/retailer/campaign_reach/<release>.anchor.json
       dcr audit demo --head > demo-head.json
     """
@@ -178,7 +178,7 @@ def overlap(collab: str, fmt: str) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder to write index.html, charts and the chain head into.")
 @click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="Your credentials file (`dcr member add`): "
               "your own report, through your login; or set DCR_MEMBER_URL.")
-@click.option("--as", "member", help="The operator, writing the report of a member: it shows only what this member may see.")
+@member_option("The operator, writing the report of a member: it shows only what this member may see.")
 def member_report(collab: str, out_dir: Path, credentials_path: Path | None, member: str | None) -> None:
     """Write a member's own report of COLLAB as a static HTML page: its releases with charts and intervals, its budget,
     every query over its data (runner and SQL), its uploads and their validation, and the audit chain head to keep.
@@ -186,14 +186,14 @@ def member_report(collab: str, out_dir: Path, credentials_path: Path | None, mem
     \b
     Examples:
       dcr report demo --credentials retailer.json --out reports/retailer
-      dcr report demo --as retailer --out reports/retailer
+      dcr report demo --member retailer --out reports/retailer
     """
     from .member import credentials, refuse_as
 
     creds = credentials(credentials_path)
     refuse_as(member, creds)
     if not creds and not member:
-        raise click.UsageError("missing option '--credentials FILE' (a member's own login) or '--as' (the operator, for a member)")
+        raise click.UsageError("missing option '--credentials FILE' (a member's own login) or '--member' (the operator, for a member)")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "index.html").is_file():
         fail(f"{out_dir} has files that are not a report; give an empty or new folder (nothing was written)", 2)
     if creds:

@@ -6,7 +6,7 @@ import click
 from rich.table import Table
 
 from ..lib.text import plural
-from ._common import _collaboration, _instance, _runtime, fail, main, out
+from ._common import _collaboration, _instance, _runtime, fail, main, member_option, out
 
 
 @main.group()
@@ -16,7 +16,7 @@ def uploads() -> None:
 
 @uploads.command("list")
 @click.argument("collab")
-@click.option("--party", help="Only this party's uploads.")
+@member_option("Only this member's uploads.", param="party")
 @click.option("--dataset", help="Only this dataset's uploads.")
 @click.option("--limit", default=50, show_default=True, help="The newest N uploads.")
 def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int) -> None:

@@ -76,7 +76,7 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         config = AdHocConfig(runner=runner, sql=sql_text)
         if not config.runner.strip() or not config.sql.strip():  # launched without a request (e.g. from the UI): nothing to check or chain
             yield refusal(context, "query refused, nothing ran or was charged: an ad-hoc run needs a request, config {runner: MEMBER, sql: \"SELECT ...\"}; "
-                          "use `dcr query run COLLAB --as MEMBER \"SQL\"`", rule="request")
+                          "use `dcr query run COLLAB --member MEMBER \"SQL\"`", rule="request")
             return
         digest = adhoc.query_sha256(config.sql)
         try:

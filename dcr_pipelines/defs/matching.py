@@ -154,7 +154,7 @@ def _home_inputs(loaded: LoadedCollaboration, landing: Path) -> dict[str, home_p
         if not found:
             raise WaitingForParty(
                 [party],
-                f"waiting for {party}'s PSI setup message: {party} runs `dcr psi prepare {c} --party {party} ...` on its own machine "
+                f"waiting for {party}'s PSI setup message: {party} runs `dcr psi prepare {c} --member {party} ...` on its own machine "
                 f"and puts {party}-setup{home_psi.SUFFIX} into {folder}",
             )
         try:
@@ -179,7 +179,7 @@ def _home_matches(
                 home_psi.write_message(request_path, home_psi.client_request(c, party, client_input.identifiers, pairing_key))
             parties.append(party)
             waiting.append(
-                f"{party}: give it {request_path}; it runs `dcr psi respond {c} --party {party} --key KEYFILE --request {request_path.name}` "
+                f"{party}: give it {request_path}; it runs `dcr psi respond {c} --member {party} --key KEYFILE --request {request_path.name}` "
                 f"at home and puts the answer into {response_path.parent}/"
             )
             continue

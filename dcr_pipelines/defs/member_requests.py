@@ -191,7 +191,7 @@ def _approve(conn: Any, loaded: LoadedCollaboration, request: member_requests.Re
 
 
 def _report(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, request: member_requests.Request) -> None:
-    """The member's own report (what `dcr report --as` writes for it), its files in the answer for its client to write."""
+    """The member's own report (what `dcr report --member` writes for it), its files in the answer for its client to write."""
     import base64
 
     from ..lib import member_report as page

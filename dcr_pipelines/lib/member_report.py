@@ -1,5 +1,5 @@
 """A member's report as a static HTML page: its releases with charts and intervals, its budget, every query over
-its data, its uploads, and the audit chain's head to keep (`dcr report COLLAB --as MEMBER --out DIR`)."""
+its data, its uploads, and the audit chain's head to keep (`dcr report COLLAB --member MEMBER --out DIR`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""What one member of a collaboration may see of it, gathered for its report (`dcr report --as MEMBER`).
+"""What one member of a collaboration may see of it, gathered for its report (`dcr report --member MEMBER`).
 
 Only what the member is entitled to: the releases it receives, its own budget and who
-spends on its data, the audit entries that touch its data (as `dcr audit --party`
+spends on its data, the audit entries that touch its data (as `dcr audit --member`
 exports them: other parties' row counts redacted), its own uploads, and the audit
 chain's head to keep. Nothing of another party's uploads or of releases it does not receive.
 """

@@ -59,21 +59,21 @@ def test_dry_run_shows_the_epsilon_the_release_would_cost(runtime) -> None:  # t
 def test_query_check_prints_ok_and_the_rules_or_one_refusal_line() -> None:
     sql_text = ("select c.loyalty_tier, count(distinct c.customer_email) as buyers from impressions as i "
                 "inner join customers as c on c.customer_email = i.user_email group by 1")
-    proc = run("query", "check", "demo", "--as", "ad_network", sql_text)
+    proc = run("query", "check", "demo", "--member", "ad_network", sql_text)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok\n") and "customers (retailer, differential_privacy rule)" in proc.stdout
     assert "mode: differential privacy; costs epsilon 1 of ad_network's budget" in proc.stdout
     assert "groups: every combination of the keys' public domains (3)" in proc.stdout
-    proc = run("query", "check", "demo", "--as", "ad_network", "select loyalty_tier, count(*) from customers group by 1")
+    proc = run("query", "check", "demo", "--member", "ad_network", "select loyalty_tier, count(*) from customers group by 1")
     assert proc.returncode == 1
     assert proc.stderr == ("error: table customers requires an inner join with a table of the query runner (ad_network) "
                            "(differential_privacy rule, join_required)\n")
-    proc = run("query", "check", "nope", "--as", "ad_network", "select 1")
+    proc = run("query", "check", "nope", "--member", "ad_network", "select 1")
     assert proc.returncode == 2 and "no collaboration 'nope'" in proc.stderr
 
 
 def test_query_run_refuses_through_dagster_with_the_rule(runtime) -> None:  # type: ignore[no-untyped-def]
-    proc = run("query", "run", "demo", "--as", "ad_network", "select * from impressions")
+    proc = run("query", "run", "demo", "--member", "ad_network", "select * from impressions")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: query refused: SELECT * is not allowed: name the dimensions and aggregates to output (select *)"
 
@@ -113,7 +113,7 @@ def test_a_refused_upload_prints_one_error_line_and_keeps_the_original(runtime, 
 
 USAGE_MISTAKES = [
     (["audit", "demo", "--since", "yesterday"], "audit", "invalid value for '--since': 'yesterday'"),
-    (["query", "run", "demo", "select 1"], "query run", "missing option '--as'"),
+    (["query", "run", "demo", "select 1"], "query run", "missing option '--member'"),
     (["release", "demo", "campaign_reach", "--no-such-flag"], "release", "no such option '--no-such-flag'"),
     (["budget"], "budget", "missing argument 'COLLAB'"),
     (["db", "roles", "demo", "--format", "xml"], "db roles", "invalid value for '--format': 'xml' is not one of 'table', 'json'"),
@@ -133,9 +133,9 @@ def test_a_usage_mistake_is_one_error_line_with_exit_code_2(args: list[str], com
 
 @pytest.mark.parametrize("command", ["check", "run"])
 def test_an_unknown_member_is_a_usage_mistake_naming_the_members(runtime, command: str) -> None:  # type: ignore[no-untyped-def]
-    proc = run("query", command, "demo", "--as", "nobody", "select campaign_id, count(*) from impressions group by 1")
+    proc = run("query", command, "demo", "--member", "nobody", "select campaign_id, count(*) from impressions group by 1")
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == "error: demo has no member 'nobody' (members: retailer, ad_network); give one of them with --as\n"
+    assert proc.stderr == "error: demo has no member 'nobody' (members: retailer, ad_network); give one of them with --member\n"
 
 
 def _home_copy(root: Path, name: str, overlap_release: str) -> None:

@@ -103,7 +103,7 @@ def test_concurrent_releases_each_answer_their_own_request(ctx: dict[str, Any]) 
     adhoc = f"select c.loyalty_tier, count(distinct c.customer_email) as buyers {JOIN} group by 1"
     procs = [("tier_reach", s, _start(ctx["env"], "release", COLLAB, "tier_reach", "--param", f"since={s}", "--format", "json")) for s in tiers]
     procs += [("campaign_reach", s, _start(ctx["env"], "release", COLLAB, "campaign_reach", "--param", f"since={s}", "--format", "json")) for s in reach]
-    procs += [("ad_hoc", "", _start(ctx["env"], "query", "run", COLLAB, "--as", "ad_network", "--format", "json", adhoc)) for _ in range(2)]
+    procs += [("ad_hoc", "", _start(ctx["env"], "query", "run", COLLAB, "--member", "ad_network", "--format", "json", adhoc)) for _ in range(2)]
     answers: dict[str, list[tuple[str, dict[str, Any] | None, str]]] = {"tier_reach": [], "campaign_reach": [], "ad_hoc": []}
     for name, since, proc in procs:
         code, out, err = _finish(proc)
@@ -149,7 +149,7 @@ def test_concurrent_ad_hoc_runs_all_land_in_the_one_run_storage_and_the_audit_ma
     stamp = config.stat().st_mtime_ns if config is not None and config.is_file() else None
     queries = [f"select i.campaign_id, count(*) as n from impressions as i where i.impression_time >= '2026-0{1 + k % 6}-{1 + k:02d}' group by 1"
                for k in range(20)]
-    procs = [_start(ctx["env"], "query", "run", COLLAB, "--as", "ad_network", "--format", "json", q) for q in queries]
+    procs = [_start(ctx["env"], "query", "run", COLLAB, "--member", "ad_network", "--format", "json", q) for q in queries]
     run_ids = []
     for proc in procs:
         code, out, err = _finish(proc)

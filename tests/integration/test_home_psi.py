@@ -82,7 +82,7 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     key = party_machine / "ad_network.key"
     _cli("psi", "keygen", "--out", str(key))
     outbox = party_machine / "outbox"
-    printed = _cli("psi", "prepare", COLLAB, "--party", "ad_network", "--key", str(key), "--policies", str(root),
+    printed = _cli("psi", "prepare", COLLAB, "--member", "ad_network", "--key", str(key), "--policies", str(root),
                    "--dataset", f"impressions={files.impressions}", "--out", str(outbox))
     assert "impressions: 1,500 of 1,500 rows tokenised" in printed
     upload = settings.landing / COLLAB / "ad_network" / "impressions" / "impressions.csv"
@@ -99,7 +99,7 @@ def ctx(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  #
     requests = sorted((settings.exports / COLLAB / "ad_network" / "psi").glob("*request*.dcrpsi"))
     ctx["requests"] = requests
     if requests:
-        _cli("psi", "respond", COLLAB, "--party", "ad_network", "--key", str(key), "--request", str(requests[-1]), "--out", str(outbox))
+        _cli("psi", "respond", COLLAB, "--member", "ad_network", "--key", str(key), "--request", str(requests[-1]), "--out", str(outbox))
         for answer in outbox.glob("*response*.dcrpsi"):
             shutil.copyfile(answer, psi_folder / answer.name)
     ctx["second"] = _run(ctx)
@@ -240,14 +240,14 @@ def test_a_tampered_answer_is_refused_and_the_cross_reference_is_kept(ctx: dict[
 
 def test_the_psi_commands_refuse_bad_input_with_one_line(ctx: dict[str, Any], tmp_path: Path) -> None:
     root = str(ctx["settings"].policies)
-    out = _cli("psi", "prepare", COLLAB, "--party", "retailer", "--key", str(ctx["key"]), "--policies", root,
+    out = _cli("psi", "prepare", COLLAB, "--member", "retailer", "--key", str(ctx["key"]), "--policies", root,
                "--dataset", f"purchases={ctx['files'].purchases}", "--out", str(tmp_path), code=2)
     assert "'retailer' is not listed in matching.home_parties of homepsi" in out
     bad = tmp_path / "request.dcrpsi"
     data = bytearray(ctx["requests"][0].read_bytes())
     data[-3] ^= 0xFF
     bad.write_bytes(bytes(data))
-    out = _cli("psi", "respond", COLLAB, "--party", "ad_network", "--key", str(ctx["key"]), "--request", str(bad), "--out", str(tmp_path), code=2)
+    out = _cli("psi", "respond", COLLAB, "--member", "ad_network", "--key", str(ctx["key"]), "--request", str(bad), "--out", str(tmp_path), code=2)
     assert "request.dcrpsi: the body does not match its checksum" in out
     out = _cli("psi", "keygen", "--out", str(ctx["key"]), code=2)
     assert "exists; keys are not overwritten" in out

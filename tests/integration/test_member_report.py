@@ -1,4 +1,4 @@
-"""`dcr report COLLAB --as MEMBER`: one member's own static page, with only what that member may see."""
+"""`dcr report COLLAB --member MEMBER`: one member's own static page, with only what that member may see."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def _report(e2e: dict[str, Any], member: str, out: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DCR_POLICIES": str(e2e["root"])}
-    return subprocess.run([*DCR, "report", COLLAB, "--as", member, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run([*DCR, "report", COLLAB, "--member", member, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -135,8 +135,8 @@ def test_a_refusal_and_a_wrong_member_are_one_error_line(deployment: dict[str, A
     asked = member_dcr(deployment, "release", C, "campaign_reach", "--credentials", str(deployment["files"]["ad_network"]), "--format", "json")
     assert asked.returncode == 0, asked.stderr
     assert json.loads(asked.stdout)["rows"]
-    with_as = member_dcr(deployment, "query", "run", C, "--credentials", retailer, "--as", "ad_network", EXACT_SQL)
-    assert with_as.returncode == 2 and "drop --as" in with_as.stderr
+    with_as = member_dcr(deployment, "query", "run", C, "--credentials", retailer, "--member", "ad_network", EXACT_SQL)
+    assert with_as.returncode == 2 and "drop --member" in with_as.stderr
     other = member_dcr(deployment, "budget", "demo", "--credentials", retailer)
     assert other.returncode == 2 and "not of demo" in other.stderr
 
@@ -158,14 +158,14 @@ def _one_error(done: subprocess.CompletedProcess[str], code: int, *needles: str)
 
 
 def test_only_an_approval_made_through_the_members_own_login_counts(deployment: dict[str, Any]) -> None:
-    """Every other way to an approval fails: the operator's --as, the files edited by hand, a copy the member did not
+    """Every other way to an approval fails: the operator's --member, the files edited by hand, a copy the member did not
     review, one member's approval standing for another's, an audit entry written by the operator; a loosening of what
     a member approved stops ad-hoc queries too, a tightening does not."""
     from dcr_pipelines.lib.policy.approve import approve_all
     from dcr_pipelines.store import audit_chain
 
     operator, policy, reviewed = deployment["operator"], deployment["policy"], deployment["reviewed"]
-    _one_error(operator("policy", "approve", C, "--as", "retailer"), 2, "approves only through it")
+    _one_error(operator("policy", "approve", C, "--member", "retailer"), 2, "approves only through it")
     sql_file, spec_file = policy / "queries" / "campaign_reach.sql", policy / "collaboration.yaml"
     original_sql, original_spec = sql_file.read_text(), spec_file.read_text()
     try:
@@ -195,7 +195,7 @@ def test_only_an_approval_made_through_the_members_own_login_counts(deployment: 
         for epsilon, refused in (("40.0", True), ("19.0", False)):
             spec_file.write_text(original_spec.replace("    epsilon: 20.0", f"    epsilon: {epsilon}"))
             approve_all(policy)
-            asked = operator("query", "run", C, "--as", "ad_network", DP_SQL)
+            asked = operator("query", "run", C, "--member", "ad_network", DP_SQL)
             if refused:
                 _one_error(asked, 1, "approved through its login", "the epsilon of ad_network's budget goes from 20.0 to 40.0")
             else:
@@ -221,14 +221,14 @@ def test_a_member_reads_its_report_and_plans_a_release_through_its_login(deploym
     home = deployment["home"]
     mine = member_dcr(deployment, "report", C, "--credentials", ad_network, "--out", str(home / "report_login"))
     assert mine.returncode == 0, mine.stderr
-    operators = deployment["operator"]("report", C, "--as", "ad_network", "--out", str(home / "report_operator"))
+    operators = deployment["operator"]("report", C, "--member", "ad_network", "--out", str(home / "report_operator"))
     assert operators.returncode == 0, operators.stderr
     files = sorted(str(p.relative_to(home / "report_login")) for p in (home / "report_login").rglob("*") if p.is_file())
     assert "index.html" in files and files == sorted(str(p.relative_to(home / "report_operator"))
                                                     for p in (home / "report_operator").rglob("*") if p.is_file())
     page = (home / "report_login" / "index.html").read_text()
     assert "campaign_reach" in page and "ad_network" in page
-    _one_error(member_dcr(deployment, "report", C, "--credentials", ad_network, "--as", "retailer", "--out", str(home / "r3")), 2, "drop --as")
+    _one_error(member_dcr(deployment, "report", C, "--credentials", ad_network, "--member", "retailer", "--out", str(home / "r3")), 2, "drop --member")
 
 
 def test_an_answerer_killed_at_any_instant_leaves_no_request_waiting_and_charges_at_most_once(deployment: dict[str, Any]) -> None:
@@ -432,7 +432,7 @@ def test_a_revoked_login_is_out_at_once(deployment: dict[str, Any]) -> None:
     try:
         spec_file.write_text(original.replace("    epsilon: 20.0", "    epsilon: 40.0"))
         approve_all(deployment["policy"])  # the operator may write retailer's approval now (no login): it does not count
-        asked = deployment["operator"]("query", "run", C, "--as", "ad_network", DP_SQL)
+        asked = deployment["operator"]("query", "run", C, "--member", "ad_network", DP_SQL)
         _one_error(asked, 1, "loosens what retailer approved through its login")
     finally:
         spec_file.write_text(original)

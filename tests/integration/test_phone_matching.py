@@ -96,7 +96,7 @@ def test_numbers_written_every_way_match_as_the_numbering_plan_says(tmp_path: Pa
             "rejected_phone_invalid_characters": 1, "rejected_phone_invalid_length": 1, "rejected_phone_invalid_country_code": 1}
         # Each party's report shows its own identifiers' quality, and not the other's.
         for member, own, other in (("bank", "accounts", "subscribers"), ("telecom", "subscribers", "accounts")):
-            written = dcr("report", "phones", "--as", member, "--out", str(tmp_path / member))
+            written = dcr("report", "phones", "--member", member, "--out", str(tmp_path / member))
             assert written.returncode == 0, written.stderr
             page = (tmp_path / member / "index.html").read_text()
             assert f"<td>{own}</td>" in page and f"<td>{other}</td>" not in page

@@ -78,6 +78,12 @@ def test_pairwise_and_all_party_overlaps_equal_pandas(tmp_path: Path) -> None:
         overlap = dcr("overlap", "three_parties", "--format", "json")
         assert overlap.returncode == 0, overlap.stderr
         assert json.loads(overlap.stdout)["releases"][0]["matched_people"] == len(all_three)
+        # the airline's audit export: no overlap of the bank and the telecom, no per-kind links, no other party's records
+        audit = dcr("audit", "three_parties", "--member", "airline", "--format", "jsonl")
+        assert audit.returncode == 0, audit.stderr
+        assert '"matched_all"' in audit.stdout  # the exact all-party overlap, as the policy releases it
+        for hidden in ("matched__bank__telecom", "linked_", "input_records_bank", "input_records_telecom", "bytes_exchanged"):
+            assert hidden not in audit.stdout, hidden
         # nothing changed: a second run matches nothing again and keeps the match_ids
         again = dcr("run", "three_parties")
         assert again.returncode == 0, again.stderr

@@ -97,7 +97,7 @@ def test_the_ui_shows_lineage_released_tables_automation_and_refusals_as_green_r
 
     demo = _dcr("demo", "--rows", "2000")
     assert demo.returncode == 0, demo.stderr
-    refused = _dcr("query", "run", "demo", "--as", "ad_network", "select * from customers")
+    refused = _dcr("query", "run", "demo", "--member", "ad_network", "select * from customers")
     assert refused.returncode == 1 and refused.stderr.startswith("error: query refused:"), refused.stderr
     instance = dg.DagsterInstance.get()
     (refused_run,) = instance.get_runs(dg.RunsFilter(job_name="demo__ad_hoc"), limit=1)

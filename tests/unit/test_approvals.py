@@ -69,7 +69,7 @@ def test_loosening_a_protection_needs_the_owners_new_approval(demo: Path, old: s
     issues = [i for i in _issues(demo) if "loosens what" in i]
     assert issues and all(f": {field}" in i for i in issues), issues
     assert {i.split("loosens what ")[1].split(" approved")[0] for i in issues} == parties
-    assert all(i.startswith(f"{demo / 'collaboration.yaml'}:") and "dcr policy approve demo --as" in i for i in issues)
+    assert all(i.startswith(f"{demo / 'collaboration.yaml'}:") and "dcr policy approve demo --member" in i for i in issues)
     for party in parties:
         approve(demo, party)
     assert _issues(demo) == []

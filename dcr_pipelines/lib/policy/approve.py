@@ -1,4 +1,4 @@
-"""`dcr policy approve COLLAB --as MEMBER`: write a party's approvals into its collaboration folder.
+"""`dcr policy approve COLLAB --member MEMBER`: write a party's approvals into its collaboration folder.
 
 The party approves the current hash of every query (``approvals:`` in
 ``collaboration.yaml``, edited in place: comments and layout stay) and the

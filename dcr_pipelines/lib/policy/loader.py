@@ -778,7 +778,7 @@ def _check_protections(collab: Collaboration, folder: Path, issue: Any) -> None:
     former = [m for m in collab.members if m not in owners and protections.snapshot_path(folder, m).is_file()]
     for party in [*owners, *former]:
         path = protections.snapshot_path(folder, party)
-        command = f"dcr policy approve {collab.name} --as {party}"
+        command = f"dcr policy approve {collab.name} --member {party}"
         current = protections.document(collab, party)
         if not path.is_file():
             issue(("members", party), f"{party} has not approved what protects its data ({protections.FOLDER}/{party}.json is missing); "
@@ -810,7 +810,7 @@ def _approval_issues(query: ApprovedQuery, collab: Collaboration, data: Any, col
             why = f"reads {owner}'s data" if reads else f"joins through the cross-reference, which {owner}'s identities feed"
             issues.append(PolicyIssue(collab_path, line, column, f"approvals.{query.name}",
                                       f"query {query.name!r} {why} but {owner} has not approved it; approve sha256 {query.sha256} "
-                                      f"(`dcr policy approve {collab.name} --as {owner}`)"))
+                                      f"(`dcr policy approve {collab.name} --member {owner}`)"))
         elif approved[owner] != query.sha256:
             index = [a.member for a in collab.approvals[query.name]].index(owner)
             line, column = locate(data, ("approvals", query.name, index, "sha256"))

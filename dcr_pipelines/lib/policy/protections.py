@@ -5,7 +5,7 @@ document*: everything in ``collaboration.yaml`` that decides how its data
 can be exposed — who the members are and what they may do, its datasets'
 shared columns, column roles, row filters and analysis rules, every budget,
 how the overlap is released, padding, difference checks and the ad-hoc cap.
-``dcr policy approve COLLAB --as PARTY`` keeps the approved document in
+``dcr policy approve COLLAB --member PARTY`` keeps the approved document in
 ``protections/<party>.json`` beside ``collaboration.yaml``.
 
 A later policy may tighten any of it without a new approval; a change that

@@ -101,7 +101,7 @@ def collaboration_yaml(name: str, parties: list[str], digest: str) -> str:
     consumer = parties[0]
     return f"""# The collaboration {name}: every organisation, its data and what may be asked of it. Written by
 # `dcr policy new`; edit it, run `dcr policy check`, and have every party approve the result
-# (`dcr policy approve {name} --as <party>`). Field reference: docs/policy-reference.md.
+# (`dcr policy approve {name} --member <party>`). Field reference: docs/policy-reference.md.
 name: {name}                         # must equal the folder name
 description: What {', '.join(parties)} want to learn together; replace this line.   # free text, shown in the UI
 
@@ -132,7 +132,7 @@ budgets:                             # privacy budget of each member that runs q
     delta: 1.0e-5                    # only DP key selection spends delta (ad-hoc groups without a public domain)
     period_days: 30                  # rolling window; remove for a budget that never refreshes
 
-approvals:                           # written by `dcr policy approve {name} --as <party>` (again after every change
+approvals:                           # written by `dcr policy approve {name} --member <party>` (again after every change
                                      # of a query): each party's approval of each query's sha256
 {_approvals(parties, digest)}
 
