@@ -136,32 +136,40 @@ Node = tuple[str, int]  # (party, index of one of its records)
 
 
 class _Groups:
-    """Union-find over records, with the parties each group holds."""
+    """Union-find over records (a record is its own group until it joins one), with the parties each group holds."""
 
     def __init__(self) -> None:
         self.parent: dict[Node, Node] = {}
-        self.held: dict[Node, frozenset[str]] = {}
+        self._held: dict[Node, frozenset[str]] = {}
 
-    def add(self, node: Node) -> None:
-        self.parent[node] = node
-        self.held[node] = frozenset((node[0],))
+    def held(self, root: Node) -> frozenset[str]:
+        return self._held.get(root) or frozenset((root[0],))
+
+    def joined(self, root: Node) -> frozenset[str]:
+        """The parties of a group that was joined (empty for a record still alone)."""
+        return self._held.get(root, frozenset())
 
     def find(self, node: Node) -> Node:
+        parent = self.parent
         root = node
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[node] != root:
-            self.parent[node], node = root, self.parent[node]
+        while (up := parent.get(root, root)) != root:
+            root = up
+        while node != root:
+            node, parent[node] = parent[node], root
         return root
 
     def union(self, a: Node, b: Node, only_disjoint: bool = False) -> None:
         """Join the groups of ``a`` and ``b``; with ``only_disjoint``, only if no party has records in both."""
         ra, rb = self.find(a), self.find(b)
-        if ra == rb or (only_disjoint and self.held[ra] & self.held[rb]):
+        if ra == rb:
+            return
+        held_a, held_b = self.held(ra), self.held(rb)
+        if only_disjoint and held_a & held_b:
             return
         low, high = min(ra, rb), max(ra, rb)  # deterministic roots
         self.parent[high] = low
-        self.held[low] |= self.held.pop(high)
+        self._held.pop(high, None)
+        self._held[low] = held_a | held_b
 
 
 def resolve(subset: Sequence[str], records: Mapping[str, PartyRecords], links: Mapping[tuple[str, str, str], Sequence[tuple[str, str]]],
@@ -179,14 +187,13 @@ def resolve(subset: Sequence[str], records: Mapping[str, PartyRecords], links: M
     holding: dict[tuple[str, int, str], list[int]] = defaultdict(list)  # (party, kind, token) -> its records
     for party in subset:
         for index, record in enumerate(records[party].records):
-            groups.add((party, index))
             for kind in range(len(kinds)):
                 if (token := record[2 * kind]) is not None:
                     holding[(party, kind, token)].append(index)
     for kind, name in enumerate(kinds):
         edges: list[tuple[tuple[int, int, str, str], Node, Node]] = []
         for (party, k, token), held in holding.items():
-            if k == kind:
+            if k == kind and len(held) > 1:
                 edges.extend(((order[party], order[party], token, token), (party, held[0]), (party, other)) for other in held[1:])
         for (x, y, link_kind), found in links.items():
             if link_kind == name and x in members and y in members:
@@ -196,8 +203,11 @@ def resolve(subset: Sequence[str], records: Mapping[str, PartyRecords], links: M
         for _, a, b in sorted(edges) if only_disjoint else edges:
             groups.union(a, b, only_disjoint)
     people: dict[Node, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for node in groups.parent:
-        people[groups.find(node)][node[0]].append(node[1])
+    for party in subset:
+        for index in range(len(records[party].records)):
+            root = groups.find((party, index))
+            if members <= groups.joined(root):  # a set of two or more parties: a record alone is no shared person
+                people[root][party].append(index)
     rows: list[tuple[str | int, ...]] = []
     out_links: list[tuple[str, ...]] = []
     for held_by in people.values():
