@@ -18,10 +18,19 @@ from .common import AdHocConfig, audit_metadata
 from .member_requests import relay
 from .resources import WarehouseResource
 
+OUTCOME_TAG = "dcr/outcome"
+
+
+def tag_outcome(context: dg.AssetExecutionContext, outcome: str, rule: str | None = None) -> None:
+    """Mark the run with an expected outcome that is not a success (refused, waiting): Dagster's runs list shows and filters run tags."""
+    context.instance.add_run_tags(context.run.run_id, {OUTCOME_TAG: outcome, **({"dcr/refused_by": rule} if rule else {})})
+
 
 def refusal(context: dg.AssetExecutionContext, message: str, *, rule: str, **details: Any) -> dg.AssetObservation:
-    """An expected outcome, recorded as what it is: an observation naming the rule (the run stays green; `dcr` reports it)."""
+    """An expected outcome, recorded as what it is: an observation naming the rule (the run stays green; `dcr` reports it),
+    and the run tagged ``dcr/outcome: refused`` (with ``dcr/refused_by``) so the runs list tells it from an answered one."""
     context.log.warning(message)
+    tag_outcome(context, "refused", rule)
     return dg.AssetObservation(
         asset_key=context.asset_key,
         description=message,

@@ -14,6 +14,7 @@ from ..services.release import release_overlap
 from ..store import approvals as store_approvals
 from ..store import builder, ledger, open_connection
 from ..store import matching as store_matching
+from .ad_hoc import tag_outcome
 from .common import PSI_FOLDER, _audit_metadata, landing_folder
 from .resources import SecretsResource, WarehouseResource
 
@@ -224,6 +225,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
                 result = _cross_reference(context, warehouse, secrets)
             except WaitingForParty as wait:
                 context.log.info(f"{wait} The {c}__psi_answers sensor launches the pipeline when the file lands.")
+                tag_outcome(context, "waiting")
                 yield dg.AssetObservation(asset_key=context.asset_key, description=str(wait),
                                           metadata={"outcome": "waiting", "message": str(wait), "waiting_for": ", ".join(wait.parties)})
                 return

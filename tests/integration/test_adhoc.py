@@ -188,6 +188,7 @@ def test_refused_queries_name_the_rule_are_logged_and_are_not_failed_runs(collab
     # An expected outcome: a green run of the collaboration's ad-hoc job, nothing materialized.
     run = dg.DagsterInstance.get().get_run_by_id(outcome.run_id)
     assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS and run.job_name == f"{COLLAB}__ad_hoc"
+    assert run.tags.get("dcr/outcome") == "refused" and run.tags.get("dcr/refused_by"), run.tags  # the runs list tells it apart
     assert not outcome.metadata
 
 

@@ -132,6 +132,7 @@ def test_waiting_for_the_home_party_is_a_green_run_with_an_observation(ctx: dict
     instance = dg.DagsterInstance.get()
     run = instance.get_run_by_id(ctx["first"].run_id)
     assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
+    assert run.tags.get("dcr/outcome") == "waiting"  # the runs list shows it waits (not done, not failed)
     observed = instance.fetch_observations(dg.AssetKey(naming.cross_reference_key(COLLAB)), limit=50).records
     waits = [r for r in observed if r.run_id == ctx["first"].run_id]
     assert waits and waits[0].asset_observation.metadata["outcome"].value == "waiting"
