@@ -247,4 +247,7 @@ def ui(port: int, host: str) -> None:
     os.chdir(PROJECT_ROOT)
     if (PROJECT_ROOT / ".env").is_file() and runtime.settings.home.resolve().is_relative_to(PROJECT_ROOT):
         os.environ.pop("DAGSTER_HOME", None)  # .env names it (see record_in_dotenv); exported too, `dagster dev` warns about dagster.yaml
-    os.execv(str(dg_bin), [str(dg_bin), "dev", "--host", host, "--port", str(port)])  # noqa: S606 (our own dg, fixed arguments)
+    from ..lib.processes import run_process_tree
+
+    # not exec: dg dev leaves its webserver, daemon and code servers behind on SIGTERM; this process stops them all
+    sys.exit(run_process_tree([str(dg_bin), "dev", "--host", host, "--port", str(port)]))
