@@ -437,7 +437,7 @@ def _execute_dp(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: 
             _insert(conn, loaded, checked, run_id, text, columns, rows, mode="dp", epsilon=noise.epsilon, release_id=release_id)
 
         try:
-            stored = ledger.release(
+            stored = ledger.charge_release(
                 conn, schema, collaboration=c, query_name=results_table(checked.runner), budget=budget, key=key,
                 params={"epsilon": repr(checked.dp.epsilon)}, input_versions=versions, cost=noise.epsilon, delta=noise.delta,
                 draw=draw, store_rows=store_rows, receivers=(checked.runner,), query_sha256=query_sha256(text), run_id=run_id,

@@ -53,7 +53,7 @@ class DryRun:
 
     @property
     def fits(self) -> bool:
-        """The same test the release itself makes (store/ledger.release), before it draws any noise."""
+        """The same test the release itself makes (store/ledger.charge_release), before it draws any noise."""
         return self.epsilon <= self.status.remaining + 1e-12 and (self.delta == 0 or self.delta <= self.status.delta_remaining + 1e-18)
 
     @property

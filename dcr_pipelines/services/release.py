@@ -200,7 +200,7 @@ def release_query(
     # Pre-noise values are read before the ledger transaction: a failure here has drawn no noise.
     cells = _cells(conn, loaded, query, columns, request)
     epsilon, delta = release_cost(plans, selection)
-    stored = ledger.release(
+    stored = ledger.charge_release(
         conn,
         schema,
         collaboration=loaded.name,
@@ -286,7 +286,7 @@ def _release_thresholded(
     schema = naming.results_schema(loaded.name)
     ledger.ensure_tables(conn, schema)
     budget = next((b for b in loaded.collaboration.budgets if b.consumer == spec.consumer), None)
-    stored = ledger.release(
+    stored = ledger.charge_release(
         conn,
         schema,
         collaboration=loaded.name,
@@ -344,7 +344,7 @@ def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, match
         access.grant_results(conn, loaded, access.OVERLAP)
 
     versions = {"cross_reference": input_digest}
-    return ledger.release(
+    return ledger.charge_release(
         conn,
         schema,
         collaboration=loaded.name,

@@ -110,7 +110,7 @@ def budget_status(conn: psycopg.Connection, schema: str, budget: Budget, now: dt
     return BudgetStatus(budget.consumer, budget.epsilon, spent, budget.period_days, refreshes, budget.delta, delta_spent)
 
 
-def release(
+def charge_release(
     conn: psycopg.Connection,
     schema: str,
     *,

@@ -14,7 +14,7 @@ from dcr_pipelines.store import ledger
 
 def _release(url: str, schema: str, budget: Budget, cost: float, key: str | None = None) -> ledger.StoredRelease:
     with psycopg.connect(url, autocommit=True) as conn:
-        return ledger.release(
+        return ledger.charge_release(
             conn, schema, collaboration="budgettest", query_name="q", budget=budget,
             key=key or uuid.uuid4().hex, params={}, input_versions={}, cost=cost,
             draw=lambda: [{"metric": "m", "value": 1.0}], store_rows=lambda *_: None,
@@ -85,7 +85,7 @@ def test_a_failure_after_noise_is_drawn_stores_nothing_but_is_charged_with_a_gen
         raise OverflowError("value 1e308 of cell (north, spring_sale) overflowed")
 
     with psycopg.connect(url, autocommit=True) as conn, pytest.raises(ledger.ReleaseFailed) as info:
-        ledger.release(conn, schema, collaboration="budgettest", query_name="q", budget=budget, key="k", params={},
+        ledger.charge_release(conn, schema, collaboration="budgettest", query_name="q", budget=budget, key="k", params={},
                        input_versions={}, cost=1.0, draw=lambda: [{"v": 1}], store_rows=broken_store)
     message = str(info.value)
     assert "charged epsilon 1" in message and "reference" in message
@@ -99,5 +99,5 @@ def test_a_failure_after_noise_is_drawn_stores_nothing_but_is_charged_with_a_gen
 def test_a_delta_cost_needs_a_delta_budget(runtime, schema: str) -> None:  # type: ignore[no-untyped-def]
     url = runtime.warehouse.url()
     with pytest.raises(ledger.BudgetExhausted, match="cost delta 1e-06, remaining delta 0"), psycopg.connect(url, autocommit=True) as conn:
-        ledger.release(conn, schema, collaboration="budgettest", query_name="q", budget=Budget(consumer="c", epsilon=5.0),
+        ledger.charge_release(conn, schema, collaboration="budgettest", query_name="q", budget=Budget(consumer="c", epsilon=5.0),
                        key="d", params={}, input_versions={}, cost=1.0, delta=1e-6, draw=list, store_rows=lambda *_: None)
