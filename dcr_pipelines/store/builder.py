@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ from . import access, migrations
 KEYS_SCHEMA = "dcr_keys"
 META_READS = ("query_requests", "dataset_versions")  # what the macros read (dcr_param, dcr_upload_rows)
 DBT_SUFFIXES = ("", "__dbt_tmp", "__dbt_backup")  # a model's relation, and what dbt-postgres swaps it through
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,20 @@ def open_pads(conn: psycopg.Connection, who: Login, keys: Mapping[str, bytes]) -
             conn.execute(sql.SQL("delete from {} where login = %s").format(table), (who.user,))
 
 
+def _retire_earlier_models(conn: psycopg.Connection, loaded: LoadedCollaboration, oid: int, models: set[tuple[str, str]]) -> None:
+    """Drop what an earlier policy's models left in the analysis schema: a matched view of a set of parties no query
+    reads any more, a removed query's pre-noise table (the builder's, of the model's own kind, without row security).
+    Dropping is the safe way round; anything else the builder holds is still refused by ``verify``."""
+    schema = naming.analysis_schema(loaded.name)
+    for name, kind in conn.execute(
+            "select c.relname, c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.relowner = %s "
+            "and n.nspname = %s and not c.relrowsecurity and ((c.relname like 'matched\_%%' and c.relkind = 'v') "
+            "or (c.relname like 'query\_%%' and c.relkind = 'r'))", (oid, schema)).fetchall():
+        if (schema, name) not in models:
+            conn.execute(sql.SQL("drop {} if exists {} cascade").format(sql.SQL("view" if kind == "v" else "table"), sql.Identifier(schema, name)))
+            log.warning("%s: dropped %s.%s, left by an earlier policy (no model makes it now)", loaded.name, schema, name)
+
+
 def verify(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
     """Before the operator reads what the builder built, and after every build: the builder owns its models (tables, and
     the matched views) and nothing else, with no function, trigger, rule or row policy anywhere in the collaboration's
@@ -154,6 +171,7 @@ def verify(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
     found += [f"function {n}.{f}" for n, f in conn.execute(
         "select n.nspname, p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace where p.proowner = %s", (oid,)).fetchall()]
     models = model_relations(loaded)
+    _retire_earlier_models(conn, loaded, oid, models)
     for schema, name, kind, secured in conn.execute(
             "select n.nspname, c.relname, c.relkind, c.relrowsecurity from pg_class c join pg_namespace n on n.oid = c.relnamespace "
             "where c.relowner = %s and c.relpersistence <> 't' and c.relkind not in ('i', 'I', 'S', 't', 'c')", (oid,)).fetchall():

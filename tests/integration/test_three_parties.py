@@ -21,6 +21,8 @@ import pandas as pd
 import psycopg
 import pytest
 
+from dcr_pipelines.lib.policy.approve import approve_all
+
 pytestmark = pytest.mark.slow
 DCR = [sys.executable, "-m", "dcr_pipelines.cli"]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "three_parties"
@@ -89,5 +91,15 @@ def test_pairwise_and_all_party_overlaps_equal_pandas(tmp_path: Path) -> None:
         assert again.returncode == 0, again.stderr
         repeat = dcr("release", "three_parties", "flyer_segments", "--format", "json")
         assert _released(repeat.stdout, ["status", "segment"]) == _released(everyone.stdout, ["status", "segment"])
+        # The query no longer reads some of the parties: its views of the bank-telecom overlap, left by the earlier
+        # policy, are dropped (not refused as the builder's tampering), and the run goes through.
+        spec = root / "three_parties" / "queries" / "plan_segments.yaml"
+        spec.write_text(spec.read_text().replace("parties: [bank, telecom]", ""))
+        approve_all(root / "three_parties")
+        moved = dcr("run", "three_parties")
+        assert moved.returncode == 0, moved.stderr + moved.stdout
+        with psycopg.connect(url) as conn:
+            views = {r[0] for r in conn.execute("select viewname from pg_views where schemaname = 'three_parties_analysis'")}
+        assert "matched_accounts" in views and not {v for v in views if v.endswith("__bank__telecom")}, views
     finally:
         dcr("db", "stop")
