@@ -295,7 +295,7 @@ def rewrite_query(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
     # Re-generated from the parsed tree (comments kept for reviewers, neutralised by sqlglot), every brace made inert
     # for dbt's Jinja before the only template calls, ref() and dcr_param(), are put in from names the policy validated.
     rendered = jinja_safe(tree.transform(transform).sql(dialect="postgres", pretty=True))
-    overlap = overlap_of(loaded, loaded.query_parties(query.name))
+    overlap = overlap_of(loaded, loaded.query_parties(query))
     rendered = re.sub(r"\bdcr_ref__(\w+)", lambda m: f"{{{{ ref('{n.matched_model(loaded.name, m.group(1), overlap)}') }}}}", rendered)
 
     def param(match: re.Match[str]) -> str:
@@ -336,7 +336,7 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
         # groups whose people nearly equal a released group's (difference checks)
         thresholded=spec.rule == "threshold",
         matching_schema=n.matching_schema(c),
-        xref=matching_relation(loaded, n.cross_reference_table(overlap_of(loaded, loaded.query_parties(query.name)))),
+        xref=matching_relation(loaded, n.cross_reference_table(overlap_of(loaded, loaded.query_parties(query)))),
     )
 
 

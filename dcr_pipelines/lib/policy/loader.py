@@ -93,9 +93,10 @@ class LoadedCollaboration:
         """Whether the party keeps its identifiers and keys at home (uploads tokens, runs `dcr psi`)."""
         return party in self.collaboration.matching.home_parties
 
-    def query_parties(self, query: str) -> tuple[str, ...]:
-        """The parties whose shared people a query reads: its declared ``parties`` (in declaration order), else all."""
-        declared = set(self.queries[query].spec.parties)
+    def query_parties(self, query: str | ApprovedQuery) -> tuple[str, ...]:
+        """The parties whose shared people a query reads (an approved query's name, or a query being checked): its
+        declared ``parties`` (in declaration order), else all."""
+        declared = set((self.queries[query] if isinstance(query, str) else query).spec.parties)
         return tuple(p for p in self.parties() if p in declared) if declared else self.parties()
 
     def overlaps(self) -> tuple[tuple[str, ...], ...]:
