@@ -150,8 +150,8 @@ def _retire_earlier_models(conn: psycopg.Connection, loaded: LoadedCollaboration
     schema = naming.analysis_schema(loaded.name)
     for name, kind in conn.execute(
             "select c.relname, c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.relowner = %s "
-            "and n.nspname = %s and not c.relrowsecurity and ((c.relname like 'matched\_%%' and c.relkind = 'v') "
-            "or (c.relname like 'query\_%%' and c.relkind = 'r'))", (oid, schema)).fetchall():
+            "and n.nspname = %s and not c.relrowsecurity and ((c.relname like 'matched\\_%%' and c.relkind = 'v') "
+            "or (c.relname like 'query\\_%%' and c.relkind = 'r'))", (oid, schema)).fetchall():
         if (schema, name) not in models:
             conn.execute(sql.SQL("drop {} if exists {} cascade").format(sql.SQL("view" if kind == "v" else "table"), sql.Identifier(schema, name)))
             log.warning("%s: dropped %s.%s, left by an earlier policy (no model makes it now)", loaded.name, schema, name)
