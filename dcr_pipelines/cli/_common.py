@@ -338,32 +338,35 @@ def _print_releases(runtime: Any, loaded: Any, releases: dict[str, str] | None =
 def _print_overlap(runtime: Any, loaded: Any, fmt: str = "table") -> None:
     from ..lib.database import connect
     from ..store import results
+    from ._output import Listing, emit
 
     collab = loaded.name
     mode = loaded.collaboration.matching.overlap_release
+    columns = ["release_id", "matched_people", "ci_low", "ci_high"]
+    about = {"collaboration": collab, "overlap_release": mode}
     if mode == "withheld":
-        if fmt == "json":
-            out.print_json(data={"collaboration": collab, "overlap_release": "withheld", "status": "withheld by policy", "releases": []})
-        else:
-            out.print(f"{collab}: the overlap is withheld by policy (matching.overlap_release: withheld)")
+        note = f"{collab}: the overlap is withheld by policy (matching.overlap_release: withheld)"
+        emit(Listing(columns, [], notes=[note], about=about | {"status": "withheld by policy"}), fmt, table=lambda: out.print(note))
         return
     with connect(runtime.warehouse.url()) as conn:
-        rows = [(r.release_id, r.matched_people, r.ci_low, r.ci_high) for r in results.overlap_releases(conn, collab)]
-    if fmt == "json":
-        out.print_json(data={"collaboration": collab, "overlap_release": mode, "status": "released" if rows else "none released yet",
-                             "releases": [{"release_id": r[0], "matched_people": round(r[1]),  # a count of people: a whole number
-                                           "ci_low": None if r[2] is None else round(r[2], 2), "ci_high": None if r[3] is None else round(r[3], 2)}
-                                          for r in rows]})
-        return
-    if not rows:
-        out.print(f"{collab}: no overlap released yet (run the matching stage)")
-        return
+        rows = [{"release_id": r.release_id, "matched_people": round(r.matched_people),  # a count of people: a whole number
+                 "ci_low": None if r.ci_low is None else round(r.ci_low, 2), "ci_high": None if r.ci_high is None else round(r.ci_high, 2)}
+                for r in results.overlap_releases(conn, collab)]
+    notes = [] if rows else [f"{collab}: no overlap released yet (run the matching stage)"]
     if mode == "exact":
-        table_out = Table(title=f"shared people in {collab} (exact: the analysis rules let members count them)", title_justify="left")
+        title = f"shared people in {collab} (exact: the analysis rules let members count them)"
     else:
-        table_out = Table(title=f"shared people in {collab} (DP, epsilon {loaded.collaboration.matching.overlap_epsilon} each)", title_justify="left")
-    for column in ("release", "matched people", "95% interval"):
-        table_out.add_column(column)
-    for rid, value, low, high in rows:
-        table_out.add_row(rid, f"{value:,.0f}", "exact" if low is None else f"[{low:,.0f}, {high:,.0f}]")
-    out.print(table_out)
+        title = f"shared people in {collab} (DP, epsilon {loaded.collaboration.matching.overlap_epsilon} each)"
+
+    def table() -> None:
+        if not rows:
+            out.print(notes[0])
+            return
+        grid = Table(title=title, title_justify="left")
+        for column in ("release", "matched people", "95% interval"):
+            grid.add_column(column)
+        for r in rows:
+            grid.add_row(str(r["release_id"]), f"{r['matched_people']:,.0f}", "exact" if r["ci_low"] is None else f"[{r['ci_low']:,.0f}, {r['ci_high']:,.0f}]")
+        out.print(grid)
+
+    emit(Listing(columns, rows, notes=notes, about=about | {"status": "released" if rows else "none released yet"}), fmt, table=table)

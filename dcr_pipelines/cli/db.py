@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..lib.text import plural
 from ._common import INFRASTRUCTURE, _collaboration, _definitions, _runtime, fail, main, out
+from ._output import Listing, emit, format_option
 
 
 @main.group()
@@ -134,7 +135,7 @@ def db_migrate(show_status: bool) -> None:
 
 @db.command("roles")
 @click.argument("collab")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@format_option()
 def db_roles(collab: str, fmt: str) -> None:
     """Print the role x schema privilege matrix of COLLAB, read back from the database.
 
@@ -152,17 +153,19 @@ def db_roles(collab: str, fmt: str) -> None:
     with connect(runtime.warehouse.url()) as conn:
         grid = access.matrix(conn, loaded)
     schemas = access.schemas(loaded)
-    if fmt == "json":
-        out.print_json(data={r: {s: grid[r][s].cell() for s in schemas} for r in grid})
-        return
-    table = Table(title=f"roles x schemas of {collab} (from the database)", title_justify="left")
-    table.add_column("role")
-    for schema in schemas:
-        table.add_column(schema.removeprefix(f"{collab}_"))
-    for role, row in grid.items():
-        table.add_row(role.removeprefix(f"dcr_{collab}_"), *(row[s].cell() for s in schemas))
-    out.print(table)
-    out.print(ROLES_LEGEND, markup=False, soft_wrap=True)
+    rows = [{"role": role, **{schema: grid[role][schema].cell() for schema in schemas}} for role in grid]
+
+    def table() -> None:
+        shown = Table(title=f"roles x schemas of {collab} (from the database)", title_justify="left")
+        shown.add_column("role")
+        for schema in schemas:
+            shown.add_column(schema.removeprefix(f"{collab}_"))
+        for row in rows:
+            shown.add_row(row["role"].removeprefix(f"dcr_{collab}_"), *(row[s] for s in schemas))
+        out.print(shown)
+        out.print(ROLES_LEGEND, markup=False, soft_wrap=True)
+
+    emit(Listing(["role", *schemas], rows, notes=[ROLES_LEGEND], about={"collaboration": collab}), fmt, table=table)
 
 
 ROLES_LEGEND = ("cells: write = may create tables and write every table; read = may select every table; "

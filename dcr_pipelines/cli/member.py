@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..lib.text import plural
 from ._common import INFRASTRUCTURE, _collaboration, _definitions, _instance, _run_log, _runtime, err, fail, main, out
+from ._output import Listing, emit, format_option
 
 MEMBER_URL = "DCR_MEMBER_URL"
 
@@ -126,7 +127,8 @@ def member_revoke(collab: str, member_name: str) -> None:
 
 @member.command("list")
 @click.argument("collab")
-def member_list(collab: str) -> None:
+@format_option()
+def member_list(collab: str, fmt: str) -> None:
     """The member logins of COLLAB."""
     from ..lib.database import connect
     from ..store import members
@@ -135,14 +137,20 @@ def member_list(collab: str) -> None:
     loaded = _collaboration(runtime, collab, approvals=False)
     with connect(runtime.warehouse.url()) as conn:
         logins = {m.member: m for m in members.listing(conn, collab)}
-    table = Table(title=f"{collab}: member logins", title_justify="left")
-    for column in ("member", "login", "made", "password rotated"):
-        table.add_column(column)
-    for name in loaded.collaboration.members:
-        m = logins.get(name)
-        table.add_row(name, m.login if m else "(none: `dcr member add`)", f"{m.created_at:%Y-%m-%d %H:%M}" if m else "",
-                      f"{m.rotated_at:%Y-%m-%d %H:%M}" if m and m.rotated_at else "")
-    out.print(table)
+    rows = [{"member": name, "login": m.login if m else None, "created_at": m.created_at.isoformat() if m else None,
+             "rotated_at": m.rotated_at.isoformat() if m and m.rotated_at else None}
+            for name, m in ((name, logins.get(name)) for name in loaded.collaboration.members)]
+
+    def table() -> None:
+        shown = Table(title=f"{collab}: member logins", title_justify="left")
+        for column in ("member", "login", "made", "password rotated"):
+            shown.add_column(column)
+        for r in rows:
+            shown.add_row(r["member"], r["login"] or "(none: `dcr member add`)", (r["created_at"] or "")[:16].replace("T", " "),
+                          (r["rotated_at"] or "")[:16].replace("T", " "))
+        out.print(shown)
+
+    emit(Listing(["member", "login", "created_at", "rotated_at"], rows, about={"collaboration": collab}), fmt, table=table)
 
 
 @main.command()

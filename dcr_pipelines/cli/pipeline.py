@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
 from ..lib.text import plural
 from ._common import (
@@ -25,6 +24,7 @@ from ._common import (
     main,
     out,
 )
+from ._output import Listing, emit, format_option
 
 
 @main.command()
@@ -135,7 +135,7 @@ def run(collab: str) -> None:
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="A query parameter; repeatable.")
 @click.option("--dry-run", is_flag=True, help="Show the epsilon the release would cost and run nothing.")
 @click.option("--chart", type=click.Path(path_type=Path), help="Also write a PNG chart of the released values with their intervals.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@format_option()
 @click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`): "
               "ask as that member (the query's consumer); or set DCR_MEMBER_URL.")
 def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, chart: Path | None, fmt: str, credentials_path: Path | None) -> None:
@@ -205,14 +205,12 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     if not outcome.success:
         fail(outcome.failure or "release failed")
     meta = outcome.metadata["/".join(naming.release_key(collab, query))]
-    if fmt == "json":
-        rows = _release_rows(runtime, loaded, query, meta["release_id"])
-        out.print_json(data={"release_id": meta["release_id"], "cached": meta["cached"], "epsilon_charged": meta.get("epsilon_charged", 0.0),
-                             "epsilon_remaining": meta.get("epsilon_remaining"), "params": meta["params"], "rows": rows})
-    else:
-        if meta["cached"]:
-            out.print("identical release found (same query, parameters and data): returning it, no budget charged")
-        _print_release(runtime, loaded, query, meta["release_id"])
+    spec = approved.spec
+    listing = release_listing(collab, query, list(spec.dimensions), list(spec.metrics), _release_rows(runtime, loaded, query, meta["release_id"]),
+                              {**meta, "rule": spec.rule})
+    if meta["cached"] and fmt == "table":
+        out.print("identical release found (same query, parameters and data): returning it, no budget charged")
+    emit(listing, fmt, table=lambda: _print_release(runtime, loaded, query, meta["release_id"]))
     budget = next((b for b in loaded.collaboration.budgets if b.consumer == approved.spec.consumer), None)
     remaining = meta.get("epsilon_remaining")
     if approved.spec.rule == "dp" and budget is not None and remaining is not None and remaining < budget.warning_level:
@@ -272,22 +270,32 @@ def _print_member_dry_run(query: str, answer: dict[str, Any]) -> None:
     _print_dry_run(DryRun.from_json(answer["plan"]), query, str(answer.get("consumer")), list(answer.get("averages") or []))
 
 
+def release_listing(collab: str, query: str, dimensions: list[str], metrics: list[str], rows: list[dict[str, Any]], meta: dict[str, Any]) -> Listing:
+    """A release as every format prints it: one row per group (each metric, with its interval under DP); the epsilon
+    charged and left, and for a threshold release how many groups the difference check withheld."""
+    from ..lib.presentation import release_records
+
+    columns, records = release_records(dimensions, metrics, rows)
+    threshold = meta.get("rule") == "threshold"
+    notes = []
+    if meta.get("cached"):
+        notes.append("identical release found (same query, parameters and data): stored result returned, no budget charged")
+    if threshold:
+        notes.append("threshold rule: exact values; groups under the policy's minimum of distinct people are removed; no epsilon charged")
+    elif meta.get("epsilon_remaining") is not None:
+        notes.append(f"differential privacy: noised values with 95% intervals (_ci_low, _ci_high); charged epsilon "
+                     f"{float(meta.get('epsilon_charged') or 0):.4g}; {float(meta['epsilon_remaining']):.4g}"
+                     + (f" of {float(meta['epsilon_budget']):.4g}" if meta.get("epsilon_budget") is not None else "") + " left")
+    about = {"collaboration": collab, "query": query, "release_id": meta["release_id"], "cached": bool(meta.get("cached")), "rule": meta.get("rule"),
+             "params": meta.get("params") or {}, "epsilon_charged": meta.get("epsilon_charged", 0.0), "epsilon_remaining": meta.get("epsilon_remaining")}
+    return Listing(columns, records, title=f"{collab}/{query}, release {meta['release_id']}, params {json.dumps(meta.get('params') or {})}",
+                   notes=notes, withheld=int(meta.get("withheld_groups") or meta.get("withheld_rows") or 0) if threshold else None,
+                   withheld_because=list(meta.get("withheld_because") or []), about=about, right=columns[len(dimensions):])
+
+
 def _print_member_release(collab: str, query: str, answer: dict[str, Any], fmt: str) -> None:
-    """A release answered to a member's request: its rows (each noised value with its interval) and what it cost."""
-    if fmt == "json":
-        out.print_json(data=answer)
-        return
-    if answer.get("cached"):
-        out.print("identical release found (same query, parameters and data): returning it, no budget charged")
+    """A release answered to a member's request: one row per group (each noised value with its interval) and what it cost."""
     rows = list(answer.get("rows") or [])
-    out.print(f"{collab}/{query}, release {answer['release_id']}, params {json.dumps(answer.get('params') or {})}", markup=False, soft_wrap=True)
-    table = Table()
-    columns = list(rows[0]) if rows else []
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if row[c] is None else f"{row[c]:.7g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
-    out.print(table)
-    if answer.get("epsilon_remaining") is not None:
-        out.print(f"charged epsilon {float(answer.get('epsilon_charged') or 0):.4g}; {float(answer['epsilon_remaining']):.4g} of "
-                  f"{float(answer.get('epsilon_budget') or 0):.4g} left", markup=False)
+    dimensions = list(answer.get("dimensions") or [])
+    metrics = list(answer.get("metrics") or dict.fromkeys(str(r["metric"]) for r in rows))
+    emit(release_listing(collab, query, dimensions, metrics, rows, answer), fmt)

@@ -10,6 +10,7 @@ import click
 
 from ..lib.text import plural
 from ._common import err, fail, main, member_option, out
+from ._output import Listing, emit, format_option
 
 
 @main.group()
@@ -19,7 +20,8 @@ def policy() -> None:
 
 @policy.command("check")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
-def policy_check(path: Path | None) -> None:
+@format_option()
+def policy_check(path: Path | None, fmt: str) -> None:
     """Check every collaboration under PATH (default: policies/); exit 2 on any mistake.
 
     \b
@@ -31,10 +33,17 @@ def policy_check(path: Path | None) -> None:
 
     root = path or Settings.from_env().policies
     loaded, issues = check_policies(root)
-    for issue in issues:
+    for issue in issues:  # mistakes are errors in every format: one line each on stderr, naming file, line and field
         err.print(f"error: {issue}", markup=False, soft_wrap=True)
-    for collab in loaded:
-        out.print(f"ok: {collab.name} ({plural(len(collab.collaboration.datasets), 'dataset')}, {plural(len(collab.queries), 'query')})")
+    rows = [{"collaboration": c.name, "datasets": len(c.collaboration.datasets), "queries": len(c.queries), "policy_sha256": c.policy_sha256}
+            for c in loaded]
+
+    def table() -> None:
+        for c in loaded:
+            out.print(f"ok: {c.name} ({plural(len(c.collaboration.datasets), 'dataset')}, {plural(len(c.queries), 'query')})")
+
+    # One row per collaboration that passed; the ones with mistakes are the error lines (and the exit code).
+    emit(Listing(["collaboration", "datasets", "queries", "policy_sha256"], rows, about={"path": str(root), "mistakes": len(issues)}), fmt, table=table)
     if issues:
         sys.exit(2)
 
@@ -109,7 +118,8 @@ def policy_render(collab: str, out_dir: Path) -> None:
 
 @policy.command("hash")
 @click.argument("collab")
-def policy_hash(collab: str) -> None:
+@format_option()
+def policy_hash(collab: str, fmt: str) -> None:
     """Print the SHA-256 each data owner approves for every query of COLLAB.
 
     \b
@@ -123,11 +133,18 @@ def policy_hash(collab: str) -> None:
     folder = Settings.from_env().policies / collab / "queries"
     if not folder.is_dir():
         fail(f"no queries folder {folder}", 2)
+    rows = []
     for spec_path in sorted(folder.glob("*.yaml")):
         try:
-            out.print(f"{spec_path.stem}  {query_hash(spec_path)}")
+            rows.append({"query": spec_path.stem, "sha256": query_hash(spec_path)})
         except PolicyError as exc:
             fail(str(exc.issues[0]), 2)
+
+    def table() -> None:
+        for r in rows:
+            out.print(f"{r['query']}  {r['sha256']}", markup=False)
+
+    emit(Listing(["query", "sha256"], rows, about={"collaboration": collab}), fmt, table=table)
 
 
 @policy.command("approve")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
 from ._common import _collaboration, _instance, _run_log, _runtime, err, fail, main, member_option, out
+from ._output import Listing, emit, format_option
 
 
 @main.group()
@@ -79,7 +78,7 @@ def query_check(collab: str, party: str | None, credentials_path: Path | None, s
 @member_option("The operator, running for a member (a member's own login needs no --member).", param="party")
 @click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`); "
               "or set DCR_MEMBER_URL.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@format_option()
 @click.option("--dry-run", is_flag=True, help="Check the query and show what it would cost (epsilon, budget left, daily cap); run nothing.")
 @click.argument("sql_text", metavar="SQL")
 def query_run(collab: str, party: str | None, credentials_path: Path | None, fmt: str, dry_run: bool, sql_text: str) -> None:
@@ -134,37 +133,22 @@ def query_run(collab: str, party: str | None, credentials_path: Path | None, fmt
 
 def print_answer(collab: str, party: str, answer: dict[str, Any], fmt: str) -> None:
     """An ad-hoc answer as `dcr query run` prints it (the same whether the operator's process or a member request ran it)."""
-    import csv
-
-    columns, rows = list(answer["columns"]), list(answer["rows"])
-    if fmt == "json":
-        out.print_json(data=answer)
-        return
-    if fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    else:
-        table = Table(title=f"{collab}: ad-hoc query of {party} (run {str(answer['run_id'])[:8]})")
-        for column in columns:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*("" if row[c] is None else f"{row[c]:.7g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
-        out.print(table)
-    say = err.print if fmt == "csv" else out.print
+    notes = []
     if answer["mode"] == "dp":
         charged = ("answered from the store (an identical query over the same data), no charge" if answer.get("answered_from_store")
                    else f"charged epsilon {answer['epsilon_charged']:.4g}")
         left = (f"; {party} has {answer['epsilon_remaining']:.4g} of {answer['epsilon_budget']:.4g} left"
                 if answer.get("epsilon_remaining") is not None and answer.get("epsilon_budget") is not None else "")
-        say(f"differential privacy: noised values with 95% intervals (_ci_low, _ci_high); {charged}{left}", markup=False)
-        return
-    if answer.get("min_distinct_units"):
-        say(f"exact: each person counts once per group; rows with fewer than {answer['min_distinct_units']} distinct people were removed")
-    if answer.get("withheld_rows"):
-        n = answer["withheld_rows"]
-        say(f"the whole result ({n} row{'s' if n != 1 else ''}) was withheld by the difference check: "
-            + "; ".join(answer.get("withheld_because") or []), markup=False)
+        notes.append(f"differential privacy: noised values with 95% intervals (_ci_low, _ci_high); {charged}{left}")
+    elif answer.get("min_distinct_units"):
+        notes.append(f"exact: each person counts once per group; rows with fewer than {answer['min_distinct_units']} distinct people were removed")
+    withheld = int(answer.get("withheld_rows") or 0) if answer["mode"] != "dp" else None
+    because = list(answer.get("withheld_because") or [])
+    if withheld:
+        because = [f"the whole result was withheld by the difference check: {'; '.join(because)}"] if because else ["the whole result was withheld by the difference check"]
+    about = {"collaboration": collab, "member": party, **{k: v for k, v in answer.items() if k not in ("columns", "rows", "withheld_rows", "withheld_because")}}
+    emit(Listing(list(answer["columns"]), list(answer["rows"]), title=f"{collab}: ad-hoc query of {party} (run {str(answer['run_id'])[:8]})",
+                 notes=notes, withheld=withheld, withheld_because=because, about=about), fmt)
 
 
 def _dry_run(runtime: Any, loaded: Any, party: str, sql_text: str) -> None:

@@ -11,12 +11,13 @@ import click
 from rich.table import Table
 
 from ._common import _collaboration, _instance, _print_overlap, _runtime, err, fail, main, member_option, out
+from ._output import Listing, emit, format_option
 
 
 @main.command()
 @click.argument("collab")
 @member_option("Only this member's budget (the consumer that spends it).", param="consumer")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@format_option()
 @click.option("--credentials", "credentials_path", type=click.Path(path_type=Path), help="A member's credentials file (`dcr member add`): "
               "that member's own budget; or set DCR_MEMBER_URL.")
 def budget(collab: str, consumer: str | None, fmt: str, credentials_path: Path | None) -> None:
@@ -43,32 +44,36 @@ def budget(collab: str, consumer: str | None, fmt: str, credentials_path: Path |
             fail(f"{collab} has no budget for {consumer!r}", 2)
         with connect(runtime.warehouse.url()) as conn:
             report = budget_service.report(conn, loaded, consumer)
-    if fmt == "json":
-        out.print_json(data=report)
-        return
-    table = Table(title=f"privacy budget of {collab}", title_justify="left")
-    for column in ("consumer", "epsilon", "spent", "remaining", "delta left", "period", "refreshes at", "releases that still fit"):
-        table.add_column(column)
-    for c in report["consumers"]:
-        fitting = ", ".join(f"{q}: {n}" for q, n in c["releases_that_fit"].items()) or "-"
-        table.add_row(
-            c["consumer"], f"{c['epsilon']:g}", f"{c['spent']:.4g}", f"{c['remaining']:.4g}", f"{c['delta'] - c['delta_spent']:.3g}",
-            f"{c['period_days']} days" if c["period_days"] else "none", (c["refreshes_at"] or "-")[:16], fitting,
-        )
-    out.print(table)
-    owners = Table(title="spending on each owner's data (owners see who spends)", title_justify="left")
-    for column in ("data owner", "consumer", "query", "releases", "epsilon"):
-        owners.add_column(column)
-    for owner, entries in sorted(report["owners"].items()):
-        for e in entries:
-            owners.add_row(owner, e["consumer"], e["query"], str(e["releases"]), f"{e['epsilon']:.4g}")
-    out.print(owners)
+    columns = ["consumer", "epsilon", "spent", "remaining", "delta", "delta_spent", "period_days", "refreshes_at", "releases_that_fit"]
+    rows = [{c: consumer_row[c] for c in columns} for consumer_row in report["consumers"]]
+
+    def tables() -> None:
+        table = Table(title=f"privacy budget of {collab}", title_justify="left")
+        for column in ("consumer", "epsilon", "spent", "remaining", "delta left", "period", "refreshes at", "releases that still fit"):
+            table.add_column(column)
+        for c in rows:
+            fitting = ", ".join(f"{q}: {n}" for q, n in c["releases_that_fit"].items()) or "-"
+            table.add_row(
+                c["consumer"], f"{c['epsilon']:g}", f"{c['spent']:.4g}", f"{c['remaining']:.4g}", f"{c['delta'] - c['delta_spent']:.3g}",
+                f"{c['period_days']} days" if c["period_days"] else "none", (c["refreshes_at"] or "-")[:16], fitting,
+            )
+        out.print(table)
+        owners = Table(title="spending on each owner's data (owners see who spends)", title_justify="left")
+        for column in ("data owner", "consumer", "query", "releases", "epsilon"):
+            owners.add_column(column)
+        for owner, entries in sorted(report["owners"].items()):
+            for e in entries:
+                owners.add_row(owner, e["consumer"], e["query"], str(e["releases"]), f"{e['epsilon']:.4g}")
+        out.print(owners)
+
+    # One row per consumer; who spends on each owner's data is the json's "owners" (the table shows both).
+    emit(Listing(columns, rows, about={"collaboration": collab, "owners": report["owners"]}), fmt, table=tables)
 
 
 @main.command()
 @click.argument("collab")
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), help="Only entries at or after this date (UTC).")
-@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
+@format_option()
 @member_option("Only entries that touch this member's data (what a party may export).", param="party")
 @click.option("--verify", is_flag=True, help="Check the audit chain against the tables members read and the event log; exit 1 on any problem.")
 @click.option("--anchor", "anchors", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
@@ -84,12 +89,11 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, an
 
     \b
     Examples:
-      dcr audit demo --since 2026-11-01 --format jsonl > audit.jsonl
+      dcr audit demo --since 2026-11-01 --format json > audit.json
       dcr audit demo --member retailer --format csv
       dcr audit demo --verify --anchor exports/demo/retailer/campaign_reach/<release>.anchor.json
       dcr audit demo --head > demo-head.json
     """
-    import csv
     import datetime as dt
 
     from ..defs import audit as trail
@@ -136,30 +140,25 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, an
                   + (f", and {len(saved)} saved head(s)" if saved else ""))
         return
     entries = trail.entries(instance, loaded, since=since.replace(tzinfo=dt.UTC) if since else None, party=party)
-    if fmt == "jsonl":
-        for entry in entries:
-            sys.stdout.write(json.dumps(entry, default=str) + "\n")
-        return
-    if fmt == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["time", "kind", "asset", "run_id", "user", "metadata"])
+    columns = ["time", "kind", "asset", "run_id", "user", "metadata"]
+
+    def table() -> None:
+        grid = Table(title=f"audit trail of {collab}" + (f" touching {party}" if party else "") + " (Dagster event log)", title_justify="left")
+        for column in ("time (UTC)", "kind", "asset", "run", "user", "details"):
+            grid.add_column(column)
+        keep = ("version", "row_count", "rows_staged", "matched", "release_id", "epsilon_charged", "epsilon_remaining", "cached", "receivers",
+                "runner", "rows", "suppressed_rows", "message")
         for e in entries:
-            writer.writerow([e["time"], e["kind"], e["asset"], e["run_id"], e["user"], json.dumps(e["metadata"], default=str, sort_keys=True)])
-        return
-    table = Table(title=f"audit trail of {collab}" + (f" touching {party}" if party else "") + " (Dagster event log)", title_justify="left")
-    for column in ("time (UTC)", "kind", "asset", "run", "user", "details"):
-        table.add_column(column)
-    keep = ("version", "row_count", "rows_staged", "matched", "release_id", "epsilon_charged", "epsilon_remaining", "cached", "receivers",
-            "runner", "rows", "suppressed_rows", "message")
-    for e in entries:
-        details = ", ".join(f"{k}={e['metadata'][k]}" for k in keep if k in e["metadata"])
-        table.add_row(e["time"][:19], e["kind"], e["asset"], e["run_id"][:8], e["user"], details)
-    out.print(table)
+            details = ", ".join(f"{k}={e['metadata'][k]}" for k in keep if k in e["metadata"])
+            grid.add_row(e["time"][:19], e["kind"], e["asset"], e["run_id"][:8], e["user"], details)
+        out.print(grid)
+
+    emit(Listing(columns, entries, about={"collaboration": collab, **({"member": party} if party else {})}), fmt, table=table)
 
 
 @main.command()
 @click.argument("collab")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@format_option()
 def overlap(collab: str, fmt: str) -> None:
     """Print what members learn of the number of shared people (matching.overlap_release).
 

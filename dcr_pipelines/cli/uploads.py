@@ -7,6 +7,7 @@ from rich.table import Table
 
 from ..lib.text import plural
 from ._common import _collaboration, _instance, _runtime, fail, main, member_option, out
+from ._output import Listing, emit, format_option
 
 
 @main.group()
@@ -19,7 +20,8 @@ def uploads() -> None:
 @member_option("Only this member's uploads.", param="party")
 @click.option("--dataset", help="Only this dataset's uploads.")
 @click.option("--limit", default=50, show_default=True, help="The newest N uploads.")
-def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int) -> None:
+@format_option()
+def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int, fmt: str) -> None:
     """Every upload of COLLAB, newest last: number, file, state, rows and the reason for a refusal.
 
     \b
@@ -37,17 +39,6 @@ def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int
         fail(f"{collab} declares no dataset {dataset!r} (datasets: {', '.join(loaded.collaboration.datasets)})", 2)
     with connect(runtime.warehouse.url()) as conn:
         rows = queue.listing(conn, collab, party, dataset, limit=limit)
-    if not rows:
-        out.print(f"{collab}: no uploads yet")
-        return
-    table = Table(title=f"{collab}: uploads (oldest first)", title_justify="left")
-    for column in ("#", "party/dataset", "file", "landed", "state", "version", "rows", "duplicates", "reason"):
-        table.add_column(column, justify="right" if column in ("#", "version", "rows", "duplicates") else "left")
-    for u in rows:
-        dups = "" if u.duplicate_rows is None else f"{u.duplicate_rows:,}" + (" dropped" if u.dropped_rows else "")
-        table.add_row(str(u.seq), f"{u.party}/{u.dataset}", u.file_name, u.landed_at.strftime("%Y-%m-%d %H:%M:%S"), u.state,
-                      "" if u.version is None else str(u.version), "" if u.row_count is None else f"{u.row_count:,}", dups, u.reason or "")
-    out.print(table)
     # What each dataset is now (a withdraw, an appended file or a changed contract makes a version no upload row shows),
     # and whether the staged data the answers read are that version yet.
     from ..defs import freshness
@@ -56,17 +47,42 @@ def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int
         stale = set(freshness.staged(_instance(), conn, loaded).stale)
         now = {name: ingest_lib.current_version(conn, target(loaded, name, runtime.settings.landing, runtime.warehouse.url()))
                for name, ds in sorted(loaded.collaboration.datasets.items()) if (party is None or ds.owner == party) and (dataset is None or name == dataset)}
-    current = Table(title=f"{collab}: current data", title_justify="left")
-    for column in ("party/dataset", "version", "rows", "files", "staged"):
-        current.add_column(column, justify="right" if column in ("version", "rows", "files") else "left")
+    current = []
     for name, version in now.items():
         owner = loaded.collaboration.datasets[name].owner
-        if version is None:
-            current.add_row(f"{owner}/{name}", "", "", "", "no upload yet")
-            continue
-        staged = f"not yet: answers refuse (stale data) until `dcr run {collab}`" if f"{owner}.{name}" in stale else "yes"
-        current.add_row(f"{owner}/{name}", str(version.version), f"{version.row_count:,}", str(len(version.parts)), staged)
-    out.print(current)
+        current.append({"party": owner, "dataset": name, "version": None if version is None else version.version,
+                        "rows": None if version is None else version.row_count, "files": None if version is None else len(version.parts),
+                        "staged": None if version is None else f"{owner}.{name}" not in stale})
+    columns = ["upload", "party", "dataset", "file", "landed_at", "state", "version", "rows", "duplicate_rows", "dropped_rows", "reason"]
+    listed = [{"upload": u.seq, "party": u.party, "dataset": u.dataset, "file": u.file_name, "landed_at": u.landed_at.isoformat(), "state": u.state,
+               "version": u.version, "rows": u.row_count, "duplicate_rows": u.duplicate_rows, "dropped_rows": u.dropped_rows, "reason": u.reason}
+              for u in rows]
+
+    def tables() -> None:
+        if not rows:
+            out.print(f"{collab}: no uploads yet")
+            return
+        table = Table(title=f"{collab}: uploads (oldest first)", title_justify="left")
+        for column in ("#", "party/dataset", "file", "landed", "state", "version", "rows", "duplicates", "reason"):
+            table.add_column(column, justify="right" if column in ("#", "version", "rows", "duplicates") else "left")
+        for u in rows:
+            dups = "" if u.duplicate_rows is None else f"{u.duplicate_rows:,}" + (" dropped" if u.dropped_rows else "")
+            table.add_row(str(u.seq), f"{u.party}/{u.dataset}", u.file_name, u.landed_at.strftime("%Y-%m-%d %H:%M:%S"), u.state,
+                          "" if u.version is None else str(u.version), "" if u.row_count is None else f"{u.row_count:,}", dups, u.reason or "")
+        out.print(table)
+        grid = Table(title=f"{collab}: current data", title_justify="left")
+        for column in ("party/dataset", "version", "rows", "files", "staged"):
+            grid.add_column(column, justify="right" if column in ("version", "rows", "files") else "left")
+        for c in current:
+            if c["version"] is None:
+                grid.add_row(f"{c['party']}/{c['dataset']}", "", "", "", "no upload yet")
+                continue
+            staged = "yes" if c["staged"] else f"not yet: answers refuse (stale data) until `dcr run {collab}`"
+            grid.add_row(f"{c['party']}/{c['dataset']}", str(c["version"]), f"{c['rows']:,}", str(c["files"]), staged)
+        out.print(grid)
+
+    # One row per upload; what each dataset is now is the json's "current" (the table shows both).
+    emit(Listing(columns, listed, about={"collaboration": collab, "current": current}), fmt, table=tables)
 
 
 @uploads.command()

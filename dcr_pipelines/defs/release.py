@@ -89,7 +89,9 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
             return {"release_id": meta["release_id"], "cached": meta["cached"], "epsilon_charged": meta.get("epsilon_charged", 0.0),
                     "epsilon_remaining": meta.get("epsilon_remaining"), "epsilon_budget": meta.get("epsilon_budget"),
                     "params": meta.get("params"), "rows": store_results.release_rows(conn, c, str(meta["release_id"])),
-                    "dimensions": list(spec.dimensions), "metrics": list(spec.metrics)}
+                    "dimensions": list(spec.dimensions), "metrics": list(spec.metrics), "rule": spec.rule,
+                    **({"withheld_rows": meta.get("withheld_groups", 0), "withheld_because": meta.get("withheld_because") or []}
+                       if spec.rule == "threshold" else {})}
 
         yield from relay(context, warehouse, asked.id,
                          _release(context, ReleaseConfig(requested_by=f"{asked.member} (login {asked.login})", params=params), warehouse, secrets), answer)
@@ -199,7 +201,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                 "policy_sha256": loaded.policy_sha256,
                 "cells": dg.MetadataValue.int(len(stored.rows)),
                 "rule": "differential privacy (opendp)" if spec.rule == "dp" else f"threshold: groups under {spec.min_distinct_units} people removed, exact values",
-                **({"withheld_groups": dg.MetadataValue.int(len(stored.withheld)), "withheld_because": dg.MetadataValue.json(sorted(set(stored.withheld)))}
+                **({"withheld_groups": dg.MetadataValue.int(stored.withheld_rows), "withheld_because": dg.MetadataValue.json(sorted(set(stored.withheld)))}
                    if spec.rule == "threshold" and not stored.cached else {}),
                 **_audit_metadata(stored),
                 "exports": ", ".join(f"{r}/{query_name}/{stored.release_id}.csv|parquet" for r in spec.receivers),

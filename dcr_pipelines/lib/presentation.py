@@ -65,3 +65,20 @@ def release_table(spec: QuerySpec, rows: Sequence[Mapping[str, Any]]) -> Release
     else:
         note = "Differentially private (opendp Laplace noise); in brackets, the 95% interval of each released value."
     return ReleaseTable(headers, body, note)
+
+
+def release_records(dimensions: Sequence[str], metrics: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """A release as one record per group (what `--format json|csv` print): its dimensions, then each metric's value and,
+    when the release has intervals, ``<metric>_ci_low`` and ``<metric>_ci_high``; the columns and the records."""
+    intervals = any(r.get("ci_low") is not None for r in rows)
+    columns = list(dimensions)
+    for m in metrics:
+        columns += [m, f"{m}_ci_low", f"{m}_ci_high"] if intervals else [m]
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    for r in rows:
+        record = groups.setdefault(tuple(str(r[d]) for d in dimensions), {**{d: r[d] for d in dimensions}, **dict.fromkeys(columns[len(dimensions):])})
+        metric = str(r["metric"])
+        record[metric] = r.get("value")
+        if intervals:
+            record[f"{metric}_ci_low"], record[f"{metric}_ci_high"] = r.get("ci_low"), r.get("ci_high")
+    return columns, list(groups.values())

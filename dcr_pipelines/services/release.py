@@ -256,6 +256,7 @@ def _release_thresholded(
     sets = [difference.people(row[-1] or []) for row in found]
     released: list[int] = []
     withheld: list[str] = []
+    held_back: list[int] = []
 
     def rows() -> list[dict[str, Any]]:
         """The groups that pass the threshold and the difference check (under its lock, inside the release)."""
@@ -265,6 +266,7 @@ def _release_thresholded(
             too_close = [v for v in verdicts if v.withheld_because is not None]
             # Which group was too close would say which group the person who differs is in: then no group is released.
             released[:] = [] if too_close else [v.row for v in verdicts]
+            held_back[:] = [len(verdicts)] if too_close else []
             withheld[:] = [footprints.describe(v.withheld_because, spec.min_distinct_units) for v in too_close  # type: ignore[arg-type]
                            ] + ["the whole release is withheld: which group was too close would tell which group a person is in"] * bool(too_close)
         else:
@@ -307,7 +309,7 @@ def _release_thresholded(
     if export_dir is not None:
         export(stored, loaded, query, export_dir)
     if not stored.cached:
-        stored = dataclasses.replace(stored, withheld=tuple(withheld))
+        stored = dataclasses.replace(stored, withheld=tuple(withheld), withheld_rows=sum(held_back))
     return stored
 
 

@@ -65,6 +65,7 @@ class StoredRelease:
     budget: BudgetStatus
     audit: dict[str, Any] = field(default_factory=dict)
     withheld: tuple[str, ...] = ()  # groups withheld by the difference check, and why (threshold releases)
+    withheld_rows: int = 0  # how many groups above the threshold that withholding kept back (threshold releases)
 
 
 def _audit(row: audit.ChainRow | None, head: audit.Anchor | None = None) -> dict[str, Any]:

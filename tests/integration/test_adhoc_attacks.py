@@ -211,6 +211,32 @@ def test_two_ad_hoc_queries_that_differ_by_one_person_cannot_both_be_answered(ct
     assert after.rows == []
 
 
+def test_withheld_rows_are_counted_in_every_format(ctx: dict[str, Any]) -> None:
+    """`dcr query run --format table|json|csv` of the withheld half of the pair: no rows in any format, and each says how
+    many were withheld and why (json in its fields, csv on stderr so that the CSV itself stays clean)."""
+    import csv
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+
+    forget_history(ctx["url"], COLLAB)
+    kind, before = ask(ctx, PAIR[0])
+    assert kind == "rows" and before.rows
+    said = {}
+    for fmt in ("table", "json", "csv"):
+        said[fmt] = subprocess.run([sys.executable, "-m", "dcr_pipelines.cli", "query", "run", COLLAB, "--member", "ad_network", "--format", fmt, PAIR[1]],
+                                   capture_output=True, text=True, timeout=300, env={**os.environ, "DCR_POLICIES": str(ctx["folder"].parent)})
+        assert said[fmt].returncode == 0, said[fmt].stderr
+    n = len(before.rows)
+    answer = json.loads(said["json"].stdout)
+    assert answer["rows"] == [] and answer["withheld_rows"] == n and "fewer than 25" in " ".join(answer["withheld_because"])
+    assert list(csv.reader(io.StringIO(said["csv"].stdout))) == [["loyalty_tier", "people", "value"]]
+    assert f"note: {n} rows withheld: " in said["csv"].stderr
+    assert f"{n} rows withheld: " in said["table"].stdout
+
+
 def test_every_runner_counts_as_the_same_adversary(ctx: dict[str, Any]) -> None:
     forget_history(ctx["url"], COLLAB)
     query = "select i.campaign_id, count(*) as impressions from impressions as i {} group by 1"

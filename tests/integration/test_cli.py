@@ -92,7 +92,7 @@ def test_budget_reports_remaining_and_how_many_releases_fit(runtime) -> None:  #
     proc = run("budget", "demo", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    consumer = report["consumers"][0]
+    consumer = report["rows"][0]
     assert consumer["consumer"] == "ad_network" and consumer["epsilon"] == 10.0
     # epsilon 1, 0.5 and 1 per release
     remaining = consumer["remaining"]
@@ -116,7 +116,7 @@ USAGE_MISTAKES = [
     (["query", "run", "demo", "select 1"], "query run", "missing option '--member'"),
     (["release", "demo", "campaign_reach", "--no-such-flag"], "release", "no such option '--no-such-flag'"),
     (["budget"], "budget", "missing argument 'COLLAB'"),
-    (["db", "roles", "demo", "--format", "xml"], "db roles", "invalid value for '--format': 'xml' is not one of 'table', 'json'"),
+    (["db", "roles", "demo", "--format", "xml"], "db roles", "invalid value for '--format': 'xml' is not one of 'table', 'json', 'csv'"),
     (["no-such-command"], "", "no such command 'no-such-command'"),
 ]
 
@@ -161,12 +161,14 @@ def test_overlap_format_json_prints_json_in_every_case(e2e: dict[str, Any], tmp_
         return json.loads(proc.stdout)  # nothing but the JSON document on stdout
 
     withheld = overlap("ovl_withheld", root)
-    assert withheld == {"collaboration": "ovl_withheld", "overlap_release": "withheld", "status": "withheld by policy", "releases": []}
+    assert {k: withheld[k] for k in ("collaboration", "overlap_release", "status", "rows")} == {
+        "collaboration": "ovl_withheld", "overlap_release": "withheld", "status": "withheld by policy", "rows": []}
     none = overlap("ovl_none", root)
-    assert none == {"collaboration": "ovl_none", "overlap_release": "dp", "status": "none released yet", "releases": []}
+    assert {k: none[k] for k in ("collaboration", "overlap_release", "status", "rows")} == {
+        "collaboration": "ovl_none", "overlap_release": "dp", "status": "none released yet", "rows": []}
     released = overlap("e2e", e2e["root"])  # the session's run of e2e matched its parties: the exact count is released
     assert released["overlap_release"] == "exact" and released["status"] == "released"
-    assert released["releases"] and all(r["matched_people"] > 0 and r["ci_low"] is None for r in released["releases"])
+    assert released["rows"] and all(r["matched_people"] > 0 and r["ci_low"] is None for r in released["rows"])
 
 
 def test_db_roles_prints_a_legend_of_its_cells(e2e: dict[str, Any]) -> None:

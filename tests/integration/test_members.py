@@ -120,8 +120,8 @@ def test_a_member_runs_its_query_with_its_login_and_reads_the_same_answer_from_a
     budget = member_dcr(deployment, "budget", C, "--credentials", creds, "--format", "json")
     assert budget.returncode == 0, budget.stderr
     report = json.loads(budget.stdout)
-    assert [c["consumer"] for c in report["consumers"]] == ["ad_network"]
-    assert abs(report["consumers"][0]["remaining"] - charged["epsilon_remaining"]) < 1e-9
+    assert [c["consumer"] for c in report["rows"]] == ["ad_network"]
+    assert abs(report["rows"][0]["remaining"] - charged["epsilon_remaining"]) < 1e-9
 
 
 def test_a_refusal_and_a_wrong_member_are_one_error_line(deployment: dict[str, Any]) -> None:
@@ -144,7 +144,7 @@ def test_a_refusal_and_a_wrong_member_are_one_error_line(deployment: dict[str, A
 def _spent(deployment: dict[str, Any]) -> float:
     done = deployment["operator"]("budget", C, "--format", "json")
     assert done.returncode == 0, done.stderr
-    return float(json.loads(done.stdout)["consumers"][0]["spent"])
+    return float(json.loads(done.stdout)["rows"][0]["spent"])
 
 
 def _member_approves(deployment: dict[str, Any], member: str) -> subprocess.CompletedProcess[str]:

@@ -82,7 +82,7 @@ def test_numbers_written_every_way_match_as_the_numbering_plan_says(tmp_path: Pa
             assert f"identifiers {dataset}.{column}: " in ran.stdout and f"; {changed:,} of those accepted changed by normalisation" in ran.stdout, ran.stdout
         overlap = dcr("overlap", "phones", "--format", "json")
         assert overlap.returncode == 0, overlap.stderr
-        matched = json.loads(overlap.stdout)["releases"][0]["matched_people"]
+        matched = json.loads(overlap.stdout)["rows"][0]["matched_people"]
         # The reference: pandas over the library's own E.164 of each written number.
         bank = {_e164(p) for p, _ in accounts} - {None}
         telecom = {_e164(p) for p, _ in subscribers} - {None}

@@ -38,7 +38,7 @@ def _make_data():  # type: ignore[no-untyped-def]
 
 def _released(stdout: str, dims: list[str]) -> dict[tuple[str, ...], int]:
     rows = json.loads(stdout)["rows"]
-    return {tuple(r[d] for d in dims): int(r["value"]) for r in rows if r["metric"] == "customers" and r.get("value") is not None}
+    return {tuple(r[d] for d in dims): int(r["customers"]) for r in rows if r.get("customers") is not None}  # one row per group
 
 
 def _expected(frame: pd.DataFrame, dims: list[str], floor: int) -> dict[tuple[str, ...], int]:
@@ -79,7 +79,7 @@ def test_pairwise_and_all_party_overlaps_equal_pandas(tmp_path: Path) -> None:
         # the exact overlap release is of the people all three share
         overlap = dcr("overlap", "three_parties", "--format", "json")
         assert overlap.returncode == 0, overlap.stderr
-        assert json.loads(overlap.stdout)["releases"][0]["matched_people"] == len(all_three)
+        assert json.loads(overlap.stdout)["rows"][0]["matched_people"] == len(all_three)
         # the airline's audit export: no overlap of the bank and the telecom, no per-kind links, no other party's records
         audit = dcr("audit", "three_parties", "--member", "airline", "--format", "jsonl")
         assert audit.returncode == 0, audit.stderr
