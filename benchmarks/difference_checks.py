@@ -4,7 +4,7 @@
 
 1. Demo size: a copy of ``policies/demo`` materialized on a fresh embedded
    PostgreSQL; eight representative ad-hoc queries run through
-   ``adhoc_service.execute`` (what the Dagster asset calls) alternately with the
+   ``ad_hoc_service.execute`` (what the Dagster asset calls) alternately with the
    difference checks on and off, ``--rounds`` times each. The history grows
    as it would in use (every checked run records its rows). Reported: the
    median time per query each way and their ratio (target: at most 2).
@@ -69,11 +69,11 @@ def demo_size(rows: int, rounds: int) -> dict[str, Any]:
     import psycopg
 
     from dcr_pipelines.definitions import build_definitions
-    from dcr_pipelines.lib import adhoc
+    from dcr_pipelines.lib import ad_hoc
     from dcr_pipelines.lib.policy import load_collaboration
     from dcr_pipelines.lib.policy.models import DifferenceChecks
     from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
-    from dcr_pipelines.services import adhoc as adhoc_service
+    from dcr_pipelines.services import ad_hoc as ad_hoc_service
 
     home, runtime, settings, _, _ = end_to_end.prepare(rows)
     defs = build_definitions(settings)
@@ -92,10 +92,10 @@ def demo_size(rows: int, rounds: int) -> dict[str, Any]:
                 order = [("checked", on), ("unchecked", off)] if (r + n) % 2 == 0 else [("unchecked", off), ("checked", on)]
                 for label, loaded in order:
                     n += 1
-                    checked = adhoc.check(loaded, "ad_network", text)
+                    checked = ad_hoc.check(loaded, "ad_network", text)
                     result: list[Any] = []
                     times[label].append(_timed(lambda loaded=loaded, checked=checked, n=n, text=text, result=result: result.append(  # type: ignore[misc]
-                        adhoc_service.execute(conn, loaded, checked, f"bench-{n}", text, staged_now(conn, loaded)))))
+                        ad_hoc_service.execute(conn, loaded, checked, f"bench-{n}", text, staged_now(conn, loaded)))))
                     withheld += result[0].suppressed if label == "checked" else 0
         history = conn.execute("select count(*), coalesce(sum(length(people)), 0) from dcr_meta.released_people").fetchone()
     checked_ms, unchecked_ms = (statistics.median(times[k]) * 1000 for k in ("checked", "unchecked"))

@@ -138,14 +138,14 @@ EXAMPLE_AD_HOC = ("ad_network", "select c.loyalty_tier, count(distinct c.custome
 
 def _shows_ad_hoc(loaded: Any) -> bool:
     """The collaboration's rules allow the README's ad-hoc example (demo_home's do not: approved queries only)."""
-    from ..lib import adhoc
+    from ..lib import ad_hoc
 
     runner, sql_text = EXAMPLE_AD_HOC
     if not {"impressions", "customers"} <= set(loaded.collaboration.datasets) or runner not in loaded.collaboration.members:
         return False
     try:
-        adhoc.check(loaded, runner, sql_text)
-    except adhoc.QueryRefused:
+        ad_hoc.check(loaded, runner, sql_text)
+    except ad_hoc.QueryRefused:
         return False
     return True
 

@@ -40,7 +40,7 @@ def query_check(collab: str, party: str | None, credentials_path: Path | None, s
       dcr query check demo --member ad_network "select i.campaign_id, c.loyalty_tier, count(distinct c.customer_email) as buyers
         from impressions as i inner join customers as c on c.customer_email = i.user_email group by 1, 2"
     """
-    from ..lib import adhoc
+    from ..lib import ad_hoc
     from ..lib.policy import PolicyError, load_collaboration
     from ..lib.settings import Settings
     from .member import ask, credentials, refuse_as
@@ -65,8 +65,8 @@ def query_check(collab: str, party: str | None, credentials_path: Path | None, s
         fail(str(exc.issues[0]), 2)
     _known_member(loaded, party)
     try:
-        checked = adhoc.check(loaded, party, sql_text)
-    except adhoc.QueryRefused as exc:
+        checked = ad_hoc.check(loaded, party, sql_text)
+    except ad_hoc.QueryRefused as exc:
         fail(str(exc))
     out.print("ok")
     for line in checked.summary():
@@ -99,7 +99,7 @@ def query_run(collab: str, party: str | None, credentials_path: Path | None, fmt
     from ..lib import naming
     from ..lib.database import connect
     from ..runner import ad_hoc_run_config, materialize
-    from ..services import adhoc as adhoc_service
+    from ..services import ad_hoc as ad_hoc_service
     from .member import ask, credentials, refuse_as
 
     creds = credentials(credentials_path)
@@ -127,7 +127,7 @@ def query_run(collab: str, party: str | None, credentials_path: Path | None, fmt
     if not outcome.success:
         fail(outcome.failure or "the query failed")
     with connect(runtime.warehouse.url()) as conn:
-        result = adhoc_service.stored_result(conn, collab, party, outcome.run_id)
+        result = ad_hoc_service.stored_result(conn, collab, party, outcome.run_id)
     print_answer(collab, party, answer_of(result, outcome.metadata.get("/".join(naming.ad_hoc_key(collab)), {}), outcome.run_id), fmt)
 
 
@@ -154,15 +154,15 @@ def print_answer(collab: str, party: str, answer: dict[str, Any], fmt: str) -> N
 def _dry_run(runtime: Any, loaded: Any, party: str, sql_text: str) -> None:
     """Check the query and print what it would cost against the runner's budget and daily cap; exit 1 if it does not fit."""
     from ..defs import freshness
-    from ..lib import adhoc
+    from ..lib import ad_hoc
     from ..lib.database import connect
-    from ..services import adhoc as adhoc_service
+    from ..services import ad_hoc as ad_hoc_service
 
     try:
-        checked = adhoc.check(loaded, party, sql_text)
+        checked = ad_hoc.check(loaded, party, sql_text)
         with connect(runtime.warehouse.url()) as conn:
-            planned = adhoc_service.dry_run(conn, loaded, checked, sql_text, freshness.staged(_instance(), conn, loaded))
-    except adhoc.QueryRefused as exc:
+            planned = ad_hoc_service.dry_run(conn, loaded, checked, sql_text, freshness.staged(_instance(), conn, loaded))
+    except ad_hoc.QueryRefused as exc:
         fail(str(exc))
     for line in checked.summary():
         out.print(line, markup=False)

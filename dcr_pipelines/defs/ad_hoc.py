@@ -9,9 +9,10 @@ from typing import Any
 
 import dagster as dg
 
-from ..lib import adhoc, naming
+from ..lib import ad_hoc as ad_hoc_sql
+from ..lib import naming
 from ..lib.policy import LoadedCollaboration
-from ..services import adhoc as adhoc_service
+from ..services import ad_hoc as ad_hoc_service
 from ..store import member_requests
 from . import freshness
 from .common import AdHocConfig, audit_metadata
@@ -79,7 +80,7 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         runner, sql_text = asked.member, str(asked.payload.get("sql") or "")
         context.log.info(f"member request #{asked.id} of {asked.login} ({runner})")
         yield from relay(context, warehouse, asked.id, _ad_hoc(context, runner, sql_text, warehouse),
-                         lambda conn, meta: answer_of(adhoc_service.stored_result(conn, c, runner, context.run.run_id), meta, context.run.run_id))
+                         lambda conn, meta: answer_of(ad_hoc_service.stored_result(conn, c, runner, context.run.run_id), meta, context.run.run_id))
 
     def _ad_hoc(context: dg.AssetExecutionContext, runner: str, sql_text: str, warehouse: WarehouseResource) -> Iterator[Any]:
         config = AdHocConfig(runner=runner, sql=sql_text)
@@ -87,21 +88,21 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
             yield refusal(context, "query refused, nothing ran or was charged: an ad-hoc run needs a request, config {runner: MEMBER, sql: \"SELECT ...\"}; "
                           "use `dcr query run COLLAB --member MEMBER \"SQL\"`", rule="request")
             return
-        digest = adhoc.query_sha256(config.sql)
+        digest = ad_hoc_sql.query_sha256(config.sql)
         try:
-            checked = adhoc.check(loaded, config.runner, config.sql)
+            checked = ad_hoc_sql.check(loaded, config.runner, config.sql)
             with warehouse.connect() as conn:
-                result = adhoc_service.execute(conn, loaded, checked, context.run.run_id, config.sql, freshness.staged(context.instance, conn, loaded))
-        except adhoc.QueryRefused as exc:
-            datasets = adhoc.datasets_named(loaded, config.sql)
+                result = ad_hoc_service.execute(conn, loaded, checked, context.run.run_id, config.sql, freshness.staged(context.instance, conn, loaded))
+        except ad_hoc_sql.QueryRefused as exc:
+            datasets = ad_hoc_sql.datasets_named(loaded, config.sql)
             with warehouse.connect() as conn:  # refusals are in the audit chain too, with their time: they count against the daily cap
-                chained = adhoc_service.record_refusal(conn, loaded, context.run.run_id, config.runner, config.sql, exc.rule, datasets)
+                chained = ad_hoc_service.record_refusal(conn, loaded, context.run.run_id, config.runner, config.sql, exc.rule, datasets)
             yield refusal(context, f"query refused: {exc}", rule=exc.rule, runner=config.runner, query_sha256=digest,
-                          query=adhoc.hashable(config.sql), datasets=", ".join(datasets), audit_chain_sha256=chained.chain_sha256)
+                          query=ad_hoc_sql.hashable(config.sql), datasets=", ".join(datasets), audit_chain_sha256=chained.chain_sha256)
             return
         if result.failure:
             yield refusal(context, f"query failed: {result.failure}", rule="run time", runner=config.runner, query_sha256=digest,
-                          query=adhoc.hashable(config.sql), datasets=", ".join(checked.datasets), audit_chain_sha256=result.audit_chain_sha256)
+                          query=ad_hoc_sql.hashable(config.sql), datasets=", ".join(checked.datasets), audit_chain_sha256=result.audit_chain_sha256)
             return
         if checked.dp is not None:
             context.log.info(f"ad-hoc query of {config.runner} (differential privacy): {len(result.rows)} rows released, "
@@ -124,7 +125,7 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
         yield dg.MaterializeResult(
             metadata={
                 "runner": config.runner,
-                "query": adhoc.hashable(config.sql),
+                "query": ad_hoc_sql.hashable(config.sql),
                 "query_sha256": digest,
                 "kind": checked.kind,
                 "datasets": ", ".join(checked.datasets),

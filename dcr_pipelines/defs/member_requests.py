@@ -22,7 +22,7 @@ from typing import Any
 
 import dagster as dg
 
-from ..lib import adhoc, naming
+from ..lib import ad_hoc, naming
 from ..lib.naming import job_names, uploads_job_name
 from ..lib.policy import LoadedCollaboration
 from ..services import budget as budget_service
@@ -83,8 +83,8 @@ def _answer_now(conn: Any, loaded: LoadedCollaboration, request: member_requests
         member_requests.finish(conn, request.id, "answered", answer={"consumers": mine, "owners": {o: e for o, e in owners.items() if e}})
         return
     try:
-        checked = adhoc.check(loaded, request.member, str(request.payload.get("sql") or ""))
-    except adhoc.QueryRefused as exc:
+        checked = ad_hoc.check(loaded, request.member, str(request.payload.get("sql") or ""))
+    except ad_hoc.QueryRefused as exc:
         member_requests.finish(conn, request.id, "refused", reason=str(exc))
         return
     member_requests.finish(conn, request.id, "answered", answer={"summary": checked.summary()})

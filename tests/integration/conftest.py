@@ -41,7 +41,7 @@ ONLY_QUERY = "campaign_reach"
 
 def make_collaboration(root: Path, name: str, *, groups: int, budget: float = 10.0, receivers: str = "[ad_network, retailer]") -> Path:
     """A copy of the demo named ``name`` with one approved query (campaign_reach): its group limit and receivers
-    set, approvals re-signed. (The demo's other queries are tested in test_adhoc.py.)"""
+    set, approvals re-signed. (The demo's other queries are tested in test_ad_hoc.py.)"""
     folder = root / name
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     for extra in (folder / "queries").iterdir():

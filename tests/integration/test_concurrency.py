@@ -100,10 +100,10 @@ def test_concurrent_releases_each_answer_their_own_request(ctx: dict[str, Any]) 
     # Eight processes at once: twin threshold requests (one release), three distinct DP requests (the budget pays for two), two ad-hoc runs.
     tiers = ["2026-01-01", "2026-02-01", "2026-02-01"]
     reach = ["2026-01-01", "2026-02-01", "2026-03-01"]
-    adhoc = f"select c.loyalty_tier, count(distinct c.customer_email) as buyers {JOIN} group by 1"
+    ad_hoc = f"select c.loyalty_tier, count(distinct c.customer_email) as buyers {JOIN} group by 1"
     procs = [("tier_reach", s, _start(ctx["env"], "release", COLLAB, "tier_reach", "--param", f"since={s}", "--format", "json")) for s in tiers]
     procs += [("campaign_reach", s, _start(ctx["env"], "release", COLLAB, "campaign_reach", "--param", f"since={s}", "--format", "json")) for s in reach]
-    procs += [("ad_hoc", "", _start(ctx["env"], "query", "run", COLLAB, "--member", "ad_network", "--format", "json", adhoc)) for _ in range(2)]
+    procs += [("ad_hoc", "", _start(ctx["env"], "query", "run", COLLAB, "--member", "ad_network", "--format", "json", ad_hoc)) for _ in range(2)]
     answers: dict[str, list[tuple[str, dict[str, Any] | None, str]]] = {"tier_reach": [], "campaign_reach": [], "ad_hoc": []}
     for name, since, proc in procs:
         code, out, err = _finish(proc)

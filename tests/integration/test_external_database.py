@@ -42,10 +42,10 @@ def test_dcr_demo_runs_on_the_external_database(external_url: str, tmp_path: Pat
     with psycopg.connect(external_url) as conn:
         version = conn.execute("show server_version_num").fetchone()[0]
         releases = conn.execute("select count(*) from demo_results.releases where query_name <> 'overlap' and query_name not like 'ad\\_hoc\\_\\_%'").fetchone()[0]
-        adhoc = conn.execute("select count(*) from demo_results.releases where query_name = 'ad_hoc__ad_network'").fetchone()[0]
+        ad_hoc = conn.execute("select count(*) from demo_results.releases where query_name = 'ad_hoc__ad_network'").fetchone()[0]
         dagster_runs = conn.execute("select count(*) from runs").fetchone()[0]
     assert releases == 3  # the demo's three approved queries
-    assert adhoc == 1  # and its differentially private ad-hoc example
+    assert ad_hoc == 1  # and its differentially private ad-hoc example
     assert dagster_runs >= 1, "Dagster's run storage lives in the same external database"
     url = subprocess.run([*dcr, "db", "url"], env=env, capture_output=True, text=True)
     assert f"{EXTERNAL_HOST}:{EXTERNAL_PORT}" in url.stdout

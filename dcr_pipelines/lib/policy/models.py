@@ -200,7 +200,7 @@ class RowFilter(Strict):
     value: Any = None
 
 
-# Scalar functions an owner may allow in ad-hoc SQL (lib/adhoc.py maps each to its parsed forms).
+# Scalar functions an owner may allow in ad-hoc SQL (lib/ad_hoc.py maps each to its parsed forms).
 SCALAR_FUNCTIONS = (
     "lower", "upper", "trim", "length", "substring", "concat", "round", "abs", "floor", "ceil",
     "coalesce", "greatest", "least", "date_trunc", "extract", "cast", "case",

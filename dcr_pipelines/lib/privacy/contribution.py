@@ -1,7 +1,7 @@
 """What one person can add to a differentially private ad-hoc answer: the plan the checker hands to the noise.
 
-Pure value objects (no opendp import): ``lib/adhoc/checker.py`` builds them from the
-policy and the query, ``lib/privacy/adhoc.py`` turns them into opendp measurements.
+Pure value objects (no opendp import): ``lib/ad_hoc/checker.py`` builds them from the
+policy and the query, ``lib/privacy/ad_hoc.py`` turns them into opendp measurements.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ the audit chain, whose entries carry the time of the run):
 2. phase 1 as that role (``checker`` guarantees it cannot fail on any data);
 3. **differential privacy** (a dataset read is under the differential_privacy
    rule): phase 1 returns each group's sums of bounded per-person
-   contributions; the noise (``lib/privacy/adhoc.py``) and the charge to the
+   contributions; the noise (``lib/privacy/ad_hoc.py``) and the charge to the
    runner's budget go through the ledger in one transaction, and an identical
    query over the same data versions is answered from the store at no cost.
    **Exact** (aggregation rule): phase 1 returns the groups that pass the
@@ -42,11 +42,11 @@ import psycopg
 from psycopg import sql
 
 from ..lib import audit, naming
-from ..lib.adhoc.checker import PEOPLE, UNITS, CheckedQuery, QueryRefused, hashable, query_sha256
+from ..lib.ad_hoc.checker import PEOPLE, UNITS, CheckedQuery, QueryRefused, hashable, query_sha256
 from ..lib.audit import rows_digest
 from ..lib.policy import LoadedCollaboration
 from ..lib.policy.models import Budget
-from ..lib.privacy import adhoc as adhoc_noise
+from ..lib.privacy import ad_hoc as ad_hoc_noise
 from ..lib.privacy import difference
 from ..store import access, approvals, audit_chain, builder, footprints, ledger, migrations, stages
 from ..store import matching as store_matching
@@ -179,7 +179,7 @@ def runs_today(conn: psycopg.Connection, collab: str, runner: str) -> int:
 
 def _runner_lock(conn: psycopg.Connection, collab: str, runner: str) -> None:
     """One run of a runner at a time past this point, so that the daily cap counts every run (taken before any other lock)."""
-    conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-adhoc-runner:{collab}:{runner}",))
+    conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-ad_hoc-runner:{collab}:{runner}",))
 
 
 def _check_cap(conn: psycopg.Connection, loaded: LoadedCollaboration, runner: str) -> None:
@@ -222,7 +222,7 @@ def dp_cache_key(checked: CheckedQuery, text: str, versions: dict[str, Any]) -> 
 class AdHocDryRun:
     """What running a checked query would cost now: its noise (dp), the runner's budget, the daily cap; nothing runs."""
 
-    noise: adhoc_noise.AdHocNoise | None
+    noise: ad_hoc_noise.AdHocNoise | None
     status: ledger.BudgetStatus | None
     cached: bool  # an identical query over the same data was answered before: the store answers, free
     runs_today: int
@@ -248,7 +248,7 @@ def dry_run(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: Chec
     schema = naming.results_schema(loaded.name)
     status = ledger.budget_status(conn, schema, budget)
     cached = ledger.stored_release_id(conn, schema, dp_cache_key(checked, text, read_versions(conn, loaded, checked.datasets))) is not None
-    return AdHocDryRun(adhoc_noise.plan(checked.dp), status, cached, runs, cap)
+    return AdHocDryRun(ad_hoc_noise.plan(checked.dp), status, cached, runs, cap)
 
 
 def refuse_unready(conn: psycopg.Connection, loaded: LoadedCollaboration, staged: ingest_lib.Staged) -> None:
@@ -399,7 +399,7 @@ def _execute_dp(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: 
         _ensure_results_table(conn, loaded, checked.runner)
         versions = read_versions(conn, loaded, checked.datasets)
         key = dp_cache_key(checked, text, versions)
-        noise = adhoc_noise.plan(checked.dp)
+        noise = ad_hoc_noise.plan(checked.dp)
         role = _temporary_role(conn, loaded, checked)
         types = _planned(conn, role, timeout_s, checked)
         made: dict[str, Any] = {}
@@ -415,7 +415,7 @@ def _execute_dp(conn: psycopg.Connection, loaded: LoadedCollaboration, checked: 
             cursor = _as_role(conn, role, timeout_s, checked.phase1)
             names = [d.name for d in cursor.description or ()]
             groups = cursor.fetchall()
-            released = adhoc_noise.release(noise, checked.dp, names, groups, checked.keys)
+            released = ad_hoc_noise.release(noise, checked.dp, names, groups, checked.keys)
             inputs = [list(range(len(released)))] + [[g.keys[k] for g in released] for k in range(checked.keys)]
             inputs += [[g.values[j] for g in released] for j in range(len(checked.dp.aggregates))]
             out_names, rows = phase2(conn, role, timeout_s, checked, types, inputs) if released else (list(checked.columns), [])
@@ -469,7 +469,7 @@ def _ensure_results_table(conn: psycopg.Connection, loaded: LoadedCollaboration,
     table = sql.Identifier(schema, results_table(runner))
     reader = sql.Identifier(access.role_name(c, runner, "result_reader"))
     migrations.ensure(conn, "results", schema)
-    conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-adhoc-ddl:{c}:{runner}",))
+    conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (f"dcr-ad_hoc-ddl:{c}:{runner}",))
     conn.execute(
         sql.SQL(
             "create table if not exists {} (run_id text not null, ran_at timestamptz not null default now(), "

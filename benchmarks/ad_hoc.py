@@ -1,13 +1,13 @@
 """What differential privacy costs an ad-hoc query: DP against exact at 10k and 1M matched people, and the noise it adds.
 
-    .venv/bin/python benchmarks/adhoc.py [--people 10000,1000000] [--rounds 5] [--count-trials 300]
+    .venv/bin/python benchmarks/ad_hoc.py [--people 10000,1000000] [--rounds 5] [--count-trials 300]
 
 A fresh embedded PostgreSQL holds one collaboration, a copy of the demo with
 ``customers`` under its differential_privacy rule and ``customers_exact`` (the
 same columns) under the exact aggregation rule. For each size its matched
 views are replaced by tables of that many matched people (three impressions
 each on average, one customer row each), generated in SQL; then the same
-questions run through ``adhoc_service.execute`` (what the Dagster asset calls)
+questions run through ``ad_hoc_service.execute`` (what the Dagster asset calls)
 against ``customers`` (DP: per-person bounding, opendp noise, the ledger) and
 ``customers_exact`` (exact: per person, threshold, difference checks),
 alternately, ``--rounds`` times each. Every run's text differs by a literal
@@ -19,7 +19,7 @@ the noise of a COUNT at epsilon 1: the 95th percentile of |noised - true|
 over ``--count-trials`` runs against opendp's analytic 95% half-width for the
 same scale (target: within 2x).
 
-Writes ``benchmarks/results/adhoc.json``.
+Writes ``benchmarks/results/ad_hoc.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-COLLAB = "bench_adhoc"
+COLLAB = "bench_ad_hoc"
 EXACT_COPY = """
   customers_exact:
     owner: retailer
@@ -69,7 +69,7 @@ def staged_now(conn: Any, loaded: Any) -> Any:
 
 
 def _setup() -> tuple[Path, Any, Any]:
-    home = Path(tempfile.mkdtemp(prefix="dcr-bench-adhoc-"))
+    home = Path(tempfile.mkdtemp(prefix="dcr-bench-ad_hoc-"))
     os.environ["DCR_HOME"] = str(home)
     os.environ.pop("DCR_DATABASE_URL", None)
     import psycopg
@@ -127,12 +127,12 @@ def _load_people(url: str, people: int) -> int:
 
 
 def _run(conn: Any, loaded: Any, text: str, tag: str) -> tuple[float, Any]:
-    from dcr_pipelines.lib import adhoc
-    from dcr_pipelines.services import adhoc as adhoc_service
+    from dcr_pipelines.lib import ad_hoc
+    from dcr_pipelines.services import ad_hoc as ad_hoc_service
 
     started = time.perf_counter()
-    checked = adhoc.check(loaded, "ad_network", text)
-    result = adhoc_service.execute(conn, loaded, checked, tag, text, staged_now(conn, loaded))
+    checked = ad_hoc.check(loaded, "ad_network", text)
+    result = ad_hoc_service.execute(conn, loaded, checked, tag, text, staged_now(conn, loaded))
     return time.perf_counter() - started, result
 
 
@@ -164,13 +164,13 @@ def latency(url: str, loaded: Any, people: int, rounds: int, counter: list[int])
 def count_noise(url: str, loaded: Any, people: int, trials: int, counter: list[int]) -> dict[str, Any]:
     import psycopg
 
-    from dcr_pipelines.lib import adhoc
-    from dcr_pipelines.lib.privacy import adhoc as adhoc_noise
+    from dcr_pipelines.lib import ad_hoc
+    from dcr_pipelines.lib.privacy import ad_hoc as ad_hoc_noise
 
     _load_people(url, people)
-    checked = adhoc.check(loaded, "ad_network", COUNT.format(n=0))
+    checked = ad_hoc.check(loaded, "ad_network", COUNT.format(n=0))
     assert checked.dp is not None
-    plan = adhoc_noise.plan(checked.dp)
+    plan = ad_hoc_noise.plan(checked.dp)
     (count_plan,) = plan.plans
     errors = []
     with psycopg.connect(url, autocommit=True) as conn:
@@ -210,7 +210,7 @@ def main() -> None:
     finally:
         stop_embedded(home)
         shutil.rmtree(home, ignore_errors=True)
-    out = PROJECT_ROOT / "benchmarks" / "results" / "adhoc.json"
+    out = PROJECT_ROOT / "benchmarks" / "results" / "ad_hoc.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
 

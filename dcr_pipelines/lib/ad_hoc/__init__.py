@@ -1,7 +1,7 @@
-"""Ad-hoc SQL, the pure part: ``checker`` decides what may run and plans it. ``services.adhoc`` runs the plan.
+"""Ad-hoc SQL, the pure part: ``checker`` decides what may run and plans it. ``services.ad_hoc`` runs the plan.
 
     checked = check(loaded, "ad_network", sql_text)   # or QueryRefused naming the rule
-    result = services.adhoc.execute(conn, loaded, checked, run_id, sql_text, staged)
+    result = services.ad_hoc.execute(conn, loaded, checked, run_id, sql_text, staged)
 """
 
 from .checker import PRE_THRESHOLD, UNITS, CheckedQuery, QueryRefused, TableUse, check, datasets_named, hashable, query_sha256

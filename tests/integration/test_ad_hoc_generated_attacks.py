@@ -34,16 +34,16 @@ import pytest
 from scipy.stats import beta
 
 from dcr_pipelines.definitions import build_definitions, secret_names
-from dcr_pipelines.lib import adhoc, demo_data, naming
+from dcr_pipelines.lib import ad_hoc, demo_data, naming
 from dcr_pipelines.lib.policy import LoadedCollaboration, load_collaboration
 from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
-from dcr_pipelines.services import adhoc as adhoc_service
+from dcr_pipelines.services import ad_hoc as ad_hoc_service
 
 from .conftest import land
-from .test_adhoc import forget_history
+from .test_ad_hoc import forget_history
 
 A, B = "gen_a", "gen_b"
 TESS = "tess.target@example.org"
@@ -142,10 +142,10 @@ def ask(worlds: dict[str, Any], text: str, world: str = B) -> tuple[str, Any]:
     """What the analyst gets: ("rows", result) or ("refused", the one-line message)."""
     loaded: LoadedCollaboration = worlds["loaded"][world]
     try:
-        checked = adhoc.check(loaded, "ad_network", text)
+        checked = ad_hoc.check(loaded, "ad_network", text)
         with psycopg.connect(worlds["url"], autocommit=True) as conn:
-            return ("rows", adhoc_service.execute(conn, loaded, checked, f"generated-{world}-{next(_runs)}", text, staged_now(conn, loaded)))
-    except adhoc.QueryRefused as exc:
+            return ("rows", ad_hoc_service.execute(conn, loaded, checked, f"generated-{world}-{next(_runs)}", text, staged_now(conn, loaded)))
+    except ad_hoc.QueryRefused as exc:
         return ("refused", str(exc))
 
 
@@ -239,7 +239,7 @@ def test_the_phase_two_error_oracle_gets_the_same_answer_for_every_guess(worlds:
         naive = [operator(worlds, f"select count(*) {group} having count(*) / round(sum(c.lifetime_value) / {2 * x:.6f}) < 0")[0] for x in guesses]
         assert naive[0] == "rows" and naive[1] == "rows" and naive[2] == "error" and naive[3] == "error"
     with psycopg.connect(worlds["url"]) as conn:
-        assert adhoc_service.runs_today(conn, B, "ad_network") >= 4 * 8  # withheld runs are counted like any other
+        assert ad_hoc_service.runs_today(conn, B, "ad_network") >= 4 * 8  # withheld runs are counted like any other
 
 
 def test_which_row_was_withheld_no_longer_tells_a_tier_and_membership_is_the_documented_signal(worlds: dict[str, Any]) -> None:
@@ -309,7 +309,7 @@ ATTACKS = {
 
 def pre_noise(worlds: dict[str, Any], text: str, world: str) -> dict[Any, float]:
     """Phase 1 of a DP query as the operator sees it: each group's bounded sums before any noise ("a1", or (key, "a1"))."""
-    checked = adhoc.check(worlds["loaded"][world], "ad_network", text)
+    checked = ad_hoc.check(worlds["loaded"][world], "ad_network", text)
     with psycopg.connect(worlds["url"], autocommit=True) as conn:
         cursor = conn.execute(checked.phase1)  # type: ignore[arg-type]
         names = [d.name for d in cursor.description or ()]
@@ -412,11 +412,11 @@ def test_concurrent_dp_queries_never_overspend_the_runners_budget(worlds: dict[s
     texts = [f"select c.loyalty_tier, count(*) as n {DP_JOIN} where {n} = {n} group by 1" for n in range(9001, 9009)]
 
     def run(text: str) -> tuple[str, Any]:
-        checked = adhoc.check(tight, "ad_network", text)
+        checked = ad_hoc.check(tight, "ad_network", text)
         with psycopg.connect(worlds["url"], autocommit=True) as conn:
             try:
-                return ("rows", adhoc_service.execute(conn, tight, checked, f"race-{next(_runs)}", text, staged_now(conn, tight)))
-            except adhoc.QueryRefused as exc:
+                return ("rows", ad_hoc_service.execute(conn, tight, checked, f"race-{next(_runs)}", text, staged_now(conn, tight)))
+            except ad_hoc.QueryRefused as exc:
                 return ("refused", str(exc))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -456,11 +456,11 @@ def test_a_dp_query_the_budget_cannot_cover_reads_no_row(worlds: dict[str, Any])
         for n, loaded_now in ((1, broke), (2, loaded)):
             text = f"select c.loyalty_tier, count(*) as n {DP_JOIN} where {7700 + n} = {7700 + n} group by 1"
             before = scans(conn)
-            checked = adhoc.check(loaded_now, "ad_network", text)
+            checked = ad_hoc.check(loaded_now, "ad_network", text)
             try:
-                adhoc_service.execute(conn, loaded_now, checked, f"scan-{n}", text, staged_now(conn, loaded_now))
+                ad_hoc_service.execute(conn, loaded_now, checked, f"scan-{n}", text, staged_now(conn, loaded_now))
                 answered = True
-            except adhoc.QueryRefused as exc:
+            except ad_hoc.QueryRefused as exc:
                 assert "(budget)" in str(exc)
                 answered = False
             after = scans(conn)

@@ -1,6 +1,6 @@
 """Where ad-hoc SQL gets its noise: the differential_privacy rule, from bounded group sums to released groups.
 
-Phase 1 (``lib/adhoc/checker.py``) hands over, per group, the sum over people
+Phase 1 (``lib/ad_hoc/checker.py``) hands over, per group, the sum over people
 of each person's *bounded* contribution: a person counts in at most ``G =
 max_groups`` groups, adds at most ``K = max_rows`` rows to a row count, 1 to a
 count of people, and a value clamped to ``[L, U]`` to a sum (the person's own

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlglot
 
-from dcr_pipelines.lib import adhoc
+from dcr_pipelines.lib import ad_hoc
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.settings import PROJECT_ROOT
@@ -285,7 +285,7 @@ REFUSED = [
 
 @pytest.mark.parametrize("sql_text", ACCEPTED)
 def test_accepted(loaded, sql_text: str) -> None:  # type: ignore[no-untyped-def]
-    checked = adhoc.check(loaded, "ad_network", sql_text)
+    checked = ad_hoc.check(loaded, "ad_network", sql_text)
     assert checked.columns
     physical = sqlglot.parse_one(checked.phase1, read="postgres")
     # Only matched views are read, and every group is thresholded on distinct people before anything else.
@@ -300,8 +300,8 @@ def test_accepted(loaded, sql_text: str) -> None:  # type: ignore[no-untyped-def
 
 @pytest.mark.parametrize(("runner", "sql_text", "rule"), REFUSED, ids=[f"{i:02d}" for i in range(len(REFUSED))])
 def test_refused(loaded, runner: str, sql_text: str, rule: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(adhoc.QueryRefused) as caught:
-        adhoc.check(loaded, runner, sql_text)
+    with pytest.raises(ad_hoc.QueryRefused) as caught:
+        ad_hoc.check(loaded, runner, sql_text)
     assert rule in caught.value.rule, f"{sql_text!r} refused under {caught.value.rule!r}: {caught.value}"
 
 
@@ -312,26 +312,26 @@ def test_the_table_covers_every_class_of_refusal() -> None:
 
 
 def test_most_restrictive_settings_win(loaded) -> None:  # type: ignore[no-untyped-def]
-    alone = adhoc.check(loaded, "ad_network", "select campaign_id, count(*) from impressions group by 1")
+    alone = ad_hoc.check(loaded, "ad_network", "select campaign_id, count(*) from impressions group by 1")
     assert alone.min_distinct_units == 25
     # date_trunc is allowed on both; lower is allowed on subscribers and impressions but a list query
     # cannot mix rules, so the intersection is visible on the join operators: OR is allowed by
     # subscribers but not by impressions.
-    with pytest.raises(adhoc.QueryRefused, match="OR is not an allowed join operator"):
-        adhoc.check(loaded, "ad_network", "select distinct s.newsletter from subscribers s join impressions i on i.user_email = s.email or s.email = i.user_email")
+    with pytest.raises(ad_hoc.QueryRefused, match="OR is not an allowed join operator"):
+        ad_hoc.check(loaded, "ad_network", "select distinct s.newsletter from subscribers s join impressions i on i.user_email = s.email or s.email = i.user_email")
 
 
 def test_refusal_names_the_offending_part(loaded) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(adhoc.QueryRefused) as caught:
-        adhoc.check(loaded, "ad_network", "select loyalty_tier, count(*) from customers group by 1")
+    with pytest.raises(ad_hoc.QueryRefused) as caught:
+        ad_hoc.check(loaded, "ad_network", "select loyalty_tier, count(*) from customers group by 1")
     assert str(caught.value) == "table customers requires an inner join with a table of the query runner (ad_network) (aggregation rule, join_required)"
-    with pytest.raises(adhoc.QueryRefused, match=r"customers\.lifetime_value"):
-        adhoc.check(loaded, "ad_network", f"select c.loyalty_tier, max(c.lifetime_value) {JOIN} group by 1")
+    with pytest.raises(ad_hoc.QueryRefused, match=r"customers\.lifetime_value"):
+        ad_hoc.check(loaded, "ad_network", f"select c.loyalty_tier, max(c.lifetime_value) {JOIN} group by 1")
 
 
 def test_rewrite_ignores_what_the_analyst_typed_around_the_query(loaded) -> None:  # type: ignore[no-untyped-def]
-    a = adhoc.check(loaded, "ad_network", f"select c.loyalty_tier, count(*) {JOIN} group by 1")
-    b = adhoc.check(loaded, "ad_network", f"SELECT   c.loyalty_tier ,\n\tCOUNT(*)\n{JOIN.upper()}\nGROUP BY 1")
+    a = ad_hoc.check(loaded, "ad_network", f"select c.loyalty_tier, count(*) {JOIN} group by 1")
+    b = ad_hoc.check(loaded, "ad_network", f"SELECT   c.loyalty_tier ,\n\tCOUNT(*)\n{JOIN.upper()}\nGROUP BY 1")
     assert a.sql == b.sql
 
 

@@ -1,6 +1,6 @@
 """Every analysis-rule setting through real runs: ad-hoc SQL via Dagster on PostgreSQL.
 
-The ``adhoc`` collaboration is the demo with its rules varied: impressions
+The ``ad_hoc`` collaboration is the demo with its rules varied: impressions
 (the runner's own) allow OR joins and CASE with a threshold of 5 people;
 customers require a join with the runner's table and 25 people per row;
 ``segments`` (a copy of the customer file) is under a list rule; purchases
@@ -22,18 +22,18 @@ import pytest
 from dcr_pipelines.definitions import build_definitions, secret_names
 from dcr_pipelines.defs import freshness
 from dcr_pipelines.defs.audit import entries
-from dcr_pipelines.lib import adhoc, demo_data, naming
+from dcr_pipelines.lib import ad_hoc, demo_data, naming
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
-from dcr_pipelines.services import adhoc as adhoc_service
+from dcr_pipelines.services import ad_hoc as ad_hoc_service
 
 from ..policy_edits import exact_customers, threshold_tier_reach
 from .conftest import land
 
-COLLAB = "adhoc"
+COLLAB = "ad_hoc"
 JOIN = "from impressions as i inner join customers as c on c.customer_email = i.user_email"
 
 SEGMENTS = """
@@ -51,7 +51,7 @@ SEGMENTS = """
 
 @pytest.fixture(scope="module")
 def collab(runtime, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("adhoc_policies")
+    root = tmp_path_factory.mktemp("ad_hoc_policies")
     folder = root / COLLAB
     shutil.copytree(PROJECT_ROOT / "policies" / "demo", folder)
     path = folder / "collaboration.yaml"
@@ -103,7 +103,7 @@ def _run(collab: dict[str, Any], sql_text: str, runner: str = "ad_network", fres
     if not outcome.success:
         return outcome, None
     with psycopg.connect(collab["url"], autocommit=True) as conn:
-        columns, rows = adhoc_service.stored_rows(conn, COLLAB, runner, outcome.run_id)
+        columns, rows = ad_hoc_service.stored_rows(conn, COLLAB, runner, outcome.run_id)
     return outcome, pd.DataFrame(rows, columns=columns)
 
 
@@ -207,7 +207,7 @@ def test_accepted_runs_are_logged_and_results_are_the_runners_only(collab) -> No
     assert got is not None and len(got) == 3
     meta = outcome.metadata["/".join(naming.ad_hoc_key(COLLAB))]
     assert meta["runner"] == "ad_network" and meta["min_distinct_units"] == 25 and meta["rows"] == 3
-    table = f'"{naming.results_schema(COLLAB)}"."{adhoc_service.results_table("ad_network")}"'
+    table = f'"{naming.results_schema(COLLAB)}"."{ad_hoc_service.results_table("ad_network")}"'
     with psycopg.connect(collab["url"], autocommit=True) as conn:
         conn.execute(f"set role dcr_{COLLAB}_ad_network_result_reader")
         assert conn.execute(f"select count(*) from {table} where run_id = %s", (outcome.run_id,)).fetchone()[0] == 1
@@ -218,14 +218,14 @@ def test_accepted_runs_are_logged_and_results_are_the_runners_only(collab) -> No
 
 
 def test_the_analysis_role_cannot_write_even_through_the_checked_query(collab) -> None:  # type: ignore[no-untyped-def]
-    checked = adhoc.check(collab["loaded"], "ad_network", f"select c.loyalty_tier, count(*) {JOIN} group by 1")
+    checked = ad_hoc.check(collab["loaded"], "ad_network", f"select c.loyalty_tier, count(*) {JOIN} group by 1")
     statement = f'create table "{naming.analysis_schema(COLLAB)}".stolen (x int)'
     tampered = dataclasses.replace(checked, phase1=statement, phase1_without_people=statement)
-    with psycopg.connect(collab["url"], autocommit=True) as conn, pytest.raises(adhoc.QueryRefused):
-        adhoc_service.execute(conn, collab["loaded"], tampered, "tampered", "x", freshness.staged(dg.DagsterInstance.get(), conn, collab["loaded"]))
+    with psycopg.connect(collab["url"], autocommit=True) as conn, pytest.raises(ad_hoc.QueryRefused):
+        ad_hoc_service.execute(conn, collab["loaded"], tampered, "tampered", "x", freshness.staged(dg.DagsterInstance.get(), conn, collab["loaded"]))
     # The run's own role, as it is granted: it may read the matched views it names, and write nothing anywhere.
     with psycopg.connect(collab["url"]) as conn:
-        role = adhoc_service._temporary_role(conn, collab["loaded"], checked)
+        role = ad_hoc_service._temporary_role(conn, collab["loaded"], checked)
         conn.execute(psycopg.sql.SQL("set role {}").format(role))
         assert conn.execute(f'select count(*) from "{naming.analysis_schema(COLLAB)}".matched_customers').fetchone()[0] > 0
         for write in (statement, f'insert into "{naming.results_schema(COLLAB)}".audit_chain (kind) values (\'x\')',

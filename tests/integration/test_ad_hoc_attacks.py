@@ -5,7 +5,7 @@ difference checks on) plus ``agency``, a member without data that may run
 queries. The ad network knows its own impressions; its target is Tess, a
 retailer customer who saw one ad, on 31 December 2025, a day no one else
 did. Everything the analyst gets goes through the product's own code paths
-(``adhoc.check`` and ``adhoc_service.execute``, which the Dagster asset calls, and
+(``ad_hoc.check`` and ``ad_hoc_service.execute``, which the Dagster asset calls, and
 one Dagster run each for the ad-hoc asset and the threshold release).
 """
 
@@ -24,18 +24,18 @@ import psycopg
 import pytest
 
 from dcr_pipelines.definitions import build_definitions, secret_names
-from dcr_pipelines.lib import adhoc, demo_data, naming
+from dcr_pipelines.lib import ad_hoc, demo_data, naming
 from dcr_pipelines.lib.policy import LoadedCollaboration, PolicyError, load_collaboration
 from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.policy.models import AdHocLimits, DifferenceChecks
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import ad_hoc_run_config, analysis_run_config, collaboration_keys, materialize
-from dcr_pipelines.services import adhoc as adhoc_service
+from dcr_pipelines.services import ad_hoc as ad_hoc_service
 
 from ..policy_edits import exact_customers, threshold_tier_reach
 from .conftest import land
-from .test_adhoc import forget_history
+from .test_ad_hoc import forget_history
 
 COLLAB = "attacks"
 TESS = "tess.target@example.org"
@@ -98,10 +98,10 @@ def ask(ctx: dict[str, Any], text: str, runner: str = "ad_network", loaded: Load
     """What the analyst gets: ("rows", result) or ("refused", the one-line message)."""
     loaded = loaded or ctx["loaded"]
     try:
-        checked = adhoc.check(loaded, runner, text)
+        checked = ad_hoc.check(loaded, runner, text)
         with psycopg.connect(ctx["url"], autocommit=True) as conn:
-            return ("rows", adhoc_service.execute(conn, loaded, checked, f"attack-{next(_runs)}", text, staged_now(conn, loaded)))
-    except adhoc.QueryRefused as exc:
+            return ("rows", ad_hoc_service.execute(conn, loaded, checked, f"attack-{next(_runs)}", text, staged_now(conn, loaded)))
+    except ad_hoc.QueryRefused as exc:
         return ("refused", str(exc))
 
 
@@ -207,7 +207,7 @@ def test_two_ad_hoc_queries_that_differ_by_one_person_cannot_both_be_answered(ct
     meta = outcome.metadata["/".join(naming.ad_hoc_key(COLLAB))]
     assert meta["suppressed_rows"] == len(before.rows) and "fewer than 25" in meta["suppressed_because"][0]
     with psycopg.connect(ctx["url"], autocommit=True) as conn:
-        after = adhoc_service.stored_result(conn, COLLAB, "ad_network", outcome.run_id)
+        after = ad_hoc_service.stored_result(conn, COLLAB, "ad_network", outcome.run_id)
     assert after.rows == []
 
 
@@ -296,11 +296,11 @@ def test_ad_hoc_sql_runs_as_a_role_that_reads_only_the_matched_views_it_names(ct
             conn.execute(f'set local role "dcr_{COLLAB}_analysis_builder"')
             conn.execute(f"select * from {relation} limit 1")
     # Defence on: a checked query whose statement was swapped for a read of it is denied (SQLSTATE 42501).
-    checked = adhoc.check(ctx["loaded"], "ad_network", "select i.campaign_id, count(*) from impressions as i group by 1")
+    checked = ad_hoc.check(ctx["loaded"], "ad_network", "select i.campaign_id, count(*) from impressions as i group by 1")
     statement = f"select * from {relation} limit 1"
     tampered = dataclasses.replace(checked, phase1=statement, phase1_without_people=statement)
-    with psycopg.connect(ctx["url"], autocommit=True) as conn, pytest.raises(adhoc.QueryRefused, match="SQLSTATE 42501"):
-        adhoc_service.execute(conn, ctx["loaded"], tampered, f"tampered-{next(_runs)}", "x", staged_now(conn, ctx["loaded"]))
+    with psycopg.connect(ctx["url"], autocommit=True) as conn, pytest.raises(ad_hoc.QueryRefused, match="SQLSTATE 42501"):
+        ad_hoc_service.execute(conn, ctx["loaded"], tampered, f"tampered-{next(_runs)}", "x", staged_now(conn, ctx["loaded"]))
     # and the role is gone with its transaction
     with psycopg.connect(ctx["url"], autocommit=True) as conn:
         assert conn.execute("select count(*) from pg_roles where rolname like %s", (f"dcr_{COLLAB}_adhoc_%",)).fetchone()[0] == 0
@@ -337,7 +337,7 @@ def test_refused_and_withheld_runs_count_against_the_cap_from_the_audit_chain(ct
     """Every run counts: a refused query (through the Dagster asset, which chains refusals with their time) and a
     withheld one, so a runner cannot probe for free. The count is read from the audit chain, not the results table."""
     with psycopg.connect(ctx["url"], autocommit=True) as conn:
-        before = adhoc_service.runs_today(conn, COLLAB, "ad_network")
+        before = ad_hoc_service.runs_today(conn, COLLAB, "ad_network")
     refused = materialize(ctx["defs"], [naming.ad_hoc_key(COLLAB)], instance=dg.DagsterInstance.get(),
                           run_config=ad_hoc_run_config(COLLAB, "ad_network", "select * from customers"))
     assert refused.refused
@@ -345,9 +345,9 @@ def test_refused_and_withheld_runs_count_against_the_cap_from_the_audit_chain(ct
     ask(ctx, PAIR[0])
     assert ask(ctx, PAIR[1])[1].suppressed > 0  # withheld as a whole, and counted
     with psycopg.connect(ctx["url"], autocommit=True) as conn:
-        assert adhoc_service.runs_today(conn, COLLAB, "ad_network") == before + 3
+        assert ad_hoc_service.runs_today(conn, COLLAB, "ad_network") == before + 3
         conn.execute(f'delete from "{naming.results_schema(COLLAB)}".ad_hoc__ad_network')  # the results table is not the clock
-        counted = adhoc_service.runs_today(conn, COLLAB, "ad_network")
+        counted = ad_hoc_service.runs_today(conn, COLLAB, "ad_network")
         assert counted == before + 3
     capped = dataclasses.replace(ctx["loaded"], collaboration=ctx["loaded"].collaboration.model_copy(update={"ad_hoc": AdHocLimits(max_queries_per_day=counted)}))
     kind, message = ask(ctx, "select i.campaign_id, count(*) from impressions as i group by 1", loaded=capped)

@@ -15,7 +15,7 @@ computed for every group, the threshold applied afterwards) must show at
 least one difference: the test would catch that oracle.
 
 Difference checks are off here (they are a separate defence, tested in
-test_adhoc_attacks.py): this test is about evaluation alone.
+test_ad_hoc_attacks.py): this test is about evaluation alone.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import sqlglot
 from sqlglot import exp
 
 from dcr_pipelines.definitions import build_definitions, secret_names
-from dcr_pipelines.lib import adhoc, demo_data, naming
+from dcr_pipelines.lib import ad_hoc, demo_data, naming
 from dcr_pipelines.lib.policy import LoadedCollaboration, load_collaboration
 from dcr_pipelines.lib.policy.approve import approve_all
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
-from dcr_pipelines.services import adhoc as adhoc_service
+from dcr_pipelines.services import ad_hoc as ad_hoc_service
 
 from ..policy_edits import exact_customers
 from .conftest import land
@@ -207,14 +207,14 @@ def _rows_key(rows: list[dict[str, Any]]) -> tuple[str, ...]:
 def answer(conn: psycopg.Connection, loaded: LoadedCollaboration, text: str, tag: str) -> tuple[str, Any]:
     """What the analyst gets: the rows, or the one-line refusal or error."""
     try:
-        checked = adhoc.check(loaded, "ad_network", text)
-        result = adhoc_service.execute(conn, loaded, checked, tag, text, staged_now(conn, loaded))
-    except adhoc.QueryRefused as exc:
+        checked = ad_hoc.check(loaded, "ad_network", text)
+        result = ad_hoc_service.execute(conn, loaded, checked, tag, text, staged_now(conn, loaded))
+    except ad_hoc.QueryRefused as exc:
         return ("refused", str(exc))
     return ("rows", _rows_key(result.rows))
 
 
-def naive_sql(checked: adhoc.CheckedQuery) -> str:
+def naive_sql(checked: ad_hoc.CheckedQuery) -> str:
     """The defence switched off: the analyst's expressions computed for every group, the threshold applied afterwards
     (OFFSET 0 keeps PostgreSQL from pushing the threshold into the grouping, as it may or may not do)."""
     phase1 = sqlglot.parse_one(checked.phase1_without_people, read="postgres")
@@ -227,11 +227,11 @@ def naive_sql(checked: adhoc.CheckedQuery) -> str:
 
     outputs = [sqlglot.parse_one(o, read="postgres").transform(inline) for o in checked.outputs]
     inner = phase1.copy()
-    inner.set("expressions", [exp.alias_(o, name, quoted=True) for o, name in zip(outputs, checked.columns, strict=False)] + [exp.alias_(computed[adhoc.UNITS].copy(), adhoc.UNITS, quoted=True)])
+    inner.set("expressions", [exp.alias_(o, name, quoted=True) for o, name in zip(outputs, checked.columns, strict=False)] + [exp.alias_(computed[ad_hoc.UNITS].copy(), ad_hoc.UNITS, quoted=True)])
     inner.set("having", exp.Having(this=sqlglot.parse_one(checked.having, read="postgres").transform(inline)) if checked.having else None)
     inner.set("offset", exp.Offset(expression=exp.Literal.number(0)))
     names = ", ".join(f'"{n}"' for n in checked.columns)
-    return f'select {names} from ({inner.sql(dialect="postgres")}) as q where "{adhoc.UNITS}" >= {checked.min_distinct_units}'
+    return f'select {names} from ({inner.sql(dialect="postgres")}) as q where "{ad_hoc.UNITS}" >= {checked.min_distinct_units}'
 
 
 def naive_answer(conn: psycopg.Connection, statement: str) -> tuple[str, Any]:
@@ -244,7 +244,7 @@ def naive_answer(conn: psycopg.Connection, statement: str) -> tuple[str, Any]:
         return ("error", exc.sqlstate)
 
 
-def pat_in_a_released_group(conn: psycopg.Connection, checked: adhoc.CheckedQuery, pat: int) -> bool:
+def pat_in_a_released_group(conn: psycopg.Connection, checked: ad_hoc.CheckedQuery, pat: int) -> bool:
     with conn.transaction():
         groups = conn.execute(checked.phase1).fetchall()  # type: ignore[arg-type]
     return any(pat in (g[-1] or []) for g in groups)
@@ -258,8 +258,8 @@ def test_no_answer_depends_on_a_person_below_the_threshold(pair: dict[str, Any])
         for n in range(6000):
             text = generate(rng)
             try:
-                checked_b = adhoc.check(pair["loaded"][B], "ad_network", text)
-            except adhoc.QueryRefused:
+                checked_b = ad_hoc.check(pair["loaded"][B], "ad_network", text)
+            except ad_hoc.QueryRefused:
                 continue  # the checker decides from the text and the policy alone: the same for both
             accepted += 1
             if pat_in_a_released_group(conn, checked_b, pair["pat"]):
@@ -269,7 +269,7 @@ def test_no_answer_depends_on_a_person_below_the_threshold(pair: dict[str, Any])
             assert got_a == got_b, f"the answer depends on Pat, who is only in groups under the threshold:\n{text}\n{got_a}\n{got_b}"
             compared += 1
             functions_seen |= {type(node).__name__ for node in sqlglot.parse_one(text, read="postgres").walk()}
-            checked_a = adhoc.check(pair["loaded"][A], "ad_network", text)
+            checked_a = ad_hoc.check(pair["loaded"][A], "ad_network", text)
             if naive_answer(conn, naive_sql(checked_a)) != naive_answer(conn, naive_sql(checked_b)):
                 naive_differences += 1
 
