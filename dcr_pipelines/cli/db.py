@@ -235,7 +235,7 @@ def db_drop(collab: str, yes: bool) -> None:
 @click.option("--port", default=3000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 def ui(port: int, host: str) -> None:
-    """Start the Dagster UI (dg dev) on the same database.
+    """Start the Dagster UI (dg dev) on the same database; it reloads its definitions when the policies change.
 
     \b
     Example:
@@ -251,6 +251,9 @@ def ui(port: int, host: str) -> None:
     if (PROJECT_ROOT / ".env").is_file() and runtime.settings.home.resolve().is_relative_to(PROJECT_ROOT):
         os.environ.pop("DAGSTER_HOME", None)  # .env names it (see record_in_dotenv); exported too, `dagster dev` warns about dagster.yaml
     from ..lib.processes import run_process_tree
+    from ._ui_reload import watch
 
+    watch(runtime.settings.policies, host, port)  # a changed or new policy folder shows without "Reload definitions"
+    out.print(f"watching {runtime.settings.policies}: the UI reloads its definitions when a policy changes", markup=False)
     # not exec: dg dev leaves its webserver, daemon and code servers behind on SIGTERM; this process stops them all
     sys.exit(run_process_tree([str(dg_bin), "dev", "--host", host, "--port", str(port)]))
