@@ -1,14 +1,12 @@
 """Shared by the stage factories: run configs, the dbt translator, landing folders, request keys, audit metadata."""
 
-import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import dagster as dg
 
-from ..lib.policy import ApprovedQuery, LoadedCollaboration
+from ..lib.policy import LoadedCollaboration
 from ..lib.presentation import release_table
 from ..store import ledger
 
@@ -53,20 +51,6 @@ PSI_FOLDER = "_psi"  # a home party's protocol messages, next to its dataset fol
 
 def landing_folder(landing: Path, collab: str, party: str, dataset: str) -> Path:
     return landing / collab / party / dataset
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def analysis_lock_name(collab: str) -> str:
-    """The lock every build of a collaboration's pre-noise tables holds, and every release while it reads one."""
-    return f"dcr-stage:{collab}:analysis"
-
-
-def request_key(query: ApprovedQuery, params: dict[str, str], versions: dict[str, Any], match: tuple[str, int, Any] | None) -> str:
-    """What a pre-noise table was built for: the query, its parameters, the uploads and the cross-reference it read."""
-    return _digest(query.sha256, params, versions, str(match[2]) if match else None)
 
 
 def _audit_metadata(stored: ledger.StoredRelease) -> dict[str, Any]:

@@ -16,10 +16,12 @@ from ..lib.database import advisory_lock
 from ..lib.params import ParameterError, validate_params
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
+from ..services.release_request import analysis_lock_name, request_key
+from ..services.release_request import digest as _digest
 from ..store import analysis as store_analysis
 from ..store import builder, stages
 from ..store import matching as store_matching
-from .common import AnalysisConfig, _digest, analysis_lock_name, request_key
+from .common import AnalysisConfig
 from .dbt_project import CollaborationTranslator
 from .dbt_project import hand_written_digest as _hand_written_digest
 from .dbt_runner import DbtRunnerResource
