@@ -12,7 +12,7 @@ from typing import Any
 
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
-from ..lib.runtime import activate
+from ..lib.runtime import current
 
 
 class _DeploymentURL:
@@ -24,7 +24,7 @@ class _DeploymentURL:
 
     @classmethod
     def from_config_value(cls, inst_data: Any, config_value: Any) -> Any:
-        url = activate().dagster_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+        url = current().dagster_url.replace("postgresql://", "postgresql+psycopg2://", 1)
         return cls(postgres_url=url, inst_data=inst_data)  # type: ignore[call-arg]
 
 

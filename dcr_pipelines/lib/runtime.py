@@ -73,7 +73,35 @@ def activate(settings: Settings | None = None) -> Runtime:
     )
     if development_secrets_allowed(embedded):
         _load_development_secrets(settings.home / "secrets.env")
-    return Runtime(settings, warehouse, dagster_url, embedded)
+    global _ACTIVE, _ACTIVE_FROM
+    _ACTIVE = Runtime(settings, warehouse, dagster_url, embedded)
+    _ACTIVE_FROM = (settings, os.environ.get("DCR_DAGSTER_DATABASE_URL"))
+    return _ACTIVE
+
+
+_ACTIVE: Runtime | None = None  # what this process's last activate() found and exported
+_ACTIVE_FROM: tuple[Settings, str | None] | None = None  # and the environment it was found from
+
+
+def current() -> Runtime:
+    """The runtime this process already activated, while its settings are still the environment's and its embedded
+    server still runs; otherwise :func:`activate`. What Dagster's storage classes ask for: settings are read, the
+    server reached and the environment exported once per process, not once per storage."""
+    active = _ACTIVE
+    if active is None or (Settings.from_env(), os.environ.get("DCR_DAGSTER_DATABASE_URL")) != _ACTIVE_FROM:
+        return activate()
+    if active.embedded and not _server_alive(active.settings.home):
+        return activate()
+    return active
+
+
+def _server_alive(home: Path) -> bool:
+    try:
+        pid = int((home / "pg" / "postmaster.pid").read_text(encoding="utf-8").split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def write_if_changed(path: Path, text: str) -> bool:
