@@ -70,8 +70,8 @@ def audit_metadata(audit: Mapping[str, Any]) -> dict[str, Any]:
 
 def release_preview(loaded: LoadedCollaboration, query_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The released table itself, for the asset page (a table, shown inline however long): one row per group, values
-    with their 95% intervals; and what the brackets mean."""
-    shown = release_table(loaded.queries[query_name].spec, rows)
+    with their 95% intervals, large values shortened; and what the brackets mean."""
+    shown = release_table(loaded.queries[query_name].spec, rows, compact=True)  # it fits the asset page beside Dagster's panels
     schema = dg.TableSchema(columns=[dg.TableColumn(name=h, type="string") for h in shown.headers])
     return {
         "released_values": dg.MetadataValue.table(records=[dg.TableRecord(dict(zip(shown.headers, row, strict=True))) for row in shown.rows],

@@ -15,22 +15,32 @@ from .policy.models import MetricKind, QuerySpec
 COUNTS = (MetricKind.COUNT, MetricKind.COUNT_UNITS)
 
 
-def format_value(kind: MetricKind, value: float | None) -> str:
-    """A count is a whole number of people or rows (``251``, never ``251.0``); sums and averages keep two decimals."""
+def format_value(kind: MetricKind, value: float | None, compact: bool = False) -> str:
+    """A count is a whole number of people or rows (``251``, never ``251.0``); sums and averages keep two decimals.
+
+    ``compact`` (the asset page, where a table must fit beside Dagster's panels): from 10,000 on, three significant
+    digits with k, M or B (``12.3k``, ``1.24M``); amounts from 1,000 on without decimals (``1,235``)."""
     if value is None:
         return "-"
+    if compact:
+        size = abs(value)
+        for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e4, "k")):
+            if size >= limit:
+                return f"{value / (limit if suffix != 'k' else 1e3):.3g}{suffix}"
+        if kind not in COUNTS and size >= 1000:
+            return f"{value:,.0f}"
     if kind in COUNTS:
         return f"{round(value):,}"
     return f"{value:,.2f}"
 
 
-def format_cell(kind: MetricKind, row: Mapping[str, Any] | None) -> str:
+def format_cell(kind: MetricKind, row: Mapping[str, Any] | None, compact: bool = False) -> str:
     """``value [low, high]`` with the 95% interval when the release has one; ``-`` for a group without a value."""
     if row is None or row.get("value") is None:
         return "-"
-    text = format_value(kind, row["value"])
+    text = format_value(kind, row["value"], compact)
     if row.get("ci_low") is not None and row.get("ci_high") is not None:
-        text += f" [{format_value(kind, row['ci_low'])}, {format_value(kind, row['ci_high'])}]"
+        text += f" [{format_value(kind, row['ci_low'], compact)}, {format_value(kind, row['ci_high'], compact)}]"
     return text
 
 
@@ -51,19 +61,22 @@ class ReleaseTable:
         return "\n".join(lines) + f"\n\n{self.note}\n"
 
 
-def release_table(spec: QuerySpec, rows: Sequence[Mapping[str, Any]]) -> ReleaseTable:
-    """One row per group, one column per metric (``value [95% interval]``), in the order the release stored them."""
+def release_table(spec: QuerySpec, rows: Sequence[Mapping[str, Any]], compact: bool = False) -> ReleaseTable:
+    """One row per group, one column per metric (``value [95% interval]``), in the order the release stored them;
+    ``compact`` shortens large values (see :func:`format_value`) and says so in the note."""
     dims, metrics = list(spec.dimensions), list(spec.metrics)
     thresholded = spec.rule == "threshold"
     cells: dict[tuple[str, ...], dict[str, Mapping[str, Any]]] = {}
     for r in rows:
         cells.setdefault(tuple(str(r[d]) for d in dims), {})[str(r["metric"])] = r
     headers = dims + [m if thresholded else f"{m} (95% interval)" for m in metrics]
-    body = [[*key, *(format_cell(spec.metrics[m].aggregate, by.get(m)) for m in metrics)] for key, by in cells.items()]
+    body = [[*key, *(format_cell(spec.metrics[m].aggregate, by.get(m), compact) for m in metrics)] for key, by in cells.items()]
     if thresholded:
         note = f"Threshold rule: exact values; groups with fewer than {spec.min_distinct_units} distinct people were removed. No noise, no epsilon."
     else:
         note = "Differentially private (opendp Laplace noise); in brackets, the 95% interval of each released value."
+    if compact:
+        note += " Large values are shortened (k thousand, M million, B billion); `dcr release` and the export files have them in full."
     return ReleaseTable(headers, body, note)
 
 
