@@ -173,3 +173,8 @@ def test_the_ui_shows_lineage_released_tables_automation_and_refusals_as_green_r
             ui.wait(timeout=30)
     for name in ("ui-lineage.png", "ui-release.png", "ui-automation.png"):
         assert (shots / name).stat().st_size > 20_000, name
+    if os.environ.get("DCR_UPDATE_SCREENSHOTS") == "1":  # `DCR_UPDATE_SCREENSHOTS=1 make test`: the README's pictures, taken here
+        from dcr_pipelines.lib.settings import PROJECT_ROOT
+
+        for name in ("ui-lineage.png", "ui-release.png"):
+            shutil.copyfile(shots / name, PROJECT_ROOT / "docs" / name)
