@@ -18,17 +18,18 @@ COUNTS = (MetricKind.COUNT, MetricKind.COUNT_UNITS)
 def format_value(kind: MetricKind, value: float | None, compact: bool = False) -> str:
     """A count is a whole number of people or rows (``251``, never ``251.0``); sums and averages keep two decimals.
 
-    ``compact`` (the asset page, where a table must fit beside Dagster's panels): from 10,000 on, three significant
-    digits with k, M or B (``12.3k``, ``1.24M``); amounts from 1,000 on without decimals (``1,235``)."""
+    ``compact`` (the asset page, where a table must fit beside Dagster's panels): from 1,000 on, three significant
+    digits with k, M or B (``2k``, ``12.3k``, ``1.24M``); amounts from 100 on without decimals (``557``), under 100 with
+    three significant digits (``12.5``, ``0``)."""
     if value is None:
         return "-"
     if compact:
         size = abs(value)
-        for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e4, "k")):
+        for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
             if size >= limit:
-                return f"{value / (limit if suffix != 'k' else 1e3):.3g}{suffix}"
-        if kind not in COUNTS and size >= 1000:
-            return f"{value:,.0f}"
+                return f"{value / limit:.3g}{suffix}"
+        if kind not in COUNTS:
+            return f"{value:,.0f}" if size >= 100 else f"{value:.3g}"
     if kind in COUNTS:
         return f"{round(value):,}"
     return f"{value:,.2f}"
@@ -69,14 +70,15 @@ def release_table(spec: QuerySpec, rows: Sequence[Mapping[str, Any]], compact: b
     cells: dict[tuple[str, ...], dict[str, Mapping[str, Any]]] = {}
     for r in rows:
         cells.setdefault(tuple(str(r[d]) for d in dims), {})[str(r["metric"])] = r
-    headers = dims + [m if thresholded else f"{m} (95% interval)" for m in metrics]
+    headers = dims + [m if thresholded or compact else f"{m} (95% interval)" for m in metrics]
     body = [[*key, *(format_cell(spec.metrics[m].aggregate, by.get(m), compact) for m in metrics)] for key, by in cells.items()]
     if thresholded:
         note = f"Threshold rule: exact values; groups with fewer than {spec.min_distinct_units} distinct people were removed. No noise, no epsilon."
     else:
         note = "Differentially private (opendp Laplace noise); in brackets, the 95% interval of each released value."
     if compact:
-        note += " Large values are shortened (k thousand, M million, B billion); `dcr release` and the export files have them in full."
+        note += (" Values are shortened to fit (three significant digits; k thousand, M million, B billion); "
+                 "`dcr release` and the export files have them in full.")
     return ReleaseTable(headers, body, note)
 
 

@@ -147,6 +147,10 @@ def test_the_ui_shows_lineage_released_tables_automation_and_refusals_as_green_r
             table = body.split("released_values", 1)[1].split("Differentially private", 1)[0]
             counts = [line.split("\t")[2] for line in table.splitlines() if line.count("\t") >= 3 and "buyers" not in line]
             assert counts and all(c.split(" [")[0].strip().lstrip("-").isdigit() for c in counts), table
+            # ... and fits the page: its last column ends before Dagster's side panel (large values are shortened there).
+            last = page.get_by_text("lifetime_value", exact=True).first.bounding_box()
+            side = page.get_by_text("Definition", exact=True).first.bounding_box()
+            assert last and side and last["x"] + last["width"] <= side["x"], (last, side)
             page.screenshot(path=str(shots / "ui-release.png"), full_page=True)
             page.goto(f"{base}/assets/demo/results/tier_reach?view=checks")
             page.get_by_text("budget_respected").first.wait_for()

@@ -37,14 +37,17 @@ def test_the_release_table_has_one_row_per_group_and_says_what_its_brackets_are(
 
 
 def test_the_asset_page_shortens_large_values_and_keeps_small_ones_exact() -> None:
-    """The release preview on the asset page must fit beside Dagster's panels: three significant digits from 10,000 on."""
-    assert format_value(MetricKind.COUNT_UNITS, 251.0, compact=True) == "251" and format_value(MetricKind.COUNT, 9999.4, compact=True) == "9,999"
+    """The release preview on the asset page must fit beside Dagster's panels: three significant digits, k from 1,000 on."""
+    assert format_value(MetricKind.COUNT_UNITS, 251.0, compact=True) == "251" and format_value(MetricKind.COUNT, 999.4, compact=True) == "999"
+    assert format_value(MetricKind.COUNT, 2000.0, compact=True) == "2k"
     assert format_value(MetricKind.COUNT, 12345.0, compact=True) == "12.3k" and format_value(MetricKind.SUM, 1_234_567.8, compact=True) == "1.23M"
-    assert format_value(MetricKind.SUM, -2.5e9, compact=True) == "-2.5B" and format_value(MetricKind.AVG, 1234.56, compact=True) == "1,235"
-    assert format_value(MetricKind.AVG, 12.5, compact=True) == "12.50"
+    assert format_value(MetricKind.SUM, -2.5e9, compact=True) == "-2.5B" and format_value(MetricKind.AVG, 1234.56, compact=True) == "1.23k"
+    assert format_value(MetricKind.AVG, 12.5, compact=True) == "12.5" and format_value(MetricKind.AVG, 557.07, compact=True) == "557"
+    assert format_value(MetricKind.AVG, 0.0, compact=True) == "0" and format_value(MetricKind.SUM, 3.14159, compact=True) == "3.14"
     wide = {"value": 1_234_567.8, "ci_low": 1_200_100.0, "ci_high": 1_269_035.6}
     assert format_cell(MetricKind.SUM, wide) == "1,234,567.80 [1,200,100.00, 1,269,035.60]"  # the CLI and exports: in full
     assert format_cell(MetricKind.SUM, wide, compact=True) == "1.23M [1.2M, 1.27M]"
     rows = [{"region": "north", "metric": m, "value": v, "ci_low": v - 1, "ci_high": v + 1} for m, v in (("buyers", 50_000), ("spend", 2.5))]
     table = release_table(SPEC, rows, compact=True)
-    assert table.rows == [["north", "50k [50k, 50k]", "2.50 [1.50, 3.50]"]] and "shortened" in table.note
+    assert table.headers == ["region", "buyers", "spend"] and "95% interval" in table.note  # the note says what the brackets are
+    assert table.rows == [["north", "50k [50k, 50k]", "2.5 [1.5, 3.5]"]] and "shortened" in table.note
