@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,14 +15,9 @@ import requests
 
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
+from .test_ui_stop import DCR, _free_port
+
 pytestmark = pytest.mark.slow
-DCR = [sys.executable, "-m", "dcr_pipelines.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _collaborations(port: int) -> set[str]:
