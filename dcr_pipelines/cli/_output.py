@@ -31,7 +31,7 @@ class _Format(click.Choice):
     """table|json|csv in --help and in the error; jsonl is accepted too (one JSON row per line)."""
 
     def __init__(self) -> None:
-        super().__init__(FORMATS)
+        super().__init__(FORMATS, case_sensitive=False)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and value.lower() in _HIDDEN:
@@ -81,12 +81,19 @@ def shown(value: Any) -> str:
     return str(value)
 
 
+def text_only(fmt: str, what: str) -> None:
+    """A mode of a listing command that prints a plan or a verdict, not rows: --format other than table is a usage mistake."""
+    if fmt != "table":
+        raise click.UsageError(f"{what} prints text, not rows: drop --format {fmt}")
+
+
 def emit(listing: Listing, fmt: str, table: Callable[[], None] | None = None) -> None:
     """Print ``listing`` as ``fmt``; ``table`` prints the table form (and its notes) when the command has its own (several
     tables, cells shown its way)."""
     note = listing.withheld_note()
     if fmt == "json":
-        body: dict[str, Any] = {**listing.about, "columns": listing.columns, "rows": listing.rows}
+        rows = [{**{c: row[c] for c in listing.columns if c in row}, **row} for row in listing.rows]  # keys in the columns' order
+        body: dict[str, Any] = {**listing.about, "columns": listing.columns, "rows": rows}
         if listing.withheld is not None:
             body |= {"withheld_rows": listing.withheld, "withheld_because": listing.withheld_because}
         body["notes"] = listing.notes

@@ -24,7 +24,7 @@ from ._common import (
     main,
     out,
 )
-from ._output import Listing, emit, format_option
+from ._output import Listing, emit, format_option, text_only
 
 
 @main.command()
@@ -151,6 +151,8 @@ def release(collab: str, query: str, params: tuple[str, ...], dry_run: bool, cha
     from ..runner import materialize, release_run_config
     from .member import ask, credentials
 
+    if dry_run:
+        text_only(fmt, "--dry-run")
     if chart is not None and chart.suffix.lower() != ".png":
         fail(f"--chart {chart}: the chart is a PNG; give a file name ending in .png", 2)
     if chart is not None and not chart.resolve().parent.is_dir():

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ._common import _collaboration, _instance, _run_log, _runtime, err, fail, main, member_option, out
-from ._output import Listing, emit, format_option
+from ._output import Listing, emit, format_option, text_only
 
 
 @main.group()
@@ -102,6 +102,8 @@ def query_run(collab: str, party: str | None, credentials_path: Path | None, fmt
     from ..services import ad_hoc as ad_hoc_service
     from .member import ask, credentials, refuse_as
 
+    if dry_run:
+        text_only(fmt, "--dry-run")
     creds = credentials(credentials_path)
     refuse_as(party, creds)
     if creds:
@@ -140,6 +142,8 @@ def print_answer(collab: str, party: str, answer: dict[str, Any], fmt: str) -> N
         left = (f"; {party} has {answer['epsilon_remaining']:.4g} of {answer['epsilon_budget']:.4g} left"
                 if answer.get("epsilon_remaining") is not None and answer.get("epsilon_budget") is not None else "")
         notes.append(f"differential privacy: noised values with 95% intervals (_ci_low, _ci_high); {charged}{left}")
+        notes.append("groups whose noised count fell under the policy's threshold are not shown; how many there were is not released "
+                     "(`dcr query run --dry-run` shows the thresholds)")
     elif answer.get("min_distinct_units"):
         notes.append(f"exact: each person counts once per group; rows with fewer than {answer['min_distinct_units']} distinct people were removed")
     withheld = int(answer.get("withheld_rows") or 0) if answer["mode"] != "dp" else None

@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from ._common import _collaboration, _instance, _print_overlap, _runtime, err, fail, main, member_option, out
-from ._output import Listing, emit, format_option
+from ._output import Listing, emit, format_option, text_only
 
 
 @main.command()
@@ -67,7 +67,8 @@ def budget(collab: str, consumer: str | None, fmt: str, credentials_path: Path |
         out.print(owners)
 
     # One row per consumer; who spends on each owner's data is the json's "owners" (the table shows both).
-    emit(Listing(columns, rows, about={"collaboration": collab, "owners": report["owners"]}), fmt, table=tables)
+    emit(Listing(columns, rows, about={"collaboration": collab, "owners": report["owners"]},
+                 notes=["who spends on each owner's data is the json's owners field (the table shows it too)"]), fmt, table=tables)
 
 
 @main.command()
@@ -99,6 +100,8 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, an
     from ..defs import audit as trail
     from ..lib.database import connect
 
+    if verify or show_head:
+        text_only(fmt, "--verify" if verify else "--head")
     if anchors and not verify:
         fail("--anchor is a chain head to check: it takes --verify (dcr audit COLLAB --verify --anchor FILE)", 2)
     runtime = _runtime()

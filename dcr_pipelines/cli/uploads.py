@@ -82,7 +82,9 @@ def list_uploads(collab: str, party: str | None, dataset: str | None, limit: int
         out.print(grid)
 
     # One row per upload; what each dataset is now is the json's "current" (the table shows both).
-    emit(Listing(columns, listed, about={"collaboration": collab, "current": current}), fmt, table=tables)
+    emit(Listing(columns, listed, about={"collaboration": collab, "current": current},
+                 notes=["what each dataset is now (version, rows, staged or not) is the json's current field (the table shows it too)"]),
+         fmt, table=tables)
 
 
 @uploads.command()

@@ -92,3 +92,12 @@ def test_every_listing_command_offers_the_same_three_formats() -> None:
         assert option is not None, f"{name} has no --format"
         assert isinstance(option.type, click.Choice) and list(option.type.choices) == ["table", "json", "csv"], name
     assert {name for name, option in formats.items() if option is not None} == listing  # and no other command has one of its own
+
+
+def test_what_a_csv_cannot_carry_is_named_on_stderr(e2e: dict[str, Any]) -> None:
+    """The second table of the table form, and groups a DP answer does not show, are said in a `note:`, not dropped in silence."""
+    assert "note: who spends on each owner's data is the json's owners field" in _dcr(e2e, LISTINGS["budget"], "csv").stderr
+    assert "is the json's current field" in _dcr(e2e, LISTINGS["uploads list"], "csv").stderr
+    dp = _dcr(e2e, LISTINGS["query run (dp)"], "csv")
+    assert "note: groups whose noised count fell under the policy's threshold are not shown" in dp.stderr
+    assert json.loads(_dcr(e2e, LISTINGS["budget"], "JSON").stdout)["rows"]  # the format's name in any case
