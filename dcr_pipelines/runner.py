@@ -242,8 +242,8 @@ def release_run_config(collab: str, query: str, params: Mapping[str, str]) -> di
     return {"ops": {op_name(naming.release_key(collab, query)): {"config": {"params": dict(params), "requested_by": requester()}}}}
 
 
-def ingest_run_config(collab: str, party: str, dataset: str, path: str = "", upload: int = 0) -> dict[str, Any]:
-    return {"ops": {op_name(naming.raw_key(collab, party, dataset)): {"config": {"path": path, "upload": upload}}}}
+def ingest_run_config(collab: str, dataset: str, path: str = "", upload: int = 0) -> dict[str, Any]:
+    return {"ops": {op_name(naming.raw_key(collab, dataset)): {"config": {"path": path, "upload": upload}}}}
 
 
 def ingest_uploads(defs: dg.Definitions, loaded: Any, landing: Path, url: str, *, instance: dg.DagsterInstance,
@@ -272,7 +272,7 @@ def ingest_uploads(defs: dg.Definitions, loaded: Any, landing: Path, url: str, *
             continue
         instance.add_dynamic_partitions(partitions_name(loaded.name, ds.owner, name), keys)
         for key in keys:
-            outcomes.append(materialize(defs, [naming.raw_key(loaded.name, ds.owner, name)], instance=instance, partition_key=key,
+            outcomes.append(materialize(defs, [naming.raw_key(loaded.name, name)], instance=instance, partition_key=key,
                                         stdout_log=stdout_log, tags={"dcr/upload": key}))
     return outcomes
 

@@ -80,13 +80,13 @@ def ingest(collab: str, party: str, dataset: str, file: Path) -> None:
              "(free space on that disk, or set DCR_HOME to a larger one, and run it again)", INFRASTRUCTURE)
     defs = _definitions(runtime)
     instance = _instance()
-    key = naming.raw_key(collab, party, dataset)
+    key = naming.raw_key(collab, dataset)
     with out.status(f"upload #{upload.seq}: validating and loading {file.name}..."):
         if ds.mode == "append":
             instance.add_dynamic_partitions(partitions_name(collab, party, dataset), [upload.partition_key])
             outcome = materialize(defs, [key], instance=instance, partition_key=upload.partition_key, stdout_log=_run_log())
         else:
-            outcome = materialize(defs, [key], instance=instance, run_config=ingest_run_config(collab, party, dataset, upload=upload.seq),
+            outcome = materialize(defs, [key], instance=instance, run_config=ingest_run_config(collab, dataset, upload=upload.seq),
                                   stdout_log=_run_log())
     with connect(url) as conn:
         decided = queue.get(conn, upload.seq)

@@ -42,14 +42,31 @@ def touches(loaded: LoadedCollaboration, asset: str, party: str, metadata: dict[
             d in loaded.collaboration.datasets and loaded.collaboration.datasets[d].owner == party for d in named
         )
     if stage in ("raw", "staging", "private"):
-        return name.startswith(f"{party}__")
+        owners = _party_assets(loaded)
+        if (stage, name) in owners:
+            return owners[stage, name] == party
+        return name.startswith(f"{party}__")  # history kept under the older keys, <party>__<dataset>__<stage>
     if stage in ("analysis", "results"):
-        query = loaded.queries.get(name.removesuffix(naming.PRE_NOISE_SUFFIX))
-        datasets = query.datasets if query else ([name.removeprefix("matched_")] if name.startswith("matched_") else [])
+        query = loaded.queries.get(name.removeprefix(naming.PRE_NOISE_LABEL) if stage == "analysis" else name)
+        query = query or loaded.queries.get(name.removesuffix("__pre_noise"))  # history kept under the older keys
+        datasets = query.datasets if query else ([name.removeprefix(naming.MATCHED_LABEL)] if name.startswith(naming.MATCHED_LABEL) else [])
         return any(loaded.collaboration.datasets[d].owner == party for d in datasets if d in loaded.collaboration.datasets) or (
             query is not None and party in query.spec.receivers
         )
     return True  # grants, matching: every party's data
+
+
+def _party_assets(loaded: LoadedCollaboration) -> dict[tuple[str, str], str]:
+    """(stage, label) of every party-private asset -> the party it belongs to."""
+    c = loaded.name
+    out = {}
+    for name, ds in loaded.collaboration.datasets.items():
+        for key in (naming.raw_key(c, name), naming.normalised_key(c, name), naming.staging_key(c, name)):
+            out[key[1], key[2]] = ds.owner
+    for party in loaded.parties():
+        key = naming.identities_key(c, party)
+        out[key[1], key[2]] = party
+    return out
 
 
 def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt.datetime | None = None, party: str | None = None) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from .resources import WarehouseResource
 
 def appended_raw_keys(loaded: LoadedCollaboration) -> list[dg.AssetKey]:
     """The raw assets of append-mode datasets: partitioned by upload, each in a job of its own."""
-    return [dg.AssetKey(naming.raw_key(loaded.name, ds.owner, name)) for name, ds in loaded.collaboration.datasets.items() if ds.mode == "append"]
+    return [dg.AssetKey(naming.raw_key(loaded.name, name)) for name, ds in loaded.collaboration.datasets.items() if ds.mode == "append"]
 
 
 def pipeline_selection(collab: str, appended: list[dg.AssetKey] | None = None) -> dg.AssetSelection:

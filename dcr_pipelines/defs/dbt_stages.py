@@ -32,10 +32,10 @@ def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration, only:
     """Per staged dataset (of ``only``, the rebuilt ones): rows in, rows staged, and identifiers rejected per reason (counts only)."""
     with warehouse.connect() as conn:
         counts = stages.staging_counts(conn, loaded, only)
-    for name, ds in loaded.collaboration.datasets.items():
+    for name in loaded.collaboration.datasets:
         if name not in counts:
             continue
-        yield dg.AssetObservation(asset_key=naming.staging_key(loaded.name, ds.owner, name),
+        yield dg.AssetObservation(asset_key=naming.staging_key(loaded.name, name),
                                   metadata={k: dg.MetadataValue.int(v) for k, v in counts[name].items()})
 
 

@@ -43,14 +43,14 @@ def _version(record: Any) -> str | None:
     return version.value if version is not None else None
 
 
-def read_by_staging(instance: dg.DagsterInstance, collab: str, party: str, dataset: str) -> str | None:
+def read_by_staging(instance: dg.DagsterInstance, collab: str, dataset: str) -> str | None:
     """The data version of the raw event the dataset's staged table was built from: the raw event its latest
     normalised materialization points at, provided the latest staging materialization was built from that one (None:
     never staged, or staging not rebuilt since)."""
-    raw = dg.AssetKey(naming.raw_key(collab, party, dataset))
-    normalised = dg.AssetKey(naming.normalised_key(collab, party, dataset))
+    raw = dg.AssetKey(naming.raw_key(collab, dataset))
+    normalised = dg.AssetKey(naming.normalised_key(collab, dataset))
     pointer = _pointer(instance.get_latest_data_version_record(normalised, False), raw)
-    staging = _provenance(instance.get_latest_data_version_record(dg.AssetKey(naming.staging_key(collab, party, dataset)), False))
+    staging = _provenance(instance.get_latest_data_version_record(dg.AssetKey(naming.staging_key(collab, dataset)), False))
     if pointer is None or staging is None or staging.input_storage_ids.get(normalised) != pointer[1]:
         return None
     at = instance.get_latest_data_version_record(raw, False, before_cursor=pointer[0] + 1)
@@ -78,17 +78,17 @@ def staged(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration)
         k = f"{ds.owner}.{name}"
         if k not in warehouse:
             continue
-        recorded[k] = _version(instance.get_latest_data_version_record(dg.AssetKey(naming.raw_key(c, ds.owner, name)), False))
-        read[k] = read_by_staging(instance, c, ds.owner, name)
+        recorded[k] = _version(instance.get_latest_data_version_record(dg.AssetKey(naming.raw_key(c, name)), False))
+        read[k] = read_by_staging(instance, c, name)
     return ingest_lib.Staged(read=read, recorded=recorded, warehouse=warehouse)
 
 
-def record_version(instance: dg.DagsterInstance, collab: str, party: str, dataset: str, version: Any, *, partition: str | None = None,
+def record_version(instance: dg.DagsterInstance, collab: str, dataset: str, version: Any, *, partition: str | None = None,
                    why: str, **metadata: Any) -> None:
     """A runless materialization of the raw asset carrying the dataset's current content as its data version (a
     withdraw, or a version the event log missed): what staging and the release gate compare against."""
     instance.report_runless_asset_event(dg.AssetMaterialization(
-        asset_key=dg.AssetKey(naming.raw_key(collab, party, dataset)),
+        asset_key=dg.AssetKey(naming.raw_key(collab, dataset)),
         partition=partition,
         description=why,
         metadata={"version": version.version, "checksum_sha256": version.checksum, "row_count": dg.MetadataValue.int(version.row_count),
@@ -117,7 +117,7 @@ def record_missing(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollab
                 if not keys:
                     continue
                 partition = keys[-1]
-            record_version(instance, c, ds.owner, name, version, partition=partition,
+            record_version(instance, c, name, version, partition=partition,
                            why="the warehouse's current version, which the event log had not recorded")
             done.append(k)
     return done

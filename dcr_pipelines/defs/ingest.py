@@ -46,7 +46,7 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
     c = loaded.name
     ds = loaded.collaboration.datasets[dataset_name]
     party = ds.owner
-    key = dg.AssetKey(naming.raw_key(c, party, dataset_name))
+    key = dg.AssetKey(naming.raw_key(c, dataset_name))
     folder = landing / c / party / dataset_name
     append = ds.mode == "append"
     partitions = dg.DynamicPartitionsDefinition(name=partitions_name(c, party, dataset_name)) if append else None
@@ -209,7 +209,7 @@ def _landing_sensor(loaded: LoadedCollaboration, landing: Path, jobs_by_name: di
         partitions: list[dg.AddDynamicPartitionsRequest] = []
         for name, ds in loaded.collaboration.datasets.items():
             t = target(loaded, name, landing, warehouse.url)
-            key = dg.AssetKey(naming.raw_key(c, ds.owner, name))
+            key = dg.AssetKey(naming.raw_key(c, name))
             with warehouse.connect() as conn:
                 waiting = ingest_lib.intake(conn, t)
             if not waiting:

@@ -201,7 +201,7 @@ def _cross_reference_asset(loaded: LoadedCollaboration, landing: Path, exports: 
     client = loaded.matching_client()
     at_operator = [client] + [p for p in parties if not loaded.at_home(p) and p != client]
     at_home = [p for p in parties if loaded.at_home(p)]
-    home_deps = [naming.staging_key(c, ds.owner, name) for name, ds in loaded.collaboration.datasets.items() if ds.owner in at_home]
+    home_deps = [naming.staging_key(c, name) for name, ds in loaded.collaboration.datasets.items() if ds.owner in at_home]
 
     bucket_keys = [naming.bucket_key(c, b) for b in range(loaded.collaboration.matching.buckets)] if loaded.collaboration.matching.bucket_steps else []
 

@@ -253,7 +253,7 @@ def _land(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration, 
             member_requests.finish(conn, request.id, "refused", reason=f"upload refused, nothing was queued: {exc}")
             return None
     member_requests.mark_landed(conn, request.id, upload.seq)
-    key = dg.AssetKey(naming.raw_key(c, ds.owner, name))
+    key = dg.AssetKey(naming.raw_key(c, name))
     tags = {"dcr/collaboration": c, "dcr/user": request.login, "dcr/member": request.member, REQUEST_TAG: str(request.id),
             "dcr/upload": upload.file_name}
     if ds.mode == "append":

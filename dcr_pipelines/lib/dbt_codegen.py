@@ -148,7 +148,7 @@ def _normalised_config(loaded: LoadedCollaboration, dataset_name: str, ds: Datas
         schema=n.raw_schema(c, p),
         alias=f"{dataset_name}__normalised",
         tags=[f"dcr_{c}", "dcr_staging"],
-        meta=_meta(c, n.normalised_key(c, p, dataset_name), p, "staging"),
+        meta=_meta(c, n.normalised_key(c, dataset_name), p, "staging"),
         distributed_by=n.token_column(matching_column(loaded, ds)),
     )
 
@@ -162,7 +162,7 @@ def staging_sql(loaded: LoadedCollaboration, dataset_name: str, ds: Dataset) -> 
             schema=n.staging_schema(c, p),
             alias=dataset_name,
             tags=[f"dcr_{c}", "dcr_staging"],
-            meta=_meta(c, n.staging_key(c, p, dataset_name), p, "staging"),
+            meta=_meta(c, n.staging_key(c, dataset_name), p, "staging"),
             distributed_by=n.token_column(match_col),
         ),
         columns=[n.token_column(col) for col in ds.identifier_columns] + list(ds.shared_columns),
@@ -352,7 +352,7 @@ def schema_yml(loaded: LoadedCollaboration) -> dict[str, Any]:
     sources: list[dict[str, Any]] = []
     for party in loaded.parties():
         tables = [
-            {"name": name, "meta": {"dcr": {"asset_key": n.raw_key(c, party, name)}}}
+            {"name": name, "meta": {"dcr": {"asset_key": n.raw_key(c, name)}}}
             for name, ds in collab.datasets.items()
             if ds.owner == party
         ]

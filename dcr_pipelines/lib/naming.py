@@ -78,34 +78,41 @@ def party_token_column(party: str) -> str:
     return f"{party}_token"
 
 
-# Dagster asset keys: [collab, stage, name]. The UI labels a node with its last part only, so
-# that part is unique within a collaboration and says what the asset is:
-#   raw/retailer__customers__uploads  ->  private/retailer__customers__normalised  ->  staging/retailer__customers__secure
-#   analysis/tier_reach__pre_noise    ->  results/tier_reach (the release)
+# Dagster asset keys: [collab, stage, label]. The lineage graph shows a node by its label alone and, past about
+# sixteen characters, cuts the middle out of it. So the label starts with what tells nodes apart, the stage, then the
+# dataset, party or query it is about, and carries no party name (a dataset has one owner; the key's tags name it):
+#   raw/raw_customers  ->  private/norm_customers  ->  staging/secure_customers  ->  analysis/matched_customers
+#   private/ids_retailer (a party's identities)       analysis/pre_noise_tier_reach  ->  results/tier_reach (the release)
+# Two datasets whose names share their first eight characters still look alike there; docs/architecture.md says so.
+
+RAW_LABEL, NORMALISED_LABEL, SECURE_LABEL, IDENTITIES_LABEL = "raw_", "norm_", "secure_", "ids_"
+BUCKET_LABEL, MATCHED_LABEL, PRE_NOISE_LABEL = "bucket_", "matched_", "pre_noise_"
+STAGE_LABELS = (RAW_LABEL, NORMALISED_LABEL, SECURE_LABEL, IDENTITIES_LABEL, BUCKET_LABEL, MATCHED_LABEL, PRE_NOISE_LABEL)
+OTHER_LABELS = ("grants", "cross_reference")  # a release is labelled with its query's name: none of these may be one
 
 
 def grants_key(collab: str) -> list[str]:
     return [collab, "access", "grants"]
 
 
-def raw_key(collab: str, party: str, dataset: str) -> list[str]:
-    return [collab, "raw", f"{party}__{dataset}__uploads"]
+def raw_key(collab: str, dataset: str) -> list[str]:
+    return [collab, "raw", f"{RAW_LABEL}{dataset}"]
 
 
-def staging_key(collab: str, party: str, dataset: str) -> list[str]:
-    return [collab, "staging", f"{party}__{dataset}__secure"]
+def staging_key(collab: str, dataset: str) -> list[str]:
+    return [collab, "staging", f"{SECURE_LABEL}{dataset}"]
 
 
-def normalised_key(collab: str, party: str, dataset: str) -> list[str]:
-    return [collab, "private", f"{party}__{dataset}__normalised"]
+def normalised_key(collab: str, dataset: str) -> list[str]:
+    return [collab, "private", f"{NORMALISED_LABEL}{dataset}"]
 
 
 def identities_key(collab: str, party: str) -> list[str]:
-    return [collab, "private", f"{party}__identities"]
+    return [collab, "private", f"{IDENTITIES_LABEL}{party}"]
 
 
 def bucket_key(collab: str, bucket: int) -> list[str]:
-    return [collab, "matching", f"bucket_{bucket:03d}"]
+    return [collab, "matching", f"{BUCKET_LABEL}{bucket:03d}"]
 
 
 def cross_reference_key(collab: str) -> list[str]:
@@ -113,14 +120,11 @@ def cross_reference_key(collab: str) -> list[str]:
 
 
 def matched_key(collab: str, dataset: str, overlap: str = "") -> list[str]:
-    return [collab, "analysis", f"matched_{dataset}{overlap}"]
-
-
-PRE_NOISE_SUFFIX = "__pre_noise"
+    return [collab, "analysis", f"{MATCHED_LABEL}{dataset}{overlap}"]
 
 
 def analysis_key(collab: str, query: str) -> list[str]:
-    return [collab, "analysis", f"{query}{PRE_NOISE_SUFFIX}"]
+    return [collab, "analysis", f"{PRE_NOISE_LABEL}{query}"]
 
 
 def release_key(collab: str, query: str) -> list[str]:

@@ -83,7 +83,7 @@ def test_the_export_covers_every_stage_with_what_a_reviewer_needs(audited: dict[
 def test_a_party_exports_only_entries_that_touch_its_data(audited: dict[str, Any]) -> None:
     mine = trail.entries(audited["instance"], audited["loaded"], party="retailer")
     assets = {e["asset"] for e in mine}
-    assert f"{COLLAB}/raw/retailer__purchases__uploads" in assets and f"{COLLAB}/results/campaign_reach" in assets
+    assert f"{COLLAB}/raw/raw_purchases" in assets and f"{COLLAB}/results/campaign_reach" in assets
     assert not any("ad_network__" in a for a in assets)
     # Ad-hoc runs over the retailer's data, refused ones too, with runner and SQL; not the ad network's runs over its own table.
     ad_hoc = [e for e in mine if e["asset"].endswith("ad_hoc")]

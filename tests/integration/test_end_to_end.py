@@ -143,11 +143,11 @@ def test_a_re_upload_of_the_same_file_loads_nothing(e2e: dict[str, Any]) -> None
     again = e2e["settings"].landing / COLLAB / "retailer" / "purchases" / "again.csv"
     shutil.copyfile(accepted, again)
     outcome = materialize(
-        defs, [naming.raw_key(COLLAB, "retailer", "purchases")], instance=dg.DagsterInstance.get(),
-        run_config=ingest_run_config(COLLAB, "retailer", "purchases", str(again)),
+        defs, [naming.raw_key(COLLAB, "purchases")], instance=dg.DagsterInstance.get(),
+        run_config=ingest_run_config(COLLAB, "purchases", str(again)),
     )
     assert outcome.success
-    meta = outcome.metadata[f"{COLLAB}/raw/retailer__purchases__uploads"]
+    meta = outcome.metadata[f"{COLLAB}/raw/raw_purchases"]
     assert meta["unchanged"] is True and meta["version"] == 1
 
 
@@ -177,9 +177,9 @@ def test_a_new_upload_rebuilds_the_stages_that_read_it(e2e: dict[str, Any]) -> N
     more.write_text(accepted.read_text() + "new.viewer@example.com,spring_sale,2026-03-01 10:00:00\n")
     outcome = materialize(e2e["defs"], collaboration_keys(e2e["defs"], COLLAB, releases=True), instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert outcome.success, outcome.failure
-    assert outcome.metadata[f"{COLLAB}/staging/ad_network__impressions__secure"].get("recomputed") is not False
+    assert outcome.metadata[f"{COLLAB}/staging/secure_impressions"].get("recomputed") is not False
     assert outcome.metadata[f"{COLLAB}/matching/cross_reference"]["recomputed"] is True
-    assert outcome.metadata[f"{COLLAB}/analysis/campaign_reach__pre_noise"].get("recomputed") is not False
+    assert outcome.metadata[f"{COLLAB}/analysis/pre_noise_campaign_reach"].get("recomputed") is not False
     # Put the original upload back for the tests that follow (a new version with the first content).
     restore = e2e["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions_restore.csv"
     shutil.copyfile(accepted, restore)

@@ -32,8 +32,8 @@ def _upload(ctx: dict[str, Any], collab: str, party: str, dataset: str, name: st
     path = folder / name
     path.write_bytes(content)
     outcome = materialize(
-        ctx["defs"], [naming.raw_key(collab, party, dataset)], instance=dg.DagsterInstance.get(),
-        run_config=ingest_run_config(collab, party, dataset, str(path)),
+        ctx["defs"], [naming.raw_key(collab, dataset)], instance=dg.DagsterInstance.get(),
+        run_config=ingest_run_config(collab, dataset, str(path)),
     )
     return outcome, path
 
@@ -95,13 +95,13 @@ def test_a_path_escaping_the_landing_folder_is_refused_and_a_link_is_quarantined
     folder = e2e["settings"].landing / COLLAB / "retailer" / "purchases"
     folder.mkdir(parents=True, exist_ok=True)
     for path in (folder / ".." / ".." / ".." / ".." / outside.name, outside, folder / ".." / "purchases" / ".." / outside.name):
-        outcome = materialize(e2e["defs"], [naming.raw_key(COLLAB, "retailer", "purchases")], instance=dg.DagsterInstance.get(),
-                              run_config=ingest_run_config(COLLAB, "retailer", "purchases", str(path)))
+        outcome = materialize(e2e["defs"], [naming.raw_key(COLLAB, "purchases")], instance=dg.DagsterInstance.get(),
+                              run_config=ingest_run_config(COLLAB, "purchases", str(path)))
         assert not outcome.success and "outside the landing folder" in (outcome.failure or "")
     link = folder / "link.csv"
     link.symlink_to(outside)
-    outcome = materialize(e2e["defs"], [naming.raw_key(COLLAB, "retailer", "purchases")], instance=dg.DagsterInstance.get(),
-                          run_config=ingest_run_config(COLLAB, "retailer", "purchases", str(link)))
+    outcome = materialize(e2e["defs"], [naming.raw_key(COLLAB, "purchases")], instance=dg.DagsterInstance.get(),
+                          run_config=ingest_run_config(COLLAB, "purchases", str(link)))
     assert not outcome.success and "a symbolic link" in (outcome.failure or ""), outcome.failure
     assert not link.is_symlink(), "the link left the landing folder"
     quarantined = list((e2e["settings"].landing / "_quarantine" / COLLAB / "retailer" / "purchases").glob("*__link.csv"))
@@ -142,7 +142,7 @@ def test_parquet_uploads_load_and_a_truncated_one_is_refused(formats: dict[str, 
     data = _parquet_bytes(tmp_path, rows=5)
     ok, _ = _upload(formats, "formats", "retailer", "purchases", "good.parquet", data)
     assert ok.success, ok.failure
-    assert ok.metadata["formats/raw/retailer__purchases__uploads"]["row_count"] == 5
+    assert ok.metadata["formats/raw/raw_purchases"]["row_count"] == 5
     before = _state(formats["url"], "formats", "retailer", "purchases")
     bad, _ = _upload(formats, "formats", "retailer", "purchases", "truncated.parquet", data[: len(data) // 2])
     assert not bad.success and "not a valid Parquet file" in (bad.failure or "")
@@ -176,7 +176,7 @@ def test_a_new_version_replaces_the_old_and_earlier_versions_stay_listed(formats
 def test_the_upload_check_and_profile_show_in_dagster(formats: dict[str, Any], tmp_path: Path) -> None:
     outcome, _ = _upload(formats, "formats", "retailer", "purchases", "profiled.parquet", _parquet_bytes(tmp_path, rows=11))
     assert outcome.success
-    meta = outcome.metadata["formats/raw/retailer__purchases__uploads"]
+    meta = outcome.metadata["formats/raw/raw_purchases"]
     assert meta["null_fractions"] == {"customer_email": 0.0, "purchase_value": 0.0, "purchase_date": 0.0, "store_region": 0.0}
     assert meta["duplicate_rows"] == 0
     evaluations = [
@@ -206,12 +206,12 @@ def test_the_landing_sensor_launches_an_ingest_for_each_new_file_only(formats: d
     with dg.build_sensor_context(instance=instance, definitions=formats["defs"], resources=resources) as context:
         result = sensor(context)
     runs = result.run_requests
-    assert len(runs) == 1 and runs[0].asset_selection == [dg.AssetKey(naming.raw_key("formats", "retailer", "purchases"))]
+    assert len(runs) == 1 and runs[0].asset_selection == [dg.AssetKey(naming.raw_key("formats", "purchases"))]
     assert not (folder / "sensed.parquet").exists(), "the sensor claimed the file into the queue"
     assert (folder / ".partial.parquet").exists(), "a file still being written (hidden name) is left alone"
     with dg.build_sensor_context(instance=instance, definitions=formats["defs"], resources=resources) as context:
         again = sensor(context)
     assert [r.run_key for r in getattr(again, "run_requests", [])] == [runs[0].run_key], "the waiting upload keeps its run key (launched once)"
-    outcome = materialize(formats["defs"], [naming.raw_key("formats", "retailer", "purchases")], instance=instance, run_config=runs[0].run_config)
-    assert outcome.success and outcome.metadata["formats/raw/retailer__purchases__uploads"]["row_count"] == 4
+    outcome = materialize(formats["defs"], [naming.raw_key("formats", "purchases")], instance=instance, run_config=runs[0].run_config)
+    assert outcome.success and outcome.metadata["formats/raw/raw_purchases"]["row_count"] == 4
     (folder / ".partial.parquet").unlink()

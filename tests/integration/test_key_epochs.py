@@ -93,8 +93,8 @@ def test_a_changed_upload_blinds_only_new_identities_and_rebuilds_only_its_datas
     assert meta["identities_blinded"] == len(after - before) > 0
     assert _pairs(ctx["url"]) == _expected(f.purchases, f.customers, new_file)
     # the retailer's datasets did not change: dbt did not rebuild them, their models report recomputed: false
-    assert outcome.metadata[f"{COLLAB}/private/retailer__purchases__normalised"]["recomputed"] is False
-    assert "recomputed" not in outcome.metadata[f"{COLLAB}/private/ad_network__impressions__normalised"]
+    assert outcome.metadata[f"{COLLAB}/private/norm_purchases"]["recomputed"] is False
+    assert "recomputed" not in outcome.metadata[f"{COLLAB}/private/norm_impressions"]
 
 
 def _epoch_rows(url: str) -> tuple[int, int]:

@@ -58,8 +58,8 @@ def test_an_upload_not_yet_staged_is_never_answered_and_the_new_staged_data_is_n
     changed["purchase_value"] = changed["purchase_value"] * 3
     path = fresh["settings"].landing / COLLAB / "retailer" / "purchases" / "purchases_v2.csv"
     changed.to_csv(path, index=False)
-    ingested = materialize(fresh["defs"], [naming.raw_key(COLLAB, "retailer", "purchases")], instance=dg.DagsterInstance.get(),
-                           run_config=ingest_run_config(COLLAB, "retailer", "purchases"))
+    ingested = materialize(fresh["defs"], [naming.raw_key(COLLAB, "purchases")], instance=dg.DagsterInstance.get(),
+                           run_config=ingest_run_config(COLLAB, "purchases"))
     assert ingested.success, ingested.failure
     stale = _release(fresh)
     assert stale.run_success and stale.refused and "retailer.purchases changed since the data was staged" in (stale.failure or "")
@@ -118,31 +118,31 @@ def test_the_landing_sensor_brings_the_stages_up_to_date_after_an_upload_and_nev
     path = fresh["settings"].landing / COLLAB / "ad_network" / "impressions" / "impressions_v2.csv"
     changed.to_csv(path, index=False)
     first = _landing_tick(fresh)  # a new file: its ingest first, nothing else
-    assert [r.asset_selection for r in first.run_requests] == [[dg.AssetKey(naming.raw_key(COLLAB, "ad_network", "impressions"))]]
+    assert [r.asset_selection for r in first.run_requests] == [[dg.AssetKey(naming.raw_key(COLLAB, "impressions"))]]
     again = _landing_tick(fresh)  # the upload still waits: the same ingest request (Dagster runs a run key once), no refresh
     assert [r.run_key for r in again.run_requests] == [r.run_key for r in first.run_requests]
     ingested = materialize(fresh["defs"], [k.path for k in first.run_requests[0].asset_selection], instance=dg.DagsterInstance.get(),
-                           run_config=ingest_run_config(COLLAB, "ad_network", "impressions"))
+                           run_config=ingest_run_config(COLLAB, "impressions"))
     assert ingested.success, ingested.failure
     assert _release(fresh).refused, "stale until the stages have run"
     # Dagster's data versions say the same: every stage that read the upload is stale, from the upload's new version.
     # Dagster's data versions say the same: the stage that read the upload is stale, caused by the upload's new version
     # (later stages carry versions of their own, so Dagster names the first one; the release check refuses for all).
-    causes = _dagster_causes(fresh, naming.normalised_key(COLLAB, "ad_network", "impressions"))
-    assert causes == [("STALE", naming.raw_key(COLLAB, "ad_network", "impressions"), "has a new data version")], causes
-    assert _dagster_causes(fresh, naming.normalised_key(COLLAB, "retailer", "customers")) == [("FRESH", None, None)], "a stage that did not read it is not"
+    causes = _dagster_causes(fresh, naming.normalised_key(COLLAB, "impressions"))
+    assert causes == [("STALE", naming.raw_key(COLLAB, "impressions"), "has a new data version")], causes
+    assert _dagster_causes(fresh, naming.normalised_key(COLLAB, "customers")) == [("FRESH", None, None)], "a stage that did not read it is not"
     refresh = _landing_tick(fresh)
     [request] = refresh.run_requests
     selected = {tuple(k.path) for k in request.asset_selection}
     assert tuple(naming.cross_reference_key(COLLAB)) in selected and tuple(naming.analysis_key(COLLAB, "campaign_reach")) in selected
-    assert tuple(naming.staging_key(COLLAB, "ad_network", "impressions")) in selected
+    assert tuple(naming.staging_key(COLLAB, "impressions")) in selected
     assert not [k for k in selected if k[1] in ("results", "raw")], "never a release (they spend budget), nor an ingest"
     assert request.tags["dcr/refresh"] == "ad_network.impressions" and request.run_key.startswith("refresh:")
     assert _landing_tick(fresh).run_requests[0].run_key == request.run_key, "one run per set of current versions (the run key)"
     ran = materialize(fresh["defs"], [k.path for k in request.asset_selection], instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))
     assert ran.success, ran.failure
     assert "staged data are the current uploads" in _landing_tick(fresh).skip_message
-    for key in (naming.normalised_key(COLLAB, "ad_network", "impressions"), naming.staging_key(COLLAB, "ad_network", "impressions"),
+    for key in (naming.normalised_key(COLLAB, "impressions"), naming.staging_key(COLLAB, "impressions"),
                 naming.cross_reference_key(COLLAB), naming.analysis_key(COLLAB, "campaign_reach")):
         assert _dagster_causes(fresh, key) == [("FRESH", None, None)], key
     released = _release(fresh)
@@ -172,11 +172,11 @@ def test_the_same_content_again_is_the_same_data_version_fresh_and_free(fresh: d
     assert first.success, first.failure
     charges = _charges(fresh)
     instance = dg.DagsterInstance.get()
-    raw = dg.AssetKey(naming.raw_key(COLLAB, "retailer", "customers"))
+    raw = dg.AssetKey(naming.raw_key(COLLAB, "customers"))
     before = instance.get_latest_data_version_record(raw, False)
     again = fresh["settings"].landing / COLLAB / "retailer" / "customers" / "customers_again.csv"
     again.write_bytes(fresh["files"].customers.read_bytes())
-    assert materialize(fresh["defs"], [raw.path], instance=instance, run_config=ingest_run_config(COLLAB, "retailer", "customers")).success
+    assert materialize(fresh["defs"], [raw.path], instance=instance, run_config=ingest_run_config(COLLAB, "customers")).success
     after = instance.get_latest_data_version_record(raw, False)
     assert after.storage_id > before.storage_id, "the ingest is a new event in the log"
     assert after.event_log_entry.tags["dagster/data_version"] == before.event_log_entry.tags["dagster/data_version"]
@@ -217,7 +217,7 @@ def test_a_version_the_event_log_never_recorded_is_refused_until_recorded_and_st
     tick = _landing_tick(fresh)
     [request] = tick.run_requests
     assert request.tags["dcr/refresh"] == "retailer.customers"
-    recorded = dg.DagsterInstance.get().get_latest_data_version_record(dg.AssetKey(naming.raw_key(COLLAB, "retailer", "customers")), False)
+    recorded = dg.DagsterInstance.get().get_latest_data_version_record(dg.AssetKey(naming.raw_key(COLLAB, "customers")), False)
     assert recorded.event_log_entry.tags["dagster/data_version"] == current.checksum, "recorded as the raw asset's data version"
     assert recorded.event_log_entry.run_id == "", "a runless event: no run made it"
     ran = materialize(fresh["defs"], [k.path for k in request.asset_selection], instance=dg.DagsterInstance.get(), run_config=analysis_run_config(COLLAB, {}))

@@ -31,8 +31,8 @@ def test_every_asset_has_owners_kinds_and_a_description(runtime) -> None:  # typ
         node = graph.get(key)
         if node.is_materializable and key.path[0] == "demo":
             assert node.description and node.owners and node.kinds, key
-    assert graph.get(dg.AssetKey(naming.raw_key("demo", "retailer", "purchases"))).owners == ["team:retailer"]
-    assert graph.get(dg.AssetKey(naming.staging_key("demo", "ad_network", "impressions"))).owners == ["team:ad_network"]
+    assert graph.get(dg.AssetKey(naming.raw_key("demo", "purchases"))).owners == ["team:retailer"]
+    assert graph.get(dg.AssetKey(naming.staging_key("demo", "impressions"))).owners == ["team:ad_network"]
 
 
 def test_schedules_come_from_the_policy(runtime) -> None:  # type: ignore[no-untyped-def]
@@ -134,7 +134,7 @@ def test_the_ui_shows_lineage_released_tables_automation_and_refusals_as_green_r
             page.screenshot(path=str(shots / "ui-lineage.png"))
             # Each stage has its own, self-explaining name (no two nodes read "retailer__customers"; the graph snapshot test
             # checks every key): the staging asset's page is found by its name.
-            page.goto(f"{base}/assets/demo/staging/retailer__customers__secure")
+            page.goto(f"{base}/assets/demo/staging/secure_customers")
             page.get_by_text("Secure table of retailer's customers").first.wait_for()
 
             # A results page shows the released table itself (counts as whole numbers, each value with its 95% interval),

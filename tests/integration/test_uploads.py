@@ -660,7 +660,7 @@ def test_appended_files_are_partitions_whose_union_is_the_dataset(env: dict[str,
     name = partitions_name("uploads", "ad_network", "impressions")
     files = {u.file_name: u for u in uploads_of(t)}
     assert set(instance.get_dynamic_partitions(name)) == {files["march.csv"].partition_key, files["april.csv"].partition_key}
-    key = dg.AssetKey(naming.raw_key("uploads", "ad_network", "impressions"))
+    key = dg.AssetKey(naming.raw_key("uploads", "impressions"))
     by_partition = {e.partition: e.metadata["file_name"].value for e in _materializations(instance, key)}  # type: ignore[attr-defined]
     assert by_partition == {files["march.csv"].partition_key: "march.csv", files["april.csv"].partition_key: "april.csv"}
     # The same file again adds nothing; a new month adds its rows.
@@ -672,7 +672,7 @@ def test_appended_files_are_partitions_whose_union_is_the_dataset(env: dict[str,
     assert state(t)[1] == 55
     # A backfill of one partition re-processes that file: a new version, the same rows.
     version = state(t)[0]
-    backfill = materialize(defs, [naming.raw_key("uploads", "ad_network", "impressions")], instance=instance, partition_key=files["march.csv"].partition_key)
+    backfill = materialize(defs, [naming.raw_key("uploads", "impressions")], instance=instance, partition_key=files["march.csv"].partition_key)
     assert backfill.success, backfill.failure
     assert state(t)[0] == version + 1 and state(t)[1] == 55
     # Withdrawing a file (`dcr uploads withdraw`) removes exactly its rows; the event log records it as a materialization
@@ -695,7 +695,7 @@ def test_appended_files_are_partitions_whose_union_is_the_dataset(env: dict[str,
     # The rest of the pipeline reads the union: a collaboration run leaves the partitioned dataset to its own runs.
     from dcr_pipelines.runner import collaboration_keys
 
-    assert ["uploads", "raw", "ad_network__impressions__uploads"] not in collaboration_keys(defs, "uploads")
+    assert ["uploads", "raw", "raw_impressions"] not in collaboration_keys(defs, "uploads")
 
 
 def _materializations(instance: dg.DagsterInstance, key: dg.AssetKey) -> list[Any]:

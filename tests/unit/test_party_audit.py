@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from dcr_pipelines.defs.audit import redact, touches
+from dcr_pipelines.lib import naming
 from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
@@ -56,3 +57,19 @@ def test_ad_hoc_runs_concern_the_runner_and_the_owners_of_the_datasets_they_name
     assert not touches(loaded, "demo/results/ad_hoc", "retailer", own_only)
     refused = {"message": "query refused: ...", "runner": "ad_network", "datasets": "customers"}
     assert touches(loaded, "demo/results/ad_hoc", "retailer", refused)
+
+
+def test_a_party_private_asset_concerns_its_owner_alone_under_the_current_keys_and_the_older_ones() -> None:
+    """The labels carry no party name; the owner comes from the policy. Entries kept under the older
+    ``<party>__<dataset>__<stage>`` keys are still filtered by the party they name."""
+    loaded = load_collaboration(PROJECT_ROOT / "policies" / "demo")
+    for name, ds in loaded.collaboration.datasets.items():
+        for key in (naming.raw_key("demo", name), naming.normalised_key("demo", name), naming.staging_key("demo", name)):
+            assert {p for p in loaded.parties() if touches(loaded, "/".join(key), p)} == {ds.owner}, key
+        for stage, suffix in (("raw", "uploads"), ("private", "normalised"), ("staging", "secure")):
+            older = f"demo/{stage}/{ds.owner}__{name}__{suffix}"
+            assert {p for p in loaded.parties() if touches(loaded, older, p)} == {ds.owner}, older
+    for party in loaded.parties():
+        assert {p for p in loaded.parties() if touches(loaded, "/".join(naming.identities_key("demo", party)), p)} == {party}
+    tier = "/".join(naming.analysis_key("demo", "tier_reach"))
+    assert {p for p in loaded.parties() if touches(loaded, tier, p)} == {p for p in loaded.parties() if touches(loaded, "demo/analysis/pre_noise_tier_reach", p)}

@@ -194,3 +194,14 @@ def test_a_query_without_dimensions_is_refused(policies_copy: Path) -> None:
     end = text.index("metrics:")
     path.write_text(text[:start] + "dimensions: {}\n" + text[end:])
     assert any("at least one dimension" in i for i in _issues(policies_copy / "demo"))
+
+
+@pytest.mark.parametrize("name", ["raw_spend", "norm_x", "secure_reach", "ids_retailer", "matched_customers", "pre_noise_reach", "bucket_001",
+                                  "grants", "cross_reference"])
+def test_a_query_named_like_another_lineage_label_is_refused(policies_copy: Path, name: str) -> None:
+    """A release is labelled with its query's name; one that reads like another stage's label would look like it."""
+    queries = policies_copy / "demo" / "queries"
+    for suffix in (".yaml", ".sql"):
+        (queries / f"campaign_reach{suffix}").rename(queries / f"{name}{suffix}")
+    issue = _issues(policies_copy / "demo")[0]  # then: the approval of campaign_reach names a query that is gone
+    assert f"{name}.yaml" in issue and "looks like another asset in the lineage graph" in issue and "rename the files" in issue

@@ -23,6 +23,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
+from .. import naming
 from .models import Ability, AggregateFunction, Collaboration, ColumnType, MetricKind, QuerySpec
 
 COLLABORATION_FILE = "collaboration.yaml"
@@ -539,6 +540,9 @@ def _load_query(spec_path: Path, collab: Collaboration) -> ApprovedQuery:
     issues: list[PolicyIssue] = []
     if name in ("ad_hoc", "overlap"):
         raise PolicyError([PolicyIssue(spec_path, None, None, "", f"the query name {name} is reserved (ad-hoc SQL, the overlap release); rename the files")])
+    if name in naming.OTHER_LABELS or name.startswith(naming.STAGE_LABELS):
+        raise PolicyError([PolicyIssue(spec_path, None, None, "", f"the query name {name} looks like another asset in the lineage graph (names starting "
+                                       f"{', '.join(naming.STAGE_LABELS)} and the names {', '.join(naming.OTHER_LABELS)} are taken); rename the files")])
 
     def issue(where: Sequence[str | int], message: str) -> None:
         line, column = locate(data, where)
