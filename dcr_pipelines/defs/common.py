@@ -1,11 +1,11 @@
 """Shared by the stage factories: run configs, the dbt translator, landing folders, request keys, audit metadata."""
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 import dagster as dg
 
+from ..lib.naming import PSI_FOLDER, landing_folder  # noqa: F401 (where the sensors and the CLI look for files)
 from ..lib.policy import LoadedCollaboration
 from ..lib.presentation import release_table
 from ..store import ledger
@@ -46,13 +46,6 @@ class AdHocConfig(dg.Config):
 
 
 UPLOAD_CHECK = "upload_contract"
-PSI_FOLDER = "_psi"  # a home party's protocol messages, next to its dataset folders
-
-
-def landing_folder(landing: Path, collab: str, party: str, dataset: str) -> Path:
-    return landing / collab / party / dataset
-
-
 def _audit_metadata(stored: ledger.StoredRelease) -> dict[str, Any]:
     """A release's audit-chain entry, as the event log keeps it (`dcr audit --verify` compares the two)."""
     return audit_metadata(stored.audit)

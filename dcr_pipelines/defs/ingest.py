@@ -10,7 +10,6 @@ union of the accepted files.
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from ..lib import naming
 from ..lib.naming import job_names, uploads_job_name
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
+from ..services import ingest_run
 from ..store import uploads as queue
 from .common import UPLOAD_CHECK, UploadConfig
 from .resources import WarehouseResource
@@ -38,8 +38,9 @@ def target(loaded: LoadedCollaboration, dataset_name: str, landing: Path, url: s
                              tokenised=loaded.at_home(ds.owner), phone_region=loaded.collaboration.identity.phone_default_country)
 
 
-def _rejections(outcome: ingest_lib.QueueOutcome) -> list[dict[str, Any]]:
-    return [{"upload": u.seq, "file": u.file_name, "state": u.state, "reason": u.reason} for u in outcome.rejected]
+def _check(name: str, check: ingest_run.Check) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(check_name=name, passed=check.passed, description=check.description, metadata=check.metadata,
+                               severity=dg.AssetCheckSeverity.WARN if check.warn else dg.AssetCheckSeverity.ERROR)
 
 
 def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path) -> dg.AssetsDefinition:
@@ -71,111 +72,16 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
         f"{naming.raw_schema(c, party)}.{dataset_name}. " + (ds.description or ""),
     )
     def ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource) -> Iterator[Any]:
-        t = target(loaded, dataset_name, landing, warehouse.url)
+        asked_for = ingest_run.Run(config.path, config.upload, context.partition_key if append else None, loaded.policy_sha256,
+                                   lambda keys: context.instance.add_dynamic_partitions(partitions_name(c, party, dataset_name), keys))
         try:
-            yield from _ingest(context, config, warehouse, t)
-        except dg.Failure:
-            raise
-        except ingest_lib.LandingRefused as exc:
-            raise dg.Failure(f"upload refused, nothing read: {exc}") from None
-        except Exception as exc:
-            problem = ingest_lib.infrastructure_problem(exc, t)
-            if problem is None:
-                raise
-            raise dg.Failure(problem) from None
-
-    def _ingest(context: dg.AssetExecutionContext, config: UploadConfig, warehouse: WarehouseResource, t: ingest_lib.Target) -> Iterator[Any]:
-        asked: int | None = config.upload or None
-        with warehouse.connect() as conn:
-            if config.path:
-                path = Path(config.path)
-                if os.path.normpath(path.parent) != os.path.normpath(folder) or path.name.startswith("_"):
-                    raise dg.Failure(f"upload refused: {path} is outside the landing folder {folder}")
-                with ingest_lib.locked(conn, t):
-                    claimed = ingest_lib.claim_inbox(conn, t, only=path)
-                if not claimed:
-                    raise dg.Failure(f"upload refused: {path.name} is not waiting in {folder}")
-                asked = claimed[0].seq
-            if append:
-                asked = queue.seq_of_partition(context.partition_key)
-                upload = queue.get(conn, asked) if asked else None
-                if upload is None or upload.dataset != dataset_name or upload.collaboration != c:
-                    raise dg.Failure(f"partition {context.partition_key} is no upload of {c}/{party}/{dataset_name}")
-                current = ingest_lib.current_version(conn, t)
-                if upload.state == "accepted" and current is not None and current.contract_sha256 == t.contract_sha256:
-                    # a backfill: re-process the kept file (a changed contract re-checks every file instead, below)
-                    try:
-                        ingest_lib.reprocess(conn, t, upload.seq)
-                    except ingest_lib.UploadRejected as exc:
-                        raise dg.Failure(f"re-processing upload #{upload.seq} failed, current data kept: {exc}") from None
-                    outcome = ingest_lib.QueueOutcome(decided=[queue.get(conn, upload.seq)])  # type: ignore[list-item]
-                else:
-                    outcome = ingest_lib.process_queue(conn, t, only_seq=upload.seq)
-            else:
-                outcome = ingest_lib.process_queue(conn, t)
-            for note in outcome.repaired:
-                context.log.warning(f"{dataset_name}: {note}")
-            if append:
-                new = [u.partition_key for u in queue.pending(conn, c, party, dataset_name)]
-                if new:
-                    context.instance.add_dynamic_partitions(partitions_name(c, party, dataset_name), new)
-            current = ingest_lib.current_version(conn, t)
-            mine = queue.get(conn, asked) if asked else None
-        for u in outcome.rejected:
-            context.log.warning(f"upload #{u.seq} ({u.file_name}) {u.state}: {u.reason}")
-        if mine is not None and mine.state not in ("accepted", "queued", "processing"):
-            label = {"duplicate": "nothing loaded", "stale": "refused", "superseded": "not loaded"}.get(mine.state, "rejected")
-            if mine.state == "duplicate":
-                context.log.info(mine.reason or "")
-            else:
-                yield dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN if current else dg.AssetCheckSeverity.ERROR,
-                                          metadata={"upload": dg.MetadataValue.json(mine.to_json())})
-                raise dg.Failure(f"upload {label}, current data kept: {mine.reason} (quarantined with a report as {mine.stored_name})",
-                                 metadata={"upload": dg.MetadataValue.json(mine.to_json())})
-        if current is None:
-            waiting = "; ".join(f"#{u.seq} {u.state}: {u.reason}" for u in outcome.rejected)
-            raise dg.Failure(f"no accepted upload for {c}/{party}/{dataset_name} yet: put a file in {folder} or run `dcr ingest`"
-                             + (f" (refused: {waiting})" if waiting else ""))
-        loaded_now = outcome.loaded[-1] if outcome.loaded else None
-        if outcome.revalidation_failed:
-            report = outcome.revalidation_report.to_json() if outcome.revalidation_report else {}
-            contract = dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=False, severity=dg.AssetCheckSeverity.ERROR,
-                                           description=outcome.revalidation_failed,
-                                           metadata={"error": outcome.revalidation_failed, "rules": dg.MetadataValue.json(report.get("rules", []))})
-            context.log.error(f"{dataset_name}: {outcome.revalidation_failed}")
-        else:
-            rules = loaded_now[1].to_json()["rules"] if loaded_now else []
-            note = "re-checked against the changed contract" if outcome.revalidated else ("new upload checked" if loaded_now else "no new upload")
-            contract = dg.AssetCheckResult(check_name=UPLOAD_CHECK, passed=True, metadata={"rules": dg.MetadataValue.json(rules), "note": note})
-        clean = dg.AssetCheckResult(check_name=UPLOADS_CHECK, passed=not outcome.rejected, severity=dg.AssetCheckSeverity.WARN,
-                                    metadata={"refused": dg.MetadataValue.json(_rejections(outcome))})
-        upload = loaded_now[0] if loaded_now else (mine if mine is not None and mine.state == "accepted" else None)
-        metadata: dict[str, Any] = {
-            "version": current.version,
-            "checksum_sha256": current.checksum,
-            "row_count": dg.MetadataValue.int(current.row_count),
-            "unchanged": loaded_now is None and not outcome.revalidated and not (append and upload is not None),
-            "mode": ds.mode,
-            "files_in_version": len(current.parts),
-            "policy_sha256": loaded.policy_sha256,
-            "refused_uploads": dg.MetadataValue.json(_rejections(outcome)),
-        }
-        if upload is not None:
-            metadata.update({
-                "upload": upload.seq,
-                "file_name": upload.file_name,
-                "file_rows": dg.MetadataValue.int(int(upload.row_count or 0)),
-                "duplicate_rows": dg.MetadataValue.int(int(upload.duplicate_rows or 0)),
-                "dropped_duplicate_rows": dg.MetadataValue.int(int(upload.dropped_rows or 0)),
-                "file_sha256": upload.checksum or "",
-            })
-        if mine is not None and mine.state == "duplicate":
-            metadata.update({"upload": mine.seq, "file_name": mine.file_name, "duplicate": mine.reason or ""})
-        if loaded_now:
-            metadata["null_fractions"] = dg.MetadataValue.json(loaded_now[2])
-        context.log.info(f"{dataset_name}: version {current.version} current ({current.row_count:,} rows)"
-                         + (f", upload #{upload.seq} {upload.file_name} loaded" if loaded_now and upload else ", no new upload"))
-        yield dg.MaterializeResult(metadata=metadata, check_results=[contract, clean], data_version=dg.DataVersion(current.checksum))
+            done = ingest_run.run(warehouse.connect, target(loaded, dataset_name, landing, warehouse.url), asked_for, context.log)
+        except ingest_run.IngestFailed as exc:
+            if exc.contract is not None:
+                yield _check(UPLOAD_CHECK, exc.contract)
+            raise dg.Failure(str(exc), metadata=exc.metadata or None) from None
+        yield dg.MaterializeResult(metadata=done.metadata, check_results=[_check(UPLOAD_CHECK, done.contract), _check(UPLOADS_CHECK, done.clean)],
+                                   data_version=dg.DataVersion(done.checksum))
 
     return ingest
 

@@ -12,6 +12,7 @@ One collaboration owns these PostgreSQL schemas (``demo`` shown):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def raw_schema(collab: str, party: str) -> str:
@@ -144,3 +145,12 @@ def job_names(collab: str) -> dict[str, str]:
 
 def uploads_job_name(collab: str, party: str, dataset: str) -> str:
     return f"{collab}__{party}__{dataset}__uploads"
+
+
+# The landing folder: <landing>/<collab>/<party>/<dataset>/ per dataset, and a home party's PSI messages beside them.
+
+PSI_FOLDER = "_psi"
+
+
+def landing_folder(landing: Path, collab: str, party: str, dataset: str) -> Path:
+    return landing / collab / party / dataset
