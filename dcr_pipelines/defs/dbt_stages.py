@@ -261,7 +261,8 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
         _sealed(warehouse, loaded)
         built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
         with warehouse.connect() as conn:
-            store_analysis.record_built(conn, c, {q: (params[q], requests[q]) for q in built}, versions)
+            store_analysis.record_built(conn, c, {q: (params[q], requests[q]) for q in built}, versions,
+                                        {q: dbt_codegen.model_digest(loaded, loaded.queries[q]) for q in built})
             if context.selected_asset_keys == context.assets_def.keys:
                 stages.record_build(conn, c, "analysis", digest)
 

@@ -30,6 +30,7 @@ from .identifiers import TOKEN_PATTERN
 from .matching import bucket_sql
 from .policy import ApprovedQuery, LoadedCollaboration
 from .policy.models import Dataset, ParameterType, RowFilter
+from .settings import PROJECT_ROOT
 
 GENERATED_DIR = Path("models") / "collaborations"
 _PARAM_SQL_TYPES = {
@@ -320,6 +321,9 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
         config=_config(
             schema=n.analysis_schema(c),
             alias=f"query_{query.name}",
+            # A view: a request with other parameters only rewrites its row of the requests (dcr_meta.query_requests), which the view
+            # reads (macro dcr_param); nothing is rebuilt unless the model itself changed (model_digest).
+            materialized="view",
             tags=[f"dcr_{c}", "dcr_analysis"],
             meta=_meta(c, n.analysis_key(c, query.name), None, "analysis"),
         ),
@@ -338,6 +342,19 @@ def query_sql(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
         matching_schema=n.matching_schema(c),
         xref=matching_relation(loaded, n.cross_reference_table(overlap_of(loaded, loaded.query_parties(query)))),
     )
+
+
+MACROS = PROJECT_ROOT / "dbt_project" / "macros"
+
+
+def model_digest(loaded: LoadedCollaboration, query: ApprovedQuery) -> str:
+    """What a query's pre-noise view is made of: its generated model and the hand-written macros it compiles with.
+    Recorded when dbt builds the view; a release whose model has another digest (a new policy or a new version of
+    this code, not yet built) has dbt build it first."""
+    h = hashlib.sha256(query_sql(loaded, query).encode())
+    for path in sorted(MACROS.rglob("*.sql")):
+        h.update(path.relative_to(MACROS).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _test(name: str, description: str, **arguments: Any) -> dict[str, Any]:

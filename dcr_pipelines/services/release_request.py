@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..lib import naming
+from ..lib import dbt_codegen, naming
 from ..lib.database import advisory_lock
 from ..lib.params import ParameterError, validate_params
 from ..lib.policy import ApprovedQuery, LoadedCollaboration
@@ -158,9 +158,19 @@ def serve(loaded: LoadedCollaboration, query_name: str, request: Request, *, url
         with connect() as conn:
             key = request_key(query, params, versions, match)
             cached = ledger.stored_release_id(conn, naming.results_schema(c), ledger.cache_key(query.sha256, params, versions))
-            rebuild = cached is None and store_analysis.built_for(conn, c, query_name) != key
-        if rebuild:
-            _rebuild(loaded, query, params, key, versions, connect=connect, build=build, pairing_key=pairing_key, log=log)
+            serving = cached is None and store_analysis.built_for(conn, c, query_name) != key
+            built_from = store_analysis.model_built(conn, c, query_name) if serving else None
+        rebuild = False
+        if serving:
+            model = dbt_codegen.model_digest(loaded, query)
+            if built_from == model:  # the view is this model's: it serves this request once its parameters are recorded
+                with connect() as conn:
+                    store_analysis.record_requests(conn, c, {query.name: (params, key)})
+                    store_analysis.record_built(conn, c, {query.name: (params, key)}, versions)
+                    stages.forget_build(conn, c, "analysis")
+            else:  # another policy or code version since dbt built the view (or never built): dbt builds it first
+                _rebuild(loaded, query, params, key, versions, model, connect=connect, build=build, pairing_key=pairing_key, log=log)
+                rebuild = True
         with connect() as conn:
             if cached is None and store_analysis.built_for(conn, c, query_name) != key:
                 raise RequestFailed(f"the pre-noise table of {query_name} was built for another request; nothing was released or charged")
@@ -181,12 +191,12 @@ def serve(loaded: LoadedCollaboration, query_name: str, request: Request, *, url
     return Released(stored, params, versions, rebuild, checked)
 
 
-def _rebuild(loaded: LoadedCollaboration, query: ApprovedQuery, params: dict[str, str], key: str, versions: dict[str, Any], *,
+def _rebuild(loaded: LoadedCollaboration, query: ApprovedQuery, params: dict[str, str], key: str, versions: dict[str, Any], model: str, *,
              connect: Callable[[], AbstractContextManager[Connection]], build: Callable[[builder.Login], Built], pairing_key: bytes,
              log: Log) -> None:
-    """The pre-noise table of ``query`` built for this request (its parameters recorded where the model reads them)."""
+    """The pre-noise view of ``query`` built by dbt from ``model`` for this request (its parameters recorded where it reads them)."""
     c = loaded.name
-    log.info(f"{query.name}: building its pre-noise table for this request ({json.dumps(params)})")
+    log.info(f"{query.name}: its pre-noise view was built from another model (policy or code); dbt builds it for this request ({json.dumps(params)})")
     who = builder.login(c, pairing_key)
     with connect() as conn:
         store_analysis.record_requests(conn, c, {query.name: (params, key)})
@@ -197,5 +207,5 @@ def _rebuild(loaded: LoadedCollaboration, query: ApprovedQuery, params: dict[str
         raise RequestFailed(f"the pre-noise table of {query.name} could not be built for this request; nothing was released or charged: "
                             f"{policy_cause(built.errors)} (the query is {query.sql_path})")
     with connect() as conn:
-        store_analysis.record_built(conn, c, {query.name: (params, key)}, versions)
+        store_analysis.record_built(conn, c, {query.name: (params, key)}, versions, {query.name: model})
         stages.forget_build(conn, c, "analysis")

@@ -1,4 +1,4 @@
-"""Which request each query's pre-noise table was built for, and the requests the query models read."""
+"""Which request each query's pre-noise view serves, the model dbt built it from, and the requests the query models read."""
 
 from __future__ import annotations
 
@@ -35,18 +35,30 @@ def _built_from(collab: str) -> sql.Identifier:
     return sql.Identifier(naming.analysis_schema(collab), "built_from")
 
 
-def record_built(conn: psycopg.Connection, collab: str, built: Mapping[str, tuple[Mapping[str, str], str]], versions: Mapping[str, Any]) -> None:
-    """For each query whose pre-noise table was just built: its parameters, input versions and request key."""
+def record_built(conn: psycopg.Connection, collab: str, built: Mapping[str, tuple[Mapping[str, str], str]], versions: Mapping[str, Any],
+                 models: Mapping[str, str] | None = None) -> None:
+    """For each query whose pre-noise view now serves a request: its parameters, input versions and request key, and,
+    when dbt just built the view, the model it was built from (``models``: query -> lib/dbt_codegen.model_digest)."""
     migrations.ensure(conn, "analysis", naming.analysis_schema(collab))
     table = _built_from(collab)
     with conn.transaction():
         for query_name, (values, key) in built.items():
+            model = (models or {}).get(query_name)
             conn.execute(
-                sql.SQL("insert into {} (query_name, params, input_versions, request_key, built_at) values (%s, %s, %s, %s, now()) "
+                sql.SQL("insert into {} (query_name, params, input_versions, request_key, model_sha256, built_at) values (%s, %s, %s, %s, %s, now()) "
                         "on conflict (query_name) do update set params = excluded.params, input_versions = excluded.input_versions, "
-                        "request_key = excluded.request_key, built_at = now()").format(table),
-                (query_name, json.dumps(dict(values)), json.dumps(dict(versions)), key),
+                        "request_key = excluded.request_key, model_sha256 = coalesce(excluded.model_sha256, {}.model_sha256), "
+                        "built_at = now()").format(table, sql.Identifier("built_from")),
+                (query_name, json.dumps(dict(values)), json.dumps(dict(versions)), key, model),
             )
+
+
+def model_built(conn: psycopg.Connection, collab: str, query_name: str) -> str | None:
+    """The model digest the query's pre-noise view was last built from by dbt (None: never, or the view is gone)."""
+    migrations.ensure(conn, "analysis", naming.analysis_schema(collab))
+    row = conn.execute(sql.SQL("select model_sha256 from {} where query_name = %s and to_regclass(%s) is not null").format(_built_from(collab)),
+                       (query_name, sql.Identifier(naming.analysis_schema(collab), f"query_{query_name}").as_string(conn))).fetchone()
+    return str(row[0]) if row and row[0] is not None else None
 
 
 def built_for(conn: psycopg.Connection, collab: str, query_name: str) -> str | None:

@@ -35,6 +35,7 @@ from . import access, migrations
 
 KEYS_SCHEMA = "dcr_keys"
 META_READS = ("query_requests", "dataset_versions")  # what the macros read (dcr_param, dcr_upload_rows)
+REQUESTS_VIEW = "requests"  # <c>_analysis.requests: the operator's view of the collaboration's rows of dcr_meta.query_requests
 DBT_SUFFIXES = ("", "__dbt_tmp", "__dbt_backup")  # a model's relation, and what dbt-postgres swaps it through
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,14 @@ def ensure(conn: psycopg.Connection, loaded: LoadedCollaboration, who: Login) ->
         conn.execute(sql.SQL("grant usage on schema {} to {}").format(sql.Identifier(migrations.META_SCHEMA), role))
         for table in META_READS:
             conn.execute(sql.SQL("grant select on {} to {}").format(sql.Identifier(migrations.META_SCHEMA, table), role))
+        # The pre-noise views read the request they serve through the operator's view of the collaboration's requests
+        # (macro dcr_requests): through a view of the builder's, row-level security on dcr_meta.query_requests would
+        # judge whoever reads (the operator), and the builder needs no row of another collaboration.
+        requests = sql.Identifier(naming.analysis_schema(loaded.name), REQUESTS_VIEW)
+        migrations.ensure(conn, "analysis", naming.analysis_schema(loaded.name))
+        conn.execute(sql.SQL("create or replace view {} as select query_name, params, request_key from {} where collaboration = {}").format(
+            requests, sql.Identifier(migrations.META_SCHEMA, "query_requests"), sql.Literal(loaded.name)))
+        conn.execute(sql.SQL("grant select on {} to {}").format(requests, role))
         # Models built before the builder existed (by the operator's login) become the builder's, so dbt can replace them.
         rows = conn.execute(
             "select n.nspname, c.relname, c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace "
@@ -145,13 +154,14 @@ def open_pads(conn: psycopg.Connection, who: Login, keys: Mapping[str, bytes]) -
 
 def _retire_earlier_models(conn: psycopg.Connection, loaded: LoadedCollaboration, oid: int, models: set[tuple[str, str]]) -> None:
     """Drop what an earlier policy's models left in the analysis schema: a matched view of a set of parties no query
-    reads any more, a removed query's pre-noise table (the builder's, of the model's own kind, without row security).
+    reads any more, a removed query's pre-noise view (or its table, from before they were views; the builder's, without
+    row security).
     Dropping is the safe way round; anything else the builder holds is still refused by ``verify``."""
     schema = naming.analysis_schema(loaded.name)
     for name, kind in conn.execute(
             "select c.relname, c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.relowner = %s "
             "and n.nspname = %s and not c.relrowsecurity and ((c.relname like 'matched\\_%%' and c.relkind = 'v') "
-            "or (c.relname like 'query\\_%%' and c.relkind = 'r'))", (oid, schema)).fetchall():
+            "or (c.relname like 'query\\_%%' and c.relkind in ('r', 'v')))", (oid, schema)).fetchall():
         if (schema, name) not in models:
             conn.execute(sql.SQL("drop {} if exists {} cascade").format(sql.SQL("view" if kind == "v" else "table"), sql.Identifier(schema, name)))
             log.warning("%s: dropped %s.%s, left by an earlier policy (no model makes it now)", loaded.name, schema, name)
@@ -159,7 +169,7 @@ def _retire_earlier_models(conn: psycopg.Connection, loaded: LoadedCollaboration
 
 def verify(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
     """Before the operator reads what the builder built, and after every build: the builder owns its models (tables, and
-    the matched views) and nothing else, with no function, trigger, rule or row policy anywhere in the collaboration's
+    the matched and pre-noise views) and nothing else, with no function, trigger, rule or row policy anywhere in the collaboration's
     schemas. A view or a policy calling a function of the builder's would run that function as whoever reads it."""
     who = login_name(loaded.name)
     row = conn.execute("select oid from pg_roles where rolname = %s", (who,)).fetchone()
@@ -175,8 +185,9 @@ def verify(conn: psycopg.Connection, loaded: LoadedCollaboration) -> None:
     for schema, name, kind, secured in conn.execute(
             "select n.nspname, c.relname, c.relkind, c.relrowsecurity from pg_class c join pg_namespace n on n.oid = c.relnamespace "
             "where c.relowner = %s and c.relpersistence <> 't' and c.relkind not in ('i', 'I', 'S', 't', 'c')", (oid,)).fetchall():
-        expected = "v" if name.startswith("matched_") else "r"
-        if (schema, name) not in models or kind != expected or secured:
+        # matched models are views; pre-noise models too (a table from before they were views, until dbt rebuilds it)
+        expected = "v" if name.startswith("matched_") else "rv" if name.startswith("query_") else "r"
+        if (schema, name) not in models or kind not in expected or secured:
             found.append(f"relation {schema}.{name} (kind {kind}{', row security' if secured else ''})")
     found += [f"trigger {t} on {n}.{c}" for t, n, c in conn.execute(
         "select t.tgname, n.nspname, c.relname from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace "

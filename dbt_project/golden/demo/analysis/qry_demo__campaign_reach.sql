@@ -1,4 +1,4 @@
-{{ config(schema="demo_analysis", alias="query_campaign_reach", tags=["dcr_demo", "dcr_analysis"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "analysis", "campaign_reach__pre_noise"], "stage": "analysis"}}) }}
+{{ config(schema="demo_analysis", alias="query_campaign_reach", materialized="view", tags=["dcr_demo", "dcr_analysis"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "analysis", "pre_noise_campaign_reach"], "stage": "analysis"}}) }}
 
 with unit_rows as (
     /* One row per (shared customer, campaign seen, region bought in) with the */

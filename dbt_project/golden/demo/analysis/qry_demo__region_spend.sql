@@ -1,4 +1,4 @@
-{{ config(schema="demo_analysis", alias="query_region_spend", tags=["dcr_demo", "dcr_analysis"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "analysis", "region_spend__pre_noise"], "stage": "analysis"}}) }}
+{{ config(schema="demo_analysis", alias="query_region_spend", materialized="view", tags=["dcr_demo", "dcr_analysis"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "analysis", "pre_noise_region_spend"], "stage": "analysis"}}) }}
 
 with unit_rows as (
     /* Shared customers who saw any campaign, by the region they bought in, with */

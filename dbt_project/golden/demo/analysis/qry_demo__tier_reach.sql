@@ -1,4 +1,4 @@
-{{ config(schema="demo_analysis", alias="query_tier_reach", tags=["dcr_demo", "dcr_analysis"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "analysis", "tier_reach__pre_noise"], "stage": "analysis"}}) }}
+{{ config(schema="demo_analysis", alias="query_tier_reach", materialized="view", tags=["dcr_demo", "dcr_analysis"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "analysis", "pre_noise_tier_reach"], "stage": "analysis"}}) }}
 
 with unit_rows as (
     /* Shared customers who saw each campaign, by loyalty tier, with their lifetime */

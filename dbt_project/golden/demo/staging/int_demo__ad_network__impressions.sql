@@ -1,4 +1,4 @@
-{{ config(materialized="incremental", on_schema_change="append_new_columns", schema="demo_raw_ad_network", alias="impressions__normalised", tags=["dcr_demo", "dcr_staging"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "private", "ad_network__impressions__normalised"], "stage": "staging", "owner": "ad_network"}}) }}{% if target.type == 'greenplum' %}{{ config(distributed_by="\"user_email_token\"") }}{% endif %}
+{{ config(materialized="incremental", on_schema_change="append_new_columns", schema="demo_raw_ad_network", alias="impressions__normalised", tags=["dcr_demo", "dcr_staging"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "private", "norm_impressions"], "stage": "staging", "owner": "ad_network"}}) }}{% if target.type == 'greenplum' %}{{ config(distributed_by="\"user_email_token\"") }}{% endif %}
 
 with source as (
     {{ dcr_upload_rows(source('demo_raw_ad_network', 'impressions'), 'demo', 'ad_network', 'impressions', ["user_email", "campaign_id", "impression_time"]) }}

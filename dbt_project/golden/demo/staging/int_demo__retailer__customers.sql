@@ -1,4 +1,4 @@
-{{ config(schema="demo_raw_retailer", alias="customers__normalised", tags=["dcr_demo", "dcr_staging"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "private", "retailer__customers__normalised"], "stage": "staging", "owner": "retailer"}}) }}{% if target.type == 'greenplum' %}{{ config(distributed_by="\"customer_email_token\"") }}{% endif %}
+{{ config(schema="demo_raw_retailer", alias="customers__normalised", tags=["dcr_demo", "dcr_staging"], meta={"dcr": {"collaboration": "demo", "asset_key": ["demo", "private", "norm_customers"], "stage": "staging", "owner": "retailer"}}) }}{% if target.type == 'greenplum' %}{{ config(distributed_by="\"customer_email_token\"") }}{% endif %}
 
 with source as (
     select * from {{ source('demo_raw_retailer', 'customers') }}
