@@ -130,10 +130,13 @@ def audit(collab: str, since: Any, fmt: str, party: str | None, verify: bool, an
             if anchor.collaboration != collab:
                 fail(f"anchor {anchor.collaboration}/{anchor.seq} belongs to collaboration {anchor.collaboration}, not {collab}", 2)
         with connect(runtime.warehouse.url()) as conn:
-            recovered = trail.reconcile(instance, conn, loaded)
+            recovered, exported = trail.reconcile(instance, conn, loaded, runtime.settings.exports)
             problems = trail.verify(instance, conn, loaded, saved)
         for rid in recovered:
             err.print(f"note: release {rid} was committed by a run that stopped before recording its event; the event was added, marked recovered",
+                      markup=False, soft_wrap=True)
+        for rid in exported:
+            err.print(f"note: release {rid} was committed by a run that stopped before writing its export files; they are written now",
                       markup=False, soft_wrap=True)
         for problem in problems:
             err.print(f"error: {problem}", markup=False, soft_wrap=True)

@@ -11,6 +11,7 @@ the chain against the releases table.
 import datetime as dt
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -166,23 +167,30 @@ def release_events(instance: dg.DagsterInstance, loaded: LoadedCollaboration) ->
             cursor = result.cursor
 
 
-def reconcile(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedCollaboration) -> list[str]:
-    """Give a committed release whose run died before it wrote its Dagster event that event, marked recovered.
+def reconcile(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedCollaboration, export_dir: Path) -> tuple[list[str], list[str]]:
+    """Give a committed release whose run died before it wrote its Dagster event that event, marked recovered, and the
+    export files its run did not write. Returns (releases whose event was recovered, releases whose files were written).
 
     Only a release whose run did not succeed is recovered: a successful run wrote its event, so a missing
-    one was deleted, and ``verify`` reports it.
+    one was deleted, and ``verify`` reports it. (The next command after a killed run writes its files too, when it
+    sees the run's process gone; a release whose commit landed just after that look is caught here.)
     """
+    from ..services.release import export_missing
     from .collaboration import audit_metadata
 
     schema = naming.results_schema(loaded.name)
     logged = {e["release_id"] for e in release_events(instance, loaded)}
     recovered = []
+    unfinished = []
     for row in audit_chain.chain(conn, schema):
-        if row.kind != "release" or row.ref in logged:
+        if row.kind != "release":
             continue
         run_id = row.entry.get("run_id")
         run = instance.get_run_by_id(run_id) if run_id else None
         if run is None or run.status == dg.DagsterRunStatus.SUCCESS:
+            continue
+        unfinished.append(row)
+        if row.ref in logged:
             continue
         query = row.entry.get("query_name", "")
         key = (naming.cross_reference_key(loaded.name) if query == access.OVERLAP
@@ -194,7 +202,7 @@ def reconcile(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedColl
                       "release_id": row.ref, "recovered": True, "recovered_from_run": run_id},
         ))
         recovered.append(row.ref)
-    return recovered
+    return recovered, export_missing(conn, loaded, unfinished, export_dir)
 
 
 def verify(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedCollaboration, anchors: list[audit.Anchor] | None = None) -> list[audit.Problem]:

@@ -404,11 +404,21 @@ def export_committed_by(conn: psycopg.Connection, loaded: LoadedCollaboration, r
     the release ids whose files were missing and are now written."""
     from ..store import audit_chain
 
+    rows = [row for row in audit_chain.chain(conn, naming.results_schema(loaded.name)) if row.entry.get("run_id") == run_id]
+    return export_missing(conn, loaded, rows, export_dir)
+
+
+def export_missing(conn: psycopg.Connection, loaded: LoadedCollaboration, rows: list[Any], export_dir: Path) -> list[str]:
+    """Of the audit chain's ``rows``, the releases of an approved query with an export file missing for a receiver
+    (their run was killed between its commit and its last file): written now; their release ids."""
     schema = naming.results_schema(loaded.name)
     written: list[str] = []
-    for row in audit_chain.chain(conn, schema):
+    for row in rows:
         query = loaded.queries.get(str(row.entry.get("query_name")))
-        if row.kind != "release" or row.entry.get("run_id") != run_id or query is None:
+        if row.kind != "release" or query is None:
+            continue
+        files = [f"{row.ref}.{suffix}" for suffix in ("csv", "parquet", "anchor.json")]  # killed between two of them: the rest
+        if all((export_dir / loaded.name / r / query.name / f).exists() for r in query.spec.receivers for f in files):
             continue
         stored = conn.execute(sql.SQL("select rows, epsilon from {} where release_id = %s").format(sql.Identifier(schema, "releases")),
                               (row.ref,)).fetchone()
@@ -417,8 +427,6 @@ def export_committed_by(conn: psycopg.Connection, loaded: LoadedCollaboration, r
         # The anchor its exports carry: the chain as of this release's own entry.
         release = ledger.StoredRelease(row.ref, True, float(stored[1]), list(stored[0]), None,  # type: ignore[arg-type]
                                        {"head": {"collaboration": loaded.name, "seq": row.seq, "chain_sha256": row.chain_sha256}})
-        missing = [r for r in query.spec.receivers if not (export_dir / loaded.name / r / query.name / f"{row.ref}.csv").exists()]
-        if missing:
-            export(release, loaded, query, export_dir)
-            written.append(row.ref)
+        export(release, loaded, query, export_dir)
+        written.append(row.ref)
     return written

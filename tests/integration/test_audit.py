@@ -70,7 +70,7 @@ def test_the_export_covers_every_stage_with_what_a_reviewer_needs(audited: dict[
     assert [r["user"] for r in releases] == ["alice@retail.example", "bob@ads.example"]
     ingests = [e for e in entries if e["asset"].startswith(f"{COLLAB}/raw/") and e["kind"] == "materialization"]
     rows = {"purchases": 500, "impressions": 500, "customers": 250}  # customers: one row per retailer customer
-    assert all(e["metadata"]["row_count"] == rows[e["asset"].split("__")[1]] and len(e["metadata"]["checksum_sha256"]) == 64 for e in ingests)
+    assert all(e["metadata"]["row_count"] == rows[e["asset"].split("/")[-1].removeprefix(naming.RAW_LABEL)] and len(e["metadata"]["checksum_sha256"]) == 64 for e in ingests)
     matched = [e for e in entries if e["asset"] == f"{COLLAB}/matching/cross_reference"]
     assert matched and matched[0]["metadata"]["matched"] == 125
     refused = [e for e in entries if e["kind"] == "refused" and e["asset"].endswith("campaign_reach")]

@@ -211,3 +211,24 @@ def test_releases_killed_at_random_instants_leave_the_ledger_and_the_audit_chain
     missing = [(rid, q, r) for rid, q in committed for r in ("ad_network", "retailer")
                if not all((exports / r / q / f"{rid}.{suffix}").is_file() for suffix in ("csv", "parquet", "anchor.json"))]
     assert committed and not missing, missing
+
+
+@pytest.mark.parametrize("kept", ["csv", "csv+parquet"])
+def test_a_release_killed_between_its_export_files_gets_the_missing_ones(ctx: dict[str, Any], kept: str) -> None:
+    """The moment between two export files: the next command writes what is missing, not only a missing CSV."""
+    from dcr_pipelines.lib.policy import load_collaboration
+    from dcr_pipelines.services.release import export_committed_by
+    from dcr_pipelines.store import audit_chain
+
+    loaded = load_collaboration(Path(ctx["env"]["DCR_POLICIES"]) / COLLAB)
+    exports = Path(ctx["env"]["DCR_HOME"]) / "exports"
+    with psycopg.connect(ctx["url"], autocommit=True) as conn:
+        entry = next(r for r in reversed(audit_chain.chain(conn, naming.results_schema(COLLAB))) if r.kind == "release" and r.entry.get("query_name") in loaded.queries)
+        query = loaded.queries[str(entry.entry["query_name"])]
+        folder = exports / COLLAB / query.spec.receivers[0] / query.name
+        gone = [folder / f"{entry.ref}.{s}" for s in ("parquet", "anchor.json")[kept.count("+"):]]
+        for path in gone:
+            path.unlink()
+        assert export_committed_by(conn, loaded, str(entry.entry["run_id"]), exports) == [entry.ref]
+        assert all(path.is_file() for path in gone)
+        assert export_committed_by(conn, loaded, str(entry.entry["run_id"]), exports) == [], "nothing left to write"
