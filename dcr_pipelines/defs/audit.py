@@ -171,8 +171,9 @@ def reconcile(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedColl
     """Give a committed release whose run died before it wrote its Dagster event that event, marked recovered, and the
     export files its run did not write. Returns (releases whose event was recovered, releases whose files were written).
 
-    Only a release whose run did not succeed is recovered: a successful run wrote its event, so a missing
-    one was deleted, and ``verify`` reports it. (The next command after a killed run writes its files too, when it
+    Only a release whose run failed or was cancelled (a killed run is marked failed by the next command) is recovered:
+    a successful run wrote its event, so a missing one was deleted, and ``verify`` reports it; a run still going is
+    still writing its own. (The next command after a killed run writes its files too, when it
     sees the run's process gone; a release whose commit landed just after that look is caught here.)
     """
     from ..services.release import export_missing
@@ -187,8 +188,8 @@ def reconcile(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedColl
             continue
         run_id = row.entry.get("run_id")
         run = instance.get_run_by_id(run_id) if run_id else None
-        if run is None or run.status == dg.DagsterRunStatus.SUCCESS:
-            continue
+        if run is None or run.status not in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+            continue  # succeeded (it recorded both), or still running (it is writing them): not ours to finish
         unfinished.append(row)
         if row.ref in logged:
             continue

@@ -22,7 +22,7 @@ def appended_raw_keys(loaded: LoadedCollaboration) -> list[dg.AssetKey]:
 
 
 def pipeline_selection(collab: str, appended: list[dg.AssetKey] | None = None) -> dg.AssetSelection:
-    """A collaboration's pipeline up to the pre-noise tables: all of its group but releases and ad-hoc queries,
+    """A collaboration's pipeline up to the pre-noise views: all of its group but releases and ad-hoc queries,
     which spend budget or hand out results and so run only when someone asks, and appended uploads (one run per file)."""
     selection = dg.AssetSelection.groups(collab) - dg.AssetSelection.tag("dcr/stage", "results") - dg.AssetSelection.tag("dcr/stage", "ad_hoc")
     return selection - dg.AssetSelection.assets(*appended) if appended else selection
@@ -34,7 +34,7 @@ def collaboration_jobs(loaded: LoadedCollaboration) -> list[Any]:
     appended = appended_raw_keys(loaded)
     jobs = [
         dg.define_asset_job(names["pipeline"], selection=pipeline_selection(c, appended),
-                            description=f"{c} up to the pre-noise tables: ingest, staging, matching, analyses. Releases nothing, charges nothing.",
+                            description=f"{c} up to the pre-noise views: ingest, staging, matching, analyses. Releases nothing, charges nothing.",
                             tags={"dcr/collaboration": c}),
         dg.define_asset_job(names["releases"], selection=dg.AssetSelection.groups(c) & dg.AssetSelection.tag("dcr/stage", "results"),
                             description=f"Releases of {c}'s approved queries, on request (launch one with its parameters as config): "

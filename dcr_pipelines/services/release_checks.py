@@ -20,6 +20,7 @@ from psycopg import sql
 
 from ..lib import audit, naming
 from ..lib.policy import ApprovedQuery, LoadedCollaboration
+from ..store import analysis as store_analysis
 from ..store import audit_chain, ledger
 from .release import REQUEST, THRESHOLD_UNITS, consumer_budget
 
@@ -68,9 +69,9 @@ def _threshold(conn: psycopg.Connection, loaded: LoadedCollaboration, query: App
     if stored.cached or request is None:
         return CheckOutcome(THRESHOLD_CHECK, True, "stored release returned again: it was checked when it was first released")
     table = sql.Identifier(naming.analysis_schema(loaded.name), f"query_{query.name}")
-    rows = conn.execute(sql.SQL("select {}, {} from {} where {} = %s").format(
+    rows = store_analysis.read_pre_noise(conn, loaded.name, sql.SQL("select {}, {} from {} where {} = %s").format(
         sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(d)) for d in dims), sql.Identifier(THRESHOLD_UNITS), table,
-        sql.Identifier(REQUEST)), (request,)).fetchall()
+        sql.Identifier(REQUEST)), (request,))
     units = {tuple(r[:-1]): int(r[-1]) for r in rows}
     released = {tuple(str(r[d]) for d in dims) for r in stored.rows}
     short = sorted(g for g in released if units.get(g, 0) < spec.min_distinct_units)

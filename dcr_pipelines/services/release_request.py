@@ -158,13 +158,15 @@ def serve(loaded: LoadedCollaboration, query_name: str, request: Request, *, url
         with connect() as conn:
             key = request_key(query, params, versions, match)
             cached = ledger.stored_release_id(conn, naming.results_schema(c), ledger.cache_key(query.sha256, params, versions))
-            serving = cached is None and store_analysis.built_for(conn, c, query_name) != key
+            # The view reads the request row; built_from says which model it is and which request it was set for.
+            # Both must name this request (a failed build or a pipeline run may have moved one of them).
+            serving = cached is None and (store_analysis.built_for(conn, c, query_name) != key or store_analysis.requested_for(conn, c, query_name) != key)
             built_from = store_analysis.model_built(conn, c, query_name) if serving else None
         rebuild = False
         if serving:
             model = dbt_codegen.model_digest(loaded, query)
             if built_from == model:  # the view is this model's: it serves this request once its parameters are recorded
-                with connect() as conn:
+                with connect() as conn, conn.transaction():  # the request row and built_from together, or neither
                     store_analysis.record_requests(conn, c, {query.name: (params, key)})
                     store_analysis.record_built(conn, c, {query.name: (params, key)}, versions)
                     stages.forget_build(conn, c, "analysis")

@@ -61,6 +61,29 @@ def model_built(conn: psycopg.Connection, collab: str, query_name: str) -> str |
     return str(row[0]) if row and row[0] is not None else None
 
 
+def requested_for(conn: psycopg.Connection, collab: str, query_name: str) -> str | None:
+    """The request key in the query's request row: the request its pre-noise view serves now (None: none yet)."""
+    migrations.ensure(conn, "meta")
+    row = conn.execute(f"select request_key from {REQUESTS_TABLE} where collaboration = %s and query_name = %s", (collab, query_name)).fetchone()
+    return str(row[0]) if row and row[0] is not None else None
+
+
+def pre_noise_reader(collab: str) -> str:
+    """The role a pre-noise view is read as: NOLOGIN, no superuser, SELECT on the builder's views of the analysis schema
+    and nothing else (store/builder.ensure makes it). The view is the builder's; a function it calls runs as its reader."""
+    return f"dcr_{collab}_pre_noise_reader"
+
+
+def read_pre_noise(conn: psycopg.Connection, collab: str, statement: sql.Composed, params: Any = None) -> list[Any]:
+    """The rows of ``statement`` over a pre-noise view, read as :func:`pre_noise_reader` (never as the operator)."""
+    conn.execute(sql.SQL("set role {}").format(sql.Identifier(pre_noise_reader(collab))))
+    try:
+        return conn.execute(statement, params).fetchall()
+    finally:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:  # an aborted transaction's rollback undoes the set
+            conn.execute("reset role")
+
+
 def built_for(conn: psycopg.Connection, collab: str, query_name: str) -> str | None:
     """The request key the query's pre-noise table was last built for (None: never)."""
     migrations.ensure(conn, "analysis", naming.analysis_schema(collab))

@@ -32,6 +32,7 @@ from ..lib import naming
 from ..lib.keys import hmac_pads
 from ..lib.policy import LoadedCollaboration
 from . import access, migrations
+from . import analysis as store_analysis
 
 KEYS_SCHEMA = "dcr_keys"
 META_READS = ("query_requests", "dataset_versions")  # what the macros read (dcr_param, dcr_upload_rows)
@@ -116,17 +117,30 @@ def ensure(conn: psycopg.Connection, loaded: LoadedCollaboration, who: Login) ->
         # The pre-noise views read the request they serve through the operator's view of the collaboration's requests
         # (macro dcr_requests): through a view of the builder's, row-level security on dcr_meta.query_requests would
         # judge whoever reads (the operator), and the builder needs no row of another collaboration.
+        analysis = sql.Identifier(naming.analysis_schema(loaded.name))
         requests = sql.Identifier(naming.analysis_schema(loaded.name), REQUESTS_VIEW)
         migrations.ensure(conn, "analysis", naming.analysis_schema(loaded.name))
-        conn.execute(sql.SQL("create or replace view {} as select query_name, params, request_key from {} where collaboration = {}").format(
+        # "offset 0": not auto-updatable, so the schema's grants (the analysis roles get all on its tables) read it and
+        # write nothing through it; a rule or trigger that would make it writable is refused by ``verify``.
+        conn.execute(sql.SQL("create or replace view {} as select query_name, params, request_key from {} where collaboration = {} offset 0").format(
             requests, sql.Identifier(migrations.META_SCHEMA, "query_requests"), sql.Literal(loaded.name)))
         conn.execute(sql.SQL("grant select on {} to {}").format(requests, role))
+        # Who reads a pre-noise view (store/analysis.read_pre_noise): select on the builder's views there, nothing else.
+        reader = sql.Identifier(store_analysis.pre_noise_reader(loaded.name))
+        if conn.execute("select 1 from pg_roles where rolname = %s", (store_analysis.pre_noise_reader(loaded.name),)).fetchone() is None:
+            conn.execute(sql.SQL("create role {} nologin").format(reader))
+        conn.execute(sql.SQL("grant {} to current_user").format(reader))
+        conn.execute(sql.SQL("grant usage on schema {} to {}").format(analysis, reader))
+        conn.execute(sql.SQL("alter default privileges for role {} in schema {} grant select on tables to {}").format(role, analysis, reader))
         # Models built before the builder existed (by the operator's login) become the builder's, so dbt can replace them.
         rows = conn.execute(
             "select n.nspname, c.relname, c.relkind from pg_class c join pg_namespace n on n.oid = c.relnamespace "
             "where n.nspname = any(%s) and c.relkind in ('r', 'v', 'm', 'p') and pg_get_userbyid(c.relowner) <> %s",
             (schemas, who.user),
         ).fetchall()
+        for q in loaded.queries:
+            if conn.execute("select to_regclass(%s)", (sql.Identifier(naming.analysis_schema(loaded.name), f"query_{q}").as_string(conn),)).fetchone()[0]:  # type: ignore[index]
+                conn.execute(sql.SQL("grant select on {} to {}").format(sql.Identifier(naming.analysis_schema(loaded.name), f"query_{q}"), reader))
         models = model_relations(loaded)
         for schema, name, kind in rows:
             if (schema, name) in models:

@@ -102,3 +102,35 @@ def test_a_view_built_from_another_model_is_rebuilt_by_dbt_before_the_release_re
     assert recorded == (model_digest(views["loaded"], views["loaded"].queries[QUERY]),)
     _release(views, "2026-01-08")
     assert len(dbt_builds) == 1, "the rebuilt view serves the next request as it is"
+
+
+def test_a_function_in_a_builder_view_runs_as_the_pre_noise_reader_never_as_the_operator(views: dict[str, Any]) -> None:
+    """A view runs the functions it calls as whoever reads it: the release reads pre-noise views as a NOLOGIN role
+    with no power (the operator is a superuser on the embedded server), so a view the builder made cannot act as it."""
+    from psycopg import sql
+
+    from dcr_pipelines.store import analysis as store_analysis
+    from dcr_pipelines.store.builder import login_name
+
+    reader = store_analysis.pre_noise_reader(C)
+    probe = sql.Identifier(naming.analysis_schema(C), "query_probe")
+    with psycopg.connect(views["url"], autocommit=True) as conn:
+        conn.execute(sql.SQL("set role {}").format(sql.Identifier(login_name(C))))
+        conn.execute(sql.SQL("create view {} as select current_user::text as who, pg_has_role(current_user, 'pg_read_server_files', 'usage') as files").format(probe))
+        conn.execute("reset role")
+        try:
+            assert store_analysis.read_pre_noise(conn, C, sql.SQL("select who, files from {}").format(probe)) == [(reader, False)]
+            assert conn.execute("select current_user").fetchone() != (reader,), "the operator's role is back after the read"
+            powers = conn.execute("select rolsuper or rolcreaterole or rolcreatedb or rolbypassrls or rolcanlogin from pg_roles where rolname = %s", (reader,)).fetchone()
+            assert powers == (False,)
+        finally:
+            conn.execute(sql.SQL("drop view {}").format(probe))
+
+
+def test_the_requests_view_the_builder_reads_cannot_be_written_through(views: dict[str, Any]) -> None:
+    from dcr_pipelines.store import access
+
+    with psycopg.connect(views["url"], autocommit=True) as conn:
+        conn.execute(f'set role "{access.role_name(C, "analysis_builder")}"')  # the schema's grants give it all on the view
+        with pytest.raises(psycopg.Error, match="cannot update view|not automatically updatable"):
+            conn.execute(f"update \"{naming.analysis_schema(C)}\".requests set params = '{{}}'")

@@ -16,6 +16,7 @@ from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.runtime import ensure_development_secrets
 from dcr_pipelines.runner import analysis_run_config, collaboration_keys, materialize
 from dcr_pipelines.services.release import release_query
+from dcr_pipelines.store import analysis as store_analysis
 from dcr_pipelines.store import ledger
 
 from .conftest import COLLAB, land, make_collaboration
@@ -143,6 +144,7 @@ def test_key_selection_through_the_release_path_releases_only_keys_that_clear_th
         # Known pre-noise counts: one huge group, every other group a single person (a table in the view's place).
         conn.execute(f"alter view {table} rename to query_campaign_reach__real")
         conn.execute(f"create table {table} as select * from {table}__real")
+        conn.execute(f"grant select on {table} to {store_analysis.pre_noise_reader(COLLAB)}")  # what the release reads as
         conn.execute(f"update {table} set buyers = case when campaign_id = 'new_year' and store_region = 'north' then 100000 else 1 end")
         try:
             stored = release_query(conn, loaded, query, params, versions)
