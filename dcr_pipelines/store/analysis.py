@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 
 from ..lib import naming
-from . import migrations
+from . import access, migrations
 
 REQUESTS_TABLE = "dcr_meta.query_requests"
 
@@ -71,7 +71,7 @@ def requested_for(conn: psycopg.Connection, collab: str, query_name: str) -> str
 def pre_noise_reader(collab: str) -> str:
     """The role a pre-noise view is read as: NOLOGIN, no superuser, SELECT on the builder's views of the analysis schema
     and nothing else (store/builder.ensure makes it). The view is the builder's; a function it calls runs as its reader."""
-    return f"dcr_{collab}_pre_noise_reader"
+    return access.role_name(collab, "pre_noise_reader")  # store/teardown.py drops it with the collaboration
 
 
 def read_pre_noise(conn: psycopg.Connection, collab: str, statement: sql.Composed, params: Any = None) -> list[Any]:

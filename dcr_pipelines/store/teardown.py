@@ -23,7 +23,7 @@ from . import access, migrations
 
 # dcr_meta tables with a collaboration column: every row of the collaboration goes with it.
 META_TABLES = ("uploads", "dataset_versions", "stage_builds", "query_requests", "released_people", "member_logins", "member_requests")
-_FIXED_ROLES = ("admin", "matching", "analysis_builder", "query_runner", "dbt_login")
+_FIXED_ROLES = ("admin", "matching", "analysis_builder", "query_runner", "dbt_login", "pre_noise_reader")
 _PARTY_ROLES = ("raw_owner", "staging_loader", "result_reader", "member")  # member: a member login
 
 
