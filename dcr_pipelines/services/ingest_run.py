@@ -13,19 +13,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ..store import Connection
 from ..store import uploads as queue
 from . import ingest
-
-
-class Log(Protocol):
-    def info(self, msg: str) -> None: ...
-
-    def warning(self, msg: str) -> None: ...
-
-    def error(self, msg: str) -> None: ...
+from ._log import Log
 
 
 @dataclass(frozen=True)

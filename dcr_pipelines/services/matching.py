@@ -17,7 +17,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ..lib import home_psi, identity_graph, matching, naming, psi_epoch
 from ..lib.database import advisory_lock
@@ -25,13 +25,8 @@ from ..lib.policy import LoadedCollaboration
 from ..store import Connection, builder, ledger, open_connection
 from ..store import approvals as store_approvals
 from ..store import matching as store_matching
+from ._log import Log
 from .release import release_overlap
-
-
-class Log(Protocol):
-    def info(self, msg: str) -> None: ...
-
-    def warning(self, msg: str) -> None: ...
 
 
 @dataclass(frozen=True)

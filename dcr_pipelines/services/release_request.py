@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ..lib import dbt_codegen, naming
 from ..lib.database import advisory_lock
@@ -27,6 +27,7 @@ from ..store import analysis as store_analysis
 from ..store import approvals as store_approvals
 from ..store import matching as store_matching
 from . import release_checks
+from ._log import Log
 from .release import ReleaseRefused, release_query
 
 
@@ -72,12 +73,6 @@ class RequestFailed(Exception):
 class Built:
     success: bool
     errors: list[str]
-
-
-class Log(Protocol):
-    def info(self, msg: str) -> None: ...
-
-    def error(self, msg: str) -> None: ...
 
 
 @dataclass(frozen=True)
