@@ -347,20 +347,24 @@ def match_buckets(parts: Iterable[tuple[int, Sequence[PartyInput]]], parties: Se
 
 
 def _padding_rows(parties: Sequence[str], tokens_by_party: Sequence[Sequence[str]], matched_tokens: set[str]) -> list[tuple[str, ...]]:
-    """One fake row per unmatched identity: its party's real token, forged tokens for the others.
+    out = []
+    for position, tokens in enumerate(tokens_by_party):
+        out.extend(padding_rows(len(parties), position, [t for t in tokens if t not in matched_tokens]))
+    return out
+
+
+def padding_rows(parties: int, position: int, unmatched: Iterable[str]) -> list[tuple[str, ...]]:
+    """One fake row per unmatched identity of the party at ``position``: its real token, forged tokens for the others.
 
     Forged tokens are random 256-bit values in the same hex form as real
     tokens, so a reader of the table cannot tell fake rows from real ones;
     they exist in no party's staging data, so they can never join to it.
     """
     out = []
-    for position, tokens in enumerate(tokens_by_party):
-        for token in tokens:
-            if token in matched_tokens:
-                continue
-            row = [secrets.token_hex(32) for _ in parties]
-            row[position] = token
-            out.append((secrets.token_hex(16), *row))
+    for token in unmatched:
+        row = [secrets.token_hex(32) for _ in range(parties)]
+        row[position] = token
+        out.append((secrets.token_hex(16), *row))
     return out
 
 

@@ -2,107 +2,113 @@
 
 The commutative cipher behind our PSI: ``blind(k, x) = H(x)^k`` and
 ``reblind(j, blind(k, x)) == blind(k*j, x)``. Within an epoch every party
-keeps one key. For the client C and each other party S the state holds
+keeps one key. For the client C and each other party S the operator keeps
 ``H(x)^(kC*kS)`` for every identity x of C and of S (C's items reblinded by
 S, S's items reblinded by C). Equal values are the same identity, so the
-intersection and the pairing of tokens are a lookup; a new run blinds and
+intersection and the pairing of tokens are a join; a new run blinds and
 reblinds only the identities added since the last one (two scalar
 multiplications each) and drops the removed ones.
 
-Each blinding runs in worker processes given only that party's key and
-that party's items; the halves exchange blinded values only. The state lives
-in the operator's matching schema, which no member role can read, and is
-deleted when the epoch ends (its keys with it). With ``key_epoch: run`` none
-of this is used: every match draws fresh keys, as before.
+Nothing here holds every identity: the kept values live in the operator's
+matching schema (``store/key_epoch.py``), and a match streams each party's
+identities and the kept tokens in token order side by side (``diff``),
+blinding what is new a batch at a time (``blind_batch``). The database joins
+the values. Each blinding runs in worker processes given only that party's
+key and that party's items; the halves exchange blinded values only. No
+member role can read the matching schema, and the values are deleted when
+the epoch ends (its keys with it). With ``key_epoch: run`` none of this is
+used: every match draws fresh keys, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
-from .matching import MatchResult, PartyInput, assemble
-from .processes import map_chunks, worker_pool
+from .processes import map_chunks
 from .psi import blind, new_key, reblind
 
-
-@dataclass
-class EpochState:
-    """One epoch: each party's key, and per (owner, peer) the doubly blinded value of each of the owner's tokens."""
-
-    config: str
-    keys: dict[str, bytes]
-    doubles: dict[tuple[str, str], dict[str, bytes]] = field(default_factory=dict)
+BATCH = 100_000  # new identities blinded per batch (about 30 MB in flight)
+POOL_FROM = 2_000  # a worker pool costs more than a few thousand multiplications
 
 
 @dataclass(frozen=True)
-class EpochChange:
-    """What one match changed in the state: new (owner, peer, token, value) rows and removed (owner, token) pairs."""
+class New:
+    """An identity of the owner that lacks a kept value for ``peers``."""
 
-    added: list[tuple[str, str, str, bytes]]
-    removed: set[tuple[str, str]]
-    blinded: int  # identities blinded this run
-    multiplications: int  # scalar multiplications this run (a blinding, and a reblinding per peer)
+    token: str
+    identifier: str
+    peers: tuple[str, ...]
 
 
-def config_of(inputs: Sequence[PartyInput], client: str) -> str:
+@dataclass(frozen=True)
+class Gone:
+    """A kept value of the owner for ``peer`` whose identity is no longer the owner's."""
+
+    peer: str
+    token: str
+
+
+def config_of(parties: Iterable[str], client: str) -> str:
     """What an epoch is bound to: the client and the set of parties (another set starts a new epoch)."""
-    return hashlib.sha256(f"client={client};parties={','.join(sorted(i.party for i in inputs))};v1".encode()).hexdigest()
+    return hashlib.sha256(f"client={client};parties={','.join(sorted(parties))};v1".encode()).hexdigest()
 
 
-def new_state(inputs: Sequence[PartyInput], client: str) -> EpochState:
-    return EpochState(config_of(inputs, client), {inp.party: new_key() for inp in inputs})
+def new_keys(parties: Iterable[str]) -> dict[str, bytes]:
+    """One fresh key per party: a new epoch."""
+    return {party: new_key() for party in parties}
 
 
-def match_in_epoch(inputs: Sequence[PartyInput], client: str, state: EpochState, *, padding: bool = False,
-                   workers: int | None = None) -> tuple[MatchResult, EpochChange]:
-    """The cross-reference of ``inputs`` using (and updating, in memory) ``state``; the change to persist."""
-    by_party = {inp.party: inp for inp in inputs}
-    servers = [inp for inp in inputs if inp.party != client]
-    pairs = [(client, s.party) for s in servers] + [(s.party, client) for s in servers]  # (owner, peer)
-    added: list[tuple[str, str, str, bytes]] = []
-    removed: set[tuple[str, str]] = set()
-    new_items: dict[tuple[str, str], list[str]] = {}
-    for owner, peer in pairs:
-        have = state.doubles.setdefault((owner, peer), {})
-        current = set(by_party[owner].tokens)
-        for t in [t for t in have if t not in current]:
-            del have[t]
-            removed.add((owner, t))
-        new_items[(owner, peer)] = [t for t in by_party[owner].tokens if t not in have]
-    # Each party blinds its new identities once (the client's serve every server), then the peer reblinds them.
-    wanted: dict[str, set[str]] = {}
-    for (owner, _), tokens in new_items.items():
-        wanted.setdefault(owner, set()).update(tokens)
-    to_blind = {p: sorted(tokens) for p, tokens in wanted.items()}
-    identifier_of = {p: dict(zip(by_party[p].tokens, by_party[p].identifiers, strict=False)) for p in to_blind}
-    blinded_count = sum(len(v) for v in to_blind.values())
-    parts = workers or os.cpu_count() or 1
-    small = blinded_count < 2000  # a worker pool costs more than a few thousand multiplications
-    pool = None if small else worker_pool(parts)
-    try:
-        singles = {p: dict(zip(tokens, map_chunks(pool, blind, state.keys[p], [identifier_of[p][t] for t in tokens], parts), strict=True))
-                   for p, tokens in to_blind.items()}
-        for owner, peer in pairs:
-            tokens = new_items[(owner, peer)]
-            doubles = map_chunks(pool, reblind, state.keys[peer], [singles[owner][t] for t in tokens], parts)
-            have = state.doubles[(owner, peer)]
-            for token, value in zip(tokens, doubles, strict=True):
-                have[token] = value
-                added.append((owner, peer, token, value))
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    matched: list[tuple[str, ...]] = []  # (client token, each server's token) per shared person
-    lookups = [{v: t for t, v in state.doubles[(s.party, client)].items()} for s in servers]
-    for token in by_party[client].tokens:
-        others = [lookup.get(state.doubles[(client, s.party)][token]) for s, lookup in zip(servers, lookups, strict=True)]
-        if all(o is not None for o in others):
-            matched.append((token, *(o for o in others if o is not None)))
-    parties = (client, *(s.party for s in servers))
-    rows = assemble(parties, matched, [by_party[p].tokens for p in parties], padding)
-    counts = {inp.party: len(inp.identifiers) for inp in inputs}
-    change = EpochChange(added, removed, blinded=blinded_count, multiplications=blinded_count + len(added))
-    return MatchResult(parties, rows, counts, bytes_exchanged=sum(len(v) for *_, v in added), matched=len(matched)), change
+def pairs(client: str, servers: Sequence[str]) -> list[tuple[str, str]]:
+    """The (owner, peer) value sets an epoch keeps: the client's items for each server, each server's for the client."""
+    return [(client, s) for s in servers] + [(s, client) for s in servers]
+
+
+def diff(owned: Iterable[tuple[str, str]], kept: Mapping[str, Iterable[str]]) -> Iterator[New | Gone]:
+    """What the owner's identities ``owned`` ((token, identifier), ascending by token) lack against the tokens
+    ``kept`` for each peer (ascending): a ``New`` per identity missing a value, a ``Gone`` per kept token no
+    longer owned. One pass over sorted streams: memory holds one row of each."""
+    peers = sorted(kept)
+    streams = {p: iter(kept[p]) for p in peers}
+    heads: dict[str, str | None] = {p: next(streams[p], None) for p in peers}
+    last = ""
+    for token, identifier in owned:
+        if token <= last:
+            raise ValueError(f"identities not in ascending token order at {token!r}")
+        last = token
+        missing = []
+        for p in peers:
+            while (head := heads[p]) is not None and head < token:
+                yield Gone(p, head)
+                heads[p] = _advance(streams[p], head)
+            if head == token:
+                heads[p] = _advance(streams[p], head)
+            else:
+                missing.append(p)
+        if missing:
+            yield New(token, identifier, tuple(missing))
+    for p in peers:
+        while (head := heads[p]) is not None:
+            yield Gone(p, head)
+            heads[p] = _advance(streams[p], head)
+
+
+def _advance(stream: Iterator[str], previous: str) -> str | None:
+    token = next(stream, None)
+    if token is not None and token <= previous:
+        raise ValueError(f"kept tokens not in ascending order at {token!r}")
+    return token
+
+
+def blind_batch(owner: str, batch: Sequence[New], keys: Mapping[str, bytes], pool: ProcessPoolExecutor | None,
+                parts: int) -> Iterator[tuple[str, str, str, bytes]]:
+    """(owner, peer, token, value) for each identity of ``batch`` and each peer it lacks: the owner blinds the
+    identity once, each peer reblinds it."""
+    singles = map_chunks(pool, blind, keys[owner], [n.identifier for n in batch], parts)
+    for peer in sorted({p for n in batch for p in n.peers}):
+        wanted = [i for i, n in enumerate(batch) if peer in n.peers]
+        doubles = map_chunks(pool, reblind, keys[peer], [singles[i] for i in wanted], parts)
+        for i, value in zip(wanted, doubles, strict=True):
+            yield owner, peer, batch[i].token, value

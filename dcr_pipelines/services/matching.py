@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..lib import home_psi, identity_graph, matching, naming, psi_epoch
+from ..lib import home_psi, identity_graph, matching, naming
 from ..lib.database import advisory_lock
 from ..lib.policy import LoadedCollaboration
 from ..store import Connection, builder, ledger, open_connection
 from ..store import approvals as store_approvals
+from ..store import key_epoch as store_key_epoch
 from ..store import matching as store_matching
+from . import key_epoch
 from ._log import Log
 from .release import release_overlap
 
@@ -115,10 +117,10 @@ class _Match:
         setups = _home_inputs(loaded, landing)
         epoch_seconds = 0 if (spec.bucket_steps or spec.home_parties) else spec.key_epoch_seconds()
         with store_matching.identity_snapshot(self.url, loaded, self.parties) as snapshot:
-            # PSI in this step and bucket steps stream the identities bucket by bucket; a key epoch and home
-            # parties work on every identity at once (see docs/operations.md, Scale).
+            # PSI in this step and bucket steps stream the identities bucket by bucket, a key epoch in token order;
+            # home parties work on every identity at once (see docs/operations.md, Scale).
             streamed = not (setups or epoch_seconds)
-            if streamed:
+            if not setups:
                 digest, counts = snapshot.digest(client)
                 inputs: list[matching.PartyInput] = []
             else:
@@ -128,7 +130,7 @@ class _Match:
             with self.connect() as conn:
                 # Before anything else, so that it happens on unchanged identities too: an epoch whose time is up, or a
                 # setting without epochs (key_epoch: run, bucket steps), deletes the kept keys and blinded values.
-                store_matching.expire_epoch(conn, c, epoch_seconds)
+                store_key_epoch.expire(conn, c, epoch_seconds)
                 previous = store_matching.previous_match(conn, c)
             input_rows = {**{f"input_rows_{p}": n for p, n in counts.items()}, **{f"input_rows_{p}": len(m.tokens) for p, m in setups.items()}}
             if previous is not None and previous[0] == digest:
@@ -138,14 +140,14 @@ class _Match:
             epoch_metadata: dict[str, Any] = {"key_epoch": spec.key_epoch}
             if streamed:
                 matched, written, exchanged, epoch_metadata["work_buckets"] = self._streamed(snapshot, counts, digest)
+            elif epoch_seconds:
+                matched, written, exchanged, epoch_metadata = self._in_epoch(snapshot, epoch_seconds, digest)
             else:
                 client_input = next(inp for inp in inputs if inp.party == client)
                 home = _home_matches(loaded, setups, client_input, pairing_key(), landing, exports)
                 if spec.bucket_steps:
                     with self.connect() as conn:
                         result = _assemble_buckets(conn, loaded, inputs, home)
-                elif epoch_seconds and not home:
-                    result, epoch_metadata = self._in_epoch(inputs, epoch_seconds, spec.padding)
                 else:
                     result = matching.match(inputs, client, buckets=spec.buckets, padding=spec.padding, home=home)
                 with self.connect() as conn:
@@ -185,18 +187,18 @@ class _Match:
         self.log.info(f"{work} buckets, each written as it was {'assembled' if spec.bucket_steps else 'matched'}")
         return matched, writer.rows, exchanged, work
 
-    def _in_epoch(self, inputs: list[matching.PartyInput], seconds: int, padding: bool) -> tuple[matching.MatchResult, dict[str, Any]]:
-        """The match inside the current key epoch (a new one if it ended or the parties changed): only changed identities are blinded."""
-        config = psi_epoch.config_of(inputs, self.client)
+    def _in_epoch(self, snapshot: store_matching.IdentitySnapshot, seconds: int, digest: str) -> tuple[int, int, int, dict[str, Any]]:
+        """The match inside the current key epoch (a new one if it ended or the parties changed): only changed
+        identities are blinded, streamed in token order (services/key_epoch.py)."""
+        spec = self.loaded.collaboration.matching
+        servers = [p for p in self.parties if p != self.client]
         with self.connect() as conn:
-            state = store_matching.load_epoch(conn, self.c, config, seconds)
-            new = state is None
-            if state is None:
-                state = psi_epoch.new_state(inputs, self.client)
-            result, change = psi_epoch.match_in_epoch(inputs, self.client, state, padding=padding)
-            store_matching.save_epoch(conn, self.c, state, change, new)
-        return result, {"key_epoch": self.loaded.collaboration.matching.key_epoch, "key_epoch_started": new,
-                        "identities_blinded": change.blinded, "scalar_multiplications": change.multiplications}
+            conn.execute("set work_mem = '64MB'")  # the join of the kept values
+            done = key_epoch.match(conn, self.c, self.client, servers, snapshot.ordered, seconds=seconds, padding=spec.padding, digest=digest)
+        self.log.info(f"key epoch: {done.blinded} identities blinded, {done.removed} kept values dropped")
+        return done.matched, done.rows, done.bytes_exchanged, {
+            "key_epoch": spec.key_epoch, "key_epoch_started": done.started, "identities_blinded": done.blinded,
+            "scalar_multiplications": done.multiplications}
 
 
 def _graph_match(loaded: LoadedCollaboration, *, url: str, connect: Connect, run_id: str, log: Log) -> Matched:

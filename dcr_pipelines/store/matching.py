@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..lib import identity_graph, matching, naming, psi_epoch
+from ..lib import identity_graph, matching, naming
 from ..lib.policy import LoadedCollaboration
 from ..store import access
 from . import migrations
@@ -77,6 +77,12 @@ class IdentitySnapshot:
                 counts[party] = digest.party(party, cur)
         return digest.hexdigest(), counts
 
+    @contextmanager
+    def ordered(self, party: str) -> Iterator[Iterator[tuple[str, str]]]:
+        """The party's (token, identifier) pairs, ascending byte-wise by token, streamed."""
+        with self._rows(party, sql.SQL('select token, identifier from {} order by token collate "C"').format(self._table(party))) as cur:
+            yield ((str(r[0]), str(r[1])) for r in cur)
+
     def inputs(self) -> list[matching.PartyInput]:
         """Every party's identities at once (a key epoch and parties at home need them so), in ``parties`` order."""
         out = []
@@ -135,12 +141,12 @@ class CrossReferenceWriter:
     """Rows of a new cross-reference, written a bucket at a time into a table that replaces the current one at the end."""
 
     def __init__(self, conn: psycopg.Connection, table: sql.Identifier, columns: Sequence[str], client_at: int) -> None:
-        self._conn, self._table, self._columns, self._at = conn, table, columns, client_at
+        self._conn, self.table, self.columns, self._at = conn, table, list(columns), client_at
         self.rows = 0
 
     def write(self, rows: Sequence[Sequence[str]]) -> None:
         """Append rows (match_id, each party's token); the client's unit number is added here."""
-        copy_sql = sql.SQL("copy {} ({}, unit) from stdin").format(self._table, sql.SQL(", ").join(map(sql.Identifier, self._columns)))
+        copy_sql = sql.SQL("copy {} ({}, unit) from stdin").format(self.table, sql.SQL(", ").join(map(sql.Identifier, self.columns)))
         with self._conn.cursor().copy(copy_sql) as copy:
             for row in rows:
                 copy.write_row((*row, matching.unit_of(row[self._at])))
@@ -148,12 +154,14 @@ class CrossReferenceWriter:
 
 
 @contextmanager
-def replacing_cross_reference(conn: psycopg.Connection, collab: str, parties: Sequence[str], client: str) -> Iterator[CrossReferenceWriter]:
+def replacing_cross_reference(conn: psycopg.Connection, collab: str, parties: Sequence[str], client: str, *,
+                              shuffled: bool = False) -> Iterator[CrossReferenceWriter]:
     """Write a new cross-reference bucket by bucket; it is swapped in, in the same transaction, when the block ends.
 
     An error inside the block (a PSI process died, the run was killed) rolls everything back: the current
     cross-reference and its build record stay as they were. The caller records the build with ``record_build``
-    inside the block.
+    inside the block. ``shuffled``: the rows are stored in match_id order, not in the order written (padding
+    written after the real rows must not be told apart by its place).
     """
     schema = naming.matching_schema(collab)
     migrations.ensure(conn, "matching", schema)
@@ -165,7 +173,12 @@ def replacing_cross_reference(conn: psycopg.Connection, collab: str, parties: Se
             new, sql.SQL(", ").join(sql.SQL("{} text not null").format(sql.Identifier(col)) for col in columns)))
         yield CrossReferenceWriter(conn, new, columns, 1 + list(parties).index(client))
         conn.execute(sql.SQL("drop table if exists {} cascade").format(sql.Identifier(schema, "cross_reference")))
-        conn.execute(sql.SQL("alter table {} rename to cross_reference").format(new))
+        if shuffled:
+            conn.execute(sql.SQL("create table {} (like {} including all)").format(sql.Identifier(schema, "cross_reference"), new))
+            conn.execute(sql.SQL("insert into {} select * from {} order by match_id").format(sql.Identifier(schema, "cross_reference"), new))
+            conn.execute(sql.SQL("drop table {}").format(new))
+        else:
+            conn.execute(sql.SQL("alter table {} rename to cross_reference").format(new))
         conn.execute(sql.SQL("alter table {} add primary key (match_id)").format(sql.Identifier(schema, "cross_reference")))
 
 
@@ -284,61 +297,3 @@ def stream_bucket_pairs(url: str, loaded: LoadedCollaboration, columns: Sequence
             cur.execute(sql.SQL("select bucket, {} from {} order by bucket").format(sql.SQL(", ").join(map(sql.Identifier, columns)), pairs_table))
             for bucket, rows in itertools.groupby(cur, key=lambda row: int(row[0])):
                 yield bucket, [tuple(r[1:]) for r in rows]
-
-
-def load_epoch(conn: psycopg.Connection, collab: str, config: str, length_seconds: int) -> psi_epoch.EpochState | None:
-    """The current key epoch, if one is running for this configuration and younger than ``length_seconds``;
-    otherwise its keys and values are deleted (the epoch ended) and None is returned."""
-    schema = naming.matching_schema(collab)
-    migrations.ensure(conn, "matching", schema)
-    epoch, values = sql.Identifier(schema, "psi_epoch"), sql.Identifier(schema, "psi_epoch_values")
-    rows = conn.execute(sql.SQL("select party, psi_key, config, extract(epoch from now() - started_at) from {}").format(epoch)).fetchall()
-    if rows and all(r[2] == config and float(r[3]) < length_seconds for r in rows):
-        state = psi_epoch.EpochState(config, {str(r[0]): bytes(r[1]) for r in rows})
-        for owner, peer, token, value in conn.execute(sql.SQL("select owner, peer, token, value from {}").format(values)):
-            state.doubles.setdefault((owner, peer), {})[token] = bytes(value)
-        return state
-    end_epoch(conn, collab)
-    return None
-
-
-def expire_epoch(conn: psycopg.Connection, collab: str, length_seconds: int) -> bool:
-    """End the key epoch (delete its keys and values) if epochs are off (``length_seconds`` 0) or its time is up."""
-    schema = naming.matching_schema(collab)
-    migrations.ensure(conn, "matching", schema)
-    row = conn.execute(sql.SQL("select count(*), coalesce(max(extract(epoch from now() - started_at)), 0) from {}").format(
-        sql.Identifier(schema, "psi_epoch"))).fetchone()
-    if row is None or int(row[0]) == 0 or (length_seconds and float(row[1]) < length_seconds):
-        return False
-    end_epoch(conn, collab)
-    return True
-
-
-def end_epoch(conn: psycopg.Connection, collab: str) -> None:
-    """Delete the epoch's keys and blinded values (a new epoch, or key_epoch: run)."""
-    schema = naming.matching_schema(collab)
-    migrations.ensure(conn, "matching", schema)
-    with conn.transaction():
-        conn.execute(sql.SQL("delete from {}").format(sql.Identifier(schema, "psi_epoch_values")))
-        conn.execute(sql.SQL("delete from {}").format(sql.Identifier(schema, "psi_epoch")))
-
-
-def save_epoch(conn: psycopg.Connection, collab: str, state: psi_epoch.EpochState, change: psi_epoch.EpochChange, new: bool) -> None:
-    """Persist one match's change to the epoch (its keys too when the epoch is new), in one transaction."""
-    schema = naming.matching_schema(collab)
-    epoch, values = sql.Identifier(schema, "psi_epoch"), sql.Identifier(schema, "psi_epoch_values")
-    with conn.transaction():
-        if new:
-            conn.execute(sql.SQL("delete from {}").format(values))
-            conn.execute(sql.SQL("delete from {}").format(epoch))
-            with conn.cursor().copy(sql.SQL("copy {} (party, psi_key, config) from stdin").format(epoch)) as copy:
-                for party, key in sorted(state.keys.items()):
-                    copy.write_row((party, key, state.config))
-        if change.removed:
-            owners = sorted({o for o, _ in change.removed})
-            for owner in owners:
-                conn.execute(sql.SQL("delete from {} where owner = %s and token = any(%s)").format(values),
-                             (owner, [t for o, t in change.removed if o == owner]))
-        with conn.cursor().copy(sql.SQL("copy {} (owner, peer, token, value) from stdin").format(values)) as copy:
-            for row in change.added:
-                copy.write_row(row)
