@@ -16,8 +16,8 @@ On a fresh embedded PostgreSQL under a temporary DCR_HOME:
    files, join on the plain normalised email, compute the same aggregates in SQL.
 
 ``--scale`` (for 10M rows and more) runs only the full run, the re-run with
-nothing changed and the baseline, in the ``bench`` copy (fresh keys; a key
-epoch holds every identity's blinded value in memory).
+nothing changed and the baseline, in the ``bench`` copy (fresh keys); a key
+epoch at that size is measured by ``benchmarks/key_epoch.py``.
 
 Writes ``benchmarks/results/end_to_end_<rows>.json``. Peak memory is sampled
 every 0.2 s during each run: the largest single process (the run's own, or a
@@ -80,7 +80,7 @@ def _peak_mb() -> dict[str, float]:
     return {"this_process_mb": round(own, 1), "largest_child_mb": round(children, 1)}
 
 
-class _MemorySampler:
+class MemorySampler:
     """Peak RSS while the block runs of this process and its descendants (PSI party processes): the largest one and
     their sum; the embedded PostgreSQL, a descendant too, is reported on its own (its RSS counts shared buffers)."""
 
@@ -111,7 +111,7 @@ class _MemorySampler:
             self.tree_mb, self.postgres_mb = max(self.tree_mb, sum(sizes)), max(self.postgres_mb, postgres)
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> _MemorySampler:
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -137,7 +137,7 @@ def _run(defs: Any, collab: str, label: str) -> dict[str, Any]:
     loaded = load_collaboration(Path(os.environ["DCR_POLICIES"]) / collab)
     started = time.perf_counter()
     stages: dict[str, float] = {}
-    with _MemorySampler() as memory:
+    with MemorySampler() as memory:
         for upload in ingest_uploads(defs, loaded, Path(os.environ["DCR_LANDING"]), os.environ["DCR_WAREHOUSE_URL"], instance=instance, stdout_log=log):
             if not upload.success:
                 raise SystemExit(f"{label} failed: {upload.failure}")

@@ -7,6 +7,7 @@ Baseline: one process, one bucket, the library's client and server halves
 stage (hash buckets over worker processes, one per core) on the same
 identifiers with a planted overlap of 30%. Times are wall seconds in this
 script; peak RSS is this process's (the workers' is reported separately).
+Matching inside a key epoch is measured by ``benchmarks/key_epoch.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import resource
 import time
 from pathlib import Path
 
-from dcr_pipelines.lib import psi_epoch
 from dcr_pipelines.lib.matching import PartyInput, match
 from dcr_pipelines.lib.psi import PsiClient, PsiServer, blind, new_key, reblind
 
@@ -56,23 +56,6 @@ def ec_floor(a: PartyInput, b: PartyInput, sample: int = 20_000) -> dict[str, fl
             "floor_seconds": n * (per_blind + per_reblind) / cores, "scalar_multiplications": 2 * n, "cores": cores}
 
 
-def epoch_rerun(a: PartyInput, b: PartyInput) -> dict[str, float]:
-    """Matching inside a key epoch: the first match, then one after 1% new identities on each side."""
-    state = psi_epoch.new_state([a, b], "a")
-    t0 = time.perf_counter()
-    psi_epoch.match_in_epoch([a, b], "a", state)
-    first = time.perf_counter() - t0
-    extra = max(1, len(a.identifiers) // 100)
-    a2 = PartyInput("a", [*a.tokens, *(f"tan{i}" for i in range(extra))], [*a.identifiers, *(f"new{i}@example.net" for i in range(extra))])
-    b2 = PartyInput("b", [*b.tokens, *(f"tbn{i}" for i in range(extra))], [*b.identifiers, *(f"new{i}@example.net" for i in range(extra))])
-    t0 = time.perf_counter()
-    result, change = psi_epoch.match_in_epoch([a2, b2], "a", state)
-    again = time.perf_counter() - t0
-    assert result.matched == int(len(a.identifiers) * 0.3) + extra and change.blinded == 2 * extra
-    return {"epoch_first_match_seconds": round(first, 2), "epoch_after_1pct_new_seconds": round(again, 2),
-            "epoch_ratio_1pct_to_first": round(again / first, 3)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, action="append", help="identifiers per party (repeatable)")
@@ -88,7 +71,6 @@ def main() -> None:
         ours_s = time.perf_counter() - t0
         assert found == result.matched == int(n * 0.3)
         floor = ec_floor(a, b)
-        epoch = epoch_rerun(a, b)
         figures = {
             "machine": platform.platform(), "cpus": os.cpu_count(), "size_per_party": n, "matched": result.matched,
             "baseline_single_process_seconds": round(base_s, 2), "our_stage_seconds": round(ours_s, 2),
@@ -99,7 +81,6 @@ def main() -> None:
             "ec_floor_seconds": round(floor["floor_seconds"], 2), "ec_scalar_multiplications": floor["scalar_multiplications"],
             "ec_seconds_per_blind_us": round(floor["seconds_per_blind"] * 1e6, 1), "ec_seconds_per_reblind_us": round(floor["seconds_per_reblind"] * 1e6, 1),
             "ratio_ours_to_ec_floor": round(ours_s / floor["floor_seconds"], 3),
-            **epoch,
             "note": "ours includes pairing the matches and drawing match_ids; both include serialising every message; "
                     "the floor is (blind + reblind) per identity on both sides, divided by the cores",
         }

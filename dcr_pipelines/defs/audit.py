@@ -19,6 +19,7 @@ import dagster as dg
 from ..lib import audit, naming
 from ..lib.policy import LoadedCollaboration
 from ..store import Connection, access, audit_chain, footprints, ledger
+from .common import PARTY_METADATA, party_assets
 
 USER_TAG = "dcr/user"
 EXPECTED_OUTCOMES = ("refused", "waiting")  # observations of a refused request or a wait for a party: their own kinds, not failures
@@ -43,7 +44,10 @@ def touches(loaded: LoadedCollaboration, asset: str, party: str, metadata: dict[
             d in loaded.collaboration.datasets and loaded.collaboration.datasets[d].owner == party for d in named
         )
     if stage in ("raw", "staging", "private"):
-        owners = _party_assets(loaded)
+        recorded = (metadata or {}).get(PARTY_METADATA)
+        if recorded:  # the owner when the entry was made (a dataset name reused by another party later changes nothing)
+            return recorded == party
+        owners = party_assets(loaded)  # entries made before the owner was recorded
         if (stage, name) in owners:
             return owners[stage, name] == party
         return name.startswith(f"{party}__")  # history kept under the older keys, <party>__<dataset>__<stage>
@@ -55,19 +59,6 @@ def touches(loaded: LoadedCollaboration, asset: str, party: str, metadata: dict[
             query is not None and party in query.spec.receivers
         )
     return True  # grants, matching: every party's data
-
-
-def _party_assets(loaded: LoadedCollaboration) -> dict[tuple[str, str], str]:
-    """(stage, label) of every party-private asset -> the party it belongs to."""
-    c = loaded.name
-    out = {}
-    for name, ds in loaded.collaboration.datasets.items():
-        for key in (naming.raw_key(c, name), naming.normalised_key(c, name), naming.staging_key(c, name)):
-            out[key[1], key[2]] = ds.owner
-    for party in loaded.parties():
-        key = naming.identities_key(c, party)
-        out[key[1], key[2]] = party
-    return out
 
 
 def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt.datetime | None = None, party: str | None = None) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from typing import Any, TypeVar
 
 import dagster as dg
 
+from ..lib import naming
 from ..lib.naming import PSI_FOLDER, landing_folder  # noqa: F401 (where the sensors and the CLI look for files)
 from ..lib.policy import LoadedCollaboration
 from ..lib.presentation import release_table
@@ -84,3 +85,25 @@ def warn_budget(context: dg.AssetExecutionContext, loaded: LoadedCollaboration, 
     message = f"{consumer} has epsilon {remaining:.3g} of {total:.3g} left, under warn_below {budget.warning_level:.3g}"
     context.log.warning(f"privacy budget low: {message}")
     context.instance.add_run_tags(context.run.run_id, {BUDGET_LOW_TAG: message})
+
+
+PARTY_METADATA = "party"  # the owning party, written on each party-private event: the audit filters on what was recorded
+
+
+def party_assets(loaded: LoadedCollaboration) -> dict[tuple[str, str], str]:
+    """(stage, label) of every party-private asset (uploads, normalised and secure tables, identity lists) -> its party."""
+    c = loaded.name
+    out = {}
+    for name, ds in loaded.collaboration.datasets.items():
+        for key in (naming.raw_key(c, name), naming.normalised_key(c, name), naming.staging_key(c, name)):
+            out[key[1], key[2]] = ds.owner
+    for party in loaded.parties():
+        key = naming.identities_key(c, party)
+        out[key[1], key[2]] = party
+    return out
+
+
+def party_of(loaded: LoadedCollaboration, key: dg.AssetKey) -> str | None:
+    """The party whose private asset ``key`` is, by the current policy (None for shared assets)."""
+    path = key.path
+    return party_assets(loaded).get((path[1], path[2])) if len(path) == 3 else None

@@ -21,7 +21,7 @@ from ..services.release_request import digest as _digest
 from ..store import analysis as store_analysis
 from ..store import builder, stages
 from ..store import matching as store_matching
-from .common import AnalysisConfig
+from .common import PARTY_METADATA, AnalysisConfig, party_of
 from .dbt_project import CollaborationTranslator
 from .dbt_project import hand_written_digest as _hand_written_digest
 from .dbt_runner import DbtRunnerResource
@@ -36,7 +36,8 @@ def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration, only:
         if name not in counts:
             continue
         yield dg.AssetObservation(asset_key=naming.staging_key(loaded.name, name),
-                                  metadata={k: dg.MetadataValue.int(v) for k, v in counts[name].items()})
+                                  metadata={PARTY_METADATA: loaded.collaboration.datasets[name].owner,
+                                            **{k: dg.MetadataValue.int(v) for k, v in counts[name].items()}})
 
 
 def _stage_relations(manifest: Mapping[str, Any], collab: str, stage: str) -> list[str]:
@@ -114,18 +115,31 @@ def _sealed(warehouse: WarehouseResource, loaded: LoadedCollaboration) -> None:
             raise dg.Failure(str(exc)) from None
 
 
-def _versioned(events: Iterator[Any], digest: str) -> Iterator[Any]:
+def _versioned(context: dg.AssetExecutionContext, loaded: LoadedCollaboration, events: Iterator[Any], digest: str) -> Iterator[Any]:
     """dbt's outputs with the stage digest (the inputs' versions, the policy, the SQL and the keys) as their Dagster data
-    version: what downstream assets, the UI's staleness and a skipped build all agree on."""
+    version: what downstream assets, the UI's staleness and a skipped build all agree on; a party-private model's
+    output also records its party."""
+    keys = context.assets_def.keys_by_output_name
     for event in events:
         if isinstance(event, dg.Output):
-            yield dg.Output(value=event.value, output_name=event.output_name, metadata=event.metadata, data_version=dg.DataVersion(digest),
-                            tags=event.tags)
+            party = party_of(loaded, keys[event.output_name]) if event.output_name in keys else None
+            yield dg.Output(value=event.value, output_name=event.output_name, metadata={**event.metadata, **_party(party)},
+                            data_version=dg.DataVersion(digest), tags=event.tags)
         else:
             yield event
 
 
-def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str,
+def _verdict(record: Any) -> bool | None:
+    """Whether a check execution passed; None if it has no verdict (planned, skipped)."""
+    event = record.event.dagster_event if record.event is not None else None
+    return getattr(event.event_specific_data, "passed", None) if event is not None else None
+
+
+def _party(party: str | None) -> dict[str, str]:
+    return {PARTY_METADATA: party} if party else {}
+
+
+def _skipped(context: dg.AssetExecutionContext, loaded: LoadedCollaboration, stage: str, digest: str,
              only: set[dg.AssetKey] | None = None) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """An unchanged stage (or the unchanged models ``only`` of it): its models are reported as not recomputed, and dbt
     does not run them. Each of their checks carries over its last verdict (the build these inputs made), so blocking
@@ -139,14 +153,16 @@ def _skipped(context: dg.AssetExecutionContext, stage: str, digest: str,
         yield dg.MaterializeResult(
             asset_key=key,
             data_version=dg.DataVersion(digest),
-            metadata={"recomputed": False, "stage_digest": digest,
+            metadata={"recomputed": False, "stage_digest": digest, **_party(party_of(loaded, key)),
                       "checks_carried_over": dg.MetadataValue.int(sum(1 for c in context.selected_asset_check_keys if c.asset_key == key))},
         )
-    for check in sorted((k for k in context.selected_asset_check_keys if k.asset_key in selected), key=lambda k: (k.asset_key.to_user_string(), k.name)):
-        history = context.instance.event_log_storage.get_asset_check_execution_history(check, limit=5)
-        evaluated = [(r, getattr(r.event.dagster_event.event_specific_data, "passed", None)) for r in history
-                     if r.event is not None and r.event.dagster_event is not None]
-        last, verdict = next(((r, v) for r, v in evaluated if v is not None), (None, None))
+    checks = sorted((k for k in context.selected_asset_check_keys if k.asset_key in selected), key=lambda k: (k.asset_key.to_user_string(), k.name))
+    storage = context.instance.event_log_storage
+    latest = storage.get_latest_asset_check_execution_by_key(checks) if checks else {}  # one query for all of them
+    for check in checks:
+        # the latest execution with a verdict: usually the latest one; else (planned, skipped) look a few further back
+        history = [latest[check]] if check in latest and _verdict(latest[check]) is not None else storage.get_asset_check_execution_history(check, limit=5)
+        last, verdict = next(((r, v) for r in history if (v := _verdict(r)) is not None), (None, None))
         passed = bool(verdict)
         yield dg.AssetCheckResult(
             asset_key=check.asset_key, check_name=check.name, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
@@ -189,7 +205,7 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                 if stages.can_skip(conn, c, "staging", digest, relations):
                     # Unchanged inputs (the digest holds the current versions): the staged tables hold the current uploads,
                     # and this materialization's provenance says so (it points at the raw asset's latest event).
-                    yield from _skipped(context, "staging", digest)
+                    yield from _skipped(context, loaded, "staging", digest)
                     return
             who = builder.login(c, secrets.pairing_key(c))
             whole = context.selected_asset_keys == context.assets_def.keys
@@ -211,12 +227,12 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
                         build |= {naming.identities_model(c, o) for o in owners}
                         keep = {k for k in context.assets_def.keys if _model_of(manifest, k) not in build}
                         context.log.info(f"staging: {', '.join(sorted(changed))} changed; {', '.join(sorted(unchanged))} unchanged and not rebuilt")
-                        yield from _skipped(context, "staging", digest, only=keep)
-                        yield from _versioned(dbt.build_stage(context, manifest, select, translator, who, models=sorted(build), extra=extra), digest)
+                        yield from _skipped(context, loaded, "staging", digest, only=keep)
+                        yield from _versioned(context, loaded, dbt.build_stage(context, manifest, select, translator, who, models=sorted(build), extra=extra), digest)
                         _sealed(warehouse, loaded)
                         yield from _rejections(warehouse, loaded, changed)
                     else:
-                        yield from _versioned(dbt.build_stage(context, manifest, select, translator, who, extra=extra), digest)
+                        yield from _versioned(context, loaded, dbt.build_stage(context, manifest, select, translator, who, extra=extra), digest)
                         _sealed(warehouse, loaded)
                         yield from _rejections(warehouse, loaded)
             if whole:  # a partial build does not vouch for the whole stage
@@ -250,14 +266,14 @@ def _dbt_stage(loaded: LoadedCollaboration, manifest: Mapping[str, Any], stage: 
             # The build time too: a cross-reference rebuilt from the same identities has new match_ids.
             digest = _digest(code, loaded.policy_sha256, versions, params, match, staged)
             if match is not None and staged is not None and stages.can_skip(conn, c, "analysis", digest, relations):
-                yield from _skipped(context, "analysis", digest)
+                yield from _skipped(context, loaded, "analysis", digest)
                 return
         requests = {q: request_key(query, params[q], versions, match) for q, query in loaded.queries.items()}
         who = builder.login(c, secrets.pairing_key(c))
         with warehouse.connect() as conn:
             store_analysis.record_requests(conn, c, {q: (params[q], requests[q]) for q in loaded.queries})
             builder.ensure(conn, loaded, who)
-        yield from _versioned(dbt.build_stage(context, manifest, select, translator, who), digest)
+        yield from _versioned(context, loaded, dbt.build_stage(context, manifest, select, translator, who), digest)
         _sealed(warehouse, loaded)
         built = [q for q in loaded.queries if dg.AssetKey(naming.analysis_key(c, q)) in context.selected_asset_keys]
         with warehouse.connect() as conn:

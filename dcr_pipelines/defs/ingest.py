@@ -22,7 +22,7 @@ from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
 from ..services import ingest_run
 from ..store import uploads as queue
-from .common import UPLOAD_CHECK, UploadConfig
+from .common import PARTY_METADATA, UPLOAD_CHECK, UploadConfig
 from .resources import WarehouseResource
 
 UPLOADS_CHECK = "uploads_accepted"
@@ -79,8 +79,8 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
         except ingest_run.IngestFailed as exc:
             if exc.contract is not None:
                 yield _check(UPLOAD_CHECK, exc.contract)
-            raise dg.Failure(str(exc), metadata=exc.metadata or None) from None
-        yield dg.MaterializeResult(metadata=done.metadata, check_results=[_check(UPLOAD_CHECK, done.contract), _check(UPLOADS_CHECK, done.clean)],
+            raise dg.Failure(str(exc), metadata={PARTY_METADATA: party, **exc.metadata}) from None
+        yield dg.MaterializeResult(metadata={PARTY_METADATA: party, **done.metadata}, check_results=[_check(UPLOAD_CHECK, done.contract), _check(UPLOADS_CHECK, done.clean)],
                                    data_version=dg.DataVersion(done.checksum))
 
     return ingest

@@ -61,12 +61,14 @@ def match(conn: psycopg.Connection, collab: str, client: str, servers: Sequence[
         finally:
             update.close()
         update.removals.apply()
+        key_epoch.analyze(conn, collab)
         matched = 0
         with key_epoch.matches(conn, collab, client, servers) as rows:
             for chunk in _batches(rows, psi_epoch.BATCH):
                 writer.write([(secrets.token_hex(16), *row) for row in chunk])
                 matched += len(chunk)
         if padding:
+            key_epoch.analyze(conn, collab, writer.table)
             for position, party in enumerate(parties):
                 peer = servers[0] if party == client else client
                 with key_epoch.unmatched(conn, collab, party, peer, writer.table, writer.columns[1 + position]) as tokens:

@@ -108,6 +108,13 @@ class Removals:
         self._conn.execute("drop table dcr_epoch_gone")
 
 
+def analyze(conn: psycopg.Connection, collab: str, *tables: sql.Identifier) -> None:
+    """Fresh planner statistics for the kept values (and ``tables``) after a match changed them in this transaction:
+    without them the join below is planned as a nested loop, quadratic in the identities."""
+    for table in (_tables(collab)[1], *tables):
+        conn.execute(sql.SQL("analyze {}").format(table))
+
+
 @contextmanager
 def matches(conn: psycopg.Connection, collab: str, client: str, servers: Sequence[str]) -> Iterator[Iterator[tuple[str, ...]]]:
     """(client token, each server's token) of every identity the client shares with every server: the client's

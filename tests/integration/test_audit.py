@@ -95,6 +95,27 @@ def test_a_party_exports_only_entries_that_touch_its_data(audited: dict[str, Any
     assert any(e["asset"].endswith("ad_hoc") and e["kind"] == "materialization" for e in ours)
 
 
+def test_a_party_private_entry_keeps_the_owner_it_had_when_a_dataset_name_changes_hands(audited: dict[str, Any]) -> None:
+    """Each upload, normalised, secure and identity-list entry records its party. If the ad network's dataset name
+    later belongs to the retailer (dropped from one party's policy, declared by the other), the retailer's export
+    still holds none of the ad network's entries under that name, and the ad network's still holds them."""
+    loaded = audited["loaded"]
+    entries = trail.entries(audited["instance"], loaded)
+    private = [e for e in entries if e["asset"].split("/")[1] in ("raw", "private", "staging") and e["kind"] != "failed"]
+    owners = {f"{COLLAB}/{k[1]}/{k[2]}": ds.owner for name, ds in loaded.collaboration.datasets.items()
+              for k in (naming.raw_key(COLLAB, name), naming.normalised_key(COLLAB, name), naming.staging_key(COLLAB, name))}
+    owners |= {"/".join(naming.identities_key(COLLAB, p)): p for p in loaded.parties()}
+    assert private and {e["asset"] for e in private} >= set(owners) - {f"{COLLAB}/private/ids_{p}" for p in loaded.parties()}
+    assert all(e["metadata"].get("party") == owners[e["asset"]] for e in private), [(e["asset"], e["metadata"].get("party")) for e in private]
+    datasets = dict(loaded.collaboration.datasets)
+    datasets["impressions"] = datasets["impressions"].model_copy(update={"owner": "retailer"})
+    moved = dataclasses.replace(loaded, collaboration=loaded.collaboration.model_copy(update={"datasets": datasets}))
+    theirs = {e["asset"] for e in private if "impressions" in e["asset"]}
+    assert theirs
+    assert not theirs & {e["asset"] for e in trail.entries(audited["instance"], moved, party="retailer")}
+    assert theirs <= {e["asset"] for e in trail.entries(audited["instance"], moved, party="ad_network")}
+
+
 def test_the_cli_exports_jsonl_and_csv(audited: dict[str, Any]) -> None:
     env = {**os.environ, "DCR_POLICIES": str(audited["settings"].policies)}
     dcr = [sys.executable, "-m", "dcr_pipelines.cli", "audit", COLLAB]

@@ -73,3 +73,12 @@ def test_a_party_private_asset_concerns_its_owner_alone_under_the_current_keys_a
         assert {p for p in loaded.parties() if touches(loaded, "/".join(naming.identities_key("demo", party)), p)} == {party}
     tier = "/".join(naming.analysis_key("demo", "tier_reach"))
     assert {p for p in loaded.parties() if touches(loaded, tier, p)} == {p for p in loaded.parties() if touches(loaded, "demo/analysis/pre_noise_tier_reach", p)}
+
+
+def test_the_party_recorded_on_an_entry_decides_over_the_current_policy() -> None:
+    """A dataset name that changed hands: the entry made when the ad network owned it stays the ad network's."""
+    loaded = load_collaboration(PROJECT_ROOT / "policies" / "demo")
+    for key in (naming.raw_key("demo", "purchases"), naming.normalised_key("demo", "purchases"), naming.staging_key("demo", "purchases"),
+                naming.identities_key("demo", "retailer")):
+        assert {p for p in loaded.parties() if touches(loaded, "/".join(key), p, {"party": "ad_network"})} == {"ad_network"}, key
+        assert {p for p in loaded.parties() if touches(loaded, "/".join(key), p, {"row_count": 5})} == {"retailer"}, key
