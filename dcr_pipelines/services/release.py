@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -369,8 +369,10 @@ def release_overlap(conn: psycopg.Connection, loaded: LoadedCollaboration, match
     )
 
 
-def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: ApprovedQuery, export_dir: Path) -> list[Path]:
-    """Write the release as CSV and Parquet into each receiver's folder (idempotent)."""
+def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: ApprovedQuery, export_dir: Path,
+           receivers: Sequence[str] | None = None) -> list[Path]:
+    """Write the release as CSV and Parquet into each receiver's folder (idempotent): the query's receivers, or
+    ``receivers`` (those the release was made for, as its audit entry records them)."""
     frame: Any = None
 
     def table() -> Any:  # pandas only to write a file: a release already exported (or a refusal) does not pay for its import
@@ -384,7 +386,7 @@ def export(stored: ledger.StoredRelease, loaded: LoadedCollaboration, query: App
 
     written = []
     head = stored.audit.get("head")
-    for receiver in query.spec.receivers:
+    for receiver in query.spec.receivers if receivers is None else receivers:
         folder = export_dir / loaded.name / receiver / query.name
         folder.mkdir(parents=True, exist_ok=True)
         for suffix in ("csv", "parquet"):
@@ -423,7 +425,8 @@ def export_missing(conn: psycopg.Connection, loaded: LoadedCollaboration, rows: 
         if row.kind != "release" or query is None:
             continue
         files = [f"{row.ref}.{suffix}" for suffix in ("csv", "parquet", "anchor.json")]  # killed between two of them: the rest
-        if all((export_dir / loaded.name / r / query.name / f).exists() for r in query.spec.receivers for f in files):
+        receivers = [str(r) for r in row.entry.get("receivers") or []]  # whom it was released to, not whom the policy names now
+        if all((export_dir / loaded.name / r / query.name / f).exists() for r in receivers for f in files):
             continue
         stored = conn.execute(sql.SQL("select rows, epsilon from {} where release_id = %s").format(sql.Identifier(schema, "releases")),
                               (row.ref,)).fetchone()
@@ -432,6 +435,6 @@ def export_missing(conn: psycopg.Connection, loaded: LoadedCollaboration, rows: 
         # The anchor its exports carry: the chain as of this release's own entry.
         release = ledger.StoredRelease(row.ref, True, float(stored[1]), list(stored[0]), None,  # type: ignore[arg-type]
                                        {"head": {"collaboration": loaded.name, "seq": row.seq, "chain_sha256": row.chain_sha256}})
-        export(release, loaded, query, export_dir)
+        export(release, loaded, query, export_dir, receivers)
         written.append(row.ref)
     return written

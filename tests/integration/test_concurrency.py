@@ -9,6 +9,7 @@ more than the budget pays for), and two ad-hoc queries.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -232,3 +233,15 @@ def test_a_release_killed_between_its_export_files_gets_the_missing_ones(ctx: di
         assert export_committed_by(conn, loaded, str(entry.entry["run_id"]), exports) == [entry.ref]
         assert all(path.is_file() for path in gone)
         assert export_committed_by(conn, loaded, str(entry.entry["run_id"]), exports) == [], "nothing left to write"
+        # The policy's receivers changed since: the missing files go to those the release was made for, and only to them.
+        recorded = [str(r) for r in entry.entry["receivers"]]
+        assert recorded == list(query.spec.receivers)
+        others = {"retailer", "ad_network"} - {recorded[0]}
+        spec = query.spec.model_copy(update={"receivers": sorted(others)})
+        moved = dataclasses.replace(loaded, queries={**loaded.queries, query.name: dataclasses.replace(query, spec=spec)})
+        for path in gone:
+            path.unlink()
+        assert export_committed_by(conn, moved, str(entry.entry["run_id"]), exports) == [entry.ref]
+        assert all(path.is_file() for path in gone)
+        newcomers = [p for p in others - set(recorded) for p in (exports / COLLAB / p / query.name / f"{entry.ref}.csv",) if p.exists()]
+        assert newcomers == [], "a receiver added later gets no earlier release"
