@@ -122,7 +122,7 @@ def withdraw(collab: str, party: str, dataset: str, upload: int) -> None:
     # the dataset's new content, which staging's provenance no longer matches (stale until it is rebuilt). Then the
     # partition goes.
     instance = _instance()
-    freshness.record_version(instance, collab, dataset, version, partition=queue.partition_key(upload),
+    freshness.record_version(instance, collab, dataset, version, party=party, partition=queue.partition_key(upload),
                              why=f"upload #{upload} withdrawn", withdrawn_upload=upload)
     instance.delete_dynamic_partition(partitions_name(collab, party, dataset), queue.partition_key(upload))
     out.print(f"{collab}/{party}/{dataset}: upload #{upload} withdrawn; version {version.version} has {plural(version.row_count, 'row')} "

@@ -116,7 +116,8 @@ def entries(instance: dg.DagsterInstance, loaded: LoadedCollaboration, since: dt
 
 
 MATCHING_COUNTS = ("matched", "matched_all", "cross_reference_rows")  # the all-party overlap: seen where the policy releases it exactly
-OPERATOR_ONLY = ("bytes_exchanged", "psi_jobs")  # grow with every party's input size
+# grow with every party's input size (identities blinded: every party's identities in a new key epoch, then their new ones)
+OPERATOR_ONLY = ("bytes_exchanged", "psi_jobs", "identities_blinded", "scalar_multiplications", "work_buckets")
 
 
 def redact(loaded: LoadedCollaboration, entry: dict[str, Any], party: str) -> dict[str, Any]:

@@ -36,8 +36,8 @@ def _rejections(warehouse: WarehouseResource, loaded: LoadedCollaboration, only:
         if name not in counts:
             continue
         yield dg.AssetObservation(asset_key=naming.staging_key(loaded.name, name),
-                                  metadata={PARTY_METADATA: loaded.collaboration.datasets[name].owner,
-                                            **{k: dg.MetadataValue.int(v) for k, v in counts[name].items()}})
+                                  metadata={**{k: dg.MetadataValue.int(v) for k, v in counts[name].items()},
+                                            PARTY_METADATA: loaded.collaboration.datasets[name].owner})
 
 
 def _stage_relations(manifest: Mapping[str, Any], collab: str, stage: str) -> list[str]:
@@ -125,6 +125,9 @@ def _versioned(context: dg.AssetExecutionContext, loaded: LoadedCollaboration, e
             party = party_of(loaded, keys[event.output_name]) if event.output_name in keys else None
             yield dg.Output(value=event.value, output_name=event.output_name, metadata={**event.metadata, **_party(party)},
                             data_version=dg.DataVersion(digest), tags=event.tags)
+        elif isinstance(event, dg.AssetObservation) and (party := party_of(loaded, event.asset_key)):
+            yield dg.AssetObservation(asset_key=event.asset_key, description=event.description, partition=event.partition,
+                                      metadata={**event.metadata, PARTY_METADATA: party}, tags=event.tags)
         else:
             yield event
 
@@ -158,10 +161,9 @@ def _skipped(context: dg.AssetExecutionContext, loaded: LoadedCollaboration, sta
         )
     checks = sorted((k for k in context.selected_asset_check_keys if k.asset_key in selected), key=lambda k: (k.asset_key.to_user_string(), k.name))
     storage = context.instance.event_log_storage
-    latest = storage.get_latest_asset_check_execution_by_key(checks) if checks else {}  # one query for all of them
     for check in checks:
-        # the latest execution with a verdict: usually the latest one; else (planned, skipped) look a few further back
-        history = [latest[check]] if check in latest and _verdict(latest[check]) is not None else storage.get_asset_check_execution_history(check, limit=5)
+        # the latest execution with a verdict (this run's own planned one has none)
+        history = storage.get_asset_check_execution_history(check, limit=5)
         last, verdict = next(((r, v) for r in history if (v := _verdict(r)) is not None), (None, None))
         passed = bool(verdict)
         yield dg.AssetCheckResult(

@@ -34,6 +34,7 @@ from dagster._core.definitions.data_version import (
 from ..lib import naming
 from ..lib.policy import LoadedCollaboration
 from ..services import ingest as ingest_lib
+from .common import PARTY_METADATA
 
 
 def _version(record: Any) -> str | None:
@@ -83,7 +84,7 @@ def staged(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollaboration)
     return ingest_lib.Staged(read=read, recorded=recorded, warehouse=warehouse)
 
 
-def record_version(instance: dg.DagsterInstance, collab: str, dataset: str, version: Any, *, partition: str | None = None,
+def record_version(instance: dg.DagsterInstance, collab: str, dataset: str, version: Any, *, party: str, partition: str | None = None,
                    why: str, **metadata: Any) -> None:
     """A runless materialization of the raw asset carrying the dataset's current content as its data version (a
     withdraw, or a version the event log missed): what staging and the release gate compare against."""
@@ -92,7 +93,7 @@ def record_version(instance: dg.DagsterInstance, collab: str, dataset: str, vers
         partition=partition,
         description=why,
         metadata={"version": version.version, "checksum_sha256": version.checksum, "row_count": dg.MetadataValue.int(version.row_count),
-                  "files_in_version": len(version.parts), "recorded_because": why, **metadata},
+                  "files_in_version": len(version.parts), "recorded_because": why, **metadata, PARTY_METADATA: party},
         tags={DATA_VERSION_TAG: version.checksum, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"},
     ))
 
@@ -117,7 +118,7 @@ def record_missing(instance: dg.DagsterInstance, conn: Any, loaded: LoadedCollab
                 if not keys:
                     continue
                 partition = keys[-1]
-            record_version(instance, c, name, version, partition=partition,
+            record_version(instance, c, name, version, party=ds.owner, partition=partition,
                            why="the warehouse's current version, which the event log had not recorded")
             done.append(k)
     return done

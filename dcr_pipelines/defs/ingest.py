@@ -79,8 +79,8 @@ def _ingest_asset(loaded: LoadedCollaboration, dataset_name: str, landing: Path)
         except ingest_run.IngestFailed as exc:
             if exc.contract is not None:
                 yield _check(UPLOAD_CHECK, exc.contract)
-            raise dg.Failure(str(exc), metadata={PARTY_METADATA: party, **exc.metadata}) from None
-        yield dg.MaterializeResult(metadata={PARTY_METADATA: party, **done.metadata}, check_results=[_check(UPLOAD_CHECK, done.contract), _check(UPLOADS_CHECK, done.clean)],
+            raise dg.Failure(str(exc), metadata={**exc.metadata, PARTY_METADATA: party}) from None
+        yield dg.MaterializeResult(metadata={**done.metadata, PARTY_METADATA: party}, check_results=[_check(UPLOAD_CHECK, done.contract), _check(UPLOADS_CHECK, done.clean)],
                                    data_version=dg.DataVersion(done.checksum))
 
     return ingest

@@ -13,9 +13,11 @@ Nothing here holds every identity: the kept values live in the operator's
 matching schema (``store/key_epoch.py``), and a match streams each party's
 identities and the kept tokens in token order side by side (``diff``),
 blinding what is new a batch at a time (``blind_batch``). The database joins
-the values. Each blinding runs in worker processes given only that party's
-key and that party's items; the halves exchange blinded values only. No
-member role can read the matching schema, and the values are deleted when
+the values. The operator runs every party's half here: the blinding workers
+are one pool that serves the parties in turn (each task carries one key and
+one party's items), so within the operator nothing separates the parties'
+keys; a party that runs its own half keeps its key (``home_parties``, without
+key epochs). No member role can read the matching schema, and the values are deleted when
 the epoch ends (its keys with it). With ``key_epoch: run`` none of this is
 used: every match draws fresh keys, as before.
 """

@@ -210,6 +210,7 @@ def _graph_match(loaded: LoadedCollaboration, *, url: str, connect: Connect, run
     digest = identity_graph.digest(records, client, kinds, identity.rule, overlaps, spec.buckets)
     input_rows = {f"input_records_{r.party}": len(r.records) for r in records}
     with connect() as conn:
+        store_key_epoch.expire(conn, c, 0)  # no key epochs with several identifiers: an earlier epoch's keys and values go
         previous = store_matching.previous_match(conn, c)
     if previous is not None and previous[0] == digest:
         log.info("identity records unchanged since the last match: no PSI work, cross-references and match_ids kept")

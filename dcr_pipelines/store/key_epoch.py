@@ -7,6 +7,7 @@ match's new values, removals and the cross-reference they give are committed tog
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -17,6 +18,7 @@ from ..lib import naming
 from . import migrations
 
 FETCH_ROWS = 50_000
+_cursors = itertools.count().__next__  # names of server-side cursors, unique in the process
 
 
 def _tables(collab: str) -> tuple[sql.Identifier, sql.Identifier]:
@@ -70,7 +72,7 @@ def kept_tokens(conn: psycopg.Connection, collab: str, owner: str, peer: str) ->
     """The tokens of ``owner`` with a kept value for ``peer``, ascending byte-wise, streamed (as of the call:
     values added later in the transaction are not among them)."""
     _, values = _tables(collab)
-    with conn.cursor(name=f"dcr_epoch_{owner}_{peer}") as cur:
+    with conn.cursor(name=f"dcr_epoch_kept_{_cursors()}") as cur:  # not the party names: a name over 63 bytes is cut
         cur.itersize = FETCH_ROWS
         cur.execute(sql.SQL("select token from {} where owner = %s and peer = %s order by token").format(values), (owner, peer))
         yield (str(row[0]) for row in cur)
@@ -141,7 +143,7 @@ def matches(conn: psycopg.Connection, collab: str, client: str, servers: Sequenc
 def unmatched(conn: psycopg.Connection, collab: str, owner: str, peer: str, table: sql.Identifier, column: str) -> Iterator[Iterator[str]]:
     """The owner's kept tokens (for ``peer``) that are in no row of ``table.column``: the identities padding stands for."""
     _, values = _tables(collab)
-    with conn.cursor(name=f"dcr_epoch_unmatched_{owner}") as cur:
+    with conn.cursor(name=f"dcr_epoch_unmatched_{_cursors()}") as cur:
         cur.itersize = FETCH_ROWS
         cur.execute(sql.SQL("select v.token from {} v where v.owner = %s and v.peer = %s and not exists "
                             "(select 1 from {} x where x.{} = v.token collate \"C\")").format(values, table, sql.Identifier(column)), (owner, peer))

@@ -23,7 +23,9 @@ from dcr_pipelines.services import key_epoch
 from dcr_pipelines.store import migrations
 
 COLLAB = "epoch_stream"
-PARTIES = ("client", "s1", "s2")
+# names as long as the policy allows (40 characters): nothing derived from them may pass PostgreSQL's 63-byte limit
+CLIENT, S1, S2 = "client_" + "c" * 33, "server_one_" + "s" * 29, "server_two_" + "t" * 29
+PARTIES = (CLIENT, S1, S2)
 
 
 def _token(party: str, identifier: str) -> str:
@@ -46,7 +48,7 @@ def _owned(sets: dict[str, set[str]], fail_after: int | None = None) -> Any:
 
 def _match(url: str, sets: dict[str, set[str]], *, padding: bool = False, fail_after: int | None = None, workers: int = 1) -> key_epoch.EpochMatch:
     with psycopg.connect(url) as conn:
-        return key_epoch.match(conn, COLLAB, "client", ["s1", "s2"], _owned(sets, fail_after), seconds=3600, padding=padding,
+        return key_epoch.match(conn, COLLAB, CLIENT, [S1, S2], _owned(sets, fail_after), seconds=3600, padding=padding,
                                digest="d", workers=workers)
 
 
@@ -98,10 +100,9 @@ def test_random_edit_sequences_match_the_plain_intersection_and_blind_only_what_
         assert done.started is (step == 0)
         assert done.blinded == sum(len(sets[p] - before[p]) for p in PARTIES), "only new identities are blinded"
         gone = {p: len(before[p] - sets[p]) for p in PARTIES}
-        assert done.removed == 2 * gone["client"] + gone["s1"] + gone["s2"]  # the client's values are kept per server
+        assert done.removed == 2 * gone[CLIENT] + gone[S1] + gone[S2]  # the client's values are kept per server
         current = {p: {_token(p, i) for i in sets[p]} for p in PARTIES}
-        assert _kept(url) == {("client", "s1"): current["client"], ("client", "s2"): current["client"],
-                              ("s1", "client"): current["s1"], ("s2", "client"): current["s2"]}
+        assert _kept(url) == {(CLIENT, S1): current[CLIENT], (CLIENT, S2): current[CLIENT], (S1, CLIENT): current[S1], (S2, CLIENT): current[S2]}
         before = {p: set(sets[p]) for p in PARTIES}
         for p in PARTIES:  # an edit: a few identities gone and new per party (sometimes none)
             drop = set(rng.sample(sorted(sets[p]), rng.randint(0, 9)))
@@ -139,7 +140,7 @@ def test_padding_adds_one_row_per_unmatched_identity_in_match_id_order(url: str)
 def test_values_differ_across_epochs_and_a_large_change_uses_worker_processes(url: str) -> None:
     rng = random.Random(3)
     universe = [f"w{i}@example.com" for i in range(5000)]
-    sets = {"client": set(rng.sample(universe, 2200)), "s1": set(rng.sample(universe, 2200)), "s2": set(rng.sample(universe, 2200))}
+    sets = {p: set(rng.sample(universe, 2200)) for p in PARTIES}
     with pytest.MonkeyPatch.context() as m:
         m.setattr(psi_epoch, "BATCH", 100_000)
         done = _match(url, sets, workers=2)

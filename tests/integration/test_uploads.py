@@ -691,6 +691,7 @@ def test_appended_files_are_partitions_whose_union_is_the_dataset(env: dict[str,
     assert next(u for u in uploads_of(t) if u.file_name == "april.csv").state == "withdrawn"
     latest = instance.get_latest_data_version_record(key, False)
     assert latest.partition_key == files["april.csv"].partition_key and latest.event_log_entry.tags["dagster/data_version"] == checksum
+    assert latest.event_log_entry.asset_materialization.metadata["party"].value == "ad_network"  # whose history it is, for the audit
     assert files["april.csv"].partition_key not in instance.get_dynamic_partitions(name)
     # The rest of the pipeline reads the union: a collaboration run leaves the partitioned dataset to its own runs.
     from dcr_pipelines.runner import collaboration_keys
@@ -731,7 +732,8 @@ KILLED_INGEST = textwrap.dedent("""
 
 
 def test_ingests_killed_at_random_instants_lose_nothing_load_nothing_twice_and_never_roll_back(env: dict[str, Any], tmp_path: Path) -> None:
-    """24 uploads of growing files, each killed (SIGKILL) at a random instant of landing, loading, validating or swapping;
+    """Uploads of growing files, each killed (SIGKILL) at a random instant of landing, loading, validating or swapping,
+    until 20 were killed before they finished (at most 48: a fast machine finishes more of them before the kill);
     after each, the next start's pass must leave every upload decided and the dataset at the newest accepted file."""
     rng = random.Random(1806)
     collab = f"u{uuid.uuid4().hex[:10]}"
@@ -745,7 +747,9 @@ def test_ingests_killed_at_random_instants_lose_nothing_load_nothing_twice_and_n
     seen: dict[str, int] = {}
     killed = 0
     try:
-        for attempt in range(24):
+        for attempt in range(48):
+            if killed >= 20:
+                break
             n = 2000 + attempt
             source = _file(tmp_path, f"export{attempt}.csv", HEADER + rows(n))
             sizes[_sha(source)] = n
@@ -764,7 +768,7 @@ def test_ingests_killed_at_random_instants_lose_nothing_load_nothing_twice_and_n
     finally:
         worker.stdin.close()
         worker.wait(timeout=30)
-    assert killed >= 20, f"only {killed} of 24 ingests were killed before they finished ({seen})"
+    assert killed >= 20, f"only {killed} of {sum(seen.values())} ingests were killed before they finished ({seen})"
     assert seen.get("processing", 0) >= 10 and {"not landed", "copy left", "queued"} & set(seen), f"the kills did not spread over the steps: {seen}"
     print(f"where the kills landed: {seen}")
 

@@ -10,7 +10,9 @@ from dcr_pipelines.lib.policy import load_collaboration
 from dcr_pipelines.lib.settings import PROJECT_ROOT
 
 MATCHING = {"asset": "demo/matching/cross_reference", "metadata": {
-    "matched": 3000, "cross_reference_rows": 3000, "input_rows_retailer": 5000, "input_rows_ad_network": 5000, "bytes_exchanged": 10**6, "buckets": 2}}
+    "matched": 3000, "cross_reference_rows": 3000, "input_rows_retailer": 5000, "input_rows_ad_network": 5000, "bytes_exchanged": 10**6, "buckets": 2,
+    # a new key epoch blinds every party's identities: their sum less one's own would be the other's count
+    "identities_blinded": 10000, "scalar_multiplications": 20000, "work_buckets": 2}}
 
 
 def _with_overlap(mode: str):  # type: ignore[no-untyped-def]
