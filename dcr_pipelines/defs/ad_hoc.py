@@ -15,7 +15,7 @@ from ..lib.policy import LoadedCollaboration
 from ..services import ad_hoc as ad_hoc_service
 from ..store import member_requests
 from . import freshness
-from .common import AdHocConfig, audit_metadata
+from .common import AdHocConfig, audit_metadata, concerns
 from .member_requests import relay
 from .resources import WarehouseResource
 
@@ -98,11 +98,13 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
             with warehouse.connect() as conn:  # refusals are in the audit chain too, with their time: they count against the daily cap
                 chained = ad_hoc_service.record_refusal(conn, loaded, context.run.run_id, config.runner, config.sql, exc.rule, datasets)
             yield refusal(context, f"query refused: {exc}", rule=exc.rule, runner=config.runner, query_sha256=digest,
-                          query=ad_hoc_sql.hashable(config.sql), datasets=", ".join(datasets), audit_chain_sha256=chained.chain_sha256)
+                          query=ad_hoc_sql.hashable(config.sql), datasets=", ".join(datasets), audit_chain_sha256=chained.chain_sha256,
+                          **concerns(loaded, datasets, [config.runner]))
             return
         if result.failure:
             yield refusal(context, f"query failed: {result.failure}", rule="run time", runner=config.runner, query_sha256=digest,
-                          query=ad_hoc_sql.hashable(config.sql), datasets=", ".join(checked.datasets), audit_chain_sha256=result.audit_chain_sha256)
+                          query=ad_hoc_sql.hashable(config.sql), datasets=", ".join(checked.datasets), audit_chain_sha256=result.audit_chain_sha256,
+                          **concerns(loaded, checked.datasets, [config.runner]))
             return
         if checked.dp is not None:
             context.log.info(f"ad-hoc query of {config.runner} (differential privacy): {len(result.rows)} rows released, "
@@ -134,6 +136,7 @@ def _ad_hoc_asset(loaded: LoadedCollaboration) -> dg.AssetsDefinition:
                 **mode_metadata,
                 "columns": ", ".join(result.columns),
                 "policy_sha256": loaded.policy_sha256,
+                **concerns(loaded, checked.datasets, [config.runner]),
             }
         )
 

@@ -19,7 +19,7 @@ import dagster as dg
 from ..lib import audit, naming
 from ..lib.policy import LoadedCollaboration
 from ..store import Connection, access, audit_chain, footprints, ledger
-from .common import PARTY_METADATA, party_assets
+from .common import CONCERNS_METADATA, PARTY_METADATA, party_assets
 
 USER_TAG = "dcr/user"
 EXPECTED_OUTCOMES = ("refused", "waiting")  # observations of a refused request or a wait for a party: their own kinds, not failures
@@ -37,6 +37,10 @@ def _plain(metadata: Any) -> dict[str, Any]:
 def touches(loaded: LoadedCollaboration, asset: str, party: str, metadata: dict[str, Any] | None = None) -> bool:
     """Whether an entry about ``asset`` concerns ``party``'s data (what a party may export)."""
     _, stage, name = (asset.split("/") + ["", ""])[:3]
+    recorded = (metadata or {}).get(CONCERNS_METADATA)
+    if stage in ("analysis", "results") and recorded is not None:  # whom it concerned when it was made (a runner, owners, receivers)
+        return party in [p.strip() for p in str(recorded).split(",")]
+    # Entries made before that was recorded: by the current policy.
     if stage == "results" and name == "ad_hoc":  # ad-hoc runs, accepted or refused: the runner's, and every owner's whose data it names
         meta = metadata or {}
         named = [d.strip() for d in str(meta.get("datasets", "")).split(",") if d.strip()]

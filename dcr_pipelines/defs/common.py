@@ -1,6 +1,6 @@
 """Shared by the stage factories: run configs, the dbt translator, landing folders, request keys, audit metadata."""
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import dagster as dg
@@ -101,6 +101,35 @@ def party_assets(loaded: LoadedCollaboration) -> dict[tuple[str, str], str]:
         key = naming.identities_key(c, party)
         out[key[1], key[2]] = party
     return out
+
+
+CONCERNS_METADATA = "concerns"  # the parties an analysis, release or ad-hoc entry concerns, written when it is made
+
+
+def concerns(loaded: LoadedCollaboration, datasets: Iterable[str], also: Iterable[str] = ()) -> dict[str, str]:
+    """``{concerns: "a, b"}``: the owners of ``datasets`` (by the policy of the moment) and ``also`` (a runner, the
+    receivers), for an entry's metadata; what `dcr audit --member` filters on later, whatever the policy says then."""
+    owned = loaded.collaboration.datasets
+    parties = {owned[d].owner for d in datasets if d in owned} | set(also)
+    return {CONCERNS_METADATA: ", ".join(sorted(parties))}
+
+
+def recorded_owners(loaded: LoadedCollaboration, key: dg.AssetKey) -> dict[str, str]:
+    """What a dbt model's event records about whom it concerns: its party (a party-private model), or the parties
+    of a matched or pre-noise view (owners of its datasets, and a query's receivers)."""
+    party = party_of(loaded, key)
+    if party:
+        return {PARTY_METADATA: party}
+    path = key.path
+    if len(path) != 3 or path[1] != "analysis":
+        return {}
+    name = path[2]
+    query = loaded.queries.get(name.removeprefix(naming.PRE_NOISE_LABEL)) if name.startswith(naming.PRE_NOISE_LABEL) else None
+    if query is not None:
+        return concerns(loaded, query.datasets, query.spec.receivers)
+    if name.startswith(naming.MATCHED_LABEL):
+        return concerns(loaded, [name.removeprefix(naming.MATCHED_LABEL).split("__")[0]])
+    return {}
 
 
 def party_of(loaded: LoadedCollaboration, key: dg.AssetKey) -> str | None:

@@ -21,7 +21,7 @@ from ..services.release_request import digest as _digest
 from ..store import analysis as store_analysis
 from ..store import builder, stages
 from ..store import matching as store_matching
-from .common import PARTY_METADATA, AnalysisConfig, party_of
+from .common import PARTY_METADATA, AnalysisConfig, recorded_owners
 from .dbt_project import CollaborationTranslator
 from .dbt_project import hand_written_digest as _hand_written_digest
 from .dbt_runner import DbtRunnerResource
@@ -122,12 +122,12 @@ def _versioned(context: dg.AssetExecutionContext, loaded: LoadedCollaboration, e
     keys = context.assets_def.keys_by_output_name
     for event in events:
         if isinstance(event, dg.Output):
-            party = party_of(loaded, keys[event.output_name]) if event.output_name in keys else None
-            yield dg.Output(value=event.value, output_name=event.output_name, metadata={**event.metadata, **_party(party)},
+            owners = recorded_owners(loaded, keys[event.output_name]) if event.output_name in keys else {}
+            yield dg.Output(value=event.value, output_name=event.output_name, metadata={**event.metadata, **owners},
                             data_version=dg.DataVersion(digest), tags=event.tags)
-        elif isinstance(event, dg.AssetObservation) and (party := party_of(loaded, event.asset_key)):
+        elif isinstance(event, dg.AssetObservation) and (owners := recorded_owners(loaded, event.asset_key)):
             yield dg.AssetObservation(asset_key=event.asset_key, description=event.description, partition=event.partition,
-                                      metadata={**event.metadata, PARTY_METADATA: party}, tags=event.tags)
+                                      metadata={**event.metadata, **owners}, tags=event.tags)
         else:
             yield event
 
@@ -136,10 +136,6 @@ def _verdict(record: Any) -> bool | None:
     """Whether a check execution passed; None if it has no verdict (planned, skipped)."""
     event = record.event.dagster_event if record.event is not None else None
     return getattr(event.event_specific_data, "passed", None) if event is not None else None
-
-
-def _party(party: str | None) -> dict[str, str]:
-    return {PARTY_METADATA: party} if party else {}
 
 
 def _skipped(context: dg.AssetExecutionContext, loaded: LoadedCollaboration, stage: str, digest: str,
@@ -156,7 +152,7 @@ def _skipped(context: dg.AssetExecutionContext, loaded: LoadedCollaboration, sta
         yield dg.MaterializeResult(
             asset_key=key,
             data_version=dg.DataVersion(digest),
-            metadata={"recomputed": False, "stage_digest": digest, **_party(party_of(loaded, key)),
+            metadata={"recomputed": False, "stage_digest": digest, **recorded_owners(loaded, key),
                       "checks_carried_over": dg.MetadataValue.int(sum(1 for c in context.selected_asset_check_keys if c.asset_key == key))},
         )
     checks = sorted((k for k in context.selected_asset_check_keys if k.asset_key in selected), key=lambda k: (k.asset_key.to_user_string(), k.name))

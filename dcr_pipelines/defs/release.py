@@ -17,6 +17,7 @@ from .ad_hoc import refusal
 from .common import (
     ReleaseConfig,
     _audit_metadata,
+    concerns,
     release_preview,
     warn_budget,
 )
@@ -73,7 +74,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                        f"release refused, nothing ran or was charged: {query_name} is {spec.consumer}'s to ask for (it spends {spec.consumer}'s budget)")
             with warehouse.connect() as conn:
                 member_requests.finish(conn, asked.id, "refused", reason=message, run_id=context.run.run_id)
-            yield refusal(context, message, rule="request", consumer=spec.consumer)
+            yield refusal(context, message, rule="request", consumer=spec.consumer, **concerns(loaded, query.datasets, spec.receivers))
             yield from refused_checks(warehouse)
             return
         params = {str(k): str(v) for k, v in dict(asked.payload.get("params") or {}).items()}
@@ -98,7 +99,8 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
         except release_request.RequestFailed as exc:
             raise dg.Failure(str(exc)) from None
         if isinstance(outcome, release_request.Refused):
-            yield refusal(context, outcome.message, rule=outcome.rule, consumer=spec.consumer, **({"params": outcome.params} if outcome.params is not None else {}))
+            yield refusal(context, outcome.message, rule=outcome.rule, consumer=spec.consumer, **concerns(loaded, query.datasets, spec.receivers),
+                          **({"params": outcome.params} if outcome.params is not None else {}))
             yield from refused_checks(warehouse)
             return
         stored, params, versions, rebuild, checked = outcome.stored, outcome.params, outcome.versions, outcome.rebuilt, outcome.checked
@@ -133,6 +135,7 @@ def _release_asset(loaded: LoadedCollaboration, query_name: str, exports: Path, 
                    if spec.rule == "threshold" and not stored.cached else {}),
                 **_audit_metadata(stored),
                 "exports": ", ".join(f"{r}/{query_name}/{stored.release_id}.csv|parquet" for r in spec.receivers),
+                **concerns(loaded, query.datasets, spec.receivers),
             },
             check_results=_check_results(checked),
         )

@@ -114,6 +114,14 @@ def test_a_party_private_entry_keeps_the_owner_it_had_when_a_dataset_name_change
     assert theirs
     assert not theirs & {e["asset"] for e in trail.entries(audited["instance"], moved, party="retailer")}
     assert theirs <= {e["asset"] for e in trail.entries(audited["instance"], moved, party="ad_network")}
+    # Not only the private stages: matched and pre-noise views, releases and ad-hoc runs (the ad network's own over
+    # impressions among them) record whom they concerned, so each party's export is the same under either policy.
+    for party in ("retailer", "ad_network"):
+        def seen(policy: Any, party: str = party) -> set[tuple[str, str, str]]:
+            return {(e["asset"], e["kind"], e["time"]) for e in trail.entries(audited["instance"], policy, party=party) if e["kind"] != "failed"}
+        assert seen(moved) == seen(loaded), (party, seen(moved) ^ seen(loaded))
+    analysis = [e for e in entries if e["asset"].split("/")[1] in ("analysis", "results") and e["kind"] != "failed"]
+    assert analysis and all("concerns" in e["metadata"] for e in analysis), [e["asset"] for e in analysis if "concerns" not in e["metadata"]]
 
 
 def test_the_cli_exports_jsonl_and_csv(audited: dict[str, Any]) -> None:

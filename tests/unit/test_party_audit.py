@@ -84,3 +84,12 @@ def test_the_party_recorded_on_an_entry_decides_over_the_current_policy() -> Non
                 naming.identities_key("demo", "retailer")):
         assert {p for p in loaded.parties() if touches(loaded, "/".join(key), p, {"party": "ad_network"})} == {"ad_network"}, key
         assert {p for p in loaded.parties() if touches(loaded, "/".join(key), p, {"row_count": 5})} == {"retailer"}, key
+
+
+def test_the_parties_recorded_on_an_analysis_release_or_ad_hoc_entry_decide_over_the_current_policy() -> None:
+    loaded = load_collaboration(PROJECT_ROOT / "policies" / "demo")
+    for asset in ("demo/results/ad_hoc", "demo/results/campaign_reach", "demo/analysis/pre_noise_campaign_reach", "demo/analysis/matched_customers"):
+        assert {p for p in loaded.parties() if touches(loaded, asset, p, {"concerns": "ad_network"})} == {"ad_network"}, asset
+        assert {p for p in loaded.parties() if touches(loaded, asset, p, {"concerns": "ad_network, retailer"})} == {"ad_network", "retailer"}
+    # without a record (older entries), the current policy decides: customers are the retailer's
+    assert {p for p in loaded.parties() if touches(loaded, "demo/analysis/matched_customers", p, {})} == {"retailer"}
