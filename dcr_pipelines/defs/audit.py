@@ -179,12 +179,15 @@ def reconcile(instance: dg.DagsterInstance, conn: Connection, loaded: LoadedColl
     logged = {e["release_id"] for e in release_events(instance, loaded)}
     recovered = []
     unfinished = []
-    for row in audit_chain.chain(conn, schema):
-        if row.kind != "release":
-            continue
+    releases = [row for row in audit_chain.chain(conn, schema) if row.kind == "release"]
+    run_ids = sorted({str(row.entry["run_id"]) for row in releases if row.entry.get("run_id")})
+    stopped: set[str] = set()
+    for i in range(0, len(run_ids), 500):  # one query per 500 releases, not one per release
+        stopped |= {run.run_id for run in instance.get_runs(dg.RunsFilter(
+            run_ids=run_ids[i:i + 500], statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]))}
+    for row in releases:
         run_id = row.entry.get("run_id")
-        run = instance.get_run_by_id(run_id) if run_id else None
-        if run is None or run.status not in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+        if run_id not in stopped:
             continue  # succeeded (it recorded both), or still running (it is writing them): not ours to finish
         unfinished.append(row)
         if row.ref in logged:
