@@ -150,7 +150,7 @@ def test_staleness_of_an_append_dataset_is_read_from_the_event_log_whatever_its_
     assert _staged(ctx).stale == ["ad_network.impressions"], "the warehouse changed, the event log does not know yet"
     from dcr_pipelines.store import uploads as queue
 
-    freshness.record_version(instance, COLLAB, "impressions", version, partition=queue.partition_key(gone), why="test withdraw")
+    freshness.record_version(instance, COLLAB, "impressions", version, party="ad_network", partition=queue.partition_key(gone), why="test withdraw")
     staged = _staged(ctx)
     assert staged.stale == ["ad_network.impressions"] and "not yet through staging" in (staged.reason("ad_network.impressions") or "")
     _run(ctx)
@@ -162,11 +162,11 @@ def test_staleness_of_an_append_dataset_is_read_from_the_event_log_whatever_its_
     extra = [f"upload-{900000 + i}" for i in range(120)]
     instance.add_dynamic_partitions(name, extra)
     for key in extra:
-        freshness.record_version(instance, COLLAB, "impressions", version, partition=key, why="test: same content")
+        freshness.record_version(instance, COLLAB, "impressions", version, party="ad_network", partition=key, why="test: same content")
     assert not _staged(ctx).stale
     # New content on one of them: stale for the gate, while Dagster's resolver skips a dependency this wide.
     newer = dataclasses.replace(version, checksum="f" * 64)
-    freshness.record_version(instance, COLLAB, "impressions", newer, partition=extra[-1], why="test: new content")
+    freshness.record_version(instance, COLLAB, "impressions", newer, party="ad_network", partition=extra[-1], why="test: new content")
     assert _staged(ctx).stale == ["ad_network.impressions"]
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
     from dagster._core.definitions.data_version import CachingStaleStatusResolver
@@ -178,7 +178,7 @@ def test_staleness_of_an_append_dataset_is_read_from_the_event_log_whatever_its_
     assert resolver.get_status(dg.AssetKey(naming.normalised_key(COLLAB, "impressions"))).value == "FRESH", \
         "Dagster's resolver does not look past 100 partitions (why the gate applies the rule itself)"
     # Put back: the recorded content is the warehouse's again.
-    freshness.record_version(instance, COLLAB, "impressions", version, partition=extra[-1], why="test: restored")
+    freshness.record_version(instance, COLLAB, "impressions", version, party="ad_network", partition=extra[-1], why="test: restored")
     for key in extra:
         instance.delete_dynamic_partition(name, key)
     assert not _staged(ctx).stale
