@@ -12,7 +12,7 @@ from ..lib import home_psi, naming
 from ..lib.naming import job_names, uploads_job_name
 from ..lib.policy import LoadedCollaboration, PolicyError, load_collaboration
 from ..store import ledger
-from .common import BUDGET_LOW_TAG, PSI_FOLDER, landing_folder
+from .common import BUDGET_LOW_TAG, PSI_FOLDER, concerns, landing_folder
 from .resources import WarehouseResource
 
 
@@ -185,7 +185,8 @@ def _budget_sensor(loaded: LoadedCollaboration) -> dg.SensorDefinition:
         if not low:
             return dg.SkipReason("every consumer has more budget left than its warn_below")
         events = [dg.AssetObservation(asset_key=naming.release_key(c, q), description=f"privacy budget low: {message}",
-                                      metadata={"budget_warning": message, "consumer": consumer})
+                                      metadata={"budget_warning": message, "consumer": consumer,
+                                                **concerns(loaded, loaded.queries[q].datasets, [*loaded.queries[q].spec.receivers, consumer])})
                   for consumer, message in low.items() if consumer in newly for q in by_consumer.get(consumer, [])]
         return dg.SensorResult(skip_reason="privacy budget low: " + "; ".join(low.values()), asset_events=events, cursor=json.dumps(warned))
 
