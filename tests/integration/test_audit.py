@@ -298,7 +298,7 @@ def test_the_budget_sensor_warns_once_in_its_tick_on_the_asset_pages_and_on_the_
     assert not first.run_requests and "privacy budget low" in (first.skip_message or "") and budget.consumer in first.skip_message
     assert [e.asset_key for e in first.asset_events] == [dg.AssetKey(naming.release_key(COLLAB, "campaign_reach"))]
     query = loaded.queries["campaign_reach"]  # whom the warning concerns, recorded for the audit filter
-    assert first.asset_events[0].metadata["concerns"] == ", ".join(sorted({*query.spec.receivers, budget.consumer,
+    assert first.asset_events[0].metadata["concerns"].value == ", ".join(sorted({*query.spec.receivers, budget.consumer,
                                                                            *(loaded.collaboration.datasets[d].owner for d in query.datasets)}))
     tagged = audited["instance"].get_runs(dg.RunsFilter(tags={"dcr/collaboration": COLLAB}), limit=100)
     assert any(BUDGET_LOW_TAG in r.tags and budget.consumer in r.tags[BUDGET_LOW_TAG] for r in tagged)
