@@ -19,7 +19,8 @@ On a fresh embedded PostgreSQL under a temporary DCR_HOME:
 nothing changed and the baseline, in the ``bench`` copy (fresh keys); a key
 epoch at that size is measured by ``benchmarks/key_epoch.py``.
 
-Writes ``benchmarks/results/end_to_end_<rows>.json``. Peak memory is sampled
+Writes ``benchmarks/results/end_to_end_<rows>.json``, with each dbt model's own duration in each run
+(``dbt_models_s``: where the staging time goes). Peak memory is sampled
 every 0.2 s during each run: the largest single process (the run's own, or a
 PSI party process) and the whole tree; the PostgreSQL server is not included
 (it is not a child of this process: its sorts and hash joins spill to disk).
@@ -125,6 +126,19 @@ def _stage_times(instance: Any, run_id: str, collab: str) -> dict[str, float]:
     return {s.step_key.removeprefix(f"{collab}__"): round((s.end_time or 0) - (s.start_time or 0), 2) for s in stats if s.end_time}
 
 
+def _model_times(instance: Any, run_id: str, collab: str) -> dict[str, float]:
+    """Each dbt model's own duration in the run (dagster-dbt's "Execution Duration"; models run two at a time)."""
+    import dagster as dg
+
+    out = {}
+    for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records:
+        materialization = record.event_log_entry.asset_materialization
+        duration = materialization.metadata.get("Execution Duration") if materialization else None
+        if duration is not None:
+            out["/".join(materialization.asset_key.path[1:])] = round(float(duration.value), 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def _run(defs: Any, collab: str, label: str) -> dict[str, Any]:
     """What `dcr run --release` does: one run per waiting append-mode upload, then one run of the rest."""
     import dagster as dg
@@ -149,10 +163,11 @@ def _run(defs: Any, collab: str, label: str) -> dict[str, Any]:
     if not outcome.success:
         raise SystemExit(f"{label} failed: {outcome.failure}")
     stages.update(_stage_times(instance, outcome.run_id, collab))
+    models = _model_times(instance, outcome.run_id, collab)
     peak = {"largest_process_mb": round(memory.largest_mb, 1), "largest_process": memory.largest_name,
             "process_tree_mb": round(memory.tree_mb, 1), "largest_postgres_process_mb": round(memory.postgres_mb, 1)}
     print(f"{label}: {wall:.1f} s  " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + f"  peak {peak}", flush=True)
-    return {"wall_s": round(wall, 2), "stages_s": stages, "peak_memory": peak}
+    return {"wall_s": round(wall, 2), "stages_s": stages, **({"dbt_models_s": models} if models else {}), "peak_memory": peak}
 
 
 def _baseline(url: str, files: Any) -> dict[str, Any]:
